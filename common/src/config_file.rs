@@ -1,0 +1,153 @@
+//! Loading a component's config: one TOML file, then environment overrides.
+//!
+//! Every key can be overridden from the environment: `FRAMELINK__` then the key path with `__`
+//! between levels, e.g. `FRAMELINK__KAFKA__BROKERS=10.0.0.5:9093` sets `kafka.brokers`
+//! (values that parse as numbers or booleans are taken as such). The double underscore after
+//! the prefix keeps unrelated variables such as `FRAMELINK_BOOTSTRAP` (printed by
+//! `scripts/kafka env`) from being read as config keys.
+//!
+//! Config structs use `#[serde(deny_unknown_fields)]`; errors carry the full dotted key path
+//! (via serde_path_to_error), so a typo names itself: ``config key `kafka.security_protcol`:
+//! unknown field``.
+
+use std::path::{Path, PathBuf};
+
+use config::{Config, Environment, File, FileFormat};
+use serde::de::DeserializeOwned;
+
+/// Environment prefix of config overrides (followed by `__`).
+pub const ENV_PREFIX: &str = "FRAMELINK";
+/// Separator between the prefix and key levels in environment overrides.
+pub const ENV_SEPARATOR: &str = "__";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigFileError {
+    #[error("config file {}: cannot read: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    #[error("config key `{key}`: {message}")]
+    Key { key: String, message: String },
+}
+
+/// Loads `path` (TOML) with `FRAMELINK__...` environment overrides into `T`.
+pub fn load<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigFileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigFileError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let env = Environment::with_prefix(ENV_PREFIX)
+        .prefix_separator(ENV_SEPARATOR)
+        .separator(ENV_SEPARATOR)
+        .try_parsing(true);
+    build(&text, Some(env)).map_err(|e| match e {
+        ConfigFileError::Parse { message, .. } => ConfigFileError::Parse {
+            path: path.to_path_buf(),
+            message,
+        },
+        other => other,
+    })
+}
+
+/// Parses TOML text into `T` without environment overrides (tests, embedded defaults).
+pub fn from_toml_str<T: DeserializeOwned>(text: &str) -> Result<T, ConfigFileError> {
+    build(text, None)
+}
+
+fn build<T: DeserializeOwned>(text: &str, env: Option<Environment>) -> Result<T, ConfigFileError> {
+    let mut builder = Config::builder().add_source(File::from_str(text, FileFormat::Toml));
+    if let Some(env) = env {
+        builder = builder.add_source(env);
+    }
+    let cfg = builder.build().map_err(|e| ConfigFileError::Parse {
+        path: PathBuf::from("<text>"),
+        message: e.to_string(),
+    })?;
+    serde_path_to_error::deserialize(cfg).map_err(|e| {
+        let parent = e.path().to_string();
+        let message = e.inner().to_string();
+        // For an unknown field serde reports the parent's path; name the field itself.
+        let key = match message.strip_prefix("unknown field `").and_then(|m| m.split('`').next()) {
+            Some(field) if parent == "." => field.to_owned(),
+            Some(field) if !parent.ends_with(field) => format!("{parent}.{field}"),
+            _ => parent,
+        };
+        ConfigFileError::Key { key, message }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Top {
+        name: String,
+        inner: Inner,
+    }
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Inner {
+        #[serde(default)]
+        fps: u32,
+        #[serde(default)]
+        enabled: bool,
+    }
+
+    #[test]
+    fn unknown_nested_key_is_named_with_its_path() {
+        let e = from_toml_str::<Top>("name = \"x\"\n[inner]\nfsp = 3").unwrap_err();
+        match &e {
+            ConfigFileError::Key { key, .. } => assert_eq!(key, "inner.fsp"),
+            other => panic!("{other:?}"),
+        }
+        assert!(e.to_string().starts_with("config key `inner.fsp`: unknown field"), "{e}");
+        let e = from_toml_str::<Top>("name = \"x\"\ncolour = 1\n[inner]").unwrap_err();
+        assert!(e.to_string().contains("`colour`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let e = from_toml_str::<Top>("name = \"x\"\n[inner]\nfps = \"fast\"").unwrap_err();
+        assert!(e.to_string().contains("inner.fps"), "{e}");
+    }
+
+    #[test]
+    fn syntax_error_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bad.toml");
+        std::fs::write(&p, "name = \n").unwrap();
+        let e = load::<Top>(&p).unwrap_err().to_string();
+        assert!(e.contains("bad.toml"), "{e}");
+        let e = load::<Top>(&dir.path().join("missing.toml")).unwrap_err().to_string();
+        assert!(e.contains("missing.toml") && e.contains("cannot read"), "{e}");
+    }
+
+    #[test]
+    fn environment_overrides_nested_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "name = \"file\"\n[inner]\nfps = 5\n").unwrap();
+        // SAFETY: this is the only test in the crate that touches FRAMELINK__ variables.
+        unsafe {
+            std::env::set_var("FRAMELINK__INNER__FPS", "30");
+            std::env::set_var("FRAMELINK__INNER__ENABLED", "true");
+            std::env::set_var("FRAMELINK_UNRELATED", "ignored");
+        }
+        let t: Top = load(&p).unwrap();
+        unsafe {
+            std::env::remove_var("FRAMELINK__INNER__FPS");
+            std::env::remove_var("FRAMELINK__INNER__ENABLED");
+            std::env::remove_var("FRAMELINK_UNRELATED");
+        }
+        assert_eq!(t.name, "file");
+        assert_eq!(t.inner.fps, 30);
+        assert!(t.inner.enabled);
+    }
+}

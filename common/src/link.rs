@@ -1,0 +1,249 @@
+//! What librdkafka says about the link to the brokers, kept so users see the real cause.
+//!
+//! librdkafka retries connections forever and reports failures only through its error
+//! callback; a produce or metadata call just times out. A device whose client certificate the
+//! broker refuses would otherwise log "timed out" forever. [`LinkContext`] is the rdkafka client
+//! context both halves use: it forwards librdkafka's logs to `tracing`, and classifies each
+//! broker error (TLS / authentication / unreachable) into [`LinkStatus`], which
+//! [`check_connection`] and the components' health endpoints report.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use rdkafka::client::ClientContext;
+use rdkafka::producer::Producer;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::ConsumerContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{ProducerContext, ThreadedProducer};
+use rdkafka::message::DeliveryResult;
+
+use crate::kafka_config::KafkaSettings;
+
+/// The kind of a link failure, most specific first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LinkErrorKind {
+    /// TLS handshake or certificate problem (wrong CA, refused client certificate, ...).
+    Tls,
+    /// SASL authentication failed.
+    Authentication,
+    /// Brokers could not be reached (refused, unresolvable, timed out, disconnected).
+    Unreachable,
+    /// Anything else librdkafka reported.
+    Other,
+}
+
+impl LinkErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tls => "tls",
+            Self::Authentication => "authentication",
+            Self::Unreachable => "unreachable",
+            Self::Other => "other",
+        }
+    }
+}
+
+/// One classified error from librdkafka.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkError {
+    pub kind: LinkErrorKind,
+    pub message: String,
+    pub at: SystemTime,
+}
+
+impl std::fmt::Display for LinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = match self.kind {
+            LinkErrorKind::Tls => "TLS handshake / certificate error",
+            LinkErrorKind::Authentication => "SASL authentication failed",
+            LinkErrorKind::Unreachable => "broker unreachable",
+            LinkErrorKind::Other => "Kafka client error",
+        };
+        write!(f, "{what}: {}", self.message)
+    }
+}
+
+/// Classifies a librdkafka error by its code and text.
+pub fn classify(error: &KafkaError, reason: &str) -> LinkErrorKind {
+    let code = error.rdkafka_error_code();
+    let text = reason.to_ascii_lowercase();
+    if code == Some(RDKafkaErrorCode::SSL)
+        || ["ssl", "tls", "certificate", "handshake"].iter().any(|w| text.contains(w))
+    {
+        LinkErrorKind::Tls
+    } else if code == Some(RDKafkaErrorCode::Authentication) || text.contains("sasl") {
+        LinkErrorKind::Authentication
+    } else if matches!(
+        code,
+        Some(RDKafkaErrorCode::BrokerTransportFailure)
+            | Some(RDKafkaErrorCode::AllBrokersDown)
+            | Some(RDKafkaErrorCode::Resolve)
+            | Some(RDKafkaErrorCode::OperationTimedOut)
+    ) || ["connection refused", "connect to", "disconnected", "timed out", "resolve"]
+        .iter()
+        .any(|w| text.contains(w))
+    {
+        LinkErrorKind::Unreachable
+    } else {
+        LinkErrorKind::Other
+    }
+}
+
+/// The most recent link errors, shared between the client context and whoever reports health.
+#[derive(Debug, Default)]
+pub struct LinkStatus {
+    recent: Mutex<Vec<LinkError>>,
+}
+
+impl LinkStatus {
+    /// How long an error stays relevant to [`LinkStatus::diagnosis`].
+    pub const RECENT: Duration = Duration::from_secs(300);
+
+    pub fn record(&self, kind: LinkErrorKind, message: impl Into<String>) {
+        let e = LinkError {
+            kind,
+            message: message.into(),
+            at: SystemTime::now(),
+        };
+        let mut recent = self.recent.lock().expect("link status lock");
+        recent.retain(|x| x.kind != kind);
+        recent.push(e);
+    }
+
+    /// Forgets past errors (call when the link is known to work again).
+    pub fn clear(&self) {
+        self.recent.lock().expect("link status lock").clear();
+    }
+
+    /// The most specific recent error: a TLS error explains an "all brokers down" that follows it.
+    pub fn diagnosis(&self) -> Option<LinkError> {
+        let now = SystemTime::now();
+        let recent = self.recent.lock().expect("link status lock");
+        recent
+            .iter()
+            .filter(|e| now.duration_since(e.at).map(|d| d < Self::RECENT).unwrap_or(true))
+            .min_by_key(|e| e.kind)
+            .cloned()
+    }
+}
+
+/// rdkafka client context: logs through `tracing` and records link errors.
+#[derive(Clone, Default)]
+pub struct LinkContext {
+    pub status: Arc<LinkStatus>,
+}
+
+impl LinkContext {
+    pub fn new(status: Arc<LinkStatus>) -> Self {
+        Self { status }
+    }
+}
+
+impl ClientContext for LinkContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+                tracing::error!(target: "librdkafka", facility = fac, "{log_message}")
+            }
+            RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", facility = fac, "{log_message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", facility = fac, "{log_message}")
+            }
+            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", facility = fac, "{log_message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        let kind = classify(&error, reason);
+        tracing::warn!(kind = kind.as_str(), error = %error, "Kafka link error: {reason}");
+        self.status.record(kind, reason);
+    }
+}
+
+impl ProducerContext for LinkContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _result: &DeliveryResult<'_>, _opaque: Self::DeliveryOpaque) {}
+}
+
+impl ConsumerContext for LinkContext {}
+
+/// Why [`check_connection`] failed: the client's own error, plus what the link reported.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot talk to Kafka at {brokers}: {}", match diagnosis {
+    Some(d) => d.to_string(),
+    None => format!("{error} (no broker error reported)"),
+})]
+pub struct ConnectError {
+    pub brokers: String,
+    pub error: KafkaError,
+    pub diagnosis: Option<LinkError>,
+}
+
+/// What a successful [`check_connection`] saw.
+#[derive(Debug, Clone)]
+pub struct ClusterSummary {
+    pub brokers: usize,
+    pub topics: usize,
+}
+
+/// Asks the cluster for metadata; on failure the error says why (TLS, auth, unreachable).
+pub fn check_connection(settings: &KafkaSettings, timeout: Duration) -> Result<ClusterSummary, ConnectError> {
+    let status = Arc::new(LinkStatus::default());
+    let mut cfg = settings.client_config("framelink-check");
+    cfg.set("reconnect.backoff.max.ms", "1000");
+    let to_err = |error: KafkaError, status: &LinkStatus| ConnectError {
+        brokers: settings.brokers.join(","),
+        error,
+        diagnosis: status.diagnosis(),
+    };
+    // A threaded producer polls librdkafka's main queue, so error callbacks arrive while we wait.
+    let producer: ThreadedProducer<LinkContext> = cfg
+        .create_with_context(LinkContext::new(status.clone()))
+        .map_err(|e| to_err(e, &status))?;
+    let md = producer
+        .client()
+        .fetch_metadata(None, timeout)
+        .map_err(|e| to_err(e, &status))?;
+    Ok(ClusterSummary {
+        brokers: md.brokers().len(),
+        topics: md.topics().len(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification() {
+        let transport = KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure);
+        assert_eq!(
+            classify(&transport, "ssl://127.0.0.1:9093/bootstrap: SSL handshake failed: certificate verify failed"),
+            LinkErrorKind::Tls
+        );
+        assert_eq!(classify(&KafkaError::Global(RDKafkaErrorCode::SSL), "x"), LinkErrorKind::Tls);
+        assert_eq!(
+            classify(&transport, "127.0.0.1:9/bootstrap: Connect to ipv4#127.0.0.1:9 failed: Connection refused"),
+            LinkErrorKind::Unreachable
+        );
+        assert_eq!(
+            classify(&KafkaError::Global(RDKafkaErrorCode::Authentication), "SASL authentication error"),
+            LinkErrorKind::Authentication
+        );
+        assert_eq!(classify(&KafkaError::Global(RDKafkaErrorCode::Fail), "weird"), LinkErrorKind::Other);
+    }
+
+    #[test]
+    fn diagnosis_prefers_the_specific_cause() {
+        let s = LinkStatus::default();
+        assert!(s.diagnosis().is_none());
+        s.record(LinkErrorKind::Tls, "SSL handshake failed");
+        s.record(LinkErrorKind::Unreachable, "1/1 brokers are down");
+        let d = s.diagnosis().unwrap();
+        assert_eq!(d.kind, LinkErrorKind::Tls);
+        assert!(d.to_string().starts_with("TLS handshake / certificate error"));
+        s.clear();
+        assert!(s.diagnosis().is_none());
+    }
+}
