@@ -391,6 +391,10 @@ impl KafkaSettings {
     /// consumer-specific properties on top.
     pub fn client_config(&self, default_client_id: &str) -> ClientConfig {
         let mut c = ClientConfig::new();
+        // rdkafka derives librdkafka's log level from the `log` crate's, which is off unless a
+        // `log` logger is installed; connection failures are logged at INFO ("FAIL") and are
+        // what `link::LinkContext` diagnoses from, so always ask for them.
+        c.set_log_level(rdkafka::config::RDKafkaLogLevel::Info);
         c.set("bootstrap.servers", self.brokers.join(","));
         c.set("client.id", self.client_id.as_deref().unwrap_or(default_client_id));
         c.set("security.protocol", self.security_protocol.as_librdkafka());

@@ -27,6 +27,9 @@ pub enum LinkErrorKind {
     Tls,
     /// SASL authentication failed.
     Authentication,
+    /// The broker hung up on the first request: the client's `security_protocol` does not match
+    /// the listener (e.g. PLAINTEXT to a TLS port).
+    Protocol,
     /// Brokers could not be reached (refused, unresolvable, timed out, disconnected).
     Unreachable,
     /// Anything else librdkafka reported.
@@ -38,6 +41,7 @@ impl LinkErrorKind {
         match self {
             Self::Tls => "tls",
             Self::Authentication => "authentication",
+            Self::Protocol => "protocol",
             Self::Unreachable => "unreachable",
             Self::Other => "other",
         }
@@ -57,6 +61,10 @@ impl std::fmt::Display for LinkError {
         let what = match self.kind {
             LinkErrorKind::Tls => "TLS handshake / certificate error",
             LinkErrorKind::Authentication => "SASL authentication failed",
+            LinkErrorKind::Protocol => {
+                "the broker closed the connection on the first request; check that \
+                 `security_protocol` matches this listener (PLAINTEXT sent to a TLS port?)"
+            }
             LinkErrorKind::Unreachable => "broker unreachable",
             LinkErrorKind::Other => "Kafka client error",
         };
@@ -67,23 +75,40 @@ impl std::fmt::Display for LinkError {
 /// Classifies a librdkafka error by its code and text.
 pub fn classify(error: &KafkaError, reason: &str) -> LinkErrorKind {
     let code = error.rdkafka_error_code();
-    let text = reason.to_ascii_lowercase();
-    if code == Some(RDKafkaErrorCode::SSL)
-        || ["ssl", "tls", "certificate", "handshake"].iter().any(|w| text.contains(w))
-    {
+    if code == Some(RDKafkaErrorCode::SSL) {
+        return LinkErrorKind::Tls;
+    }
+    if code == Some(RDKafkaErrorCode::Authentication) {
+        return LinkErrorKind::Authentication;
+    }
+    match classify_text(reason) {
+        LinkErrorKind::Other
+            if matches!(
+                code,
+                Some(RDKafkaErrorCode::BrokerTransportFailure)
+                    | Some(RDKafkaErrorCode::AllBrokersDown)
+                    | Some(RDKafkaErrorCode::Resolve)
+                    | Some(RDKafkaErrorCode::OperationTimedOut)
+            ) =>
+        {
+            LinkErrorKind::Unreachable
+        }
+        kind => kind,
+    }
+}
+
+/// Classifies a librdkafka error or log line by its text alone.
+pub fn classify_text(reason: &str) -> LinkErrorKind {
+    // Broker names start with `ssl://` on SSL connections: skip them before looking for TLS words.
+    let text = reason.to_ascii_lowercase().replace("ssl://", "").replace("sasl_ssl://", "");
+    let any = |words: &[&str]| words.iter().any(|w| text.contains(w));
+    if any(&["handshake", "certificate", "ssl routines", "ssl transport", "ssl alert", "tls alert", "ssl error"]) {
         LinkErrorKind::Tls
-    } else if code == Some(RDKafkaErrorCode::Authentication) || text.contains("sasl") {
+    } else if any(&["sasl", "authentication"]) {
         LinkErrorKind::Authentication
-    } else if matches!(
-        code,
-        Some(RDKafkaErrorCode::BrokerTransportFailure)
-            | Some(RDKafkaErrorCode::AllBrokersDown)
-            | Some(RDKafkaErrorCode::Resolve)
-            | Some(RDKafkaErrorCode::OperationTimedOut)
-    ) || ["connection refused", "connect to", "disconnected", "timed out", "resolve"]
-        .iter()
-        .any(|w| text.contains(w))
-    {
+    } else if text.contains("in state apiversion_query") && any(&["disconnected", "closed by peer"]) {
+        LinkErrorKind::Protocol
+    } else if any(&["connection refused", "connect to", "disconnected", "timed out", "resolve", "brokers are down"]) {
         LinkErrorKind::Unreachable
     } else {
         LinkErrorKind::Other
@@ -152,6 +177,10 @@ impl ClientContext for LinkContext {
             }
             RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", facility = fac, "{log_message}"),
         }
+        // Connection failures are often only logged (facility FAIL), not raised as errors.
+        if fac == "FAIL" {
+            self.status.record(classify_text(log_message), log_message);
+        }
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -201,10 +230,17 @@ pub fn check_connection(settings: &KafkaSettings, timeout: Duration) -> Result<C
     let producer: ThreadedProducer<LinkContext> = cfg
         .create_with_context(LinkContext::new(status.clone()))
         .map_err(|e| to_err(e, &status))?;
-    let md = producer
-        .client()
-        .fetch_metadata(None, timeout)
-        .map_err(|e| to_err(e, &status))?;
+    let md = producer.client().fetch_metadata(None, timeout).map_err(|e| {
+        // The failure can be faster than the log/error events that explain it: give the
+        // polling thread a moment to deliver them.
+        for _ in 0..20 {
+            if status.diagnosis().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        to_err(e, &status)
+    })?;
     Ok(ClusterSummary {
         brokers: md.brokers().len(),
         topics: md.topics().len(),
@@ -232,6 +268,19 @@ mod tests {
             LinkErrorKind::Authentication
         );
         assert_eq!(classify(&KafkaError::Global(RDKafkaErrorCode::Fail), "weird"), LinkErrorKind::Other);
+        // The `ssl://` in a broker name is not a TLS error.
+        assert_eq!(
+            classify(&transport, "ssl://10.0.0.1:9093/bootstrap: Connect to ipv4#10.0.0.1:9093 failed: Connection refused"),
+            LinkErrorKind::Unreachable
+        );
+        assert_eq!(
+            classify_text("ssl://h:9093/bootstrap: Receive failed: error:0A000412:SSL routines::ssl/tls alert bad certificate"),
+            LinkErrorKind::Tls
+        );
+        assert_eq!(
+            classify_text("h:9093/bootstrap: Disconnected: connection closed by peer: receive 0 after POLLIN (after 1ms in state APIVERSION_QUERY)"),
+            LinkErrorKind::Protocol
+        );
     }
 
     #[test]
