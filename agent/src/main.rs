@@ -1,1 +1,66 @@
-fn main() {}
+//! `framelink-agent`: the edge daemon. This binary only parses the command line, loads the
+//! config and wires stages together; the work lives in library modules.
+
+mod config;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use framelink_common::cli::{LogFormat, init_logging, report_connection};
+
+/// framelink edge agent: captures camera frames, JPEG-encodes them, keeps them in a bounded
+/// on-disk spool while the network is down, and forwards them to Kafka over TLS.
+#[derive(Parser)]
+#[command(name = "framelink-agent", version, about, long_about = None)]
+struct Cli {
+    /// Log format: `text` or `json`. The level comes from FRAMELINK_LOG (default `info`).
+    #[arg(long, global = true, default_value = "text", env = "FRAMELINK_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a config file (and the TLS files it names) without starting the agent.
+    CheckConfig {
+        /// Path to agent.toml. Keys can be overridden with FRAMELINK__SECTION__KEY variables.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Also connect to Kafka and fetch metadata, reporting TLS/auth/reachability problems.
+        #[arg(long)]
+        connect: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::CheckConfig { config, connect } => {
+            let v = config::AgentConfig::load(&config)?;
+            println!(
+                "config OK: device {:?}, topic {:?}, Kafka {}",
+                v.config.device.id,
+                v.config.forwarder.topic,
+                v.kafka.describe()
+            );
+            if connect {
+                println!("{}", report_connection(&v.kafka, Duration::from_secs(15))?);
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,1 +1,69 @@
-fn main() {}
+//! `framelink-worker`: the edge daemon. This binary only parses the command line, loads the
+//! config and wires stages together; the work lives in library modules.
+
+mod config;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use framelink_common::cli::{LogFormat, init_logging, report_connection};
+
+/// framelink cloud worker: one member of a Kafka consumer group that decodes frames, runs
+/// image operations, and publishes results, events and dead letters.
+#[derive(Parser)]
+#[command(name = "framelink-worker", version, about, long_about = None)]
+struct Cli {
+    /// Log format: `text` or `json`. The level comes from FRAMELINK_LOG (default `info`).
+    #[arg(long, global = true, default_value = "text", env = "FRAMELINK_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a config file (and the TLS files it names) without starting the worker.
+    CheckConfig {
+        /// Path to worker.toml. Keys can be overridden with FRAMELINK__SECTION__KEY variables.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Also connect to Kafka and fetch metadata, reporting TLS/auth/reachability problems.
+        #[arg(long)]
+        connect: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::CheckConfig { config, connect } => {
+            let v = config::WorkerConfig::load(&config)?;
+            println!(
+                "config OK: group {:?} reading {:?} -> results {:?}, events {:?}, dead letters {:?}; Kafka {}",
+                v.config.consumer.group_id,
+                v.config.consumer.topics,
+                v.config.output.results_topic,
+                v.config.output.events_topic,
+                v.config.output.dlq_topic,
+                v.kafka.describe()
+            );
+            if connect {
+                println!("{}", report_connection(&v.kafka, Duration::from_secs(15))?);
+            }
+            Ok(())
+        }
+    }
+}

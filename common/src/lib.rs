@@ -7,6 +7,7 @@
 //!   diagnosis (TLS vs. unreachable vs. authentication);
 //! - [`config_file`]: TOML + `FRAMELINK__` environment loading with errors naming the key.
 
+pub mod cli;
 pub mod config_file;
 pub mod kafka_config;
 pub mod link;

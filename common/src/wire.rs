@@ -226,7 +226,9 @@ where
     value.parse().map_err(|e: T::Err| invalid(name, value, e.to_string()))
 }
 
-fn check_id(name: &'static str, value: &str) -> Result<(), HeaderError> {
+/// Checks a device or camera id (`name` is the header it travels in): 1 to [`MAX_ID_LEN`]
+/// bytes, no `/`, no control characters.
+pub fn check_id(name: &'static str, value: &str) -> Result<(), HeaderError> {
     if value.is_empty() {
         return Err(invalid(name, value, "must not be empty"));
     }

@@ -1,0 +1,104 @@
+//! The agent's command line: version, help, and `check-config` on the shipped example config
+//! (pointed at the test broker through FRAMELINK__ environment overrides) and on broken ones.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use framelink_testkit::{Broker, repo_root, rogue_identity};
+
+fn agent(args: &[&str], env: &[(&str, String)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_framelink-agent"));
+    c.args(args).env("FRAMELINK_LOG", "error");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("run framelink-agent")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// Overrides that point configs/agent.toml at the test broker's mTLS listener.
+fn broker_env(b: &Broker) -> Vec<(&'static str, String)> {
+    vec![
+        ("FRAMELINK__KAFKA__BROKERS", b.bootstrap_tls.clone()),
+        ("FRAMELINK__KAFKA__TLS__CA", b.tls_dir.join("ca.pem").display().to_string()),
+        ("FRAMELINK__KAFKA__TLS__CERTIFICATE", b.tls_dir.join("client.pem").display().to_string()),
+        ("FRAMELINK__KAFKA__TLS__KEY", b.tls_dir.join("client.key").display().to_string()),
+    ]
+}
+
+fn example() -> String {
+    repo_root().join("configs/agent.toml").display().to_string()
+}
+
+#[test]
+fn version_and_help() {
+    let o = agent(&["--version"], &[]);
+    assert!(o.status.success());
+    assert_eq!(text(&o).trim(), format!("framelink-agent {}", env!("CARGO_PKG_VERSION")));
+    let o = agent(&["--help"], &[]);
+    assert!(o.status.success());
+    assert!(text(&o).contains("check-config"), "{}", text(&o));
+}
+
+#[test]
+fn example_config_checks_and_connects_over_mtls() {
+    let b = Broker::shared();
+    let o = agent(&["check-config", "--config", &example(), "--connect"], &broker_env(b));
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("config OK: device \"site1-gate\", topic \"frames\""), "{out}");
+    assert!(out.contains("connected: 1 broker(s)") && out.contains("mTLS"), "{out}");
+}
+
+#[test]
+fn example_config_without_its_tls_files_names_the_file() {
+    // On a machine without /etc/framelink/tls the example must fail, naming key and file.
+    if Path::new("/etc/framelink/tls/ca.pem").exists() {
+        return;
+    }
+    let o = agent(&["check-config", "--config", &example()], &[]);
+    assert!(!o.status.success());
+    let out = text(&o);
+    assert!(out.contains("kafka.tls.ca") && out.contains("/etc/framelink/tls/ca.pem"), "{out}");
+}
+
+#[test]
+fn unknown_and_invalid_keys_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("a.toml");
+    std::fs::write(&p, "[device]\nid = \"d\"\n[kafka]\nbrokers = \"h:1\"\n[forwarder]\ntopik = \"x\"\n").unwrap();
+    let o = agent(&["check-config", "--config", p.to_str().unwrap()], &[]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("config key `forwarder.topik`: unknown field"), "{}", text(&o));
+
+    std::fs::write(&p, "[device]\nid = \"a/b\"\n[kafka]\nbrokers = \"h:1\"\n").unwrap();
+    let o = agent(&["check-config", "--config", p.to_str().unwrap()], &[]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("device.id"), "{}", text(&o));
+
+    // An environment override is checked like the file.
+    std::fs::write(&p, "[device]\nid = \"d\"\n[kafka]\nbrokers = \"h:1\"\n").unwrap();
+    let o = agent(
+        &["check-config", "--config", p.to_str().unwrap()],
+        &[("FRAMELINK__KAFKA__SECURITY_PROTOCOL", "TLS".into())],
+    );
+    assert!(!o.status.success());
+    assert!(text(&o).contains("kafka.security_protocol"), "{}", text(&o));
+}
+
+#[test]
+fn a_client_key_of_another_certificate_is_named() {
+    let b = Broker::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _, rogue_key) = rogue_identity(dir.path()).unwrap();
+    let mut env = broker_env(b);
+    env.push(("FRAMELINK__KAFKA__TLS__KEY", rogue_key.display().to_string()));
+    let o = agent(&["check-config", "--config", &example()], &env);
+    assert!(!o.status.success());
+    let out = text(&o);
+    assert!(out.contains("kafka.tls.key") && out.contains("rogue-client.key"), "{out}");
+    assert!(out.contains("does not match the certificate"), "{out}");
+}

@@ -1,0 +1,54 @@
+//! The worker's command line: version and `check-config` on the shipped example config and on
+//! broken ones.
+
+use std::process::{Command, Output};
+
+use framelink_testkit::{Broker, repo_root};
+
+fn worker(args: &[&str], env: &[(&str, String)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_framelink-worker"));
+    c.args(args).env("FRAMELINK_LOG", "error");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("run framelink-worker")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+#[test]
+fn version() {
+    let o = worker(&["--version"], &[]);
+    assert!(o.status.success());
+    assert_eq!(text(&o).trim(), format!("framelink-worker {}", env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn example_config_checks_and_connects_over_mtls() {
+    let b = Broker::shared();
+    let env = vec![
+        ("FRAMELINK__KAFKA__BROKERS", b.bootstrap_tls.clone()),
+        ("FRAMELINK__KAFKA__TLS__CA", b.tls_dir.join("ca.pem").display().to_string()),
+        ("FRAMELINK__KAFKA__TLS__CERTIFICATE", b.tls_dir.join("client.pem").display().to_string()),
+        ("FRAMELINK__KAFKA__TLS__KEY", b.tls_dir.join("client.key").display().to_string()),
+        ("FRAMELINK__CONSUMER__GROUP_ID", "workers-test".into()),
+    ];
+    let config = repo_root().join("configs/worker.toml");
+    let o = worker(&["check-config", "--config", config.to_str().unwrap(), "--connect"], &env);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("group \"workers-test\" reading [\"frames\"]"), "{out}");
+    assert!(out.contains("connected: 1 broker(s)"), "{out}");
+}
+
+#[test]
+fn output_topic_that_is_an_input_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("w.toml");
+    std::fs::write(&p, "[kafka]\nbrokers = \"h:1\"\n[consumer]\ntopics = [\"a\"]\n[output]\nresults_topic = \"a\"\n").unwrap();
+    let o = worker(&["check-config", "--config", p.to_str().unwrap()], &[]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("config key `output.results_topic`"), "{}", text(&o));
+}
