@@ -10,6 +10,13 @@ use framelink_common::config_file;
 use framelink_common::kafka_config::{KafkaConfig, KafkaSettings};
 use framelink_common::wire::{self, header};
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+/// A config section with every key at its default (an empty table), so defaults are written
+/// once, in the serde attributes.
+pub fn defaults<T: DeserializeOwned>(_section: &str) -> T {
+    config_file::from_toml_str("").expect("every key of this section has a default")
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

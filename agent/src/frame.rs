@@ -1,0 +1,75 @@
+//! The two shapes a frame takes inside the agent: raw pixels from a source, and an encoded
+//! frame ready for Kafka (JPEG bytes plus the wire contract's metadata).
+
+use bytes::Bytes;
+use framelink_common::FrameMeta;
+
+/// Pixel layouts the sources deliver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PixelFormat {
+    /// Packed 8-bit RGB, 3 bytes a pixel.
+    Rgb24,
+    /// Packed YUV 4:2:2, `Y0 U Y1 V`, 2 bytes a pixel (most USB/V4L2 cameras).
+    Yuyv,
+    /// Already a JPEG (MJPEG cameras, JPEG files): forwarded without decode or re-encode.
+    Jpeg,
+}
+
+impl PixelFormat {
+    /// The name sent in the `framelink-pixel-format` header.
+    pub fn wire_name(self) -> &'static str {
+        match self {
+            Self::Rgb24 => "RGB24",
+            Self::Yuyv => "YUYV",
+            Self::Jpeg => "MJPG",
+        }
+    }
+}
+
+/// A captured frame, before encoding.
+#[derive(Clone, Debug)]
+pub struct RawFrame {
+    pub camera: String,
+    /// Per-camera sequence number, assigned at capture (so frames dropped later leave gaps
+    /// that the drop counters explain).
+    pub seq: u64,
+    /// Capture time, ns since the Unix epoch.
+    pub capture_ns: u64,
+    pub width: u32,
+    pub height: u32,
+    /// Bytes from one row to the next (≥ width × bytes per pixel; cameras pad rows).
+    pub stride: usize,
+    pub format: PixelFormat,
+    /// The name to report as the camera's pixel format (e.g. `PNG` for an image file).
+    pub source_format: &'static str,
+    pub data: Bytes,
+}
+
+/// An encoded frame: what goes to Kafka or into the spool.
+#[derive(Clone, PartialEq)]
+pub struct Frame {
+    pub meta: FrameMeta,
+    pub payload: Bytes,
+}
+
+impl std::fmt::Debug for Frame {
+    // Never print image bytes: logs and test failures would drown in them.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Frame").field("meta", &self.meta).field("payload_len", &self.payload.len()).finish()
+    }
+}
+
+impl Frame {
+    /// Bytes this frame takes in memory or on disk, roughly (payload plus metadata).
+    pub fn size(&self) -> usize {
+        self.payload.len() + 64 + self.meta.device_id.len() + self.meta.camera_id.len()
+    }
+}
+
+/// Nanoseconds since the Unix epoch, now.
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,8 @@
+//! framelink-agent as a library: the stages the binary wires together (sources, encoder,
+//! spool, forwarder) and their config, so tests and benchmarks can drive them directly.
+
+pub mod config;
+pub mod frame;
+pub mod sequence;
+pub mod source;
+pub mod spool;

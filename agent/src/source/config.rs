@@ -1,0 +1,165 @@
+//! `[[cameras]]` tables: one per camera, each with an id and exactly one source kind.
+//!
+//! ```toml
+//! [[cameras]]
+//! id = "gate"
+//! synthetic = { width = 1920, height = 1080, fps = 30 }
+//!
+//! [[cameras]]
+//! id = "replay"
+//! images = { path = "/srv/frames", fps = 5, loop = true }
+//!
+//! [[cameras]]
+//! id = "usb0"
+//! v4l2 = { device = "/dev/video0", width = 1280, height = 720, fps = 30, format = "MJPG" }
+//! ```
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use serde::Deserialize;
+
+use super::Source;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CameraConfig {
+    /// Camera id, second half of the record key; unique within the device.
+    pub id: String,
+    /// A moving test pattern with the frame counter burned in.
+    pub synthetic: Option<SyntheticConfig>,
+    /// Image files from a directory.
+    pub images: Option<ImagesConfig>,
+    /// A V4L2 camera (Linux; USB webcams, CSI cameras with V4L2 drivers).
+    pub v4l2: Option<V4l2Config>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyntheticConfig {
+    /// Default 1280.
+    #[serde(default = "default_width")]
+    pub width: u32,
+    /// Default 720.
+    #[serde(default = "default_height")]
+    pub height: u32,
+    /// Frames per second, default 10.
+    #[serde(default = "default_fps")]
+    pub fps: f64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImagesConfig {
+    /// Directory of .jpg / .jpeg / .png files, replayed in name order.
+    pub path: PathBuf,
+    /// Frames per second, default 10.
+    #[serde(default = "default_fps")]
+    pub fps: f64,
+    /// Start again at the first file after the last. Default false (the camera then stops).
+    #[serde(default, rename = "loop")]
+    pub looping: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct V4l2Config {
+    /// Device node. Default `/dev/video0`.
+    #[serde(default = "default_device")]
+    pub device: PathBuf,
+    /// Requested size; the driver may pick the nearest it supports (logged). Default 1280x720.
+    #[serde(default = "default_width")]
+    pub width: u32,
+    #[serde(default = "default_height")]
+    pub height: u32,
+    /// Requested frame rate. Default 10.
+    #[serde(default = "default_fps")]
+    pub fps: f64,
+    /// `YUYV` (encoded straight from YUV) or `MJPG` (forwarded as the camera gives it).
+    /// Default `MJPG`.
+    #[serde(default = "default_fourcc")]
+    pub format: String,
+}
+
+fn default_width() -> u32 {
+    1280
+}
+fn default_height() -> u32 {
+    720
+}
+fn default_fps() -> f64 {
+    10.0
+}
+fn default_device() -> PathBuf {
+    PathBuf::from("/dev/video0")
+}
+fn default_fourcc() -> String {
+    "MJPG".into()
+}
+
+/// The camera used when none is configured: a 1280x720 synthetic pattern at 10 fps.
+pub fn default_cameras() -> Vec<CameraConfig> {
+    vec![CameraConfig {
+        id: "synthetic0".into(),
+        synthetic: Some(SyntheticConfig { width: default_width(), height: default_height(), fps: default_fps() }),
+        images: None,
+        v4l2: None,
+    }]
+}
+
+fn check_fps(key: &str, fps: f64) -> Result<()> {
+    if !(fps > 0.0 && fps <= 1000.0) {
+        bail!("config key `{key}`: {fps} is not a frame rate from 0 to 1000");
+    }
+    Ok(())
+}
+
+fn check_size(key: &str, w: u32, h: u32) -> Result<()> {
+    if w == 0 || h == 0 || w > 16384 || h > 16384 {
+        bail!("config key `{key}`: {w}x{h} is not a size from 1x1 to 16384x16384");
+    }
+    Ok(())
+}
+
+impl CameraConfig {
+    /// Checks this camera's table; `i` is its index in `cameras`, for error messages.
+    pub fn validate(&self, i: usize) -> Result<()> {
+        let key = format!("cameras[{i}]");
+        framelink_common::wire::check_id(framelink_common::wire::header::CAMERA, &self.id)
+            .map_err(|e| anyhow::anyhow!("config key `{key}.id`: {e}"))?;
+        let kinds = [self.synthetic.is_some(), self.images.is_some(), self.v4l2.is_some()];
+        if kinds.iter().filter(|k| **k).count() != 1 {
+            bail!("config key `{key}`: give exactly one of `synthetic`, `images`, `v4l2`");
+        }
+        if let Some(s) = &self.synthetic {
+            check_size(&format!("{key}.synthetic"), s.width, s.height)?;
+            check_fps(&format!("{key}.synthetic.fps"), s.fps)?;
+        }
+        if let Some(s) = &self.images {
+            check_fps(&format!("{key}.images.fps"), s.fps)?;
+            if !s.path.is_dir() {
+                bail!("config key `{key}.images.path`: {} is not a directory", s.path.display());
+            }
+        }
+        if let Some(s) = &self.v4l2 {
+            check_size(&format!("{key}.v4l2"), s.width, s.height)?;
+            check_fps(&format!("{key}.v4l2.fps"), s.fps)?;
+            if !matches!(s.format.as_str(), "YUYV" | "MJPG") {
+                bail!("config key `{key}.v4l2.format`: {:?} is not `YUYV` or `MJPG`", s.format);
+            }
+            bail!("config key `{key}.v4l2`: V4L2 capture is not implemented yet in this version");
+        }
+        Ok(())
+    }
+
+    /// Builds the source.
+    pub fn build(&self) -> Box<dyn Source> {
+        if let Some(s) = &self.synthetic {
+            return Box::new(super::synthetic::Synthetic::new(s.width, s.height, s.fps));
+        }
+        if let Some(s) = &self.images {
+            return Box::new(super::images::ImageDir::new(s.path.clone(), s.fps, s.looping));
+        }
+        unreachable!("validate() guarantees one supported source kind")
+    }
+}

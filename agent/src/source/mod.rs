@@ -1,0 +1,76 @@
+//! Camera sources: one trait, several implementations, and the runner that keeps each camera
+//! capturing on its own thread.
+//!
+//! A source only knows how to open a device and hand over the next frame, pacing itself to
+//! its frame rate. Everything else — sequence numbers, retries with backoff when a camera
+//! disappears, dropping frames when the encoder falls behind — is the runner's job, the same
+//! for every kind of source.
+
+pub mod config;
+pub mod images;
+pub mod synthetic;
+
+use bytes::Bytes;
+
+use crate::frame::PixelFormat;
+
+/// One captured image, as the device gave it.
+#[derive(Clone, Debug)]
+pub struct Captured {
+    pub capture_ns: u64,
+    pub width: u32,
+    pub height: u32,
+    pub stride: usize,
+    pub format: PixelFormat,
+    pub source_format: &'static str,
+    pub data: Bytes,
+}
+
+/// Why a source could not give a frame.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The device went away or failed; the runner re-opens it with backoff.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A finite source (a directory without `loop`) has no more frames.
+    #[error("no more frames")]
+    Exhausted,
+}
+
+/// A camera, a file set or a generator of frames.
+pub trait Source: Send {
+    /// Opens (or re-opens after an error) the device.
+    fn open(&mut self) -> Result<(), SourceError>;
+    /// Blocks until the next frame is due and returns it.
+    fn next_frame(&mut self) -> Result<Captured, SourceError>;
+    /// For logs: what this source is.
+    fn describe(&self) -> String;
+}
+
+/// Paces a source to a frame rate without bursting to catch up after a stall.
+#[derive(Debug)]
+pub struct Pacer {
+    period: std::time::Duration,
+    next: Option<std::time::Instant>,
+}
+
+impl Pacer {
+    pub fn new(fps: f64) -> Self {
+        Self { period: std::time::Duration::from_secs_f64(1.0 / fps), next: None }
+    }
+
+    /// Sleeps until the next frame is due.
+    pub fn wait(&mut self) {
+        let now = std::time::Instant::now();
+        let due = *self.next.get_or_insert(now);
+        if due > now {
+            std::thread::sleep(due - now);
+            self.next = Some(due + self.period);
+        } else if now - due > self.period {
+            // More than a frame late: a real camera would have dropped; restart the cadence.
+            self.next = Some(now + self.period);
+        } else {
+            self.next = Some(due + self.period);
+        }
+    }
+}

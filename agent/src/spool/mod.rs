@@ -1,0 +1,191 @@
+//! The spool: frames that could not be delivered yet, on local disk, bounded in bytes.
+//!
+//! Frames enter the spool only when the link is down or slow (delivery failed or timed out,
+//! the producer's memory queue is full, or older frames are still waiting): a healthy link
+//! writes no frame to disk, which spares the flash. A frame leaves the spool only after Kafka
+//! acknowledged it.
+//!
+//! # Bounded disk use
+//! `max_bytes` bounds what the spool directory occupies on disk (allocated blocks, measured),
+//! not just the payload bytes. sled 0.34 neither bounds its files nor gives space back after
+//! deletes (see shared FACTS), so the spool never relies on sled's own space reclamation: it is
+//! split into `generations` sled databases, each filled to `max_bytes / generations` in turn.
+//! Draining empties the oldest generation first, and an empty generation's directory is
+//! deleted whole, which returns its space exactly. When the spool is full, `drop_oldest`
+//! deletes the oldest generation whole (every frame in it counted as dropped). Disk use stays
+//! within `max_bytes` plus the slack of one disk-measurement interval of writes (see
+//! [`sled_spool::MEASURE_EVERY`]).
+//!
+//! # Order
+//! Keys are `camera \0 seq(be)`, so each generation iterates per camera in sequence order; reads
+//! merge the generations by key.
+//!
+//! # Crash safety
+//! sled flushes every `flush_interval_ms` (and at shutdown): a SIGKILL or power cut loses at
+//! most that window of spooled frames. Each value carries a CRC-32; a damaged record is
+//! skipped, counted and logged, and a generation sled cannot open is removed and counted —
+//! the agent always starts.
+
+pub mod record;
+pub mod sled_spool;
+
+use std::path::PathBuf;
+
+use bytesize::ByteSize;
+use serde::Deserialize;
+
+use crate::frame::Frame;
+pub use record::SpoolKey;
+
+/// What to do when a new frame does not fit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FullPolicy {
+    /// Delete the oldest frames (a whole generation) to make room. Default.
+    #[default]
+    DropOldest,
+    /// Refuse new frames; keep the oldest.
+    DropNewest,
+    /// Past `decimate_from` of the cap, keep only 1 in `decimate_keep_one_in` new frames per
+    /// camera (by sequence number), so a long outage is covered at a lower frame rate; when
+    /// full, drop the oldest as `drop_oldest`.
+    Decimate,
+}
+
+/// `[spool]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// Directory of the spool. Default `/var/lib/framelink/spool` (systemd StateDirectory).
+    #[serde(default = "default_dir")]
+    pub dir: PathBuf,
+    /// Disk space the spool may occupy, e.g. `"1 GiB"`, `"200 MB"` or a byte count. Default 1 GiB.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: ByteSize,
+    /// `drop_oldest` (default), `drop_newest` or `decimate`.
+    #[serde(default)]
+    pub when_full: FullPolicy,
+    /// For `decimate`: keep 1 frame in N. Default 10.
+    #[serde(default = "default_keep_one_in")]
+    pub decimate_keep_one_in: u32,
+    /// For `decimate`: start thinning at this fraction of `max_bytes`. Default 0.5.
+    #[serde(default = "default_decimate_from")]
+    pub decimate_from: f64,
+    /// Number of sled databases the cap is split into; drop_oldest frees one at a time.
+    /// Default 8 (frees 1/8 of the cap at once).
+    #[serde(default = "default_generations")]
+    pub generations: u32,
+    /// How often spooled frames are flushed to disk (the crash-loss window). Default 200 ms.
+    #[serde(default = "default_flush_ms")]
+    pub flush_interval_ms: u64,
+    /// sled page cache per generation. Default 4 MiB (sled's default is 1 GiB).
+    #[serde(default = "default_cache")]
+    pub cache: ByteSize,
+}
+
+fn default_dir() -> PathBuf {
+    PathBuf::from("/var/lib/framelink/spool")
+}
+fn default_max_bytes() -> ByteSize {
+    ByteSize::gib(1)
+}
+fn default_keep_one_in() -> u32 {
+    10
+}
+fn default_decimate_from() -> f64 {
+    0.5
+}
+fn default_generations() -> u32 {
+    8
+}
+fn default_flush_ms() -> u64 {
+    200
+}
+fn default_cache() -> ByteSize {
+    ByteSize::mib(4)
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        crate::config::defaults("spool")
+    }
+}
+
+impl SpoolConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        use anyhow::bail;
+        if self.max_bytes.as_u64() < 4 * 1024 * 1024 {
+            bail!("config key `spool.max_bytes`: {} is below the minimum of 4 MiB", self.max_bytes);
+        }
+        if !(1..=64).contains(&self.generations) {
+            bail!("config key `spool.generations`: {} is not from 1 to 64", self.generations);
+        }
+        if self.decimate_keep_one_in < 2 {
+            bail!("config key `spool.decimate_keep_one_in`: must be at least 2");
+        }
+        if !(0.0..=1.0).contains(&self.decimate_from) {
+            bail!("config key `spool.decimate_from`: must be a fraction from 0 to 1");
+        }
+        if self.flush_interval_ms == 0 || self.flush_interval_ms > 60_000 {
+            bail!("config key `spool.flush_interval_ms`: must be from 1 to 60000");
+        }
+        Ok(())
+    }
+}
+
+/// Why a frame left the spool without being delivered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DropReason {
+    /// Deleted to make room (drop_oldest / decimate).
+    FullOldest,
+    /// Refused because the spool was full (drop_newest, or a frame larger than the spool).
+    FullNewest,
+    /// Not kept by `decimate`.
+    Decimated,
+}
+
+impl DropReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::FullOldest => "spool_full_oldest",
+            Self::FullNewest => "spool_full_newest",
+            Self::Decimated => "decimated",
+        }
+    }
+}
+
+/// What happened to a pushed frame and to frames evicted for it.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PushOutcome {
+    /// The pushed frame is in the spool.
+    pub stored: bool,
+    /// Frames that were dropped (the pushed one, if not stored, and/or evicted ones), as
+    /// (camera, count, reason).
+    pub dropped: Vec<(String, u64, DropReason)>,
+}
+
+/// A record read back from the spool: the frame, or why it is damaged.
+pub type SpoolRead = (SpoolKey, Result<Frame, String>);
+
+/// Counts and sizes, for metrics and health.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpoolStats {
+    pub records: u64,
+    /// Allocated bytes under the spool directory, as last measured plus writes since.
+    pub disk_bytes: u64,
+    /// Damaged records or generations found so far.
+    pub damaged: u64,
+}
+
+/// A bounded, crash-safe store of undelivered frames.
+pub trait Spool: Send + Sync {
+    /// Stores a frame, applying the full policy.
+    fn push(&self, frame: &Frame) -> anyhow::Result<PushOutcome>;
+    /// Up to `max` records with keys after `after` (all when `None`), in key order.
+    fn read_after(&self, after: Option<&SpoolKey>, max: usize) -> anyhow::Result<Vec<SpoolRead>>;
+    /// Deletes a delivered (or damaged) record; false if it was not there.
+    fn remove(&self, key: &SpoolKey) -> anyhow::Result<bool>;
+    /// Flushes to disk and re-measures disk use.
+    fn flush(&self) -> anyhow::Result<()>;
+    fn stats(&self) -> SpoolStats;
+}
