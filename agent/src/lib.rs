@@ -2,6 +2,7 @@
 //! spool, forwarder) and their config, so tests and benchmarks can drive them directly.
 
 pub mod config;
+pub mod encoder;
 pub mod frame;
 pub mod sequence;
 pub mod source;

@@ -1,0 +1,431 @@
+//! JPEG encoding with libjpeg-turbo, and the pool of threads that runs it.
+//!
+//! - RGB frames are compressed as they are.
+//! - YUYV (packed 4:2:2) is split into Y, U, V planes and compressed from YUV with
+//!   `tj3CompressFromYUVPlanes8` — no RGB round trip. Studio-range camera values are stretched
+//!   to JPEG's full range on the way (a lookup table). 4:2:0 output averages each pair of chroma
+//!   rows; 4:2:2 keeps them. (4:4:4 goes through RGB; gray uses the Y plane only.)
+//! - JPEG/MJPEG input is forwarded untouched unless it must be downscaled; then it is decoded
+//!   with DCT-domain scaling to the nearest size ≥ the target and resized.
+//! - Rows may be padded (`stride` > width × bytes per pixel), as V4L2 drivers do.
+//!
+//! Each camera is pinned to one encoder thread, so a camera's frames leave the pool in order.
+
+use bytes::Bytes;
+use serde::Deserialize;
+use turbojpeg::{Compressor, Decompressor, Image, OutputBuf, PixelFormat as TjFormat, Subsamp, YuvPlanesImage};
+
+use crate::frame::{PixelFormat, RawFrame};
+
+/// `[encoder]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncoderConfig {
+    /// JPEG quality 1–100. Default 80.
+    #[serde(default = "default_quality")]
+    pub quality: u8,
+    /// Chroma subsampling: `4:2:0` (default), `4:2:2`, `4:4:4` or `gray`.
+    #[serde(default)]
+    pub subsampling: Subsampling,
+    /// Downscale frames wider than this (keeping the aspect ratio). Default: no limit.
+    pub max_width: Option<u32>,
+    /// Downscale frames taller than this (keeping the aspect ratio). Default: no limit.
+    pub max_height: Option<u32>,
+    /// Encoder threads; 0 = one per CPU core. Default 0.
+    #[serde(default)]
+    pub threads: usize,
+}
+
+fn default_quality() -> u8 {
+    80
+}
+
+impl Default for EncoderConfig {
+    fn default() -> Self {
+        crate::config::defaults("encoder")
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+pub enum Subsampling {
+    #[default]
+    #[serde(rename = "4:2:0")]
+    S420,
+    #[serde(rename = "4:2:2")]
+    S422,
+    #[serde(rename = "4:4:4")]
+    S444,
+    #[serde(rename = "gray")]
+    Gray,
+}
+
+impl Subsampling {
+    fn tj(self) -> Subsamp {
+        match self {
+            Self::S420 => Subsamp::Sub2x2,
+            Self::S422 => Subsamp::Sub2x1,
+            Self::S444 => Subsamp::None,
+            Self::Gray => Subsamp::Gray,
+        }
+    }
+}
+
+impl EncoderConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if !(1..=100).contains(&self.quality) {
+            anyhow::bail!("config key `encoder.quality`: {} is not from 1 to 100", self.quality);
+        }
+        for (k, v) in [("encoder.max_width", self.max_width), ("encoder.max_height", self.max_height)] {
+            if v == Some(0) {
+                anyhow::bail!("config key `{k}`: must be at least 1");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn thread_count(&self) -> usize {
+        if self.threads > 0 {
+            self.threads
+        } else {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        }
+    }
+
+    /// The size a `w`×`h` frame is encoded at.
+    pub fn target_size(&self, w: u32, h: u32) -> (u32, u32) {
+        let sx = self.max_width.map_or(1.0, |m| (m as f64 / w as f64).min(1.0));
+        let sy = self.max_height.map_or(1.0, |m| (m as f64 / h as f64).min(1.0));
+        let s = sx.min(sy);
+        if s >= 1.0 {
+            (w, h)
+        } else {
+            (((w as f64 * s).round() as u32).max(1), ((h as f64 * s).round() as u32).max(1))
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("frame buffer of {len} bytes is too small for {width}x{height} {format:?} with stride {stride}")]
+    ShortBuffer { len: usize, width: u32, height: u32, stride: usize, format: PixelFormat },
+    #[error("YUYV frames need an even width, got {0}")]
+    OddYuyvWidth(u32),
+    #[error("libjpeg-turbo: {0}")]
+    Turbo(#[from] turbojpeg::Error),
+}
+
+/// An encoded image and its size.
+#[derive(Debug)]
+pub struct Encoded {
+    pub jpeg: Bytes,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// One encoder (per thread): reusable libjpeg-turbo handles and buffers.
+pub struct Encoder {
+    cfg: EncoderConfig,
+    compressor: Compressor,
+    decompressor: Option<Decompressor>,
+    planes: [Vec<u8>; 3],
+}
+
+impl Encoder {
+    pub fn new(cfg: EncoderConfig) -> Result<Self, EncodeError> {
+        let mut compressor = Compressor::new()?;
+        compressor.set_quality(cfg.quality as i32)?;
+        compressor.set_subsamp(cfg.subsampling.tj())?;
+        Ok(Self { cfg, compressor, decompressor: None, planes: Default::default() })
+    }
+
+    pub fn encode(&mut self, f: &RawFrame) -> Result<Encoded, EncodeError> {
+        let (tw, th) = self.cfg.target_size(f.width, f.height);
+        let resize = (tw, th) != (f.width, f.height);
+        match f.format {
+            PixelFormat::Jpeg if !resize => Ok(Encoded { jpeg: f.data.clone(), width: f.width, height: f.height }),
+            PixelFormat::Jpeg => {
+                let rgb = self.decode_scaled(&f.data, tw, th)?;
+                self.compress_rgb(&rgb.0, rgb.1, rgb.2, rgb.1 as usize * 3, Some((tw, th)))
+            }
+            PixelFormat::Rgb24 => {
+                check_len(f, 3)?;
+                self.compress_rgb(&f.data, f.width, f.height, f.stride, resize.then_some((tw, th)))
+            }
+            PixelFormat::Yuyv => {
+                check_len(f, 2)?;
+                if f.width % 2 != 0 {
+                    return Err(EncodeError::OddYuyvWidth(f.width));
+                }
+                if resize || matches!(self.cfg.subsampling, Subsampling::S444) {
+                    let rgb = yuyv_to_rgb(&f.data, f.width, f.height, f.stride);
+                    self.compress_rgb(&rgb, f.width, f.height, f.width as usize * 3, resize.then_some((tw, th)))
+                } else {
+                    self.compress_yuyv(f)
+                }
+            }
+        }
+    }
+
+    fn compress_rgb(&mut self, data: &[u8], w: u32, h: u32, stride: usize, resize: Option<(u32, u32)>) -> Result<Encoded, EncodeError> {
+        let resized;
+        let (data, w, h, stride) = match resize {
+            Some((tw, th)) => {
+                let mut tight = Vec::with_capacity(w as usize * h as usize * 3);
+                for row in data.chunks(stride).take(h as usize) {
+                    tight.extend_from_slice(&row[..w as usize * 3]);
+                }
+                let img = image::RgbImage::from_raw(w, h, tight).expect("sized above");
+                resized = image::imageops::resize(&img, tw, th, image::imageops::FilterType::Triangle).into_raw();
+                (&resized[..], tw, th, tw as usize * 3)
+            }
+            None => (data, w, h, stride),
+        };
+        let image = Image { pixels: data, width: w as usize, pitch: stride, height: h as usize, format: TjFormat::RGB };
+        self.compressor.set_subsamp(self.cfg.subsampling.tj())?;
+        let jpeg = self.compressor.compress_to_vec(image)?;
+        Ok(Encoded { jpeg: Bytes::from(jpeg), width: w, height: h })
+    }
+
+    /// YUYV → Y, U, V planes (4:2:2, or 4:2:0 by averaging chroma row pairs) → JPEG.
+    fn compress_yuyv(&mut self, f: &RawFrame) -> Result<Encoded, EncodeError> {
+        let (w, h) = (f.width as usize, f.height as usize);
+        let cw = w / 2;
+        let gray = self.cfg.subsampling == Subsampling::Gray;
+        let s420 = self.cfg.subsampling == Subsampling::S420;
+        let ch = if s420 { h.div_ceil(2) } else { h };
+        let [y, u, v] = &mut self.planes;
+        y.resize(w * h, 0);
+        u.resize(cw * ch, 0);
+        v.resize(cw * ch, 0);
+        let (ly, lc) = (&LUMA_TO_FULL, &CHROMA_TO_FULL);
+        for (r, row) in f.data.chunks(f.stride).take(h).enumerate() {
+            let yrow = &mut y[r * w..(r + 1) * w];
+            for (i, px) in row[..w * 2].chunks_exact(4).enumerate() {
+                yrow[2 * i] = ly[px[0] as usize];
+                yrow[2 * i + 1] = ly[px[2] as usize];
+            }
+            if gray {
+                continue;
+            }
+            let cr = if s420 { r / 2 } else { r };
+            let (urow, vrow) = (&mut u[cr * cw..(cr + 1) * cw], &mut v[cr * cw..(cr + 1) * cw]);
+            let second_of_pair = s420 && r % 2 == 1;
+            for (i, px) in row[..w * 2].chunks_exact(4).enumerate() {
+                let (cu, cv) = (lc[px[1] as usize], lc[px[3] as usize]);
+                if second_of_pair {
+                    urow[i] = ((urow[i] as u16 + cu as u16 + 1) / 2) as u8;
+                    vrow[i] = ((vrow[i] as u16 + cv as u16 + 1) / 2) as u8;
+                } else {
+                    urow[i] = cu;
+                    vrow[i] = cv;
+                }
+            }
+        }
+        let subsamp = match self.cfg.subsampling {
+            Subsampling::S420 => Subsamp::Sub2x2,
+            Subsampling::Gray => Subsamp::Gray,
+            _ => Subsamp::Sub2x1,
+        };
+        let planes = YuvPlanesImage {
+            y_plane: &y[..],
+            u_plane: if gray { &[][..] } else { &u[..] },
+            v_plane: if gray { &[][..] } else { &v[..] },
+            width: w,
+            height: h,
+            y_stride: w,
+            u_stride: if gray { 0 } else { cw },
+            v_stride: if gray { 0 } else { cw },
+            subsamp,
+        };
+        let mut out = OutputBuf::new_owned();
+        self.compressor.compress_yuv_planes(&planes, &mut out)?;
+        Ok(Encoded { jpeg: Bytes::copy_from_slice(&out), width: f.width, height: f.height })
+    }
+
+    /// Decodes a JPEG at the smallest DCT scale still ≥ (tw, th); returns RGB and its size.
+    fn decode_scaled(&mut self, jpeg: &[u8], tw: u32, th: u32) -> Result<(Vec<u8>, u32, u32), EncodeError> {
+        let d = match &mut self.decompressor {
+            Some(d) => d,
+            None => self.decompressor.insert(Decompressor::new()?),
+        };
+        let header = d.read_header(jpeg)?;
+        let mut best = turbojpeg::ScalingFactor::ONE;
+        for num in [1usize, 2, 3, 4, 5, 6, 7] {
+            let f = turbojpeg::ScalingFactor::new(num, 8);
+            let scaled = header.scaled(f);
+            if scaled.width >= tw as usize && scaled.height >= th as usize {
+                best = f;
+                break;
+            }
+        }
+        d.set_scaling_factor(best)?;
+        let scaled = header.scaled(best);
+        let mut rgb = vec![0u8; scaled.width * scaled.height * 3];
+        let image = Image { pixels: &mut rgb[..], width: scaled.width, pitch: scaled.width * 3, height: scaled.height, format: TjFormat::RGB };
+        d.decompress(jpeg, image)?;
+        d.set_scaling_factor(turbojpeg::ScalingFactor::ONE)?;
+        Ok((rgb, scaled.width as u32, scaled.height as u32))
+    }
+}
+
+/// Cameras send studio-range YUV (Y 16–235, Cb/Cr 16–240, BT.601); JPEG (JFIF) planes are
+/// full range (0–255). These tables stretch the values while deinterleaving.
+static LUMA_TO_FULL: [u8; 256] = range_lut(16, 219);
+static CHROMA_TO_FULL: [u8; 256] = range_lut(128 - 112, 224);
+
+const fn range_lut(lo: i32, span: i32) -> [u8; 256] {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        let v = ((i as i32 - lo) * 255 + span / 2) / span;
+        t[i] = if v < 0 { 0 } else if v > 255 { 255 } else { v as u8 };
+        i += 1;
+    }
+    t
+}
+
+fn check_len(f: &RawFrame, bpp: usize) -> Result<(), EncodeError> {
+    let row = f.width as usize * bpp;
+    let need = if f.height == 0 { 0 } else { f.stride * (f.height as usize - 1) + row };
+    if f.stride < row || f.data.len() < need {
+        return Err(EncodeError::ShortBuffer { len: f.data.len(), width: f.width, height: f.height, stride: f.stride, format: f.format });
+    }
+    Ok(())
+}
+
+/// BT.601 (studio range) YUYV → RGB, for the paths that need RGB (resize, 4:4:4).
+pub fn yuyv_to_rgb(data: &[u8], width: u32, height: u32, stride: usize) -> Vec<u8> {
+    let w = width as usize;
+    let mut out = Vec::with_capacity(w * height as usize * 3);
+    let conv = |y: u8, u: u8, v: u8| -> [u8; 3] {
+        let c = (y as i32 - 16) * 298;
+        let d = u as i32 - 128;
+        let e = v as i32 - 128;
+        let clamp = |x: i32| ((x + 128) >> 8).clamp(0, 255) as u8;
+        [clamp(c + 409 * e), clamp(c - 100 * d - 208 * e), clamp(c + 516 * d)]
+    };
+    for row in data.chunks(stride).take(height as usize) {
+        for px in row[..w * 2].chunks_exact(4) {
+            out.extend_from_slice(&conv(px[0], px[1], px[3]));
+            out.extend_from_slice(&conv(px[2], px[1], px[3]));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(format: PixelFormat, w: u32, h: u32, stride: usize, data: Vec<u8>) -> RawFrame {
+        RawFrame { camera: "c".into(), seq: 0, capture_ns: 0, width: w, height: h, stride, format, source_format: "X", data: Bytes::from(data) }
+    }
+
+    fn decode(jpeg: &[u8]) -> turbojpeg::Image<Vec<u8>> {
+        turbojpeg::decompress(jpeg, TjFormat::RGB).unwrap()
+    }
+
+    fn photo_rgb() -> (Vec<u8>, u32, u32) {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/images/coffee.png");
+        let img = image::open(p).unwrap().into_rgb8();
+        let (w, h) = img.dimensions();
+        (img.into_raw(), w, h)
+    }
+
+    /// RGB → YUYV (BT.601 studio range), as a camera would deliver, with `pad` bytes per row.
+    fn rgb_to_yuyv(rgb: &[u8], w: usize, h: usize, pad: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        let yuv = |p: &[u8]| {
+            let (r, g, b) = (p[0] as i32, p[1] as i32, p[2] as i32);
+            (
+                (((66 * r + 129 * g + 25 * b + 128) >> 8) + 16) as u8,
+                (((-38 * r - 74 * g + 112 * b + 128) >> 8) + 128) as u8,
+                (((112 * r - 94 * g - 18 * b + 128) >> 8) + 128) as u8,
+            )
+        };
+        for y in 0..h {
+            for x in (0..w).step_by(2) {
+                let a = yuv(&rgb[(y * w + x) * 3..]);
+                let b = yuv(&rgb[(y * w + x + 1) * 3..]);
+                out.extend_from_slice(&[a.0, ((a.1 as u16 + b.1 as u16) / 2) as u8, b.0, ((a.2 as u16 + b.2 as u16) / 2) as u8]);
+            }
+            out.extend(std::iter::repeat_n(0xEE, pad));
+        }
+        out
+    }
+
+    fn mean_abs_diff(a: &[u8], b: &[u8]) -> f64 {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).map(|(x, y)| (*x as i32 - *y as i32).abs() as f64).sum::<f64>() / a.len() as f64
+    }
+
+    #[test]
+    fn rgb_photo_encodes_and_decodes_close_to_the_original() {
+        let (rgb, w, h) = photo_rgb();
+        let mut e = Encoder::new(EncoderConfig::default()).unwrap();
+        let out = e.encode(&raw(PixelFormat::Rgb24, w, h, w as usize * 3, rgb.clone())).unwrap();
+        assert_eq!((out.width, out.height), (w, h));
+        let back = decode(&out.jpeg);
+        assert_eq!((back.width, back.height), (w as usize, h as usize));
+        let d = mean_abs_diff(&back.pixels, &rgb);
+        assert!(d < 4.0, "mean abs error {d}");
+    }
+
+    #[test]
+    fn yuyv_with_padded_rows_encodes_from_yuv_for_422_and_420() {
+        let (rgb, w, h) = photo_rgb();
+        let (w2, h2) = (w as usize & !1, h as usize);
+        let rgb: Vec<u8> = rgb.chunks(w as usize * 3).flat_map(|r| r[..w2 * 3].to_vec()).collect();
+        let pad = 24;
+        let yuyv = rgb_to_yuyv(&rgb, w2, h2, pad);
+        for sub in [Subsampling::S422, Subsampling::S420] {
+            let mut e = Encoder::new(EncoderConfig { subsampling: sub, ..EncoderConfig::default() }).unwrap();
+            let out = e.encode(&raw(PixelFormat::Yuyv, w2 as u32, h2 as u32, w2 * 2 + pad, yuyv.clone())).unwrap();
+            let back = decode(&out.jpeg);
+            assert_eq!((back.width, back.height), (w2, h2));
+            let d = mean_abs_diff(&back.pixels, &rgb);
+            assert!(d < 4.0, "{sub:?}: mean abs error {d} against the source photo");
+            let header = turbojpeg::read_header(&out.jpeg).unwrap();
+            assert_eq!(header.subsamp, sub.tj(), "{sub:?}");
+        }
+    }
+
+    #[test]
+    fn studio_range_is_stretched_to_full_range() {
+        assert_eq!((LUMA_TO_FULL[16], LUMA_TO_FULL[235], LUMA_TO_FULL[0], LUMA_TO_FULL[255]), (0, 255, 0, 255));
+        assert_eq!((CHROMA_TO_FULL[16], CHROMA_TO_FULL[128], CHROMA_TO_FULL[240]), (0, 128, 255));
+    }
+
+    #[test]
+    fn yuyv_errors_are_clear() {
+        let mut e = Encoder::new(EncoderConfig::default()).unwrap();
+        let err = e.encode(&raw(PixelFormat::Yuyv, 4, 4, 8, vec![0; 20])).unwrap_err().to_string();
+        assert!(err.contains("too small") && err.contains("stride 8"), "{err}");
+        let err = e.encode(&raw(PixelFormat::Yuyv, 3, 2, 6, vec![0; 12])).unwrap_err().to_string();
+        assert!(err.contains("even width"), "{err}");
+    }
+
+    #[test]
+    fn mjpeg_passes_through_and_is_downscaled_when_asked() {
+        let jpeg = std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/images/rocket.jpg")).unwrap();
+        let h = turbojpeg::read_header(&jpeg).unwrap();
+        let f = raw(PixelFormat::Jpeg, h.width as u32, h.height as u32, 0, jpeg.clone());
+        let mut e = Encoder::new(EncoderConfig::default()).unwrap();
+        let out = e.encode(&f).unwrap();
+        assert_eq!(out.jpeg.as_ref(), jpeg.as_slice(), "byte for byte");
+        let mut small = Encoder::new(EncoderConfig { max_width: Some(320), ..EncoderConfig::default() }).unwrap();
+        let out = small.encode(&f).unwrap();
+        let back = decode(&out.jpeg);
+        assert_eq!(back.width, 320);
+        assert_eq!(back.height as u32, (h.height as f64 * 320.0 / h.width as f64).round() as u32);
+        assert_eq!((out.width, out.height), (320, back.height as u32));
+    }
+
+    #[test]
+    fn target_size_keeps_aspect() {
+        let c = EncoderConfig { max_width: Some(1280), max_height: Some(1280), ..EncoderConfig::default() };
+        assert_eq!(c.target_size(1920, 1080), (1280, 720));
+        assert_eq!(c.target_size(1080, 1920), (720, 1280));
+        assert_eq!(c.target_size(640, 480), (640, 480));
+    }
+}
