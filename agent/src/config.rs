@@ -1,7 +1,6 @@
-//! The agent's config file (`agent.toml`): typed, with defaults, validated at load.
-//!
-//! Later stages (sources, encoder, spool, metrics) add their own tables next to the code that
-//! uses them; unknown keys are refused so a typo never silently falls back to a default.
+//! The agent's config file (`agent.toml`): one table per stage, each defined next to the code
+//! that uses it, all with defaults, validated at load. Unknown keys are refused, so a typo
+//! never silently falls back to a default.
 
 use std::path::Path;
 
@@ -11,6 +10,12 @@ use framelink_common::kafka_config::{KafkaConfig, KafkaSettings};
 use framelink_common::wire::{self, header};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
+
+use crate::encoder::EncoderConfig;
+use crate::forwarder::ForwarderConfig;
+use crate::http::HttpConfig;
+use crate::source::config::{CameraConfig, default_cameras};
+use crate::spool::SpoolConfig;
 
 /// A config section with every key at its default (an empty table), so defaults are written
 /// once, in the serde attributes.
@@ -25,9 +30,17 @@ pub struct AgentConfig {
     pub device: DeviceConfig,
     /// How to reach Kafka.
     pub kafka: KafkaConfig,
-    /// Where frames go.
+    /// Cameras; default: one synthetic 1280x720 pattern at 10 fps (`synthetic0`).
+    #[serde(default = "default_cameras")]
+    pub cameras: Vec<CameraConfig>,
+    #[serde(default)]
+    pub encoder: EncoderConfig,
+    #[serde(default)]
+    pub spool: SpoolConfig,
     #[serde(default)]
     pub forwarder: ForwarderConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -35,24 +48,14 @@ pub struct AgentConfig {
 pub struct DeviceConfig {
     /// Device id, first half of every record key (`<device>/<camera>`). Required.
     pub id: String,
+    /// Seconds to wait at shutdown for Kafka to acknowledge frames in flight before they are
+    /// spooled. Default 10.
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_s: u64,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ForwarderConfig {
-    /// Kafka topic for frames. Default `frames`.
-    #[serde(default = "default_topic")]
-    pub topic: String,
-}
-
-impl Default for ForwarderConfig {
-    fn default() -> Self {
-        Self { topic: default_topic() }
-    }
-}
-
-fn default_topic() -> String {
-    "frames".into()
+fn default_grace() -> u64 {
+    10
 }
 
 /// A loaded and validated agent config.
@@ -71,9 +74,20 @@ impl AgentConfig {
 
     pub fn validate(self) -> Result<Validated> {
         wire::check_id(header::DEVICE, &self.device.id).context("config key `device.id`")?;
-        if self.forwarder.topic.is_empty() {
-            anyhow::bail!("config key `forwarder.topic`: must not be empty");
+        if self.cameras.is_empty() {
+            anyhow::bail!("config key `cameras`: give at least one camera (or leave it out for the synthetic default)");
         }
+        let mut seen = std::collections::HashSet::new();
+        for (i, c) in self.cameras.iter().enumerate() {
+            c.validate(i)?;
+            if !seen.insert(&c.id) {
+                anyhow::bail!("config key `cameras[{i}].id`: {:?} is used by another camera", c.id);
+            }
+        }
+        self.encoder.validate()?;
+        self.spool.validate()?;
+        self.forwarder.validate()?;
+        self.http.addr()?;
         let kafka = self.kafka.validate("kafka")?;
         Ok(Validated { config: self, kafka })
     }

@@ -1,9 +1,21 @@
-//! framelink-agent as a library: the stages the binary wires together (sources, encoder,
-//! spool, forwarder) and their config, so tests and benchmarks can drive them directly.
+//! framelink-agent as a library: the stages the binary wires together and their config, so
+//! tests and benchmarks can drive them directly.
+//!
+//! ```text
+//! camera threads ──(2 frames, drop when full)──► encoder threads ──► forwarder ──► Kafka
+//!                                                                       │  ▲
+//!                                                           link bad    ▼  │ drain
+//!                                                                      spool (disk)
+//! ```
 
 pub mod config;
 pub mod encoder;
+pub mod forwarder;
 pub mod frame;
+pub mod http;
+pub mod metrics;
+pub mod pipeline;
+pub mod run;
 pub mod sequence;
 pub mod source;
 pub mod spool;

@@ -24,6 +24,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the agent: capture, encode, spool and forward frames until SIGTERM / SIGINT.
+    Run {
+        /// Path to agent.toml. Keys can be overridden with FRAMELINK__SECTION__KEY variables.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Validate a config file (and the TLS files it names) without starting the agent.
     CheckConfig {
         /// Path to agent.toml. Keys can be overridden with FRAMELINK__SECTION__KEY variables.
@@ -49,11 +55,13 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Run { config } => framelink_agent::run::run(config::AgentConfig::load(&config)?),
         Command::CheckConfig { config, connect } => {
             let v = config::AgentConfig::load(&config)?;
             println!(
-                "config OK: device {:?}, topic {:?}, Kafka {}",
+                "config OK: device {:?}, {} camera(s), topic {:?}, Kafka {}",
                 v.config.device.id,
+                v.config.cameras.len(),
                 v.config.forwarder.topic,
                 v.kafka.describe()
             );

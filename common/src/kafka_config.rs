@@ -424,7 +424,7 @@ impl KafkaSettings {
 
     /// One line for logs: protocol, brokers, and whether a client certificate is used.
     pub fn describe(&self) -> String {
-        let mut s = format!("{:?} to {}", self.security_protocol, self.brokers.join(","));
+        let mut s = format!("{} to {}", self.security_protocol.as_librdkafka().to_ascii_uppercase(), self.brokers.join(","));
         if self.tls.certificate.is_some() {
             s.push_str(" with a client certificate (mTLS)");
         }

@@ -46,6 +46,8 @@ pub struct SyntheticConfig {
     /// Frames per second, default 10.
     #[serde(default = "default_fps")]
     pub fps: f64,
+    /// Stop after this many frames (tests, benchmarks). Default: never.
+    pub count: Option<u64>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -101,7 +103,7 @@ fn default_fourcc() -> String {
 pub fn default_cameras() -> Vec<CameraConfig> {
     vec![CameraConfig {
         id: "synthetic0".into(),
-        synthetic: Some(SyntheticConfig { width: default_width(), height: default_height(), fps: default_fps() }),
+        synthetic: Some(SyntheticConfig { width: default_width(), height: default_height(), fps: default_fps(), count: None }),
         images: None,
         v4l2: None,
     }]
@@ -155,7 +157,7 @@ impl CameraConfig {
     /// Builds the source.
     pub fn build(&self) -> Box<dyn Source> {
         if let Some(s) = &self.synthetic {
-            return Box::new(super::synthetic::Synthetic::new(s.width, s.height, s.fps));
+            return Box::new(super::synthetic::Synthetic::new(s.width, s.height, s.fps).with_count(s.count));
         }
         if let Some(s) = &self.images {
             return Box::new(super::images::ImageDir::new(s.path.clone(), s.fps, s.looping));

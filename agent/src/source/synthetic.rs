@@ -25,6 +25,7 @@ pub struct Synthetic {
     height: usize,
     pacer: Pacer,
     counter: u64,
+    limit: Option<u64>,
     /// One long row of bar colours; row y of frame t is a window into it.
     strip: Vec<u8>,
 }
@@ -38,7 +39,13 @@ impl Synthetic {
         for x in 0..len {
             strip.extend_from_slice(&COLOURS[(x / BAR) % COLOURS.len()]);
         }
-        Self { width, height, pacer: Pacer::new(fps), counter: 0, strip }
+        Self { width, height, pacer: Pacer::new(fps), counter: 0, limit: None, strip }
+    }
+
+    /// Stops (`SourceError::Exhausted`) after `count` frames.
+    pub fn with_count(mut self, count: Option<u64>) -> Self {
+        self.limit = count;
+        self
     }
 
     /// Renders frame `n` captured at `capture_ns` (RGB24, stride = width × 3).
@@ -70,6 +77,9 @@ impl Source for Synthetic {
     }
 
     fn next_frame(&mut self) -> Result<Captured, SourceError> {
+        if self.limit.is_some_and(|l| self.counter >= l) {
+            return Err(SourceError::Exhausted);
+        }
         self.pacer.wait();
         let capture_ns = now_ns();
         let data = self.render(self.counter, capture_ns);

@@ -187,5 +187,7 @@ pub trait Spool: Send + Sync {
     fn remove(&self, key: &SpoolKey) -> anyhow::Result<bool>;
     /// Flushes to disk and re-measures disk use.
     fn flush(&self) -> anyhow::Result<()>;
+    /// Counts a damaged record found while reading (the caller removes it).
+    fn note_damaged(&self);
     fn stats(&self) -> SpoolStats;
 }

@@ -256,11 +256,6 @@ impl SledSpool {
         }
         Ok(Some(camera))
     }
-
-    /// Counts a damaged record found while reading (the caller removes it).
-    pub fn note_damaged(&self) {
-        self.inner.lock().expect("spool lock").damaged += 1;
-    }
 }
 
 impl Spool for SledSpool {
@@ -377,6 +372,10 @@ impl Spool for SledSpool {
         inner.index.db.flush().context("flushing the spool index")?;
         inner.index_bytes = disk_usage(&self.index_dir(inner.index_gen));
         Ok(())
+    }
+
+    fn note_damaged(&self) {
+        self.inner.lock().expect("spool lock").damaged += 1;
     }
 
     fn stats(&self) -> SpoolStats {

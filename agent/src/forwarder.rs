@@ -1,0 +1,555 @@
+//! The forwarder: encoded frames → Kafka, with the spool in between when the link is bad.
+//!
+//! # Modes
+//! - **Direct**: new frames are produced straight to Kafka (nothing touches the disk).
+//! - **Spooling**: new frames go to the spool. Entered when a delivery fails or times out,
+//!   when librdkafka's memory queue is full, or when librdkafka reports the brokers down / a
+//!   TLS error. While spooling, the spool is drained (oldest first, in per-camera sequence
+//!   order) with a bounded number of frames in flight; a failed attempt backs off
+//!   exponentially with jitter. When the spool is empty and nothing is in flight, the
+//!   forwarder returns to Direct.
+//! - `live_first`: new frames go straight to Kafka whenever the link is up, and the spool
+//!   back-fills at `backfill_fps` beside them. Per-camera order in Kafka is then not
+//!   guaranteed for back-filled frames (consumers sort by `framelink-seq`).
+//!
+//! Draining starts only when no live frame is in flight, so a frame that fails late cannot
+//! be overtaken by spooled frames of the same camera.
+//!
+//! # Delivery semantics
+//! acks=all and an idempotent producer. A frame leaves the agent's care only when Kafka
+//! acknowledged it: a live frame whose delivery fails (including librdkafka's
+//! `message.timeout.ms`) is spooled, a spooled frame is deleted only after its ack. A frame
+//! larger than `max_message_bytes` is refused before produce and counted (`too_large`);
+//! a frame the broker rejects for good (too large, invalid) is counted (`rejected`).
+//! Duplicates are possible only when Kafka stored a frame but its ack was lost (the frame is
+//! then spooled and sent again): at-least-once.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result};
+use bytesize::ByteSize;
+use crossbeam_channel::{Receiver, Sender, select};
+use framelink_common::KafkaSettings;
+use framelink_common::link::{LinkContext, LinkStatus};
+use rand::RngExt;
+use rdkafka::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::DeliveryResult;
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, PurgeConfig, ThreadedProducer};
+use serde::Deserialize;
+
+use crate::frame::{Frame, now_ns};
+use crate::metrics::{LinkState, Metrics};
+use crate::spool::{Spool, SpoolKey};
+
+/// `[forwarder]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwarderConfig {
+    /// Kafka topic for frames. Default `frames`.
+    #[serde(default = "default_topic")]
+    pub topic: String,
+    /// Largest frame sent; larger ones are refused before produce and counted. Must not
+    /// exceed the topic's / broker's `max.message.bytes`. Default 1 MiB (Kafka's default).
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: ByteSize,
+    /// Memory librdkafka may hold for frames not yet acknowledged; beyond it frames are
+    /// spooled. Default 32 MiB.
+    #[serde(default = "default_queue")]
+    pub queue_max_bytes: ByteSize,
+    /// librdkafka's delivery timeout; a frame not acknowledged in time is spooled (not lost).
+    /// Default 30000.
+    #[serde(default = "default_timeout")]
+    pub message_timeout_ms: u64,
+    /// librdkafka `linger.ms`. Default 5.
+    #[serde(default = "default_linger")]
+    pub linger_ms: u64,
+    /// New frames first, spool back-filled beside them. Default false (strict per-camera order).
+    #[serde(default)]
+    pub live_first: bool,
+    /// With `live_first`: spooled frames sent per second. Default 10.
+    #[serde(default = "default_backfill")]
+    pub backfill_fps: f64,
+    /// Spooled frames in flight at once while draining. Default 32.
+    #[serde(default = "default_drain_window")]
+    pub drain_window: usize,
+    /// First retry delay after a failed drain attempt; doubles to `retry_max_ms`, ±25 % jitter.
+    /// Default 500.
+    #[serde(default = "default_retry_min")]
+    pub retry_min_ms: u64,
+    /// Default 15000.
+    #[serde(default = "default_retry_max")]
+    pub retry_max_ms: u64,
+}
+
+fn default_topic() -> String {
+    "frames".into()
+}
+fn default_max_message() -> ByteSize {
+    ByteSize::mib(1)
+}
+fn default_queue() -> ByteSize {
+    ByteSize::mib(32)
+}
+fn default_timeout() -> u64 {
+    30_000
+}
+fn default_linger() -> u64 {
+    5
+}
+fn default_backfill() -> f64 {
+    10.0
+}
+fn default_drain_window() -> usize {
+    32
+}
+fn default_retry_min() -> u64 {
+    500
+}
+fn default_retry_max() -> u64 {
+    15_000
+}
+
+impl Default for ForwarderConfig {
+    fn default() -> Self {
+        crate::config::defaults("forwarder")
+    }
+}
+
+impl ForwarderConfig {
+    pub fn validate(&self) -> Result<()> {
+        use anyhow::bail;
+        if self.topic.is_empty() {
+            bail!("config key `forwarder.topic`: must not be empty");
+        }
+        if self.max_message_bytes.as_u64() < 1024 || self.max_message_bytes.as_u64() > 1_000_000_000 {
+            bail!("config key `forwarder.max_message_bytes`: {} is not from 1 KiB to 1 GB", self.max_message_bytes);
+        }
+        if self.queue_max_bytes.as_u64() < self.max_message_bytes.as_u64() {
+            bail!("config key `forwarder.queue_max_bytes`: must be at least `max_message_bytes`");
+        }
+        if self.message_timeout_ms < 1000 {
+            bail!("config key `forwarder.message_timeout_ms`: must be at least 1000");
+        }
+        if self.drain_window == 0 {
+            bail!("config key `forwarder.drain_window`: must be at least 1");
+        }
+        if !(self.backfill_fps > 0.0) {
+            bail!("config key `forwarder.backfill_fps`: must be above 0");
+        }
+        if self.retry_min_ms == 0 || self.retry_max_ms < self.retry_min_ms {
+            bail!("config key `forwarder.retry_max_ms`: must be ≥ `retry_min_ms` ≥ 1");
+        }
+        Ok(())
+    }
+}
+
+/// Where a frame in flight came from.
+#[derive(Debug)]
+enum Origin {
+    Live,
+    Spool(SpoolKey),
+}
+
+/// A frame handed to librdkafka, returned to us with its delivery report.
+struct Pending {
+    origin: Origin,
+    frame: Frame,
+}
+
+type Report = (Box<Pending>, Result<(), KafkaError>);
+
+/// librdkafka context: link diagnosis plus delivery reports onto a channel.
+struct ForwardContext {
+    link: LinkContext,
+    reports: Sender<Report>,
+}
+
+impl ClientContext for ForwardContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.link.log(level, fac, log_message)
+    }
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.link.error(error, reason)
+    }
+}
+
+impl ProducerContext for ForwardContext {
+    type DeliveryOpaque = Box<Pending>;
+    fn delivery(&self, result: &DeliveryResult<'_>, pending: Box<Pending>) {
+        let outcome = match result {
+            Ok(_) => Ok(()),
+            Err((e, _)) => Err(e.clone()),
+        };
+        // The forwarder outlives the producer; if it is gone we are shutting down anyway.
+        let _ = self.reports.send((pending, outcome));
+    }
+}
+
+/// Errors for which sending again cannot help.
+fn permanent(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessage | RDKafkaErrorCode::InvalidRecord | RDKafkaErrorCode::InvalidMessageSize)
+    )
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Direct,
+    Spooling,
+}
+
+pub struct Forwarder {
+    cfg: ForwarderConfig,
+    producer: ThreadedProducer<ForwardContext>,
+    reports: Receiver<Report>,
+    spool: Arc<dyn Spool>,
+    metrics: Arc<Metrics>,
+    link: Arc<LinkStatus>,
+    mode: Mode,
+    live_in_flight: usize,
+    spool_in_flight: HashSet<SpoolKey>,
+    cursor: Option<SpoolKey>,
+    next_attempt: Instant,
+    backoff: Duration,
+    last_ok: SystemTime,
+    last_failure: Option<String>,
+    spool_dirty: bool,
+    last_flush: Instant,
+    flush_every: Duration,
+    backfill_budget: f64,
+    last_backfill: Instant,
+}
+
+impl Forwarder {
+    pub fn new(
+        cfg: ForwarderConfig,
+        kafka: &KafkaSettings,
+        spool: Arc<dyn Spool>,
+        metrics: Arc<Metrics>,
+        flush_every: Duration,
+    ) -> Result<Self> {
+        let (tx, reports) = crossbeam_channel::unbounded();
+        let link = Arc::new(LinkStatus::default());
+        let mut client = kafka.client_config("framelink-agent");
+        client
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("message.timeout.ms", cfg.message_timeout_ms.to_string())
+            .set("queue.buffering.max.kbytes", (cfg.queue_max_bytes.as_u64() / 1024).max(1).to_string())
+            .set("queue.buffering.max.messages", "100000")
+            .set("linger.ms", cfg.linger_ms.to_string())
+            // JPEG does not compress; do not spend edge CPU on it.
+            .set("compression.type", "none")
+            .set("message.max.bytes", (cfg.max_message_bytes.as_u64() + 64 * 1024).to_string())
+            // librdkafka adds its own jitter (±20 %) to these.
+            .set("reconnect.backoff.ms", "100")
+            .set("reconnect.backoff.max.ms", "10000");
+        let producer: ThreadedProducer<ForwardContext> = client
+            .create_with_context(ForwardContext { link: LinkContext::new(link.clone()), reports: tx })
+            .context("creating the Kafka producer")?;
+        let records = spool.stats().records;
+        let mode = if records > 0 { Mode::Spooling } else { Mode::Direct };
+        let backoff = Duration::from_millis(cfg.retry_min_ms);
+        Ok(Self {
+            cfg,
+            producer,
+            reports,
+            spool,
+            metrics,
+            link,
+            mode,
+            live_in_flight: 0,
+            spool_in_flight: HashSet::new(),
+            cursor: None,
+            next_attempt: Instant::now(),
+            backoff,
+            last_ok: SystemTime::now(),
+            last_failure: None,
+            spool_dirty: false,
+            last_flush: Instant::now(),
+            flush_every,
+            backfill_budget: 0.0,
+            last_backfill: Instant::now(),
+        })
+    }
+
+    /// Runs until `frames` is closed (all producers of frames gone), then drains what is in
+    /// flight for up to `grace`, spools the rest, and flushes the spool.
+    pub fn run(mut self, frames: Receiver<Frame>, grace: Duration) -> Result<()> {
+        let tick = crossbeam_channel::tick(Duration::from_millis(50));
+        loop {
+            self.metrics.beat();
+            select! {
+                recv(frames) -> f => match f {
+                    Ok(f) => self.on_frame(f)?,
+                    Err(_) => break,
+                },
+                recv(self.reports) -> r => {
+                    let (p, res) = r.expect("the producer context holds a sender");
+                    self.on_report(*p, res)?;
+                }
+                recv(tick) -> _ => {}
+            }
+            self.maintain()?;
+        }
+        self.shutdown(grace)
+    }
+
+    fn on_frame(&mut self, frame: Frame) -> Result<()> {
+        let camera = frame.meta.camera_id.clone();
+        if frame.payload.len() as u64 > self.cfg.max_message_bytes.as_u64() {
+            tracing::warn!(camera, seq = frame.meta.seq, bytes = frame.payload.len(), limit = self.cfg.max_message_bytes.as_u64(), "Frame larger than forwarder.max_message_bytes: dropped.");
+            self.metrics.add_reason(&self.metrics.dropped, &camera, "too_large", 1);
+            return Ok(());
+        }
+        let direct = match self.mode {
+            Mode::Direct => true,
+            Mode::Spooling => self.cfg.live_first && self.link_looks_up(),
+        };
+        if direct {
+            self.produce(Pending { origin: Origin::Live, frame })
+        } else {
+            self.to_spool(&frame, "backlog")
+        }
+    }
+
+    fn link_looks_up(&self) -> bool {
+        self.last_failure.is_none()
+    }
+
+    fn produce(&mut self, p: Pending) -> Result<()> {
+        let key = p.frame.meta.key();
+        let headers = p.frame.meta.to_kafka_headers();
+        let payload = p.frame.payload.clone();
+        let boxed = Box::new(p);
+        let live = matches!(boxed.origin, Origin::Live);
+        let record = BaseRecord::with_opaque_to(&self.cfg.topic, boxed).key(&key).payload(payload.as_ref()).headers(headers);
+        match self.producer.send(record) {
+            Ok(()) => {
+                if live {
+                    self.live_in_flight += 1;
+                }
+                Ok(())
+            }
+            Err((e, record)) => {
+                let p = record.delivery_opaque;
+                let reason = if matches!(e, KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) { "queue_full" } else { "produce_error" };
+                if reason == "produce_error" {
+                    tracing::warn!(error = %e, "Produce refused; spooling.");
+                }
+                match p.origin {
+                    Origin::Live => {
+                        self.enter_spooling(reason);
+                        self.to_spool(&p.frame, reason)
+                    }
+                    Origin::Spool(key) => {
+                        // Stays in the spool; try again after the queue drains.
+                        self.spool_in_flight.remove(&key);
+                        self.cursor = None;
+                        self.next_attempt = Instant::now() + Duration::from_millis(100);
+                        Ok(())
+                    }
+                }
+            }
+        }
+    }
+
+    fn to_spool(&mut self, frame: &Frame, reason: &str) -> Result<()> {
+        let camera = &frame.meta.camera_id;
+        let out = self.spool.push(frame)?;
+        if out.stored {
+            self.metrics.add_reason(&self.metrics.spooled, camera, reason, 1);
+            self.metrics.spool_written_bytes.inc_by(frame.payload.len() as u64);
+            self.spool_dirty = true;
+        }
+        for (cam, n, why) in out.dropped {
+            self.metrics.add_reason(&self.metrics.dropped, &cam, why.as_str(), n);
+        }
+        Ok(())
+    }
+
+    fn enter_spooling(&mut self, why: &str) {
+        if self.mode == Mode::Direct {
+            tracing::warn!(reason = why, "Kafka link degraded: spooling frames to disk.");
+        }
+        self.mode = Mode::Spooling;
+    }
+
+    fn on_report(&mut self, p: Pending, res: Result<(), KafkaError>) -> Result<()> {
+        let camera = p.frame.meta.camera_id.clone();
+        match (&p.origin, &res) {
+            (Origin::Live, _) => self.live_in_flight -= 1,
+            (Origin::Spool(key), _) => {
+                self.spool_in_flight.remove(key);
+            }
+        }
+        match res {
+            Ok(()) => {
+                self.metrics.inc(&self.metrics.sent, &camera);
+                let age = now_ns().saturating_sub(p.frame.meta.capture_ns) as f64 / 1e9;
+                self.metrics.observe(&self.metrics.delivery_seconds, &camera, age);
+                self.last_ok = SystemTime::now();
+                if self.last_failure.take().is_some() {
+                    tracing::info!("Kafka link back: deliveries succeed.");
+                }
+                self.backoff = Duration::from_millis(self.cfg.retry_min_ms);
+                if let Origin::Spool(key) = &p.origin {
+                    self.spool.remove(key)?;
+                }
+            }
+            Err(e) if permanent(&e) => {
+                tracing::error!(camera, seq = p.frame.meta.seq, error = %e, "Kafka rejected the frame for good: dropped.");
+                self.metrics.add_reason(&self.metrics.dropped, &camera, "rejected", 1);
+                if let Origin::Spool(key) = &p.origin {
+                    self.spool.remove(key)?;
+                }
+            }
+            Err(e) => {
+                let why = match self.link.diagnosis() {
+                    Some(d) => format!("{e}; {d}"),
+                    None => e.to_string(),
+                };
+                if self.last_failure.is_none() {
+                    tracing::warn!(camera, seq = p.frame.meta.seq, error = %why, "Delivery failed; frame kept in the spool.");
+                }
+                self.last_failure = Some(why);
+                self.enter_spooling("delivery_failed");
+                match p.origin {
+                    Origin::Live => self.to_spool(&p.frame, "delivery_failed")?,
+                    Origin::Spool(_) => self.schedule_retry(),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn schedule_retry(&mut self) {
+        let jitter = rand::rng().random_range(0.75..1.25);
+        self.next_attempt = Instant::now() + self.backoff.mul_f64(jitter);
+        self.backoff = (self.backoff * 2).min(Duration::from_millis(self.cfg.retry_max_ms));
+        self.cursor = None;
+    }
+
+    /// Periodic work: notice a dead link, drain, flush, export state.
+    fn maintain(&mut self) -> Result<()> {
+        // librdkafka reports unreachable brokers / TLS failures long before message timeouts.
+        if let Some(d) = self.link.diagnosis() {
+            // Not every disconnect: only "all brokers down" and TLS / authentication failures.
+            let serious = d.message.contains("brokers are down")
+                || matches!(d.kind, framelink_common::link::LinkErrorKind::Tls | framelink_common::link::LinkErrorKind::Authentication);
+            if serious && d.at > self.last_ok && self.mode == Mode::Direct {
+                self.last_failure = Some(d.to_string());
+                self.enter_spooling(d.kind.as_str());
+            }
+        }
+        if self.mode == Mode::Spooling {
+            self.drain()?;
+        }
+        if self.spool_dirty && self.last_flush.elapsed() >= self.flush_every {
+            self.spool.flush()?;
+            self.spool_dirty = false;
+            self.last_flush = Instant::now();
+        }
+        let stats = self.spool.stats();
+        self.metrics.spool_records.set(stats.records as i64);
+        self.metrics.spool_bytes.set(stats.disk_bytes as i64);
+        self.metrics.spool_damaged.set(stats.damaged as i64);
+        let state = match (self.mode, &self.last_failure) {
+            (Mode::Direct, None) => LinkState::Up,
+            (_, Some(_)) => LinkState::Down,
+            (Mode::Spooling, None) => LinkState::Draining,
+        };
+        let error = self.last_failure.clone().or_else(|| {
+            (state != LinkState::Up).then(|| self.link.diagnosis().map(|d| d.to_string())).flatten()
+        });
+        self.metrics.set_link(state, error);
+        Ok(())
+    }
+
+    fn drain(&mut self) -> Result<()> {
+        if Instant::now() < self.next_attempt || (!self.cfg.live_first && self.live_in_flight > 0) {
+            return Ok(());
+        }
+        let mut room = self.cfg.drain_window.saturating_sub(self.spool_in_flight.len());
+        if self.cfg.live_first {
+            let now = Instant::now();
+            self.backfill_budget = (self.backfill_budget + now.duration_since(self.last_backfill).as_secs_f64() * self.cfg.backfill_fps)
+                .min(self.cfg.backfill_fps.max(1.0));
+            self.last_backfill = now;
+            room = room.min(self.backfill_budget as usize);
+        }
+        if self.last_failure.is_some() {
+            // Probe with one frame until a delivery succeeds.
+            room = room.min(1).min(usize::from(self.spool_in_flight.is_empty()));
+        }
+        if room == 0 {
+            return Ok(());
+        }
+        let batch = self.spool.read_after(self.cursor.as_ref(), room + self.spool_in_flight.len())?;
+        if batch.is_empty() {
+            if self.cursor.take().is_none() && self.spool_in_flight.is_empty() && self.spool.stats().records == 0 {
+                if self.mode == Mode::Spooling {
+                    tracing::info!("Spool drained: frames go straight to Kafka again.");
+                }
+                self.mode = Mode::Direct;
+            }
+            return Ok(());
+        }
+        for (key, frame) in batch {
+            self.cursor = Some(key.clone());
+            if room == 0 {
+                break;
+            }
+            if self.spool_in_flight.contains(&key) {
+                continue;
+            }
+            match frame {
+                Ok(frame) => {
+                    self.spool_in_flight.insert(key.clone());
+                    room -= 1;
+                    if self.cfg.live_first {
+                        self.backfill_budget -= 1.0;
+                    }
+                    self.produce(Pending { origin: Origin::Spool(key), frame })?;
+                }
+                Err(reason) => {
+                    let camera = key.parts().map_or("<unknown>".to_owned(), |(c, _)| c.to_owned());
+                    tracing::error!(record = %key, reason, "Damaged spool record skipped.");
+                    self.metrics.add_reason(&self.metrics.dropped, &camera, "spool_damaged", 1);
+                    self.spool.note_damaged();
+                    self.spool.remove(&key)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn shutdown(mut self, grace: Duration) -> Result<()> {
+        let deadline = Instant::now() + grace;
+        tracing::info!(in_flight = self.live_in_flight + self.spool_in_flight.len(), "Forwarder stopping: waiting for acknowledgements.");
+        while self.live_in_flight + self.spool_in_flight.len() > 0 && Instant::now() < deadline {
+            if let Ok((p, res)) = self.reports.recv_timeout(Duration::from_millis(100)) {
+                self.on_report(*p, res)?;
+            }
+        }
+        if self.live_in_flight + self.spool_in_flight.len() > 0 {
+            // Give the frames back from librdkafka (purged reports arrive as errors) and spool them.
+            self.producer.purge(PurgeConfig::default().queue().inflight());
+            let until = Instant::now() + Duration::from_secs(5);
+            while self.live_in_flight + self.spool_in_flight.len() > 0 && Instant::now() < until {
+                if let Ok((p, res)) = self.reports.recv_timeout(Duration::from_millis(100)) {
+                    self.on_report(*p, res)?;
+                }
+            }
+        }
+        self.spool.flush()?;
+        self.maintain()?;
+        tracing::info!(spooled = self.spool.stats().records, "Forwarder stopped.");
+        Ok(())
+    }
+}

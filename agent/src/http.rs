@@ -1,0 +1,99 @@
+//! `/metrics` (Prometheus text) and `/healthz` (JSON) on a small HTTP listener.
+//!
+//! `/healthz` answers 200 while the agent works — also while the link is down and frames are
+//! spooled, since that is normal at the edge — and says what is wrong in its body:
+//! `{"status":"degraded","link":"down","link_error":"TLS handshake / certificate error: …"}`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use axum::Router;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use serde::Deserialize;
+
+use crate::metrics::{LinkState, Metrics};
+
+/// `[http]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of the metrics / health listener; empty to turn it off. Default `127.0.0.1:9464`.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:9464".into()
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        crate::config::defaults("http")
+    }
+}
+
+impl HttpConfig {
+    pub fn addr(&self) -> Result<Option<SocketAddr>> {
+        if self.listen.is_empty() {
+            return Ok(None);
+        }
+        self.listen
+            .parse()
+            .map(Some)
+            .with_context(|| format!("config key `http.listen`: {:?} is not an address like 127.0.0.1:9464", self.listen))
+    }
+}
+
+pub fn health_json(m: &Metrics) -> serde_json::Value {
+    let h = m.health.lock().expect("health lock").clone();
+    let cameras_ok = h.cameras.values().all(|s| s == "up" || s == "finished");
+    let status = if h.link == LinkState::Up && cameras_ok { "ok" } else { "degraded" };
+    serde_json::json!({
+        "status": status,
+        "link": h.link.as_str(),
+        "link_error": h.link_error,
+        "spool": {
+            "records": m.spool_records.get(),
+            "bytes": m.spool_bytes.get(),
+            "max_bytes": h.spool_max_bytes,
+            "damaged": m.spool_damaged.get(),
+        },
+        "cameras": h.cameras,
+    })
+}
+
+/// Binds and serves on a background thread; returns the bound address.
+pub fn spawn(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind(addr).with_context(|| format!("binding the HTTP listener on {addr} (http.listen)"))?;
+    listener.set_nonblocking(true)?;
+    let bound = listener.local_addr()?;
+    let m1 = metrics.clone();
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = m1.clone();
+                async move { ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.render()) }
+            }),
+        )
+        .route(
+            "/healthz",
+            get(move || {
+                let m = metrics.clone();
+                async move { axum::Json(health_json(&m)).into_response() }
+            }),
+        );
+    std::thread::Builder::new().name("http".into()).spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "HTTP listener stopped.");
+            }
+        });
+    })?;
+    Ok(bound)
+}

@@ -1,0 +1,162 @@
+//! The agent's Prometheus metrics, and the shared state `/healthz` reports.
+//!
+//! Every drop is a counter with a reason, so "frames missing in Kafka" can always be
+//! explained: `captured = sent + spooled-now + dropped(all reasons)` per camera.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, String)>;
+type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 1 ms … ~65 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+/// What the link to Kafka looks like from the forwarder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkState {
+    /// Frames go straight to Kafka.
+    Up,
+    /// Deliveries fail or the brokers are unreachable: frames go to the spool.
+    Down,
+    /// Deliveries succeed and the spool is being drained.
+    Draining,
+}
+
+impl LinkState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Up => "up",
+            Self::Down => "down",
+            Self::Draining => "draining",
+        }
+    }
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub captured: Family<Labels, Counter>,
+    pub encoded: Family<Labels, Counter>,
+    pub sent: Family<Labels, Counter>,
+    pub spooled: Family<Labels, Counter>,
+    pub dropped: Family<Labels, Counter>,
+    pub spool_records: Gauge,
+    pub spool_bytes: Gauge,
+    pub spool_damaged: Gauge,
+    pub spool_written_bytes: Counter,
+    pub link_up: Gauge,
+    pub link_state: Family<Labels, Gauge>,
+    pub camera_up: Family<Labels, Gauge>,
+    pub encode_seconds: HistogramFamily,
+    pub delivery_seconds: HistogramFamily,
+    /// For /healthz.
+    pub health: Mutex<Health>,
+    /// Unix ms of the forwarder's last loop turn (the systemd watchdog checks it).
+    pub heartbeat_ms: AtomicU64,
+}
+
+/// State for `/healthz` that is not a plain number.
+#[derive(Clone, Debug)]
+pub struct Health {
+    pub link: LinkState,
+    pub link_error: Option<String>,
+    pub cameras: BTreeMap<String, String>,
+    pub spool_max_bytes: u64,
+}
+
+fn labels(pairs: &[(&'static str, &str)]) -> Labels {
+    pairs.iter().map(|(k, v)| (*k, (*v).to_owned())).collect()
+}
+
+impl Metrics {
+    pub fn new(spool_max_bytes: u64) -> Arc<Self> {
+        let mut registry = Registry::with_prefix("framelink_agent");
+        let m = Self {
+            captured: Family::default(),
+            encoded: Family::default(),
+            sent: Family::default(),
+            spooled: Family::default(),
+            dropped: Family::default(),
+            spool_records: Gauge::default(),
+            spool_bytes: Gauge::default(),
+            spool_damaged: Gauge::default(),
+            spool_written_bytes: Counter::default(),
+            link_up: Gauge::default(),
+            link_state: Family::default(),
+            camera_up: Family::default(),
+            encode_seconds: Family::new_with_constructor(latency_histogram),
+            delivery_seconds: Family::new_with_constructor(latency_histogram),
+            health: Mutex::new(Health {
+                link: LinkState::Up,
+                link_error: None,
+                cameras: BTreeMap::new(),
+                spool_max_bytes,
+            }),
+            heartbeat_ms: AtomicU64::new(0),
+            registry: Registry::default(),
+        };
+        registry.register("frames_captured", "Frames captured, by camera", m.captured.clone());
+        registry.register("frames_encoded", "Frames encoded (or passed through), by camera", m.encoded.clone());
+        registry.register("frames_sent", "Frames acknowledged by Kafka, by camera", m.sent.clone());
+        registry.register("frames_spooled", "Frames written to the spool, by camera and reason", m.spooled.clone());
+        registry.register("frames_dropped", "Frames lost on purpose, by camera and reason", m.dropped.clone());
+        registry.register("spool_records", "Frames in the spool", m.spool_records.clone());
+        registry.register("spool_bytes", "Disk space the spool occupies (bytes)", m.spool_bytes.clone());
+        registry.register("spool_damaged", "Damaged spool records or indexes found since start", m.spool_damaged.clone());
+        registry.register("spool_written_bytes", "Frame bytes written to the spool since start", m.spool_written_bytes.clone());
+        registry.register("link_up", "1 when frames go straight to Kafka", m.link_up.clone());
+        registry.register("link_state", "1 for the current link state (up, down, draining)", m.link_state.clone());
+        registry.register("camera_up", "1 while the camera delivers frames", m.camera_up.clone());
+        registry.register("encode_seconds", "Time to encode one frame", m.encode_seconds.clone());
+        registry.register("delivery_seconds", "Capture to Kafka acknowledgement", m.delivery_seconds.clone());
+        Arc::new(Self { registry, ..m })
+    }
+
+    pub fn inc(&self, family: &Family<Labels, Counter>, camera: &str) {
+        family.get_or_create(&labels(&[("camera", camera)])).inc();
+    }
+
+    pub fn add_reason(&self, family: &Family<Labels, Counter>, camera: &str, reason: &str, n: u64) {
+        family.get_or_create(&labels(&[("camera", camera), ("reason", reason)])).inc_by(n);
+    }
+
+    pub fn observe(&self, family: &HistogramFamily, camera: &str, seconds: f64) {
+        family.get_or_create(&labels(&[("camera", camera)])).observe(seconds);
+    }
+
+    pub fn set_link(&self, state: LinkState, error: Option<String>) {
+        for s in [LinkState::Up, LinkState::Down, LinkState::Draining] {
+            self.link_state.get_or_create(&labels(&[("state", s.as_str())])).set((s == state) as i64);
+        }
+        self.link_up.set((state == LinkState::Up) as i64);
+        let mut h = self.health.lock().expect("health lock");
+        h.link = state;
+        h.link_error = error;
+    }
+
+    pub fn set_camera(&self, camera: &str, up: bool, detail: &str) {
+        self.camera_up.get_or_create(&labels(&[("camera", camera)])).set(up as i64);
+        self.health.lock().expect("health lock").cameras.insert(camera.to_owned(), detail.to_owned());
+    }
+
+    pub fn beat(&self) {
+        let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        self.heartbeat_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("formatting to a String");
+        out
+    }
+}

@@ -1,0 +1,81 @@
+//! `framelink-agent run`: wires the stages together and runs until SIGTERM / SIGINT.
+//!
+//! Start-up never needs the network: a broker that cannot be reached is normal at the edge
+//! (frames go to the spool). Under systemd (Type=notify) the agent reports READY once capture
+//! runs, and pings the watchdog only while the forwarder loop is alive.
+//!
+//! Shutdown: cameras stop, encoders finish their queues, the forwarder waits up to
+//! `device.shutdown_grace_s` for acknowledgements and spools whatever is left, the spool is
+//! flushed, and each camera's next sequence number is recorded.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::config::Validated;
+use crate::forwarder::Forwarder;
+use crate::metrics::Metrics;
+use crate::sequence::SequenceStore;
+use crate::spool::Spool;
+use crate::spool::sled_spool::SledSpool;
+
+pub fn run(v: Validated) -> Result<()> {
+    let cfg = v.config;
+    let shutdown = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, shutdown.clone()).context("installing signal handlers")?;
+    }
+
+    let spool: Arc<dyn Spool> = Arc::new(SledSpool::open(cfg.spool.clone())?);
+    let seqs = Arc::new(SequenceStore::open(&cfg.spool.dir.join("sequence"))?);
+    let metrics = Metrics::new(cfg.spool.max_bytes.as_u64());
+    if let Some(addr) = cfg.http.addr()? {
+        let bound = crate::http::spawn(addr, metrics.clone())?;
+        tracing::info!(%bound, "Serving /metrics and /healthz.");
+    }
+    let forwarder = Forwarder::new(
+        cfg.forwarder.clone(),
+        &v.kafka,
+        spool.clone(),
+        metrics.clone(),
+        Duration::from_millis(cfg.spool.flush_interval_ms),
+    )?;
+    tracing::info!(device = cfg.device.id, kafka = v.kafka.describe(), topic = cfg.forwarder.topic, spool = %cfg.spool.dir.display(), "Agent starting.");
+
+    let (tx, frames) = crossbeam_channel::bounded(64);
+    let threads = crate::pipeline::start(&cfg.device.id, &cfg.cameras, &cfg.encoder, seqs.clone(), metrics.clone(), shutdown.clone(), tx)?;
+    systemd_ready(&metrics, &shutdown);
+
+    let result = forwarder.run(frames, Duration::from_secs(cfg.device.shutdown_grace_s));
+    shutdown.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    seqs.close().context("recording sequence numbers")?;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    tracing::info!("Agent stopped.");
+    result
+}
+
+/// Tells systemd we are ready and, if a watchdog is configured, pings it while the
+/// forwarder's heartbeat is fresh (a hung forwarder gets the agent restarted).
+fn systemd_ready(metrics: &Arc<Metrics>, shutdown: &Arc<AtomicBool>) {
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    let Some(interval) = sd_notify::watchdog_enabled() else { return };
+    let (metrics, shutdown) = (metrics.clone(), shutdown.clone());
+    let _ = std::thread::Builder::new().name("watchdog".into()).spawn(move || {
+        let period = interval / 2;
+        while !shutdown.load(Ordering::Relaxed) {
+            let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+            let beat = metrics.heartbeat_ms.load(Ordering::Relaxed);
+            if now_ms.saturating_sub(beat) < interval.as_millis() as u64 {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            } else {
+                tracing::error!("Forwarder loop stalled: not feeding the systemd watchdog.");
+            }
+            std::thread::sleep(period);
+        }
+    });
+}
