@@ -26,6 +26,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
@@ -278,16 +279,25 @@ impl Forwarder {
         })
     }
 
-    /// Runs until `frames` is closed (all producers of frames gone), then drains what is in
-    /// flight for up to `grace`, spools the rest, and flushes the spool.
-    pub fn run(mut self, frames: Receiver<Frame>, grace: Duration) -> Result<()> {
+    /// Runs until `shutdown` is set and `frames` is closed (capture stopped), then waits up
+    /// to `grace` for what is in flight, spools the rest, and flushes the spool. Cameras that
+    /// finish (a directory without `loop`) do not stop it: the spool still has to drain.
+    pub fn run(mut self, frames: Receiver<Frame>, shutdown: &AtomicBool, grace: Duration) -> Result<()> {
         let tick = crossbeam_channel::tick(Duration::from_millis(50));
+        let mut frames = frames;
+        let mut capture_done = false;
         loop {
             self.metrics.beat();
+            if capture_done && shutdown.load(Ordering::Relaxed) {
+                break;
+            }
             select! {
                 recv(frames) -> f => match f {
                     Ok(f) => self.on_frame(f)?,
-                    Err(_) => break,
+                    Err(_) => {
+                        capture_done = true;
+                        frames = crossbeam_channel::never();
+                    }
                 },
                 recv(self.reports) -> r => {
                     let (p, res) = r.expect("the producer context holds a sender");
@@ -439,10 +449,11 @@ impl Forwarder {
     fn maintain(&mut self) -> Result<()> {
         // librdkafka reports unreachable brokers / TLS failures long before message timeouts.
         if let Some(d) = self.link.diagnosis() {
-            // Not every disconnect: only "all brokers down" and TLS / authentication failures.
-            let serious = d.message.contains("brokers are down")
-                || matches!(d.kind, framelink_common::link::LinkErrorKind::Tls | framelink_common::link::LinkErrorKind::Authentication);
+            // Not every disconnect: a broker closing an idle connection ("in state UP") is
+            // routine; refused connections, TLS and authentication failures are not.
+            let serious = d.kind != framelink_common::link::LinkErrorKind::Other && !d.message.contains("in state UP");
             if serious && d.at > self.last_ok && self.mode == Mode::Direct {
+                tracing::error!(error = %d, "Kafka unreachable: spooling frames to disk.");
                 self.last_failure = Some(d.to_string());
                 self.enter_spooling(d.kind.as_str());
             }
@@ -501,10 +512,10 @@ impl Forwarder {
             return Ok(());
         }
         for (key, frame) in batch {
-            self.cursor = Some(key.clone());
             if room == 0 {
                 break;
             }
+            self.cursor = Some(key.clone());
             if self.spool_in_flight.contains(&key) {
                 continue;
             }
@@ -530,6 +541,8 @@ impl Forwarder {
     }
 
     fn shutdown(mut self, grace: Duration) -> Result<()> {
+        // With the link down, waiting cannot help: spool at once.
+        let grace = if self.last_failure.is_some() { Duration::ZERO } else { grace };
         let deadline = Instant::now() + grace;
         tracing::info!(in_flight = self.live_in_flight + self.spool_in_flight.len(), "Forwarder stopping: waiting for acknowledgements.");
         while self.live_in_flight + self.spool_in_flight.len() > 0 && Instant::now() < deadline {

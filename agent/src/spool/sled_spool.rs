@@ -1,8 +1,8 @@
 //! The spool on disk: a sled index plus one file per frame.
 //!
 //! ```text
-//! <spool.dir>/index-N/   sled: tree `frames`  key (camera \0 seq) -> file id u64, file size u64
-//!                              tree `by_age`  file id (insertion order) -> key
+//! <spool.dir>/index-N/   sled: tree `frames`  key (camera \0 seq) -> file id, file size, capture ns (u64s)
+//!                              tree `by_age`  capture ns u64, file id u64 -> key (eviction order)
 //! <spool.dir>/frames/    f<file id, 16 hex digits>: the record (see `record`), CRC-checked
 //! ```
 //!
@@ -95,6 +95,25 @@ fn entry(file_id: u64, size: u64) -> [u8; 16] {
     v
 }
 
+/// `by_age` key: oldest capture first (a frame spooled late after a failed delivery is still
+/// evicted by its age), file id to keep keys unique.
+fn age_key(capture_ns: u64, file_id: u64) -> [u8; 16] {
+    entry(capture_ns, file_id)
+}
+
+/// Index value: file id, file size, capture time (to find the `by_age` entry).
+fn index_value(file_id: u64, size: u64, capture_ns: u64) -> [u8; 24] {
+    let mut v = [0u8; 24];
+    v[..8].copy_from_slice(&file_id.to_be_bytes());
+    v[8..16].copy_from_slice(&size.to_be_bytes());
+    v[16..].copy_from_slice(&capture_ns.to_be_bytes());
+    v
+}
+
+fn parse_capture(v: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(v.get(16..24)?.try_into().ok()?))
+}
+
 fn parse_entry(v: &[u8]) -> Option<(u64, u64)> {
     Some((u64::from_be_bytes(v.get(..8)?.try_into().ok()?), u64::from_be_bytes(v.get(8..16)?.try_into().ok()?)))
 }
@@ -166,7 +185,7 @@ impl SledSpool {
                 file_bytes += allocated(size);
             }
         }
-        let mut next_file = index.by_age.last()?.and_then(|(k, _)| k.as_ref().try_into().ok()).map_or(0, u64::from_be_bytes) + 1;
+        let mut next_file = referenced.iter().next_back().map_or(0, |id| id + 1);
         let mut orphans = 0;
         for e in std::fs::read_dir(&frames_dir)?.flatten() {
             let name = e.file_name();
@@ -209,8 +228,8 @@ impl SledSpool {
             match record::decode_unkeyed(&bytes) {
                 Ok(frame) => {
                     let key = SpoolKey::new(&frame.meta.camera_id, frame.meta.seq);
-                    index.frames.insert(&key.0, &entry(id, bytes.len() as u64))?;
-                    index.by_age.insert(id.to_be_bytes(), key.0)?;
+                    index.frames.insert(&key.0, &index_value(id, bytes.len() as u64, frame.meta.capture_ns))?;
+                    index.by_age.insert(age_key(frame.meta.capture_ns, id), key.0)?;
                     restored += 1;
                 }
                 Err(e) => {
@@ -233,7 +252,9 @@ impl SledSpool {
     fn delete(&self, inner: &mut Inner, key: &[u8]) -> Result<bool> {
         let Some(v) = inner.index.frames.remove(key)? else { return Ok(false) };
         if let Some((id, size)) = parse_entry(&v) {
-            inner.index.by_age.remove(id.to_be_bytes())?;
+            if let Some(captured) = parse_capture(&v) {
+                inner.index.by_age.remove(age_key(captured, id))?;
+            }
             let path = Self::file_path(&self.frames_dir, id);
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
@@ -280,6 +301,12 @@ impl Spool for SledSpool {
                 return Ok(out);
             }
             while Self::disk(&inner) + size > max {
+                // The incoming frame may itself be the oldest (a late delivery failure).
+                let oldest = inner.index.by_age.first()?.map(|(k, _)| u64::from_be_bytes(k[..8].try_into().unwrap_or_default()));
+                if oldest.is_some_and(|o| frame.meta.capture_ns < o) {
+                    out.dropped.push((camera.clone(), 1, DropReason::FullOldest));
+                    return Ok(out);
+                }
                 match self.evict_oldest(&mut inner)? {
                     Some(c) => match out.dropped.iter_mut().find(|(cam, _, _)| *cam == c) {
                         Some(d) => d.1 += 1,
@@ -306,8 +333,8 @@ impl Spool for SledSpool {
         File::create(&path)
             .and_then(|mut f| f.write_all(&value))
             .with_context(|| format!("writing spool file {}", path.display()))?;
-        inner.index.frames.insert(&key.0, &entry(id, value.len() as u64))?;
-        inner.index.by_age.insert(id.to_be_bytes(), key.0)?;
+        inner.index.frames.insert(&key.0, &index_value(id, value.len() as u64, frame.meta.capture_ns))?;
+        inner.index.by_age.insert(age_key(frame.meta.capture_ns, id), key.0)?;
         inner.unsynced.push(path);
         inner.records += 1;
         inner.file_bytes += size;
@@ -545,7 +572,7 @@ mod tests {
         assert_eq!(read.len(), 5);
         let bad: Vec<_> = read.iter().filter(|(_, f)| f.is_err()).collect();
         assert_eq!(bad.len(), 1);
-        assert_eq!(bad[0].0, SpoolKey::new("a", 1), "file 2 holds seq 1");
+        assert_eq!(bad[0].0, SpoolKey::new("a", 2), "file 2 holds seq 2");
         let reason = bad[0].1.as_ref().unwrap_err();
         assert!(reason.contains("checksum") && reason.contains("f0000000000000002"), "{reason}");
     }

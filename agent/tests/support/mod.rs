@@ -1,0 +1,160 @@
+//! Runs the real `framelink-agent` binary for end-to-end tests: writes its config, starts and
+//! stops it (SIGTERM or SIGKILL), and reads its `/metrics` and `/healthz` over HTTP.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use framelink_common::KafkaConfig;
+
+/// A TOML `[kafka]` table for `cfg`.
+pub fn kafka_toml(cfg: &KafkaConfig) -> String {
+    let mut s = format!("[kafka]\nbrokers = {:?}\nsecurity_protocol = {:?}\n", cfg.brokers.join(","), cfg.security_protocol.as_librdkafka().to_ascii_uppercase());
+    let t = &cfg.tls;
+    let mut tls = String::new();
+    for (k, v) in [("ca", &t.ca), ("certificate", &t.certificate), ("key", &t.key), ("client_ca", &t.client_ca)] {
+        if let Some(p) = v {
+            tls.push_str(&format!("{k} = {:?}\n", p.display().to_string()));
+        }
+    }
+    if !tls.is_empty() {
+        s.push_str("[kafka.tls]\n");
+        s.push_str(&tls);
+    }
+    s
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct Agent {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub port: u16,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Agent {
+    /// Writes `body` (everything but `[http]`) as the config, in `dir`.
+    pub fn configure(dir: &Path, body: &str) -> Agent {
+        let port = free_port();
+        let config = dir.join("agent.toml");
+        std::fs::write(&config, format!("{body}\n[http]\nlisten = \"127.0.0.1:{port}\"\n")).unwrap();
+        Agent { dir: dir.to_path_buf(), config, port, child: None, log: dir.join("agent.log") }
+    }
+
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_framelink-agent"))
+            .args(["run", "--config", self.config.to_str().unwrap()])
+            .env("FRAMELINK_LOG", "info,librdkafka=warn")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start framelink-agent");
+        self.child = Some(child);
+        self.wait_for("the HTTP listener", Duration::from_secs(20), |a| a.try_get("/healthz").is_some());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        let mut child = self.child.take().expect("running");
+        unsafe { libc_kill(child.id() as i32, 15) };
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(status.success(), "agent exited with {status}; log:\n{}", self.tail());
+                return;
+            }
+            assert!(Instant::now() < deadline, "agent did not stop after SIGTERM; log:\n{}", self.tail());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILL (a crash or power cut).
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    pub fn tail(&self) -> String {
+        let t = self.log_text();
+        let lines: Vec<&str> = t.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    fn try_get(&self, path: &str) -> Option<String> {
+        self.get(path).map_err(|e| eprintln!("GET {path}: {e}")).ok()
+    }
+
+    fn get(&self, path: &str) -> std::io::Result<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out)?;
+        let out = String::from_utf8_lossy(&out);
+        let (_, body) = out.split_once("\r\n\r\n").ok_or_else(|| std::io::Error::other("no HTTP body"))?;
+        Ok(body.to_owned())
+    }
+
+    pub fn healthz(&self) -> serde_json::Value {
+        serde_json::from_str(&self.try_get("/healthz").expect("healthz")).expect("healthz JSON")
+    }
+
+    /// Metric samples: `name{labels}` → value (histogram buckets left out).
+    pub fn metrics(&self) -> HashMap<String, f64> {
+        let text = self.try_get("/metrics").expect("metrics");
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.contains("_bucket"))
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_owned(), v.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// Sum of all samples of `name` whose labels contain every `filter` (`key="value"`).
+    pub fn metric(&self, name: &str, filters: &[&str]) -> f64 {
+        let full = format!("framelink_agent_{name}");
+        self.metrics()
+            .iter()
+            .filter(|(k, _)| k.split('{').next() == Some(full.as_str()) && filters.iter().all(|f| k.contains(f)))
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    pub fn wait_for(&self, what: &str, timeout: Duration, cond: impl Fn(&Agent) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !cond(self) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; log:\n{}", self.tail());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
