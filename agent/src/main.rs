@@ -30,6 +30,8 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// List V4L2 cameras with the formats and sizes they offer.
+    ListCameras,
     /// Validate a config file (and the TLS files it names) without starting the agent.
     CheckConfig {
         /// Path to agent.toml. Keys can be overridden with FRAMELINK__SECTION__KEY variables.
@@ -55,6 +57,13 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::ListCameras => {
+            #[cfg(all(target_os = "linux", feature = "v4l2"))]
+            print!("{}", framelink_agent::source::v4l2::list_cameras());
+            #[cfg(not(all(target_os = "linux", feature = "v4l2")))]
+            println!("this build has no V4L2 support (cargo feature `v4l2`, Linux only)");
+            Ok(())
+        }
         Command::Run { config } => framelink_agent::run::run(config::AgentConfig::load(&config)?),
         Command::CheckConfig { config, connect } => {
             let v = config::AgentConfig::load(&config)?;

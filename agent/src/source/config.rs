@@ -149,7 +149,9 @@ impl CameraConfig {
             if !matches!(s.format.as_str(), "YUYV" | "MJPG") {
                 bail!("config key `{key}.v4l2.format`: {:?} is not `YUYV` or `MJPG`", s.format);
             }
-            bail!("config key `{key}.v4l2`: V4L2 capture is not implemented yet in this version");
+            if !cfg!(all(target_os = "linux", feature = "v4l2")) {
+                bail!("config key `{key}.v4l2`: this build has no V4L2 support (cargo feature `v4l2`, Linux only)");
+            }
         }
         Ok(())
     }
@@ -161,6 +163,10 @@ impl CameraConfig {
         }
         if let Some(s) = &self.images {
             return Box::new(super::images::ImageDir::new(s.path.clone(), s.fps, s.looping));
+        }
+        #[cfg(all(target_os = "linux", feature = "v4l2"))]
+        if let Some(s) = &self.v4l2 {
+            return Box::new(super::v4l2::V4l2Source::new(s.clone()));
         }
         unreachable!("validate() guarantees one supported source kind")
     }
