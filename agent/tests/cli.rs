@@ -49,7 +49,7 @@ fn example_config_checks_and_connects_over_mtls() {
     let o = agent(&["check-config", "--config", &example(), "--connect"], &broker_env(b));
     let out = text(&o);
     assert!(o.status.success(), "{out}");
-    assert!(out.contains("config OK: device \"site1-gate\", topic \"frames\""), "{out}");
+    assert!(out.contains("config OK: device \"site1-gate\", 1 camera(s), topic \"frames\""), "{out}");
     assert!(out.contains("connected: 1 broker(s)") && out.contains("mTLS"), "{out}");
 }
 
@@ -101,4 +101,14 @@ fn a_client_key_of_another_certificate_is_named() {
     let out = text(&o);
     assert!(out.contains("kafka.tls.key") && out.contains("rogue-client.key"), "{out}");
     assert!(out.contains("does not match the certificate"), "{out}");
+}
+
+#[test]
+fn demo_config_checks() {
+    let b = Broker::shared();
+    let config = repo_root().join("configs/demo/agent.toml");
+    let o = agent(&["check-config", "--config", config.to_str().unwrap(), "--connect"], &broker_env(b));
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("2 camera(s)"), "{out}");
 }
