@@ -35,7 +35,21 @@ pub fn start(
     shutdown: Arc<AtomicBool>,
     out: Sender<Frame>,
 ) -> Result<Vec<JoinHandle<()>>> {
-    let n = encoder.thread_count().min(cameras.len()).max(1);
+    let sources = cameras.iter().map(|c| (c.id.clone(), c.build())).collect();
+    start_with_sources(device_id, sources, encoder, seqs, metrics, shutdown, out)
+}
+
+/// [`start`] with sources built by the caller (benchmarks, tests).
+pub fn start_with_sources(
+    device_id: &str,
+    sources: Vec<(String, Box<dyn Source>)>,
+    encoder: &EncoderConfig,
+    seqs: Arc<SequenceStore>,
+    metrics: Arc<Metrics>,
+    shutdown: Arc<AtomicBool>,
+    out: Sender<Frame>,
+) -> Result<Vec<JoinHandle<()>>> {
+    let n = encoder.thread_count().min(sources.len()).max(1);
     let mut handles = Vec::new();
     let mut inputs = Vec::new();
     for i in 0..n {
@@ -75,12 +89,11 @@ pub fn start(
             }
         })?);
     }
-    for (i, cam) in cameras.iter().enumerate() {
+    for (i, (id, source)) in sources.into_iter().enumerate() {
         let tx = inputs[i % n].clone();
-        let (cam, seqs, metrics, shutdown) = (cam.clone(), seqs.clone(), metrics.clone(), shutdown.clone());
-        let source = cam.build();
-        handles.push(std::thread::Builder::new().name(format!("camera-{}", cam.id)).spawn(move || {
-            run_camera(&cam.id, source, &seqs, &metrics, &tx, &shutdown);
+        let (seqs, metrics, shutdown) = (seqs.clone(), metrics.clone(), shutdown.clone());
+        handles.push(std::thread::Builder::new().name(format!("camera-{id}")).spawn(move || {
+            run_camera(&id, source, &seqs, &metrics, &tx, &shutdown);
         })?);
     }
     Ok(handles)
