@@ -503,7 +503,13 @@ impl Forwarder {
         }
         let batch = self.spool.read_after(self.cursor.as_ref(), room + self.spool_in_flight.len())?;
         if batch.is_empty() {
-            if self.cursor.take().is_none() && self.spool_in_flight.is_empty() && self.spool.stats().records == 0 {
+            // Back to Direct only once the link is known to work: with the link down and an
+            // empty spool, new frames keep going to the spool and serve as probes.
+            if self.cursor.take().is_none()
+                && self.spool_in_flight.is_empty()
+                && self.last_failure.is_none()
+                && self.spool.stats().records == 0
+            {
                 if self.mode == Mode::Spooling {
                     tracing::info!("Spool drained: frames go straight to Kafka again.");
                 }

@@ -153,6 +153,16 @@ impl Metrics {
         self.heartbeat_ms.store(ms, Ordering::Relaxed);
     }
 
+    /// Sum of every sample of a counter family (`frames_sent`, ...), for log summaries.
+    pub fn total(&self, name: &str) -> u64 {
+        let prefix = format!("framelink_agent_{name}_total");
+        self.render()
+            .lines()
+            .filter(|l| l.split(['{', ' ']).next() == Some(prefix.as_str()))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();

@@ -55,7 +55,14 @@ pub fn run(v: Validated) -> Result<()> {
     }
     seqs.close().context("recording sequence numbers")?;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    tracing::info!("Agent stopped.");
+    tracing::info!(
+        captured = metrics.total("frames_captured"),
+        sent = metrics.total("frames_sent"),
+        spooled = metrics.total("frames_spooled"),
+        dropped = metrics.total("frames_dropped"),
+        in_spool = spool.stats().records,
+        "Agent stopped."
+    );
     result
 }
 
