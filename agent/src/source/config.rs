@@ -32,6 +32,30 @@ pub struct CameraConfig {
     pub images: Option<ImagesConfig>,
     /// A V4L2 camera (Linux; USB webcams, CSI cameras with V4L2 drivers).
     pub v4l2: Option<V4l2Config>,
+    /// A USB camera through nokhwa (macOS, Windows, Linux; cargo feature `nokhwa`).
+    pub usb: Option<UsbConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsbConfig {
+    /// Camera index as the platform numbers them. Default 0.
+    #[serde(default)]
+    pub index: u32,
+    #[serde(default = "default_width")]
+    pub width: u32,
+    #[serde(default = "default_height")]
+    pub height: u32,
+    /// Requested frame rate (the closest the camera offers is used). Default 10.
+    #[serde(default = "default_usb_fps")]
+    pub fps: u32,
+    /// `MJPG` (default; passed through) or `YUYV`.
+    #[serde(default = "default_fourcc")]
+    pub format: String,
+}
+
+fn default_usb_fps() -> u32 {
+    10
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -106,6 +130,7 @@ pub fn default_cameras() -> Vec<CameraConfig> {
         synthetic: Some(SyntheticConfig { width: default_width(), height: default_height(), fps: default_fps(), count: None }),
         images: None,
         v4l2: None,
+        usb: None,
     }]
 }
 
@@ -129,9 +154,19 @@ impl CameraConfig {
         let key = format!("cameras[{i}]");
         framelink_common::wire::check_id(framelink_common::wire::header::CAMERA, &self.id)
             .map_err(|e| anyhow::anyhow!("config key `{key}.id`: {e}"))?;
-        let kinds = [self.synthetic.is_some(), self.images.is_some(), self.v4l2.is_some()];
+        let kinds = [self.synthetic.is_some(), self.images.is_some(), self.v4l2.is_some(), self.usb.is_some()];
         if kinds.iter().filter(|k| **k).count() != 1 {
-            bail!("config key `{key}`: give exactly one of `synthetic`, `images`, `v4l2`");
+            bail!("config key `{key}`: give exactly one of `synthetic`, `images`, `v4l2`, `usb`");
+        }
+        if let Some(s) = &self.usb {
+            check_size(&format!("{key}.usb"), s.width, s.height)?;
+            check_fps(&format!("{key}.usb.fps"), s.fps as f64)?;
+            if !matches!(s.format.as_str(), "YUYV" | "MJPG") {
+                bail!("config key `{key}.usb.format`: {:?} is not `YUYV` or `MJPG`", s.format);
+            }
+            if !cfg!(feature = "nokhwa") {
+                bail!("config key `{key}.usb`: this build has no nokhwa support (build with `--features nokhwa`)");
+            }
         }
         if let Some(s) = &self.synthetic {
             check_size(&format!("{key}.synthetic"), s.width, s.height)?;
@@ -167,6 +202,10 @@ impl CameraConfig {
         #[cfg(all(target_os = "linux", feature = "v4l2"))]
         if let Some(s) = &self.v4l2 {
             return Box::new(super::v4l2::V4l2Source::new(s.clone()));
+        }
+        #[cfg(feature = "nokhwa")]
+        if let Some(s) = &self.usb {
+            return Box::new(super::usb::UsbSource::new(s.clone()));
         }
         unreachable!("validate() guarantees one supported source kind")
     }

@@ -9,6 +9,8 @@
 pub mod config;
 pub mod images;
 pub mod synthetic;
+#[cfg(feature = "nokhwa")]
+pub mod usb;
 #[cfg(all(target_os = "linux", feature = "v4l2"))]
 pub mod v4l2;
 
