@@ -266,3 +266,33 @@ async fn t6_a_corrupted_spool_record_is_skipped_and_counted() {
     let expected: Vec<u64> = (0..40).filter(|s| *s != damaged_seq).collect();
     assert_eq!(seqs, expected.as_slice(), "everything but the damaged frame, once, in order");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t7_live_first_sends_new_frames_first_and_backfills_the_rest() {
+    let _g = serial();
+    init_tracing();
+    let broker = Broker::private().unwrap();
+    let topic = rand_topic("agent-live-first");
+    broker.create_topic(&topic, 1).await.unwrap();
+    broker.stop().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cams = synthetic("cam", 320, 240, 20, 400);
+    let extra = "live_first = true\nbackfill_fps = 5\n";
+    let mut agent = Agent::configure(dir.path(), &body("dev-7", &broker.mtls(), &topic, dir.path(), &cams, extra));
+    agent.start();
+    agent.wait_for("a backlog in the spool", Duration::from_secs(60), |a| a.metric("spool_records", &[]) >= 60.0);
+    broker.start().unwrap();
+    // Back-filling at 5 frames/s while 20 new frames/s go straight to Kafka.
+    agent.wait_for("live frames flowing", Duration::from_secs(60), |a| a.healthz()["link"] != "down" && a.metric("frames_sent_total", &[]) >= 40.0);
+    let backlog = agent.metric("spool_records", &[]);
+    assert!(backlog >= 30.0, "the backlog drains slowly, beside live frames: {backlog} left");
+    agent.wait_for("everything delivered", Duration::from_secs(120), |a| {
+        a.metric("frames_sent_total", &[]) >= 400.0 && a.metric("spool_records", &[]) == 0.0
+    });
+    agent.stop();
+    let got = arrived(&broker.mtls(), &topic).await;
+    let mut seqs = got.seqs("cam").to_vec();
+    assert_ne!(seqs, { let mut s = seqs.clone(); s.sort(); s }, "live frames overtook the backlog");
+    seqs.sort();
+    assert_contiguous(&seqs, 0, "every frame exactly once (in some order)");
+}
