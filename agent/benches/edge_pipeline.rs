@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use framelink_agent::encoder::{Encoder, EncoderConfig};
 use framelink_agent::forwarder::{Forwarder, ForwarderConfig};
-use framelink_agent::frame::{PixelFormat, RawFrame, now_ns};
+use framelink_agent::frame::{PixelFormat, now_ns};
 use framelink_agent::metrics::Metrics;
 use framelink_agent::sequence::SequenceStore;
 use framelink_agent::source::{Captured, Pacer, Source, SourceError};
@@ -61,7 +61,7 @@ fn raw_encode(frames: &[Bytes]) -> (f64, f64) {
         let mut count = 0;
         while start.elapsed() < Duration::from_secs(1) {
             let f = &frames[count % frames.len()];
-            let raw = RawFrame { camera: "b".into(), seq: 0, capture_ns: 0, width: W, height: H, stride: W as usize * 3, format: PixelFormat::Rgb24, source_format: "RGB24", data: f.clone() };
+            let raw = Captured { capture_ns: 0, width: W, height: H, stride: W as usize * 3, format: PixelFormat::Rgb24, source_format: "RGB24", data: f.clone() };
             bytes += enc.encode(&raw).unwrap().jpeg.len();
             count += 1;
             n += 1;

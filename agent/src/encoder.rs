@@ -15,7 +15,8 @@ use bytes::Bytes;
 use serde::Deserialize;
 use turbojpeg::{Compressor, Decompressor, Image, OutputBuf, PixelFormat as TjFormat, Subsamp, YuvPlanesImage};
 
-use crate::frame::{PixelFormat, RawFrame};
+use crate::frame::PixelFormat;
+use crate::source::Captured;
 
 /// `[encoder]`.
 #[derive(Clone, Debug, Deserialize)]
@@ -138,7 +139,7 @@ impl Encoder {
         Ok(Self { cfg, compressor, decompressor: None, planes: Default::default() })
     }
 
-    pub fn encode(&mut self, f: &RawFrame) -> Result<Encoded, EncodeError> {
+    pub fn encode(&mut self, f: &Captured) -> Result<Encoded, EncodeError> {
         let (tw, th) = self.cfg.target_size(f.width, f.height);
         let resize = (tw, th) != (f.width, f.height);
         match f.format {
@@ -187,7 +188,7 @@ impl Encoder {
     }
 
     /// YUYV → Y, U, V planes (4:2:2, or 4:2:0 by averaging chroma row pairs) → JPEG.
-    fn compress_yuyv(&mut self, f: &RawFrame) -> Result<Encoded, EncodeError> {
+    fn compress_yuyv(&mut self, f: &Captured) -> Result<Encoded, EncodeError> {
         let (w, h) = (f.width as usize, f.height as usize);
         let cw = w / 2;
         let gray = self.cfg.subsampling == Subsampling::Gray;
@@ -284,7 +285,7 @@ const fn range_lut(lo: i32, span: i32) -> [u8; 256] {
     t
 }
 
-fn check_len(f: &RawFrame, bpp: usize) -> Result<(), EncodeError> {
+fn check_len(f: &Captured, bpp: usize) -> Result<(), EncodeError> {
     let row = f.width as usize * bpp;
     let need = if f.height == 0 { 0 } else { f.stride * (f.height as usize - 1) + row };
     if f.stride < row || f.data.len() < need {
@@ -317,8 +318,8 @@ pub fn yuyv_to_rgb(data: &[u8], width: u32, height: u32, stride: usize) -> Vec<u
 mod tests {
     use super::*;
 
-    fn raw(format: PixelFormat, w: u32, h: u32, stride: usize, data: Vec<u8>) -> RawFrame {
-        RawFrame { camera: "c".into(), seq: 0, capture_ns: 0, width: w, height: h, stride, format, source_format: "X", data: Bytes::from(data) }
+    fn raw(format: PixelFormat, w: u32, h: u32, stride: usize, data: Vec<u8>) -> Captured {
+        Captured { capture_ns: 0, width: w, height: h, stride, format, source_format: "X", data: Bytes::from(data) }
     }
 
     fn decode(jpeg: &[u8]) -> turbojpeg::Image<Vec<u8>> {

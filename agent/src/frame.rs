@@ -26,23 +26,14 @@ impl PixelFormat {
     }
 }
 
-/// A captured frame, before encoding.
+/// A captured frame, before encoding: the image plus who and which frame it is.
 #[derive(Clone, Debug)]
 pub struct RawFrame {
     pub camera: String,
     /// Per-camera sequence number, assigned at capture (so frames dropped later leave gaps
     /// that the drop counters explain).
     pub seq: u64,
-    /// Capture time, ns since the Unix epoch.
-    pub capture_ns: u64,
-    pub width: u32,
-    pub height: u32,
-    /// Bytes from one row to the next (≥ width × bytes per pixel; cameras pad rows).
-    pub stride: usize,
-    pub format: PixelFormat,
-    /// The name to report as the camera's pixel format (e.g. `PNG` for an image file).
-    pub source_format: &'static str,
-    pub data: Bytes,
+    pub image: crate::source::Captured,
 }
 
 /// An encoded frame: what goes to Kafka or into the spool.

@@ -60,7 +60,7 @@ pub fn start_with_sources(
         handles.push(std::thread::Builder::new().name(format!("encoder-{i}")).spawn(move || {
             for raw in rx {
                 let started = Instant::now();
-                match enc.encode(&raw) {
+                match enc.encode(&raw.image) {
                     Ok(e) => {
                         metrics.observe(&metrics.encode_seconds, &raw.camera, started.elapsed().as_secs_f64());
                         metrics.inc(&metrics.encoded, &raw.camera);
@@ -69,10 +69,10 @@ pub fn start_with_sources(
                                 device_id: device.clone(),
                                 camera_id: raw.camera.clone(),
                                 seq: raw.seq,
-                                capture_ns: raw.capture_ns,
+                                capture_ns: raw.image.capture_ns,
                                 width: e.width,
                                 height: e.height,
-                                pixel_format: raw.source_format.to_owned(),
+                                pixel_format: raw.image.source_format.to_owned(),
                                 content_type: framelink_common::wire::CONTENT_TYPE_JPEG.to_owned(),
                             },
                             payload: e.jpeg,
@@ -148,17 +148,7 @@ pub fn run_camera(
                         }
                     };
                     metrics.inc(&metrics.captured, id);
-                    let raw = RawFrame {
-                        camera: id.to_owned(),
-                        seq,
-                        capture_ns: c.capture_ns,
-                        width: c.width,
-                        height: c.height,
-                        stride: c.stride,
-                        format: c.format,
-                        source_format: c.source_format,
-                        data: c.data,
-                    };
+                    let raw = RawFrame { camera: id.to_owned(), seq, image: c };
                     match tx.try_send(raw) {
                         Ok(()) => {}
                         Err(TrySendError::Full(_)) => metrics.add_reason(&metrics.dropped, id, "encoder_behind", 1),

@@ -21,11 +21,14 @@ use crate::frame::PixelFormat;
 /// One captured image, as the device gave it.
 #[derive(Clone, Debug)]
 pub struct Captured {
+    /// Capture time, ns since the Unix epoch.
     pub capture_ns: u64,
     pub width: u32,
     pub height: u32,
+    /// Bytes from one row to the next (≥ width × bytes per pixel; cameras pad rows).
     pub stride: usize,
     pub format: PixelFormat,
+    /// The name to report as the camera's pixel format (e.g. `PNG` for an image file).
     pub source_format: &'static str,
     pub data: Bytes,
 }
