@@ -1,7 +1,7 @@
 //! `framelink-worker`: the edge daemon. This binary only parses the command line, loads the
 //! config and wires stages together; the work lives in library modules.
 
-mod config;
+use framelink_worker::config;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -1,0 +1,4 @@
+//! framelink-worker as a library: config, image operations (CPU backend).
+
+pub mod config;
+pub mod ops;
