@@ -8,10 +8,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use axum::Router;
-use axum::http::header;
-use axum::response::IntoResponse;
-use axum::routing::get;
 use serde::Deserialize;
 
 use crate::metrics::{LinkState, Metrics};
@@ -67,33 +63,7 @@ pub fn health_json(m: &Metrics) -> serde_json::Value {
 
 /// Binds and serves on a background thread; returns the bound address.
 pub fn spawn(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<SocketAddr> {
-    let listener = std::net::TcpListener::bind(addr).with_context(|| format!("binding the HTTP listener on {addr} (http.listen)"))?;
-    listener.set_nonblocking(true)?;
-    let bound = listener.local_addr()?;
-    let m1 = metrics.clone();
-    let app = Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let m = m1.clone();
-                async move { ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.render()) }
-            }),
-        )
-        .route(
-            "/healthz",
-            get(move || {
-                let m = metrics.clone();
-                async move { axum::Json(health_json(&m)).into_response() }
-            }),
-        );
-    std::thread::Builder::new().name("http".into()).spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(error = %e, "HTTP listener stopped.");
-            }
-        });
-    })?;
-    Ok(bound)
+    let m = metrics.clone();
+    framelink_common::http::spawn(addr, Arc::new(move || m.render()), Arc::new(move || health_json(&metrics)))
+        .with_context(|| format!("binding the HTTP listener on {addr} (http.listen)"))
 }

@@ -5,8 +5,6 @@
 //! Tests that stop brokers use a private broker each; they run one at a time (a 2-core
 //! machine runs a broker, the agent and a consumer per test).
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -14,7 +12,9 @@ use std::time::Duration;
 use framelink_common::KafkaConfig;
 use framelink_testkit::{Broker, consume_all, frame_meta, init_tracing, rand_topic, rogue_identity};
 use rdkafka::message::Message;
-use support::{Agent, kafka_toml};
+use framelink_testkit::daemon::{Agent, kafka_toml};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_framelink-agent");
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -75,7 +75,7 @@ async fn t1_full_hd_at_30_fps_over_mtls_arrives_complete() {
     let topic = rand_topic("agent-1080p");
     broker.create_topic(&topic, 3).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut agent = Agent::configure(dir.path(), &body("dev-1", &broker.mtls(), &topic, dir.path(), &synthetic("cam0", 1920, 1080, 30, 300), ""));
+    let mut agent = Agent::agent(AGENT, dir.path(), &body("dev-1", &broker.mtls(), &topic, dir.path(), &synthetic("cam0", 1920, 1080, 30, 300), ""));
     agent.start();
     agent.wait_for("300 frames captured and sent", Duration::from_secs(60), |a| a.metric("frames_sent_total", &[]) >= 300.0);
     assert_eq!(agent.metric("frames_dropped_total", &[]), 0.0, "no drops");
@@ -95,7 +95,7 @@ async fn t2_broker_down_for_20s_loses_nothing_and_keeps_order() {
     broker.create_topic(&topic, 2).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cams = synthetic("a", 640, 360, 15, 750) + &synthetic("b", 320, 240, 15, 750);
-    let mut agent = Agent::configure(dir.path(), &body("dev-2", &broker.mtls(), &topic, dir.path(), &cams, ""));
+    let mut agent = Agent::agent(AGENT, dir.path(), &body("dev-2", &broker.mtls(), &topic, dir.path(), &cams, ""));
     agent.start();
     agent.wait_for("frames flowing", Duration::from_secs(30), |a| a.metric("frames_sent_total", &[]) >= 60.0);
     broker.stop().unwrap();
@@ -125,7 +125,7 @@ async fn t3_sigkill_with_a_full_spool_then_restart_delivers_it_all() {
     broker.create_topic(&topic, 1).await.unwrap();
     broker.stop().unwrap(); // unreachable at start: normal at the edge
     let dir = tempfile::tempdir().unwrap();
-    let mut agent = Agent::configure(dir.path(), &body("dev-3", &broker.mtls(), &topic, dir.path(), &synthetic("cam", 640, 360, 25, 120), ""));
+    let mut agent = Agent::agent(AGENT, dir.path(), &body("dev-3", &broker.mtls(), &topic, dir.path(), &synthetic("cam", 640, 360, 25, 120), ""));
     agent.start();
     agent.wait_for("120 frames spooled", Duration::from_secs(60), |a| a.metric("spool_records", &[]) == 120.0);
     std::thread::sleep(Duration::from_millis(500)); // > flush_interval_ms: on disk
@@ -159,7 +159,7 @@ async fn t4_a_long_outage_fills_the_spool_to_its_cap_and_drops_are_counted() {
     let extra = "";
     let mut cfg = body("dev-4", &broker.mtls(), &topic, dir.path(), &cams, extra);
     cfg = cfg.replace("flush_interval_ms = 100", &format!("flush_interval_ms = 100\nmax_bytes = {cap}\nwhen_full = \"drop_oldest\""));
-    let mut agent = Agent::configure(dir.path(), &cfg);
+    let mut agent = Agent::agent(AGENT, dir.path(), &cfg);
     agent.start();
     agent.wait_for("all 400 frames captured", Duration::from_secs(90), |a| a.metric("frames_captured_total", &[]) == 400.0);
     // Every frame is either in the spool or counted as dropped (nothing sent: broker down).
@@ -201,7 +201,7 @@ async fn t5_wrong_client_certificate_is_reported_and_frames_wait_in_the_spool() 
     bad.tls.key = Some(rogue_key);
     bad.tls.client_ca = Some(rogue_ca);
     let cams = synthetic("cam", 320, 240, 20, 60);
-    let mut agent = Agent::configure(dir.path(), &body("dev-5", &bad, &topic, dir.path(), &cams, ""));
+    let mut agent = Agent::agent(AGENT, dir.path(), &body("dev-5", &bad, &topic, dir.path(), &cams, ""));
     agent.start();
     agent.wait_for("a TLS error on /healthz", Duration::from_secs(60), |a| {
         let h = a.healthz();
@@ -212,7 +212,7 @@ async fn t5_wrong_client_certificate_is_reported_and_frames_wait_in_the_spool() 
     agent.stop();
 
     // The operator fixes the certificate and restarts the agent.
-    let mut fixed = Agent::configure(dir.path(), &body("dev-5", &broker.mtls(), &topic, dir.path(), &cams, ""));
+    let mut fixed = Agent::agent(AGENT, dir.path(), &body("dev-5", &broker.mtls(), &topic, dir.path(), &cams, ""));
     fixed.start();
     fixed.wait_for("spooled and new frames delivered", Duration::from_secs(60), |a| {
         a.metric("frames_sent_total", &[]) >= 120.0 && a.metric("spool_records", &[]) == 0.0
@@ -233,7 +233,7 @@ async fn t6_a_corrupted_spool_record_is_skipped_and_counted() {
     broker.stop().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cams = synthetic("cam", 320, 240, 20, 20);
-    let mut agent = Agent::configure(dir.path(), &body("dev-6", &broker.mtls(), &topic, dir.path(), &cams, ""));
+    let mut agent = Agent::agent(AGENT, dir.path(), &body("dev-6", &broker.mtls(), &topic, dir.path(), &cams, ""));
     agent.start();
     agent.wait_for("20 frames spooled", Duration::from_secs(60), |a| a.metric("spool_records", &[]) == 20.0);
     agent.stop();
@@ -278,7 +278,7 @@ async fn t7_live_first_sends_new_frames_first_and_backfills_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let cams = synthetic("cam", 320, 240, 20, 400);
     let extra = "live_first = true\nbackfill_fps = 5\n";
-    let mut agent = Agent::configure(dir.path(), &body("dev-7", &broker.mtls(), &topic, dir.path(), &cams, extra));
+    let mut agent = Agent::agent(AGENT, dir.path(), &body("dev-7", &broker.mtls(), &topic, dir.path(), &cams, extra));
     agent.start();
     agent.wait_for("a backlog in the spool", Duration::from_secs(60), |a| a.metric("spool_records", &[]) >= 60.0);
     broker.start().unwrap();

@@ -3,13 +3,13 @@
 //! (tests/vm/vivid-capture), and an agent on the host drains that spool into Kafka, where
 //! every frame must arrive with the right size, format and sequence.
 
-mod support;
-
 use std::time::Duration;
 
 use framelink_testkit::{Broker, consume_all, frame_meta, rand_topic, repo_root};
 use rdkafka::message::Message;
-use support::{Agent, kafka_toml};
+use framelink_testkit::daemon::{Agent, kafka_toml};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_framelink-agent");
 
 /// `key=value` from the VM agent's "Agent stopped." summary line.
 fn summary(log: &str, key: &str) -> u64 {
@@ -45,7 +45,7 @@ async fn v4l2_frames_captured_in_a_vm_arrive_in_kafka_via_the_spool() {
         kafka_toml(&broker.mtls()),
         spool.display().to_string()
     );
-    let mut agent = Agent::configure(dir.path(), &body);
+    let mut agent = Agent::agent(AGENT, dir.path(), &body);
     agent.start();
     agent.wait_for("the VM's spool drained", Duration::from_secs(60), |a| {
         a.metric("frames_sent_total", &[]) == spooled as f64 && a.metric("spool_records", &[]) == 0.0

@@ -21,6 +21,78 @@ pub struct WorkerConfig {
     /// Where results go.
     #[serde(default)]
     pub output: OutputConfig,
+    /// What to do with each frame.
+    #[serde(default)]
+    pub worker: ProcessingConfig,
+    /// Motion events.
+    #[serde(default)]
+    pub motion: crate::motion::MotionConfig,
+    /// `/metrics` and `/healthz`.
+    #[serde(default)]
+    pub http: HttpConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessingConfig {
+    /// Worker id in result headers and client ids. Default: $HOSTNAME.
+    pub id: Option<String>,
+    /// Operations, e.g. `resize:1280x720,grayscale,blur:1.5,sobel`. Default `` (re-encode only).
+    #[serde(default)]
+    pub pipeline: String,
+    /// Processing threads; 0 = one per core. Default 0.
+    #[serde(default)]
+    pub threads: usize,
+    /// Refuse images above this many pixels before decoding (decompression bombs). Default 50 M.
+    #[serde(default = "default_max_pixels")]
+    pub max_pixels: u64,
+    /// Quality of the result JPEGs. Default 85.
+    #[serde(default = "default_quality")]
+    pub jpeg_quality: u8,
+    /// Publish motion events only, no result images. Default false.
+    #[serde(default)]
+    pub events_only: bool,
+}
+
+fn default_max_pixels() -> u64 {
+    50_000_000
+}
+fn default_quality() -> u8 {
+    85
+}
+
+impl Default for ProcessingConfig {
+    fn default() -> Self {
+        framelink_common::config_file::from_toml_str("").expect("defaults")
+    }
+}
+
+impl ProcessingConfig {
+    pub fn thread_count(&self) -> usize {
+        if self.threads > 0 { self.threads } else { std::thread::available_parallelism().map_or(2, |n| n.get()) }
+    }
+
+    pub fn pipeline_ops(&self) -> Result<crate::ops::Pipeline> {
+        crate::ops::Pipeline::parse(&self.pipeline).map_err(|e| anyhow::anyhow!("config key `worker.pipeline`: {e}"))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of `/metrics` and `/healthz`; empty turns it off. Default `127.0.0.1:9465`.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:9465".into()
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self { listen: default_listen() }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -29,18 +101,26 @@ pub struct ConsumerConfig {
     /// Consumer group shared by the fleet. Default `framelink-workers`.
     #[serde(default = "default_group")]
     pub group_id: String,
-    /// Frame topics to consume. Default `["frames"]`.
+    /// Frame topics to consume; a name starting with `^` is a regular expression (fan-in of
+    /// many sites: `^frames\\..*`). Default `["frames"]`.
     #[serde(default = "default_topics")]
     pub topics: Vec<String>,
+    /// Where a new group starts: `earliest` (default) or `latest`.
+    #[serde(default = "default_reset")]
+    pub auto_offset_reset: String,
+}
+
+fn default_reset() -> String {
+    "earliest".into()
 }
 
 impl Default for ConsumerConfig {
     fn default() -> Self {
-        Self { group_id: default_group(), topics: default_topics() }
+        Self { group_id: default_group(), topics: default_topics(), auto_offset_reset: default_reset() }
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputConfig {
     /// Processed frames. Default `frames.processed`.
@@ -105,6 +185,19 @@ impl WorkerConfig {
             if self.consumer.topics.contains(topic) {
                 bail!("config key `{key}`: {topic:?} is also an input topic (the worker would consume its own output)");
             }
+        }
+        if !matches!(self.consumer.auto_offset_reset.as_str(), "earliest" | "latest") {
+            bail!("config key `consumer.auto_offset_reset`: {:?} is not `earliest` or `latest`", self.consumer.auto_offset_reset);
+        }
+        self.worker.pipeline_ops()?;
+        if !(1..=100).contains(&self.worker.jpeg_quality) {
+            bail!("config key `worker.jpeg_quality`: {} is not from 1 to 100", self.worker.jpeg_quality);
+        }
+        if self.worker.max_pixels == 0 {
+            bail!("config key `worker.max_pixels`: must be at least 1");
+        }
+        if !self.http.listen.is_empty() {
+            self.http.listen.parse::<std::net::SocketAddr>().map_err(|_| anyhow::anyhow!("config key `http.listen`: {:?} is not an address like 127.0.0.1:9465", self.http.listen))?;
         }
         let kafka = self.kafka.validate("kafka")?;
         Ok(Validated { config: self, kafka })

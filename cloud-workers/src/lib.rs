@@ -1,4 +1,10 @@
-//! framelink-worker as a library: config, image operations (CPU backend).
+//! framelink-worker as a library: config, decoding, image operations (CPU backend), motion
+//! detection, per-frame processing, and the consumer-group loop.
 
 pub mod config;
+pub mod decode;
+pub mod metrics;
+pub mod motion;
 pub mod ops;
+pub mod process;
+pub mod worker;

@@ -4,6 +4,8 @@
 use framelink_worker::config;
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -24,6 +26,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the worker: consume, process and publish until SIGTERM / SIGINT.
+    Run {
+        /// Path to worker.toml. Keys can be overridden with FRAMELINK__SECTION__KEY variables.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Overrides `worker.pipeline`, e.g. `resize:1280x720,grayscale,blur:1.5,sobel`.
+        #[arg(long)]
+        pipeline: Option<String>,
+    },
     /// Validate a config file (and the TLS files it names) without starting the worker.
     CheckConfig {
         /// Path to worker.toml. Keys can be overridden with FRAMELINK__SECTION__KEY variables.
@@ -49,6 +60,30 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Run { config, pipeline } => {
+            if let Some(p) = pipeline {
+                // SAFETY: single-threaded at this point; read by the config loader below.
+                unsafe { std::env::set_var("FRAMELINK__WORKER__PIPELINE", p) };
+            }
+            let v = config::WorkerConfig::load(&config)?;
+            let shutdown = Arc::new(AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+                signal_hook::flag::register(sig, shutdown.clone())?;
+            }
+            let metrics = framelink_worker::metrics::Metrics::new();
+            if !v.config.http.listen.is_empty() {
+                let m1 = metrics.clone();
+                let m2 = metrics.clone();
+                let addr = v.config.http.listen.parse()?;
+                let bound = framelink_common::http::spawn(
+                    addr,
+                    Arc::new(move || m1.render()),
+                    Arc::new(move || serde_json::json!({"status": "ok", "frames_in": m2.frames_in.get(), "in_flight": m2.in_flight.get()})),
+                )?;
+                tracing::info!(%bound, "Serving /metrics and /healthz.");
+            }
+            framelink_worker::worker::run(v, shutdown, metrics)
+        }
         Command::CheckConfig { config, connect } => {
             let v = config::WorkerConfig::load(&config)?;
             println!(

@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod config_file;
+pub mod http;
 pub mod kafka_config;
 pub mod link;
 pub mod tls_files;

@@ -1,6 +1,5 @@
-//! Runs the real `framelink-agent` binary for end-to-end tests: writes its config, starts and
-//! stops it (SIGTERM or SIGKILL), and reads its `/metrics` and `/healthz` over HTTP.
-#![allow(dead_code)]
+//! Runs a framelink binary (agent or worker) for end-to-end tests: writes its config, starts
+//! and stops it (SIGTERM or SIGKILL), and reads its `/metrics` and `/healthz` over HTTP.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -32,7 +31,11 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-pub struct Agent {
+pub struct Daemon {
+    binary: PathBuf,
+    /// Metric name prefix, e.g. `framelink_agent`.
+    prefix: &'static str,
+    env: Vec<(String, String)>,
     pub dir: PathBuf,
     pub config: PathBuf,
     pub port: u16,
@@ -40,25 +43,53 @@ pub struct Agent {
     log: PathBuf,
 }
 
-impl Agent {
-    /// Writes `body` (everything but `[http]`) as the config, in `dir`.
-    pub fn configure(dir: &Path, body: &str) -> Agent {
+/// The agent under test (`binary`: `env!("CARGO_BIN_EXE_framelink-agent")`).
+pub type Agent = Daemon;
+
+impl Daemon {
+    /// Writes `body` (everything but `[http]`) as the agent's config, in `dir`.
+    pub fn agent(binary: &str, dir: &Path, body: &str) -> Daemon {
+        Self::configure(binary, "framelink_agent", "agent", dir, body)
+    }
+
+    /// Writes `body` (everything but `[http]`) as the worker's config, in `dir`.
+    pub fn worker(binary: &str, dir: &Path, body: &str) -> Daemon {
+        Self::configure(binary, "framelink_worker", "worker", dir, body)
+    }
+
+    fn configure(binary: &str, prefix: &'static str, name: &str, dir: &Path, body: &str) -> Daemon {
         let port = free_port();
-        let config = dir.join("agent.toml");
+        let config = dir.join(format!("{name}.toml"));
         std::fs::write(&config, format!("{body}\n[http]\nlisten = \"127.0.0.1:{port}\"\n")).unwrap();
-        Agent { dir: dir.to_path_buf(), config, port, child: None, log: dir.join("agent.log") }
+        Daemon {
+            binary: PathBuf::from(binary),
+            prefix,
+            env: Vec::new(),
+            dir: dir.to_path_buf(),
+            config,
+            port,
+            child: None,
+            log: dir.join(format!("{name}.log")),
+        }
+    }
+
+    /// An environment variable for the process (e.g. a config override).
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.push((k.to_owned(), v.to_owned()));
+        self
     }
 
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "already running");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_framelink-agent"))
+        let child = Command::new(&self.binary)
             .args(["run", "--config", self.config.to_str().unwrap()])
             .env("FRAMELINK_LOG", "info,librdkafka=warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .spawn()
-            .expect("start framelink-agent");
+            .expect("start the daemon");
         self.child = Some(child);
         self.wait_for("the HTTP listener", Duration::from_secs(20), |a| a.try_get("/healthz").is_some());
     }
@@ -74,10 +105,10 @@ impl Agent {
         let deadline = Instant::now() + Duration::from_secs(40);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
-                assert!(status.success(), "agent exited with {status}; log:\n{}", self.tail());
+                assert!(status.success(), "exited with {status}; log:\n{}", self.tail());
                 return;
             }
-            assert!(Instant::now() < deadline, "agent did not stop after SIGTERM; log:\n{}", self.tail());
+            assert!(Instant::now() < deadline, "did not stop after SIGTERM; log:\n{}", self.tail());
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -111,12 +142,13 @@ impl Agent {
     }
 
     pub fn healthz(&self) -> serde_json::Value {
-        serde_json::from_str(&self.try_get("/healthz").expect("healthz")).expect("healthz JSON")
+        let body = self.try_get("/healthz").unwrap_or_else(|| panic!("no /healthz; log:\n{}", self.tail()));
+        serde_json::from_str(&body).expect("healthz JSON")
     }
 
     /// Metric samples: `name{labels}` → value (histogram buckets left out).
     pub fn metrics(&self) -> HashMap<String, f64> {
-        let text = self.try_get("/metrics").expect("metrics");
+        let text = self.try_get("/metrics").unwrap_or_else(|| panic!("no /metrics; log:\n{}", self.tail()));
         text.lines()
             .filter(|l| !l.starts_with('#') && !l.contains("_bucket"))
             .filter_map(|l| {
@@ -128,7 +160,7 @@ impl Agent {
 
     /// Sum of all samples of `name` whose labels contain every `filter` (`key="value"`).
     pub fn metric(&self, name: &str, filters: &[&str]) -> f64 {
-        let full = format!("framelink_agent_{name}");
+        let full = format!("{}_{name}", self.prefix);
         self.metrics()
             .iter()
             .filter(|(k, _)| k.split('{').next() == Some(full.as_str()) && filters.iter().all(|f| k.contains(f)))
@@ -136,7 +168,7 @@ impl Agent {
             .sum()
     }
 
-    pub fn wait_for(&self, what: &str, timeout: Duration, cond: impl Fn(&Agent) -> bool) {
+    pub fn wait_for(&self, what: &str, timeout: Duration, cond: impl Fn(&Daemon) -> bool) {
         let deadline = Instant::now() + timeout;
         while !cond(self) {
             assert!(Instant::now() < deadline, "timed out waiting for {what}; log:\n{}", self.tail());
@@ -145,7 +177,7 @@ impl Agent {
     }
 }
 
-impl Drop for Agent {
+impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();

@@ -1,0 +1,205 @@
+//! One frame through the worker: headers → decode → ops → encode (+ motion), or the reason it
+//! goes to the dead-letter topic. Pure of Kafka, so it is tested with plain bytes.
+
+use std::time::{Duration, Instant};
+
+use framelink_common::FrameMeta;
+use framelink_common::wire::{self, header};
+
+use crate::decode::{Decoder, encode};
+use crate::motion::{MotionConfig, MotionDetector, MotionEvent};
+use crate::ops::Pipeline;
+
+/// Why a record goes to the dead-letter topic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejected {
+    /// Short, stable reason (the `framelink-error` header and the metric label).
+    pub reason: &'static str,
+    /// Human-readable detail (the `framelink-error-detail` header).
+    pub detail: String,
+}
+
+/// A processed frame.
+#[derive(Debug)]
+pub struct Processed {
+    /// Source metadata (from headers, or defaults for a plain JPEG).
+    pub meta: FrameMeta,
+    /// The encoded result, unless events-only.
+    pub jpeg: Option<Vec<u8>>,
+    pub width: u32,
+    pub height: u32,
+    pub event: Option<MotionEvent>,
+    pub took: Duration,
+    /// Time spent in each op, in pipeline order.
+    pub op_times: Vec<(String, Duration)>,
+}
+
+/// What the processor knows about a record besides its bytes.
+pub struct RecordInfo<'a> {
+    pub key: Option<&'a [u8]>,
+    pub headers: Vec<(&'a str, Option<&'a [u8]>)>,
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    /// Kafka timestamp, ms.
+    pub timestamp_ms: Option<i64>,
+}
+
+pub struct Processor {
+    pub pipeline: Pipeline,
+    pub max_pixels: u64,
+    pub quality: u8,
+    pub events_only: bool,
+    pub motion: MotionConfig,
+    decoder: Decoder,
+    detector: MotionDetector,
+}
+
+fn reject(reason: &'static str, detail: impl Into<String>) -> Rejected {
+    Rejected { reason, detail: detail.into() }
+}
+
+impl Processor {
+    pub fn new(pipeline: Pipeline, max_pixels: u64, quality: u8, events_only: bool, motion: MotionConfig) -> Self {
+        Self { pipeline, max_pixels, quality, events_only, motion, decoder: Decoder::new(), detector: MotionDetector::default() }
+    }
+
+    /// The frame's metadata: from the contract headers; a record with none of them (a plain
+    /// JPEG from another producer) gets defaults from its key, offset and timestamp.
+    fn meta(&self, r: &RecordInfo<'_>, payload: &[u8]) -> Result<FrameMeta, Rejected> {
+        let has_contract = r.headers.iter().any(|(k, _)| k.starts_with("framelink-"));
+        if has_contract {
+            let meta = FrameMeta::from_header_pairs(r.headers.iter().copied()).map_err(|e| reject("bad_headers", e.to_string()))?;
+            let claimed = meta.width as u64 * meta.height as u64;
+            if claimed > self.max_pixels {
+                return Err(reject("too_large", format!("headers claim {}x{} = {claimed} pixels, above the limit of {}", meta.width, meta.height, self.max_pixels)));
+            }
+            return Ok(meta);
+        }
+        let key = r.key.map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
+        let (device, camera) = match key.split_once('/') {
+            Some((d, c)) if !d.is_empty() && !c.is_empty() => (d.to_owned(), c.to_owned()),
+            _ => (r.topic.to_owned(), format!("partition-{}", r.partition)),
+        };
+        let (device, camera) = (sanitize(&device), sanitize(&camera));
+        let (w, h) = turbojpeg::read_header(payload).map(|h| (h.width as u32, h.height as u32)).unwrap_or((1, 1));
+        Ok(FrameMeta {
+            device_id: device,
+            camera_id: camera,
+            seq: r.offset.max(0) as u64,
+            capture_ns: r.timestamp_ms.unwrap_or(0).max(0) as u64 * 1_000_000,
+            width: w.max(1),
+            height: h.max(1),
+            pixel_format: "JPEG".into(),
+            content_type: wire::CONTENT_TYPE_JPEG.into(),
+        })
+    }
+
+    pub fn process(&mut self, r: &RecordInfo<'_>, payload: Option<&[u8]>) -> Result<Processed, Rejected> {
+        let started = Instant::now();
+        let payload = payload.unwrap_or_default();
+        let meta = self.meta(r, payload)?;
+        if meta.content_type != wire::CONTENT_TYPE_JPEG {
+            return Err(reject("unsupported_content_type", format!("{} is {:?}, not image/jpeg", header::CONTENT_TYPE, meta.content_type)));
+        }
+        // Decode at a DCT scale when the pipeline starts by shrinking anyway.
+        let at_least = match self.pipeline.0.first() {
+            Some(crate::ops::Op::Resize { width, height }) => Some((*width, *height)),
+            _ => None,
+        };
+        let mut img = self.decoder.decode(payload, self.max_pixels, at_least).map_err(|e| reject(e.reason(), e.to_string()))?;
+        let mut op_times = Vec::with_capacity(self.pipeline.0.len());
+        for op in &self.pipeline.0 {
+            let t = Instant::now();
+            img = op.apply(&img).map_err(|e| reject("op_failed", e.to_string()))?;
+            op_times.push((op.to_string(), t.elapsed()));
+        }
+        let event = if self.motion.enabled { self.detector.update(&meta.key(), &img, &self.motion) } else { None };
+        let jpeg = if self.events_only { None } else { Some(encode(&img, self.quality).map_err(|e| reject("encode_failed", e.to_string()))?) };
+        Ok(Processed { meta, jpeg, width: img.width, height: img.height, event, took: started.elapsed(), op_times })
+    }
+}
+
+/// Key parts from foreign producers, made acceptable as ids.
+fn sanitize(s: &str) -> String {
+    let t: String = s.chars().filter(|c| !c.is_control() && *c != '/').take(wire::MAX_ID_LEN).collect();
+    if t.is_empty() { "unknown".into() } else { t }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rocket() -> Vec<u8> {
+        std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/images/rocket.jpg")).unwrap()
+    }
+
+    fn meta(w: u32, h: u32) -> FrameMeta {
+        FrameMeta {
+            device_id: "d".into(),
+            camera_id: "c".into(),
+            seq: 3,
+            capture_ns: 1,
+            width: w,
+            height: h,
+            pixel_format: "YUYV".into(),
+            content_type: "image/jpeg".into(),
+        }
+    }
+
+    fn info<'a>(headers: &'a [(&'static str, String)]) -> RecordInfo<'a> {
+        RecordInfo {
+            key: Some(b"d/c"),
+            headers: headers.iter().map(|(k, v)| (*k, Some(v.as_bytes()))).collect(),
+            topic: "frames",
+            partition: 0,
+            offset: 42,
+            timestamp_ms: Some(1_700_000_000_000),
+        }
+    }
+
+    fn processor(spec: &str) -> Processor {
+        Processor::new(Pipeline::parse(spec).unwrap(), 50_000_000, 85, false, MotionConfig::default())
+    }
+
+    #[test]
+    fn a_frame_is_processed_with_its_headers() {
+        let jpeg = rocket();
+        let h = turbojpeg::read_header(&jpeg).unwrap();
+        let headers = meta(h.width as u32, h.height as u32).to_header_pairs();
+        let out = processor("resize:320x240,grayscale").process(&info(&headers), Some(&jpeg)).unwrap();
+        assert_eq!((out.width, out.height), (320, 240));
+        assert_eq!(out.meta.seq, 3);
+        assert_eq!(out.op_times.len(), 2);
+        let back = turbojpeg::read_header(out.jpeg.as_ref().unwrap()).unwrap();
+        assert_eq!((back.width, back.height), (320, 240));
+    }
+
+    #[test]
+    fn a_plain_jpeg_without_headers_gets_defaults() {
+        let jpeg = rocket();
+        let out = processor("grayscale").process(&info(&[]), Some(&jpeg)).unwrap();
+        assert_eq!((out.meta.device_id.as_str(), out.meta.camera_id.as_str(), out.meta.seq), ("d", "c", 42));
+        assert_eq!(out.meta.capture_ns, 1_700_000_000_000 * 1_000_000);
+    }
+
+    #[test]
+    fn bad_records_are_rejected_with_a_reason() {
+        let jpeg = rocket();
+        let good = meta(100, 100).to_header_pairs();
+        let mut p = processor("grayscale");
+        let cases: Vec<(&str, Vec<u8>, Vec<(&'static str, String)>)> = vec![
+            ("empty", vec![], good.clone()),
+            ("not_jpeg", b"hello, not an image".to_vec(), good.clone()),
+            ("corrupt_jpeg", jpeg[..jpeg.len() / 2].to_vec(), good.clone()),
+            ("too_large", jpeg.clone(), meta(60000, 60000).to_header_pairs()),
+            ("bad_headers", jpeg.clone(), good.iter().map(|(k, v)| (*k, if *k == header::SEQ { "x".into() } else { v.clone() })).collect()),
+            ("bad_headers", jpeg.clone(), good.iter().filter(|(k, _)| *k != header::CAMERA).cloned().collect()),
+        ];
+        for (reason, payload, headers) in cases {
+            let e = p.process(&info(&headers), Some(&payload)).unwrap_err();
+            assert_eq!(e.reason, reason, "{}", e.detail);
+            assert!(!e.detail.is_empty());
+        }
+    }
+}
