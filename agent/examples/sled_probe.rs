@@ -1,4 +1,6 @@
-//! Measures what sled occupies on disk for spool-like use (temporary probe).
+//! Measures what sled 0.34 occupies on disk for spool-like use (200 KB values) at several
+//! segment sizes: the figures behind the spool design (see src/spool/sled_spool.rs).
+//! Run: `cargo run --release -p framelink-agent --example sled_probe`.
 use std::time::Instant;
 fn du(p: &std::path::Path) -> u64 { framelink_agent::spool::sled_spool::disk_usage(p) }
 fn main() {
