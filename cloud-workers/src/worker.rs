@@ -112,7 +112,9 @@ impl Committer {
     fn finish(&self, tp: &Tp, offset: i64) {
         if let Some(next) = self.tracker.done(tp, offset) {
             if let Some(c) = self.consumer.lock().unwrap().as_ref() {
-                if let Err(e) = c.store_offset(&tp.0, tp.1, next) {
+                // librdkafka's rd_kafka_offset_store takes the last *processed* offset and
+                // commits it + 1; `next` is the next offset to consume.
+                if let Err(e) = c.store_offset(&tp.0, tp.1, next - 1) {
                     tracing::debug!(error = %e, "Offset not stored (partition no longer assigned).");
                 }
             }

@@ -217,7 +217,6 @@ async fn w4_bad_records_go_to_the_dead_letter_topic_with_their_reason() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "known failure, under investigation: after a clean stop the restarted worker is assigned its partitions but its fetch requests time out (librdkafka REQTMOUT) and it consumes nothing"]
 async fn w5_sigterm_then_restart_does_not_process_completed_frames_again() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     init_tracing();
