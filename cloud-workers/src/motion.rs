@@ -114,13 +114,7 @@ impl MotionDetector {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn coffee() -> Img {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/images/coffee.png");
-        let img = image::open(p).unwrap().into_rgb8();
-        let (w, h) = img.dimensions();
-        Img::new(w, h, 3, img.into_raw())
-    }
+    use crate::ops::tests::coffee;
 
     #[test]
     fn a_moved_object_is_found_where_it_moved() {

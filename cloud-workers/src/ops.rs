@@ -332,14 +332,15 @@ pub fn resize(img: &Img, width: u32, height: u32) -> Result<Img, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! Reference values were computed independently with numpy / SciPy / Pillow on
     //! shared/testdata/images/coffee.png (600x400 RGB): exact ops against a numpy version of the
     //! same definition, floating-point ones against `scipy.ndimage.gaussian_filter` (sigma 1.5,
     //! mode nearest, truncate 3) and Pillow's `resize(LANCZOS)`.
     use super::*;
 
-    fn coffee() -> Img {
+    /// shared/testdata/images/coffee.png as RGB (also used by the motion tests).
+    pub(crate) fn coffee() -> Img {
         let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/images/coffee.png");
         let img = image::open(p).unwrap().into_rgb8();
         let (w, h) = img.dimensions();

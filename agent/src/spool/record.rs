@@ -71,8 +71,18 @@ pub fn encode(frame: &Frame) -> Vec<u8> {
 
 /// Decodes a spooled value stored under `key`; the error says what is wrong.
 pub fn decode(key: &SpoolKey, v: &[u8]) -> Result<Frame, String> {
+    check_key(key, decode_unkeyed(v)?)
+}
+
+/// [`decode`] of a value already owned as `Bytes` (a file just read): the payload is a slice
+/// of it, not a copy.
+pub fn decode_owned(key: &SpoolKey, v: Bytes) -> Result<Frame, String> {
+    let (meta, pos) = parse(&v)?;
+    check_key(key, Frame { meta, payload: v.slice(pos..) })
+}
+
+fn check_key(key: &SpoolKey, frame: Frame) -> Result<Frame, String> {
     let (camera, seq) = key.parts().ok_or("malformed key")?;
-    let frame = decode_unkeyed(v)?;
     if frame.meta.camera_id != camera || frame.meta.seq != seq {
         return Err(format!("value holds {}#{}, key says {camera}#{seq}", frame.meta.camera_id, frame.meta.seq));
     }
@@ -81,6 +91,12 @@ pub fn decode(key: &SpoolKey, v: &[u8]) -> Result<Frame, String> {
 
 /// Decodes a spooled value on its own (rebuilding an index from files).
 pub fn decode_unkeyed(v: &[u8]) -> Result<Frame, String> {
+    let (meta, pos) = parse(v)?;
+    Ok(Frame { meta, payload: Bytes::copy_from_slice(&v[pos..]) })
+}
+
+/// Checks a value and reads its metadata; returns where the payload starts.
+fn parse(v: &[u8]) -> Result<(FrameMeta, usize), String> {
     if v.len() < 34 {
         return Err(format!("value of {} bytes is too short", v.len()));
     }
@@ -114,7 +130,7 @@ pub fn decode_unkeyed(v: &[u8]) -> Result<Frame, String> {
         content_type,
     };
     meta.validate().map_err(|e| e.to_string())?;
-    Ok(Frame { meta, payload: Bytes::copy_from_slice(&v[pos..]) })
+    Ok((meta, pos))
 }
 
 #[cfg(test)]

@@ -358,7 +358,7 @@ impl Spool for SledSpool {
                     let path = Self::file_path(&self.frames_dir, id);
                     std::fs::read(&path)
                         .map_err(|e| format!("{}: {e}", path.display()))
-                        .and_then(|bytes| record::decode(&key, &bytes).map_err(|e| format!("{}: {e}", path.display())))
+                        .and_then(|bytes| record::decode_owned(&key, bytes.into()).map_err(|e| format!("{}: {e}", path.display())))
                 }
             };
             out.push((key, frame));
