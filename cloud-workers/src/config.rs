@@ -52,6 +52,37 @@ pub struct ProcessingConfig {
     /// Publish motion events only, no result images. Default false.
     #[serde(default)]
     pub events_only: bool,
+    /// `at-least-once` (default) or `exactly-once` (Kafka transactions; see README).
+    #[serde(default)]
+    pub delivery: Delivery,
+    /// Exactly-once: how often the open transaction is committed, in ms. Default 500. Readers
+    /// with `isolation.level=read_committed` see results at most this much later.
+    #[serde(default = "default_transaction_ms")]
+    pub transaction_ms: u64,
+}
+
+/// `worker.delivery`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Delivery {
+    /// Offsets commit after the outputs are acknowledged; a crash can repeat outputs.
+    #[default]
+    AtLeastOnce,
+    /// Outputs and offsets commit together in a Kafka transaction.
+    ExactlyOnce,
+}
+
+impl Delivery {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Delivery::AtLeastOnce => "at-least-once",
+            Delivery::ExactlyOnce => "exactly-once",
+        }
+    }
+}
+
+fn default_transaction_ms() -> u64 {
+    500
 }
 
 fn default_max_pixels() -> u64 {
@@ -192,6 +223,9 @@ impl WorkerConfig {
         self.worker.pipeline_ops()?;
         if !(1..=100).contains(&self.worker.jpeg_quality) {
             bail!("config key `worker.jpeg_quality`: {} is not from 1 to 100", self.worker.jpeg_quality);
+        }
+        if !(10..=60_000).contains(&self.worker.transaction_ms) {
+            bail!("config key `worker.transaction_ms`: {} is not from 10 to 60000", self.worker.transaction_ms);
         }
         if self.worker.max_pixels == 0 {
             bail!("config key `worker.max_pixels`: must be at least 1");

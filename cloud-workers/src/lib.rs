@@ -7,4 +7,6 @@ pub mod metrics;
 pub mod motion;
 pub mod ops;
 pub mod process;
+pub mod tracker;
+pub mod txn;
 pub mod worker;

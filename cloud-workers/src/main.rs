@@ -1,4 +1,4 @@
-//! `framelink-worker`: the edge daemon. This binary only parses the command line, loads the
+//! `framelink-worker`: the cloud worker. This binary only parses the command line, loads the
 //! config and wires stages together; the work lives in library modules.
 
 use framelink_worker::config;
@@ -75,11 +75,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 let m1 = metrics.clone();
                 let m2 = metrics.clone();
                 let addr = v.config.http.listen.parse()?;
-                let bound = framelink_common::http::spawn(
-                    addr,
-                    Arc::new(move || m1.render()),
-                    Arc::new(move || serde_json::json!({"status": "ok", "frames_in": m2.frames_in.get(), "in_flight": m2.in_flight.get()})),
-                )?;
+                let bound = framelink_common::http::spawn(addr, Arc::new(move || m1.render()), Arc::new(move || m2.health_json()))?;
                 tracing::info!(%bound, "Serving /metrics and /healthz.");
             }
             framelink_worker::worker::run(v, shutdown, metrics)

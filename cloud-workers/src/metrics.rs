@@ -1,6 +1,10 @@
-//! The worker's Prometheus metrics (prefix `framelink_worker_`).
+//! The worker's Prometheus metrics (prefix `framelink_worker_`) and what `/healthz` reports.
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use framelink_common::link::LinkStatus;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -26,6 +30,27 @@ pub struct Metrics {
     pub latency: Histogram,
     pub lag: Family<Labels, Gauge>,
     pub in_flight: Gauge,
+    pub txn_commits: Counter,
+    pub txn_aborts: Counter,
+    pub health: Mutex<Health>,
+    /// Wall clock (ns) of the last output Kafka acknowledged; 0 = none yet.
+    pub last_output_ns: AtomicU64,
+}
+
+/// State `/healthz` reports besides counters.
+#[derive(Default)]
+pub struct Health {
+    pub group: String,
+    pub delivery: &'static str,
+    pub pipeline: String,
+    /// `topic[partition]` this member owns now.
+    pub assigned: BTreeSet<(String, i32)>,
+    /// Brokers the consumer is connected to, from librdkafka's statistics; `None` before the
+    /// first report.
+    pub brokers_up: Option<usize>,
+    pub link: Option<Arc<LinkStatus>>,
+    pub lag_total: i64,
+    pub stopping: bool,
 }
 
 impl Metrics {
@@ -43,6 +68,10 @@ impl Metrics {
             latency: seconds(),
             lag: Family::default(),
             in_flight: Gauge::default(),
+            txn_commits: Counter::default(),
+            txn_aborts: Counter::default(),
+            health: Mutex::default(),
+            last_output_ns: AtomicU64::new(0),
         };
         registry.register("frames_in", "Records consumed", m.frames_in.clone());
         registry.register("frames_out", "Frames processed", m.frames_out.clone());
@@ -54,7 +83,37 @@ impl Metrics {
         registry.register("latency_seconds", "Capture to processed (end-to-end latency)", m.latency.clone());
         registry.register("consumer_lag", "Records behind the partition's end", m.lag.clone());
         registry.register("in_flight", "Records consumed but not yet committed", m.in_flight.clone());
+        registry.register("transactions_committed", "Kafka transactions committed (exactly-once mode)", m.txn_commits.clone());
+        registry.register("transactions_aborted", "Kafka transactions aborted and rewound (exactly-once mode)", m.txn_aborts.clone());
         Arc::new(Self { registry, ..m })
+    }
+
+    /// `/healthz`: `ok` while connected to the cluster, `starting` before the first statistics
+    /// report, `degraded` (with the link error) when no broker is up, `stopping` on shutdown.
+    pub fn health_json(&self) -> serde_json::Value {
+        let h = self.health.lock().expect("health lock");
+        let link_error = h.link.as_ref().and_then(|l| l.diagnosis()).map(|d| d.to_string());
+        let status = match (h.stopping, h.brokers_up) {
+            (true, _) => "stopping",
+            (false, None) => "starting",
+            (false, Some(0)) => "degraded",
+            (false, Some(_)) => "ok",
+        };
+        let last = self.last_output_ns.load(Ordering::Relaxed);
+        serde_json::json!({
+            "status": status,
+            "link_error": if status == "ok" { None } else { link_error },
+            "group": h.group,
+            "delivery": h.delivery,
+            "pipeline": h.pipeline,
+            "partitions": h.assigned.iter().map(|(t, p)| format!("{t}[{p}]")).collect::<Vec<_>>(),
+            "brokers_up": h.brokers_up,
+            "frames_in": self.frames_in.get(),
+            "frames_out": self.frames_out.get(),
+            "in_flight": self.in_flight.get(),
+            "lag": h.lag_total,
+            "seconds_since_last_output": (last > 0).then(|| now_ns().saturating_sub(last) as f64 / 1e9),
+        })
     }
 
     pub fn render(&self) -> String {

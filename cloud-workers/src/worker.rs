@@ -1,5 +1,5 @@
 //! The worker loop: a consumer-group member that processes frames on a pool of threads and
-//! commits at-least-once.
+//! commits at-least-once, or exactly-once with Kafka transactions (see [`crate::txn`]).
 //!
 //! - **Order**: frames are routed to processing threads by a hash of their key, so one
 //!   camera's frames are processed and produced in order; cameras run in parallel.
@@ -12,11 +12,12 @@
 //!   revoked partitions' frames in flight are acknowledged and commits before letting go.
 //! - **Shutdown** (SIGTERM/SIGINT): stop taking new records, finish and acknowledge what is in
 //!   flight, commit synchronously, leave the group.
+//! - **Lag and health** come from librdkafka's statistics callback (no extra requests on the
+//!   poll thread).
 
-use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -28,97 +29,38 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Reb
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, DeliveryResult, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
-use rdkafka::{ClientContext, Offset};
+use rdkafka::ClientContext;
+use rdkafka::statistics::Statistics;
 
-use crate::config::Validated;
+use crate::config::{Delivery, Validated};
 use crate::metrics::Metrics;
 use crate::process::{Processor, RecordInfo};
+use crate::tracker::{Tp, Tracker};
+use crate::txn::{Transactions, TxnError};
 
-type Tp = (String, i32);
-
-/// Offsets in flight per partition: offset → outputs still unacknowledged.
-#[derive(Default)]
-pub struct Tracker {
-    parts: Mutex<HashMap<Tp, BTreeMap<i64, u32>>>,
-    changed: Condvar,
-}
-
-impl Tracker {
-    fn start(&self, tp: &Tp, offset: i64) {
-        self.parts.lock().unwrap().entry(tp.clone()).or_default().insert(offset, 0);
-    }
-
-    fn add_outputs(&self, tp: &Tp, offset: i64, n: u32) {
-        if let Some(o) = self.parts.lock().unwrap().get_mut(tp).and_then(|m| m.get_mut(&offset)) {
-            *o += n;
-        }
-    }
-
-    /// One output of `offset` acknowledged (or the record finished with nothing to send);
-    /// returns the offset that may now be stored (next to consume), if it moved.
-    fn done(&self, tp: &Tp, offset: i64) -> Option<i64> {
-        let mut parts = self.parts.lock().unwrap();
-        let m = parts.get_mut(tp)?;
-        let left = m.get_mut(&offset)?;
-        *left = left.saturating_sub(1);
-        if *left > 0 {
-            return None;
-        }
-        let was_first = m.keys().next() == Some(&offset);
-        m.remove(&offset);
-        self.changed.notify_all();
-        if !was_first {
-            return None;
-        }
-        Some(m.keys().next().copied().unwrap_or(offset + 1))
-    }
-
-    pub fn in_flight(&self) -> usize {
-        self.parts.lock().unwrap().values().map(|m| m.len()).sum()
-    }
-
-    /// Waits until the given partitions (all when `None`) have nothing in flight.
-    fn wait_idle(&self, only: Option<&[Tp]>, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut parts = self.parts.lock().unwrap();
-        loop {
-            let busy = parts.iter().any(|(tp, m)| !m.is_empty() && only.is_none_or(|o| o.contains(tp)));
-            if !busy {
-                return true;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            parts = self.changed.wait_timeout(parts, deadline - now).unwrap().0;
-        }
-    }
-
-    fn forget(&self, tps: &[Tp]) {
-        let mut parts = self.parts.lock().unwrap();
-        for tp in tps {
-            parts.remove(tp);
-        }
-    }
-}
-
-/// Marks outputs done and stores the partition's offset when it can move.
+/// Marks outputs done and, in at-least-once mode, stores the partition's offset when it can
+/// move (librdkafka auto-commits stored offsets). In exactly-once mode the positions wait in
+/// the tracker for the next transaction.
 pub struct Committer {
     tracker: Arc<Tracker>,
     consumer: Mutex<Option<Arc<BaseConsumer<ConsumeContext>>>>,
+    store: bool,
 }
 
 impl Committer {
-    fn finish(&self, tp: &Tp, offset: i64) {
-        if let Some(next) = self.tracker.done(tp, offset) {
-            if let Some(c) = self.consumer.lock().unwrap().as_ref() {
-                // librdkafka's rd_kafka_offset_store takes the last *processed* offset and
-                // commits it + 1; `next` is the next offset to consume.
-                if let Err(e) = c.store_offset(&tp.0, tp.1, next - 1) {
-                    tracing::debug!(error = %e, "Offset not stored (partition no longer assigned).");
-                }
-            }
+    fn finish(&self, tp: &Tp, offset: i64, epoch: u64) {
+        if epoch != self.tracker.epoch() {
+            return; // from before an aborted transaction: already forgotten
         }
+        let consumer = self.consumer.lock().unwrap().clone();
+        self.tracker.done_then(tp, offset, |next| {
+            let Some(c) = consumer.as_ref().filter(|_| self.store) else { return };
+            // librdkafka's rd_kafka_offset_store takes the last *processed* offset and
+            // commits it + 1; `next` is the next offset to consume.
+            if let Err(e) = c.store_offset(&tp.0, tp.1, next - 1) {
+                tracing::debug!(error = %e, "Offset not stored (partition no longer assigned).");
+            }
+        });
     }
 }
 
@@ -126,6 +68,7 @@ impl Committer {
 struct Output {
     tp: Tp,
     offset: i64,
+    epoch: u64,
     kind: &'static str,
 }
 
@@ -150,21 +93,32 @@ impl ProducerContext for ProduceContext {
         match result {
             Ok(_) => {
                 self.metrics.outputs.get_or_create(&vec![("kind", out.kind.to_owned())]).inc();
+                self.metrics.last_output_ns.store(crate::metrics::now_ns(), Ordering::Relaxed);
             }
+            Err(_) if out.epoch != self.committer.tracker.epoch() => {} // purged by an abort
             Err((e, _)) => {
                 // Delivery timeout is infinite: this is a permanent refusal (e.g. too large).
                 tracing::error!(topic = out.tp.0, partition = out.tp.1, offset = out.offset, kind = out.kind, error = %e, "Output refused by Kafka; the input is committed without it.");
                 self.metrics.outputs_failed.inc();
             }
         }
-        self.committer.finish(&out.tp, out.offset);
+        self.committer.finish(&out.tp, out.offset, out.epoch);
     }
 }
 
 pub struct ConsumeContext {
     link: LinkContext,
     tracker: Arc<Tracker>,
+    metrics: Arc<Metrics>,
+    /// Exactly-once mode: the transactions (set once the producer is ready).
+    txn: OnceLock<Arc<Txn>>,
+    /// A fatal transaction error seen in a rebalance callback; the poll loop stops on it.
+    fatal: Mutex<Option<String>>,
 }
+
+/// A processed record and its outputs, waiting for its turn (exactly-once).
+type Released = (Job, Vec<Send>);
+type Txn = Transactions<ProduceContext, Released>;
 
 impl ClientContext for ConsumeContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, msg: &str) {
@@ -173,6 +127,28 @@ impl ClientContext for ConsumeContext {
     fn error(&self, error: KafkaError, reason: &str) {
         self.link.error(error, reason)
     }
+    /// librdkafka's statistics (every 5 s, served by the poll call): consumer lag per owned
+    /// partition from the high watermarks the fetches already carry, and brokers up. No extra
+    /// requests, nothing blocking the poll loop.
+    fn stats(&self, stats: Statistics) {
+        let mut h = self.metrics.health.lock().unwrap();
+        h.brokers_up = Some(stats.brokers.values().filter(|b| b.nodeid >= 0 && b.state == "UP").count());
+        let mut total = 0;
+        for (topic, t) in &stats.topics {
+            for (partition, p) in &t.partitions {
+                if !h.assigned.contains(&(topic.clone(), *partition)) || p.consumer_lag < 0 {
+                    continue;
+                }
+                total += p.consumer_lag;
+                self.metrics.lag.get_or_create(&lag_labels(topic, *partition)).set(p.consumer_lag);
+            }
+        }
+        h.lag_total = total;
+    }
+}
+
+fn lag_labels(topic: &str, partition: i32) -> Vec<(&'static str, String)> {
+    vec![("topic", topic.to_owned()), ("partition", partition.to_string())]
 }
 
 impl ConsumerContext for ConsumeContext {
@@ -183,10 +159,34 @@ impl ConsumerContext for ConsumeContext {
             if !self.tracker.wait_idle(Some(&tps), Duration::from_secs(30)) {
                 tracing::warn!("Frames still in flight after 30 s; their offsets are not committed (they will be processed again).");
             }
-            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-                tracing::debug!(error = %e, "Commit on revoke.");
+            match self.txn.get() {
+                None => {
+                    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                        tracing::debug!(error = %e, "Commit on revoke.");
+                    }
+                }
+                Some(txn) => match txn.commit(consumer) {
+                    Ok(committed) => {
+                        if committed {
+                            self.metrics.txn_commits.inc();
+                        }
+                    }
+                    Err(TxnError::Fatal(e)) => *self.fatal.lock().unwrap() = Some(e.to_string()),
+                    Err(e) => {
+                        self.metrics.txn_aborts.inc();
+                        tracing::warn!(error = %e, "Transaction on revoke not committed; those frames are processed again.");
+                    }
+                },
             }
             self.tracker.forget(&tps);
+            if let Some(txn) = self.txn.get() {
+                txn.order.forget(&tps);
+            }
+            let mut h = self.metrics.health.lock().unwrap();
+            for tp in &tps {
+                h.assigned.remove(tp);
+                self.metrics.lag.remove(&lag_labels(&tp.0, tp.1));
+            }
         }
     }
 
@@ -194,6 +194,8 @@ impl ConsumerContext for ConsumeContext {
         if let Rebalance::Assign(tpl) = rebalance {
             let tps: Vec<String> = tpl.elements().iter().map(|e| format!("{}[{}]", e.topic(), e.partition())).collect();
             tracing::info!(partitions = ?tps, "Partitions assigned.");
+            let mut h = self.metrics.health.lock().unwrap();
+            h.assigned.extend(tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())));
         }
     }
 }
@@ -202,16 +204,19 @@ impl ConsumerContext for ConsumeContext {
 struct Job {
     tp: Tp,
     offset: i64,
+    /// The tracker's epoch when it was taken (exactly-once: stale after an abort).
+    epoch: u64,
     key: Option<Vec<u8>>,
     payload: Option<Vec<u8>>,
     headers: Vec<(String, Option<Vec<u8>>)>,
     timestamp_ms: Option<i64>,
 }
 
-fn job_from(m: &BorrowedMessage<'_>) -> Job {
+fn job_from(m: &BorrowedMessage<'_>, epoch: u64) -> Job {
     Job {
         tp: (m.topic().to_owned(), m.partition()),
         offset: m.offset(),
+        epoch,
         key: m.key().map(<[u8]>::to_vec),
         payload: m.payload().map(<[u8]>::to_vec),
         headers: m.headers().map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec))).collect()).unwrap_or_default(),
@@ -223,19 +228,33 @@ fn worker_id() -> String {
     std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| format!("pid-{}", std::process::id()))
 }
 
+/// Largest record the producer will send (`message.max.bytes`); bigger results are dead-lettered.
+const MAX_OUTPUT_BYTES: usize = 16 * 1024 * 1024;
+
 pub fn run(v: Validated, shutdown: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Result<()> {
     let cfg = &v.config;
     let id = cfg.worker.id.clone().unwrap_or_else(worker_id);
+    let exactly_once = cfg.worker.delivery == Delivery::ExactlyOnce;
     let tracker = Arc::new(Tracker::default());
     let link = Arc::new(LinkStatus::default());
-    let committer = Arc::new(Committer { tracker: tracker.clone(), consumer: Mutex::new(None) });
+    let committer = Arc::new(Committer { tracker: tracker.clone(), consumer: Mutex::new(None), store: !exactly_once });
+    {
+        let mut h = metrics.health.lock().unwrap();
+        h.group = cfg.consumer.group_id.clone();
+        h.delivery = cfg.worker.delivery.as_str();
+        h.pipeline = cfg.worker.pipeline.clone();
+        h.link = Some(link.clone());
+    }
 
     let mut pc = v.kafka.client_config(&format!("framelink-worker-{id}"));
-    pc.set("acks", "all")
-        .set("enable.idempotence", "true")
-        .set("message.timeout.ms", "0") // never give up on an output: the input stays uncommitted meanwhile
-        .set("linger.ms", "5")
-        .set("message.max.bytes", "16777216");
+    pc.set("acks", "all").set("enable.idempotence", "true").set("linger.ms", "5").set("message.max.bytes", (MAX_OUTPUT_BYTES + 65536).to_string());
+    if exactly_once {
+        // One transactional id per worker instance; fencing of a worker that lost its
+        // partitions goes by the consumer group's generation (KIP-447).
+        pc.set("transactional.id", format!("framelink-worker-{}-{id}", cfg.consumer.group_id)).set("transaction.timeout.ms", "60000").set("message.timeout.ms", "60000");
+    } else {
+        pc.set("message.timeout.ms", "0"); // never give up on an output: the input stays uncommitted meanwhile
+    }
     let producer: Arc<ThreadedProducer<ProduceContext>> = Arc::new(
         pc.create_with_context(ProduceContext { link: LinkContext::new(link.clone()), committer: committer.clone(), metrics: metrics.clone() })
             .context("creating the Kafka producer")?,
@@ -244,18 +263,27 @@ pub fn run(v: Validated, shutdown: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Re
     let mut cc = v.kafka.client_config(&format!("framelink-worker-{id}"));
     cc.set("group.id", &cfg.consumer.group_id)
         .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("enable.auto.commit", "true")
+        .set("enable.auto.commit", if exactly_once { "false" } else { "true" })
         .set("enable.auto.offset.store", "false")
         .set("auto.commit.interval.ms", "1000")
+        .set("isolation.level", "read_committed")
         .set("auto.offset.reset", &cfg.consumer.auto_offset_reset)
+        .set("statistics.interval.ms", "5000")
         .set("fetch.max.bytes", "52428800")
         .set("max.partition.fetch.bytes", "16777216");
-    let consumer: Arc<BaseConsumer<ConsumeContext>> =
-        Arc::new(cc.create_with_context(ConsumeContext { link: LinkContext::new(link.clone()), tracker: tracker.clone() }).context("creating the Kafka consumer")?);
+    let context = ConsumeContext { link: LinkContext::new(link.clone()), tracker: tracker.clone(), metrics: metrics.clone(), txn: OnceLock::new(), fatal: Mutex::new(None) };
+    let consumer: Arc<BaseConsumer<ConsumeContext>> = Arc::new(cc.create_with_context(context).context("creating the Kafka consumer")?);
     *committer.consumer.lock().unwrap() = Some(consumer.clone());
+    let txn: Option<Arc<Txn>> = if exactly_once {
+        let t = Arc::new(Transactions::start(producer.clone(), tracker.clone()).context("starting Kafka transactions (worker.delivery = exactly-once)")?);
+        let _ = consumer.context().txn.set(t.clone());
+        Some(t)
+    } else {
+        None
+    };
     let topics: Vec<&str> = cfg.consumer.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics).context("subscribing")?;
-    tracing::info!(worker = id, group = cfg.consumer.group_id, topics = ?topics, pipeline = %cfg.worker.pipeline, kafka = v.kafka.describe(), "Worker running.");
+    tracing::info!(worker = id, group = cfg.consumer.group_id, topics = ?topics, pipeline = %cfg.worker.pipeline, delivery = cfg.worker.delivery.as_str(), kafka = v.kafka.describe(), "Worker running.");
 
     // Processing threads, each fed by a small queue; a camera always goes to the same one.
     let threads = cfg.worker.thread_count();
@@ -264,27 +292,57 @@ pub fn run(v: Validated, shutdown: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Re
     for i in 0..threads {
         let (tx, rx) = crossbeam_channel::bounded::<Job>(4);
         queues.push(tx);
-        let (producer, tracker, committer, metrics) = (producer.clone(), tracker.clone(), committer.clone(), metrics.clone());
+        let (producer, tracker, committer, metrics, txn) = (producer.clone(), tracker.clone(), committer.clone(), metrics.clone(), txn.clone());
         let mut processor = Processor::new(cfg.worker.pipeline_ops()?, cfg.worker.max_pixels, cfg.worker.jpeg_quality, cfg.worker.events_only, cfg.motion.clone());
         let out = cfg.output.clone();
         let (id, spec) = (id.clone(), cfg.worker.pipeline.clone());
         handles.push(std::thread::Builder::new().name(format!("process-{i}")).spawn(move || {
             for job in rx {
-                handle(&job, &mut processor, &producer, &tracker, &committer, &metrics, &out, &id, &spec);
+                let sends = process(&job, &mut processor, &metrics, &out, &id, &spec);
+                let Some(t) = &txn else {
+                    send(&job, sends, &producer, &tracker, &committer, &metrics);
+                    continue;
+                };
+                // Exactly-once: produced in offset order, never across a commit.
+                let Some(_guard) = t.produce_guard(job.epoch) else { continue }; // aborted meanwhile: rewound
+                let (tp, offset) = (job.tp.clone(), job.offset);
+                for (job, sends) in t.order.complete(&tp, offset, (job, sends)) {
+                    send(&job, sends, &producer, &tracker, &committer, &metrics);
+                }
             }
         })?);
     }
 
-    let mut last_lag = Instant::now();
+    let interval = Duration::from_millis(cfg.worker.transaction_ms);
+    let reset_to_end = cfg.consumer.auto_offset_reset == "latest";
+    let mut failure = None;
     while !shutdown.load(Ordering::Relaxed) {
-        match consumer.poll(Duration::from_millis(100)) {
+        let polled = consumer.poll(Duration::from_millis(100));
+        if let Some(e) = consumer.context().fatal.lock().unwrap().take() {
+            failure = Some(anyhow::anyhow!("exactly-once: {e}"));
+            break;
+        }
+        if let Some(t) = &txn {
+            match t.take_rewind(&consumer, reset_to_end) {
+                Ok(false) => {}
+                Ok(true) => continue, // `polled` is from before the rewind: it comes again
+                Err(e) => {
+                    failure = Some(anyhow::anyhow!("exactly-once: rewinding after an abort: {e}"));
+                    break;
+                }
+            }
+        }
+        match polled {
             None => {}
             Some(Err(e)) => tracing::warn!(error = %e, "Consumer error."),
             Some(Ok(m)) => {
-                let job = job_from(&m);
+                let job = job_from(&m, tracker.epoch());
                 drop(m);
                 metrics.frames_in.inc();
                 tracker.start(&job.tp, job.offset);
+                if let Some(t) = &txn {
+                    t.order.dispatched(&job.tp, job.offset);
+                }
                 let mut h = std::collections::hash_map::DefaultHasher::new();
                 job.key.hash(&mut h);
                 let q = &queues[(h.finish() % threads as u64) as usize];
@@ -292,13 +350,27 @@ pub fn run(v: Validated, shutdown: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Re
                 let _ = q.send(job);
             }
         }
-        if last_lag.elapsed() > Duration::from_secs(5) {
-            update_lag(&consumer, &metrics);
-            last_lag = Instant::now();
+        if let Some(t) = &txn {
+            match t.maybe_commit(&consumer, interval) {
+                Ok(true) => {
+                    metrics.txn_commits.inc();
+                }
+                Ok(false) => {}
+                Err(TxnError::Fatal(e)) => {
+                    failure = Some(anyhow::anyhow!("exactly-once: {e} (another worker with this id, or the group moved on)"));
+                    break;
+                }
+                Err(TxnError::NoGroup) => {}
+                Err(e) => {
+                    metrics.txn_aborts.inc();
+                    tracing::warn!(error = %e, "Transaction aborted; rewinding to the last committed offsets.");
+                }
+            }
         }
         metrics.in_flight.set(tracker.in_flight() as i64);
     }
 
+    metrics.health.lock().unwrap().stopping = true;
     tracing::info!(in_flight = tracker.in_flight(), "Stopping: finishing frames in flight.");
     if let Ok(assigned) = consumer.assignment() {
         let _ = consumer.pause(&assigned);
@@ -313,43 +385,33 @@ pub fn run(v: Validated, shutdown: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Re
         let _ = producer.flush(Duration::from_millis(100));
     }
     let _ = producer.flush(Duration::from_secs(5));
-    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-        tracing::debug!(error = %e, "Final commit.");
+    match &txn {
+        None => {
+            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                tracing::debug!(error = %e, "Final commit.");
+            }
+        }
+        Some(t) if failure.is_none() => match t.commit(&consumer) {
+            Ok(committed) => {
+                if committed {
+                    metrics.txn_commits.inc();
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "Final transaction not committed; those frames will be processed again."),
+        },
+        Some(_) => {}
     }
     consumer.unsubscribe();
     *committer.consumer.lock().unwrap() = None;
     tracing::info!(frames_in = metrics.frames_in.get(), "Worker stopped.");
-    Ok(())
+    failure.map_or(Ok(()), Err)
 }
 
-fn update_lag(consumer: &BaseConsumer<ConsumeContext>, metrics: &Metrics) {
-    let Ok(assigned) = consumer.assignment() else { return };
-    let Ok(positions) = consumer.position() else { return };
-    for e in assigned.elements() {
-        let (topic, partition) = (e.topic(), e.partition());
-        let Ok((_, high)) = consumer.fetch_watermarks(topic, partition, Duration::from_millis(500)) else { continue };
-        let pos = positions.find_partition(topic, partition).and_then(|p| match p.offset() {
-            Offset::Offset(o) => Some(o),
-            _ => None,
-        });
-        if let Some(pos) = pos {
-            metrics.lag.get_or_create(&vec![("topic", topic.to_owned()), ("partition", partition.to_string())]).set((high - pos).max(0));
-        }
-    }
-}
+/// One output record: topic, kind (metric label), key, payload, headers.
+type Send = (String, &'static str, Option<Vec<u8>>, Vec<u8>, OwnedHeaders);
 
-#[allow(clippy::too_many_arguments)]
-fn handle(
-    job: &Job,
-    processor: &mut Processor,
-    producer: &ThreadedProducer<ProduceContext>,
-    tracker: &Tracker,
-    committer: &Committer,
-    metrics: &Metrics,
-    out: &crate::config::OutputConfig,
-    worker: &str,
-    spec: &str,
-) {
+/// Processes one record into the outputs it produces (results, event, or a dead letter).
+fn process(job: &Job, processor: &mut Processor, metrics: &Metrics, out: &crate::config::OutputConfig, worker: &str, spec: &str) -> Vec<Send> {
     let info = RecordInfo {
         key: job.key.as_deref(),
         headers: job.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect(),
@@ -358,8 +420,12 @@ fn handle(
         offset: job.offset,
         timestamp_ms: job.timestamp_ms,
     };
-    let mut sends: Vec<(String, &'static str, Option<Vec<u8>>, Vec<u8>, OwnedHeaders)> = Vec::new();
-    match processor.process(&info, job.payload.as_deref()) {
+    let mut sends: Vec<Send> = Vec::new();
+    let result = processor.process(&info, job.payload.as_deref()).and_then(|p| match &p.jpeg {
+        Some(j) if j.len() > MAX_OUTPUT_BYTES => Err(crate::process::Rejected { reason: "result_too_large", detail: format!("the result JPEG is {} bytes, over the {MAX_OUTPUT_BYTES}-byte record limit", j.len()) }),
+        _ => Ok(p),
+    });
+    match result {
         Ok(p) => {
             for (op, t) in &p.op_times {
                 metrics.op_seconds.get_or_create(&vec![("op", op.split(':').next().unwrap_or(op).to_owned())]).observe(t.as_secs_f64());
@@ -419,11 +485,16 @@ fn handle(
             sends.push((out.dlq_topic.clone(), "dead_letter", job.key.clone(), job.payload.clone().unwrap_or_default(), headers));
         }
     }
+    sends
+}
+
+/// Hands a record's outputs to the producer; the record is done once Kafka acknowledged them.
+fn send(job: &Job, sends: Vec<Send>, producer: &ThreadedProducer<ProduceContext>, tracker: &Tracker, committer: &Committer, metrics: &Metrics) {
     // One unit for the record itself, released below: an offset is never "done" before all
     // of its outputs are handed to the producer.
     tracker.add_outputs(&job.tp, job.offset, sends.len() as u32 + 1);
     for (topic, kind, key, payload, headers) in sends {
-        let mut opaque = Box::new(Output { tp: job.tp.clone(), offset: job.offset, kind });
+        let mut opaque = Box::new(Output { tp: job.tp.clone(), offset: job.offset, epoch: job.epoch, kind });
         loop {
             let mut record = BaseRecord::with_opaque_to(&topic, opaque).payload(&payload).headers(headers.clone());
             if let Some(k) = &key {
@@ -439,34 +510,11 @@ fn handle(
                     tracing::error!(topic, error = %e, "Cannot produce output.");
                     metrics.outputs_failed.inc();
                     let o = r.delivery_opaque;
-                    committer.finish(&o.tp, o.offset);
+                    committer.finish(&o.tp, o.offset, o.epoch);
                     break;
                 }
             }
         }
     }
-    committer.finish(&job.tp, job.offset);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_stored_offset_never_passes_a_frame_in_flight() {
-        let t = Tracker::default();
-        let tp = ("frames".to_string(), 0);
-        for o in 10..14 {
-            t.start(&tp, o);
-            t.add_outputs(&tp, o, 1);
-        }
-        assert_eq!(t.done(&tp, 12), None, "12 done, but 10 and 11 are in flight");
-        assert_eq!(t.done(&tp, 11), None);
-        assert_eq!(t.done(&tp, 10), Some(13), "10 done: 11, 12 done too, 13 is next");
-        t.add_outputs(&tp, 13, 1); // two outputs (result + event)
-        assert_eq!(t.done(&tp, 13), None);
-        assert_eq!(t.done(&tp, 13), Some(14));
-        assert_eq!(t.in_flight(), 0);
-        assert!(t.wait_idle(None, Duration::from_millis(10)));
-    }
+    committer.finish(&job.tp, job.offset, job.epoch);
 }

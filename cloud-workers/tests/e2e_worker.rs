@@ -1,5 +1,6 @@
 //! The worker end to end against a real Kafka broker: agent → worker → results, consumer
-//! group sharing, a worker killed mid-stream, dead letters, and restart without reprocessing.
+//! group sharing, a worker killed mid-stream, dead letters, restart without reprocessing,
+//! exactly-once through a SIGKILL, and partitions moving between workers under load.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -8,7 +9,7 @@ use std::time::Duration;
 
 use framelink_common::KafkaConfig;
 use framelink_testkit::daemon::{Daemon, kafka_toml};
-use framelink_testkit::{Broker, Producer, consume_all, frame_meta, init_tracing, rand_topic, test_meta};
+use framelink_testkit::{Broker, Producer, consume_all, consume_all_uncommitted, frame_meta, init_tracing, rand_topic, test_meta};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_framelink-worker");
@@ -239,4 +240,100 @@ async fn w5_sigterm_then_restart_does_not_process_completed_frames_again() {
     w.stop();
     let results = consume_all(&b.plaintext(), &t.results, Duration::from_secs(5)).await.unwrap();
     assert_eq!(results.len(), 80, "60 + 20, nothing processed twice");
+}
+
+/// Lets a dead member's partitions move within seconds instead of the default 45 s.
+const SHORT_SESSION: &str = "[kafka.librdkafka]\n\"session.timeout.ms\" = \"6000\"\n";
+
+/// Waits until the results topic (read_committed) holds an output for every expected input.
+async fn wait_for_results(b: &Broker, topic: &str, expected: &BTreeSet<(String, u64)>) -> Vec<OwnedMessage> {
+    let mut results = Vec::new();
+    for _ in 0..30 {
+        results = consume_all(&b.plaintext(), topic, Duration::from_secs(3)).await.unwrap();
+        if result_ids(&results).into_iter().collect::<BTreeSet<_>>() == *expected {
+            break;
+        }
+    }
+    results
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn w6_exactly_once_survives_sigkill_without_duplicates() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    init_tracing();
+    let b = Broker::shared();
+    let t = topics(b, "w6", 2).await;
+    produce_frames(&b.plaintext(), &t.frames, 200, 0).await;
+    let extra = format!("delivery = \"exactly-once\"\ntransaction_ms = 200\n{SHORT_SESSION}");
+    let body = worker_body(&b.plaintext(), &t, "g-w6", "resize:320x240,blur:2", &extra);
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = Daemon::worker(WORKER, dir.path(), &body).env("FRAMELINK__WORKER__ID", "eos-1");
+    w.start();
+    w.wait_for("some transactions committed", Duration::from_secs(60), |w| w.metric("transactions_committed_total", &[]) >= 2.0 && w.metric("frames_out_total", &[]) >= 40.0);
+    assert_eq!(w.healthz()["delivery"], "exactly-once");
+    w.kill(); // mid-transaction: its open transaction must never become visible
+    // The same transactional id again: the broker aborts the dead instance's transaction.
+    w.start();
+    let expected: BTreeSet<(String, u64)> = (0..200u64).map(|i| (format!("c{}", i % 4), i / 4)).collect();
+    let results = wait_for_results(b, &t.results, &expected).await;
+    w.stop();
+    let ids = result_ids(&results);
+    let unique: BTreeSet<_> = ids.iter().cloned().collect();
+    assert_eq!(unique, expected, "every input has an output");
+    if ids.len() != 200 {
+        let mut seen = BTreeMap::new();
+        for m in &results {
+            let id = result_ids(std::slice::from_ref(m)).remove(0);
+            seen.entry(id).or_insert_with(Vec::new).push((m.partition(), m.offset(), m.timestamp().to_millis()));
+        }
+        for (id, at) in seen.iter().filter(|(_, v)| v.len() > 1) {
+            println!("duplicate {id:?} at {at:?}");
+        }
+        for l in w.log_text().lines().filter(|l| !l.contains("librdkafka")) {
+            println!("log: {l}");
+        }
+    }
+    assert_eq!(ids.len(), 200, "read_committed: exactly one output per input despite the SIGKILL");
+    let seen_raw = consume_all_uncommitted(&b.plaintext(), &t.results, Duration::from_secs(3)).await.unwrap().len();
+    println!("w6: 200 committed results for 200 inputs; {} records incl. aborted ones (what a read_uncommitted reader would see)", seen_raw);
+    assert!(seen_raw >= 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn w7_partitions_move_under_load_without_loss_or_duplicates() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    init_tracing();
+    let b = Broker::shared();
+    let t = topics(b, "w7", 4).await;
+    let body = worker_body(&b.plaintext(), &t, "g-w7", "blur:3,sharpen", SHORT_SESSION);
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut w1 = Daemon::worker(WORKER, d1.path(), &body).env("FRAMELINK__WORKER__ID", "one");
+    let mut w2 = Daemon::worker(WORKER, d2.path(), &body).env("FRAMELINK__WORKER__ID", "two");
+    w1.start();
+    w1.wait_for("worker one assigned", Duration::from_secs(60), |w| w.log_text().contains("Partitions assigned."));
+    // A steady camera load while the group changes under it.
+    let cfg = b.plaintext();
+    let frames = t.frames.clone();
+    let load = tokio::spawn(async move {
+        for batch in 0..30u64 {
+            produce_frames(&cfg, &frames, 20, batch * 20).await;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    });
+    w1.wait_for("worker one busy", Duration::from_secs(60), |w| w.metric("frames_out_total", &[]) >= 30.0);
+    w2.start(); // joins: worker one gives up partitions with frames in flight
+    w2.wait_for("worker two working", Duration::from_secs(60), |w| w.metric("frames_out_total", &[]) >= 30.0);
+    w2.stop(); // leaves: its partitions go back to worker one, still under load
+    load.await.unwrap();
+    let expected: BTreeSet<(String, u64)> = (0..600u64).map(|i| (format!("c{}", i % 4), i / 4)).collect();
+    let results = wait_for_results(b, &t.results, &expected).await;
+    w1.stop();
+    let ids = result_ids(&results);
+    let unique: BTreeSet<_> = ids.iter().cloned().collect();
+    assert_eq!(unique, expected, "every input has an output");
+    assert!(w1.log_text().contains("Partitions revoked"), "worker one gave partitions up");
+    let by_worker: BTreeSet<&str> = results.iter().filter_map(|m| header(m, "framelink-worker")).collect();
+    assert_eq!(by_worker, BTreeSet::from(["one", "two"]), "both workers owned partitions");
+    // Handovers are graceful (finish in flight, commit, then let go): nothing done twice.
+    assert_eq!(ids.len() - unique.len(), 0, "duplicates after cooperative rebalances");
 }

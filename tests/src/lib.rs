@@ -289,13 +289,14 @@ impl Producer {
     }
 }
 
-fn fresh_consumer(cfg: &KafkaConfig, topic: &str) -> Result<StreamConsumer<LinkContext>> {
+fn fresh_consumer(cfg: &KafkaConfig, topic: &str, isolation: &str) -> Result<StreamConsumer<LinkContext>> {
     let settings = cfg.validate("kafka")?;
     let group = format!("fl-test-group-{:016x}", rand::rng().random::<u64>());
     let consumer: StreamConsumer<LinkContext> = client_config(&settings, "framelink-testkit")
         .set("group.id", &group)
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
+        .set("isolation.level", isolation)
         .set("fetch.max.bytes", "52428800")
         .set("max.partition.fetch.bytes", "16777216")
         .create_with_context(LinkContext::default())
@@ -307,7 +308,11 @@ fn fresh_consumer(cfg: &KafkaConfig, topic: &str) -> Result<StreamConsumer<LinkC
 /// Reads from the start of `topic` (fresh consumer group) until `max` records arrived, nothing
 /// new came for `quiet`, or `timeout` passed.
 async fn read(cfg: &KafkaConfig, topic: &str, max: usize, timeout: Duration, quiet: Duration) -> Result<Vec<OwnedMessage>> {
-    let consumer = fresh_consumer(cfg, topic)?;
+    read_with(cfg, topic, max, timeout, quiet, "read_committed").await
+}
+
+async fn read_with(cfg: &KafkaConfig, topic: &str, max: usize, timeout: Duration, quiet: Duration, isolation: &str) -> Result<Vec<OwnedMessage>> {
+    let consumer = fresh_consumer(cfg, topic, isolation)?;
     let mut out = Vec::new();
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last = tokio::time::Instant::now();
@@ -338,6 +343,12 @@ pub async fn consume(cfg: &KafkaConfig, topic: &str, n: usize, timeout: Duration
 /// (the first record may take up to `quiet` too, so allow for a group join).
 pub async fn consume_all(cfg: &KafkaConfig, topic: &str, quiet: Duration) -> Result<Vec<OwnedMessage>> {
     read(cfg, topic, usize::MAX, Duration::from_secs(600), quiet).await
+}
+
+/// Like [`consume_all`], but also returns records of aborted transactions
+/// (`isolation.level=read_uncommitted`, what a non-transactional reader sees).
+pub async fn consume_all_uncommitted(cfg: &KafkaConfig, topic: &str, quiet: Duration) -> Result<Vec<OwnedMessage>> {
+    read_with(cfg, topic, usize::MAX, Duration::from_secs(600), quiet, "read_uncommitted").await
 }
 
 /// The [`FrameMeta`] of a consumed record, with its key checked.

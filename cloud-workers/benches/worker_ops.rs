@@ -1,0 +1,85 @@
+//! Worker throughput per op on one core: decode → op → encode of a 1080p JPEG, through the
+//! worker's own per-frame path (`Processor::process`, the code a consumed record runs).
+//!
+//! `cargo bench -p framelink-worker --bench worker_ops -- [--seconds S] [--input F.jpg]
+//! [--write-input F.jpg] [--tsv OUT.tsv]`
+//!
+//! Without `--input` the 1080p frame is made from ../shared/testdata/images/retina.jpg
+//! (Lanczos3 to 1920×1080, quality 85); `--write-input` saves it so that `bench/worker_ops.py`
+//! runs OpenCV and Pillow on the very same bytes. Each op runs for `--seconds` (default 2)
+//! after a warm-up; the table gives the median time per frame and frames/s on one thread.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use framelink_worker::decode::{Decoder, encode};
+use framelink_worker::motion::MotionConfig;
+use framelink_worker::ops::{Img, Pipeline, resize};
+use framelink_worker::process::{Processor, RecordInfo};
+
+/// The pipelines measured, in the order of the table (same list in bench/worker_ops.py).
+const PIPELINES: &[&str] = &["", "grayscale", "blur:1.5", "sobel", "sharpen", "rotate:90", "resize:1280x720", "resize:640x360", "crop:1280x720+320+180"];
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+}
+
+fn frame_1080p() -> Vec<u8> {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/images/retina.jpg");
+    let jpeg = std::fs::read(&src).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
+    let img: Img = Decoder::new().decode(&jpeg, u64::MAX, None).expect("decoding retina.jpg");
+    let img = resize(&img, 1920, 1080).expect("resize to 1080p");
+    encode(&img, 85).expect("encode")
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; ignore what is not ours.
+    let seconds: f64 = arg("--seconds").map_or(2.0, |s| s.parse().expect("--seconds N"));
+    let frame = match arg("--input") {
+        Some(p) => std::fs::read(&p).unwrap_or_else(|e| panic!("{p}: {e}")),
+        None => frame_1080p(),
+    };
+    if let Some(p) = arg("--write-input") {
+        std::fs::write(&p, &frame).unwrap_or_else(|e| panic!("{p}: {e}"));
+    }
+    let h = turbojpeg::read_header(&frame).expect("input is a JPEG");
+    println!("framelink-worker ops, one thread, decode -> op -> encode (q85) of a {}x{} JPEG ({} KiB), {seconds} s per op", h.width, h.height, frame.len() / 1024);
+    println!("{:<24} {:>12} {:>10} {:>12}", "pipeline", "median ms", "frames/s", "output");
+    let mut tsv = String::from("pipeline\tmedian_ms\tfps\n");
+    for spec in PIPELINES {
+        let pipeline = Pipeline::parse(spec).expect("pipeline");
+        let mut p = Processor::new(pipeline, 50_000_000, 85, false, MotionConfig::default());
+        let info = RecordInfo { key: Some(b"bench/cam"), headers: Vec::new(), topic: "frames", partition: 0, offset: 0, timestamp_ms: None };
+        let mut run = || {
+            let t = Instant::now();
+            let out = p.process(&info, Some(&frame)).expect("process");
+            (t.elapsed(), (out.width, out.height))
+        };
+        let warm = Instant::now();
+        while warm.elapsed() < Duration::from_millis(300) {
+            run();
+        }
+        let mut times = Vec::new();
+        let mut size = (0, 0);
+        let start = Instant::now();
+        while start.elapsed().as_secs_f64() < seconds || times.len() < 5 {
+            let (t, s) = run();
+            times.push(t);
+            size = s;
+        }
+        let m = median(times);
+        let fps = 1.0 / m.as_secs_f64();
+        let name = if spec.is_empty() { "(re-encode only)" } else { spec };
+        println!("{name:<24} {:>12.2} {fps:>10.1} {:>12}", m.as_secs_f64() * 1e3, format!("{}x{}", size.0, size.1));
+        tsv.push_str(&format!("{spec}\t{:.3}\t{fps:.2}\n", m.as_secs_f64() * 1e3));
+    }
+    if let Some(p) = arg("--tsv") {
+        std::fs::write(&p, tsv).unwrap_or_else(|e| panic!("{p}: {e}"));
+    }
+}
