@@ -139,7 +139,7 @@ def main():
         cv_ms = median_ms(run_cv, jpeg, spec, args.seconds)
         pil_ms = median_ms(run_pil, jpeg, spec, args.seconds)
         rows.append((spec or "(re-encode only)", rust[spec], cv_ms, pil_ms))
-        print(f"{spec or '(re-encode only)':<24} framelink {1e3 / rust[spec]:7.1} fps  opencv {1e3 / cv_ms:7.1} fps  pillow {1e3 / pil_ms:7.1} fps", flush=True)
+        print(f"{spec or '(re-encode only)':<24} framelink {1e3 / rust[spec]:7.1f} fps  opencv {1e3 / cv_ms:7.1f} fps  pillow {1e3 / pil_ms:7.1f} fps", flush=True)
 
     cpu = platform.processor() or platform.machine()
     try:

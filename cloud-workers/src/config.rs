@@ -63,13 +63,24 @@ pub struct ProcessingConfig {
 
 /// `worker.delivery`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[serde(try_from = "String")]
 pub enum Delivery {
     /// Offsets commit after the outputs are acknowledged; a crash can repeat outputs.
     #[default]
     AtLeastOnce,
     /// Outputs and offsets commit together in a Kafka transaction.
     ExactlyOnce,
+}
+
+impl TryFrom<String> for Delivery {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "at-least-once" => Ok(Delivery::AtLeastOnce),
+            "exactly-once" => Ok(Delivery::ExactlyOnce),
+            _ => Err(format!("{s:?} is not \"at-least-once\" or \"exactly-once\"")),
+        }
+    }
 }
 
 impl Delivery {

@@ -7,6 +7,7 @@ pub mod metrics;
 pub mod motion;
 pub mod ops;
 pub mod process;
+pub mod tail;
 pub mod tracker;
 pub mod txn;
 pub mod worker;

@@ -35,6 +35,28 @@ enum Command {
         #[arg(long)]
         pipeline: Option<String>,
     },
+    /// Watch the fleet's output: print results (with their latency) and motion events from the
+    /// config's results and events topics, and optionally save the result JPEGs to a folder.
+    Tail {
+        /// Path to worker.toml (its [kafka] and [output] tables are used).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Write result JPEGs as DIR/<device>/<camera>/<seq>.jpg.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Stop after this many seconds (default: until Ctrl-C).
+        #[arg(long)]
+        seconds: Option<f64>,
+        /// Stop after this many results.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Print every N-th result and every N-th event.
+        #[arg(long, default_value_t = 1)]
+        print_every: u64,
+        /// Read the topics from the start instead of only new records.
+        #[arg(long)]
+        from_beginning: bool,
+    },
     /// Validate a config file (and the TLS files it names) without starting the worker.
     CheckConfig {
         /// Path to worker.toml. Keys can be overridden with FRAMELINK__SECTION__KEY variables.
@@ -79,6 +101,17 @@ fn run(command: Command) -> anyhow::Result<()> {
                 tracing::info!(%bound, "Serving /metrics and /healthz.");
             }
             framelink_worker::worker::run(v, shutdown, metrics)
+        }
+        Command::Tail { config, out, seconds, count, print_every, from_beginning } => {
+            let v = config::WorkerConfig::load(&config)?;
+            let stop = Arc::new(AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+                signal_hook::flag::register(sig, stop.clone())?;
+            }
+            let opts = framelink_worker::tail::TailOptions { out, duration: seconds.map(Duration::from_secs_f64), count, print_every, from_beginning };
+            let summary = framelink_worker::tail::run(&v, &opts, stop)?;
+            println!("tail: {}", summary.describe());
+            Ok(())
         }
         Command::CheckConfig { config, connect } => {
             let v = config::WorkerConfig::load(&config)?;

@@ -52,3 +52,26 @@ fn output_topic_that_is_an_input_is_refused() {
     assert!(!o.status.success());
     assert!(text(&o).contains("config key `output.results_topic`"), "{}", text(&o));
 }
+
+#[test]
+fn a_bad_delivery_mode_or_transaction_interval_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("w.toml");
+    std::fs::write(&p, "[kafka]\nbrokers = \"h:1\"\n[worker]\ndelivery = \"twice\"\n").unwrap();
+    let o = worker(&["check-config", "--config", p.to_str().unwrap()], &[]);
+    assert!(!o.status.success());
+    let out = text(&o);
+    assert!(out.contains("worker.delivery") && out.contains("exactly-once"), "{out}");
+    std::fs::write(&p, "[kafka]\nbrokers = \"h:1\"\n[worker]\ndelivery = \"exactly-once\"\ntransaction_ms = 5\n").unwrap();
+    let o = worker(&["check-config", "--config", p.to_str().unwrap()], &[]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("config key `worker.transaction_ms`: 5 is not from 10 to 60000"), "{}", text(&o));
+}
+
+#[test]
+fn the_demo_config_checks() {
+    let config = repo_root().join("configs/demo/worker.toml");
+    let o = worker(&["check-config", "--config", config.to_str().unwrap()], &[("FRAMELINK__KAFKA__SECURITY_PROTOCOL", "PLAINTEXT".into())]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("group \"framelink-demo\""), "{}", text(&o));
+}
