@@ -4,7 +4,6 @@
 //! explained: `captured = sent + spooled-now + dropped(all reasons)` per camera.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::metrics::counter::Counter;
@@ -61,7 +60,7 @@ pub struct Metrics {
     /// For /healthz.
     pub health: Mutex<Health>,
     /// Unix ms of the forwarder's last loop turn (the systemd watchdog checks it).
-    pub heartbeat_ms: AtomicU64,
+    pub heartbeat: Arc<framelink_common::systemd::Heartbeat>,
 }
 
 /// State for `/healthz` that is not a plain number.
@@ -101,7 +100,7 @@ impl Metrics {
                 cameras: BTreeMap::new(),
                 spool_max_bytes,
             }),
-            heartbeat_ms: AtomicU64::new(0),
+            heartbeat: Arc::default(),
             registry: Registry::default(),
         };
         registry.register("frames_captured", "Frames captured, by camera", m.captured.clone());
@@ -149,8 +148,7 @@ impl Metrics {
     }
 
     pub fn beat(&self) {
-        let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        self.heartbeat_ms.store(ms, Ordering::Relaxed);
+        self.heartbeat.beat();
     }
 
     /// Sum of every sample of a counter family (`frames_sent`, ...), for log summaries.

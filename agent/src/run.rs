@@ -54,7 +54,7 @@ pub fn run(v: Validated) -> Result<()> {
         let _ = t.join();
     }
     seqs.close().context("recording sequence numbers")?;
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    framelink_common::systemd::stopping();
     tracing::info!(
         captured = metrics.total("frames_captured"),
         sent = metrics.total("frames_sent"),
@@ -69,20 +69,6 @@ pub fn run(v: Validated) -> Result<()> {
 /// Tells systemd we are ready and, if a watchdog is configured, pings it while the
 /// forwarder's heartbeat is fresh (a hung forwarder gets the agent restarted).
 fn systemd_ready(metrics: &Arc<Metrics>, shutdown: &Arc<AtomicBool>) {
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-    let Some(interval) = sd_notify::watchdog_enabled() else { return };
-    let (metrics, shutdown) = (metrics.clone(), shutdown.clone());
-    let _ = std::thread::Builder::new().name("watchdog".into()).spawn(move || {
-        let period = interval / 2;
-        while !shutdown.load(Ordering::Relaxed) {
-            let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-            let beat = metrics.heartbeat_ms.load(Ordering::Relaxed);
-            if now_ms.saturating_sub(beat) < interval.as_millis() as u64 {
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
-            } else {
-                tracing::error!("Forwarder loop stalled: not feeding the systemd watchdog.");
-            }
-            std::thread::sleep(period);
-        }
-    });
+    framelink_common::systemd::ready();
+    framelink_common::systemd::spawn_watchdog(metrics.heartbeat.clone(), shutdown.clone(), "forwarder");
 }

@@ -112,3 +112,33 @@ fn demo_config_checks() {
     assert!(o.status.success(), "{out}");
     assert!(out.contains("2 camera(s)"), "{out}");
 }
+
+/// Every shipped agent config for a setup (configs/*/agent.toml) loads, validates and, pointed
+/// at the test broker's mTLS listener, connects.
+#[test]
+fn setup_configs_check_and_connect() {
+    let b = Broker::shared();
+    let mut checked = Vec::new();
+    for setup in ["cctv-site", "drone-lte", "demo"] {
+        let config = repo_root().join("configs").join(setup).join("agent.toml");
+        let o = agent(&["check-config", "--config", config.to_str().unwrap(), "--connect"], &broker_env(b));
+        let out = text(&o);
+        assert!(o.status.success(), "{setup}: {out}");
+        assert!(out.contains("config OK") && out.contains("connected: 1 broker(s)"), "{setup}: {out}");
+        checked.push(setup);
+    }
+    let on_disk: Vec<String> = std::fs::read_dir(repo_root().join("configs"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().join("agent.toml").exists())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    for d in &on_disk {
+        assert!(checked.contains(&d.as_str()), "configs/{d}/agent.toml is not checked by this test");
+    }
+    // The setups differ where they should: 4 cameras on the CCTV box, a decimating spool on the drone.
+    let cctv = std::fs::read_to_string(repo_root().join("configs/cctv-site/agent.toml")).unwrap();
+    assert_eq!(cctv.matches("[[cameras]]").count(), 4);
+    let o = agent(&["check-config", "--config", repo_root().join("configs/cctv-site/agent.toml").to_str().unwrap()], &broker_env(b));
+    assert!(text(&o).contains("4 camera(s)"), "{}", text(&o));
+}

@@ -227,6 +227,12 @@ impl WorkerConfig {
             if self.consumer.topics.contains(topic) {
                 bail!("config key `{key}`: {topic:?} is also an input topic (the worker would consume its own output)");
             }
+            for pattern in self.consumer.topics.iter().filter(|t| t.starts_with('^')) {
+                let re = regex::Regex::new(pattern).map_err(|e| anyhow::anyhow!("config key `consumer.topics`: {pattern:?} is not a regular expression: {e}"))?;
+                if re.is_match(topic) {
+                    bail!("config key `{key}`: {topic:?} matches the input pattern {pattern:?} (the worker would consume its own output)");
+                }
+            }
         }
         if !matches!(self.consumer.auto_offset_reset.as_str(), "earliest" | "latest") {
             bail!("config key `consumer.auto_offset_reset`: {:?} is not `earliest` or `latest`", self.consumer.auto_offset_reset);

@@ -285,6 +285,12 @@ pub fn run(v: Validated, shutdown: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Re
     consumer.subscribe(&topics).context("subscribing")?;
     tracing::info!(worker = id, group = cfg.consumer.group_id, topics = ?topics, pipeline = %cfg.worker.pipeline, delivery = cfg.worker.delivery.as_str(), kafka = v.kafka.describe(), "Worker running.");
 
+    // systemd (Type=notify): ready once subscribed; the watchdog is fed while the poll loop runs.
+    let heartbeat = Arc::new(framelink_common::systemd::Heartbeat::default());
+    heartbeat.beat();
+    framelink_common::systemd::ready();
+    framelink_common::systemd::spawn_watchdog(heartbeat.clone(), shutdown.clone(), "consumer poll");
+
     // Processing threads, each fed by a small queue; a camera always goes to the same one.
     let threads = cfg.worker.thread_count();
     let mut queues: Vec<Sender<Job>> = Vec::new();
@@ -317,6 +323,7 @@ pub fn run(v: Validated, shutdown: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Re
     let reset_to_end = cfg.consumer.auto_offset_reset == "latest";
     let mut failure = None;
     while !shutdown.load(Ordering::Relaxed) {
+        heartbeat.beat();
         let polled = consumer.poll(Duration::from_millis(100));
         if let Some(e) = consumer.context().fatal.lock().unwrap().take() {
             failure = Some(anyhow::anyhow!("exactly-once: {e}"));
@@ -371,6 +378,7 @@ pub fn run(v: Validated, shutdown: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Re
     }
 
     metrics.health.lock().unwrap().stopping = true;
+    framelink_common::systemd::stopping();
     tracing::info!(in_flight = tracker.in_flight(), "Stopping: finishing frames in flight.");
     if let Ok(assigned) = consumer.assignment() {
         let _ = consumer.pause(&assigned);

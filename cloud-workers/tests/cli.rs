@@ -75,3 +75,29 @@ fn the_demo_config_checks() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("group \"framelink-demo\""), "{}", text(&o));
 }
+
+#[test]
+fn fleet_config_checks_and_connects() {
+    let b = Broker::shared();
+    let env = vec![
+        ("FRAMELINK__KAFKA__BROKERS", b.bootstrap_tls.clone()),
+        ("FRAMELINK__KAFKA__TLS__CA", b.tls_dir.join("ca.pem").display().to_string()),
+        ("FRAMELINK__KAFKA__TLS__CERTIFICATE", b.tls_dir.join("client.pem").display().to_string()),
+        ("FRAMELINK__KAFKA__TLS__KEY", b.tls_dir.join("client.key").display().to_string()),
+    ];
+    let config = repo_root().join("configs/fleet/worker-example.toml");
+    let o = worker(&["check-config", "--config", config.to_str().unwrap(), "--connect"], &env);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("reading [\"^frames(\\\\..*)?$\"]") && out.contains("connected: 1 broker(s)"), "{out}");
+}
+
+#[test]
+fn an_input_pattern_that_matches_an_output_topic_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("w.toml");
+    std::fs::write(&p, "[kafka]\nbrokers = \"h:1\"\n[consumer]\ntopics = [\"^frames.*\"]\n[output]\nresults_topic = \"frames.processed\"\n").unwrap();
+    let o = worker(&["check-config", "--config", p.to_str().unwrap()], &[]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("config key `output.results_topic`: \"frames.processed\" matches the input pattern \"^frames.*\""), "{}", text(&o));
+}
