@@ -1,0 +1,107 @@
+//! Producer throughput and delivery latency with librdkafka through rdkafka — the client the
+//! agent's forwarder uses — for one set of producer settings. Driven by `bench/suite.py`, which
+//! runs the same settings with Python confluent-kafka and kcat.
+//!
+//! `framelink-bench-producer --brokers B --topic T --count N [--set key=value ...] FILE...`
+//! sends N records cycling over the files (as fast as the client accepts them), waits for every
+//! acknowledgement and prints one JSON line: records/s, MB/s, p50/p99 delivery latency (send →
+//! acknowledgement), all measured in this process.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use rdkafka::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::message::DeliveryResult;
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
+
+#[derive(Default)]
+struct Acks {
+    latencies_us: Mutex<Vec<u64>>,
+    failed: Mutex<u64>,
+}
+
+impl ClientContext for Acks {}
+
+impl ProducerContext for Acks {
+    type DeliveryOpaque = Box<Instant>;
+    fn delivery(&self, result: &DeliveryResult<'_>, sent: Box<Instant>) {
+        match result {
+            Ok(_) => self.latencies_us.lock().unwrap().push(sent.elapsed().as_micros() as u64),
+            Err(_) => *self.failed.lock().unwrap() += 1,
+        }
+    }
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0
+}
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let (mut brokers, mut topic, mut count, mut sets, mut files) = (None, None, 100usize, Vec::new(), Vec::new());
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--brokers" => brokers = args.next(),
+            "--topic" => topic = args.next(),
+            "--count" => count = args.next().context("--count N")?.parse()?,
+            "--set" => sets.push(args.next().context("--set key=value")?),
+            f => files.push(f.to_owned()),
+        }
+    }
+    let (Some(brokers), Some(topic)) = (brokers, topic) else { bail!("--brokers and --topic are required") };
+    if files.is_empty() {
+        bail!("give at least one payload file");
+    }
+    let payloads: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(f).with_context(|| f.clone())).collect::<Result<_>>()?;
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", &brokers).set("acks", "all").set("enable.idempotence", "true").set("message.max.bytes", "16777216");
+    for s in &sets {
+        let (k, v) = s.split_once('=').with_context(|| format!("--set {s}: not key=value"))?;
+        cfg.set(k, v);
+    }
+    let producer: ThreadedProducer<Acks> = cfg.create_with_context(Acks::default())?;
+    let started = Instant::now();
+    let mut bytes = 0u64;
+    for i in 0..count {
+        let payload = &payloads[i % payloads.len()];
+        let key = format!("bench/cam{}", i % 4);
+        let mut opaque = Box::new(Instant::now());
+        loop {
+            match producer.send(BaseRecord::with_opaque_to(&topic, opaque).key(&key).payload(payload)) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    opaque = r.delivery_opaque;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err((e, _)) => bail!("producing: {e}"),
+            }
+        }
+        bytes += payload.len() as u64;
+    }
+    producer.flush(Duration::from_secs(120))?;
+    let secs = started.elapsed().as_secs_f64();
+    let ctx = producer.context();
+    let mut lat = ctx.latencies_us.lock().unwrap().clone();
+    lat.sort_unstable();
+    let failed = *ctx.failed.lock().unwrap();
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": "framelink (rdkafka)",
+            "records": count, "acknowledged": lat.len(), "failed": failed, "bytes": bytes,
+            "seconds": secs, "records_per_s": lat.len() as f64 / secs, "mb_per_s": bytes as f64 / secs / 1e6,
+            "p50_ms": percentile(&lat, 0.5), "p99_ms": percentile(&lat, 0.99),
+        })
+    );
+    if failed > 0 || lat.len() != count {
+        bail!("{failed} of {count} records failed");
+    }
+    Ok(())
+}

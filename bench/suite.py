@@ -1,0 +1,233 @@
+#!/usr/bin/env python3
+"""framelink benchmark suite (issue #7), run by scripts/bench-suite against the local broker.
+
+Implemented so far:
+  1. producer settings sweep: 1080p JPEG frames made from ../shared/testdata/images, for each
+     (batch.size, linger.ms, compression) setting: framelink's producer (rdkafka, the agent's
+     client: bench/src/bin/framelink-bench-producer.rs), the seeds' approach (Python
+     confluent-kafka with the same settings) and kcat (librdkafka's own CLI, the ceiling
+     without application code). Records/s, MB/s, p50 / p99 delivery latency (send -> ack).
+Writes bench/results/producer-sweep.md and .png (or bench/results/quick/ with --quick, which
+runs a tiny grid as a smoke test and asserts no speed).
+"""
+
+import argparse
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGES = os.path.join(ROOT, "..", "shared", "testdata", "images")
+QUIET_BROKER_LOGS = {"log_level": 3}
+
+
+def frames_1080p(out_dir):
+    """The test photographs as 1920x1080 JPEGs (quality 85), made once."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for name in sorted(os.listdir(IMAGES)):
+        if not name.lower().endswith((".jpg", ".png")):
+            continue
+        dst = os.path.join(out_dir, os.path.splitext(name)[0] + "-1080p.jpg")
+        if not os.path.exists(dst):
+            Image.open(os.path.join(IMAGES, name)).convert("RGB").resize((1920, 1080), Image.Resampling.LANCZOS).save(dst, "JPEG", quality=85)
+        paths.append(dst)
+    return paths
+
+
+def broker():
+    env = subprocess.run([os.path.join(ROOT, "scripts", "kafka"), "env"], check=True, capture_output=True, text=True).stdout
+    return dict(line.split("=", 1) for line in env.split() if "=" in line)["FRAMELINK_BOOTSTRAP"]
+
+
+def settings_args(s):
+    return {"batch.size": str(s["batch"]), "linger.ms": str(s["linger"]), "compression.codec": s["compression"]}
+
+
+def run_framelink(bootstrap, topic, count, s, files):
+    exe = os.path.join(ROOT, "target", os.environ.get("FRAMELINK_BENCH_PROFILE", "release"), "framelink-bench-producer")
+    cmd = [exe, "--brokers", bootstrap, "--topic", topic, "--count", str(count)]
+    for k, v in settings_args(s).items():
+        cmd += ["--set", f"{k}={v}"]
+    out = subprocess.run(cmd + files, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_python(bootstrap, topic, count, s, files):
+    """The seeds' way: confluent-kafka Producer, produce() + poll(0), delivery callbacks."""
+    from confluent_kafka import Producer
+
+    payloads = [open(f, "rb").read() for f in files]
+    conf = {"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True, "message.max.bytes": 16777216, **settings_args(s), **QUIET_BROKER_LOGS}
+    p = Producer(conf)
+    lat, failed = [], [0]
+
+    def acked(err, _msg, sent):
+        if err is None:
+            lat.append(time.perf_counter() - sent)
+        else:
+            failed[0] += 1
+
+    nbytes = 0
+    t0 = time.perf_counter()
+    for i in range(count):
+        payload = payloads[i % len(payloads)]
+        while True:
+            sent = time.perf_counter()
+            try:
+                p.produce(topic, payload, key=f"bench/cam{i % 4}", on_delivery=lambda e, m, sent=sent: acked(e, m, sent))
+                break
+            except BufferError:
+                p.poll(0.001)
+        p.poll(0)
+        nbytes += len(payload)
+    p.flush(120)
+    secs = time.perf_counter() - t0
+    lat.sort()
+    pct = lambda q: lat[round((len(lat) - 1) * q)] * 1e3 if lat else float("nan")
+    return {"impl": "Python confluent-kafka", "records": count, "acknowledged": len(lat), "failed": failed[0], "bytes": nbytes, "seconds": secs,
+            "records_per_s": len(lat) / secs, "mb_per_s": nbytes / secs / 1e6, "p50_ms": pct(0.5), "p99_ms": pct(0.99)}
+
+
+def run_kcat(bootstrap, topic, count, s, files):
+    """kcat -P with one file per record: throughput only (kcat reports no per-record latency)."""
+    args = ["kcat", "-P", "-b", bootstrap, "-t", topic, "-X", "acks=all", "-X", "enable.idempotence=true", "-X", "message.max.bytes=16777216"]
+    for k, v in settings_args(s).items():
+        args += ["-X", f"{k}={v}"]
+    record_files = [files[i % len(files)] for i in range(count)]
+    nbytes = sum(os.path.getsize(f) for f in record_files)
+    t0 = time.perf_counter()
+    subprocess.run(args + record_files, check=True, capture_output=True)
+    secs = time.perf_counter() - t0
+    return {"impl": "kcat (librdkafka CLI)", "records": count, "acknowledged": count, "failed": 0, "bytes": nbytes, "seconds": secs,
+            "records_per_s": count / secs, "mb_per_s": nbytes / secs / 1e6, "p50_ms": float("nan"), "p99_ms": float("nan")}
+
+
+def grid(quick):
+    if quick:
+        return [{"batch": 16384, "linger": 0, "compression": "none"}, {"batch": 1048576, "linger": 5, "compression": "lz4"}]
+    out = []
+    for batch in (16384, 262144, 2097152):
+        for linger in (0, 5, 10):
+            out.append({"batch": batch, "linger": linger, "compression": "none"})
+    for comp in ("snappy", "lz4", "gzip", "zstd"):
+        out.append({"batch": 1048576, "linger": 5, "compression": comp})
+    return out
+
+
+def machine():
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def producer_sweep(bootstrap, out_dir, quick, repeats):
+    files = frames_1080p(os.path.join(ROOT, "target", "bench", "frames-1080p"))
+    avg_kb = statistics.mean(os.path.getsize(f) for f in files) / 1024
+    count = 40 if quick else 400
+    impls = [("framelink (rdkafka)", run_framelink), ("Python confluent-kafka", run_python), ("kcat (librdkafka CLI)", run_kcat)]
+    rows = []
+    for s in grid(quick):
+        for name, fn in impls:
+            runs = []
+            for _ in range(repeats):
+                topic = f"bench-producer-{uuid.uuid4().hex[:12]}"
+                r = fn(bootstrap, topic, count, s, files)
+                if r["failed"] or r["acknowledged"] != count:
+                    raise SystemExit(f"{name} {s}: {r['failed']} failed, {r['acknowledged']} of {count} acknowledged")
+                runs.append(r)
+            med = lambda k: statistics.median(x[k] for x in runs)
+            row = {"setting": s, "impl": name, **{k: med(k) for k in ("records_per_s", "mb_per_s", "p50_ms", "p99_ms")}}
+            rows.append(row)
+            print(f"  {s['batch'] // 1024:>5} KB linger {s['linger']:>2} {s['compression']:<6} {name:<24} {row['records_per_s']:8.1f} rec/s {row['mb_per_s']:7.1f} MB/s  p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms", flush=True)
+
+    kcat_v = subprocess.run(["kcat", "-V"], capture_output=True, text=True).stdout.split("Version ", 1)[-1].split(" (")[0]
+    import confluent_kafka
+    lines = [
+        f"Producer settings sweep: {count} records of 1920x1080 JPEG (avg {avg_kb:.0f} KiB, {len(files)} photos from shared/testdata/images) "
+        f"per cell, acks=all, idempotent, 1 partition, local broker (PLAINTEXT); median of {repeats} run(s).",
+        f"Machine: {machine()}. librdkafka: framelink {rdkafka_version()} (rdkafka crate), confluent-kafka {confluent_kafka.version()[0]} "
+        f"(librdkafka {confluent_kafka.libversion()[0]}), kcat {kcat_v}.",
+        "",
+        "| batch.size | linger.ms | compression | client | records/s | MB/s | p50 ms | p99 ms | vs Python |",
+        "| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for i in range(0, len(rows), 3):
+        py = rows[i + 1]["records_per_s"]
+        for r in rows[i:i + 3]:
+            s = r["setting"]
+            fmt = lambda v: "-" if v != v else f"{v:.1f}"
+            lines.append(f"| {s['batch'] // 1024} KB | {s['linger']} | {s['compression']} | {r['impl']} | {r['records_per_s']:.1f} | {r['mb_per_s']:.1f} | "
+                         f"{fmt(r['p50_ms'])} | {fmt(r['p99_ms'])} | {r['records_per_s'] / py:.2f}x |")
+    md = os.path.join(out_dir, "producer-sweep.md")
+    with open(md, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    plot_sweep(rows, os.path.join(out_dir, "producer-sweep.png"))
+    print("\n".join(lines))
+    return md
+
+
+def rdkafka_version():
+    lock = open(os.path.join(ROOT, "Cargo.lock")).read()
+    i = lock.find('name = "rdkafka-sys"')
+    return lock[i:].split('version = "', 1)[1].split('"', 1)[0].split("+", 1)[-1] if i >= 0 else "?"
+
+
+def plot_sweep(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = []
+    for r in rows:
+        l = f"{r['setting']['batch'] // 1024}K/{r['setting']['linger']}ms/{r['setting']['compression']}"
+        if l not in order:
+            order.append(l)
+    impls = []
+    for r in rows:
+        if r["impl"] not in impls:
+            impls.append(r["impl"])
+    fig, ax = plt.subplots(figsize=(max(6, len(order) * 0.9), 4))
+    w = 0.8 / len(impls)
+    for j, name in enumerate(impls):
+        vals = [next(r["records_per_s"] for r in rows if r["impl"] == name and f"{r['setting']['batch'] // 1024}K/{r['setting']['linger']}ms/{r['setting']['compression']}" == l) for l in order]
+        ax.bar([i + j * w for i in range(len(order))], vals, w, label=name)
+    ax.set_xticks([i + w * (len(impls) - 1) / 2 for i in range(len(order))], order, rotation=45, ha="right")
+    ax.set_ylabel("records/s (1080p JPEG)")
+    ax.set_title("Producer settings sweep (batch.size / linger.ms / compression)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny grid, smoke test only (CI); results in bench/results/quick/")
+    ap.add_argument("--repeats", type=int, default=None, help="runs per cell (median); default 3, 1 with --quick")
+    args = ap.parse_args()
+    repeats = args.repeats or (1 if args.quick else 3)
+    out_dir = os.path.join(ROOT, "bench", "results", "quick" if args.quick else "")
+    os.makedirs(out_dir, exist_ok=True)
+    bootstrap = broker()
+    t0 = time.time()
+    print(f"1. producer settings sweep ({'quick' if args.quick else 'full'}) against {bootstrap}")
+    md = producer_sweep(bootstrap, out_dir, args.quick, repeats)
+    print(f"written {os.path.relpath(md, ROOT)} and .png in {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
