@@ -7,8 +7,11 @@ Implemented so far:
      client: bench/src/bin/framelink-bench-producer.rs), the seeds' approach (Python
      confluent-kafka with the same settings) and kcat (librdkafka's own CLI, the ceiling
      without application code). Records/s, MB/s, p50 / p99 delivery latency (send -> ack).
-Writes bench/results/producer-sweep.md and .png (or bench/results/quick/ with --quick, which
-runs a tiny grid as a smoke test and asserts no speed).
+  5. end-to-end latency, capture -> result seen by a reader, p50 / p99, with 1, 4 and 8
+     synthetic 1280x720 cameras at 30 fps: framelink-agent -> Kafka -> framelink-worker
+     (resize:640x360) -> `framelink-worker tail`, all on this machine.
+Writes bench/results/*.md and .png (or bench/results/quick/ with --quick, which runs a tiny
+grid as a smoke test and asserts no speed).
 """
 
 import argparse
@@ -213,19 +216,85 @@ def plot_sweep(rows, path):
     plt.close(fig)
 
 
+def e2e_latency(bootstrap, out_dir, quick):
+    """Agent (N synthetic cameras) -> Kafka -> worker -> tail; latencies from tail's summary."""
+    import re
+    import tempfile
+
+    profile = os.environ.get("FRAMELINK_BENCH_PROFILE", "release")
+    agent, worker = (os.path.join(ROOT, "target", profile, b) for b in ("framelink-agent", "framelink-worker"))
+    cams_list, seconds = ((1,), 4) if quick else ((1, 4, 8), 20)
+    rows = []
+    for cams in cams_list:
+        run = uuid.uuid4().hex[:8]
+        with tempfile.TemporaryDirectory() as d:
+            frames, results = f"bench-e2e-in-{run}", f"bench-e2e-out-{run}"
+            cameras = "".join(f'[[cameras]]\nid = "cam{i}"\nsynthetic = {{ width = 1280, height = 720, fps = 30, count = {30 * seconds} }}\n' for i in range(cams))
+            open(f"{d}/agent.toml", "w").write(
+                f'[device]\nid = "bench"\n[kafka]\nbrokers = "{bootstrap}"\nsecurity_protocol = "PLAINTEXT"\n{cameras}'
+                f'[spool]\ndir = "{d}/spool"\n[forwarder]\ntopic = "{frames}"\n[http]\nlisten = ""\n')
+            open(f"{d}/worker.toml", "w").write(
+                f'[kafka]\nbrokers = "{bootstrap}"\nsecurity_protocol = "PLAINTEXT"\n[consumer]\ngroup_id = "bench-{run}"\ntopics = ["{frames}"]\n'
+                f'auto_offset_reset = "earliest"\n[output]\nresults_topic = "{results}"\nevents_topic = "{results}.events"\ndlq_topic = "{results}.dlq"\n'
+                f'[worker]\npipeline = "resize:640x360"\n[http]\nlisten = ""\n')
+            from confluent_kafka.admin import AdminClient, NewTopic
+            admin = AdminClient({"bootstrap.servers": bootstrap, **QUIET_BROKER_LOGS})
+            for f in admin.create_topics([NewTopic(x, 1, 1) for x in (frames, results, results + ".events", results + ".dlq")]).values():
+                f.result(30)
+            env = dict(os.environ, FRAMELINK_LOG="warn")
+            w = subprocess.Popen([worker, "run", "--config", f"{d}/worker.toml"], env=env, stdout=subprocess.DEVNULL, stderr=open(f"{d}/worker.log", "w"))
+            t = subprocess.Popen([worker, "tail", "--config", f"{d}/worker.toml", "--seconds", str(seconds + 15), "--count", str(30 * seconds * cams), "--print-every", "1000000", "--from-beginning"],
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            time.sleep(3)  # the worker and the reader join their groups
+            a = subprocess.Popen([agent, "run", "--config", f"{d}/agent.toml"], env=dict(env, FRAMELINK_LOG="info"), stdout=subprocess.DEVNULL, stderr=open(f"{d}/agent.log", "w"))
+            out = t.communicate()[0]
+            for proc in (a, w):
+                proc.terminate()
+                proc.wait(timeout=60)
+            stopped = [l for l in open(f"{d}/agent.log") if "Agent stopped." in l]
+            grab = lambda k: re.search(rf"{k}=(\d+)", stopped[-1]).group(1) if stopped else "?"
+            captured, dropped = grab("captured"), grab("dropped")
+        m = re.search(r"tail: (\d+) results .*capture->processed p50 (\S+) ms p99 (\S+) ms, capture->seen p50 (\S+) ms p99 (\S+) ms", out)
+        if not m:
+            raise SystemExit(f"e2e latency, {cams} camera(s): no summary from tail:\n{out[-2000:]}")
+        n, pp50, pp99, s50, s99 = m.groups()
+        rows.append((cams, int(n), 30 * seconds * cams, f"{captured} / {dropped}", pp50, pp99, s50, s99))
+        print(f"  {cams} camera(s): {n} of {30 * seconds * cams} results seen; agent captured {captured}, dropped {dropped}; capture->processed p50 {pp50} p99 {pp99} ms; capture->seen p50 {s50} p99 {s99} ms", flush=True)
+    lines = [
+        f"End-to-end latency: N synthetic 1280x720 cameras at 30 fps for {seconds} s -> framelink-agent ({profile}) -> local Kafka (PLAINTEXT) -> "
+        f"framelink-worker (resize:640x360, threads = cores) -> `framelink-worker tail`. Everything, broker included, on one machine: {machine()}.",
+        "",
+        "| cameras | results seen / frames | agent captured / dropped | capture -> processed p50 ms | p99 ms | capture -> seen p50 ms | p99 ms |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ] + [f"| {c} | {n} / {total} | {dr} | {a} | {b} | {x} | {y} |" for c, n, total, dr, a, b, x, y in rows]
+    md = os.path.join(out_dir, "e2e-latency.md")
+    with open(md, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return md
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny grid, smoke test only (CI); results in bench/results/quick/")
+    ap.add_argument("--only", default="1,5", help="experiments to run, e.g. 5 (default 1,5)")
     ap.add_argument("--repeats", type=int, default=None, help="runs per cell (median); default 3, 1 with --quick")
     args = ap.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
     out_dir = os.path.join(ROOT, "bench", "results", "quick" if args.quick else "")
     os.makedirs(out_dir, exist_ok=True)
     bootstrap = broker()
+    only = set(args.only.split(","))
     t0 = time.time()
-    print(f"1. producer settings sweep ({'quick' if args.quick else 'full'}) against {bootstrap}")
-    md = producer_sweep(bootstrap, out_dir, args.quick, repeats)
-    print(f"written {os.path.relpath(md, ROOT)} and .png in {time.time() - t0:.0f} s")
+    if "1" in only:
+        print(f"1. producer settings sweep ({'quick' if args.quick else 'full'}) against {bootstrap}")
+        md = producer_sweep(bootstrap, out_dir, args.quick, repeats)
+        print(f"written {os.path.relpath(md, ROOT)} and .png in {time.time() - t0:.0f} s")
+    if "5" in only:
+        t0 = time.time()
+        print(f"5. end-to-end latency ({'quick' if args.quick else 'full'})")
+        md = e2e_latency(bootstrap, out_dir, args.quick)
+        print(f"written {os.path.relpath(md, ROOT)} in {time.time() - t0:.0f} s")
     return 0
 
 
