@@ -4,7 +4,8 @@
 Implemented so far:
   1. producer settings sweep: 1080p JPEG frames made from ../shared/testdata/images, for each
      (batch.size, linger.ms, compression) setting: framelink's producer (rdkafka, the agent's
-     client: bench/src/bin/framelink-bench-producer.rs), the seeds' approach (Python
+     client: bench/src/bin/framelink-bench-producer.rs; as a ThreadedProducer and as a
+     BaseProducer polled inline), the seeds' approach (Python
      confluent-kafka with the same settings) and kcat (librdkafka's own CLI, the ceiling
      without application code). Records/s, MB/s, p50 / p99 delivery latency (send -> ack).
   5. end-to-end latency, capture -> result seen by a reader, p50 / p99, with 1, 4 and 8
@@ -55,9 +56,9 @@ def settings_args(s):
     return {"batch.size": str(s["batch"]), "linger.ms": str(s["linger"]), "compression.codec": s["compression"]}
 
 
-def run_framelink(bootstrap, topic, count, s, files):
+def run_framelink(bootstrap, topic, count, s, files, inline=False):
     exe = os.path.join(ROOT, "target", os.environ.get("FRAMELINK_BENCH_PROFILE", "release"), "framelink-bench-producer")
-    cmd = [exe, "--brokers", bootstrap, "--topic", topic, "--count", str(count)]
+    cmd = [exe, "--brokers", bootstrap, "--topic", topic, "--count", str(count)] + (["--inline-poll"] if inline else [])
     for k, v in settings_args(s).items():
         cmd += ["--set", f"{k}={v}"]
     out = subprocess.run(cmd + files, check=True, capture_output=True, text=True).stdout
@@ -140,7 +141,9 @@ def producer_sweep(bootstrap, out_dir, quick, repeats):
     files = frames_1080p(os.path.join(ROOT, "target", "bench", "frames-1080p"))
     avg_kb = statistics.mean(os.path.getsize(f) for f in files) / 1024
     count = 40 if quick else 400
-    impls = [("framelink (rdkafka)", run_framelink), ("Python confluent-kafka", run_python), ("kcat (librdkafka CLI)", run_kcat)]
+    impls = [("framelink (rdkafka)", run_framelink),
+             ("framelink (rdkafka, inline poll)", lambda *a: run_framelink(*a, inline=True)),
+             ("Python confluent-kafka", run_python), ("kcat (librdkafka CLI)", run_kcat)]
     rows = []
     for s in grid(quick):
         for name, fn in impls:
@@ -167,9 +170,10 @@ def producer_sweep(bootstrap, out_dir, quick, repeats):
         "| batch.size | linger.ms | compression | client | records/s | MB/s | p50 ms | p99 ms | vs Python |",
         "| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for i in range(0, len(rows), 3):
-        py = rows[i + 1]["records_per_s"]
-        for r in rows[i:i + 3]:
+    n = len(impls)
+    for i in range(0, len(rows), n):
+        py = next(r["records_per_s"] for r in rows[i:i + n] if r["impl"].startswith("Python"))
+        for r in rows[i:i + n]:
             s = r["setting"]
             fmt = lambda v: "-" if v != v else f"{v:.1f}"
             lines.append(f"| {s['batch'] // 1024} KB | {s['linger']} | {s['compression']} | {r['impl']} | {r['records_per_s']:.1f} | {r['mb_per_s']:.1f} | "
