@@ -20,15 +20,6 @@ fn text(o: &Output) -> String {
 }
 
 /// Overrides that point configs/agent.toml at the test broker's mTLS listener.
-fn broker_env(b: &Broker) -> Vec<(&'static str, String)> {
-    vec![
-        ("FRAMELINK__KAFKA__BROKERS", b.bootstrap_tls.clone()),
-        ("FRAMELINK__KAFKA__TLS__CA", b.tls_dir.join("ca.pem").display().to_string()),
-        ("FRAMELINK__KAFKA__TLS__CERTIFICATE", b.tls_dir.join("client.pem").display().to_string()),
-        ("FRAMELINK__KAFKA__TLS__KEY", b.tls_dir.join("client.key").display().to_string()),
-    ]
-}
-
 fn example() -> String {
     repo_root().join("configs/agent.toml").display().to_string()
 }
@@ -46,7 +37,7 @@ fn version_and_help() {
 #[test]
 fn example_config_checks_and_connects_over_mtls() {
     let b = Broker::shared();
-    let o = agent(&["check-config", "--config", &example(), "--connect"], &broker_env(b));
+    let o = agent(&["check-config", "--config", &example(), "--connect"], &b.mtls_env());
     let out = text(&o);
     assert!(o.status.success(), "{out}");
     assert!(out.contains("config OK: device \"site1-gate\", 1 camera(s), topic \"frames\""), "{out}");
@@ -94,7 +85,7 @@ fn a_client_key_of_another_certificate_is_named() {
     let b = Broker::shared();
     let dir = tempfile::tempdir().unwrap();
     let (_, _, rogue_key) = rogue_identity(dir.path()).unwrap();
-    let mut env = broker_env(b);
+    let mut env = b.mtls_env();
     env.push(("FRAMELINK__KAFKA__TLS__KEY", rogue_key.display().to_string()));
     let o = agent(&["check-config", "--config", &example()], &env);
     assert!(!o.status.success());
@@ -107,7 +98,7 @@ fn a_client_key_of_another_certificate_is_named() {
 fn demo_config_checks() {
     let b = Broker::shared();
     let config = repo_root().join("configs/demo/agent.toml");
-    let o = agent(&["check-config", "--config", config.to_str().unwrap(), "--connect"], &broker_env(b));
+    let o = agent(&["check-config", "--config", config.to_str().unwrap(), "--connect"], &b.mtls_env());
     let out = text(&o);
     assert!(o.status.success(), "{out}");
     assert!(out.contains("2 camera(s)"), "{out}");
@@ -121,7 +112,7 @@ fn setup_configs_check_and_connect() {
     let mut checked = Vec::new();
     for setup in ["cctv-site", "drone-lte", "demo"] {
         let config = repo_root().join("configs").join(setup).join("agent.toml");
-        let o = agent(&["check-config", "--config", config.to_str().unwrap(), "--connect"], &broker_env(b));
+        let o = agent(&["check-config", "--config", config.to_str().unwrap(), "--connect"], &b.mtls_env());
         let out = text(&o);
         assert!(o.status.success(), "{setup}: {out}");
         assert!(out.contains("config OK") && out.contains("connected: 1 broker(s)"), "{setup}: {out}");
@@ -139,6 +130,6 @@ fn setup_configs_check_and_connect() {
     // The setups differ where they should: 4 cameras on the CCTV box, a decimating spool on the drone.
     let cctv = std::fs::read_to_string(repo_root().join("configs/cctv-site/agent.toml")).unwrap();
     assert_eq!(cctv.matches("[[cameras]]").count(), 4);
-    let o = agent(&["check-config", "--config", repo_root().join("configs/cctv-site/agent.toml").to_str().unwrap()], &broker_env(b));
+    let o = agent(&["check-config", "--config", repo_root().join("configs/cctv-site/agent.toml").to_str().unwrap()], &b.mtls_env());
     assert!(text(&o).contains("4 camera(s)"), "{}", text(&o));
 }

@@ -28,13 +28,8 @@ fn version() {
 #[test]
 fn example_config_checks_and_connects_over_mtls() {
     let b = Broker::shared();
-    let env = vec![
-        ("FRAMELINK__KAFKA__BROKERS", b.bootstrap_tls.clone()),
-        ("FRAMELINK__KAFKA__TLS__CA", b.tls_dir.join("ca.pem").display().to_string()),
-        ("FRAMELINK__KAFKA__TLS__CERTIFICATE", b.tls_dir.join("client.pem").display().to_string()),
-        ("FRAMELINK__KAFKA__TLS__KEY", b.tls_dir.join("client.key").display().to_string()),
-        ("FRAMELINK__CONSUMER__GROUP_ID", "workers-test".into()),
-    ];
+    let mut env = b.mtls_env();
+    env.push(("FRAMELINK__CONSUMER__GROUP_ID", "workers-test".into()));
     let config = repo_root().join("configs/worker.toml");
     let o = worker(&["check-config", "--config", config.to_str().unwrap(), "--connect"], &env);
     let out = text(&o);
@@ -79,12 +74,7 @@ fn the_demo_config_checks() {
 #[test]
 fn fleet_config_checks_and_connects() {
     let b = Broker::shared();
-    let env = vec![
-        ("FRAMELINK__KAFKA__BROKERS", b.bootstrap_tls.clone()),
-        ("FRAMELINK__KAFKA__TLS__CA", b.tls_dir.join("ca.pem").display().to_string()),
-        ("FRAMELINK__KAFKA__TLS__CERTIFICATE", b.tls_dir.join("client.pem").display().to_string()),
-        ("FRAMELINK__KAFKA__TLS__KEY", b.tls_dir.join("client.key").display().to_string()),
-    ];
+    let env = b.mtls_env();
     let config = repo_root().join("configs/fleet/worker-example.toml");
     let o = worker(&["check-config", "--config", config.to_str().unwrap(), "--connect"], &env);
     let out = text(&o);

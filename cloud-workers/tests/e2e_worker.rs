@@ -144,13 +144,7 @@ async fn w2_w3_two_workers_share_partitions_and_a_killed_one_is_covered() {
     w1.kill();
     produce_frames(&b.plaintext(), &t.frames, 100, 100).await;
     let expected: BTreeSet<(String, u64)> = (0..200u64).map(|i| (format!("c{}", i % 4), i / 4)).collect();
-    let mut results = Vec::new();
-    for _ in 0..20 {
-        results = consume_all(&b.plaintext(), &t.results, Duration::from_secs(3)).await.unwrap();
-        if result_ids(&results).into_iter().collect::<BTreeSet<_>>() == expected {
-            break;
-        }
-    }
+    let results = wait_for_results(b, &t.results, &expected).await;
     w2.stop();
     let ids = result_ids(&results);
     let unique: BTreeSet<_> = ids.iter().cloned().collect();

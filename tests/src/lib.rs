@@ -164,6 +164,17 @@ impl Broker {
         )
     }
 
+    /// `FRAMELINK__KAFKA__*` overrides that point a shipped config (written for
+    /// /etc/framelink) at this broker's mTLS listener and the project's client certificate.
+    pub fn mtls_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("FRAMELINK__KAFKA__BROKERS", self.bootstrap_tls.clone()),
+            ("FRAMELINK__KAFKA__TLS__CA", self.tls_dir.join("ca.pem").display().to_string()),
+            ("FRAMELINK__KAFKA__TLS__CERTIFICATE", self.tls_dir.join("client.pem").display().to_string()),
+            ("FRAMELINK__KAFKA__TLS__KEY", self.tls_dir.join("client.key").display().to_string()),
+        ]
+    }
+
     /// Creates `topic` with `partitions` partitions and waits until it is usable.
     pub async fn create_topic(&self, topic: &str, partitions: i32) -> Result<()> {
         let admin: AdminClient<_> = ClientConfig::new()
