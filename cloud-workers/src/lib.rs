@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod decode;
+pub mod gpu;
 pub mod metrics;
 pub mod motion;
 pub mod ops;

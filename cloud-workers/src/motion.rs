@@ -51,7 +51,7 @@ pub struct MotionEvent {
 const SMALL_WIDTH: u32 = 160;
 
 /// Box-averaged luma at most `SMALL_WIDTH` wide.
-fn small_luma(img: &Img) -> (Img, u32) {
+pub fn small_luma(img: &Img) -> (Img, u32) {
     let g = grayscale(img);
     let f = g.width.div_ceil(SMALL_WIDTH).max(1);
     let (w, h) = (g.width / f, g.height / f);

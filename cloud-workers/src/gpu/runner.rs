@@ -1,0 +1,322 @@
+//! Runs a pipeline over batches of same-sized frames on a [`Gpu`]: per input size, the passes,
+//! their parameters and tables, and two sets of buffers and bind groups, all made once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use super::plan::{Pass, Size, plan, small_luma_size};
+use super::{Gpu, GpuError};
+use crate::ops::{Img, Pipeline};
+
+/// One frame's result.
+#[derive(Debug)]
+pub struct GpuOutput {
+    pub img: Img,
+    /// Motion detection's small luma image and its box factor (when motion is on).
+    pub small: Option<(Img, u32)>,
+}
+
+/// A submitted batch; hand it back to [`Runner::finish`].
+#[must_use]
+pub struct Ticket {
+    size: Size,
+    slot: usize,
+    n: usize,
+    submission: wgpu::SubmissionIndex,
+    /// The mapped part of the read-back buffer.
+    range: std::ops::Range<u64>,
+    /// 0 pending, 1 mapped, 2 failed.
+    mapped: Arc<AtomicU8>,
+}
+
+impl Ticket {
+    pub fn len(&self) -> usize {
+        self.n
+    }
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+}
+
+struct Slot {
+    /// Ping-pong buffers; the input is uploaded into `a`.
+    a: wgpu::Buffer,
+    b: wgpu::Buffer,
+    small: Option<wgpu::Buffer>,
+    readback: wgpu::Buffer,
+    binds: Vec<wgpu::BindGroup>,
+    motion_bind: Option<wgpu::BindGroup>,
+}
+
+/// Everything for one input size.
+struct SizePlan {
+    passes: Vec<Pass>,
+    motion: Option<Pass>,
+    out: Size,
+    /// Words per frame in the ping-pong buffers (the largest image along the way).
+    stride: u64,
+    small_words: u64,
+    capacity: usize,
+    slots: Vec<Slot>,
+    next: usize,
+    /// Workgroups (x, y) per pass, and for the motion pass.
+    groups: Vec<(u32, u32)>,
+    motion_groups: (u32, u32),
+    // Kept alive for the bind groups.
+    _aux: wgpu::Buffer,
+    _params: Vec<wgpu::Buffer>,
+}
+
+pub struct Runner {
+    gpu: Arc<Gpu>,
+    pipeline: Pipeline,
+    motion: bool,
+    max_batch: usize,
+    plans: HashMap<Size, SizePlan>,
+}
+
+fn groups_for(out: Size) -> (u32, u32) {
+    let wg = out.words().div_ceil(256).max(1);
+    let x = wg.min(65535);
+    (x as u32, wg.div_ceil(x) as u32)
+}
+
+impl Runner {
+    /// `max_batch` frames at most per submission (fewer if the adapter's buffer limit says so).
+    pub fn new(gpu: Arc<Gpu>, pipeline: Pipeline, motion: bool, max_batch: usize) -> Self {
+        Self { gpu, pipeline, motion, max_batch: max_batch.max(1), plans: HashMap::new() }
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// How many frames of `size` one submission takes.
+    pub fn capacity(&mut self, size: (u32, u32, u8)) -> Result<usize, GpuError> {
+        let s = Size { w: size.0, h: size.1, ch: size.2 as u32 };
+        Ok(self.plan_for(s)?.capacity)
+    }
+
+    fn plan_for(&mut self, input: Size) -> Result<&mut SizePlan, GpuError> {
+        if !self.plans.contains_key(&input) {
+            let p = self.build(input)?;
+            self.plans.insert(input, p);
+        }
+        Ok(self.plans.get_mut(&input).unwrap())
+    }
+
+    fn build(&self, input: Size) -> Result<SizePlan, GpuError> {
+        let (passes, motion) = plan(&self.pipeline, input, self.motion)?;
+        let out = passes.last().map_or(input, |p| p.output);
+        let stride = passes.iter().map(|p| p.output.words()).chain([input.words()]).max().unwrap_or(1).max(1);
+        let small_words = motion.as_ref().map_or(0, |m| m.output.words());
+        let frame_bytes = stride * 4;
+        let capacity = ((self.gpu.max_binding / frame_bytes) as usize).min(self.max_batch);
+        if capacity == 0 {
+            return Err(GpuError::Runtime(format!(
+                "a {}x{}x{} frame needs {} MiB per buffer, above this adapter's {} MiB binding limit",
+                input.w,
+                input.h,
+                input.ch,
+                frame_bytes >> 20,
+                self.gpu.max_binding >> 20
+            )));
+        }
+        let dev = &self.gpu.device;
+        use wgpu::BufferUsages as U;
+
+        // Tables of all passes in one buffer; each pass's params point at its part.
+        let mut aux: Vec<i32> = Vec::new();
+        let mut params = Vec::new();
+        let all: Vec<&Pass> = passes.iter().chain(motion.as_ref()).collect();
+        for (k, p) in all.iter().enumerate() {
+            let is_motion = motion.is_some() && k == all.len() - 1;
+            let (gx, _) = groups_for(p.output);
+            let out_stride = if is_motion { small_words } else { stride };
+            let words: [u32; 16] = [
+                p.input.w,
+                p.input.h,
+                p.input.ch,
+                stride as u32,
+                p.output.w,
+                p.output.h,
+                p.output.ch,
+                out_stride as u32,
+                p.args[0],
+                p.args[1],
+                p.args[2],
+                p.args[3],
+                aux.len() as u32,
+                gx,
+                0,
+                0,
+            ];
+            aux.extend_from_slice(&p.table);
+            let buf = dev.create_buffer(&wgpu::BufferDescriptor { label: Some(p.entry), size: 64, usage: U::UNIFORM | U::COPY_DST, mapped_at_creation: false });
+            self.gpu.queue.write_buffer(&buf, 0, bytemuck::cast_slice(&words));
+            params.push(buf);
+        }
+        if aux.is_empty() {
+            aux.push(0);
+        }
+        let aux_buf = dev.create_buffer(&wgpu::BufferDescriptor { label: Some("tables"), size: aux.len() as u64 * 4, usage: U::STORAGE | U::COPY_DST, mapped_at_creation: false });
+        self.gpu.queue.write_buffer(&aux_buf, 0, bytemuck::cast_slice(&aux));
+
+        let bind = |src: &wgpu::Buffer, dst: &wgpu::Buffer, params: &wgpu::Buffer| {
+            dev.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: None,
+                layout: &self.gpu.layout,
+                entries: &[
+                    wgpu::BindGroupEntry { binding: 0, resource: src.as_entire_binding() },
+                    wgpu::BindGroupEntry { binding: 1, resource: dst.as_entire_binding() },
+                    wgpu::BindGroupEntry { binding: 2, resource: aux_buf.as_entire_binding() },
+                    wgpu::BindGroupEntry { binding: 3, resource: params.as_entire_binding() },
+                ],
+            })
+        };
+        let big = capacity as u64 * frame_bytes;
+        let slots = (0..2)
+            .map(|_| {
+                let storage = |label| dev.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size: big, usage: U::STORAGE | U::COPY_DST | U::COPY_SRC, mapped_at_creation: false });
+                let (a, b) = (storage("frames a"), storage("frames b"));
+                let small = motion.as_ref().map(|_| {
+                    dev.create_buffer(&wgpu::BufferDescriptor { label: Some("small luma"), size: capacity as u64 * small_words * 4, usage: U::STORAGE | U::COPY_SRC, mapped_at_creation: false })
+                });
+                let readback = dev.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("readback"),
+                    size: capacity as u64 * (out.words() + small_words) * 4,
+                    usage: U::MAP_READ | U::COPY_DST,
+                    mapped_at_creation: false,
+                });
+                let binds = (0..passes.len()).map(|k| if k % 2 == 0 { bind(&a, &b, &params[k]) } else { bind(&b, &a, &params[k]) }).collect();
+                let last = if passes.len() % 2 == 0 { &a } else { &b };
+                let motion_bind = small.as_ref().map(|s| bind(last, s, &params[passes.len()]));
+                Slot { a, b, small, readback, binds, motion_bind }
+            })
+            .collect();
+        let groups = passes.iter().map(|p| groups_for(p.output)).collect();
+        let motion_groups = motion.as_ref().map_or((0, 0), |m| groups_for(m.output));
+        self.gpu.check()?;
+        Ok(SizePlan { passes, motion, out, stride, small_words, capacity, slots, next: 0, groups, motion_groups, _aux: aux_buf, _params: params })
+    }
+
+    /// Uploads `frames` (all the same size, at most [`Runner::capacity`]), runs the pipeline
+    /// and queues the read-back; returns without waiting for the GPU.
+    pub fn submit(&mut self, frames: &[&Img]) -> Result<Ticket, GpuError> {
+        let first = frames.first().ok_or_else(|| GpuError::Runtime("empty batch".into()))?;
+        let size = Size { w: first.width, h: first.height, ch: first.channels as u32 };
+        if let Some(f) = frames.iter().find(|f| (f.width, f.height, f.channels as u32) != (size.w, size.h, size.ch)) {
+            return Err(GpuError::Runtime(format!("batch mixes {}x{} and {}x{} frames", size.w, size.h, f.width, f.height)));
+        }
+        let gpu = self.gpu.clone();
+        let p = self.plan_for(size)?;
+        if frames.len() > p.capacity {
+            return Err(GpuError::Runtime(format!("batch of {} above the capacity of {}", frames.len(), p.capacity)));
+        }
+        let slot_ix = p.next;
+        p.next = (p.next + 1) % p.slots.len();
+        let slot = &p.slots[slot_ix];
+        let n = frames.len();
+        let mut padded = Vec::new();
+        for (z, f) in frames.iter().enumerate() {
+            let bytes: &[u8] = if f.data.len() % 4 == 0 {
+                &f.data
+            } else {
+                padded.clear();
+                padded.extend_from_slice(&f.data);
+                padded.resize(f.data.len().next_multiple_of(4), 0);
+                &padded
+            };
+            gpu.queue.write_buffer(&slot.a, z as u64 * p.stride * 4, bytes);
+        }
+        let mut enc = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("framelink batch") });
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("ops"), timestamp_writes: None });
+            for (k, ps) in p.passes.iter().enumerate() {
+                pass.set_pipeline(&gpu.pipelines[ps.entry]);
+                pass.set_bind_group(0, &slot.binds[k], &[]);
+                let (x, y) = p.groups[k];
+                pass.dispatch_workgroups(x, y, n as u32);
+            }
+            if let (Some(m), Some(b)) = (&p.motion, &slot.motion_bind) {
+                pass.set_pipeline(&gpu.pipelines[m.entry]);
+                pass.set_bind_group(0, b, &[]);
+                pass.dispatch_workgroups(p.motion_groups.0, p.motion_groups.1, n as u32);
+            }
+        }
+        let last = if p.passes.len() % 2 == 0 { &slot.a } else { &slot.b };
+        let out_bytes = p.out.words() * 4;
+        for z in 0..n as u64 {
+            enc.copy_buffer_to_buffer(last, z * p.stride * 4, &slot.readback, z * out_bytes, Some(out_bytes));
+        }
+        let small_at = p.capacity as u64 * out_bytes;
+        if let Some(s) = &slot.small {
+            enc.copy_buffer_to_buffer(s, 0, &slot.readback, small_at, Some(n as u64 * p.small_words * 4));
+        }
+        let submission = gpu.queue.submit([enc.finish()]);
+        let mapped = Arc::new(AtomicU8::new(0));
+        let m2 = mapped.clone();
+        let read_end = small_at + n as u64 * p.small_words * 4;
+        // Map the whole used range; frames first, then the small images after `small_at`.
+        let range = if p.small_words > 0 { 0..read_end } else { 0..n as u64 * out_bytes };
+        slot.readback.slice(range.clone()).map_async(wgpu::MapMode::Read, move |r| m2.store(if r.is_ok() { 1 } else { 2 }, Ordering::Release));
+        Ok(Ticket { size, slot: slot_ix, n, submission, range, mapped })
+    }
+
+    /// Waits for a submitted batch and returns its frames in submission order.
+    pub fn finish(&mut self, t: Ticket) -> Result<Vec<GpuOutput>, GpuError> {
+        let gpu = self.gpu.clone();
+        gpu.device
+            .poll(wgpu::PollType::Wait { submission_index: Some(t.submission), timeout: Some(Duration::from_secs(60)) })
+            .map_err(|e| GpuError::Runtime(format!("waiting for a batch: {e}")))?;
+        gpu.check()?;
+        let p = self.plans.get(&t.size).ok_or_else(|| GpuError::Runtime("ticket for an unknown plan".into()))?;
+        if t.mapped.load(Ordering::Acquire) != 1 {
+            return Err(GpuError::Runtime("mapping the read-back buffer failed".into()));
+        }
+        let slot = &p.slots[t.slot];
+        let out_bytes = (p.out.words() * 4) as usize;
+        let frame_len = p.out.bytes() as usize;
+        let small_at = p.capacity * out_bytes;
+        let small_size = p.motion.as_ref().map(|m| m.output);
+        let mut outs = Vec::with_capacity(t.n);
+        {
+            let view = slot.readback.slice(t.range.clone()).get_mapped_range().map_err(|e| GpuError::Runtime(format!("reading a batch back: {e}")))?;
+            for z in 0..t.n {
+                let data = view[z * out_bytes..z * out_bytes + frame_len].to_vec();
+                let img = Img::new(p.out.w, p.out.h, p.out.ch as u8, data);
+                let small = small_size.map(|s| {
+                    let at = small_at + z * p.small_words as usize * 4;
+                    let data = view[at..at + s.bytes() as usize].to_vec();
+                    (Img::new(s.w, s.h, 1, data), small_luma_size(p.out.w, p.out.h).0)
+                });
+                outs.push(GpuOutput { img, small });
+            }
+        }
+        slot.readback.unmap();
+        Ok(outs)
+    }
+
+    /// Convenience for tests and benches: runs any number of frames (grouped by size, in
+    /// batches) and returns results in input order.
+    pub fn run(&mut self, frames: &[Img]) -> Result<Vec<GpuOutput>, GpuError> {
+        let mut out: Vec<Option<GpuOutput>> = (0..frames.len()).map(|_| None).collect();
+        let mut by_size: HashMap<(u32, u32, u8), Vec<usize>> = HashMap::new();
+        for (i, f) in frames.iter().enumerate() {
+            by_size.entry((f.width, f.height, f.channels)).or_default().push(i);
+        }
+        for (size, idx) in by_size {
+            let cap = self.capacity(size)?;
+            for chunk in idx.chunks(cap) {
+                let refs: Vec<&Img> = chunk.iter().map(|&i| &frames[i]).collect();
+                let t = self.submit(&refs)?;
+                for (i, o) in chunk.iter().zip(self.finish(t)?) {
+                    out[*i] = Some(o);
+                }
+            }
+        }
+        Ok(out.into_iter().map(|o| o.expect("every frame ran")).collect())
+    }
+}
