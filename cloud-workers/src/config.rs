@@ -30,6 +30,9 @@ pub struct WorkerConfig {
     /// `/metrics` and `/healthz`.
     #[serde(default)]
     pub http: HttpConfig,
+    /// Which backend runs the ops (CPU or GPU) and GPU batching.
+    #[serde(default)]
+    pub gpu: crate::gpu::GpuConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -244,6 +247,7 @@ impl WorkerConfig {
         if !(10..=60_000).contains(&self.worker.transaction_ms) {
             bail!("config key `worker.transaction_ms`: {} is not from 10 to 60000", self.worker.transaction_ms);
         }
+        self.gpu.validate().map_err(anyhow::Error::msg)?;
         if self.worker.max_pixels == 0 {
             bail!("config key `worker.max_pixels`: must be at least 1");
         }

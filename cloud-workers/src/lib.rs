@@ -1,6 +1,8 @@
 //! framelink-worker as a library: config, decoding, image operations (CPU backend), motion
 //! detection, per-frame processing, and the consumer-group loop.
 
+pub mod alloc;
+pub mod bench;
 pub mod config;
 pub mod decode;
 pub mod gpu;

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use framelink_common::cli::{LogFormat, init_logging, report_connection};
+use framelink_worker::gpu::BackendChoice;
 
 /// framelink cloud worker: one member of a Kafka consumer group that decodes frames, runs
 /// image operations, and publishes results, events and dead letters.
@@ -34,6 +35,43 @@ enum Command {
         /// Overrides `worker.pipeline`, e.g. `resize:1280x720,grayscale,blur:1.5,sobel`.
         #[arg(long)]
         pipeline: Option<String>,
+        /// Overrides `gpu.backend`: auto (a real GPU if present, else CPU), gpu, cpu, software.
+        #[arg(long)]
+        backend: Option<BackendChoice>,
+    },
+    /// List the GPU adapters this machine offers (Vulkan/Metal/DX12) and which one `auto`
+    /// would take.
+    Adapters,
+    /// Frames/s per op: CPU backend (1 thread, all cores) against the GPU backend at several
+    /// batch sizes, on frames made from photographs; prints a markdown table.
+    Bench {
+        /// gpu (default: a real GPU, error if none), software (lavapipe), auto, cpu (CPU only).
+        #[arg(long, default_value = "gpu")]
+        backend: BackendChoice,
+        /// Only adapters whose name contains this.
+        #[arg(long)]
+        adapter: Option<String>,
+        /// Folder of JPEG photographs to make frames from.
+        #[arg(long, default_value = "../shared/testdata/images")]
+        images: PathBuf,
+        /// Frame size, WxH.
+        #[arg(long, default_value = "1920x1080")]
+        size: String,
+        /// Pipelines to time, separated by spaces (each a worker pipeline).
+        #[arg(long, num_args = 1.., default_values = ["grayscale", "blur:1.5", "sobel", "sharpen", "rotate:90", "resize:1280x720", "resize:640x360,grayscale,blur:1.5,sobel"])]
+        ops: Vec<String>,
+        /// GPU batch sizes.
+        #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+        batches: Vec<usize>,
+        /// Seconds per measurement (each cell is the median of three).
+        #[arg(long, default_value_t = 1.0)]
+        seconds: f64,
+        /// CPU threads for the all-cores column (0 = one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Also write the table to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Watch the fleet's output: print results (with their latency) and motion events from the
     /// config's results and events topics, and optionally save the result JPEGs to a folder.
@@ -69,6 +107,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    framelink_worker::alloc::tune_for_frames();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match run(cli.command) {
@@ -82,10 +121,14 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Run { config, pipeline } => {
+        Command::Run { config, pipeline, backend } => {
             if let Some(p) = pipeline {
                 // SAFETY: single-threaded at this point; read by the config loader below.
                 unsafe { std::env::set_var("FRAMELINK__WORKER__PIPELINE", p) };
+            }
+            if let Some(b) = backend {
+                // SAFETY: as above.
+                unsafe { std::env::set_var("FRAMELINK__GPU__BACKEND", b.as_str()) };
             }
             let v = config::WorkerConfig::load(&config)?;
             let shutdown = Arc::new(AtomicBool::new(false));
@@ -113,6 +156,30 @@ fn run(command: Command) -> anyhow::Result<()> {
             println!("tail: {}", summary.describe());
             Ok(())
         }
+        Command::Adapters => {
+            let all = framelink_worker::gpu::adapters();
+            if all.is_empty() {
+                println!("no adapters: no Vulkan/Metal/DX12 driver found (Linux: libvulkan1 and the GPU's Vulkan driver; mesa-vulkan-drivers for the lavapipe software adapter)");
+            }
+            for a in &all {
+                println!("{a}");
+            }
+            match framelink_worker::gpu::Gpu::open(BackendChoice::Auto, None)? {
+                Some(g) => println!("backend auto -> gpu: {}", g.desc),
+                None => println!("backend auto -> cpu (no adapter whose device type is a GPU)"),
+            }
+            Ok(())
+        }
+        Command::Bench { backend, adapter, images, size, ops, batches, seconds, threads, out } => {
+            let (w, h) = size.split_once('x').and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?))).ok_or_else(|| anyhow::anyhow!("--size {size:?}: expected WxH"))?;
+            let o = framelink_worker::bench::BenchOptions { backend, adapter, images, size: (w, h), ops, batches, seconds, threads };
+            let table = framelink_worker::bench::run(&o)?;
+            print!("{table}");
+            if let Some(out) = out {
+                std::fs::write(&out, &table)?;
+            }
+            Ok(())
+        }
         Command::CheckConfig { config, connect } => {
             let v = config::WorkerConfig::load(&config)?;
             println!(
@@ -126,6 +193,12 @@ fn run(command: Command) -> anyhow::Result<()> {
             );
             if connect {
                 println!("{}", report_connection(&v.kafka, Duration::from_secs(15))?);
+                // The backend too: a GPU worker without a usable GPU fails here, not at start.
+                let g = &v.config.gpu;
+                match framelink_worker::gpu::Gpu::open(g.backend, g.adapter.as_deref()).map_err(|e| anyhow::anyhow!("config key `gpu.backend` = {:?}: {e}", g.backend.as_str()))? {
+                    Some(gpu) => println!("backend {}: gpu {}", g.backend.as_str(), gpu.desc),
+                    None => println!("backend {}: cpu", g.backend.as_str()),
+                }
             }
             Ok(())
         }

@@ -32,6 +32,9 @@ pub struct Metrics {
     pub in_flight: Gauge,
     pub txn_commits: Counter,
     pub txn_aborts: Counter,
+    /// 1, labelled with the backend running the ops and the adapter it chose.
+    pub backend: Family<Labels, Gauge>,
+    pub gpu: std::sync::Arc<crate::gpu::executor::StageStats>,
     pub health: Mutex<Health>,
     /// Wall clock (ns) of the last output Kafka acknowledged; 0 = none yet.
     pub last_output_ns: AtomicU64,
@@ -51,6 +54,8 @@ pub struct Health {
     pub link: Option<Arc<LinkStatus>>,
     pub lag_total: i64,
     pub stopping: bool,
+    /// `cpu`, or `gpu: <adapter>`.
+    pub backend: String,
 }
 
 impl Metrics {
@@ -70,6 +75,8 @@ impl Metrics {
             in_flight: Gauge::default(),
             txn_commits: Counter::default(),
             txn_aborts: Counter::default(),
+            backend: Family::default(),
+            gpu: Default::default(),
             health: Mutex::default(),
             last_output_ns: AtomicU64::new(0),
         };
@@ -85,6 +92,10 @@ impl Metrics {
         registry.register("in_flight", "Records consumed but not yet committed", m.in_flight.clone());
         registry.register("transactions_committed", "Kafka transactions committed (exactly-once mode)", m.txn_commits.clone());
         registry.register("transactions_aborted", "Kafka transactions aborted and rewound (exactly-once mode)", m.txn_aborts.clone());
+        registry.register("backend_info", "The backend running the ops (cpu, gpu) and its adapter", m.backend.clone());
+        registry.register("gpu_batches", "Batches the GPU stage ran", m.gpu.batches.clone());
+        registry.register("gpu_frames", "Frames the GPU stage ran", m.gpu.frames.clone());
+        registry.register("gpu_fallbacks", "Frames processed on the CPU because their GPU batch failed", m.gpu.errors.clone());
         Arc::new(Self { registry, ..m })
     }
 
@@ -106,6 +117,7 @@ impl Metrics {
             "group": h.group,
             "delivery": h.delivery,
             "pipeline": h.pipeline,
+            "backend": h.backend,
             "partitions": h.assigned.iter().map(|(t, p)| format!("{t}[{p}]")).collect::<Vec<_>>(),
             "brokers_up": h.brokers_up,
             "frames_in": self.frames_in.get(),

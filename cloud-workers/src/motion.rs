@@ -76,6 +76,11 @@ pub fn small_luma(img: &Img) -> (Img, u32) {
     (Img::new(w, h, 1, out), f)
 }
 
+struct Frame {
+    width: u32,
+    height: u32,
+}
+
 #[derive(Default)]
 pub struct MotionDetector {
     previous: HashMap<String, Img>,
@@ -85,6 +90,13 @@ impl MotionDetector {
     /// Compares `frame` with the camera's previous frame; `Some` when enough changed.
     pub fn update(&mut self, camera: &str, frame: &Img, cfg: &MotionConfig) -> Option<MotionEvent> {
         let (small, f) = small_luma(frame);
+        self.update_small(camera, small, f, (frame.width, frame.height), cfg)
+    }
+
+    /// As [`update`](Self::update), with the frame's small luma (box factor `f`) already made
+    /// (the GPU backend computes it in the frame's batch).
+    pub fn update_small(&mut self, camera: &str, small: Img, f: u32, frame_size: (u32, u32), cfg: &MotionConfig) -> Option<MotionEvent> {
+        let frame = Frame { width: frame_size.0, height: frame_size.1 };
         let prev = self.previous.insert(camera.to_owned(), small.clone())?;
         if (prev.width, prev.height) != (small.width, small.height) {
             return None; // the camera changed resolution: start over

@@ -7,8 +7,9 @@ use framelink_common::FrameMeta;
 use framelink_common::wire::{self, header};
 
 use crate::decode::{Decoder, encode};
+use crate::gpu::executor::GpuClient;
 use crate::motion::{MotionConfig, MotionDetector, MotionEvent};
-use crate::ops::Pipeline;
+use crate::ops::{Img, Pipeline};
 
 /// Why a record goes to the dead-letter topic.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,6 +54,8 @@ pub struct Processor {
     pub motion: MotionConfig,
     decoder: Decoder,
     detector: MotionDetector,
+    /// The GPU stage, when the GPU backend runs the ops.
+    gpu: Option<GpuClient>,
 }
 
 fn reject(reason: &'static str, detail: impl Into<String>) -> Rejected {
@@ -61,7 +64,23 @@ fn reject(reason: &'static str, detail: impl Into<String>) -> Rejected {
 
 impl Processor {
     pub fn new(pipeline: Pipeline, max_pixels: u64, quality: u8, events_only: bool, motion: MotionConfig) -> Self {
-        Self { pipeline, max_pixels, quality, events_only, motion, decoder: Decoder::new(), detector: MotionDetector::default() }
+        Self { pipeline, max_pixels, quality, events_only, motion, decoder: Decoder::new(), detector: MotionDetector::default(), gpu: None }
+    }
+
+    /// Runs the ops (and motion's small luma) on the GPU stage; a frame whose GPU batch fails
+    /// is processed on the CPU instead.
+    pub fn with_gpu(mut self, gpu: GpuClient) -> Self {
+        self.gpu = Some(gpu);
+        self
+    }
+
+    fn cpu_ops(&self, mut img: Img, op_times: &mut Vec<(String, Duration)>) -> Result<Img, Rejected> {
+        for op in &self.pipeline.0 {
+            let t = Instant::now();
+            img = op.apply(&img).map_err(|e| reject("op_failed", e.to_string()))?;
+            op_times.push((op.to_string(), t.elapsed()));
+        }
+        Ok(img)
     }
 
     /// The frame's metadata: from the contract headers; a record with none of them (a plain
@@ -107,14 +126,32 @@ impl Processor {
             Some(crate::ops::Op::Resize { width, height }) => Some((*width, *height)),
             _ => None,
         };
-        let mut img = self.decoder.decode(payload, self.max_pixels, at_least).map_err(|e| reject(e.reason(), e.to_string()))?;
+        let img = self.decoder.decode(payload, self.max_pixels, at_least).map_err(|e| reject(e.reason(), e.to_string()))?;
         let mut op_times = Vec::with_capacity(self.pipeline.0.len());
-        for op in &self.pipeline.0 {
-            let t = Instant::now();
-            img = op.apply(&img).map_err(|e| reject("op_failed", e.to_string()))?;
-            op_times.push((op.to_string(), t.elapsed()));
-        }
-        let event = if self.motion.enabled { self.detector.update(&meta.key(), &img, &self.motion) } else { None };
+        let (img, small) = match &self.gpu {
+            None => (self.cpu_ops(img, &mut op_times)?, None),
+            Some(gpu) => {
+                let t = Instant::now();
+                match gpu.process(img) {
+                    Ok(out) => {
+                        op_times.push(("gpu".to_owned(), t.elapsed()));
+                        (out.img, out.small)
+                    }
+                    Err(why) => {
+                        // The GPU stage failed this batch (and said why in the log): the
+                        // frame is not at fault, so it is processed on the CPU.
+                        tracing::debug!(why, "GPU fallback");
+                        let img = self.decoder.decode(payload, self.max_pixels, at_least).map_err(|e| reject(e.reason(), e.to_string()))?;
+                        (self.cpu_ops(img, &mut op_times)?, None)
+                    }
+                }
+            }
+        };
+        let event = match (self.motion.enabled, small) {
+            (false, _) => None,
+            (true, Some((small, f))) => self.detector.update_small(&meta.key(), small, f, (img.width, img.height), &self.motion),
+            (true, None) => self.detector.update(&meta.key(), &img, &self.motion),
+        };
         let jpeg = if self.events_only { None } else { Some(encode(&img, self.quality).map_err(|e| reject("encode_failed", e.to_string()))?) };
         Ok(Processed { meta, jpeg, width: img.width, height: img.height, event, took: started.elapsed(), op_times })
     }

@@ -231,6 +231,32 @@ fn worker_id() -> String {
 /// Largest record the producer will send (`message.max.bytes`); bigger results are dead-lettered.
 const MAX_OUTPUT_BYTES: usize = 16 * 1024 * 1024;
 
+/// Opens the backend `[gpu]` asks for: the GPU stage's client, or `None` for the CPU. Logs
+/// and exports (metric label, /healthz) which adapter runs the ops.
+fn open_backend(cfg: &crate::config::WorkerConfig, metrics: &Metrics) -> Result<Option<crate::gpu::executor::GpuClient>> {
+    use crate::gpu::{BackendChoice, Gpu, adapters, executor};
+    let g = &cfg.gpu;
+    let gpu = Gpu::open(g.backend, g.adapter.as_deref()).with_context(|| format!("config key `gpu.backend` = {:?}", g.backend.as_str()))?;
+    let (label, adapter, device_type) = match &gpu {
+        Some(gpu) => ("gpu", gpu.desc.name.clone(), gpu.desc.device_type.clone()),
+        None => ("cpu", String::new(), String::new()),
+    };
+    metrics.backend.get_or_create(&vec![("backend", label.to_owned()), ("adapter", adapter), ("device_type", device_type)]).set(1);
+    let Some(gpu) = gpu else {
+        let seen: Vec<String> = if g.backend == BackendChoice::Auto { adapters().iter().map(|a| a.to_string()).collect() } else { vec![] };
+        tracing::info!(requested = g.backend.as_str(), adapters_seen = ?seen, "Ops run on the CPU backend.");
+        metrics.health.lock().unwrap().backend = "cpu".into();
+        return Ok(None);
+    };
+    tracing::info!(adapter = %gpu.desc, batch = g.batch, batch_wait_ms = g.batch_wait_ms, "Ops run on the GPU backend.");
+    metrics.health.lock().unwrap().backend = format!("gpu: {}", gpu.desc);
+    if cfg.worker.thread_count() < g.batch {
+        tracing::warn!(threads = cfg.worker.thread_count(), batch = g.batch, "Fewer processing threads than gpu.batch: batches cannot fill (each thread has one frame on the GPU at a time).");
+    }
+    let client = executor::spawn(Arc::new(gpu), cfg.worker.pipeline_ops()?, cfg.motion.enabled, g.batch, Duration::from_millis(g.batch_wait_ms), metrics.gpu.clone())?;
+    Ok(Some(client))
+}
+
 pub fn run(v: Validated, shutdown: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Result<()> {
     let cfg = &v.config;
     let id = cfg.worker.id.clone().unwrap_or_else(worker_id);
@@ -245,6 +271,7 @@ pub fn run(v: Validated, shutdown: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Re
         h.pipeline = cfg.worker.pipeline.clone();
         h.link = Some(link.clone());
     }
+    let gpu = open_backend(cfg, &metrics)?;
 
     let mut pc = v.kafka.client_config(&format!("framelink-worker-{id}"));
     pc.set("acks", "all").set("enable.idempotence", "true").set("linger.ms", "5").set("message.max.bytes", (MAX_OUTPUT_BYTES + 65536).to_string());
@@ -300,6 +327,9 @@ pub fn run(v: Validated, shutdown: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Re
         queues.push(tx);
         let (producer, tracker, committer, metrics, txn) = (producer.clone(), tracker.clone(), committer.clone(), metrics.clone(), txn.clone());
         let mut processor = Processor::new(cfg.worker.pipeline_ops()?, cfg.worker.max_pixels, cfg.worker.jpeg_quality, cfg.worker.events_only, cfg.motion.clone());
+        if let Some(g) = &gpu {
+            processor = processor.with_gpu(g.clone());
+        }
         let out = cfg.output.clone();
         let (id, spec) = (id.clone(), cfg.worker.pipeline.clone());
         handles.push(std::thread::Builder::new().name(format!("process-{i}")).spawn(move || {

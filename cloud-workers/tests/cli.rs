@@ -91,3 +91,40 @@ fn an_input_pattern_that_matches_an_output_topic_is_refused() {
     assert!(!o.status.success());
     assert!(text(&o).contains("config key `output.results_topic`: \"frames.processed\" matches the input pattern \"^frames.*\""), "{}", text(&o));
 }
+
+/// configs/gpu-worker: loads and connects; demands a real GPU, so on a machine with only the
+/// software adapter (CI) `--connect` refuses it, naming the key and the adapters it saw, and
+/// passes once the backend is overridden to that software adapter.
+#[test]
+fn gpu_worker_config_checks_and_demands_a_gpu() {
+    let b = Broker::shared();
+    let config = repo_root().join("configs/gpu-worker/worker.toml");
+    let mut env = b.mtls_env();
+    let o = worker(&["check-config", "--config", config.to_str().unwrap()], &env);
+    assert!(o.status.success(), "{}", text(&o));
+    let real_gpu = framelink_worker::gpu::Gpu::open(framelink_worker::gpu::BackendChoice::Gpu, None).ok().flatten().is_some();
+    let o = worker(&["check-config", "--config", config.to_str().unwrap(), "--connect"], &env);
+    if real_gpu {
+        assert!(o.status.success() && text(&o).contains("backend gpu: gpu "), "{}", text(&o));
+    } else {
+        assert!(!o.status.success(), "{}", text(&o));
+        assert!(text(&o).contains("config key `gpu.backend` = \"gpu\": backend \"gpu\": no suitable adapter; adapters found: llvmpipe"), "{}", text(&o));
+    }
+    env.push(("FRAMELINK__GPU__BACKEND", "software".into()));
+    let o = worker(&["check-config", "--config", config.to_str().unwrap(), "--connect"], &env);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("backend software: gpu llvmpipe"), "{}", text(&o));
+}
+
+#[test]
+fn a_bad_gpu_key_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("w.toml");
+    std::fs::write(&p, "[kafka]\nbrokers = \"h:1\"\n[gpu]\nbackend = \"cuda\"\n").unwrap();
+    let o = worker(&["check-config", "--config", p.to_str().unwrap()], &[]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("gpu.backend") && text(&o).contains("unknown backend \"cuda\": expected \"auto\", \"gpu\", \"cpu\" or \"software\""), "{}", text(&o));
+    std::fs::write(&p, "[kafka]\nbrokers = \"h:1\"\n[gpu]\nbatch = 0\n").unwrap();
+    let o = worker(&["check-config", "--config", p.to_str().unwrap()], &[]);
+    assert!(text(&o).contains("config key `gpu.batch`: 0 is not from 1 to 256"), "{}", text(&o));
+}

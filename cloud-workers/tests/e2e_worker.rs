@@ -331,3 +331,40 @@ async fn w7_partitions_move_under_load_without_loss_or_duplicates() {
     // Handovers are graceful (finish in flight, commit, then let go): nothing done twice.
     assert_eq!(ids.len() - unique.len(), 0, "duplicates after cooperative rebalances");
 }
+
+/// The GPU backend in the running worker, on Mesa lavapipe (CI has no GPU): frames travel
+/// through the batching GPU stage and come out byte-identical to the CPU backend's results.
+#[tokio::test(flavor = "multi_thread")]
+async fn w8_gpu_backend_results_equal_the_cpu_backend() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    init_tracing();
+    let b = Broker::shared();
+    let t = topics(b, "w8", 4).await;
+    let pipeline = "resize:320x240,sharpen,rotate:90";
+    produce_frames(&b.plaintext(), &t.frames, 80, 0).await;
+    let extra = "[gpu]\nbackend = \"software\"\nbatch = 4\n[motion]\nenabled = true\n";
+    let body = worker_body(&b.plaintext(), &t, "g-w8", pipeline, extra).replace("threads = 2", "threads = 4");
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = Daemon::worker(WORKER, dir.path(), &body);
+    w.start();
+    w.wait_for("80 processed", Duration::from_secs(90), |w| w.metric("frames_out_total", &[]) >= 80.0);
+    let (gpu_frames, batches, fallbacks) = (w.metric("gpu_frames_total", &[]), w.metric("gpu_batches_total", &[]), w.metric("gpu_fallbacks_total", &[]));
+    let backend = w.metric("backend_info", &["backend=\"gpu\"", "device_type=\"Cpu\""]);
+    let health = w.healthz();
+    w.stop();
+    assert_eq!(backend, 1.0, "the backend metric names the GPU backend and the software adapter");
+    assert!(health["backend"].as_str().unwrap().starts_with("gpu: llvmpipe"), "{health}");
+    assert_eq!((gpu_frames, fallbacks), (80.0, 0.0), "every frame ran on the GPU stage");
+    println!("w8: 80 frames in {batches} GPU batches ({:.1} frames per batch)", gpu_frames / batches);
+
+    // The CPU backend on the same input.
+    let jpeg = std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/images/rocket.jpg")).unwrap();
+    let img = framelink_worker::decode::Decoder::new().decode(&jpeg, 50_000_000, Some((320, 240))).unwrap();
+    let cpu = framelink_worker::ops::Pipeline::parse(pipeline).unwrap().apply(img).unwrap();
+    let expected = framelink_worker::decode::encode(&cpu, 85).unwrap();
+    let results = consume_all(&b.plaintext(), &t.results, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(results.len(), 80);
+    for m in &results {
+        assert!(m.payload() == Some(&expected[..]), "result {:?} differs from the CPU backend's", result_ids(std::slice::from_ref(m)));
+    }
+}

@@ -32,7 +32,7 @@ impl std::str::FromStr for LogFormat {
 /// syntax as `RUST_LOG`, e.g. `info,librdkafka=warn`), default `info`.
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FRAMELINK_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,librdkafka=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,librdkafka=warn,wgpu_hal=warn,wgpu_core=warn"));
     use std::io::IsTerminal;
     // Colours only on a terminal: journald and log files get plain text.
     let builder = tracing_subscriber::fmt()

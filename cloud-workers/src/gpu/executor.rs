@@ -7,7 +7,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, bounded};
@@ -25,9 +24,10 @@ struct Request {
 /// Counters of the stage (exported as metrics).
 #[derive(Default)]
 pub struct StageStats {
-    pub batches: AtomicU64,
-    pub frames: AtomicU64,
-    pub errors: AtomicU64,
+    pub batches: prometheus_client::metrics::counter::Counter,
+    pub frames: prometheus_client::metrics::counter::Counter,
+    /// Frames whose batch failed (processed on the CPU instead).
+    pub errors: prometheus_client::metrics::counter::Counter,
 }
 
 /// A processing thread's handle on the GPU stage.
@@ -137,8 +137,8 @@ impl Stage {
         let Some((ticket, replies)) = self.inflight.pop_front() else { return };
         match self.runner.finish(ticket) {
             Ok(outs) => {
-                self.stats.batches.fetch_add(1, Ordering::Relaxed);
-                self.stats.frames.fetch_add(outs.len() as u64, Ordering::Relaxed);
+                self.stats.batches.inc();
+                self.stats.frames.inc_by(outs.len() as u64);
                 for (reply, out) in replies.into_iter().zip(outs) {
                     let _ = reply.send(Ok(out));
                 }
@@ -150,7 +150,7 @@ impl Stage {
     fn fail(&self, replies: impl Iterator<Item = Reply>, why: &str) {
         tracing::warn!(error = why, "GPU batch failed; its frames are processed on the CPU");
         for r in replies {
-            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            self.stats.errors.inc();
             let _ = r.send(Err(why.to_owned()));
         }
     }

@@ -27,7 +27,7 @@ mod runner;
 use std::fmt;
 use std::sync::Arc;
 
-pub use runner::{GpuOutput, Runner, Ticket};
+pub use runner::{GpuOutput, Runner, Ticket, Times};
 
 /// Where frames are processed (`worker.backend`, `--backend`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
@@ -72,6 +72,55 @@ impl BackendChoice {
             Self::Cpu => "cpu",
             Self::Software => "software",
         }
+    }
+}
+
+/// `[gpu]`: which backend runs the ops, and how the GPU stage batches.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuConfig {
+    /// `auto` (default): a real GPU if there is one, else the CPU; `gpu`: a real GPU or a
+    /// startup error; `cpu`; `software`: Mesa lavapipe, for tests.
+    #[serde(default)]
+    pub backend: BackendChoice,
+    /// Only adapters whose name contains this (case-insensitive), e.g. "H100" or "Orin".
+    #[serde(default)]
+    pub adapter: Option<String>,
+    /// Frames per GPU batch at most. Default 4 (measured best or near it at 1080p on an
+    /// H200; see README). A batch fills from the processing threads, so `worker.threads`
+    /// should be at least this.
+    #[serde(default = "default_batch")]
+    pub batch: usize,
+    /// How long the stage waits for a batch to fill after its first frame, ms. Default 2.
+    #[serde(default = "default_batch_wait_ms")]
+    pub batch_wait_ms: u64,
+}
+
+fn default_batch() -> usize {
+    4
+}
+fn default_batch_wait_ms() -> u64 {
+    2
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        Self { backend: BackendChoice::Auto, adapter: None, batch: default_batch(), batch_wait_ms: default_batch_wait_ms() }
+    }
+}
+
+impl GpuConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=256).contains(&self.batch) {
+            return Err(format!("config key `gpu.batch`: {} is not from 1 to 256", self.batch));
+        }
+        if self.batch_wait_ms > 1000 {
+            return Err(format!("config key `gpu.batch_wait_ms`: {} is above 1000", self.batch_wait_ms));
+        }
+        if self.adapter.as_deref() == Some("") {
+            return Err("config key `gpu.adapter`: empty; leave it out to accept any adapter".into());
+        }
+        Ok(())
     }
 }
 

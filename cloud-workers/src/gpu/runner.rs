@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::plan::{Pass, Size, plan, small_luma_size};
 use super::{Gpu, GpuError};
@@ -40,8 +40,29 @@ impl Ticket {
     }
 }
 
+/// Where a runner's time went (host side), summed over batches.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Times {
+    pub batches: u64,
+    pub frames: u64,
+    /// Copying frames into the upload buffer (including waiting for it to be mapped).
+    pub upload: Duration,
+    /// Recording and submitting the commands.
+    pub submit: Duration,
+    /// Waiting for the GPU (transfers and compute).
+    pub wait: Duration,
+    /// Copying results out of the read-back buffer.
+    pub readback: Duration,
+}
+
 struct Slot {
-    /// Ping-pong buffers; the input is uploaded into `a`.
+    /// Persistent staging for uploads (mapped for writing between uses): wgpu's
+    /// `Queue::write_buffer` allocates fresh staging memory on every call, which at batch
+    /// sizes of many megabytes costs more than the transfer itself.
+    upload: wgpu::Buffer,
+    /// 0 = being mapped, 1 = mapped, 2 = mapping failed.
+    upload_ready: Arc<AtomicU8>,
+    /// Ping-pong buffers; the input is copied into `a`.
     a: wgpu::Buffer,
     b: wgpu::Buffer,
     small: Option<wgpu::Buffer>,
@@ -75,6 +96,7 @@ pub struct Runner {
     motion: bool,
     max_batch: usize,
     plans: HashMap<Size, SizePlan>,
+    times: Times,
 }
 
 fn groups_for(out: Size) -> (u32, u32) {
@@ -86,7 +108,12 @@ fn groups_for(out: Size) -> (u32, u32) {
 impl Runner {
     /// `max_batch` frames at most per submission (fewer if the adapter's buffer limit says so).
     pub fn new(gpu: Arc<Gpu>, pipeline: Pipeline, motion: bool, max_batch: usize) -> Self {
-        Self { gpu, pipeline, motion, max_batch: max_batch.max(1), plans: HashMap::new() }
+        Self { gpu, pipeline, motion, max_batch: max_batch.max(1), plans: HashMap::new(), times: Times::default() }
+    }
+
+    /// Time spent so far, and resets the sums.
+    pub fn take_times(&mut self) -> Times {
+        std::mem::take(&mut self.times)
     }
 
     pub fn gpu(&self) -> &Gpu {
@@ -181,6 +208,8 @@ impl Runner {
             .map(|_| {
                 let storage = |label| dev.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size: big, usage: U::STORAGE | U::COPY_DST | U::COPY_SRC, mapped_at_creation: false });
                 let (a, b) = (storage("frames a"), storage("frames b"));
+                let upload = dev.create_buffer(&wgpu::BufferDescriptor { label: Some("upload"), size: big, usage: U::MAP_WRITE | U::COPY_SRC, mapped_at_creation: true });
+                let upload_ready = Arc::new(AtomicU8::new(1));
                 let small = motion.as_ref().map(|_| {
                     dev.create_buffer(&wgpu::BufferDescriptor { label: Some("small luma"), size: capacity as u64 * small_words * 4, usage: U::STORAGE | U::COPY_SRC, mapped_at_creation: false })
                 });
@@ -193,7 +222,7 @@ impl Runner {
                 let binds = (0..passes.len()).map(|k| if k % 2 == 0 { bind(&a, &b, &params[k]) } else { bind(&b, &a, &params[k]) }).collect();
                 let last = if passes.len() % 2 == 0 { &a } else { &b };
                 let motion_bind = small.as_ref().map(|s| bind(last, s, &params[passes.len()]));
-                Slot { a, b, small, readback, binds, motion_bind }
+                Slot { upload, upload_ready, a, b, small, readback, binds, motion_bind }
             })
             .collect();
         let groups = passes.iter().map(|p| groups_for(p.output)).collect();
@@ -219,19 +248,34 @@ impl Runner {
         p.next = (p.next + 1) % p.slots.len();
         let slot = &p.slots[slot_ix];
         let n = frames.len();
-        let mut padded = Vec::new();
-        for (z, f) in frames.iter().enumerate() {
-            let bytes: &[u8] = if f.data.len() % 4 == 0 {
-                &f.data
-            } else {
-                padded.clear();
-                padded.extend_from_slice(&f.data);
-                padded.resize(f.data.len().next_multiple_of(4), 0);
-                &padded
-            };
-            gpu.queue.write_buffer(&slot.a, z as u64 * p.stride * 4, bytes);
+        let started = Instant::now();
+        // The slot's upload buffer is re-mapped once its previous batch was read back; the
+        // GPU is done with it, so the mapping completes at the next poll.
+        while slot.upload_ready.load(Ordering::Acquire) == 0 {
+            gpu.device.poll(wgpu::PollType::Poll).map_err(|e| GpuError::Runtime(format!("polling: {e}")))?;
+            if started.elapsed() > Duration::from_secs(60) {
+                return Err(GpuError::Runtime("the upload buffer was not mapped within 60 s".into()));
+            }
+            if slot.upload_ready.load(Ordering::Acquire) == 0 {
+                std::thread::yield_now();
+            }
         }
+        if slot.upload_ready.load(Ordering::Acquire) != 1 {
+            return Err(GpuError::Runtime("mapping the upload buffer failed".into()));
+        }
+        let used = n as u64 * p.stride * 4;
+        {
+            let mut view = slot.upload.slice(0..used).get_mapped_range_mut().map_err(|e| GpuError::Runtime(format!("writing a batch: {e}")))?;
+            for (z, f) in frames.iter().enumerate() {
+                let at = z * p.stride as usize * 4;
+                view.slice(at..at + f.data.len()).copy_from_slice(&f.data);
+            }
+        }
+        slot.upload.unmap();
+        slot.upload_ready.store(0, Ordering::Release);
+        let recording = Instant::now();
         let mut enc = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("framelink batch") });
+        enc.copy_buffer_to_buffer(&slot.upload, 0, &slot.a, 0, Some(used));
         {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("ops"), timestamp_writes: None });
             for (k, ps) in p.passes.iter().enumerate() {
@@ -262,16 +306,21 @@ impl Runner {
         // Map the whole used range; frames first, then the small images after `small_at`.
         let range = if p.small_words > 0 { 0..read_end } else { 0..n as u64 * out_bytes };
         slot.readback.slice(range.clone()).map_async(wgpu::MapMode::Read, move |r| m2.store(if r.is_ok() { 1 } else { 2 }, Ordering::Release));
+        self.times.upload += recording - started;
+        self.times.submit += recording.elapsed();
         Ok(Ticket { size, slot: slot_ix, n, submission, range, mapped })
     }
 
     /// Waits for a submitted batch and returns its frames in submission order.
     pub fn finish(&mut self, t: Ticket) -> Result<Vec<GpuOutput>, GpuError> {
         let gpu = self.gpu.clone();
+        let waited = Instant::now();
         gpu.device
             .poll(wgpu::PollType::Wait { submission_index: Some(t.submission), timeout: Some(Duration::from_secs(60)) })
             .map_err(|e| GpuError::Runtime(format!("waiting for a batch: {e}")))?;
         gpu.check()?;
+        let copied = Instant::now();
+        self.times.wait += copied - waited;
         let p = self.plans.get(&t.size).ok_or_else(|| GpuError::Runtime("ticket for an unknown plan".into()))?;
         if t.mapped.load(Ordering::Acquire) != 1 {
             return Err(GpuError::Runtime("mapping the read-back buffer failed".into()));
@@ -296,6 +345,11 @@ impl Runner {
             }
         }
         slot.readback.unmap();
+        let ready = slot.upload_ready.clone();
+        slot.upload.map_async(wgpu::MapMode::Write, .., move |r| ready.store(if r.is_ok() { 1 } else { 2 }, Ordering::Release));
+        self.times.readback += copied.elapsed();
+        self.times.batches += 1;
+        self.times.frames += t.n as u64;
         Ok(outs)
     }
 
