@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
 """framelink benchmark suite (issue #7), run by scripts/bench-suite against the local broker.
 
-Implemented so far:
+Experiments (--only picks some):
   1. producer settings sweep: 1080p JPEG frames made from ../shared/testdata/images, for each
      (batch.size, linger.ms, compression) setting: framelink's producer (rdkafka, the agent's
      client: bench/src/bin/framelink-bench-producer.rs; as a ThreadedProducer and as a
      BaseProducer polled inline), the seeds' approach (Python
      confluent-kafka with the same settings) and kcat (librdkafka's own CLI, the ceiling
      without application code). Records/s, MB/s, p50 / p99 delivery latency (send -> ack).
+  2. lag over time with 1, 2 and 4 workers (bench/fleet.py);
+  3. throughput vs workers on 1024², 2048² and 4096² images (bench/fleet.py);
+  4. edge path: raw encode vs agent, CPU / RSS at 1080p30, backlog drain after an outage
+     (bench/edge.py; stops and restarts the local broker);
   5. end-to-end latency, capture -> result seen by a reader, p50 / p99, with 1, 4 and 8
      synthetic 1280x720 cameras at 30 fps: framelink-agent -> Kafka -> framelink-worker
      (resize:640x360) -> `framelink-worker tail`, all on this machine.
@@ -16,40 +20,18 @@ grid as a smoke test and asserts no speed).
 """
 
 import argparse
-import io
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 import uuid
 
-from PIL import Image
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMAGES = os.path.join(ROOT, "..", "shared", "testdata", "images")
-QUIET_BROKER_LOGS = {"log_level": 3}
-
-
-def frames_1080p(out_dir):
-    """The test photographs as 1920x1080 JPEGs (quality 85), made once."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    for name in sorted(os.listdir(IMAGES)):
-        if not name.lower().endswith((".jpg", ".png")):
-            continue
-        dst = os.path.join(out_dir, os.path.splitext(name)[0] + "-1080p.jpg")
-        if not os.path.exists(dst):
-            Image.open(os.path.join(IMAGES, name)).convert("RGB").resize((1920, 1080), Image.Resampling.LANCZOS).save(dst, "JPEG", quality=85)
-        paths.append(dst)
-    return paths
-
-
-def broker():
-    env = subprocess.run([os.path.join(ROOT, "scripts", "kafka"), "env"], check=True, capture_output=True, text=True).stdout
-    return dict(line.split("=", 1) for line in env.split() if "=" in line)["FRAMELINK_BOOTSTRAP"]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import QUIET_BROKER_LOGS, ROOT, broker, frames, machine, plot_bars  # noqa: E402
+import edge  # noqa: E402
+import fleet  # noqa: E402
 
 
 def settings_args(s):
@@ -127,18 +109,8 @@ def grid(quick):
     return out
 
 
-def machine():
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
-
-
 def producer_sweep(bootstrap, out_dir, quick, repeats):
-    files = frames_1080p(os.path.join(ROOT, "target", "bench", "frames-1080p"))
+    files = frames(os.path.join(ROOT, "target", "bench", "frames"), 1920, 1080)
     avg_kb = statistics.mean(os.path.getsize(f) for f in files) / 1024
     count = 40 if quick else 400
     impls = [("framelink (rdkafka)", run_framelink),
@@ -271,6 +243,12 @@ def e2e_latency(bootstrap, out_dir, quick):
         "| cameras | results seen / frames | agent captured / dropped | capture -> processed p50 ms | p99 ms | capture -> seen p50 ms | p99 ms |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ] + [f"| {c} | {n} / {total} | {dr} | {a} | {b} | {x} | {y} |" for c, n, total, dr, a, b, x, y in rows]
+    lines.append("")
+    lines.append("Plot: e2e-latency.png.")
+    plot_bars([f"{c} camera(s)" for c, *_ in rows], {
+        "capture -> processed p50": [float(r[4]) for r in rows], "p99": [float(r[5]) for r in rows],
+        "capture -> seen p50": [float(r[6]) for r in rows], "seen p99": [float(r[7]) for r in rows],
+    }, os.path.join(out_dir, "e2e-latency.png"), "End-to-end latency, 1280x720 cameras at 30 fps", "ms")
     md = os.path.join(out_dir, "e2e-latency.md")
     with open(md, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -281,7 +259,7 @@ def e2e_latency(bootstrap, out_dir, quick):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny grid, smoke test only (CI); results in bench/results/quick/")
-    ap.add_argument("--only", default="1,5", help="experiments to run, e.g. 5 (default 1,5)")
+    ap.add_argument("--only", default="1,2,3,4,5", help="experiments to run, e.g. 2,3 (default all)")
     ap.add_argument("--repeats", type=int, default=None, help="runs per cell (median); default 3, 1 with --quick")
     args = ap.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
@@ -289,16 +267,19 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     bootstrap = broker()
     only = set(args.only.split(","))
-    t0 = time.time()
+    started = t0 = time.time()
     if "1" in only:
         print(f"1. producer settings sweep ({'quick' if args.quick else 'full'}) against {bootstrap}")
         md = producer_sweep(bootstrap, out_dir, args.quick, repeats)
         print(f"written {os.path.relpath(md, ROOT)} and .png in {time.time() - t0:.0f} s")
-    if "5" in only:
-        t0 = time.time()
-        print(f"5. end-to-end latency ({'quick' if args.quick else 'full'})")
-        md = e2e_latency(bootstrap, out_dir, args.quick)
-        print(f"written {os.path.relpath(md, ROOT)} in {time.time() - t0:.0f} s")
+    for key, title, fn in (("2", "lag over time", fleet.lag_over_time), ("3", "throughput vs workers", fleet.throughput_vs_workers),
+                           ("4", "edge path", edge.edge_path), ("5", "end-to-end latency", e2e_latency)):
+        if key in only:
+            t0 = time.time()
+            print(f"{key}. {title} ({'quick' if args.quick else 'full'})", flush=True)
+            md = fn(bootstrap, out_dir, args.quick)
+            print(f"written {os.path.relpath(md, ROOT)} in {time.time() - t0:.0f} s", flush=True)
+    print(f"benchmark suite done in {time.time() - started:.0f} s")
     return 0
 
 

@@ -1,0 +1,147 @@
+"""4. Edge path of the benchmark suite (run by bench/suite.py):
+
+a. raw libjpeg-turbo encode vs the agent (source -> encode -> Kafka acknowledgement), frames/s,
+   from the agent's own release bench (`cargo bench -p framelink-agent --bench edge_pipeline`;
+   full run only: it needs a release build of the bench);
+b. the real `framelink-agent` with one synthetic 1920x1080 camera at 30 fps: CPU and RSS while
+   live, then the broker stopped for an outage (60 s; 5 s with --quick) and started again —
+   frames spooled meanwhile, reconnection time, and the backlog's drain rate against the live
+   rate, from the agent's /metrics sampled every half second.
+"""
+
+import os
+import re
+import statistics
+import subprocess
+import tempfile
+import time
+import uuid
+
+from benchlib import ROOT, binary, create_topics, free_port, get_metrics, machine, metric, plot_lines, profile, start, stop, wait_until
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def _rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) / 1024
+
+
+def _encode_vs_agent():
+    out = subprocess.run(["cargo", "bench", "--locked", "-q", "-p", "framelink-agent", "--bench", "edge_pipeline"], cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"edge_pipeline bench failed:\n{out.stderr[-3000:]}")
+    text = out.stdout
+    grab = lambda pat: re.search(pat, text).group(1)
+    return {
+        "raw": float(grab(r"raw turbojpeg encode[^|]*\| ([\d.]+)")),
+        "agent": float(grab(r"agent: source[^|]*\| ([\d.]+)")),
+        "rss": float(grab(r"agent peak RSS: ([\d.]+) MiB")),
+        "jpeg": grab(r"JPEG (q\d+ 4:2:0 \(avg \d+ KB\))"),
+    }
+
+
+def edge_path(bootstrap, out_dir, quick):
+    live_s, outage_s, drain_limit = (3, 5, 60) if quick else (15, 60, 180)
+    kafka = os.path.join(ROOT, "scripts", "kafka")
+    res = {} if quick else _encode_vs_agent()
+    run = uuid.uuid4().hex[:8]
+    topic = f"bench-edge-{run}"
+    create_topics(bootstrap, [topic], 1)
+    port = free_port()
+    timeline = []  # (t, frames sent, spool records)
+    with tempfile.TemporaryDirectory() as d:
+        with open(f"{d}/agent.toml", "w") as f:
+            f.write(f'[device]\nid = "bench-edge"\n[kafka]\nbrokers = "{bootstrap}"\nsecurity_protocol = "PLAINTEXT"\n'
+                    f'[[cameras]]\nid = "cam0"\nsynthetic = {{ width = 1920, height = 1080, fps = 30 }}\n'
+                    f'[spool]\ndir = "{d}/spool"\nmax_bytes = "4 GiB"\n[forwarder]\ntopic = "{topic}"\n[http]\nlisten = "127.0.0.1:{port}"\n')
+        a = start([binary("framelink-agent"), "run", "--config", f"{d}/agent.toml"], f"{d}/agent.log")
+        t0 = time.time()
+        def sample():
+            m = get_metrics(port)
+            timeline.append((time.time() - t0, metric(m, "framelink_agent_frames_sent_total"), metric(m, "framelink_agent_spool_records")))
+
+        def sending():
+            try:
+                sample()
+            except OSError:
+                return False  # its HTTP server is not up yet
+            return timeline[-1][1] > 0
+
+        try:
+            if not wait_until(sending, 60, 0.5):
+                raise SystemExit(f"edge path: the agent sent nothing in 60 s (log in {d}/agent.log)")
+            # Live: CPU and RSS at 1080p30.
+            time.sleep(2)
+            sample()
+            c0, w0, s0 = _cpu_seconds(a.pid), time.time(), timeline[-1][1]
+            rss = []
+            while time.time() - w0 < live_s:
+                time.sleep(0.5)
+                sample()
+                rss.append(_rss_mib(a.pid))
+            cpu = (_cpu_seconds(a.pid) - c0) / (time.time() - w0) * 100
+            live_rate = (timeline[-1][1] - s0) / (timeline[-1][0] - timeline[-len(rss) - 1][0])
+            # Outage: the broker goes away.
+            t_down = time.time()
+            subprocess.run([kafka, "down"], check=True, capture_output=True)
+            while time.time() - t_down < outage_s:
+                time.sleep(0.5)
+                try:
+                    sample()
+                except OSError:
+                    pass
+            backlog = timeline[-1][2]
+            subprocess.run([kafka, "up"], check=True, capture_output=True)
+            t_up = time.time()
+            sent_up = timeline[-1][1]
+            first_send = None
+            while time.time() - t_up < drain_limit:
+                time.sleep(0.5)
+                sample()
+                if first_send is None and timeline[-1][1] > sent_up:
+                    first_send = time.time() - t_up
+                if timeline[-1][2] == 0 and first_send is not None:
+                    break
+            drained_s = time.time() - t_up
+            drain_rate = (timeline[-1][1] - sent_up) / drained_s
+            spool_left = timeline[-1][2]
+        finally:
+            stop([a])
+            subprocess.run([kafka, "up"], capture_output=True)  # whatever happened, leave the broker up
+    res.update(live_rate=live_rate, cpu=cpu, rss_med=statistics.median(rss), rss_max=max(rss), backlog=backlog, reconnect=first_send,
+               drained_s=drained_s, drain_rate=drain_rate, spool_left=spool_left)
+    print(f"  live {live_rate:.1f} fps, CPU {cpu:.0f} % of a core, RSS {res['rss_med']:.0f} MiB; {outage_s} s outage spooled {backlog:.0f} frames; "
+          f"reconnected after {first_send or float('nan'):.1f} s, spool empty after {drained_s:.1f} s ({spool_left:.0f} left), "
+          f"draining at {drain_rate:.1f} frames/s = {drain_rate / live_rate:.1f}x live", flush=True)
+    png = os.path.join(out_dir, "edge-outage.png")
+    ts = [t for t, _, _ in timeline]
+    rate = [0.0] + [(timeline[i][1] - timeline[i - 1][1]) / max(1e-3, timeline[i][0] - timeline[i - 1][0]) for i in range(1, len(timeline))]
+    plot_lines({"frames sent per second": (ts, rate), "frames in the spool / 10": (ts, [s / 10 for _, _, s in timeline])}, png,
+               f"Agent, one 1080p30 camera: {outage_s} s broker outage and the drain", "seconds since the agent started", "frames")
+    lines = [f"Edge path: framelink-agent ({profile()}) with one synthetic 1920x1080 camera at 30 fps, PLAINTEXT to the local broker, spool on local "
+             f"disk; machine: {machine()}. Plot: edge-outage.png.", "", "| measurement | value |", "| --- | ---: |"]
+    if "raw" in res:
+        lines += [f"| raw turbojpeg encode, 1 thread, 1080p {res['jpeg']} (frames/s) | {res['raw']:.1f} |",
+                  f"| agent: source → encode → Kafka ack, 1 unpaced camera, mTLS (frames/s) | {res['agent']:.1f} |",
+                  f"| **agent / raw encode** | **{res['agent'] / res['raw']:.2f}** |",
+                  f"| agent peak RSS in that run (MiB) | {res['rss']:.1f} |"]
+    lines += [f"| live rate at 1080p30 (frames/s sent) | {live_rate:.1f} |",
+              f"| agent CPU at 1080p30 (% of one core, over {live_s} s) | {cpu:.0f} |",
+              f"| agent RSS at 1080p30 (MiB, median / max) | {res['rss_med']:.0f} / {res['rss_max']:.0f} |",
+              f"| frames in the spool after a {outage_s} s broker outage | {backlog:.0f} |",
+              f"| first frame sent after the broker is back (s) | {first_send if first_send is None else f'{first_send:.1f}'} |",
+              f"| spool empty after (s) | {drained_s:.1f} |",
+              f"| frames sent per second while draining (backlog + live) | {drain_rate:.1f} |",
+              f"| **drain rate / live rate** | **{drain_rate / live_rate:.1f}x** |"]
+    md = os.path.join(out_dir, "edge-path.md")
+    with open(md, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return md
