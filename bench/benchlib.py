@@ -53,11 +53,33 @@ def frames(out_dir, width, height, quality=85):
     return paths
 
 
+# Topics made by the experiments, deleted by `delete_topics()`: a full run writes tens of GB of
+# frames, which must not pile up in the broker's data directory.
+_created = set()
+
+
 def create_topics(bootstrap, names, partitions, config=None):
     from confluent_kafka.admin import AdminClient, NewTopic
     admin = AdminClient({"bootstrap.servers": bootstrap, **QUIET_BROKER_LOGS})
     for f in admin.create_topics([NewTopic(n, partitions, 1, config=config or {}) for n in names]).values():
         f.result(30)
+    _created.update(names)
+
+
+def delete_topics(bootstrap, names=None):
+    """Deletes `names`, or every topic this run created (and those it produced to, passed in)."""
+    from confluent_kafka.admin import AdminClient
+    names = sorted(set(names) if names is not None else _created)
+    if not names:
+        return
+    admin = AdminClient({"bootstrap.servers": bootstrap, **QUIET_BROKER_LOGS})
+    for name, f in admin.delete_topics(names, operation_timeout=30).items():
+        try:
+            f.result(60)
+        except Exception as e:  # noqa: BLE001 — already gone is fine; anything else is reported
+            if "UNKNOWN_TOPIC" not in str(e):
+                print(f"  (could not delete topic {name}: {e})", flush=True)
+        _created.discard(name)
 
 
 def free_port():

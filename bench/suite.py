@@ -29,7 +29,7 @@ import time
 import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import QUIET_BROKER_LOGS, ROOT, broker, frames, machine, plot_bars  # noqa: E402
+from benchlib import QUIET_BROKER_LOGS, ROOT, broker, create_topics, delete_topics, frames, machine, plot_bars  # noqa: E402
 import edge  # noqa: E402
 import fleet  # noqa: E402
 
@@ -123,6 +123,7 @@ def producer_sweep(bootstrap, out_dir, quick, repeats):
             for _ in range(repeats):
                 topic = f"bench-producer-{uuid.uuid4().hex[:12]}"
                 r = fn(bootstrap, topic, count, s, files)
+                delete_topics(bootstrap, [topic])
                 if r["failed"] or r["acknowledged"] != count:
                     raise SystemExit(f"{name} {s}: {r['failed']} failed, {r['acknowledged']} of {count} acknowledged")
                 runs.append(r)
@@ -213,10 +214,7 @@ def e2e_latency(bootstrap, out_dir, quick):
                 f'[kafka]\nbrokers = "{bootstrap}"\nsecurity_protocol = "PLAINTEXT"\n[consumer]\ngroup_id = "bench-{run}"\ntopics = ["{frames}"]\n'
                 f'auto_offset_reset = "earliest"\n[output]\nresults_topic = "{results}"\nevents_topic = "{results}.events"\ndlq_topic = "{results}.dlq"\n'
                 f'[worker]\npipeline = "resize:640x360"\n[http]\nlisten = ""\n')
-            from confluent_kafka.admin import AdminClient, NewTopic
-            admin = AdminClient({"bootstrap.servers": bootstrap, **QUIET_BROKER_LOGS})
-            for f in admin.create_topics([NewTopic(x, 1, 1) for x in (frames, results, results + ".events", results + ".dlq")]).values():
-                f.result(30)
+            create_topics(bootstrap, [frames, results, results + ".events", results + ".dlq"], 1)
             env = dict(os.environ, FRAMELINK_LOG="warn")
             w = subprocess.Popen([worker, "run", "--config", f"{d}/worker.toml"], env=env, stdout=subprocess.DEVNULL, stderr=open(f"{d}/worker.log", "w"))
             t = subprocess.Popen([worker, "tail", "--config", f"{d}/worker.toml", "--seconds", str(seconds + 15), "--count", str(30 * seconds * cams), "--print-every", "1000000", "--from-beginning"],
@@ -277,7 +275,10 @@ def main():
         if key in only:
             t0 = time.time()
             print(f"{key}. {title} ({'quick' if args.quick else 'full'})", flush=True)
-            md = fn(bootstrap, out_dir, args.quick)
+            try:
+                md = fn(bootstrap, out_dir, args.quick)
+            finally:
+                delete_topics(bootstrap)
             print(f"written {os.path.relpath(md, ROOT)} in {time.time() - t0:.0f} s", flush=True)
     print(f"benchmark suite done in {time.time() - started:.0f} s")
     return 0
