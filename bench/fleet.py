@@ -56,10 +56,44 @@ def _workers(d, bootstrap, n, group, topic, results, pipeline, partitions):
     return procs
 
 
+def _backlog_rate(bootstrap, payloads, n, partitions, k, pipeline, what):
+    """n workers (settled on `partitions` partitions) given a backlog of k frames: frames/s from
+    the first result to the last."""
+    run = uuid.uuid4().hex[:8]
+    topic, results = f"bench-tput-in-{run}", f"bench-tput-out-{run}"
+    create_topics(bootstrap, [topic, results, results + ".events", results + ".dlq"], partitions)
+    wm = Watermarks(bootstrap)
+    with tempfile.TemporaryDirectory() as d:
+        procs = _workers(d, bootstrap, n, f"bench-tput-{run}", topic, results, pipeline, partitions)
+        p = _producer(bootstrap)
+        for i in range(k):
+            p.produce(topic, payloads[i % len(payloads)], key=f"cam{i % partitions}", partition=i % partitions)
+        p.flush(60)
+        first = None
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            c = wm.total(results, partitions)
+            if c and first is None:
+                first = (time.time(), c)
+            if c >= k:
+                break
+            time.sleep(0.05)
+        end, done = time.time(), wm.total(results, partitions)
+        stop(procs)
+    wm.close()
+    if done < k or first is None:
+        raise SystemExit(f"{what}, {n} worker(s): {done} of {k} results in 300 s")
+    return (k - first[1]) / (end - first[0]) if end > first[0] and k > first[1] else float("nan")
+
+
 def lag_over_time(bootstrap, out_dir, quick):
     payloads = [open(f, "rb").read() for f in frames(os.path.join(ROOT, "target", "bench", "frames"), 1920, 1080)]
-    fps, seconds, counts, drain_limit = (8, 3, (1, 2), 20) if quick else (40, 20, (1, 2, 4), 60)
+    seconds, counts, drain_limit = (3, (1, 2), 20) if quick else (20, (1, 2, 4), 60)
     pipeline = QUICK_LAG_PIPELINE if quick else LAG_PIPELINE
+    # The load: 1.6x what one worker sustains here (measured first), so one falls behind.
+    capacity = _backlog_rate(bootstrap, payloads, 1, 1, 6 if quick else 60, pipeline, "lag over time: one worker's capacity")
+    fps = max(1, round(1.6 * capacity))
+    print(f"  one worker sustains {capacity:.1f} frames/s of `{pipeline}`; offering {fps}", flush=True)
     series, rows = {}, []
     for n in counts:
         run = uuid.uuid4().hex[:8]
@@ -103,7 +137,8 @@ def lag_over_time(bootstrap, out_dir, quick):
     plot_lines(series, png, f"Consumer lag, {fps} fps of 1080p JPEG for {seconds} s ({pipeline}, 1 thread per worker)",
                "seconds since the load started", "lag (frames offered - results)")
     lines = [
-        f"Lag over time: {fps} frames/s of 1920x1080 JPEG offered for {seconds} s to a topic with as many partitions as workers; "
+        f"Lag over time: {fps} frames/s of 1920x1080 JPEG (1.6x the {capacity:.1f} frames/s one worker sustained in a backlog run just before) "
+        f"offered for {seconds} s to a topic with as many partitions as workers; "
         f"framelink-worker ({profile()}, pipeline `{pipeline}`, 1 processing thread each, CPU backend); lag = frames offered - "
         f"results published, sampled every 0.5 s. Everything, broker included, on one machine: {machine()}. Plot: lag-over-time.png.",
         "",
@@ -127,31 +162,7 @@ def throughput_vs_workers(bootstrap, out_dir, quick):
         avg_mb = sum(len(payloads[i % len(payloads)]) for i in range(k)) / k / 1e6
         base = None
         for n in counts:
-            run = uuid.uuid4().hex[:8]
-            topic, results = f"bench-tput-in-{run}", f"bench-tput-out-{run}"
-            create_topics(bootstrap, [topic, results, results + ".events", results + ".dlq"], 4)
-            wm = Watermarks(bootstrap)
-            with tempfile.TemporaryDirectory() as d:
-                procs = _workers(d, bootstrap, n, f"bench-tput-{run}", topic, results, pipeline, 4)
-                p = _producer(bootstrap)
-                for i in range(k):
-                    p.produce(topic, payloads[i % len(payloads)], key=f"cam{i % 4}", partition=i % 4)
-                p.flush(60)
-                first = None
-                deadline = time.time() + 300
-                while time.time() < deadline:
-                    c = wm.total(results, 4)
-                    if c and first is None:
-                        first = (time.time(), c)
-                    if c >= k:
-                        break
-                    time.sleep(0.05)
-                end, done = time.time(), wm.total(results, 4)
-                stop(procs)
-            wm.close()
-            if done < k or first is None:
-                raise SystemExit(f"throughput {side}x{side}, {n} worker(s): {done} of {k} results in 300 s")
-            fps = (k - first[1]) / (end - first[0]) if end > first[0] and k > first[1] else float("nan")
+            fps = _backlog_rate(bootstrap, payloads, n, 4, k, pipeline, f"throughput {side}x{side}")
             base = base or fps
             rows.append((side, n, k, avg_mb, fps, fps * side * side / 1e6, fps / base))
             print(f"  {side}x{side}, {n} worker(s): {fps:.2f} frames/s ({fps * side * side / 1e6:.1f} MPixel/s), {fps / base:.2f}x one worker", flush=True)

@@ -137,7 +137,7 @@ def producer_sweep(bootstrap, out_dir, quick, repeats):
     lines = [
         f"Producer settings sweep: {count} records of 1920x1080 JPEG (avg {avg_kb:.0f} KiB, {len(files)} photos from shared/testdata/images) "
         f"per cell, acks=all, idempotent, 1 partition, local broker (PLAINTEXT); median of {repeats} run(s).",
-        f"Machine: {machine()}. librdkafka: framelink {rdkafka_version()} (rdkafka crate), confluent-kafka {confluent_kafka.version()[0]} "
+        f"Machine: {machine()}. librdkafka: framelink {rdkafka_version()} (rdkafka crate), confluent-kafka {confluent_kafka.version()} "
         f"(librdkafka {confluent_kafka.libversion()[0]}), kcat {kcat_v}.",
         "",
         "| batch.size | linger.ms | compression | client | records/s | MB/s | p50 ms | p99 ms | vs Python |",
