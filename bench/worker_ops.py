@@ -150,6 +150,8 @@ def main():
     lines = [
         f"Decode -> op -> encode (quality {QUALITY}) of a 1920x1080 JPEG, one thread each, median of {args.seconds:g} s per cell.",
         f"Machine: {cpu}, {os.cpu_count()} cores. OpenCV {cv2.__version__}, Pillow {Image.__version__}, NumPy {np.__version__}, Python {platform.python_version()}.",
+        "glibc malloc, both sides: " + ("defaults (FRAMELINK_MALLOC_DEFAULTS=1)." if os.environ.get("FRAMELINK_MALLOC_DEFAULTS") else
+                                       f"mmap threshold {os.environ.get('MALLOC_MMAP_THRESHOLD_', 'default')}, trim threshold {os.environ.get('MALLOC_TRIM_THRESHOLD_', 'default')} (framelink-worker's setting)."),
         "",
         "| pipeline | framelink fps | OpenCV fps | Pillow fps | framelink / OpenCV | framelink / Pillow |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",

@@ -39,6 +39,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 fn main() {
+    framelink_worker::alloc::tune_for_frames(); // as `framelink-worker` does at start
     // `cargo bench` passes `--bench`; ignore what is not ours.
     let seconds: f64 = arg("--seconds").map_or(2.0, |s| s.parse().expect("--seconds N"));
     let frame = match arg("--input") {
