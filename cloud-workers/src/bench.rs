@@ -106,6 +106,43 @@ fn gpu_rate(gpu: &Arc<Gpu>, frames: &[Img], pipeline: &Pipeline, batch: usize, s
     Ok((fps, runner.take_times()))
 }
 
+/// The worker's whole per-frame path (`Processor::process`: decode -> ops -> encode) on
+/// `threads` threads, each with its own processor, optionally all sharing one GPU stage.
+fn worker_path(jpegs: &[Vec<u8>], pipeline: &Pipeline, threads: usize, gpu: Option<&crate::gpu::executor::GpuClient>, secs: f64) -> f64 {
+    use crate::motion::MotionConfig;
+    use crate::process::{Processor, RecordInfo};
+    let deadline = Duration::from_secs_f64(secs);
+    let mut runs = Vec::new();
+    for round in 0..4 {
+        let start = Instant::now();
+        let total: usize = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..threads)
+                .map(|t| {
+                    s.spawn(move || {
+                        let mut p = Processor::new(pipeline.clone(), 100_000_000, 85, false, MotionConfig::default());
+                        if let Some(g) = gpu {
+                            p = p.with_gpu(g.clone());
+                        }
+                        let key = format!("bench/cam{t}");
+                        let info = RecordInfo { key: Some(key.as_bytes()), headers: vec![], topic: "bench", partition: 0, offset: 0, timestamp_ms: None };
+                        let mut n = 0;
+                        while start.elapsed() < deadline {
+                            p.process(&info, Some(&jpegs[(t + n) % jpegs.len()])).expect("a good frame");
+                            n += 1;
+                        }
+                        n
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        if round > 0 {
+            runs.push(total as f64 / start.elapsed().as_secs_f64()); // round 0 warms up
+        }
+    }
+    median(runs)
+}
+
 pub fn run(o: &BenchOptions) -> anyhow::Result<String> {
     let frames = frames(&o.images, o.size)?;
     let gpu = match Gpu::open(o.backend, o.adapter.as_deref())? {
@@ -175,6 +212,21 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<String> {
     }
     // What both backends share: JPEG decode + encode on the CPU.
     let jpegs: Vec<Vec<u8>> = frames.iter().map(|f| encode(f, 85)).collect::<Result<_, _>>()?;
+    if let Some(g) = &gpu {
+        // What a GPU buys a worker: its whole per-frame path on every core, CPU backend vs
+        // the same threads handing the ops to one GPU stage (batch = default `gpu.batch`).
+        let batch = crate::gpu::GpuConfig::default().batch;
+        t.push_str(&format!(
+            "\nThe worker's whole per-frame path (decode → ops → encode q85, `Processor::process`) on {threads} threads, frames/s; GPU = the same threads sharing one GPU stage (batch {batch}):\n\n| op | CPU backend | GPU backend | GPU / CPU |\n| --- | ---: | ---: | ---: |\n"
+        ));
+        for spec in &o.ops {
+            let pipeline = Pipeline::parse(spec)?;
+            let cpu = worker_path(&jpegs, &pipeline, threads, None, o.seconds);
+            let client = crate::gpu::executor::spawn(g.clone(), pipeline.clone(), false, batch, Duration::from_millis(2), Default::default())?;
+            let with_gpu = worker_path(&jpegs, &pipeline, threads, Some(&client), o.seconds);
+            t.push_str(&format!("| `{spec}` | {cpu:.1} | {with_gpu:.1} | {:.2}x |\n", with_gpu / cpu));
+        }
+    }
     let mut dec = Decoder::new();
     let mut i = 0usize;
     let codec = rate(o.seconds, || {
