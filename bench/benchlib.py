@@ -185,6 +185,15 @@ def plot_bars(groups, series, path, title, ylabel):
     plt.close(fig)
 
 
+def write_table(out_dir, name, lines):
+    """Writes an experiment's markdown (`lines`) to out_dir/name, prints it, returns the path."""
+    md = os.path.join(out_dir, name)
+    with open(md, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return md
+
+
 def wait_until(cond, timeout, interval=0.2):
     deadline = time.time() + timeout
     while time.time() < deadline:

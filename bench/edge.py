@@ -17,7 +17,8 @@ import tempfile
 import time
 import uuid
 
-from benchlib import ROOT, binary, create_topics, free_port, get_metrics, machine, metric, plot_lines, profile, start, stop, wait_until
+from benchlib import (ROOT, binary, create_topics, free_port, get_metrics, machine, metric, plot_lines, profile, start, stop, wait_until,
+                      write_table)
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -140,8 +141,4 @@ def edge_path(bootstrap, out_dir, quick):
               f"| spool empty after (s) | {drained_s:.1f} |",
               f"| frames sent per second while draining (backlog + live) | {drain_rate:.1f} |",
               f"| **drain rate / live rate** | **{drain_rate / live_rate:.1f}x** |"]
-    md = os.path.join(out_dir, "edge-path.md")
-    with open(md, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return md
+    return write_table(out_dir, "edge-path.md", lines)

@@ -29,7 +29,7 @@ import time
 import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import QUIET_BROKER_LOGS, ROOT, broker, create_topics, delete_topics, frames, machine, plot_bars  # noqa: E402
+from benchlib import QUIET_BROKER_LOGS, ROOT, broker, create_topics, delete_topics, frames, machine, plot_bars, write_table  # noqa: E402
 import edge  # noqa: E402
 import fleet  # noqa: E402
 
@@ -151,12 +151,8 @@ def producer_sweep(bootstrap, out_dir, quick, repeats):
             fmt = lambda v: "-" if v != v else f"{v:.1f}"
             lines.append(f"| {s['batch'] // 1024} KB | {s['linger']} | {s['compression']} | {r['impl']} | {r['records_per_s']:.1f} | {r['mb_per_s']:.1f} | "
                          f"{fmt(r['p50_ms'])} | {fmt(r['p99_ms'])} | {r['records_per_s'] / py:.2f}x |")
-    md = os.path.join(out_dir, "producer-sweep.md")
-    with open(md, "w") as f:
-        f.write("\n".join(lines) + "\n")
     plot_sweep(rows, os.path.join(out_dir, "producer-sweep.png"))
-    print("\n".join(lines))
-    return md
+    return write_table(out_dir, "producer-sweep.md", lines)
 
 
 def rdkafka_version():
@@ -247,11 +243,7 @@ def e2e_latency(bootstrap, out_dir, quick):
         "capture -> processed p50": [float(r[4]) for r in rows], "p99": [float(r[5]) for r in rows],
         "capture -> seen p50": [float(r[6]) for r in rows], "seen p99": [float(r[7]) for r in rows],
     }, os.path.join(out_dir, "e2e-latency.png"), "End-to-end latency, 1280x720 cameras at 30 fps", "ms")
-    md = os.path.join(out_dir, "e2e-latency.md")
-    with open(md, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return md
+    return write_table(out_dir, "e2e-latency.md", lines)
 
 
 def main():
