@@ -56,12 +56,18 @@ def _workers(d, bootstrap, n, group, topic, results, pipeline, partitions):
     return procs
 
 
+def _topics(bootstrap, what, partitions):
+    """A fresh input topic and a results topic (+ its events / dead-letter topics); a run id."""
+    run = uuid.uuid4().hex[:8]
+    topic, results = f"bench-{what}-in-{run}", f"bench-{what}-out-{run}"
+    create_topics(bootstrap, [topic, results, results + ".events", results + ".dlq"], partitions)
+    return run, topic, results
+
+
 def _backlog_rate(bootstrap, payloads, n, partitions, k, pipeline, what):
     """n workers (settled on `partitions` partitions) given a backlog of k frames: frames/s from
     the first result to the last."""
-    run = uuid.uuid4().hex[:8]
-    topic, results = f"bench-tput-in-{run}", f"bench-tput-out-{run}"
-    create_topics(bootstrap, [topic, results, results + ".events", results + ".dlq"], partitions)
+    run, topic, results = _topics(bootstrap, "tput", partitions)
     wm = Watermarks(bootstrap)
     with tempfile.TemporaryDirectory() as d:
         procs = _workers(d, bootstrap, n, f"bench-tput-{run}", topic, results, pipeline, partitions)
@@ -101,9 +107,7 @@ def lag_over_time(bootstrap, out_dir, quick):
     print(f"  one worker sustains {capacity:.1f} frames/s of `{pipeline}`; offering {fps}", flush=True)
     series, rows = {}, []
     for n in counts:
-        run = uuid.uuid4().hex[:8]
-        topic, results = f"bench-lag-in-{run}", f"bench-lag-out-{run}"
-        create_topics(bootstrap, [topic, results, results + ".events", results + ".dlq"], n)
+        run, topic, results = _topics(bootstrap, "lag", n)
         wm = Watermarks(bootstrap)
         with tempfile.TemporaryDirectory() as d:
             procs = _workers(d, bootstrap, n, f"bench-lag-{run}", topic, results, pipeline, n)

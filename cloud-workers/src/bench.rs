@@ -62,18 +62,22 @@ fn rate(secs: f64, mut f: impl FnMut() -> anyhow::Result<usize>) -> anyhow::Resu
     Ok(median(runs))
 }
 
-fn cpu_parallel(frames: &[Img], pipeline: &Pipeline, threads: usize, secs: f64) -> f64 {
+/// Frames/s of `threads` threads for `secs`, median of 3 after a warm-up round: each thread
+/// gets its own state from `make(thread)` and processes frame `n` with `step(&mut state, n)`.
+fn parallel_rate<S>(threads: usize, secs: f64, make: impl Fn(usize) -> S + Sync, step: impl Fn(&mut S, usize) + Sync) -> f64 {
     let deadline = Duration::from_secs_f64(secs);
     let mut runs = Vec::new();
-    for _ in 0..3 {
+    for round in 0..4 {
         let start = Instant::now();
         let total: usize = std::thread::scope(|s| {
             let hs: Vec<_> = (0..threads)
                 .map(|t| {
+                    let (make, step) = (&make, &step);
                     s.spawn(move || {
+                        let mut state = make(t);
                         let mut n = 0;
                         while start.elapsed() < deadline {
-                            let _ = pipeline.apply(frames[(t + n) % frames.len()].clone());
+                            step(&mut state, t + n);
                             n += 1;
                         }
                         n
@@ -82,9 +86,18 @@ fn cpu_parallel(frames: &[Img], pipeline: &Pipeline, threads: usize, secs: f64) 
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap()).sum()
         });
-        runs.push(total as f64 / start.elapsed().as_secs_f64());
+        if round > 0 {
+            runs.push(total as f64 / start.elapsed().as_secs_f64()); // round 0 warms up
+        }
     }
     median(runs)
+}
+
+/// The CPU backend's ops alone, one frame per thread on `threads` threads.
+fn cpu_parallel(frames: &[Img], pipeline: &Pipeline, threads: usize, secs: f64) -> f64 {
+    parallel_rate(threads, secs, |_| (), |_, i| {
+        let _ = pipeline.apply(frames[i % frames.len()].clone());
+    })
 }
 
 fn gpu_rate(gpu: &Arc<Gpu>, frames: &[Img], pipeline: &Pipeline, batch: usize, secs: f64) -> anyhow::Result<(f64, crate::gpu::Times)> {
@@ -111,36 +124,17 @@ fn gpu_rate(gpu: &Arc<Gpu>, frames: &[Img], pipeline: &Pipeline, batch: usize, s
 fn worker_path(jpegs: &[Vec<u8>], pipeline: &Pipeline, threads: usize, gpu: Option<&crate::gpu::executor::GpuClient>, secs: f64) -> f64 {
     use crate::motion::MotionConfig;
     use crate::process::{Processor, RecordInfo};
-    let deadline = Duration::from_secs_f64(secs);
-    let mut runs = Vec::new();
-    for round in 0..4 {
-        let start = Instant::now();
-        let total: usize = std::thread::scope(|s| {
-            let hs: Vec<_> = (0..threads)
-                .map(|t| {
-                    s.spawn(move || {
-                        let mut p = Processor::new(pipeline.clone(), 100_000_000, 85, false, MotionConfig::default());
-                        if let Some(g) = gpu {
-                            p = p.with_gpu(g.clone());
-                        }
-                        let key = format!("bench/cam{t}");
-                        let info = RecordInfo { key: Some(key.as_bytes()), headers: vec![], topic: "bench", partition: 0, offset: 0, timestamp_ms: None };
-                        let mut n = 0;
-                        while start.elapsed() < deadline {
-                            p.process(&info, Some(&jpegs[(t + n) % jpegs.len()])).expect("a good frame");
-                            n += 1;
-                        }
-                        n
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).sum()
-        });
-        if round > 0 {
-            runs.push(total as f64 / start.elapsed().as_secs_f64()); // round 0 warms up
+    let make = |t: usize| {
+        let mut p = Processor::new(pipeline.clone(), 100_000_000, 85, false, MotionConfig::default());
+        if let Some(g) = gpu {
+            p = p.with_gpu(g.clone());
         }
-    }
-    median(runs)
+        (p, format!("bench/cam{t}"))
+    };
+    parallel_rate(threads, secs, make, |(p, key), i| {
+        let info = RecordInfo { key: Some(key.as_bytes()), headers: vec![], topic: "bench", partition: 0, offset: 0, timestamp_ms: None };
+        p.process(&info, Some(&jpegs[i % jpegs.len()])).expect("a good frame");
+    })
 }
 
 pub fn run(o: &BenchOptions) -> anyhow::Result<String> {

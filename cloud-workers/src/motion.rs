@@ -50,12 +50,17 @@ pub struct MotionEvent {
 
 const SMALL_WIDTH: u32 = 160;
 
+/// The box factor and the size of the small luma image of a `width`×`height` frame (the GPU
+/// backend computes the same image; see `gpu::plan`).
+pub fn small_luma_size(width: u32, height: u32) -> (u32, u32, u32) {
+    let f = width.div_ceil(SMALL_WIDTH).max(1);
+    (f, (width / f).max(1), (height / f).max(1))
+}
+
 /// Box-averaged luma at most `SMALL_WIDTH` wide.
 pub fn small_luma(img: &Img) -> (Img, u32) {
     let g = grayscale(img);
-    let f = g.width.div_ceil(SMALL_WIDTH).max(1);
-    let (w, h) = (g.width / f, g.height / f);
-    let (w, h) = (w.max(1), h.max(1));
+    let (f, w, h) = small_luma_size(g.width, g.height);
     let mut out = Vec::with_capacity((w * h) as usize);
     for y in 0..h {
         for x in 0..w {

@@ -41,15 +41,6 @@ impl Size {
     }
 }
 
-/// Width of motion detection's small luma image (as in [`crate::motion`]).
-pub const SMALL_WIDTH: u32 = 160;
-
-/// The box factor and size of the small luma image motion detection compares.
-pub fn small_luma_size(w: u32, h: u32) -> (u32, Size) {
-    let f = w.div_ceil(SMALL_WIDTH).max(1);
-    (f, Size { w: (w / f).max(1), h: (h / f).max(1), ch: 1 })
-}
-
 /// The passes of `pipeline` for an input of `input`, and the motion pass (reading the final
 /// image) when `motion` is set.
 pub fn plan(pipeline: &Pipeline, input: Size, motion: bool) -> Result<(Vec<Pass>, Option<Pass>), OpError> {
@@ -103,8 +94,8 @@ pub fn plan(pipeline: &Pipeline, input: Size, motion: bool) -> Result<(Vec<Pass>
         }
     }
     let motion = motion.then(|| {
-        let (f, small) = small_luma_size(cur.w, cur.h);
-        Pass { entry: "small_luma", input: cur, output: small, args: [f, 0, 0, 0], table: vec![] }
+        let (f, w, h) = crate::motion::small_luma_size(cur.w, cur.h);
+        Pass { entry: "small_luma", input: cur, output: Size { w, h, ch: 1 }, args: [f, 0, 0, 0], table: vec![] }
     });
     Ok((passes, motion))
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
-use super::plan::{Pass, Size, plan, small_luma_size};
+use super::plan::{Pass, Size, plan};
 use super::{Gpu, GpuError};
 use crate::ops::{Img, Pipeline};
 
@@ -329,17 +329,18 @@ impl Runner {
         let out_bytes = (p.out.words() * 4) as usize;
         let frame_len = p.out.bytes() as usize;
         let small_at = p.capacity * out_bytes;
-        let small_size = p.motion.as_ref().map(|m| m.output);
+        // The motion pass's output size and box factor.
+        let small_size = p.motion.as_ref().map(|m| (m.output, m.args[0]));
         let mut outs = Vec::with_capacity(t.n);
         {
             let view = slot.readback.slice(t.range.clone()).get_mapped_range().map_err(|e| GpuError::Runtime(format!("reading a batch back: {e}")))?;
             for z in 0..t.n {
                 let data = view[z * out_bytes..z * out_bytes + frame_len].to_vec();
                 let img = Img::new(p.out.w, p.out.h, p.out.ch as u8, data);
-                let small = small_size.map(|s| {
+                let small = small_size.map(|(s, f)| {
                     let at = small_at + z * p.small_words as usize * 4;
                     let data = view[at..at + s.bytes() as usize].to_vec();
-                    (Img::new(s.w, s.h, 1, data), small_luma_size(p.out.w, p.out.h).0)
+                    (Img::new(s.w, s.h, 1, data), f)
                 });
                 outs.push(GpuOutput { img, small });
             }
