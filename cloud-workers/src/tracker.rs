@@ -3,8 +3,9 @@
 //! A record is "in flight" from the moment the poll loop hands it to a processing thread
 //! until every output it produced (result, event, dead letter) is acknowledged by Kafka.
 //! Frames finish out of order (cameras run on different threads), so a partition's committable
-//! position is the lowest offset still in flight, or one past the last record seen when none
-//! is: never past a frame still being worked on.
+//! position is the lowest offset still in flight, or one past the highest offset taken when
+//! none is: never past a frame still being worked on, and never short of one already done
+//! (with 11 and 12 in flight, `done(12)` then `done(11)` makes the position 13, not 12).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +19,8 @@ pub type Tp = (String, i32);
 struct State {
     /// Per partition: offset → outputs still unacknowledged (+1 while the record is processed).
     parts: HashMap<Tp, BTreeMap<i64, u32>>,
+    /// Per partition: the highest offset taken since the partition was (re)started.
+    high: HashMap<Tp, i64>,
     /// Per partition: the next offset to consume, once everything before it is done; taken by
     /// the transactional committer, overwritten in at-least-once mode.
     ready: HashMap<Tp, i64>,
@@ -34,7 +37,10 @@ pub struct Tracker {
 impl Tracker {
     /// The poll loop took `offset` of `tp`.
     pub fn start(&self, tp: &Tp, offset: i64) {
-        self.state.lock().unwrap().parts.entry(tp.clone()).or_default().insert(offset, 0);
+        let mut st = self.state.lock().unwrap();
+        st.parts.entry(tp.clone()).or_default().insert(offset, 0);
+        let high = st.high.entry(tp.clone()).or_insert(offset);
+        *high = (*high).max(offset);
     }
 
     /// `offset` will wait for `n` more acknowledgements.
@@ -58,7 +64,9 @@ impl Tracker {
         }
         let was_first = m.keys().next() == Some(&offset);
         m.remove(&offset);
-        let next = was_first.then(|| m.keys().next().copied().unwrap_or(offset + 1));
+        let lowest_left = m.keys().next().copied();
+        let high = st.high.get(tp).copied().unwrap_or(offset).max(offset);
+        let next = was_first.then(|| lowest_left.unwrap_or(high + 1));
         if let Some(next) = next {
             st.ready.insert(tp.clone(), next);
             on_move(next);
@@ -103,6 +111,7 @@ impl Tracker {
         let mut st = self.state.lock().unwrap();
         for tp in tps {
             st.parts.remove(tp);
+            st.high.remove(tp);
             st.ready.remove(tp);
         }
         self.changed.notify_all();
@@ -117,6 +126,7 @@ impl Tracker {
         let mut st = self.state.lock().unwrap();
         self.epoch.fetch_add(1, Ordering::SeqCst);
         st.parts.clear();
+        st.high.clear();
         st.ready.clear();
         self.changed.notify_all();
     }
@@ -145,6 +155,35 @@ mod tests {
         assert!(t.wait_idle(None, Duration::from_millis(10)));
         assert_eq!(t.take_ready(), HashMap::from([(tp.clone(), 14)]));
         assert!(t.take_ready().is_empty(), "taken once");
+    }
+
+    /// Every completion order of three offsets in flight ends at the position past the last,
+    /// and no intermediate position ever passes an offset still in flight.
+    #[test]
+    fn every_completion_order_of_three_offsets_commits_past_the_last() {
+        let orders = [[11, 12, 13], [11, 13, 12], [12, 11, 13], [12, 13, 11], [13, 11, 12], [13, 12, 11]];
+        for order in orders {
+            let t = Tracker::default();
+            let tp = ("frames".to_string(), 0);
+            for o in 11..=13 {
+                t.start(&tp, o);
+            }
+            let mut done = std::collections::BTreeSet::new();
+            let mut position = None;
+            for o in order {
+                done.insert(o);
+                if let Some(next) = t.done(&tp, o) {
+                    position = Some(next);
+                }
+                // The position is the lowest offset not yet done (or one past the last).
+                let expected = (11..=14).find(|x| !done.contains(x)).unwrap();
+                if let Some(p) = position {
+                    assert_eq!(p, expected, "order {order:?}: after {o} done");
+                }
+            }
+            assert_eq!(position, Some(14), "order {order:?}: all done, the next offset to consume is 14");
+            assert_eq!(t.take_ready(), HashMap::from([(tp.clone(), 14)]), "order {order:?}");
+        }
     }
 
     #[test]
