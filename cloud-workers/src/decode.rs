@@ -1,6 +1,12 @@
 //! JPEG decoding for the worker: refuses absurd sizes before allocating (decompression
 //! bombs), and decodes with libjpeg-turbo's DCT-domain scaling when the pipeline starts by
 //! shrinking the image anyway (decoding at 1/2, 1/4 … is several times cheaper).
+//!
+//! Limits on hostile input: the pixel count (`worker.max_pixels`) is checked from the header
+//! before anything is allocated, and it also bounds a progressive JPEG's coefficient buffer
+//! (about 2 bytes per sample); the number of scans of a progressive JPEG is capped at
+//! [`MAX_SCANS`] (libjpeg-turbo's scan limit), since each scan walks the whole coefficient
+//! buffer and a file of thousands of tiny scans would hold a thread for minutes.
 
 use turbojpeg::{Decompressor, Image, PixelFormat, ScalingFactor};
 
@@ -30,13 +36,20 @@ impl DecodeError {
     }
 }
 
+/// Most scans a progressive JPEG may have. Encoders write about 10 (libjpeg's default
+/// progression) and rarely more than a few dozen; libjpeg-turbo's own tools suggest 500 as a
+/// safe bound for untrusted input; camera frames never come near 100.
+pub const MAX_SCANS: u32 = 100;
+
 pub struct Decoder {
     d: Decompressor,
 }
 
 impl Decoder {
     pub fn new() -> Self {
-        Self { d: Decompressor::new().expect("libjpeg-turbo decompressor") }
+        let mut d = Decompressor::new().expect("libjpeg-turbo decompressor");
+        d.set_scan_limit(MAX_SCANS).expect("libjpeg-turbo scan limit");
+        Self { d }
     }
 
     /// Decodes to RGB. With `at_least = Some((w, h))` the smallest DCT scale whose result is
@@ -121,6 +134,38 @@ mod tests {
         let e = d.decode(&jpeg, 1000, None).unwrap_err();
         assert_eq!(e.reason(), "too_large");
         assert!(e.to_string().contains("above the limit of 1000"), "{e}");
+    }
+
+    /// A progressive JPEG whose last scan is repeated `extra` times (a "scan bomb").
+    fn with_repeated_scans(extra: usize) -> Vec<u8> {
+        let img = turbojpeg::decompress(&rocket(), PixelFormat::RGB).unwrap();
+        let mut c = turbojpeg::Compressor::new().unwrap();
+        c.set_progressive(true).unwrap();
+        let jpeg = c.compress_to_vec(img.as_deref()).unwrap();
+        // The last SOS marker starts the last scan; it runs to the EOI marker.
+        let sos = jpeg.windows(2).rposition(|w| w == [0xFF, 0xDA]).expect("SOS");
+        let eoi = jpeg.len() - 2;
+        assert_eq!(&jpeg[eoi..], &[0xFF, 0xD9]);
+        let scan = &jpeg[sos..eoi];
+        let mut out = jpeg[..eoi].to_vec();
+        for _ in 0..extra {
+            out.extend_from_slice(scan);
+        }
+        out.extend_from_slice(&[0xFF, 0xD9]);
+        out
+    }
+
+    #[test]
+    fn a_progressive_jpeg_with_thousands_of_scans_is_refused() {
+        let mut d = Decoder::new();
+        // An ordinary progressive JPEG decodes.
+        assert!(d.decode(&with_repeated_scans(0), 100_000_000, None).is_ok());
+        let bomb = with_repeated_scans(3000);
+        let e = d.decode(&bomb, 100_000_000, None).unwrap_err();
+        assert_eq!(e.reason(), "corrupt_jpeg", "{e}");
+        assert!(e.to_string().contains("scans"), "the error names the scan limit: {e}");
+        // The decoder stays usable for the next frame.
+        assert!(d.decode(&rocket(), 100_000_000, None).is_ok());
     }
 
     #[test]
