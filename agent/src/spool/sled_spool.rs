@@ -26,12 +26,12 @@
 //! which carry the full record.
 
 use std::collections::BTreeSet;
-use std::fs::File;
-use std::io::Write;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 
 use super::record::{self, SpoolKey};
 use super::{DropReason, FullPolicy, PushOutcome, Spool, SpoolConfig, SpoolRead, SpoolStats};
@@ -61,6 +61,55 @@ pub fn disk_usage(dir: &Path) -> u64 {
     total
 }
 
+/// The spool lock: an exclusive `flock` on `<dir>/lock`, held while the file is open.
+struct DirLock {
+    _file: File,
+}
+
+impl DirLock {
+    /// Takes the lock and writes this process's pid into the file; if another opener holds
+    /// it, fails naming the directory and the pid found there, and changes nothing.
+    fn acquire(dir: &Path) -> Result<Self> {
+        use fs2::FileExt;
+        let path = dir.join("lock");
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("opening the spool lock {}", path.display()))?;
+        if let Err(e) = file.try_lock_exclusive() {
+            if e.raw_os_error() == fs2::lock_contended_error().raw_os_error() {
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                let pid = match pid.trim() {
+                    "" => "unknown",
+                    p => p,
+                };
+                bail!("spool directory {} is in use by another framelink-agent (pid {pid})", dir.display());
+            }
+            return Err(e).with_context(|| format!("locking the spool {}", path.display()));
+        }
+        file.set_len(0)
+            .and_then(|()| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
+            .with_context(|| format!("writing the spool lock {}", path.display()))?;
+        Ok(Self { _file: file })
+    }
+}
+
+/// Whether opening sled failed because another process holds sled's own lock on the index:
+/// not damage.
+fn is_sled_lock_error(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        let io = match cause.downcast_ref::<sled::Error>() {
+            Some(sled::Error::Io(io)) => Some(io),
+            _ => cause.downcast_ref::<std::io::Error>(),
+        };
+        io.is_some_and(|io| io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("could not acquire lock"))
+    })
+}
+
 struct Index {
     db: sled::Db,
     frames: sled::Tree,
@@ -86,6 +135,8 @@ pub struct SledSpool {
     cfg: SpoolConfig,
     frames_dir: PathBuf,
     inner: Mutex<Inner>,
+    /// Dropped last: released only once the index is closed.
+    _lock: DirLock,
 }
 
 fn entry(file_id: u64, size: u64) -> [u8; 16] {
@@ -141,9 +192,13 @@ impl SledSpool {
         Ok(Index { db, frames, by_age })
     }
 
-    /// Opens (or creates) the spool. Never fails on damaged contents: a damaged index is
-    /// rebuilt from the frame files, damaged files are reported when read.
+    /// Opens (or creates) the spool. Fails if another opener holds the spool directory, never
+    /// on damaged contents: a damaged index is rebuilt from the frame files, damaged files are
+    /// reported when read.
     pub fn open(cfg: SpoolConfig) -> Result<Self> {
+        std::fs::create_dir_all(&cfg.dir).with_context(|| format!("spool directory {}", cfg.dir.display()))?;
+        // Before anything else in the directory is looked at.
+        let lock = DirLock::acquire(&cfg.dir)?;
         let frames_dir = cfg.dir.join("frames");
         std::fs::create_dir_all(&frames_dir).with_context(|| format!("spool directory {}", frames_dir.display()))?;
         // The newest index generation is the live one; older ones are leftovers of a crash
@@ -161,6 +216,9 @@ impl SledSpool {
         let mut damaged = 0;
         let index = match Self::open_index(&cfg, &index_dir) {
             Ok(i) => i,
+            Err(e) if is_sled_lock_error(&e) => {
+                bail!("spool directory {} is in use by another process: {e:#}", cfg.dir.display())
+            }
             Err(e) => {
                 damaged += 1;
                 tracing::error!(error = %format!("{e:#}"), "Spool index damaged; rebuilding it from the frame files.");
@@ -209,6 +267,7 @@ impl SledSpool {
             cfg,
             frames_dir,
             inner: Mutex::new(Inner { index, index_gen, next_file, records, file_bytes, index_bytes, damaged, unsynced: Vec::new() }),
+            _lock: lock,
         })
     }
 
@@ -498,6 +557,52 @@ mod tests {
         let (got, _) = drain_all(&s);
         assert_eq!(got.iter().map(|f| f.meta.seq).collect::<Vec<_>>(), (0..10).collect::<Vec<_>>());
     }
+
+    fn push_and_close(dir: &Path, seqs: std::ops::Range<u64>) {
+        let s = SledSpool::open(cfg(dir, 16, FullPolicy::DropOldest)).unwrap();
+        for seq in seqs {
+            assert!(s.push(&frame("a", seq, 100_000)).unwrap().stored);
+        }
+        s.flush().unwrap();
+    }
+
+    #[test]
+    fn a_second_open_of_a_spool_in_use_fails_naming_dir_and_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = SledSpool::open(cfg(dir.path(), 16, FullPolicy::DropOldest)).unwrap();
+        for seq in 0..5 {
+            first.push(&frame("a", seq, 50_000)).unwrap();
+        }
+        first.flush().unwrap();
+        let err = match SledSpool::open(cfg(dir.path(), 16, FullPolicy::DropOldest)) {
+            Ok(_) => panic!("a second open of a spool in use succeeded"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(err.contains(&dir.path().display().to_string()), "{err}");
+        assert!(err.contains(&format!("pid {}", std::process::id())), "{err}");
+        assert!(!dir.path().join("index.damaged").exists());
+        assert_eq!(first.stats().records, 5);
+        let (got, bad) = drain_all(&first);
+        assert_eq!((got.len(), bad), (5, 0), "the first spool keeps all its frames");
+    }
+
+    #[test]
+    fn sleds_own_lock_error_is_not_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        push_and_close(dir.path(), 0..4);
+        // Another process (e.g. an agent without the spool lock) holds sled's lock.
+        let other = sled::open(dir.path().join("index-0")).unwrap();
+        let err = match SledSpool::open(cfg(dir.path(), 16, FullPolicy::DropOldest)) {
+            Ok(s) => panic!("opened a locked index (damaged count {})", s.stats().damaged),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(err.contains("in use"), "{err}");
+        assert!(!dir.path().join("index.damaged").exists(), "the index was not set aside");
+        drop(other);
+        let s = SledSpool::open(cfg(dir.path(), 16, FullPolicy::DropOldest)).unwrap();
+        assert_eq!((s.stats().records, s.stats().damaged), (4, 0));
+    }
+
 
     fn fill(policy: FullPolicy) -> (tempfile::TempDir, SledSpool, BTreeMap<DropReason, u64>) {
         let dir = tempfile::tempdir().unwrap();
