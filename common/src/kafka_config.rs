@@ -8,8 +8,10 @@
 //! config key (and the file) that is wrong, so a device fails at start-up with a useful line
 //! instead of reconnecting forever.
 //!
-//! Raw librdkafka options can be passed through `librdkafka`, except those the typed fields own
-//! (they would silently override them).
+//! Raw librdkafka options can be passed through `librdkafka`, except those framelink sets itself
+//! and their librdkafka aliases (they would silently override them, or be overridden), TLS and
+//! SASL settings that have no typed key, and — unless `allow_insecure = true`, which then warns
+//! at every start — settings that turn off or can weaken TLS verification.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -42,9 +44,18 @@ pub struct KafkaConfig {
     #[serde(default)]
     pub client_id: Option<String>,
     /// Extra librdkafka properties, passed through as they are (e.g. `"socket.keepalive.enable"
-    /// = "true"`). Keys owned by the typed settings above are refused.
+    /// = "true"`). Refused: properties framelink sets (from the typed settings above or the
+    /// component's own) and their librdkafka aliases, TLS and SASL properties without a typed
+    /// key (keystores, engines, OAUTHBEARER, Kerberos), and, unless `allow_insecure` is set,
+    /// properties that turn off or can weaken TLS verification.
     #[serde(default)]
     pub librdkafka: BTreeMap<String, String>,
+    /// Accept `librdkafka` properties that turn off or can weaken TLS verification
+    /// (`enable.ssl.certificate.verification = "false"`, `ssl.cipher.suites`, `ssl.curves.list`,
+    /// `ssl.sigalgs.list`, `ssl.providers`). Default false: they are refused. When true, every
+    /// start logs a warning naming each of them.
+    #[serde(default)]
+    pub allow_insecure: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -70,7 +81,7 @@ impl SecurityProtocol {
 
 /// TLS files (PEM). All optional: with no `ca` the system's CA store is used; `certificate`
 /// and `key` (both or neither) make the connection mutual TLS.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// CA bundle that signed the brokers' certificates. Default: the system CA store.
@@ -86,6 +97,14 @@ pub struct TlsConfig {
     /// only for brokers reached through addresses their certificates do not list.
     #[serde(default = "default_true")]
     pub verify_hostname: bool,
+}
+
+/// Not derived: the derived default would turn `verify_hostname` off whenever the `[tls]` table
+/// is left out (the field's serde default applies only inside the table).
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self { ca: None, certificate: None, key: None, client_ca: None, verify_hostname: true }
+    }
 }
 
 fn default_true() -> bool {
@@ -168,25 +187,128 @@ pub enum KafkaConfigError {
     },
 }
 
-/// librdkafka properties set from the typed fields; `librdkafka` may not set them.
-const OWNED_KEYS: &[&str] = &[
-    "bootstrap.servers",
-    "metadata.broker.list",
-    "security.protocol",
-    "ssl.ca.location",
-    "ssl.ca.pem",
-    "ssl.certificate.location",
-    "ssl.certificate.pem",
-    "ssl.key.location",
-    "ssl.key.pem",
-    "ssl.key.password",
-    "ssl.endpoint.identification.algorithm",
-    "sasl.mechanism",
-    "sasl.mechanisms",
-    "sasl.username",
-    "sasl.password",
-    "client.id",
+/// What to set instead of a refused `librdkafka` property.
+#[derive(Clone, Copy)]
+enum Instead {
+    /// A key of this section (`brokers` → `kafka.brokers`).
+    Key(&'static str),
+    /// A key of the component's own config, as a phrase.
+    Component(&'static str),
+    /// Nothing: framelink always sets it this way, for the reason given.
+    Fixed(&'static str),
+}
+
+/// librdkafka properties framelink sets — from this section's typed keys, or in the agent's and
+/// workers' clients — with the property each is an alias of (librdkafka's `CONFIGURATION.md`,
+/// `rdkafka_conf.c`). A pass-through value for one of them would be replaced by framelink's
+/// without a word, or, through an alias, win or lose against it depending on the order the
+/// client applies them.
+const OWNED: &[(&str, Option<&str>, Instead)] = &[
+    ("metadata.broker.list", None, Instead::Key("brokers")),
+    ("bootstrap.servers", Some("metadata.broker.list"), Instead::Key("brokers")),
+    ("security.protocol", None, Instead::Key("security_protocol")),
+    ("ssl.ca.location", None, Instead::Key("tls.ca")),
+    ("ssl.ca.pem", None, Instead::Key("tls.ca")),
+    ("ssl_ca", None, Instead::Key("tls.ca")),
+    ("ssl.certificate.location", None, Instead::Key("tls.certificate")),
+    ("ssl.certificate.pem", None, Instead::Key("tls.certificate")),
+    ("ssl_certificate", None, Instead::Key("tls.certificate")),
+    ("ssl.key.location", None, Instead::Key("tls.key")),
+    ("ssl.key.pem", None, Instead::Key("tls.key")),
+    ("ssl_key", None, Instead::Key("tls.key")),
+    ("ssl.endpoint.identification.algorithm", None, Instead::Key("tls.verify_hostname")),
+    ("sasl.mechanisms", None, Instead::Key("sasl.mechanism")),
+    ("sasl.mechanism", Some("sasl.mechanisms"), Instead::Key("sasl.mechanism")),
+    ("sasl.username", None, Instead::Key("sasl.username")),
+    ("sasl.password", None, Instead::Key("sasl.password")),
+    ("client.id", None, Instead::Key("client_id")),
+    // Set by the agent's forwarder and the workers' producers and consumers.
+    ("request.required.acks", None, Instead::Fixed("its producers always wait for all in-sync replicas (acks=all)")),
+    ("acks", Some("request.required.acks"), Instead::Fixed("its producers always wait for all in-sync replicas (acks=all)")),
+    ("enable.idempotence", None, Instead::Fixed("its producers are always idempotent")),
+    ("message.timeout.ms", None, Instead::Component("the agent's `forwarder.message_timeout_ms` (workers never give up on an output)")),
+    ("delivery.timeout.ms", Some("message.timeout.ms"), Instead::Component("the agent's `forwarder.message_timeout_ms` (workers never give up on an output)")),
+    ("queue.buffering.max.ms", None, Instead::Component("the agent's `forwarder.linger_ms`")),
+    ("linger.ms", Some("queue.buffering.max.ms"), Instead::Component("the agent's `forwarder.linger_ms`")),
+    ("queue.buffering.max.kbytes", None, Instead::Component("the agent's `forwarder.queue_max_bytes`")),
+    ("queue.buffering.max.messages", None, Instead::Component("the agent's `forwarder.queue_max_bytes`")),
+    ("message.max.bytes", None, Instead::Component("the agent's `forwarder.max_message_bytes`")),
+    ("transactional.id", None, Instead::Component("the worker's `worker.delivery`")),
+    ("transaction.timeout.ms", None, Instead::Component("the worker's `worker.delivery`")),
+    ("enable.auto.commit", None, Instead::Fixed("an input is committed only after its outputs (the worker's `worker.delivery`)")),
+    ("auto.commit.enable", None, Instead::Fixed("an input is committed only after its outputs (the worker's `worker.delivery`)")),
+    ("enable.auto.offset.store", None, Instead::Fixed("an input is committed only after its outputs (the worker's `worker.delivery`)")),
+    ("isolation.level", None, Instead::Fixed("workers read only committed records (the worker's `worker.delivery`)")),
+    ("group.id", None, Instead::Component("the worker's `consumer.group_id`")),
+    ("auto.offset.reset", None, Instead::Component("the worker's `consumer.auto_offset_reset`")),
 ];
+
+/// TLS material framelink cannot take other than as the PEM files of `tls`.
+const UNSUPPORTED_TLS: &[(&str, &str)] = &[
+    ("ssl.key.password", "encrypted keys are not supported; give an unencrypted key (mode 0600) as `{s}.tls.key`"),
+    ("ssl.ca.certificate.stores", "Windows certificate stores are not supported; give the CA as `{s}.tls.ca`"),
+    ("ssl.keystore.location", "a PKCS#12 keystore is not supported; give PEM files as `{s}.tls.certificate` and `{s}.tls.key`"),
+    ("ssl.keystore.password", "a PKCS#12 keystore is not supported; give PEM files as `{s}.tls.certificate` and `{s}.tls.key`"),
+    ("ssl.engine.location", "keys in an OpenSSL engine are not supported; give the key as `{s}.tls.key`"),
+    ("ssl.engine.id", "keys in an OpenSSL engine are not supported; give the key as `{s}.tls.key`"),
+    ("ssl_engine_callback_data", "keys in an OpenSSL engine are not supported; give the key as `{s}.tls.key`"),
+];
+
+/// Authentication other than mTLS and SASL PLAIN/SCRAM (OAUTHBEARER, OIDC, Kerberos): no typed
+/// key, so no checks; refused.
+const UNSUPPORTED_AUTH_PREFIXES: &[&str] = &["sasl.oauthbearer.", "sasl.kerberos.", "enable.sasl.oauthbearer.", "https."];
+
+/// Properties that can weaken TLS whatever their value; need `allow_insecure`.
+const WEAKENING: &[(&str, &str)] = &[
+    ("ssl.cipher.suites", "can allow weak or unauthenticated TLS cipher suites"),
+    ("ssl.curves.list", "can allow weak key-exchange curves"),
+    ("ssl.sigalgs.list", "can allow weak signature algorithms"),
+    ("ssl.providers", "can load OpenSSL providers with weak algorithms (e.g. `legacy`)"),
+];
+
+/// TLS and SASL properties that pass through (they only add checks).
+const TLS_PASSTHROUGH: &[&str] = &["ssl.crl.location"];
+
+/// Why a `librdkafka` property may not pass through as it is.
+enum Refusal {
+    /// framelink sets it (or what it aliases); `alias_of` is set when `key` is an alias.
+    Owned { alias_of: Option<&'static str>, instead: Instead },
+    /// No typed key and no pass-through: the reason, with `{s}` for the section.
+    Unsupported(String),
+    /// Turns off or can weaken TLS verification: what it does.
+    Insecure(&'static str),
+}
+
+fn check_passthrough(key: &str, value: &str) -> Option<Refusal> {
+    if let Some((_, alias_of, instead)) = OWNED.iter().find(|(k, _, _)| *k == key) {
+        return Some(Refusal::Owned { alias_of: *alias_of, instead: *instead });
+    }
+    if let Some((_, why)) = UNSUPPORTED_TLS.iter().find(|(k, _)| *k == key) {
+        return Some(Refusal::Unsupported((*why).into()));
+    }
+    if UNSUPPORTED_AUTH_PREFIXES.iter().any(|p| key.starts_with(p)) {
+        return Some(Refusal::Unsupported(
+            "framelink authenticates with mTLS (`{s}.tls`) or SASL PLAIN/SCRAM (`{s}.sasl`); OAUTHBEARER, \
+             OIDC and Kerberos are not supported"
+                .into(),
+        ));
+    }
+    if key == "enable.ssl.certificate.verification" {
+        // librdkafka reads `true`, `t` and `1` (any case) as true; anything else is false or
+        // an error.
+        let on = ["true", "t", "1"].iter().any(|t| value.eq_ignore_ascii_case(t));
+        return (!on).then_some(Refusal::Insecure("turns off verification of the brokers' certificates"));
+    }
+    if let Some((_, why)) = WEAKENING.iter().find(|(k, _)| *k == key) {
+        return Some(Refusal::Insecure(why));
+    }
+    if (key.starts_with("ssl.") || key.starts_with("ssl_") || key.starts_with("sasl.")) && !TLS_PASSTHROUGH.contains(&key) {
+        return Some(Refusal::Unsupported(
+            "TLS and SASL are configured through `{s}.tls` and `{s}.sasl`; this property has no typed key".into(),
+        ));
+    }
+    None
+}
 
 /// Validated settings, ready to configure an rdkafka client.
 #[derive(Clone, Debug)]
@@ -197,6 +319,9 @@ pub struct KafkaSettings {
     sasl: Option<(SaslMechanism, String, Secret)>,
     pub client_id: Option<String>,
     pub librdkafka: BTreeMap<String, String>,
+    /// Settings that weaken security, as `key = value` with what they do; validation warns
+    /// about each.
+    pub insecure: Vec<String>,
 }
 
 impl KafkaConfig {
@@ -209,6 +334,7 @@ impl KafkaConfig {
             sasl: None,
             client_id: None,
             librdkafka: BTreeMap::new(),
+            allow_insecure: false,
         }
     }
 
@@ -308,13 +434,48 @@ impl KafkaConfig {
             _ => None,
         };
 
-        for k in self.librdkafka.keys() {
-            if OWNED_KEYS.contains(&k.as_str()) {
-                return Err(invalid(
-                    &format!("librdkafka.\"{k}\""),
-                    "is set by framelink's typed settings; use those instead".into(),
-                ));
+        let mut insecure = Vec::new();
+        if tls_used && !tls.verify_hostname {
+            insecure.push(format!(
+                "{} = false: the brokers' certificates are not checked against the host names connected to",
+                key("tls.verify_hostname")
+            ));
+        }
+        for (k, v) in &self.librdkafka {
+            let name = format!("librdkafka.\"{k}\"");
+            match check_passthrough(k, v) {
+                None => {}
+                Some(Refusal::Owned { alias_of, instead }) => {
+                    let what = match alias_of {
+                        Some(canonical) => format!("is an alias of librdkafka's `{canonical}`, which"),
+                        None => "is a librdkafka property that".into(),
+                    };
+                    let reason = match instead {
+                        Instead::Key(typed) => format!("{what} framelink sets from its typed settings; set `{}` instead", key(typed)),
+                        Instead::Component(typed) => format!("{what} framelink sets from its typed settings; set {typed} instead"),
+                        Instead::Fixed(why) => format!("{what} framelink sets itself: {why}"),
+                    };
+                    return Err(invalid(&name, reason));
+                }
+                Some(Refusal::Unsupported(why)) => {
+                    return Err(invalid(&name, why.replace("{s}", section)));
+                }
+                Some(Refusal::Insecure(what)) => {
+                    if !self.allow_insecure {
+                        return Err(invalid(
+                            &name,
+                            format!(
+                                "{what}; refused unless `{}` is true (and then warned about at every start)",
+                                key("allow_insecure")
+                            ),
+                        ));
+                    }
+                    insecure.push(format!("{} = {v:?}: {what}", key(&name)));
+                }
             }
+        }
+        for setting in &insecure {
+            tracing::warn!("Insecure Kafka setting: {setting}.");
         }
 
         Ok(KafkaSettings {
@@ -324,6 +485,7 @@ impl KafkaConfig {
             sasl,
             client_id: self.client_id.clone(),
             librdkafka: self.librdkafka.clone(),
+            insecure,
         })
     }
 }
@@ -373,7 +535,7 @@ fn split_list(s: &str) -> Vec<String> {
 }
 
 /// Accepts `["a:1", "b:2"]` or `"a:1,b:2"` (the form an environment variable gives).
-fn string_or_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+pub(crate) fn string_or_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum OneOrMany {
@@ -566,5 +728,123 @@ mod tests {
         let cfg = parse("brokers = \"h:1\"\n[librdkafka]\n\"socket.keepalive.enable\" = \"true\"").unwrap();
         let c = cfg.validate("kafka").unwrap().client_config("t");
         assert_eq!(c.get("socket.keepalive.enable"), Some("true"));
+    }
+
+    fn with_passthrough(extra: &str, key: &str, value: &str) -> KafkaConfig {
+        parse(&format!("brokers = \"h:1\"\nsecurity_protocol = \"SSL\"\n{extra}[librdkafka]\n{key:?} = {value:?}")).unwrap()
+    }
+
+    /// librdkafka aliases of keys framelink sets (and auth settings it has no typed key for)
+    /// are refused, naming the key to use instead: through an alias the pass-through value would
+    /// win or lose against framelink's depending on the order librdkafka applies them.
+    #[test]
+    fn passthrough_refuses_aliases_and_untyped_auth_settings() {
+        let mut wrong = Vec::new();
+        for (k, instead) in [
+            ("delivery.timeout.ms", "forwarder.message_timeout_ms"),
+            ("message.timeout.ms", "forwarder.message_timeout_ms"),
+            ("request.required.acks", "acks=all"),
+            ("acks", "acks=all"),
+            ("enable.idempotence", "always idempotent"),
+            ("queue.buffering.max.ms", "forwarder.linger_ms"),
+            ("linger.ms", "forwarder.linger_ms"),
+            ("queue.buffering.max.kbytes", "forwarder.queue_max_bytes"),
+            ("transactional.id", "worker.delivery"),
+            ("isolation.level", "worker.delivery"),
+            ("enable.auto.commit", "worker.delivery"),
+            ("group.id", "consumer.group_id"),
+            ("metadata.broker.list", "kafka.brokers"),
+            ("bootstrap.servers", "kafka.brokers"),
+            ("sasl.mechanism", "kafka.sasl.mechanism"),
+            ("sasl.mechanisms", "kafka.sasl.mechanism"),
+            ("ssl.endpoint.identification.algorithm", "kafka.tls.verify_hostname"),
+            ("ssl_key", "kafka.tls.key"),
+            ("ssl.key.pem", "kafka.tls.key"),
+            ("ssl.certificate.pem", "kafka.tls.certificate"),
+            ("ssl.keystore.location", "kafka.tls.key"),
+            ("ssl.keystore.password", "kafka.tls.key"),
+            ("ssl.key.password", "unencrypted key"),
+            ("ssl.engine.id", "kafka.tls.key"),
+            ("ssl.ca.certificate.stores", "kafka.tls.ca"),
+            ("sasl.oauthbearer.client.secret", "kafka.sasl"),
+            ("sasl.oauthbearer.method", "kafka.sasl"),
+            ("enable.sasl.oauthbearer.unsecure.jwt", "kafka.sasl"),
+            ("sasl.kerberos.kinit.cmd", "kafka.sasl"),
+            ("https.ca.location", "kafka.sasl"),
+        ] {
+            match with_passthrough("", k, "1").validate("kafka") {
+                Ok(_) => wrong.push(format!("{k}: accepted")),
+                Err(e) => {
+                    let named = matches!(&e, KafkaConfigError::Invalid { key, .. } if *key == format!("kafka.librdkafka.\"{k}\""));
+                    if !named || !e.to_string().contains(instead) {
+                        wrong.push(format!("{k}: does not name {instead:?}: {e}"));
+                    }
+                }
+            }
+        }
+        assert!(wrong.is_empty(), "{wrong:#?}");
+        let e = with_passthrough("", "delivery.timeout.ms", "1").validate("kafka").unwrap_err().to_string();
+        assert!(e.contains("alias of librdkafka's `message.timeout.ms`") && e.contains("typed"), "{e}");
+        let e = with_passthrough("", "acks", "1").validate("kafka").unwrap_err().to_string();
+        assert!(e.contains("alias of librdkafka's `request.required.acks`") && e.contains("acks=all"), "{e}");
+        let e = with_passthrough("", "ssl.ca.pem", "x").validate("kafka").unwrap_err().to_string();
+        assert!(!e.contains("alias") && e.contains("`kafka.tls.ca`"), "{e}");
+        // Tuning that framelink leaves alone still passes through.
+        for k in ["batch.num.messages", "max.in.flight", "topic.metadata.refresh.interval.ms", "ssl.crl.location"] {
+            let s = with_passthrough("", k, "5").validate("kafka").unwrap();
+            assert_eq!(s.client_config("t").get(k), Some("5"));
+        }
+    }
+
+    /// Settings that turn off or can weaken TLS verification need `allow_insecure = true`, and
+    /// then every start warns, naming each of them.
+    #[test]
+    fn insecure_passthrough_needs_allow_insecure_and_warns() {
+        for (k, v) in [
+            ("enable.ssl.certificate.verification", "false"),
+            ("enable.ssl.certificate.verification", "0"),
+            ("enable.ssl.certificate.verification", "F"),
+            ("ssl.cipher.suites", "aNULL"),
+            ("ssl.providers", "legacy"),
+        ] {
+            let e = with_passthrough("", k, v).validate("kafka").unwrap_err();
+            assert!(matches!(&e, KafkaConfigError::Invalid { key, .. } if *key == format!("kafka.librdkafka.\"{k}\"")), "{e}");
+            assert!(e.to_string().contains("kafka.allow_insecure"), "{e}");
+        }
+        // Turning verification explicitly on is harmless.
+        let (s, log) = crate::testlog::capture(|| with_passthrough("", "enable.ssl.certificate.verification", "true").validate("kafka"));
+        s.unwrap();
+        assert!(!log.contains("WARN"), "{log}");
+
+        let cfg = with_passthrough("allow_insecure = true\n", "enable.ssl.certificate.verification", "false");
+        let (s, log) = crate::testlog::capture(|| cfg.validate("kafka"));
+        let s = s.unwrap();
+        assert_eq!(s.client_config("t").get("enable.ssl.certificate.verification"), Some("false"));
+        assert!(log.contains("WARN") && log.contains("kafka.librdkafka.\"enable.ssl.certificate.verification\" = \"false\""), "{log}");
+        // allow_insecure does not open the keys framelink owns.
+        let e = with_passthrough("allow_insecure = true\n", "ssl.endpoint.identification.algorithm", "none").validate("kafka").unwrap_err();
+        assert!(e.to_string().contains("kafka.tls.verify_hostname"), "{e}");
+    }
+
+    /// With no `[tls]` table (system CA store, no client certificate) hostnames are checked
+    /// all the same: the default of `tls.verify_hostname` does not depend on the table being
+    /// written.
+    #[test]
+    fn ssl_without_a_tls_table_verifies_hostnames() {
+        for protocol in ["SSL", "SASL_SSL"] {
+            let sasl = if protocol == "SASL_SSL" { "[sasl]\nmechanism = \"PLAIN\"\nusername = \"u\"\npassword = \"p\"\n" } else { "" };
+            let cfg = parse(&format!("brokers = \"h:1\"\nsecurity_protocol = \"{protocol}\"\n{sasl}")).unwrap();
+            assert!(cfg.tls.verify_hostname, "{protocol}");
+            let c = cfg.validate("kafka").unwrap().client_config("t");
+            assert_eq!(c.get("ssl.endpoint.identification.algorithm"), Some("https"), "{protocol}");
+        }
+    }
+
+    #[test]
+    fn hostname_verification_off_is_warned() {
+        let cfg = parse("brokers = \"h:1\"\nsecurity_protocol = \"SSL\"\n[tls]\nverify_hostname = false").unwrap();
+        let (s, log) = crate::testlog::capture(|| cfg.validate("kafka"));
+        assert_eq!(s.unwrap().client_config("t").get("ssl.endpoint.identification.algorithm"), Some("none"));
+        assert!(log.contains("WARN") && log.contains("kafka.tls.verify_hostname = false"), "{log}");
     }
 }

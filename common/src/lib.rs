@@ -19,3 +19,37 @@ pub mod wire;
 
 pub use kafka_config::{KafkaConfig, KafkaSettings};
 pub use wire::FrameMeta;
+
+/// Captures what `tracing` logs while a closure runs (tests of warnings).
+#[cfg(test)]
+pub(crate) mod testlog {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Runs `f` with a subscriber local to this thread; returns its result and the log text.
+    pub fn capture<R>(f: impl FnOnce() -> R) -> (R, String) {
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || writer.clone())
+            .finish();
+        let r = tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8_lossy(&buf.0.lock().unwrap()).into_owned();
+        (r, text)
+    }
+}
