@@ -161,6 +161,28 @@ pub fn check_signed_by(
         })
 }
 
+/// Warns (naming the file and its mode) when a secret file is readable or writable by its group
+/// or others (`mode & 0o077 != 0`). A warning, not an error: the group may be the service's own.
+pub fn warn_if_readable_by_others(path: &Path, what: &str) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path) {
+            let mode = meta.permissions().mode() & 0o7777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    "{what} {} has mode {mode:04o}: its group or others can read it; \
+                     make it 0600, owned by the service user (chmod 600 {})",
+                    path.display(),
+                    path.display()
+                );
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (path, what);
+}
+
 /// Reads a CA bundle and checks each CA is currently valid.
 pub fn load_ca(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsFileError> {
     let cas = read_certificates(path)?;
@@ -180,6 +202,7 @@ pub fn check_client_identity(
 ) -> Result<(), TlsFileError> {
     let certs = read_certificates(cert_path)?;
     let key = read_private_key(key_path)?;
+    warn_if_readable_by_others(key_path, "private key");
     check_validity_at(cert_path, &certs[0], now_unix())?;
     check_key_matches(cert_path, &certs, key_path, &key)?;
     if let Some((ca_path, cas)) = issuer {
@@ -330,6 +353,24 @@ mod tests {
         let e = check(&f, &cert, &key).unwrap_err();
         assert_eq!(e.path, cert);
         assert!(e.reason.contains("not signed by the CA"), "{e}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn key_readable_by_others_is_warned() {
+        use std::os::unix::fs::PermissionsExt;
+        let f = good();
+        for mode in [0o644, 0o640, 0o604] {
+            std::fs::set_permissions(&f.key, std::fs::Permissions::from_mode(mode)).unwrap();
+            let (r, log) = crate::testlog::capture(|| check(&f, &f.cert, &f.key));
+            r.unwrap();
+            let needle = format!("{}", f.key.display());
+            assert!(log.contains("WARN") && log.contains(&needle) && log.contains(&format!("{mode:04o}")), "{mode:o}: {log}");
+        }
+        std::fs::set_permissions(&f.key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let (r, log) = crate::testlog::capture(|| check(&f, &f.cert, &f.key));
+        r.unwrap();
+        assert!(!log.contains("WARN"), "{log}");
     }
 
     #[test]
