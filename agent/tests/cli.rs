@@ -80,6 +80,25 @@ fn unknown_and_invalid_keys_are_named() {
     assert!(text(&o).contains("kafka.security_protocol"), "{}", text(&o));
 }
 
+/// An environment override is text: a string key keeps it as written (leading zeros), numeric
+/// keys parse it.
+#[test]
+fn environment_overrides_keep_strings_as_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("a.toml");
+    std::fs::write(&p, "[device]\nid = \"d\"\n[kafka]\nbrokers = \"h:1\"\n").unwrap();
+    let o = agent(
+        &["check-config", "--config", p.to_str().unwrap()],
+        &[
+            ("FRAMELINK__DEVICE__ID", "007".into()),
+            ("FRAMELINK__DEVICE__SHUTDOWN_GRACE_S", "5".into()),
+            ("FRAMELINK__FORWARDER__QUEUE_MAX_BYTES", "33554432".into()),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("config OK: device \"007\""), "{}", text(&o));
+}
+
 #[test]
 fn a_client_key_of_another_certificate_is_named() {
     let b = Broker::shared();

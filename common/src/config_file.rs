@@ -1,8 +1,10 @@
 //! Loading a component's config: one TOML file, then environment overrides.
 //!
 //! Every key can be overridden from the environment: `FRAMELINK__` then the key path with `__`
-//! between levels, e.g. `FRAMELINK__KAFKA__BROKERS=10.0.0.5:9093` sets `kafka.brokers`
-//! (values that parse as numbers or booleans are taken as such). The double underscore after
+//! between levels, e.g. `FRAMELINK__KAFKA__BROKERS=10.0.0.5:9093` sets `kafka.brokers`.
+//! Values are taken as text and converted for the key they set: a string key keeps them as
+//! written (`FRAMELINK__DEVICE__ID=007` is `"007"`, not 7), numeric and boolean keys parse them
+//! (`true`/`false`, `1`/`0`, `yes`/`no`, `on`/`off`). The double underscore after
 //! the prefix keeps unrelated variables such as `FRAMELINK_BOOTSTRAP` (printed by
 //! `scripts/kafka env`) from being read as config keys.
 //!
@@ -36,6 +38,15 @@ pub enum ConfigFileError {
 
 /// Loads `path` (TOML) with `FRAMELINK__...` environment overrides into `T`.
 pub fn load<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigFileError> {
+    load_with_env(path, None)
+}
+
+/// [`load`], with the environment given as a map of variables instead of the process's
+/// (`None`: the process's).
+pub fn load_with_env<T: DeserializeOwned>(
+    path: &Path,
+    vars: Option<config::Map<String, String>>,
+) -> Result<T, ConfigFileError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigFileError::Read {
         path: path.to_path_buf(),
         source,
@@ -43,7 +54,12 @@ pub fn load<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigFileError> {
     let env = Environment::with_prefix(ENV_PREFIX)
         .prefix_separator(ENV_SEPARATOR)
         .separator(ENV_SEPARATOR)
-        .try_parsing(true);
+        // Not `try_parsing(true)`: that turns every value that looks like a number or a
+        // boolean into one before the target type is known, so a string key set to `007`
+        // would become "7" and `1.50` "1.5". Numeric and boolean keys parse the text
+        // themselves (config's deserializer converts strings for them).
+        .try_parsing(false)
+        .source(vars);
     build(&text, Some(env)).map_err(|e| match e {
         ConfigFileError::Parse { message, .. } => ConfigFileError::Parse {
             path: path.to_path_buf(),
@@ -149,5 +165,58 @@ mod tests {
         assert_eq!(t.name, "file");
         assert_eq!(t.inner.fps, 30);
         assert!(t.inner.enabled);
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Typed {
+        id: String,
+        password: Option<String>,
+        #[serde(default)]
+        count: u64,
+        #[serde(default)]
+        ratio: f64,
+        #[serde(default)]
+        max: Option<u32>,
+        #[serde(default)]
+        on: bool,
+        #[serde(default)]
+        label: String,
+        #[serde(default, deserialize_with = "crate::kafka_config::string_or_list")]
+        hosts: Vec<String>,
+    }
+
+    fn load_typed(vars: &[(&str, &str)]) -> Result<Typed, ConfigFileError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "id = \"file\"\ncount = 1\nratio = 0.5\n").unwrap();
+        let vars = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        load_with_env(&p, Some(vars))
+    }
+
+    /// An override is text: a string key keeps it as written (leading zeros, `true`, `1e3`),
+    /// while numeric and boolean keys parse it.
+    #[test]
+    fn environment_strings_stay_strings() {
+        let t = load_typed(&[
+            ("FRAMELINK__ID", "007"),
+            ("FRAMELINK__PASSWORD", "0123"),
+            ("FRAMELINK__LABEL", "1e3"),
+            ("FRAMELINK__COUNT", "30"),
+            ("FRAMELINK__RATIO", "2.5"),
+            ("FRAMELINK__MAX", "640"),
+            ("FRAMELINK__ON", "true"),
+            ("FRAMELINK__HOSTS", "a:1,b:2"),
+        ])
+        .unwrap();
+        assert_eq!(t.id, "007");
+        assert_eq!(t.password.as_deref(), Some("0123"));
+        assert_eq!(t.label, "1e3");
+        assert_eq!((t.count, t.ratio, t.max, t.on), (30, 2.5, Some(640), true));
+        assert_eq!(t.hosts, ["a:1", "b:2"]);
+        let t = load_typed(&[("FRAMELINK__ID", "true"), ("FRAMELINK__PASSWORD", "1.50"), ("FRAMELINK__ON", "0")]).unwrap();
+        assert_eq!((t.id.as_str(), t.password.as_deref(), t.on), ("true", Some("1.50"), false));
+        let e = load_typed(&[("FRAMELINK__COUNT", "many")]).unwrap_err().to_string();
+        assert!(e.contains("count") && e.contains("many"), "{e}");
     }
 }
