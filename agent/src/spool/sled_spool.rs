@@ -1,8 +1,8 @@
 //! The spool on disk: a sled index plus one file per frame.
 //!
 //! ```text
-//! <spool.dir>/index-N/   sled: tree `frames`  key (camera \0 seq) -> file id, file size, capture ns (u64s)
-//!                              tree `by_age`  capture ns u64, file id u64 -> key (eviction order)
+//! <spool.dir>/index-N/   sled: tree `frames`      key (camera \0 seq) -> file id, file size (u64s)
+//!                              tree `by_arrival`  file id u64 -> key (eviction order)
 //! <spool.dir>/frames/    f<file id, 16 hex digits>: the record (see `record`), CRC-checked
 //! ```
 //!
@@ -113,13 +113,15 @@ fn is_sled_lock_error(e: &anyhow::Error) -> bool {
 struct Index {
     db: sled::Db,
     frames: sled::Tree,
-    by_age: sled::Tree,
+    by_arrival: sled::Tree,
 }
 
 struct Inner {
     index: Index,
     /// The index lives in `index-<gen>`; a new generation replaces it when the spool empties.
     index_gen: u64,
+    /// Id of the next frame file. Ids grow with arrival: at open the next id follows the
+    /// highest among the files and the index entries, so they keep growing across restarts.
     next_file: u64,
     records: u64,
     /// Allocated bytes of the frame files.
@@ -139,30 +141,13 @@ pub struct SledSpool {
     _lock: DirLock,
 }
 
+/// Index value: file id, file size. (Entries written by earlier versions carry a capture
+/// time after these 16 bytes; it is ignored.)
 fn entry(file_id: u64, size: u64) -> [u8; 16] {
     let mut v = [0u8; 16];
     v[..8].copy_from_slice(&file_id.to_be_bytes());
     v[8..].copy_from_slice(&size.to_be_bytes());
     v
-}
-
-/// `by_age` key: oldest capture first (a frame spooled late after a failed delivery is still
-/// evicted by its age), file id to keep keys unique.
-fn age_key(capture_ns: u64, file_id: u64) -> [u8; 16] {
-    entry(capture_ns, file_id)
-}
-
-/// Index value: file id, file size, capture time (to find the `by_age` entry).
-fn index_value(file_id: u64, size: u64, capture_ns: u64) -> [u8; 24] {
-    let mut v = [0u8; 24];
-    v[..8].copy_from_slice(&file_id.to_be_bytes());
-    v[8..16].copy_from_slice(&size.to_be_bytes());
-    v[16..].copy_from_slice(&capture_ns.to_be_bytes());
-    v
-}
-
-fn parse_capture(v: &[u8]) -> Option<u64> {
-    Some(u64::from_be_bytes(v.get(16..24)?.try_into().ok()?))
 }
 
 fn parse_entry(v: &[u8]) -> Option<(u64, u64)> {
@@ -188,8 +173,8 @@ impl SledSpool {
             .open()
             .with_context(|| format!("opening the spool index {}", dir.display()))?;
         let frames = db.open_tree("frames")?;
-        let by_age = db.open_tree("by_age")?;
-        Ok(Index { db, frames, by_age })
+        let by_arrival = db.open_tree("by_arrival")?;
+        Ok(Index { db, frames, by_arrival })
     }
 
     /// Opens (or creates) the spool. Fails if another opener holds the spool directory, never
@@ -233,11 +218,16 @@ impl SledSpool {
         };
 
         // Reconcile index and files: count what is indexed, delete files nothing points to.
+        // `by_arrival` follows from `frames` and is recreated whole (an index of an earlier
+        // version has a `by_age` tree instead, ordered by capture time).
+        let _ = index.db.drop_tree("by_age");
+        index.by_arrival.clear()?;
         let mut referenced = BTreeSet::new();
         let (mut records, mut file_bytes) = (0, 0);
         for item in index.frames.iter() {
-            let (_, v) = item.context("reading the spool index")?;
+            let (k, v) = item.context("reading the spool index")?;
             if let Some((id, size)) = parse_entry(&v) {
+                index.by_arrival.insert(id.to_be_bytes(), k)?;
                 referenced.insert(id);
                 records += 1;
                 file_bytes += allocated(size);
@@ -287,8 +277,7 @@ impl SledSpool {
             match record::decode_unkeyed(&bytes) {
                 Ok(frame) => {
                     let key = SpoolKey::new(&frame.meta.camera_id, frame.meta.seq);
-                    index.frames.insert(&key.0, &index_value(id, bytes.len() as u64, frame.meta.capture_ns))?;
-                    index.by_age.insert(age_key(frame.meta.capture_ns, id), key.0)?;
+                    index.frames.insert(&key.0, &entry(id, bytes.len() as u64))?;
                     restored += 1;
                 }
                 Err(e) => {
@@ -311,9 +300,7 @@ impl SledSpool {
     fn delete(&self, inner: &mut Inner, key: &[u8]) -> Result<bool> {
         let Some(v) = inner.index.frames.remove(key)? else { return Ok(false) };
         if let Some((id, size)) = parse_entry(&v) {
-            if let Some(captured) = parse_capture(&v) {
-                inner.index.by_age.remove(age_key(captured, id))?;
-            }
+            inner.index.by_arrival.remove(id.to_be_bytes())?;
             let path = Self::file_path(&self.frames_dir, id);
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
@@ -326,14 +313,14 @@ impl SledSpool {
         Ok(true)
     }
 
-    /// Deletes the oldest record (by insertion); returns its camera.
+    /// Deletes the record that arrived first (capture times play no part, so a clock step
+    /// changes nothing); returns its camera.
     fn evict_oldest(&self, inner: &mut Inner) -> Result<Option<String>> {
-        let Some((_, key)) = inner.index.by_age.first()? else { return Ok(None) };
+        let Some((id, key)) = inner.index.by_arrival.first()? else { return Ok(None) };
         let camera = SpoolKey(key.to_vec()).parts().map_or("<unknown>".to_owned(), |(c, _)| c.to_owned());
-        if !self.delete(inner, &key)? {
-            // by_age pointed at nothing: drop the stale entry and go on.
-            inner.index.by_age.pop_min()?;
-        }
+        self.delete(inner, &key)?;
+        // Gone with its record, or pointing at nothing: either way no longer the first.
+        inner.index.by_arrival.remove(id)?;
         Ok(Some(camera))
     }
 }
@@ -360,12 +347,6 @@ impl Spool for SledSpool {
                 return Ok(out);
             }
             while Self::disk(&inner) + size > max {
-                // The incoming frame may itself be the oldest (a late delivery failure).
-                let oldest = inner.index.by_age.first()?.map(|(k, _)| u64::from_be_bytes(k[..8].try_into().unwrap_or_default()));
-                if oldest.is_some_and(|o| frame.meta.capture_ns < o) {
-                    out.dropped.push((camera.clone(), 1, DropReason::FullOldest));
-                    return Ok(out);
-                }
                 match self.evict_oldest(&mut inner)? {
                     Some(c) => match out.dropped.iter_mut().find(|(cam, _, _)| *cam == c) {
                         Some(d) => d.1 += 1,
@@ -392,8 +373,8 @@ impl Spool for SledSpool {
         File::create(&path)
             .and_then(|mut f| f.write_all(&value))
             .with_context(|| format!("writing spool file {}", path.display()))?;
-        inner.index.frames.insert(&key.0, &index_value(id, value.len() as u64, frame.meta.capture_ns))?;
-        inner.index.by_age.insert(age_key(frame.meta.capture_ns, id), key.0)?;
+        inner.index.frames.insert(&key.0, &entry(id, value.len() as u64))?;
+        inner.index.by_arrival.insert(id.to_be_bytes(), key.0)?;
         inner.unsynced.push(path);
         inner.records += 1;
         inner.file_bytes += size;
@@ -558,6 +539,13 @@ mod tests {
         assert_eq!(got.iter().map(|f| f.meta.seq).collect::<Vec<_>>(), (0..10).collect::<Vec<_>>());
     }
 
+    /// A frame as `frame` makes it, with its own capture time.
+    fn frame_at(camera: &str, seq: u64, len: usize, capture_ns: u64) -> Frame {
+        let mut f = frame(camera, seq, len);
+        f.meta.capture_ns = capture_ns;
+        f
+    }
+
     fn push_and_close(dir: &Path, seqs: std::ops::Range<u64>) {
         let s = SledSpool::open(cfg(dir, 16, FullPolicy::DropOldest)).unwrap();
         for seq in seqs {
@@ -601,6 +589,30 @@ mod tests {
         drop(other);
         let s = SledSpool::open(cfg(dir.path(), 16, FullPolicy::DropOldest)).unwrap();
         assert_eq!((s.stats().records, s.stats().damaged), (4, 0));
+    }
+
+
+    #[test]
+    fn drop_oldest_evicts_by_arrival_even_when_the_clock_steps_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut kept_or_dropped = 0;
+        // Every frame's capture time is earlier than the one before (the clock keeps
+        // stepping back); half of them arrive after a reopen.
+        for range in [0..100, 100..200] {
+            let s = SledSpool::open(cfg(dir.path(), 8, FullPolicy::DropOldest)).unwrap();
+            for seq in range {
+                let out = s.push(&frame_at("a", seq, 200_000, 1_000_000_000 - seq * 1_000)).unwrap();
+                assert!(out.stored, "frame {seq} refused: {:?}", out.dropped);
+                kept_or_dropped += out.dropped.iter().map(|d| d.1).sum::<u64>();
+            }
+            s.flush().unwrap();
+        }
+        let s = SledSpool::open(cfg(dir.path(), 8, FullPolicy::DropOldest)).unwrap();
+        let (got, _) = drain_all(&s);
+        let seqs: Vec<u64> = got.iter().map(|f| f.meta.seq).collect();
+        assert_eq!(seqs.last(), Some(&199), "the newest arrival is kept: {seqs:?}");
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "the first arrivals were evicted: {seqs:?}");
+        assert_eq!(kept_or_dropped + seqs.len() as u64, 200);
     }
 
 
