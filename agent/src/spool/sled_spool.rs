@@ -17,13 +17,13 @@
 //! disk use is known exactly (allocated blocks) and given back at once.
 //!
 //! # Crash safety
-//! A frame file is written before its index entry. `flush()` — every `flush_interval_ms` and
-//! at shutdown — fsyncs the new files and their directory, then flushes sled (sled's own
-//! timer is off, so an index entry never reaches disk before its file). After a crash: files
-//! without an index entry are removed at start (those frames are the lost flush window); an
-//! entry whose file is missing or damaged is reported by `read_after` as damaged, and the
-//! caller removes it. If the index itself cannot be opened, it is rebuilt from the files,
-//! which carry the full record.
+//! A frame file is written under a temporary name (`f<id>.tmp`), renamed, then indexed.
+//! `flush()` — every `flush_interval_ms` and at shutdown — fsyncs the new files and their
+//! directory, then flushes sled (sled's own timer is off). The files are the truth and the
+//! index a cache: every open indexes each file the index does not reference if it holds a
+//! valid record (also a whole left-over `.tmp`), and moves any other file to `damaged/`; no
+//! frame file is deleted at open. An index sled cannot open is set aside and a fresh one is
+//! filled the same way. A damaged file found by `read_after` is moved to `damaged/` as well.
 
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
@@ -110,6 +110,57 @@ fn is_sled_lock_error(e: &anyhow::Error) -> bool {
     })
 }
 
+/// Moves a file that holds no valid record to `<dir>/damaged/` (a name already there gets a
+/// `.N` suffix); false (logged) if it cannot.
+fn move_to_damaged(dir: &Path, path: &Path, why: &str) -> bool {
+    let to_dir = dir.join("damaged");
+    let name = path.file_name().map_or_else(|| "unnamed".to_owned(), |n| n.to_string_lossy().into_owned());
+    let mut to = to_dir.join(&name);
+    let mut n = 1;
+    while to.exists() {
+        to = to_dir.join(format!("{name}.{n}"));
+        n += 1;
+    }
+    match std::fs::create_dir_all(&to_dir).and_then(|()| std::fs::rename(path, &to)) {
+        Ok(()) => {
+            tracing::error!(file = %path.display(), moved_to = %to.display(), reason = why, "Damaged spool file moved aside.");
+            true
+        }
+        Err(e) => {
+            tracing::error!(file = %path.display(), reason = why, error = %e, "Damaged spool file left in place: cannot move it aside.");
+            false
+        }
+    }
+}
+
+/// Suffix of a frame file being written.
+const TMP_SUFFIX: &str = ".tmp";
+
+/// `f<16 hex digits>`, or the same with [`TMP_SUFFIX`]: (file id, is a temporary file).
+fn parse_file_name(name: &std::ffi::OsStr) -> Option<(u64, bool)> {
+    let name = name.to_str()?.strip_prefix('f')?;
+    let (hex, tmp) = match name.strip_suffix(TMP_SUFFIX) {
+        Some(hex) => (hex, true),
+        None => (name, false),
+    };
+    if hex.len() != 16 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    Some((u64::from_str_radix(hex, 16).ok()?, tmp))
+}
+
+/// What `open` found while making the index cover the frame files.
+#[derive(Default)]
+struct Reconciled {
+    records: u64,
+    file_bytes: u64,
+    next_file: u64,
+    /// Files indexed again.
+    reindexed: u64,
+    /// Files moved to `damaged/`.
+    damaged: u64,
+}
+
 struct Index {
     db: sled::Db,
     frames: sled::Tree,
@@ -163,6 +214,10 @@ impl SledSpool {
         frames_dir.join(format!("f{id:016x}"))
     }
 
+    fn tmp_path(frames_dir: &Path, id: u64) -> PathBuf {
+        frames_dir.join(format!("f{id:016x}{TMP_SUFFIX}"))
+    }
+
     fn open_index(cfg: &SpoolConfig, dir: &Path) -> Result<Index> {
         let db = sled::Config::new()
             .path(dir)
@@ -178,8 +233,8 @@ impl SledSpool {
     }
 
     /// Opens (or creates) the spool. Fails if another opener holds the spool directory, never
-    /// on damaged contents: a damaged index is rebuilt from the frame files, damaged files are
-    /// reported when read.
+    /// on damaged contents: the index is completed (or rebuilt) from the frame files, and files
+    /// that hold no valid record are moved to `damaged/`.
     pub fn open(cfg: SpoolConfig) -> Result<Self> {
         std::fs::create_dir_all(&cfg.dir).with_context(|| format!("spool directory {}", cfg.dir.display()))?;
         // Before anything else in the directory is looked at.
@@ -187,7 +242,7 @@ impl SledSpool {
         let frames_dir = cfg.dir.join("frames");
         std::fs::create_dir_all(&frames_dir).with_context(|| format!("spool directory {}", frames_dir.display()))?;
         // The newest index generation is the live one; older ones are leftovers of a crash
-        // during replacement (the spool was empty then).
+        // during replacement. An index only points at files: deleting one loses no frame.
         let mut gens: Vec<u64> = std::fs::read_dir(&cfg.dir)?
             .flatten()
             .filter_map(|e| e.file_name().to_str()?.strip_prefix("index-")?.parse().ok())
@@ -198,6 +253,7 @@ impl SledSpool {
             let _ = std::fs::remove_dir_all(cfg.dir.join(format!("index-{old}")));
         }
         let index_dir = cfg.dir.join(format!("index-{index_gen}"));
+        let aside = cfg.dir.join("index.damaged");
         let mut damaged = 0;
         let index = match Self::open_index(&cfg, &index_dir) {
             Ok(i) => i,
@@ -206,90 +262,128 @@ impl SledSpool {
             }
             Err(e) => {
                 damaged += 1;
-                tracing::error!(error = %format!("{e:#}"), "Spool index damaged; rebuilding it from the frame files.");
-                let aside = cfg.dir.join("index.damaged");
+                tracing::error!(error = %format!("{e:#}"), "Spool index damaged; setting it aside and indexing the frame files again.");
                 let _ = std::fs::remove_dir_all(&aside);
                 std::fs::rename(&index_dir, &aside).with_context(|| format!("moving aside {}", index_dir.display()))?;
-                let index = Self::open_index(&cfg, &index_dir)?;
-                Self::rebuild(&index, &frames_dir, &mut damaged)?;
-                let _ = std::fs::remove_dir_all(&aside);
-                index
+                Self::open_index(&cfg, &index_dir)?
             }
         };
-
-        // Reconcile index and files: count what is indexed, delete files nothing points to.
-        // `by_arrival` follows from `frames` and is recreated whole (an index of an earlier
-        // version has a `by_age` tree instead, ordered by capture time).
-        let _ = index.db.drop_tree("by_age");
-        index.by_arrival.clear()?;
-        let mut referenced = BTreeSet::new();
-        let (mut records, mut file_bytes) = (0, 0);
-        for item in index.frames.iter() {
-            let (k, v) = item.context("reading the spool index")?;
-            if let Some((id, size)) = parse_entry(&v) {
-                index.by_arrival.insert(id.to_be_bytes(), k)?;
-                referenced.insert(id);
-                records += 1;
-                file_bytes += allocated(size);
-            }
+        let found = Self::reconcile(&index, &cfg.dir, &frames_dir)?;
+        // The index now covers every frame file and is on disk: one set aside is of no use.
+        if aside.exists() {
+            let _ = std::fs::remove_dir_all(&aside);
         }
-        let mut next_file = referenced.iter().next_back().map_or(0, |id| id + 1);
-        let mut orphans = 0;
-        for e in std::fs::read_dir(&frames_dir)?.flatten() {
-            let name = e.file_name();
-            let id = name.to_str().and_then(|n| n.strip_prefix('f')).and_then(|h| u64::from_str_radix(h, 16).ok());
-            match id {
-                Some(id) if referenced.contains(&id) => next_file = next_file.max(id + 1),
-                _ => {
-                    orphans += 1;
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
+        damaged += found.damaged;
+        if found.reindexed > 0 {
+            tracing::warn!(
+                files = found.reindexed,
+                "Spool files without an index entry were indexed again (written shortly before a crash, or the index was lost)."
+            );
         }
-        if orphans > 0 {
-            tracing::warn!(files = orphans, "Removed spool files written after the last flush before a crash.");
-        }
-        if records > 0 {
-            tracing::info!(records, bytes = file_bytes, "Spool holds frames from before the start.");
+        if found.records > 0 {
+            tracing::info!(records = found.records, bytes = found.file_bytes, "Spool holds frames from before the start.");
         }
         let index_bytes = disk_usage(&index_dir);
         Ok(Self {
             cfg,
             frames_dir,
-            inner: Mutex::new(Inner { index, index_gen, next_file, records, file_bytes, index_bytes, damaged, unsynced: Vec::new() }),
+            inner: Mutex::new(Inner {
+                index,
+                index_gen,
+                next_file: found.next_file,
+                records: found.records,
+                file_bytes: found.file_bytes,
+                index_bytes,
+                damaged,
+                unsynced: Vec::new(),
+            }),
             _lock: lock,
         })
     }
 
-    /// Re-creates index entries from the records in the frame files (in file order = age).
-    fn rebuild(index: &Index, frames_dir: &Path, damaged: &mut u64) -> Result<()> {
-        let mut files: Vec<(u64, PathBuf)> = std::fs::read_dir(frames_dir)?
-            .flatten()
-            .filter_map(|e| {
-                let id = u64::from_str_radix(e.file_name().to_str()?.strip_prefix('f')?, 16).ok()?;
-                Some((id, e.path()))
-            })
-            .collect();
-        files.sort();
-        let mut restored = 0;
-        for (id, path) in files {
-            let bytes = std::fs::read(&path).unwrap_or_default();
-            match record::decode_unkeyed(&bytes) {
-                Ok(frame) => {
-                    let key = SpoolKey::new(&frame.meta.camera_id, frame.meta.seq);
-                    index.frames.insert(&key.0, &entry(id, bytes.len() as u64))?;
-                    restored += 1;
-                }
-                Err(e) => {
-                    *damaged += 1;
-                    tracing::error!(file = %path.display(), error = %e, "Damaged spool file removed.");
-                    let _ = std::fs::remove_file(&path);
-                }
+    /// Makes the index cover every file in `frames_dir`: a file the index does not reference
+    /// is indexed if it holds a valid record, moved to `damaged/` otherwise. `by_arrival`
+    /// follows from `frames` and is recreated whole.
+    fn reconcile(index: &Index, dir: &Path, frames_dir: &Path) -> Result<Reconciled> {
+        // An index of an earlier version orders eviction by capture time in `by_age`.
+        let _ = index.db.drop_tree("by_age");
+        index.by_arrival.clear()?;
+        let mut found = Reconciled::default();
+        let mut referenced = BTreeSet::new();
+        for item in index.frames.iter() {
+            let (k, v) = item.context("reading the spool index")?;
+            // A malformed entry is counted: `read_after` reports it as damaged.
+            found.records += 1;
+            if let Some((id, size)) = parse_entry(&v) {
+                index.by_arrival.insert(id.to_be_bytes(), k)?;
+                referenced.insert(id);
+                found.file_bytes += allocated(size);
             }
         }
-        index.db.flush()?;
-        tracing::warn!(restored, "Spool index rebuilt.");
-        Ok(())
+        found.next_file = referenced.last().map_or(0, |id| id + 1);
+
+        let mut loose = Vec::new();
+        let mut strays = Vec::new();
+        for e in std::fs::read_dir(frames_dir).with_context(|| format!("listing {}", frames_dir.display()))?.flatten() {
+            match parse_file_name(&e.file_name()) {
+                Some((id, tmp)) => {
+                    found.next_file = found.next_file.max(id + 1);
+                    if tmp || !referenced.contains(&id) {
+                        loose.push((id, tmp, e.path()));
+                    }
+                }
+                None => strays.push(e.path()),
+            }
+        }
+        loose.sort();
+        for (id, tmp, path) in loose {
+            let bytes = match std::fs::read(&path) {
+                Ok(b) => b,
+                Err(e) => {
+                    // Left where it is: the next open tries again.
+                    tracing::error!(file = %path.display(), error = %e, "Cannot read a spool file.");
+                    continue;
+                }
+            };
+            let why = match record::decode_unkeyed(&bytes) {
+                Err(e) => e,
+                Ok(frame) => {
+                    let key = SpoolKey::new(&frame.meta.camera_id, frame.meta.seq);
+                    let holder = index.frames.get(&key.0)?.and_then(|v| parse_entry(&v));
+                    let final_path = Self::file_path(frames_dir, id);
+                    if holder.is_some_and(|(held, _)| Self::file_path(frames_dir, held).exists()) {
+                        format!("a second copy of {key}, which is spooled")
+                    } else if tmp && final_path.exists() {
+                        format!("a temporary file of {key} whose final name is taken")
+                    } else {
+                        if tmp {
+                            std::fs::rename(&path, &final_path).with_context(|| format!("renaming {}", path.display()))?;
+                        }
+                        match holder {
+                            // The entry's own file is gone: this copy takes its place.
+                            Some((held, size)) => {
+                                index.by_arrival.remove(held.to_be_bytes())?;
+                                found.file_bytes = found.file_bytes.saturating_sub(allocated(size));
+                            }
+                            None => found.records += 1,
+                        }
+                        index.frames.insert(&key.0, &entry(id, bytes.len() as u64))?;
+                        index.by_arrival.insert(id.to_be_bytes(), key.0)?;
+                        found.file_bytes += allocated(bytes.len() as u64);
+                        found.reindexed += 1;
+                        continue;
+                    }
+                }
+            };
+            found.damaged += 1;
+            move_to_damaged(dir, &path, &why);
+        }
+        for path in strays {
+            found.damaged += 1;
+            move_to_damaged(dir, &path, "not a spool file");
+        }
+        index.db.flush().context("flushing the spool index")?;
+        Ok(found)
     }
 
     fn disk(inner: &Inner) -> u64 {
@@ -370,9 +464,12 @@ impl Spool for SledSpool {
         let id = inner.next_file;
         inner.next_file += 1;
         let path = Self::file_path(&self.frames_dir, id);
-        File::create(&path)
-            .and_then(|mut f| f.write_all(&value))
-            .with_context(|| format!("writing spool file {}", path.display()))?;
+        let tmp = Self::tmp_path(&self.frames_dir, id);
+        if let Err(e) = File::create(&tmp).and_then(|mut f| f.write_all(&value)).and_then(|()| std::fs::rename(&tmp, &path)) {
+            // The caller gets the error and still has the frame: the partial file is none.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e).with_context(|| format!("writing spool file {}", path.display()));
+        }
         inner.index.frames.insert(&key.0, &entry(id, value.len() as u64))?;
         inner.index.by_arrival.insert(id.to_be_bytes(), key.0)?;
         inner.unsynced.push(path);
@@ -396,9 +493,14 @@ impl Spool for SledSpool {
                 None => Err("malformed index entry".to_owned()),
                 Some((id, _)) => {
                     let path = Self::file_path(&self.frames_dir, id);
-                    std::fs::read(&path)
-                        .map_err(|e| format!("{}: {e}", path.display()))
-                        .and_then(|bytes| record::decode_owned(&key, bytes.into()).map_err(|e| format!("{}: {e}", path.display())))
+                    std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display())).and_then(|bytes| {
+                        record::decode_owned(&key, bytes.into()).map_err(|e| {
+                            // Kept for inspection; the caller counts it and removes the entry.
+                            let why = format!("{}: {e}", path.display());
+                            move_to_damaged(&self.cfg.dir, &path, &why);
+                            why
+                        })
+                    })
                 }
             };
             out.push((key, frame));
@@ -520,25 +622,6 @@ mod tests {
         assert_eq!(disk_usage(&dir.path().join("frames")), 0, "frame space returned at once");
     }
 
-    #[test]
-    fn survives_reopen_and_removes_unflushed_orphans() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let s = SledSpool::open(cfg(dir.path(), 16, FullPolicy::DropOldest)).unwrap();
-            for seq in 0..10 {
-                s.push(&frame("a", seq, 100_000)).unwrap();
-            }
-            s.flush().unwrap();
-        }
-        // A file written after the last flush, whose index entry never reached disk.
-        std::fs::write(dir.path().join("frames/f00000000000000ff"), b"partial").unwrap();
-        let s = SledSpool::open(cfg(dir.path(), 16, FullPolicy::DropOldest)).unwrap();
-        assert_eq!(s.stats().records, 10);
-        assert!(!dir.path().join("frames/f00000000000000ff").exists());
-        let (got, _) = drain_all(&s);
-        assert_eq!(got.iter().map(|f| f.meta.seq).collect::<Vec<_>>(), (0..10).collect::<Vec<_>>());
-    }
-
     /// A frame as `frame` makes it, with its own capture time.
     fn frame_at(camera: &str, seq: u64, len: usize, capture_ns: u64) -> Frame {
         let mut f = frame(camera, seq, len);
@@ -552,6 +635,86 @@ mod tests {
             assert!(s.push(&frame("a", seq, 100_000)).unwrap().stored);
         }
         s.flush().unwrap();
+    }
+
+    #[test]
+    fn survives_reopen_reindexes_unindexed_frames_and_moves_damaged_files_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        push_and_close(dir.path(), 0..10);
+        // A complete frame file whose index entry never reached disk (crash inside the
+        // flush window), and a file cut short.
+        std::fs::write(dir.path().join("frames/f00000000000000ff"), record::encode(&frame("a", 50, 100_000))).unwrap();
+        std::fs::write(dir.path().join("frames/f0000000000000100"), b"partial").unwrap();
+        let s = SledSpool::open(cfg(dir.path(), 16, FullPolicy::DropOldest)).unwrap();
+        assert_eq!(s.stats().records, 11, "the unindexed frame is indexed again");
+        assert_eq!(s.stats().damaged, 1);
+        assert!(!dir.path().join("frames/f0000000000000100").exists());
+        assert_eq!(std::fs::read(dir.path().join("damaged/f0000000000000100")).unwrap(), b"partial", "moved, not deleted");
+        let (got, bad) = drain_all(&s);
+        assert_eq!(bad, 0);
+        assert_eq!(got.iter().map(|f| f.meta.seq).collect::<Vec<_>>(), (0..10).chain([50]).collect::<Vec<_>>());
+    }
+
+
+    #[test]
+    fn a_torn_or_half_rebuilt_index_loses_no_frame() {
+        let dir = tempfile::tempdir().unwrap();
+        push_and_close(dir.path(), 0..10);
+        // The index on disk knows only some of the frames (a torn index, or a rebuild killed
+        // half way with the damaged index still set aside).
+        {
+            let db = sled::open(dir.path().join("index-0")).unwrap();
+            let frames = db.open_tree("frames").unwrap();
+            for seq in 3..10 {
+                frames.remove(SpoolKey::new("a", seq).0).unwrap();
+            }
+            db.flush().unwrap();
+        }
+        std::fs::create_dir(dir.path().join("index.damaged")).unwrap();
+        let s = SledSpool::open(cfg(dir.path(), 16, FullPolicy::DropOldest)).unwrap();
+        assert_eq!(s.stats().records, 10);
+        assert_eq!(std::fs::read_dir(dir.path().join("frames")).unwrap().count(), 10, "no frame file deleted");
+        // Pushing after the reopen must not reuse the file of a re-indexed frame.
+        assert!(s.push(&frame("a", 10, 100_000)).unwrap().stored);
+        let (got, bad) = drain_all(&s);
+        assert_eq!(bad, 0);
+        assert_eq!(got.iter().map(|f| f.meta.seq).collect::<Vec<_>>(), (0..11).collect::<Vec<_>>());
+    }
+
+
+    #[test]
+    fn a_damaged_file_found_when_read_is_moved_aside_not_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        push_and_close(dir.path(), 0..3);
+        let victim = dir.path().join("frames/f0000000000000001");
+        let mut bytes = std::fs::read(&victim).unwrap();
+        bytes[100] ^= 0xff;
+        std::fs::write(&victim, &bytes).unwrap();
+        let s = SledSpool::open(cfg(dir.path(), 16, FullPolicy::DropOldest)).unwrap();
+        let (got, bad) = drain_all(&s);
+        assert_eq!((got.len(), bad), (2, 1));
+        assert_eq!(std::fs::read(dir.path().join("damaged/f0000000000000001")).unwrap(), bytes, "kept in damaged/");
+    }
+
+
+    #[test]
+    fn a_left_over_temporary_file_is_kept_as_a_frame_if_whole_and_moved_aside_if_not() {
+        let dir = tempfile::tempdir().unwrap();
+        push_and_close(dir.path(), 0..2);
+        // Crashes between writing a frame and renaming it, and in the middle of the write.
+        std::fs::write(dir.path().join("frames/f0000000000000002.tmp"), record::encode(&frame("a", 2, 100_000))).unwrap();
+        let cut = &record::encode(&frame("a", 3, 100_000))[..5_000];
+        std::fs::write(dir.path().join("frames/f0000000000000003.tmp"), cut).unwrap();
+        let s = SledSpool::open(cfg(dir.path(), 16, FullPolicy::DropOldest)).unwrap();
+        assert_eq!((s.stats().records, s.stats().damaged), (3, 1));
+        assert!(dir.path().join("frames/f0000000000000002").exists());
+        assert_eq!(std::fs::read(dir.path().join("damaged/f0000000000000003.tmp")).unwrap(), cut);
+        // The next file id follows the left-over ones.
+        s.push(&frame("a", 4, 100_000)).unwrap();
+        assert!(dir.path().join("frames/f0000000000000004").exists());
+        let (got, bad) = drain_all(&s);
+        assert_eq!(bad, 0);
+        assert_eq!(got.iter().map(|f| f.meta.seq).collect::<Vec<_>>(), vec![0, 1, 2, 4]);
     }
 
     #[test]
