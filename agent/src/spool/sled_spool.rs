@@ -28,6 +28,7 @@
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -37,14 +38,34 @@ use super::record::{self, SpoolKey};
 use super::{DropReason, FullPolicy, PushOutcome, Spool, SpoolConfig, SpoolRead, SpoolStats};
 use crate::frame::Frame;
 
-/// Disk space of a file of `len` bytes: whole 4 KiB blocks.
-fn allocated(len: u64) -> u64 {
+/// `damaged/` may occupy at most `max_bytes / DAMAGED_SHARE`; past that its oldest files are
+/// deleted.
+pub const DAMAGED_SHARE: u64 = 8;
+
+/// Disk space a record of `len` bytes is expected to take (whole 4 KiB blocks), only to judge
+/// whether it fits before it is written; what is counted afterwards is its real allocation.
+fn predicted(len: u64) -> u64 {
     len.div_ceil(4096) * 4096
 }
 
-/// Allocated bytes of every file under `dir`.
+/// Real allocation of a file: `st_blocks × 512`.
+fn allocation(md: &std::fs::Metadata) -> u64 {
+    md.blocks() * 512
+}
+
+/// Real allocation of the file at `path`; 0 if there is none.
+fn allocation_at(path: &Path) -> u64 {
+    std::fs::symlink_metadata(path).map_or(0, |md| allocation(&md))
+}
+
+/// Real allocation (`st_blocks × 512`) of every file under `dir`; directories themselves are
+/// not counted.
 pub fn disk_usage(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
+    usage_except(dir, &[])
+}
+
+/// [`disk_usage`] of `dir` leaving out the directories `skip`.
+fn usage_except(dir: &Path, skip: &[&Path]) -> u64 {
     let mut total = 0;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -52,13 +73,47 @@ pub fn disk_usage(dir: &Path) -> u64 {
         for e in entries.flatten() {
             let Ok(md) = e.metadata() else { continue };
             if md.is_dir() {
-                stack.push(e.path());
+                let path = e.path();
+                if !skip.contains(&path.as_path()) {
+                    stack.push(path);
+                }
             } else {
-                total += md.blocks() * 512;
+                total += allocation(&md);
             }
         }
     }
     total
+}
+
+/// Deletes the oldest files (by modification time) of `<dir>/damaged/` while it holds more
+/// than `limit` bytes, with a warning; returns the bytes freed.
+fn prune_damaged(dir: &Path, limit: u64) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir.join("damaged")) else { return 0 };
+    let mut files: Vec<_> = entries
+        .flatten()
+        .filter_map(|e| {
+            let md = e.metadata().ok()?;
+            md.is_file().then(|| (md.modified().unwrap_or(std::time::UNIX_EPOCH), e.path(), allocation(&md)))
+        })
+        .collect();
+    let mut total: u64 = files.iter().map(|f| f.2).sum();
+    if total <= limit {
+        return 0;
+    }
+    files.sort();
+    let (mut deleted, mut freed) = (0, 0);
+    for (_, path, bytes) in files {
+        if total <= limit {
+            break;
+        }
+        if std::fs::remove_file(&path).is_ok() {
+            total -= bytes;
+            freed += bytes;
+            deleted += 1;
+        }
+    }
+    tracing::warn!(files = deleted, bytes = freed, limit, "The spool's damaged/ outgrew its share of max_bytes: its oldest files were deleted.");
+    freed
 }
 
 /// The spool lock: an exclusive `flock` on `<dir>/lock`, held while the file is open.
@@ -153,7 +208,6 @@ fn parse_file_name(name: &std::ffi::OsStr) -> Option<(u64, bool)> {
 #[derive(Default)]
 struct Reconciled {
     records: u64,
-    file_bytes: u64,
     next_file: u64,
     /// Files indexed again.
     reindexed: u64,
@@ -175,13 +229,17 @@ struct Inner {
     /// highest among the files and the index entries, so they keep growing across restarts.
     next_file: u64,
     records: u64,
-    /// Allocated bytes of the frame files.
+    /// Real allocation of the frame files: measured at open, then each file's as stat'ed
+    /// after writing, again after its fsync, and before deletion.
     file_bytes: u64,
     /// Bytes the index occupied at the last flush.
     index_bytes: u64,
+    /// Bytes of every other file under the spool directory (`damaged/`, the lock, the
+    /// sequence files, …) at the last flush.
+    other_bytes: u64,
     damaged: u64,
-    /// Files written since the last flush (to fsync).
-    unsynced: Vec<PathBuf>,
+    /// Files written since the last flush (to fsync), with the allocation counted for each.
+    unsynced: Vec<(PathBuf, u64)>,
 }
 
 pub struct SledSpool {
@@ -281,9 +339,12 @@ impl SledSpool {
             );
         }
         if found.records > 0 {
-            tracing::info!(records = found.records, bytes = found.file_bytes, "Spool holds frames from before the start.");
+            tracing::info!(records = found.records, "Spool holds frames from before the start.");
         }
+        prune_damaged(&cfg.dir, cfg.max_bytes.as_u64() / DAMAGED_SHARE);
+        let file_bytes = disk_usage(&frames_dir);
         let index_bytes = disk_usage(&index_dir);
+        let other_bytes = usage_except(&cfg.dir, &[&frames_dir, &index_dir]);
         Ok(Self {
             cfg,
             frames_dir,
@@ -292,8 +353,9 @@ impl SledSpool {
                 index_gen,
                 next_file: found.next_file,
                 records: found.records,
-                file_bytes: found.file_bytes,
+                file_bytes,
                 index_bytes,
+                other_bytes,
                 damaged,
                 unsynced: Vec::new(),
             }),
@@ -314,10 +376,9 @@ impl SledSpool {
             let (k, v) = item.context("reading the spool index")?;
             // A malformed entry is counted: `read_after` reports it as damaged.
             found.records += 1;
-            if let Some((id, size)) = parse_entry(&v) {
+            if let Some((id, _)) = parse_entry(&v) {
                 index.by_arrival.insert(id.to_be_bytes(), k)?;
                 referenced.insert(id);
-                found.file_bytes += allocated(size);
             }
         }
         found.next_file = referenced.last().map_or(0, |id| id + 1);
@@ -361,15 +422,13 @@ impl SledSpool {
                         }
                         match holder {
                             // The entry's own file is gone: this copy takes its place.
-                            Some((held, size)) => {
+                            Some((held, _)) => {
                                 index.by_arrival.remove(held.to_be_bytes())?;
-                                found.file_bytes = found.file_bytes.saturating_sub(allocated(size));
                             }
                             None => found.records += 1,
                         }
                         index.frames.insert(&key.0, &entry(id, bytes.len() as u64))?;
                         index.by_arrival.insert(id.to_be_bytes(), key.0)?;
-                        found.file_bytes += allocated(bytes.len() as u64);
                         found.reindexed += 1;
                         continue;
                     }
@@ -387,21 +446,32 @@ impl SledSpool {
     }
 
     fn disk(inner: &Inner) -> u64 {
-        inner.file_bytes + inner.index_bytes
+        inner.file_bytes + inner.index_bytes + inner.other_bytes
+    }
+
+    /// Moves a frame file that failed to decode to `damaged/`, keeping the disk accounting.
+    fn set_aside(&self, inner: &mut Inner, path: &Path, why: &str) {
+        let bytes = allocation_at(path);
+        if move_to_damaged(&self.cfg.dir, path, why) {
+            inner.file_bytes = inner.file_bytes.saturating_sub(bytes);
+            inner.other_bytes += bytes;
+            let freed = prune_damaged(&self.cfg.dir, self.cfg.max_bytes.as_u64() / DAMAGED_SHARE);
+            inner.other_bytes = inner.other_bytes.saturating_sub(freed);
+        }
     }
 
     /// Removes one record by key from the index and deletes its file; false if absent.
     fn delete(&self, inner: &mut Inner, key: &[u8]) -> Result<bool> {
         let Some(v) = inner.index.frames.remove(key)? else { return Ok(false) };
-        if let Some((id, size)) = parse_entry(&v) {
+        if let Some((id, _)) = parse_entry(&v) {
             inner.index.by_arrival.remove(id.to_be_bytes())?;
             let path = Self::file_path(&self.frames_dir, id);
+            let bytes = allocation_at(&path);
             match std::fs::remove_file(&path) {
-                Ok(()) => {}
+                Ok(()) => inner.file_bytes = inner.file_bytes.saturating_sub(bytes),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => tracing::error!(file = %path.display(), error = %e, "Cannot delete spool file."),
             }
-            inner.file_bytes = inner.file_bytes.saturating_sub(allocated(size));
         }
         inner.records = inner.records.saturating_sub(1);
         Ok(true)
@@ -422,7 +492,7 @@ impl SledSpool {
 impl Spool for SledSpool {
     fn push(&self, frame: &Frame) -> Result<PushOutcome> {
         let value = record::encode(frame);
-        let size = allocated(value.len() as u64);
+        let size = predicted(value.len() as u64);
         let camera = &frame.meta.camera_id;
         let max = self.cfg.max_bytes.as_u64();
         let mut out = PushOutcome::default();
@@ -472,22 +542,23 @@ impl Spool for SledSpool {
         }
         inner.index.frames.insert(&key.0, &entry(id, value.len() as u64))?;
         inner.index.by_arrival.insert(id.to_be_bytes(), key.0)?;
-        inner.unsynced.push(path);
+        let bytes = allocation_at(&path);
+        inner.unsynced.push((path, bytes));
         inner.records += 1;
-        inner.file_bytes += size;
+        inner.file_bytes += bytes;
         out.stored = true;
         Ok(out)
     }
 
     fn read_after(&self, after: Option<&SpoolKey>, max: usize) -> Result<Vec<SpoolRead>> {
-        let inner = self.inner.lock().expect("spool lock");
+        let mut inner = self.inner.lock().expect("spool lock");
         let iter = match after {
             Some(k) => inner.index.frames.range::<&[u8], _>((std::ops::Bound::Excluded(k.0.as_slice()), std::ops::Bound::Unbounded)),
             None => inner.index.frames.iter(),
         };
-        let mut out = Vec::new();
-        for item in iter.take(max) {
-            let (k, v) = item.context("reading the spool index")?;
+        let entries = iter.take(max).collect::<Result<Vec<_>, _>>().context("reading the spool index")?;
+        let mut out = Vec::with_capacity(entries.len());
+        for (k, v) in entries {
             let key = SpoolKey(k.to_vec());
             let frame = match parse_entry(&v) {
                 None => Err("malformed index entry".to_owned()),
@@ -497,7 +568,7 @@ impl Spool for SledSpool {
                         record::decode_owned(&key, bytes.into()).map_err(|e| {
                             // Kept for inspection; the caller counts it and removes the entry.
                             let why = format!("{}: {e}", path.display());
-                            move_to_damaged(&self.cfg.dir, &path, &why);
+                            self.set_aside(&mut inner, &path, &why);
                             why
                         })
                     })
@@ -529,17 +600,22 @@ impl Spool for SledSpool {
     fn flush(&self) -> Result<()> {
         let mut inner = self.inner.lock().expect("spool lock");
         let files = std::mem::take(&mut inner.unsynced);
-        for path in &files {
-            // A file already delivered and deleted is fine.
+        for (path, counted) in &files {
+            // A file already delivered and deleted (or set aside) is fine.
             if let Ok(f) = File::open(path) {
                 f.sync_all().with_context(|| format!("syncing {}", path.display()))?;
+                // The allocation can change once the data is on disk (delayed allocation).
+                let bytes = f.metadata().map_or(*counted, |md| allocation(&md));
+                inner.file_bytes = (inner.file_bytes + bytes).saturating_sub(*counted);
             }
         }
         if !files.is_empty() {
             File::open(&self.frames_dir).and_then(|d| d.sync_all()).context("syncing the spool directory")?;
         }
         inner.index.db.flush().context("flushing the spool index")?;
-        inner.index_bytes = disk_usage(&self.index_dir(inner.index_gen));
+        let index_dir = self.index_dir(inner.index_gen);
+        inner.index_bytes = disk_usage(&index_dir);
+        inner.other_bytes = usage_except(&self.cfg.dir, &[&self.frames_dir, &index_dir]);
         Ok(())
     }
 
@@ -778,6 +854,53 @@ mod tests {
         assert_eq!(kept_or_dropped + seqs.len() as u64, 200);
     }
 
+
+    #[test]
+    fn disk_bytes_is_the_real_allocation_of_everything_in_the_spool_dir() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        push_and_close(dir.path(), 0..3);
+        // Files that are not frames but occupy the spool's disk: a 1 MiB sparse file (next to
+        // no blocks), a 1-byte file, 200 KB of data.
+        let other = dir.path().join("damaged");
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::File::create(other.join("sparse")).unwrap().set_len(1024 * 1024).unwrap();
+        std::fs::write(other.join("one"), b"x").unwrap();
+        std::fs::write(other.join("data"), vec![1u8; 200_000]).unwrap();
+        let real = |p: &Path| std::fs::metadata(p).unwrap().blocks() * 512;
+        assert_eq!(disk_usage(&other), real(&other.join("sparse")) + real(&other.join("one")) + real(&other.join("data")));
+        assert!(real(&other.join("sparse")) < 1024 * 1024);
+
+        let s = SledSpool::open(cfg(dir.path(), 16, FullPolicy::DropOldest)).unwrap();
+        assert_eq!(s.stats().disk_bytes, disk_usage(dir.path()), "after open");
+        s.push(&frame("a", 3, 1)).unwrap();
+        s.push(&frame("a", 4, 123_457)).unwrap();
+        s.flush().unwrap();
+        assert_eq!(s.stats().disk_bytes, disk_usage(dir.path()), "after pushes and a flush");
+        let batch = s.read_after(None, 1).unwrap();
+        s.remove(&batch[0].0).unwrap();
+        s.flush().unwrap();
+        assert_eq!(s.stats().disk_bytes, disk_usage(dir.path()), "after a removal");
+    }
+
+
+    #[test]
+    fn damaged_files_are_held_to_their_share_of_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let damaged = dir.path().join("damaged");
+        std::fs::create_dir_all(&damaged).unwrap();
+        let now = std::time::SystemTime::now();
+        for (name, age_s) in [("old", 30), ("mid", 20), ("new", 10)] {
+            std::fs::write(damaged.join(name), vec![7u8; 400_000]).unwrap();
+            let f = std::fs::File::options().write(true).open(damaged.join(name)).unwrap();
+            f.set_modified(now - std::time::Duration::from_secs(age_s)).unwrap();
+        }
+        // 8 MiB cap: damaged/ may hold 1 MiB, the three files take 1.2 MB.
+        let s = SledSpool::open(cfg(dir.path(), 8, FullPolicy::DropOldest)).unwrap();
+        assert!(!damaged.join("old").exists(), "the oldest goes");
+        assert!(damaged.join("mid").exists() && damaged.join("new").exists());
+        assert_eq!(s.stats().disk_bytes, disk_usage(dir.path()));
+    }
 
     fn fill(policy: FullPolicy) -> (tempfile::TempDir, SledSpool, BTreeMap<DropReason, u64>) {
         let dir = tempfile::tempdir().unwrap();
