@@ -2,29 +2,42 @@
 //!
 //! Frames enter the spool only when the link is down or slow (delivery failed or timed out,
 //! the producer's memory queue is full, or older frames are still waiting): a healthy link
-//! writes no frame to disk, which spares the flash. A frame leaves the spool only after Kafka
-//! acknowledged it.
+//! writes no frame to disk, which spares the flash. A frame leaves the spool after Kafka
+//! acknowledged it, or when the full policy evicts it.
+//!
+//! # On disk
+//! [`sled_spool::SledSpool`] keeps one file per frame under `<dir>/frames/`, each holding the
+//! whole record with a CRC-32 (see [`record`]), and a sled index of those files. The files are
+//! the truth and the index a cache: every open indexes any valid frame file the index lacks,
+//! so a crash, a lost index or a rebuild cut short loses no frame. A file that holds no valid
+//! record is moved to `<dir>/damaged/` and counted, never deleted silently. sled 0.34 neither
+//! bounds its files nor gives space back after deletes, which is why frames are not stored in
+//! sled (see [`sled_spool`]).
 //!
 //! # Bounded disk use
-//! `max_bytes` bounds what the spool directory occupies on disk (allocated blocks, measured),
-//! not just the payload bytes. sled 0.34 neither bounds its files nor gives space back after
-//! deletes (see shared FACTS), so the spool never relies on sled's own space reclamation: it is
-//! split into `generations` sled databases, each filled to `max_bytes / generations` in turn.
-//! Draining empties the oldest generation first, and an empty generation's directory is
-//! deleted whole, which returns its space exactly. When the spool is full, `drop_oldest`
-//! deletes the oldest generation whole (every frame in it counted as dropped). Disk use stays
-//! within `max_bytes` plus the slack of one disk-measurement interval of writes (see
-//! [`sled_spool::MEASURE_EVERY`]).
+//! `max_bytes` bounds what the spool directory occupies on disk: the real allocation
+//! (`st_blocks × 512`) of every file in it — frame files, the index, `damaged/` (held to a
+//! share of the cap, [`sled_spool::DAMAGED_SHARE`]) and the agent's other files there — not
+//! the payload bytes. A frame file's space is given back as soon as it is deleted; the index
+//! is replaced by a fresh one when the spool empties. When a new frame does not fit,
+//! `drop_oldest` evicts the frames that arrived first (arrival order in the spool, not capture
+//! time, so a clock step changes nothing), `drop_newest` refuses the new frame, and
+//! `decimate` thins new frames past a threshold.
 //!
 //! # Order
-//! Keys are `camera \0 seq(be)`, so each generation iterates per camera in sequence order; reads
-//! merge the generations by key.
+//! Keys are `camera \0 seq(be)`, so reads return each camera's frames in sequence order.
 //!
 //! # Crash safety
-//! sled flushes every `flush_interval_ms` (and at shutdown): a SIGKILL or power cut loses at
-//! most that window of spooled frames. Each value carries a CRC-32; a damaged record is
-//! skipped, counted and logged, and a generation sled cannot open is removed and counted —
-//! the agent always starts.
+//! A frame file is written under a temporary name and renamed, then indexed; every
+//! `flush_interval_ms` (and at shutdown) the new files, their directory and the index are
+//! flushed. A SIGKILL or power cut loses at most the frames of that window whose files had
+//! not reached the disk. A damaged record is skipped, counted and logged; an index sled cannot
+//! open is set aside and rebuilt from the files. Damage never stops the agent from starting.
+//!
+//! # One agent per spool
+//! While open, the spool holds an exclusive lock on `<dir>/lock`, which holds its pid: a
+//! second agent on the same directory refuses to start with an error naming the directory and
+//! that pid, and changes nothing.
 
 pub mod record;
 pub mod sled_spool;
@@ -41,14 +54,14 @@ pub use record::SpoolKey;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FullPolicy {
-    /// Delete the oldest frames (a whole generation) to make room. Default.
+    /// Delete the frames that arrived first to make room. Default.
     #[default]
     DropOldest,
     /// Refuse new frames; keep the oldest.
     DropNewest,
     /// Past `decimate_from` of the cap, keep only 1 in `decimate_keep_one_in` new frames per
     /// camera (by sequence number), so a long outage is covered at a lower frame rate; when
-    /// full, drop the oldest as `drop_oldest`.
+    /// full, evict as `drop_oldest`.
     Decimate,
 }
 
@@ -71,14 +84,13 @@ pub struct SpoolConfig {
     /// For `decimate`: start thinning at this fraction of `max_bytes`. Default 0.5.
     #[serde(default = "default_decimate_from")]
     pub decimate_from: f64,
-    /// Number of sled databases the cap is split into; drop_oldest frees one at a time.
-    /// Default 8 (frees 1/8 of the cap at once).
+    /// Accepted and validated (1 to 64), not used by the spool: it has one index. Default 8.
     #[serde(default = "default_generations")]
     pub generations: u32,
     /// How often spooled frames are flushed to disk (the crash-loss window). Default 200 ms.
     #[serde(default = "default_flush_ms")]
     pub flush_interval_ms: u64,
-    /// sled page cache per generation. Default 4 MiB (sled's default is 1 GiB).
+    /// sled page cache of the index. Default 4 MiB (sled's default is 1 GiB).
     #[serde(default = "default_cache")]
     pub cache: ByteSize,
 }
@@ -171,9 +183,10 @@ pub type SpoolRead = (SpoolKey, Result<Frame, String>);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SpoolStats {
     pub records: u64,
-    /// Allocated bytes under the spool directory, as last measured plus writes since.
+    /// Real allocation of the files under the spool directory, as last measured plus writes
+    /// and deletions since.
     pub disk_bytes: u64,
-    /// Damaged records or generations found so far.
+    /// Damaged frame files, index entries and indexes found since the spool was opened.
     pub damaged: u64,
 }
 
@@ -181,7 +194,9 @@ pub struct SpoolStats {
 pub trait Spool: Send + Sync {
     /// Stores a frame, applying the full policy.
     fn push(&self, frame: &Frame) -> anyhow::Result<PushOutcome>;
-    /// Up to `max` records with keys after `after` (all when `None`), in key order.
+    /// Up to `max` records with keys after `after` (all when `None`), in key order. A record
+    /// whose file is damaged is returned as an error (its file moved to `damaged/`); the
+    /// caller counts it with `note_damaged` and removes it.
     fn read_after(&self, after: Option<&SpoolKey>, max: usize) -> anyhow::Result<Vec<SpoolRead>>;
     /// Deletes a delivered (or damaged) record; false if it was not there.
     fn remove(&self, key: &SpoolKey) -> anyhow::Result<bool>;

@@ -1,9 +1,12 @@
-//! The spool on disk: a sled index plus one file per frame.
+//! The spool on disk: one file per frame, and a sled index of the files.
 //!
 //! ```text
-//! <spool.dir>/index-N/   sled: tree `frames`      key (camera \0 seq) -> file id, file size (u64s)
-//!                              tree `by_arrival`  file id u64 -> key (eviction order)
-//! <spool.dir>/frames/    f<file id, 16 hex digits>: the record (see `record`), CRC-checked
+//! <spool.dir>/lock        the spool lock (flock); holds the pid of the agent that has it
+//! <spool.dir>/frames/     f<file id, 16 hex digits>: one record (see `record`), CRC-checked;
+//!                         f<id>.tmp while it is being written
+//! <spool.dir>/index-N/    sled: tree `frames`      key (camera \0 seq) -> file id, record size (u64 BE)
+//!                               tree `by_arrival`  file id (u64 BE) -> key (eviction order)
+//! <spool.dir>/damaged/    files that hold no valid record, kept for inspection
 //! ```
 //!
 //! # Why not the frames inside sled
@@ -16,14 +19,64 @@
 //! when the spool empties), and frame bytes live in plain files that leave with their record:
 //! disk use is known exactly (allocated blocks) and given back at once.
 //!
-//! # Crash safety
-//! A frame file is written under a temporary name (`f<id>.tmp`), renamed, then indexed.
-//! `flush()` — every `flush_interval_ms` and at shutdown — fsyncs the new files and their
-//! directory, then flushes sled (sled's own timer is off). The files are the truth and the
-//! index a cache: every open indexes each file the index does not reference if it holds a
-//! valid record (also a whole left-over `.tmp`), and moves any other file to `damaged/`; no
-//! frame file is deleted at open. An index sled cannot open is set aside and a fresh one is
-//! filled the same way. A damaged file found by `read_after` is moved to `damaged/` as well.
+//! # The files are the truth, the index a cache
+//! A frame file carries the whole record (camera, sequence number, all metadata), so the index
+//! can always be recreated from the files, and `open` never deletes a frame file. Every `open`
+//! lists `frames/` and reads each file the index does not reference: a valid record is indexed
+//! again (a frame not yet acknowledged: delivering it twice is possible, losing it is not);
+//! anything else goes to `damaged/`. An index that lost entries (a crash before its flush) or
+//! a rebuild cut short (a crash, a kill, a failed start) is thus completed at the next open.
+//! If sled cannot open the index at all, it is set aside as `index.damaged` (counted as
+//! damaged), a fresh index is filled from the files the same way, and `index.damaged` is
+//! deleted once the new index is flushed. `by_arrival` is recreated from `frames` at every
+//! open. Older `index-N` directories (left by a crash while the index was being replaced) are
+//! deleted: they only point at files.
+//!
+//! # Writing a frame, and crashes
+//! `push` writes the record to `f<id>.tmp`, renames it to `f<id>` and then adds the index
+//! entry, so a file named `f<id>` was written whole. `flush()` — every `flush_interval_ms` and
+//! at shutdown — fsyncs the new files and their directory, then flushes sled (sled's own timer
+//! is off). A crash (SIGKILL, power cut) loses at most the frames pushed since the last flush
+//! whose files had not reached the disk; every frame file that did comes back at the next
+//! open. A left-over `f<id>.tmp` is the write of a frame whose `push` never returned: if it
+//! holds a valid record it is renamed to `f<id>` and indexed like any other file; if not (the
+//! write was cut short) it is moved to `damaged/`, not deleted.
+//!
+//! # Damaged files
+//! A file that is cut short, fails its CRC, cannot be parsed, is a second copy of a frame
+//! already indexed, holds another frame than its index entry names, or does not have a
+//! frame file's name is moved to `damaged/` (a name already there gets a `.N` suffix) and
+//! counted in [`SpoolStats::damaged`]. `open` finds those the index does not reference;
+//! `read_after` finds those it does — frame files the index references are checked when read,
+//! not at open: it moves the file and reports the record as damaged, and the caller counts it
+//! ([`Spool::note_damaged`]) and removes the index entry. An entry whose file is missing is
+//! reported the same way. `damaged/` counts towards `max_bytes`; so that damaged files cannot
+//! crowd out frames, it is held to `max_bytes /` [`DAMAGED_SHARE`]: past that its oldest files
+//! (by modification time) are deleted, with a warning giving their number.
+//!
+//! # One agent per spool
+//! `open` takes an exclusive `flock` on `<spool.dir>/lock` before it looks at anything else in
+//! the directory, writes its pid into the file, and holds the lock until the spool is dropped
+//! (after the index is closed). A second opener — another agent, or a second open in the same
+//! process, since the lock belongs to the open file — fails with "spool directory <dir> is in
+//! use by another framelink-agent (pid N)" and changes nothing. sled failing to take its own
+//! lock on the index (a process that skipped the spool lock) is likewise an error ("… is in
+//! use by another process"), never damage.
+//!
+//! # Eviction order
+//! `drop_oldest` evicts in order of arrival in the spool: file ids only grow (at open the next
+//! id follows the highest among the files, temporary ones included, and the index entries),
+//! and `by_arrival` is ordered by them. Capture times play no part, so a clock step does not
+//! change what is evicted.
+//!
+//! # Disk accounting
+//! [`SpoolStats::disk_bytes`] is the real allocation (`st_blocks × 512`) of every file under
+//! the spool directory: the frame files (measured at open; then each one stat'ed after it is
+//! written, again after its fsync — delayed allocation can change it — and before it is
+//! deleted), the index, `damaged/`, the lock, and whatever else lies there, such as the
+//! agent's sequence files (measured at open and at every flush). Directories themselves are
+//! not counted. Whether a new frame fits is judged before it is written, from its length
+//! rounded up to 4 KiB.
 
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
