@@ -153,6 +153,26 @@ pub struct ConsumerConfig {
     /// Where a new group starts: `earliest` (default) or `latest`.
     #[serde(default = "default_reset")]
     pub auto_offset_reset: String,
+    /// Static group membership (KIP-345, `group.instance.id` = `<group_id>-<worker id>`): a
+    /// worker restarted with the same `worker.id` takes its partitions back at once, without a
+    /// rebalance. Applies when `worker.id` is set (the systemd unit and the Kubernetes manifests
+    /// set it); without it the worker joins dynamically. A member that stops cleanly stays in
+    /// the group until `session_timeout_ms` passes (static members do not leave on close).
+    /// Default true.
+    #[serde(default = "default_true")]
+    pub static_membership: bool,
+    /// How long the group waits for a silent member before giving its partitions to others
+    /// (librdkafka's `session.timeout.ms`, default 45 000; lowered so the partitions of a
+    /// worker that never comes back move within seconds). 6 000 – 300 000. Default 10 000.
+    #[serde(default = "default_session_timeout_ms")]
+    pub session_timeout_ms: u64,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_session_timeout_ms() -> u64 {
+    10_000
 }
 
 fn default_reset() -> String {
@@ -161,7 +181,7 @@ fn default_reset() -> String {
 
 impl Default for ConsumerConfig {
     fn default() -> Self {
-        Self { group_id: default_group(), topics: default_topics(), auto_offset_reset: default_reset() }
+        Self { group_id: default_group(), topics: default_topics(), auto_offset_reset: default_reset(), static_membership: true, session_timeout_ms: default_session_timeout_ms() }
     }
 }
 
@@ -239,6 +259,9 @@ impl WorkerConfig {
         }
         if !matches!(self.consumer.auto_offset_reset.as_str(), "earliest" | "latest") {
             bail!("config key `consumer.auto_offset_reset`: {:?} is not `earliest` or `latest`", self.consumer.auto_offset_reset);
+        }
+        if !(6_000..=300_000).contains(&self.consumer.session_timeout_ms) {
+            bail!("config key `consumer.session_timeout_ms`: {} is not from 6000 to 300000 (the broker's group.min/max.session.timeout.ms defaults)", self.consumer.session_timeout_ms);
         }
         self.worker.pipeline_ops()?;
         if !(1..=100).contains(&self.worker.jpeg_quality) {

@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod motion;
 pub mod ops;
 pub mod process;
+pub mod publish;
 pub mod tail;
 pub mod tracker;
 pub mod txn;

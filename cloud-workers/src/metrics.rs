@@ -24,7 +24,11 @@ pub struct Metrics {
     pub frames_out: Counter,
     pub events: Counter,
     pub outputs: Family<Labels, Counter>,
-    pub outputs_failed: Counter,
+    pub outputs_refused: Family<Labels, Counter>,
+    pub dead_letters_refused: Counter,
+    pub stalled_partitions: Gauge,
+    pub panics: Counter,
+    pub producer_recreated: Counter,
     pub dead_letters: Family<Labels, Counter>,
     pub op_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     pub latency: Histogram,
@@ -56,6 +60,10 @@ pub struct Health {
     pub stopping: bool,
     /// `cpu`, or `gpu: <adapter>`.
     pub backend: String,
+    /// Partitions paused because their dead letters are refused.
+    pub stalls: Option<Arc<crate::publish::Stalls>>,
+    /// Each output topic's record-size limit as learned from the cluster.
+    pub limits: Option<Arc<crate::publish::TopicLimits>>,
 }
 
 impl Metrics {
@@ -67,7 +75,11 @@ impl Metrics {
             frames_out: Counter::default(),
             events: Counter::default(),
             outputs: Family::default(),
-            outputs_failed: Counter::default(),
+            outputs_refused: Family::default(),
+            dead_letters_refused: Counter::default(),
+            stalled_partitions: Gauge::default(),
+            panics: Counter::default(),
+            producer_recreated: Counter::default(),
             dead_letters: Family::default(),
             op_seconds: Family::new_with_constructor(seconds),
             latency: seconds(),
@@ -84,7 +96,11 @@ impl Metrics {
         registry.register("frames_out", "Frames processed", m.frames_out.clone());
         registry.register("events", "Motion events published", m.events.clone());
         registry.register("outputs", "Outputs acknowledged by Kafka, by kind", m.outputs.clone());
-        registry.register("outputs_failed", "Outputs Kafka refused for good", m.outputs_failed.clone());
+        registry.register("outputs_refused", "Outputs Kafka refused for good, by kind (results and events are then dead-lettered)", m.outputs_refused.clone());
+        registry.register("dead_letters_refused", "Dead letters Kafka refused (their partition pauses and they are retried)", m.dead_letters_refused.clone());
+        registry.register("stalled_partitions", "Partitions paused because their dead letters are refused", m.stalled_partitions.clone());
+        registry.register("producer_recreated", "Producers replaced after a fatal librdkafka error (at-least-once mode)", m.producer_recreated.clone());
+        registry.register("processing_panics", "Frames whose processing panicked (dead-lettered with reason `panic`)", m.panics.clone());
         registry.register("dead_letters", "Records sent to the dead-letter topic, by reason", m.dead_letters.clone());
         registry.register("op_seconds", "Time per operation", m.op_seconds.clone());
         registry.register("latency_seconds", "Capture to processed (end-to-end latency)", m.latency.clone());
@@ -100,12 +116,15 @@ impl Metrics {
     }
 
     /// `/healthz`: `ok` while connected to the cluster, `starting` before the first statistics
-    /// report, `degraded` (with the link error) when no broker is up, `stopping` on shutdown.
+    /// report, `degraded` (with the link error) when no broker is up or (with `stalled`) when a
+    /// partition is paused because its dead letters are refused, `stopping` on shutdown.
     pub fn health_json(&self) -> serde_json::Value {
         let h = self.health.lock().expect("health lock");
         let link_error = h.link.as_ref().and_then(|l| l.diagnosis()).map(|d| d.to_string());
+        let stalled = h.stalls.as_ref().map(|s| s.causes()).unwrap_or_default();
         let status = match (h.stopping, h.brokers_up) {
             (true, _) => "stopping",
+            (false, _) if !stalled.is_empty() => "degraded",
             (false, None) => "starting",
             (false, Some(0)) => "degraded",
             (false, Some(_)) => "ok",
@@ -124,6 +143,9 @@ impl Metrics {
             "frames_out": self.frames_out.get(),
             "in_flight": self.in_flight.get(),
             "lag": h.lag_total,
+            "stalled": stalled,
+            "output_limits": h.limits.as_ref().map(|l| l.snapshot()),
+            "processing_panics": self.panics.get(),
             "seconds_since_last_output": (last > 0).then(|| now_ns().saturating_sub(last) as f64 / 1e9),
         })
     }

@@ -4,9 +4,16 @@
 //! fraction and the bounding box of the change in the frame's own coordinates.
 //!
 //! State is one small image per camera, rebuilt from the next frame after a restart or a
-//! partition moving to another worker (the first frame of a camera never fires).
+//! partition moving to another worker (the first frame of a camera never fires). It is
+//! bounded: a camera not seen for `forget_after_s` is forgotten, and so are the cameras of a
+//! partition this worker no longer owns ([`Revocations`]) — a fleet of many short-lived
+//! cameras does not grow a worker's memory, and a partition that comes back later does not
+//! compare its first frame with one from long ago.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +32,14 @@ pub struct MotionConfig {
     /// Fraction of changed pixels (0–1) that makes an event. Default 0.01.
     #[serde(default = "default_fraction")]
     pub min_changed_fraction: f64,
+    /// A camera with no frame for this many seconds is forgotten (its next frame starts
+    /// afresh and does not fire). Default 300.
+    #[serde(default = "default_forget_after_s")]
+    pub forget_after_s: u64,
+}
+
+fn default_forget_after_s() -> u64 {
+    300
 }
 
 fn default_threshold() -> u8 {
@@ -36,7 +51,7 @@ fn default_fraction() -> f64 {
 
 impl Default for MotionConfig {
     fn default() -> Self {
-        Self { enabled: false, threshold: default_threshold(), min_changed_fraction: default_fraction() }
+        Self { enabled: false, threshold: default_threshold(), min_changed_fraction: default_fraction(), forget_after_s: default_forget_after_s() }
     }
 }
 
@@ -86,9 +101,50 @@ struct Frame {
     height: u32,
 }
 
+/// Partitions this worker gave up, shared with every processing thread's detector.
+#[derive(Default)]
+pub struct Revocations {
+    generation: AtomicU64,
+    /// (generation, topic, partition), the most recent [`Revocations::KEEP`].
+    recent: Mutex<VecDeque<(u64, String, i32)>>,
+}
+
+impl Revocations {
+    const KEEP: usize = 4096;
+
+    pub fn revoked(&self, tps: &[(String, i32)]) {
+        let mut r = self.recent.lock().unwrap();
+        let g = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        for (t, p) in tps {
+            r.push_back((g, t.clone(), *p));
+        }
+        while r.len() > Self::KEEP {
+            r.pop_front();
+        }
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// Partitions revoked after generation `since`.
+    fn since(&self, since: u64) -> Vec<(String, i32)> {
+        self.recent.lock().unwrap().iter().filter(|(g, ..)| *g > since).map(|(_, t, p)| (t.clone(), *p)).collect()
+    }
+}
+
+struct Seen {
+    small: Img,
+    at: Instant,
+    /// The partition the camera's frames came from.
+    partition: Option<(String, i32)>,
+}
+
 #[derive(Default)]
 pub struct MotionDetector {
-    previous: HashMap<String, Img>,
+    previous: HashMap<String, Seen>,
+    updates: u64,
+    revocations_seen: u64,
 }
 
 impl MotionDetector {
@@ -101,8 +157,46 @@ impl MotionDetector {
     /// As [`update`](Self::update), with the frame's small luma (box factor `f`) already made
     /// (the GPU backend computes it in the frame's batch).
     pub fn update_small(&mut self, camera: &str, small: Img, f: u32, frame_size: (u32, u32), cfg: &MotionConfig) -> Option<MotionEvent> {
+        self.update_at(camera, None, small, f, frame_size, cfg, Instant::now())
+    }
+
+    /// Cameras remembered.
+    pub fn cameras(&self) -> usize {
+        self.previous.len()
+    }
+
+    /// Forgets the cameras of partitions revoked since the last call.
+    pub fn apply_revocations(&mut self, revocations: &Revocations) {
+        let g = revocations.generation();
+        if g == self.revocations_seen {
+            return;
+        }
+        let gone = revocations.since(self.revocations_seen);
+        self.revocations_seen = g;
+        self.previous.retain(|_, s| s.partition.as_ref().is_none_or(|p| !gone.contains(p)));
+    }
+
+    /// Forgets cameras not seen for `forget_after` (checked every 256 frames, and at once when
+    /// the map is large).
+    fn evict_idle(&mut self, now: Instant, forget_after: Duration) {
+        self.updates += 1;
+        if self.updates % 256 != 0 && self.previous.len() < 4096 {
+            return;
+        }
+        self.previous.retain(|_, s| now.saturating_duration_since(s.at) <= forget_after);
+    }
+
+    /// The full form: `partition` is where the frame came from, `now` the clock.
+    #[allow(clippy::too_many_arguments)]
+    pub fn update_at(&mut self, camera: &str, partition: Option<(&str, i32)>, small: Img, f: u32, frame_size: (u32, u32), cfg: &MotionConfig, now: Instant) -> Option<MotionEvent> {
+        self.evict_idle(now, Duration::from_secs(cfg.forget_after_s));
         let frame = Frame { width: frame_size.0, height: frame_size.1 };
-        let prev = self.previous.insert(camera.to_owned(), small.clone())?;
+        let seen = Seen { small: small.clone(), at: now, partition: partition.map(|(t, p)| (t.to_owned(), p)) };
+        let prev = self.previous.insert(camera.to_owned(), seen)?;
+        if now.saturating_duration_since(prev.at) > Duration::from_secs(cfg.forget_after_s) {
+            return None; // too old to compare with
+        }
+        let prev = prev.small;
         if (prev.width, prev.height) != (small.width, small.height) {
             return None; // the camera changed resolution: start over
         }
@@ -156,5 +250,48 @@ mod tests {
         assert!(e.changed_fraction > 0.01 && e.changed_fraction <= 0.0225, "{}", e.changed_fraction);
         // Cameras are independent.
         assert_eq!(m.update("b", &moved, &cfg), None);
+    }
+
+    fn tiny(v: u8) -> Img {
+        Img::new(16, 9, 1, vec![v; 16 * 9])
+    }
+
+    #[test]
+    fn idle_cameras_are_forgotten() {
+        let cfg = MotionConfig { enabled: true, forget_after_s: 60, ..MotionConfig::default() };
+        let mut m = MotionDetector::default();
+        let t0 = Instant::now();
+        // 10 000 cameras that each sent one frame, then went away.
+        for i in 0..10_000 {
+            m.update_at(&format!("dev/{i}"), None, tiny(0), 1, (16, 9), &cfg, t0);
+        }
+        assert!(m.cameras() <= 10_000);
+        // One live camera keeps sending, two minutes later.
+        for k in 0..300 {
+            m.update_at("live/cam", None, tiny(0), 1, (16, 9), &cfg, t0 + Duration::from_secs(120) + Duration::from_millis(k));
+        }
+        assert_eq!(m.cameras(), 1, "only the live camera is remembered");
+        // A camera back after longer than forget_after_s starts afresh: no event against the old frame.
+        let late = t0 + Duration::from_secs(500);
+        assert_eq!(m.update_at("live/cam", None, tiny(255), 1, (16, 9), &cfg, late), None);
+        assert!(m.update_at("live/cam", None, tiny(0), 1, (16, 9), &cfg, late + Duration::from_secs(1)).is_some(), "then it compares again");
+    }
+
+    #[test]
+    fn cameras_of_revoked_partitions_are_forgotten() {
+        let cfg = MotionConfig { enabled: true, ..MotionConfig::default() };
+        let mut m = MotionDetector::default();
+        let now = Instant::now();
+        m.update_at("a/1", Some(("frames", 0)), tiny(0), 1, (16, 9), &cfg, now);
+        m.update_at("b/1", Some(("frames", 1)), tiny(0), 1, (16, 9), &cfg, now);
+        let r = Revocations::default();
+        m.apply_revocations(&r);
+        assert_eq!(m.cameras(), 2, "nothing revoked yet");
+        r.revoked(&[("frames".to_string(), 1)]);
+        m.apply_revocations(&r);
+        assert_eq!(m.cameras(), 1);
+        // Partition 1 comes back: its camera's first frame does not fire against a stale one.
+        assert_eq!(m.update_at("b/1", Some(("frames", 1)), tiny(255), 1, (16, 9), &cfg, now), None);
+        assert!(m.update_at("a/1", Some(("frames", 0)), tiny(255), 1, (16, 9), &cfg, now).is_some(), "partition 0 kept its state");
     }
 }

@@ -56,6 +56,8 @@ pub struct Processor {
     detector: MotionDetector,
     /// The GPU stage, when the GPU backend runs the ops.
     gpu: Option<GpuClient>,
+    /// Partitions the worker gave up: their cameras' motion state is dropped.
+    revocations: Option<std::sync::Arc<crate::motion::Revocations>>,
 }
 
 fn reject(reason: &'static str, detail: impl Into<String>) -> Rejected {
@@ -64,7 +66,20 @@ fn reject(reason: &'static str, detail: impl Into<String>) -> Rejected {
 
 impl Processor {
     pub fn new(pipeline: Pipeline, max_pixels: u64, quality: u8, events_only: bool, motion: MotionConfig) -> Self {
-        Self { pipeline, max_pixels, quality, events_only, motion, decoder: Decoder::new(), detector: MotionDetector::default(), gpu: None }
+        Self { pipeline, max_pixels, quality, events_only, motion, decoder: Decoder::new(), detector: MotionDetector::default(), gpu: None, revocations: None }
+    }
+
+    /// Starts the per-thread state afresh (decoder and motion history), e.g. after a panic
+    /// left it in an unknown state. The pipeline, limits and GPU stage are kept.
+    pub fn reset(&mut self) {
+        self.decoder = Decoder::new();
+        self.detector = MotionDetector::default();
+    }
+
+    /// Drops the motion state of cameras whose partition is revoked.
+    pub fn with_revocations(mut self, r: std::sync::Arc<crate::motion::Revocations>) -> Self {
+        self.revocations = Some(r);
+        self
     }
 
     /// Runs the ops (and motion's small luma) on the GPU stage; a frame whose GPU batch fails
@@ -147,10 +162,18 @@ impl Processor {
                 }
             }
         };
+        if let Some(r) = &self.revocations {
+            self.detector.apply_revocations(r);
+        }
+        let partition = Some((r.topic, r.partition));
+        let now = Instant::now();
         let event = match (self.motion.enabled, small) {
             (false, _) => None,
-            (true, Some((small, f))) => self.detector.update_small(&meta.key(), small, f, (img.width, img.height), &self.motion),
-            (true, None) => self.detector.update(&meta.key(), &img, &self.motion),
+            (true, Some((small, f))) => self.detector.update_at(&meta.key(), partition, small, f, (img.width, img.height), &self.motion, now),
+            (true, None) => {
+                let (small, f) = crate::motion::small_luma(&img);
+                self.detector.update_at(&meta.key(), partition, small, f, (img.width, img.height), &self.motion, now)
+            }
         };
         let jpeg = if self.events_only { None } else { Some(encode(&img, self.quality).map_err(|e| reject("encode_failed", e.to_string()))?) };
         Ok(Processed { meta, jpeg, width: img.width, height: img.height, event, took: started.elapsed(), op_times })

@@ -35,6 +35,7 @@ use rdkafka::statistics::Statistics;
 use crate::config::{Delivery, Validated};
 use crate::metrics::Metrics;
 use crate::process::{Processor, RecordInfo};
+use crate::publish::{Job, OutRecord, OutputKind, Refusal, Stalls, TopicLimits, dead_letter};
 use crate::tracker::{Tp, Tracker};
 use crate::txn::{Transactions, TxnError};
 
@@ -64,18 +65,36 @@ impl Committer {
     }
 }
 
+impl Committer {
+    /// Stops (`true`) or restarts fetching `tp` (a partition whose dead letters are refused).
+    fn pause(&self, tp: &Tp, pause: bool) {
+        let Some(c) = self.consumer.lock().unwrap().clone() else { return };
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition(&tp.0, tp.1);
+        let r = if pause { c.pause(&tpl) } else { c.resume(&tpl) };
+        if let Err(e) = r {
+            tracing::debug!(topic = tp.0, partition = tp.1, error = %e, "Pause/resume of a partition failed (no longer assigned).");
+        }
+    }
+}
+
 /// What a produced output belongs to.
 struct Output {
-    tp: Tp,
-    offset: i64,
+    job: Arc<Job>,
     epoch: u64,
-    kind: &'static str,
+    kind: OutputKind,
+    /// Tries of a refused dead letter so far (0 for every first send).
+    attempt: u32,
 }
 
 struct ProduceContext {
     link: LinkContext,
     committer: Arc<Committer>,
     metrics: Arc<Metrics>,
+    /// Refused outputs go here (at-least-once) to be dead-lettered or retried; in exactly-once
+    /// mode a refusal aborts the transaction instead (`None`).
+    refusals: Option<Sender<Refusal>>,
+    stalls: Arc<Stalls>,
 }
 
 impl ClientContext for ProduceContext {
@@ -92,17 +111,39 @@ impl ProducerContext for ProduceContext {
     fn delivery(&self, result: &DeliveryResult<'_>, out: Box<Output>) {
         match result {
             Ok(_) => {
-                self.metrics.outputs.get_or_create(&vec![("kind", out.kind.to_owned())]).inc();
+                self.metrics.outputs.get_or_create(&vec![("kind", out.kind.as_str().to_owned())]).inc();
                 self.metrics.last_output_ns.store(crate::metrics::now_ns(), Ordering::Relaxed);
+                if out.attempt > 0 && self.stalls.resolve(&out.job.tp) {
+                    tracing::info!(topic = out.job.tp.0, partition = out.job.tp.1, offset = out.job.offset, attempts = out.attempt + 1, "Dead letter accepted; the partition resumes.");
+                    self.metrics.stalled_partitions.set(self.stalls.count() as i64);
+                    self.committer.pause(&out.job.tp, false);
+                }
             }
             Err(_) if out.epoch != self.committer.tracker.epoch() => {} // purged by an abort
-            Err((e, _)) => {
-                // Delivery timeout is infinite: this is a permanent refusal (e.g. too large).
-                tracing::error!(topic = out.tp.0, partition = out.tp.1, offset = out.offset, kind = out.kind, error = %e, "Output refused by Kafka; the input is committed without it.");
-                self.metrics.outputs_failed.inc();
+            Err((e, m)) => {
+                // Delivery timeout is infinite (at-least-once): a permanent refusal, unless the
+                // producer itself failed (fatal error): then the output is sent again as it is.
+                let job = &out.job;
+                let resend = producer_failure(e);
+                if !resend {
+                    tracing::error!(topic = m.topic(), input_partition = job.tp.1, input_offset = job.offset, kind = out.kind.as_str(), error = %e, "Output refused by Kafka.");
+                    self.metrics.outputs_refused.get_or_create(&vec![("kind", out.kind.as_str().to_owned())]).inc();
+                }
+                if let Some(tx) = &self.refusals {
+                    let record = OutRecord {
+                        topic: m.topic().to_owned(),
+                        kind: out.kind,
+                        key: m.key().map(<[u8]>::to_vec),
+                        payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                        headers: m.headers().map(|h| h.detach()).unwrap_or_default(),
+                    };
+                    // The output's acknowledgement unit moves to its dead letter (or retry).
+                    let _ = tx.send(Refusal { job: out.job.clone(), record, error: e.to_string(), attempt: out.attempt, resend });
+                    return;
+                }
             }
         }
-        self.committer.finish(&out.tp, out.offset, out.epoch);
+        self.committer.finish(&out.job.tp, out.job.offset, out.epoch);
     }
 }
 
@@ -114,10 +155,14 @@ pub struct ConsumeContext {
     txn: OnceLock<Arc<Txn>>,
     /// A fatal transaction error seen in a rebalance callback; the poll loop stops on it.
     fatal: Mutex<Option<String>>,
+    /// Asks the topic-limits refresher to read the output topics' limits again.
+    refresh_limits: OnceLock<Sender<()>>,
+    stalls: Arc<Stalls>,
+    revocations: Arc<crate::motion::Revocations>,
 }
 
 /// A processed record and its outputs, waiting for its turn (exactly-once).
-type Released = (Job, Vec<Send>);
+type Released = (Arc<Job>, Vec<OutRecord>);
 type Txn = Transactions<ProduceContext, Released>;
 
 impl ClientContext for ConsumeContext {
@@ -179,6 +224,9 @@ impl ConsumerContext for ConsumeContext {
                 },
             }
             self.tracker.forget(&tps);
+            self.stalls.forget(&tps);
+            self.revocations.revoked(&tps);
+            self.metrics.stalled_partitions.set(self.stalls.count() as i64);
             if let Some(txn) = self.txn.get() {
                 txn.order.forget(&tps);
             }
@@ -194,22 +242,13 @@ impl ConsumerContext for ConsumeContext {
         if let Rebalance::Assign(tpl) = rebalance {
             let tps: Vec<String> = tpl.elements().iter().map(|e| format!("{}[{}]", e.topic(), e.partition())).collect();
             tracing::info!(partitions = ?tps, "Partitions assigned.");
+            if let Some(poke) = self.refresh_limits.get() {
+                let _ = poke.try_send(());
+            }
             let mut h = self.metrics.health.lock().unwrap();
             h.assigned.extend(tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())));
         }
     }
-}
-
-/// A record handed to a processing thread.
-struct Job {
-    tp: Tp,
-    offset: i64,
-    /// The tracker's epoch when it was taken (exactly-once: stale after an abort).
-    epoch: u64,
-    key: Option<Vec<u8>>,
-    payload: Option<Vec<u8>>,
-    headers: Vec<(String, Option<Vec<u8>>)>,
-    timestamp_ms: Option<i64>,
 }
 
 fn job_from(m: &BorrowedMessage<'_>, epoch: u64) -> Job {
@@ -224,12 +263,25 @@ fn job_from(m: &BorrowedMessage<'_>, epoch: u64) -> Job {
     }
 }
 
+/// Tests only (`FRAMELINK_TEST_FATAL_ERROR_AFTER`): makes librdkafka raise a fatal error on
+/// `producer`, as an idempotence sequence error after a leader change would.
+fn inject_fatal_error<C: ProducerContext>(producer: &ThreadedProducer<C>) {
+    tracing::warn!("FRAMELINK_TEST_FATAL_ERROR_AFTER: injecting a fatal producer error.");
+    let reason = c"injected by FRAMELINK_TEST_FATAL_ERROR_AFTER";
+    // SAFETY: a live producer handle and a NUL-terminated string; librdkafka copies the reason.
+    unsafe {
+        rdkafka::bindings::rd_kafka_test_fatal_error(producer.client().native_ptr(), rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER, reason.as_ptr());
+    }
+}
+
+/// `group.instance.id` (static membership) from the group and the worker's stable id.
+fn static_instance_id(group: &str, id: &str) -> String {
+    format!("{group}-{id}")
+}
+
 fn worker_id() -> String {
     std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| format!("pid-{}", std::process::id()))
 }
-
-/// Largest record the producer will send (`message.max.bytes`); bigger results are dead-lettered.
-const MAX_OUTPUT_BYTES: usize = 16 * 1024 * 1024;
 
 /// Opens the backend `[gpu]` asks for: the GPU stage's client, or `None` for the CPU. Logs
 /// and exports (metric label, /healthz) which adapter runs the ops.
@@ -264,8 +316,12 @@ pub fn run(v: Validated, shutdown: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Re
     let tracker = Arc::new(Tracker::default());
     let link = Arc::new(LinkStatus::default());
     let committer = Arc::new(Committer { tracker: tracker.clone(), consumer: Mutex::new(None), store: !exactly_once });
+    let stalls = Arc::new(Stalls::default());
+    let limits = Arc::new(TopicLimits::new(crate::publish::PRODUCER_MAX_BYTES));
     {
         let mut h = metrics.health.lock().unwrap();
+        h.stalls = Some(stalls.clone());
+        h.limits = Some(limits.clone());
         h.group = cfg.consumer.group_id.clone();
         h.delivery = cfg.worker.delivery.as_str();
         h.pipeline = cfg.worker.pipeline.clone();
@@ -274,7 +330,7 @@ pub fn run(v: Validated, shutdown: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Re
     let gpu = open_backend(cfg, &metrics)?;
 
     let mut pc = v.kafka.client_config(&format!("framelink-worker-{id}"));
-    pc.set("acks", "all").set("enable.idempotence", "true").set("linger.ms", "5").set("message.max.bytes", (MAX_OUTPUT_BYTES + 65536).to_string());
+    pc.set("acks", "all").set("enable.idempotence", "true").set("linger.ms", "5").set("message.max.bytes", (crate::publish::PRODUCER_MAX_BYTES + 65536).to_string());
     if exactly_once {
         // One transactional id per worker instance; fencing of a worker that lost its
         // partitions goes by the consumer group's generation (KIP-447).
@@ -282,10 +338,35 @@ pub fn run(v: Validated, shutdown: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Re
     } else {
         pc.set("message.timeout.ms", "0"); // never give up on an output: the input stays uncommitted meanwhile
     }
-    let producer: Arc<ThreadedProducer<ProduceContext>> = Arc::new(
-        pc.create_with_context(ProduceContext { link: LinkContext::new(link.clone()), committer: committer.clone(), metrics: metrics.clone() })
-            .context("creating the Kafka producer")?,
-    );
+    // At-least-once: refused outputs are dead-lettered (and refused dead letters retried) by
+    // the refusals thread. Exactly-once: a refusal aborts the transaction.
+    let (refusals_tx, refusals_rx) = crossbeam_channel::unbounded::<Refusal>();
+    let refusals = (!exactly_once).then_some(refusals_tx);
+    let make_producer = {
+        let (link, committer, metrics, refusals, stalls) = (link.clone(), committer.clone(), metrics.clone(), refusals.clone(), stalls.clone());
+        move || -> Result<Arc<ThreadedProducer<ProduceContext>>> {
+            let context = ProduceContext { link: LinkContext::new(link.clone()), committer: committer.clone(), metrics: metrics.clone(), refusals: refusals.clone(), stalls: stalls.clone() };
+            Ok(Arc::new(pc.create_with_context(context).context("creating the Kafka producer")?))
+        }
+    };
+    let producers = Arc::new(Producers { current: std::sync::RwLock::new(make_producer()?) });
+    if refusals.is_some() {
+        let handler = RefusalHandler { producers: producers.clone(), committer: committer.clone(), metrics: metrics.clone(), stalls: stalls.clone(), dlq_topic: cfg.output.dlq_topic.clone(), worker: id.clone() };
+        spawn_refusals(refusals_rx, handler)?;
+    }
+    // Tests only: a fatal producer error injected after this many acknowledged outputs.
+    let mut inject_fatal_after: Option<u64> = std::env::var("FRAMELINK_TEST_FATAL_ERROR_AFTER").ok().and_then(|v| v.parse().ok());
+    let mut recreate_backoff = Duration::from_millis(500);
+    let mut recreate_at = Instant::now();
+    // Each output topic's record-size limit, before the first frame (and kept fresh).
+    let output_topics = vec![cfg.output.results_topic.clone(), cfg.output.events_topic.clone(), cfg.output.dlq_topic.clone()];
+    let admin_config = v.kafka.client_config(&format!("framelink-worker-{id}-admin"));
+    match limits.learn(&admin_config, &output_topics) {
+        Ok(()) => tracing::info!(limits = ?limits.snapshot(), "Output topics' record-size limits (max.message.bytes)."),
+        Err(e) => tracing::warn!(error = %e, "Cannot read the output topics' max.message.bytes yet; records over a topic's real limit are refused by Kafka and dead-lettered."),
+    }
+    let limits_stop = Arc::new(AtomicBool::new(false));
+    let refresh_limits = crate::publish::spawn_limits_refresher(limits.clone(), admin_config, output_topics, limits_stop.clone());
 
     let mut cc = v.kafka.client_config(&format!("framelink-worker-{id}"));
     cc.set("group.id", &cfg.consumer.group_id)
@@ -297,12 +378,30 @@ pub fn run(v: Validated, shutdown: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Re
         .set("auto.offset.reset", &cfg.consumer.auto_offset_reset)
         .set("statistics.interval.ms", "5000")
         .set("fetch.max.bytes", "52428800")
-        .set("max.partition.fetch.bytes", "16777216");
-    let context = ConsumeContext { link: LinkContext::new(link.clone()), tracker: tracker.clone(), metrics: metrics.clone(), txn: OnceLock::new(), fatal: Mutex::new(None) };
+        .set("max.partition.fetch.bytes", "16777216")
+        .set("session.timeout.ms", cfg.consumer.session_timeout_ms.to_string());
+    // KIP-345: a restarted worker with the same id takes its partitions back at once, without a
+    // rebalance; a worker that does not come back is replaced after the session timeout. Only
+    // with an id set for this worker (the systemd unit and the k8s manifests set one): two
+    // workers sharing a host name would fence each other.
+    if cfg.consumer.static_membership && cfg.worker.id.is_some() {
+        cc.set("group.instance.id", static_instance_id(&cfg.consumer.group_id, &id));
+    }
+    let context = ConsumeContext {
+        link: LinkContext::new(link.clone()),
+        tracker: tracker.clone(),
+        metrics: metrics.clone(),
+        txn: OnceLock::new(),
+        fatal: Mutex::new(None),
+        refresh_limits: OnceLock::new(),
+        stalls: stalls.clone(),
+        revocations: Arc::new(crate::motion::Revocations::default()),
+    };
+    let _ = context.refresh_limits.set(refresh_limits);
     let consumer: Arc<BaseConsumer<ConsumeContext>> = Arc::new(cc.create_with_context(context).context("creating the Kafka consumer")?);
     *committer.consumer.lock().unwrap() = Some(consumer.clone());
     let txn: Option<Arc<Txn>> = if exactly_once {
-        let t = Arc::new(Transactions::start(producer.clone(), tracker.clone()).context("starting Kafka transactions (worker.delivery = exactly-once)")?);
+        let t = Arc::new(Transactions::start(producers.get(), tracker.clone()).context("starting Kafka transactions (worker.delivery = exactly-once)")?);
         let _ = consumer.context().txn.set(t.clone());
         Some(t)
     } else {
@@ -320,30 +419,30 @@ pub fn run(v: Validated, shutdown: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Re
 
     // Processing threads, each fed by a small queue; a camera always goes to the same one.
     let threads = cfg.worker.thread_count();
-    let mut queues: Vec<Sender<Job>> = Vec::new();
+    let mut queues: Vec<Sender<Arc<Job>>> = Vec::new();
     let mut handles = Vec::new();
     for i in 0..threads {
-        let (tx, rx) = crossbeam_channel::bounded::<Job>(4);
+        let (tx, rx) = crossbeam_channel::bounded::<Arc<Job>>(4);
         queues.push(tx);
-        let (producer, tracker, committer, metrics, txn) = (producer.clone(), tracker.clone(), committer.clone(), metrics.clone(), txn.clone());
+        let (producers, tracker, committer, metrics, txn, refusals) = (producers.clone(), tracker.clone(), committer.clone(), metrics.clone(), txn.clone(), refusals.clone());
         let mut processor = Processor::new(cfg.worker.pipeline_ops()?, cfg.worker.max_pixels, cfg.worker.jpeg_quality, cfg.worker.events_only, cfg.motion.clone());
         if let Some(g) = &gpu {
             processor = processor.with_gpu(g.clone());
         }
-        let out = cfg.output.clone();
-        let (id, spec) = (id.clone(), cfg.worker.pipeline.clone());
+        processor = processor.with_revocations(consumer.context().revocations.clone());
+        let publishing = Publishing { out: cfg.output.clone(), worker: id.clone(), spec: cfg.worker.pipeline.clone(), limits: limits.clone() };
         handles.push(std::thread::Builder::new().name(format!("process-{i}")).spawn(move || {
             for job in rx {
-                let sends = process(&job, &mut processor, &metrics, &out, &id, &spec);
+                let records = process(&job, &mut processor, &metrics, &publishing);
                 let Some(t) = &txn else {
-                    send(&job, sends, &producer, &tracker, &committer, &metrics);
+                    send(&job, records, &producers.get(), &tracker, &committer, &metrics, refusals.as_ref());
                     continue;
                 };
                 // Exactly-once: produced in offset order, never across a commit.
                 let Some(_guard) = t.produce_guard(job.epoch) else { continue }; // aborted meanwhile: rewound
                 let (tp, offset) = (job.tp.clone(), job.offset);
-                for (job, sends) in t.order.complete(&tp, offset, (job, sends)) {
-                    send(&job, sends, &producer, &tracker, &committer, &metrics);
+                for (job, records) in t.order.complete(&tp, offset, (job, records)) {
+                    send(&job, records, &producers.get(), &tracker, &committer, &metrics, None);
                 }
             }
         })?);
@@ -355,6 +454,38 @@ pub fn run(v: Validated, shutdown: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Re
     while !shutdown.load(Ordering::Relaxed) {
         heartbeat.beat();
         let polled = consumer.poll(Duration::from_millis(100));
+        if let Some(n) = inject_fatal_after
+            && metrics.outputs.get_or_create(&vec![("kind", "result".to_owned())]).get() >= n
+        {
+            inject_fatal_after = None;
+            inject_fatal_error(&producers.get());
+        }
+        // A fatal producer error leaves that producer unusable. At-least-once: a new one takes
+        // over (what the old one held is sent again on it); exactly-once: the transactional id
+        // is dead, so stop and let systemd / Kubernetes start afresh from the committed offsets.
+        if let Some((code, reason)) = producers.get().client().fatal_error() {
+            if exactly_once {
+                failure = Some(anyhow::anyhow!("fatal Kafka producer error {code:?}: {reason}"));
+                break;
+            }
+            if Instant::now() >= recreate_at {
+                match make_producer() {
+                    Ok(p) => {
+                        tracing::error!(error = ?code, reason, "Fatal Kafka producer error: the producer is replaced; its outputs are sent again.");
+                        metrics.producer_recreated.inc();
+                        recreate_backoff = Duration::from_millis(500);
+                        let old = producers.replace(p);
+                        // Returns what it still holds (delivery reports with purge errors): sent again.
+                        old.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, retry_in_ms = recreate_backoff.as_millis() as u64, "Cannot create a new Kafka producer after a fatal error.");
+                        recreate_at = Instant::now() + recreate_backoff;
+                        recreate_backoff = (recreate_backoff * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+        }
         if let Some(e) = consumer.context().fatal.lock().unwrap().take() {
             failure = Some(anyhow::anyhow!("exactly-once: {e}"));
             break;
@@ -371,9 +502,17 @@ pub fn run(v: Validated, shutdown: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Re
         }
         match polled {
             None => {}
-            Some(Err(e)) => tracing::warn!(error = %e, "Consumer error."),
+            Some(Err(e)) => {
+                // A fatal consumer error (e.g. another member took this group.instance.id) leaves
+                // the consumer unusable: stop, so systemd / Kubernetes start a fresh one.
+                if let Some((code, reason)) = consumer.client().fatal_error() {
+                    failure = Some(anyhow::anyhow!("fatal Kafka consumer error {code:?}: {reason}"));
+                    break;
+                }
+                tracing::warn!(error = %e, "Consumer error.");
+            }
             Some(Ok(m)) => {
-                let job = job_from(&m, tracker.epoch());
+                let job = Arc::new(job_from(&m, tracker.epoch()));
                 drop(m);
                 metrics.frames_in.inc();
                 tracker.start(&job.tp, job.offset);
@@ -420,9 +559,9 @@ pub fn run(v: Validated, shutdown: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Re
     let deadline = Instant::now() + Duration::from_secs(30);
     while tracker.in_flight() > 0 && Instant::now() < deadline {
         let _ = consumer.poll(Duration::from_millis(100));
-        let _ = producer.flush(Duration::from_millis(100));
+        let _ = producers.get().flush(Duration::from_millis(100));
     }
-    let _ = producer.flush(Duration::from_secs(5));
+    let _ = producers.get().flush(Duration::from_secs(5));
     match &txn {
         None => {
             if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
@@ -440,16 +579,22 @@ pub fn run(v: Validated, shutdown: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Re
         Some(_) => {}
     }
     consumer.unsubscribe();
+    limits_stop.store(true, Ordering::Relaxed);
     *committer.consumer.lock().unwrap() = None;
     tracing::info!(frames_in = metrics.frames_in.get(), "Worker stopped.");
     failure.map_or(Ok(()), Err)
 }
 
-/// One output record: topic, kind (metric label), key, payload, headers.
-type Send = (String, &'static str, Option<Vec<u8>>, Vec<u8>, OwnedHeaders);
+/// What a processing thread needs besides the frame: where outputs go and who it is.
+pub struct Publishing {
+    pub out: crate::config::OutputConfig,
+    pub worker: String,
+    pub spec: String,
+    pub limits: Arc<TopicLimits>,
+}
 
 /// Processes one record into the outputs it produces (results, event, or a dead letter).
-fn process(job: &Job, processor: &mut Processor, metrics: &Metrics, out: &crate::config::OutputConfig, worker: &str, spec: &str) -> Vec<Send> {
+fn process(job: &Job, processor: &mut Processor, metrics: &Metrics, p: &Publishing) -> Vec<OutRecord> {
     let info = RecordInfo {
         key: job.key.as_deref(),
         headers: job.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect(),
@@ -458,101 +603,253 @@ fn process(job: &Job, processor: &mut Processor, metrics: &Metrics, out: &crate:
         offset: job.offset,
         timestamp_ms: job.timestamp_ms,
     };
-    let mut sends: Vec<Send> = Vec::new();
-    let result = processor.process(&info, job.payload.as_deref()).and_then(|p| match &p.jpeg {
-        Some(j) if j.len() > MAX_OUTPUT_BYTES => Err(crate::process::Rejected { reason: "result_too_large", detail: format!("the result JPEG is {} bytes, over the {MAX_OUTPUT_BYTES}-byte record limit", j.len()) }),
-        _ => Ok(p),
-    });
-    match result {
-        Ok(p) => {
-            for (op, t) in &p.op_times {
-                metrics.op_seconds.get_or_create(&vec![("op", op.split(':').next().unwrap_or(op).to_owned())]).observe(t.as_secs_f64());
-            }
-            let latency_ms = crate::metrics::now_ns().saturating_sub(p.meta.capture_ns) / 1_000_000;
-            metrics.latency.observe(latency_ms as f64 / 1000.0);
-            let mut meta = p.meta.clone();
-            let (src_w, src_h) = (meta.width, meta.height);
-            meta.width = p.width;
-            meta.height = p.height;
-            let mut headers = OwnedHeaders::new();
-            // Source headers first (those the contract does not own), then the contract's, then ours.
-            for (k, v) in &job.headers {
-                if !header::ALL.contains(&k.as_str()) && !k.starts_with("framelink-processed") {
-                    headers = headers.insert(Header { key: k, value: v.as_deref() });
-                }
-            }
-            headers = meta.append_to(headers);
-            let extra = [
-                ("framelink-source-width", src_w.to_string()),
-                ("framelink-source-height", src_h.to_string()),
-                ("framelink-pipeline", spec.to_owned()),
-                ("framelink-worker", worker.to_owned()),
-                ("framelink-processing-us", p.took.as_micros().to_string()),
-                ("framelink-latency-ms", latency_ms.to_string()),
-            ];
-            for (k, v) in &extra {
-                headers = headers.insert(Header { key: k, value: Some(v.as_bytes()) });
-            }
-            let key = meta.key().into_bytes();
-            if let Some(ev) = &p.event {
-                metrics.events.inc();
-                let body = serde_json::json!({
-                    "device": meta.device_id, "camera": meta.camera_id, "seq": meta.seq,
-                    "capture_ns": meta.capture_ns, "changed_fraction": ev.changed_fraction,
-                    "bbox": {"x": ev.bbox[0], "y": ev.bbox[1], "width": ev.bbox[2], "height": ev.bbox[3]},
-                    "frame_width": p.width, "frame_height": p.height, "worker": worker,
-                });
-                sends.push((out.events_topic.clone(), "event", Some(key.clone()), body.to_string().into_bytes(), headers.clone()));
-            }
-            if let Some(jpeg) = p.jpeg {
-                sends.push((out.results_topic.clone(), "result", Some(key), jpeg, headers));
-            }
+    // A panic in an op or the codec must not take the thread (and its cameras) down: the frame
+    // is dead-lettered and the processor's state (decoder, motion) is started afresh.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| processor.process(&info, job.payload.as_deref())));
+    let result = match result {
+        Ok(r) => r,
+        Err(panic) => {
+            let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_else(|| "unknown panic".into());
+            metrics.panics.inc();
+            processor.reset();
+            tracing::error!(topic = job.tp.0, partition = job.tp.1, offset = job.offset, panic = what, "Processing panicked; the frame is dead-lettered and the processor restarted.");
+            Err(crate::process::Rejected { reason: "panic", detail: format!("processing panicked: {what}") })
+        }
+    };
+    let outputs = result.map(|processed| outputs_of(job, processed, metrics, p)).and_then(|records| check_sizes(records, &p.limits));
+    match outputs {
+        Ok(records) => {
             metrics.frames_out.inc();
+            records
         }
         Err(rej) => {
             tracing::warn!(topic = job.tp.0, partition = job.tp.1, offset = job.offset, reason = rej.reason, detail = rej.detail, "Frame dead-lettered.");
             metrics.dead_letters.get_or_create(&vec![("reason", rej.reason.to_owned())]).inc();
-            let mut headers = OwnedHeaders::new();
-            for (k, v) in &job.headers {
-                headers = headers.insert(Header { key: k, value: v.as_deref() });
-            }
-            let src = format!("{}/{}/{}", job.tp.0, job.tp.1, job.offset);
-            for (k, v) in [("framelink-error", rej.reason), ("framelink-error-detail", rej.detail.as_str()), ("framelink-source", src.as_str()), ("framelink-worker", worker)] {
-                headers = headers.insert(Header { key: k, value: Some(v.as_bytes()) });
-            }
-            sends.push((out.dlq_topic.clone(), "dead_letter", job.key.clone(), job.payload.clone().unwrap_or_default(), headers));
+            vec![dead_letter(job, &p.out.dlq_topic, rej.reason, &rej.detail, &p.worker)]
         }
     }
-    sends
+}
+
+/// A result or event bigger than its topic takes would be refused by Kafka: the frame is
+/// dead-lettered instead, naming the topic and its limit.
+fn check_sizes(records: Vec<OutRecord>, limits: &TopicLimits) -> Result<Vec<OutRecord>, crate::process::Rejected> {
+    for r in &records {
+        let (size, limit) = (r.size(), limits.limit(&r.topic));
+        if size > limit {
+            return Err(crate::process::Rejected {
+                reason: "result_too_large",
+                detail: format!("the {} record is {size} bytes, over topic {}'s max.message.bytes of {limit}", r.kind.as_str(), r.topic),
+            });
+        }
+    }
+    Ok(records)
+}
+
+/// The result and event records of a processed frame.
+fn outputs_of(job: &Job, p: crate::process::Processed, metrics: &Metrics, publishing: &Publishing) -> Vec<OutRecord> {
+    let (out, worker) = (&publishing.out, publishing.worker.as_str());
+    let mut records = Vec::new();
+    for (op, t) in &p.op_times {
+        metrics.op_seconds.get_or_create(&vec![("op", op.split(':').next().unwrap_or(op).to_owned())]).observe(t.as_secs_f64());
+    }
+    let latency_ms = crate::metrics::now_ns().saturating_sub(p.meta.capture_ns) / 1_000_000;
+    metrics.latency.observe(latency_ms as f64 / 1000.0);
+    let mut meta = p.meta.clone();
+    let (src_w, src_h) = (meta.width, meta.height);
+    meta.width = p.width;
+    meta.height = p.height;
+    let mut headers = OwnedHeaders::new();
+    // Source headers first (those the contract does not own), then the contract's, then ours.
+    for (k, v) in &job.headers {
+        if !header::ALL.contains(&k.as_str()) && !k.starts_with("framelink-processed") {
+            headers = headers.insert(Header { key: k, value: v.as_deref() });
+        }
+    }
+    headers = meta.append_to(headers);
+    let extra = [
+        ("framelink-source-width", src_w.to_string()),
+        ("framelink-source-height", src_h.to_string()),
+        ("framelink-pipeline", publishing.spec.clone()),
+        ("framelink-worker", worker.to_owned()),
+        ("framelink-processing-us", p.took.as_micros().to_string()),
+        ("framelink-latency-ms", latency_ms.to_string()),
+    ];
+    for (k, v) in &extra {
+        headers = headers.insert(Header { key: k, value: Some(v.as_bytes()) });
+    }
+    let key = meta.key().into_bytes();
+    if let Some(ev) = &p.event {
+        metrics.events.inc();
+        let body = serde_json::json!({
+            "device": meta.device_id, "camera": meta.camera_id, "seq": meta.seq,
+            "capture_ns": meta.capture_ns, "changed_fraction": ev.changed_fraction,
+            "bbox": {"x": ev.bbox[0], "y": ev.bbox[1], "width": ev.bbox[2], "height": ev.bbox[3]},
+            "frame_width": p.width, "frame_height": p.height, "worker": worker,
+        });
+        records.push(OutRecord { topic: out.events_topic.clone(), kind: OutputKind::Event, key: Some(key.clone()), payload: body.to_string().into_bytes(), headers: headers.clone() });
+    }
+    if let Some(jpeg) = p.jpeg {
+        records.push(OutRecord { topic: out.results_topic.clone(), kind: OutputKind::Result, key: Some(key), payload: jpeg, headers });
+    }
+    records
+}
+
+/// Hands one record to the producer, waiting while its queue is full. A record the producer
+/// refuses at once (e.g. over its own size limit, unknown topic) is returned with the error.
+fn produce(producer: &ThreadedProducer<ProduceContext>, record: &OutRecord, mut opaque: Box<Output>) -> Result<(), (Box<Output>, KafkaError)> {
+    loop {
+        let mut r = BaseRecord::with_opaque_to(&record.topic, opaque).payload(&record.payload).headers(record.headers.clone());
+        if let Some(k) = &record.key {
+            r = r.key(k);
+        }
+        match producer.send(r) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), r)) => {
+                opaque = r.delivery_opaque;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err((e, r)) => return Err((r.delivery_opaque, e)),
+        }
+    }
 }
 
 /// Hands a record's outputs to the producer; the record is done once Kafka acknowledged them.
-fn send(job: &Job, sends: Vec<Send>, producer: &ThreadedProducer<ProduceContext>, tracker: &Tracker, committer: &Committer, metrics: &Metrics) {
+fn send(job: &Arc<Job>, records: Vec<OutRecord>, producer: &ThreadedProducer<ProduceContext>, tracker: &Tracker, committer: &Committer, metrics: &Metrics, refusals: Option<&Sender<Refusal>>) {
     // One unit for the record itself, released below: an offset is never "done" before all
     // of its outputs are handed to the producer.
-    tracker.add_outputs(&job.tp, job.offset, sends.len() as u32 + 1);
-    for (topic, kind, key, payload, headers) in sends {
-        let mut opaque = Box::new(Output { tp: job.tp.clone(), offset: job.offset, epoch: job.epoch, kind });
-        loop {
-            let mut record = BaseRecord::with_opaque_to(&topic, opaque).payload(&payload).headers(headers.clone());
-            if let Some(k) = &key {
-                record = record.key(k);
+    tracker.add_outputs(&job.tp, job.offset, records.len() as u32 + 1);
+    for record in records {
+        let opaque = Box::new(Output { job: job.clone(), epoch: job.epoch, kind: record.kind, attempt: 0 });
+        if let Err((o, e)) = produce(producer, &record, opaque) {
+            let resend = producer_failure(&e);
+            if !resend {
+                tracing::error!(topic = record.topic, kind = record.kind.as_str(), input_offset = job.offset, error = %e, "Output refused by the producer.");
+                metrics.outputs_refused.get_or_create(&vec![("kind", record.kind.as_str().to_owned())]).inc();
             }
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), r)) => {
-                    opaque = r.delivery_opaque;
-                    std::thread::sleep(Duration::from_millis(20));
+            match refusals {
+                Some(tx) => {
+                    let _ = tx.send(Refusal { job: o.job, record, error: e.to_string(), attempt: 0, resend });
                 }
-                Err((e, r)) => {
-                    tracing::error!(topic, error = %e, "Cannot produce output.");
-                    metrics.outputs_failed.inc();
-                    let o = r.delivery_opaque;
-                    committer.finish(&o.tp, o.offset, o.epoch);
-                    break;
-                }
+                None => committer.finish(&o.job.tp, o.job.offset, o.epoch), // exactly-once: the transaction aborts
             }
         }
     }
     committer.finish(&job.tp, job.offset, job.epoch);
+}
+
+/// The at-least-once refusal handler: dead-letters refused results and events, produces refused
+/// dead letters again with backoff while their partition is paused (see [`crate::publish`]),
+/// and sends again, as they are, outputs that failed because the producer did (a fatal error:
+/// the producer is being replaced). Runs until every sender is gone.
+struct RefusalHandler {
+    producers: Arc<Producers>,
+    committer: Arc<Committer>,
+    metrics: Arc<Metrics>,
+    stalls: Arc<Stalls>,
+    dlq_topic: String,
+    worker: String,
+}
+
+/// How soon an output that failed with its producer is tried again on the (new) producer.
+const RESEND_AFTER: Duration = Duration::from_millis(500);
+
+impl RefusalHandler {
+    /// Produces `record` for `job`; `None` when handed over, else when to look at it again.
+    fn try_produce(&self, job: &Arc<Job>, record: OutRecord, attempt: u32) -> Option<(Instant, Refusal)> {
+        let opaque = Box::new(Output { job: job.clone(), epoch: job.epoch, kind: record.kind, attempt });
+        let (_, e) = produce(&self.producers.get(), &record, opaque).err()?;
+        let r = Refusal { job: job.clone(), record, error: e.to_string(), attempt, resend: false };
+        if producer_failure(&e) {
+            return Some((Instant::now() + RESEND_AFTER, Refusal { resend: true, ..r }));
+        }
+        self.refused(r)
+    }
+
+    /// A record Kafka (or the producer, synchronously) refused for good.
+    fn refused(&self, r: Refusal) -> Option<(Instant, Refusal)> {
+        if r.record.kind == OutputKind::DeadLetter {
+            return Some(stall(r, &self.committer, &self.metrics, &self.stalls));
+        }
+        let detail = format!("topic {} refused the {}: {}", r.record.topic, r.record.kind.as_str(), r.error);
+        tracing::warn!(input_partition = r.job.tp.1, input_offset = r.job.offset, detail, "Frame dead-lettered.");
+        self.metrics.dead_letters.get_or_create(&vec![("reason", "output_refused".to_owned())]).inc();
+        let dl = dead_letter(&r.job, &self.dlq_topic, "output_refused", &detail, &self.worker);
+        self.try_produce(&r.job, dl, 0)
+    }
+
+    /// A refusal reported by a delivery callback or a failed send.
+    fn handle(&self, r: Refusal) -> Option<(Instant, Refusal)> {
+        if r.resend { Some((Instant::now(), r)) } else { self.refused(r) }
+    }
+
+    /// Its time came: send again as it is, or try a refused dead letter once more.
+    fn due(&self, r: Refusal) -> Option<(Instant, Refusal)> {
+        let attempt = if r.resend { r.attempt } else { r.attempt + 1 };
+        self.try_produce(&r.job, r.record, attempt)
+    }
+}
+
+fn spawn_refusals(rx: crossbeam_channel::Receiver<Refusal>, handler: RefusalHandler) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name("refusals".into()).spawn(move || {
+        // Records waiting for their next try, with its time.
+        let mut waiting: Vec<(Instant, Refusal)> = Vec::new();
+        loop {
+            let next_due = waiting.iter().map(|(t, _)| *t).min();
+            let timeout = next_due.map_or(Duration::from_millis(500), |t| t.saturating_duration_since(Instant::now()));
+            match rx.recv_timeout(timeout) {
+                Ok(r) if r.job.epoch != handler.committer.tracker.epoch() => {}
+                Ok(r) => waiting.extend(handler.handle(r)),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) if waiting.is_empty() => return,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => std::thread::sleep(timeout.min(Duration::from_millis(500))),
+            }
+            let now = Instant::now();
+            let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut waiting).into_iter().partition(|(t, _)| *t <= now);
+            waiting = later;
+            for (_, r) in due {
+                if r.job.epoch == handler.committer.tracker.epoch() {
+                    waiting.extend(handler.due(r));
+                }
+            }
+        }
+    })
+}
+
+/// Errors that are the producer's, not the record's: after a fatal error librdkafka purges its
+/// queue and refuses every send; the record is sent again on the producer that replaces it.
+fn producer_failure(e: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(e.rdkafka_error_code(), Some(C::Fatal | C::PurgeQueue | C::PurgeInflight))
+}
+
+/// The worker's producer. In at-least-once mode it is replaced after a fatal librdkafka error
+/// (e.g. an idempotence sequence error after a leader change), which leaves a producer unusable:
+/// what it held is sent again on the new one.
+struct Producers {
+    current: std::sync::RwLock<Arc<ThreadedProducer<ProduceContext>>>,
+}
+
+impl Producers {
+    fn get(&self) -> Arc<ThreadedProducer<ProduceContext>> {
+        self.current.read().unwrap().clone()
+    }
+
+    fn replace(&self, p: Arc<ThreadedProducer<ProduceContext>>) -> Arc<ThreadedProducer<ProduceContext>> {
+        std::mem::replace(&mut *self.current.write().unwrap(), p)
+    }
+}
+
+/// A dead letter was refused: its partition stops (paused, the input stays in flight so nothing
+/// is committed past it) and the dead letter waits for its retry.
+fn stall(r: Refusal, committer: &Committer, metrics: &Metrics, stalls: &Stalls) -> (Instant, Refusal) {
+    metrics.dead_letters_refused.inc();
+    let cause = format!("dead-letter topic {} refuses records: {}", r.record.topic, r.error);
+    // Counted once per dead letter (its first refusal); a retry refused again only updates the cause.
+    if stalls.add(&r.job.tp, cause.clone(), r.attempt == 0) {
+        committer.pause(&r.job.tp, true);
+    }
+    metrics.stalled_partitions.set(stalls.count() as i64);
+    let wait = crate::publish::backoff(r.attempt);
+    tracing::error!(topic = r.job.tp.0, partition = r.job.tp.1, offset = r.job.offset, attempt = r.attempt + 1, retry_in_ms = wait.as_millis() as u64, cause, "Dead letter refused: the partition is paused until it is accepted.");
+    (Instant::now() + wait, r)
 }

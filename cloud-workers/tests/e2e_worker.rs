@@ -40,7 +40,7 @@ async fn topics(b: &Broker, what: &str, partitions: i32) -> Topics {
 
 fn worker_body(kafka: &KafkaConfig, t: &Topics, group: &str, pipeline: &str, extra: &str) -> String {
     format!(
-        "{}\n[consumer]\ngroup_id = {group:?}\ntopics = [{:?}]\n[output]\nresults_topic = {:?}\nevents_topic = {:?}\ndlq_topic = {:?}\n[worker]\npipeline = {pipeline:?}\nthreads = 2\n{extra}",
+        "{}\n[consumer]\ngroup_id = {group:?}\ntopics = [{:?}]\n# A dead member's partitions move within 6 s (the broker's minimum session timeout).\nsession_timeout_ms = 6000\n[output]\nresults_topic = {:?}\nevents_topic = {:?}\ndlq_topic = {:?}\n[worker]\npipeline = {pipeline:?}\nthreads = 2\n{extra}",
         kafka_toml(kafka),
         t.frames,
         t.results,
@@ -236,9 +236,6 @@ async fn w5_sigterm_then_restart_does_not_process_completed_frames_again() {
     assert_eq!(results.len(), 80, "60 + 20, nothing processed twice");
 }
 
-/// Lets a dead member's partitions move within seconds instead of the default 45 s.
-const SHORT_SESSION: &str = "[kafka.librdkafka]\n\"session.timeout.ms\" = \"6000\"\n";
-
 /// Waits until the results topic (read_committed) holds an output for every expected input.
 async fn wait_for_results(b: &Broker, topic: &str, expected: &BTreeSet<(String, u64)>) -> Vec<OwnedMessage> {
     let mut results = Vec::new();
@@ -258,7 +255,7 @@ async fn w6_exactly_once_survives_sigkill_without_duplicates() {
     let b = Broker::shared();
     let t = topics(b, "w6", 2).await;
     produce_frames(&b.plaintext(), &t.frames, 200, 0).await;
-    let extra = format!("delivery = \"exactly-once\"\ntransaction_ms = 200\n{SHORT_SESSION}");
+    let extra = "delivery = \"exactly-once\"\ntransaction_ms = 200\n".to_string();
     let body = worker_body(&b.plaintext(), &t, "g-w6", "resize:320x240,blur:2", &extra);
     let dir = tempfile::tempdir().unwrap();
     let mut w = Daemon::worker(WORKER, dir.path(), &body).env("FRAMELINK__WORKER__ID", "eos-1");
@@ -299,7 +296,7 @@ async fn w7_partitions_move_under_load_without_loss_or_duplicates() {
     init_tracing();
     let b = Broker::shared();
     let t = topics(b, "w7", 4).await;
-    let body = worker_body(&b.plaintext(), &t, "g-w7", "blur:3,sharpen", SHORT_SESSION);
+    let body = worker_body(&b.plaintext(), &t, "g-w7", "blur:3,sharpen", "");
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let mut w1 = Daemon::worker(WORKER, d1.path(), &body).env("FRAMELINK__WORKER__ID", "one");
     let mut w2 = Daemon::worker(WORKER, d2.path(), &body).env("FRAMELINK__WORKER__ID", "two");
@@ -367,4 +364,195 @@ async fn w8_gpu_backend_results_equal_the_cpu_backend() {
     for m in &results {
         assert!(m.payload() == Some(&expected[..]), "result {:?} differs from the CPU backend's", result_ids(std::slice::from_ref(m)));
     }
+}
+
+fn testdata(name: &str) -> Vec<u8> {
+    std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/images").join(name)).unwrap()
+}
+
+/// Kafka's default limits (a private broker with `message.max.bytes` 1 MiB): a 4K result over
+/// the results topic's limit goes to the dead-letter topic with the frame, named, and the input
+/// is committed only then. (On a broker with raised limits this passes unnoticed.)
+#[tokio::test(flavor = "multi_thread")]
+async fn w9_a_result_over_a_default_brokers_limit_is_dead_lettered_not_lost() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    init_tracing();
+    let b = Broker::private_default_limits().unwrap();
+    let t = topics(&b, "w9", 1).await;
+    let jpeg = testdata("hubble_deep_field.jpg"); // 528 KB: fits; its 4K resize at q95 does not
+    let h = turbojpeg::read_header(&jpeg).unwrap();
+    let p = Producer::new(&b.plaintext()).unwrap();
+    for seq in 0..6 {
+        let mut meta = test_meta("dev", "cam", seq);
+        (meta.width, meta.height) = (h.width as u32, h.height as u32);
+        p.send_frame(&t.frames, &meta, &jpeg).await.unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = Daemon::worker(WORKER, dir.path(), &worker_body(&b.plaintext(), &t, "g-w9", "resize:3840x2160", "jpeg_quality = 95\n"));
+    w.start();
+    w.wait_for("6 records handled", Duration::from_secs(90), |w| w.metric("frames_in_total", &[]) >= 6.0 && w.metric("in_flight", &[]) == 0.0);
+    let health = w.healthz();
+    let too_large = w.metric("dead_letters_total", &["reason=\"result_too_large\""]);
+    w.stop();
+    let results = consume_all(&b.plaintext(), &t.results, Duration::from_secs(3)).await.unwrap();
+    let dlq = consume_all(&b.plaintext(), &t.dlq, Duration::from_secs(3)).await.unwrap();
+    assert_eq!((results.len(), dlq.len()), (0, 6), "every too-large result is a dead letter, none vanished");
+    assert_eq!(health["output_limits"][&t.results], 1_048_588, "the results topic's limit was learned: {health}");
+    assert_eq!(too_large, 6.0);
+    for m in &dlq {
+        assert_eq!(header(m, "framelink-error"), Some("result_too_large"));
+        let detail = header(m, "framelink-error-detail").unwrap();
+        assert!(detail.contains(&t.results) && detail.contains("1048588"), "the detail names the topic and its limit: {detail}");
+        assert_eq!(m.payload().unwrap(), &jpeg[..], "the dead letter carries the original frame");
+    }
+    assert_eq!(b.committed("g-w9", &t.frames, 1).unwrap(), vec![6], "committed once every input is accounted for");
+}
+
+/// A result Kafka refuses (here: the results topic's limit lowered after the worker read it) is
+/// dead-lettered with `output_refused`; when the dead-letter topic refuses too, the partition
+/// stops (nothing committed past the frame, /healthz degraded, counted) and the dead letter is
+/// retried until the operator fixes the topic; then everything flows again.
+#[tokio::test(flavor = "multi_thread")]
+async fn w10_a_refused_output_is_dead_lettered_and_a_refused_dead_letter_stalls_until_fixed() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    init_tracing();
+    let b = Broker::shared();
+    let t = topics(b, "w10", 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = Daemon::worker(WORKER, dir.path(), &worker_body(&b.plaintext(), &t, "g-w10", "grayscale", ""));
+    w.start();
+    w.wait_for("assigned", Duration::from_secs(60), |w| w.log_text().contains("Partitions assigned."));
+    // Phase 1: results refused by the broker, dead letters accepted.
+    b.alter_topic(&t.results, &[("max.message.bytes", "2000")]).await.unwrap();
+    produce_frames(&b.plaintext(), &t.frames, 4, 0).await;
+    w.wait_for("4 handled", Duration::from_secs(60), |w| w.metric("frames_in_total", &[]) >= 4.0 && w.metric("in_flight", &[]) == 0.0);
+    assert_eq!(w.metric("outputs_refused_total", &["kind=\"result\""]), 4.0);
+    assert_eq!(w.metric("dead_letters_total", &["reason=\"output_refused\""]), 4.0);
+    // Phase 2: the dead-letter topic refuses too: the partition stalls.
+    b.alter_topic(&t.dlq, &[("max.message.bytes", "2000")]).await.unwrap();
+    produce_frames(&b.plaintext(), &t.frames, 4, 4).await;
+    w.wait_for("a refused dead letter", Duration::from_secs(60), |w| w.metric("dead_letters_refused_total", &[]) >= 1.0);
+    let health = w.healthz();
+    assert_eq!(health["status"], "degraded", "{health}");
+    let stalled = health["stalled"].to_string();
+    assert!(stalled.contains(&format!("{}[0]", t.frames)) && stalled.contains(&t.dlq), "names the partition and the topic: {stalled}");
+    assert_eq!(w.metric("stalled_partitions", &[]), 1.0);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(w.metric("in_flight", &[]) >= 1.0, "the stalled frame stays in flight");
+    assert!(b.committed("g-w10", &t.frames, 1).unwrap()[0] <= 4, "nothing committed past the stalled frame");
+    // The operator fixes both topics: the dead letters go through, the partition resumes.
+    b.alter_topic(&t.dlq, &[("max.message.bytes", "16777216")]).await.unwrap();
+    b.alter_topic(&t.results, &[("max.message.bytes", "16777216")]).await.unwrap();
+    w.wait_for("the partition resumes", Duration::from_secs(90), |w| w.metric("stalled_partitions", &[]) == 0.0 && w.metric("in_flight", &[]) == 0.0);
+    assert_eq!(w.healthz()["status"], "ok");
+    produce_frames(&b.plaintext(), &t.frames, 4, 8).await;
+    w.wait_for("12 handled", Duration::from_secs(60), |w| w.metric("frames_in_total", &[]) >= 12.0 && w.metric("in_flight", &[]) == 0.0);
+    w.stop();
+    let dlq = consume_all(&b.plaintext(), &t.dlq, Duration::from_secs(3)).await.unwrap();
+    let results = consume_all(&b.plaintext(), &t.results, Duration::from_secs(3)).await.unwrap();
+    let mut accounted: Vec<(String, u64)> = result_ids(&results);
+    for m in &dlq {
+        assert_eq!(header(m, "framelink-error"), Some("output_refused"));
+        assert!(header(m, "framelink-error-detail").unwrap().contains(&t.results), "names the topic that refused");
+        accounted.push((frame_meta(m).unwrap().camera_id, frame_meta(m).unwrap().seq));
+    }
+    accounted.sort();
+    let expected: Vec<(String, u64)> = {
+        let mut e: Vec<_> = (0..12u64).map(|i| (format!("c{}", i % 4), i / 4)).collect();
+        e.sort();
+        e
+    };
+    assert_eq!(accounted, expected, "every frame is a result or a dead letter, once");
+    assert_eq!(dlq.len(), 8, "8 frames sent while results were refused");
+    assert_eq!(b.committed("g-w10", &t.frames, 1).unwrap(), vec![12]);
+}
+
+/// A *caught-up* worker killed while idle processes nothing twice: bursts of live frames from
+/// six cameras sharing one partition, processed on three threads (so they complete out of
+/// order at the partition's tail), motion events as a second output; after each burst the
+/// worker is idle (everything committed) and is SIGKILLed and restarted. Every input has
+/// exactly one output. (A commit position one short after out-of-order completion made the
+/// restarted worker process the burst's last frame again.)
+async fn caught_up_worker_killed_while_idle(what: &str, delivery: &str, idle: Duration) {
+    let b = Broker::shared();
+    let t = topics(b, what, 1).await;
+    let extra = format!("delivery = {delivery:?}\ntransaction_ms = 100\n[motion]\nenabled = true\nthreshold = 0\nmin_changed_fraction = 0.0\n");
+    let body = worker_body(&b.plaintext(), &t, &format!("g-{what}"), "blur:3,resize:160x120", &extra).replace("threads = 2", "threads = 3");
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = Daemon::worker(WORKER, dir.path(), &body).env("FRAMELINK__WORKER__ID", what);
+    // One frame near the burst's end is a large photograph, the others small: frames behind it
+    // on other threads finish first. Its camera changes every round (cameras go to threads by
+    // a fixed hash of their key, so some rounds put it on another thread than the last one).
+    let (light, heavy) = (testdata("rocket.jpg"), testdata("retina.jpg"));
+    let p = Producer::new(&b.plaintext()).unwrap();
+    let cameras = 6u64;
+    let mut sent = 0u64;
+    for round in 0..5 {
+        w.start();
+        for k in 0..cameras * 2 {
+            let jpeg = if k == cameras * 2 - 2 - round { &heavy } else { &light };
+            let h = turbojpeg::read_header(jpeg).unwrap();
+            let mut meta = test_meta("live", &format!("c{}", sent % cameras), sent / cameras);
+            (meta.width, meta.height) = (h.width as u32, h.height as u32);
+            p.send_frame(&t.frames, &meta, jpeg).await.unwrap();
+            sent += 1;
+        }
+        // Caught up: everything processed, then idle long enough for the last commit.
+        w.wait_for("the burst processed", Duration::from_secs(60), |w| w.metric("frames_out_total", &[]) >= (cameras * 2) as f64 && w.metric("in_flight", &[]) == 0.0);
+        std::thread::sleep(idle);
+        println!("{what}: round {round}: {sent} sent, killing the idle worker");
+        w.kill();
+    }
+    w.start();
+    let expected: BTreeSet<(String, u64)> = (0..sent).map(|i| (format!("c{}", i % cameras), i / cameras)).collect();
+    let results = wait_for_results(b, &t.results, &expected).await;
+    w.stop();
+    let ids = result_ids(&results);
+    let unique: BTreeSet<_> = ids.iter().cloned().collect();
+    assert_eq!(unique, expected, "every input has an output");
+    println!("{what}: {} results for {sent} inputs across 5 SIGKILLs of an idle worker", ids.len());
+    assert_eq!(ids.len() as u64, sent, "exactly one output per input: nothing committed was processed again");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn w11_exactly_once_on_a_caught_up_worker_through_sigkill_without_duplicates() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    init_tracing();
+    // Several transaction_ms: the last transaction is committed.
+    caught_up_worker_killed_while_idle("w11", "exactly-once", Duration::from_millis(600)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn w12_at_least_once_idle_worker_killed_processes_nothing_twice() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    init_tracing();
+    // Over the 1 s auto-commit interval: the stored positions are committed.
+    caught_up_worker_killed_while_idle("w12", "at-least-once", Duration::from_millis(1600)).await;
+}
+
+/// A fatal librdkafka producer error (injected with `rd_kafka_test_fatal_error` after 20
+/// results, as an idempotence sequence error would raise it) leaves that producer refusing
+/// every send: the worker replaces it, sends what it held again, and loses nothing — every
+/// input has its result, nothing is dead-lettered.
+#[tokio::test(flavor = "multi_thread")]
+async fn w13_a_fatal_producer_error_replaces_the_producer_and_loses_nothing() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    init_tracing();
+    let b = Broker::shared();
+    let t = topics(b, "w13", 2).await;
+    produce_frames(&b.plaintext(), &t.frames, 120, 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = Daemon::worker(WORKER, dir.path(), &worker_body(&b.plaintext(), &t, "g-w13", "resize:320x240", "")).env("FRAMELINK_TEST_FATAL_ERROR_AFTER", "20");
+    w.start();
+    w.wait_for("120 processed, all acknowledged", Duration::from_secs(90), |w| w.metric("frames_out_total", &[]) >= 120.0 && w.metric("in_flight", &[]) == 0.0);
+    assert_eq!(w.metric("producer_recreated_total", &[]), 1.0, "the producer was replaced once");
+    assert!(w.log_text().contains("injecting a fatal producer error"));
+    w.stop();
+    let expected: BTreeSet<(String, u64)> = (0..120u64).map(|i| (format!("c{}", i % 4), i / 4)).collect();
+    let results = wait_for_results(b, &t.results, &expected).await;
+    let unique: BTreeSet<_> = result_ids(&results).into_iter().collect();
+    assert_eq!(unique, expected, "every input has its result");
+    let dlq = consume_all(&b.plaintext(), &t.dlq, Duration::from_secs(3)).await.unwrap();
+    assert!(dlq.is_empty(), "a producer failure is not the frames' fault: nothing dead-lettered");
+    println!("w13: {} results for 120 inputs across a producer replacement", results.len());
 }

@@ -241,6 +241,8 @@ const OWNED: &[(&str, Option<&str>, Instead)] = &[
     ("isolation.level", None, Instead::Fixed("workers read only committed records (the worker's `worker.delivery`)")),
     ("group.id", None, Instead::Component("the worker's `consumer.group_id`")),
     ("auto.offset.reset", None, Instead::Component("the worker's `consumer.auto_offset_reset`")),
+    ("session.timeout.ms", None, Instead::Component("the worker's `consumer.session_timeout_ms`")),
+    ("group.instance.id", None, Instead::Component("the worker's `consumer.static_membership` (with `worker.id`)")),
 ];
 
 /// TLS material framelink cannot take other than as the PEM files of `tls`.

@@ -46,6 +46,8 @@ pub struct Broker {
     /// `FRAMELINK_KAFKA_DIR` for a private broker; `None` for the shared one.
     private_dir: Option<tempfile::TempDir>,
     port: u16,
+    /// Kafka's default record limits (1 MiB) instead of the project's 16 MiB.
+    default_limits: bool,
 }
 
 static SHARED: OnceLock<Broker> = OnceLock::new();
@@ -59,6 +61,7 @@ impl Broker {
                 bootstrap_tls: String::new(),
                 tls_dir: PathBuf::new(),
                 private_dir: None,
+                default_limits: false,
                 port: std::env::var("FRAMELINK_KAFKA_PORT")
                     .ok()
                     .and_then(|p| p.parse().ok())
@@ -71,12 +74,23 @@ impl Broker {
 
     /// A broker of this test's own, on free ports, in a temporary directory.
     pub fn private() -> Result<Broker> {
+        Self::private_with(false)
+    }
+
+    /// A private broker with Kafka's default record limits (`message.max.bytes` 1 MiB), as
+    /// users' clusters have unless they raise them: what such a cluster refuses, tests see.
+    pub fn private_default_limits() -> Result<Broker> {
+        Self::private_with(true)
+    }
+
+    fn private_with(default_limits: bool) -> Result<Broker> {
         let dir = tempfile::Builder::new().prefix("framelink-kafka-").tempdir()?;
         let b = Broker {
             bootstrap: String::new(),
             bootstrap_tls: String::new(),
             tls_dir: PathBuf::new(),
             private_dir: Some(dir),
+            default_limits,
             port: free_port_triple()?,
         };
         b.script("up")?;
@@ -95,6 +109,7 @@ impl Broker {
     fn command(&self, verb: &str) -> Command {
         let mut c = Command::new(repo_root().join("scripts/kafka"));
         c.arg(verb).env("FRAMELINK_KAFKA_PORT", self.port.to_string());
+        c.env("FRAMELINK_KAFKA_LIMITS", if self.default_limits { "default" } else { "frames" });
         if let Some(dir) = &self.private_dir {
             // Private brokers are small: the shared broker keeps the default heap.
             c.env("FRAMELINK_KAFKA_DIR", dir.path()).env("FRAMELINK_KAFKA_HEAP", "-Xms128m -Xmx384m");
@@ -177,13 +192,53 @@ impl Broker {
 
     /// Creates `topic` with `partitions` partitions and waits until it is usable.
     pub async fn create_topic(&self, topic: &str, partitions: i32) -> Result<()> {
+        self.create_topic_with(topic, partitions, &[]).await
+    }
+
+    /// The offsets `group` committed on `topic`'s partitions 0..partitions (-1: none).
+    pub fn committed(&self, group: &str, topic: &str, partitions: i32) -> Result<Vec<i64>> {
+        use rdkafka::consumer::BaseConsumer;
+        let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &self.bootstrap).set("group.id", group).create()?;
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition(topic, p);
+        }
+        let got = c.committed_offsets(tpl, Duration::from_secs(10))?;
+        Ok((0..partitions)
+            .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
+                Some(rdkafka::Offset::Offset(o)) => o,
+                _ => -1,
+            })
+            .collect())
+    }
+
+    /// Sets topic-level configuration (e.g. `max.message.bytes`) on an existing topic.
+    pub async fn alter_topic(&self, topic: &str, configs: &[(&str, &str)]) -> Result<()> {
+        use rdkafka::admin::{AlterConfig, ResourceSpecifier};
+        let admin: AdminClient<_> = ClientConfig::new().set("bootstrap.servers", &self.bootstrap).create().context("admin client")?;
+        let mut alter = AlterConfig::new(ResourceSpecifier::Topic(topic));
+        for (k, v) in configs {
+            alter = alter.set(k, v);
+        }
+        for r in admin.alter_configs(&[alter], &AdminOptions::new()).await? {
+            r.map_err(|(_, e)| anyhow::anyhow!("altering topic {topic}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// As [`Broker::create_topic`], with topic-level configuration.
+    pub async fn create_topic_with(&self, topic: &str, partitions: i32, configs: &[(&str, &str)]) -> Result<()> {
         let admin: AdminClient<_> = ClientConfig::new()
             .set("bootstrap.servers", &self.bootstrap)
             .create()
             .context("admin client")?;
+        let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+        for (k, v) in configs {
+            new = new.set(k, v);
+        }
         let results = admin
             .create_topics(
-                &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+                &[new],
                 &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
             )
             .await?;
