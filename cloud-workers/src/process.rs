@@ -58,6 +58,9 @@ pub struct Processor {
     gpu: Option<GpuClient>,
     /// Partitions the worker gave up: their cameras' motion state is dropped.
     revocations: Option<std::sync::Arc<crate::motion::Revocations>>,
+    /// Tests: the next `process` panics, as a bug in an op would.
+    #[cfg(test)]
+    pub panic_next: bool,
 }
 
 fn reject(reason: &'static str, detail: impl Into<String>) -> Rejected {
@@ -66,7 +69,12 @@ fn reject(reason: &'static str, detail: impl Into<String>) -> Rejected {
 
 impl Processor {
     pub fn new(pipeline: Pipeline, max_pixels: u64, quality: u8, events_only: bool, motion: MotionConfig) -> Self {
-        Self { pipeline, max_pixels, quality, events_only, motion, decoder: Decoder::new(), detector: MotionDetector::default(), gpu: None, revocations: None }
+        Self { pipeline, max_pixels, quality, events_only, motion, decoder: Decoder::new(), detector: MotionDetector::default(),
+            gpu: None,
+            revocations: None,
+            #[cfg(test)]
+            panic_next: false,
+        }
     }
 
     /// Starts the per-thread state afresh (decoder and motion history), e.g. after a panic
@@ -130,6 +138,10 @@ impl Processor {
     }
 
     pub fn process(&mut self, r: &RecordInfo<'_>, payload: Option<&[u8]>) -> Result<Processed, Rejected> {
+        #[cfg(test)]
+        if std::mem::take(&mut self.panic_next) {
+            panic!("a bug in an op (test)");
+        }
         let started = Instant::now();
         let payload = payload.unwrap_or_default();
         let meta = self.meta(r, payload)?;

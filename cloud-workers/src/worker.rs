@@ -853,3 +853,49 @@ fn stall(r: Refusal, committer: &Committer, metrics: &Metrics, stalls: &Stalls) 
     tracing::error!(topic = r.job.tp.0, partition = r.job.tp.1, offset = r.job.offset, attempt = r.attempt + 1, retry_in_ms = wait.as_millis() as u64, cause, "Dead letter refused: the partition is paused until it is accepted.");
     (Instant::now() + wait, r)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rocket() -> Vec<u8> {
+        std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/images/rocket.jpg")).unwrap()
+    }
+
+    fn job(offset: i64, payload: Vec<u8>) -> Job {
+        Job { tp: ("frames".into(), 0), offset, epoch: 0, key: Some(b"dev/cam".to_vec()), payload: Some(payload), headers: vec![], timestamp_ms: Some(1_700_000_000_000) }
+    }
+
+    fn publishing() -> Publishing {
+        Publishing { out: crate::config::OutputConfig::default(), worker: "w".into(), spec: "grayscale".into(), limits: Arc::new(TopicLimits::new(crate::publish::PRODUCER_MAX_BYTES)) }
+    }
+
+    #[test]
+    fn a_panic_in_processing_dead_letters_the_frame_and_the_next_frame_is_processed() {
+        let metrics = Metrics::new();
+        let mut p = Processor::new(crate::ops::Pipeline::parse("grayscale").unwrap(), 50_000_000, 85, false, crate::motion::MotionConfig::default());
+        p.panic_next = true;
+        let out = process(&job(7, rocket()), &mut p, &metrics, &publishing());
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].kind, out[0].topic.as_str()), (OutputKind::DeadLetter, "frames.dlq"));
+        let reason = out[0].headers.iter().find(|h| h.key == "framelink-error").and_then(|h| h.value);
+        assert_eq!(reason, Some(&b"panic"[..]));
+        assert_eq!(out[0].payload, rocket(), "the dead letter carries the frame");
+        assert_eq!(metrics.panics.get(), 1);
+        let next = process(&job(8, rocket()), &mut p, &metrics, &publishing());
+        assert_eq!(next.iter().map(|r| r.kind).collect::<Vec<_>>(), vec![OutputKind::Result], "the thread goes on");
+    }
+
+    #[test]
+    fn a_result_over_its_topics_limit_is_dead_lettered_naming_topic_and_limit() {
+        let metrics = Metrics::new();
+        let pb = publishing();
+        pb.limits.set("frames.processed", 10_000);
+        let mut p = Processor::new(crate::ops::Pipeline::parse("grayscale").unwrap(), 50_000_000, 85, false, crate::motion::MotionConfig::default());
+        let out = process(&job(9, rocket()), &mut p, &metrics, &pb);
+        assert_eq!(out[0].kind, OutputKind::DeadLetter);
+        let detail = out[0].headers.iter().find(|h| h.key == "framelink-error-detail").and_then(|h| h.value).unwrap();
+        let detail = std::str::from_utf8(detail).unwrap();
+        assert!(detail.contains("frames.processed") && detail.contains("10000"), "{detail}");
+    }
+}
