@@ -18,13 +18,28 @@
 //! # Delivery semantics
 //! acks=all and an idempotent producer. A frame leaves the agent's care only when Kafka
 //! acknowledged it: a live frame whose delivery fails (including librdkafka's
-//! `message.timeout.ms`) is spooled, a spooled frame is deleted only after its ack. A frame
+//! `message.timeout.ms`) is spooled, a spooled frame is deleted only after its ack.
+//!
+//! Frames handed to librdkafka live only in memory until acknowledged. The moment the link is
+//! judged down (a delivery failure, a full queue, or librdkafka reporting the brokers
+//! unreachable), every live frame still unacknowledged is written to the spool as well
+//! (reason `unacknowledged`) and flushed, instead of waiting in memory for the message
+//! timeout: a crash during an outage then loses at most the spool's flush window. If such a
+//! frame is acknowledged later after all, its spool copy is deleted — unless the copy is being
+//! sent at that moment, which makes a duplicate (never a loss). A frame
 //! larger than `max_message_bytes` is refused before produce and counted (`too_large`);
 //! a frame the broker rejects for good (too large, invalid) is counted (`rejected`).
 //! Duplicates are possible only when Kafka stored a frame but its ack was lost (the frame is
 //! then spooled and sent again): at-least-once.
+//!
+//! # A spool that cannot be written
+//! A disk full, read-only or unwritable never stops the forwarder: a frame that cannot be
+//! spooled is dropped and counted (`spool_io_error`), `/healthz` says `degraded` with the error
+//! under `spool.error`, and while the link is up new frames go straight to Kafka (the backlog
+//! cannot grow anyway). A delivered spooled frame whose deletion fails is remembered and not
+//! sent again; its deletion is retried. Everything resumes by itself once the disk works.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -151,8 +166,16 @@ impl ForwarderConfig {
 /// Where a frame in flight came from.
 #[derive(Debug)]
 enum Origin {
-    Live,
+    /// A live frame, by its id in [`Forwarder::live`].
+    Live(u64),
     Spool(SpoolKey),
+}
+
+/// A live frame handed to librdkafka and not yet acknowledged.
+struct LiveFrame {
+    frame: Frame,
+    /// A copy is in the spool (the link was judged down while it waited).
+    spooled: bool,
 }
 
 /// A frame handed to librdkafka, returned to us with its delivery report.
@@ -204,15 +227,29 @@ enum Mode {
     Spooling,
 }
 
+fn make_producer(client: &rdkafka::ClientConfig, link: &Arc<LinkStatus>, tx: &Sender<Report>) -> Result<ThreadedProducer<ForwardContext>> {
+    client.create_with_context(ForwardContext { link: LinkContext::new(link.clone()), reports: tx.clone() }).context("creating the Kafka producer")
+}
+
 pub struct Forwarder {
     cfg: ForwarderConfig,
     producer: ThreadedProducer<ForwardContext>,
+    /// The producer's settings and report channel, to replace it after a fatal error.
+    client: rdkafka::ClientConfig,
+    report_tx: Sender<Report>,
+    recreate_at: Instant,
+    recreate_backoff: Duration,
+    /// Tests only (`FRAMELINK_TEST_FATAL_ERROR_AFTER`): inject a fatal producer error once this
+    /// many frames were acknowledged.
+    inject_fatal_after: Option<u64>,
     reports: Receiver<Report>,
     spool: Arc<dyn Spool>,
     metrics: Arc<Metrics>,
     link: Arc<LinkStatus>,
     mode: Mode,
-    live_in_flight: usize,
+    /// Live frames in librdkafka's hands, by id.
+    live: HashMap<u64, LiveFrame>,
+    next_live_id: u64,
     spool_in_flight: HashSet<SpoolKey>,
     cursor: Option<SpoolKey>,
     next_attempt: Instant,
@@ -220,6 +257,10 @@ pub struct Forwarder {
     last_ok: SystemTime,
     last_failure: Option<String>,
     spool_dirty: bool,
+    /// The last spool I/O error, while the spool keeps failing.
+    spool_error: Option<String>,
+    /// Spooled frames delivered whose deletion failed: not sent again, deletion retried.
+    undeleted: HashSet<SpoolKey>,
     last_flush: Instant,
     flush_every: Duration,
     backfill_budget: f64,
@@ -250,21 +291,25 @@ impl Forwarder {
             // librdkafka adds its own jitter (±20 %) to these.
             .set("reconnect.backoff.ms", "100")
             .set("reconnect.backoff.max.ms", "10000");
-        let producer: ThreadedProducer<ForwardContext> = client
-            .create_with_context(ForwardContext { link: LinkContext::new(link.clone()), reports: tx })
-            .context("creating the Kafka producer")?;
+        let producer = make_producer(&client, &link, &tx)?;
         let records = spool.stats().records;
         let mode = if records > 0 { Mode::Spooling } else { Mode::Direct };
         let backoff = Duration::from_millis(cfg.retry_min_ms);
         Ok(Self {
             cfg,
             producer,
+            client,
+            report_tx: tx,
+            recreate_at: Instant::now(),
+            recreate_backoff: Duration::from_millis(500),
+            inject_fatal_after: std::env::var("FRAMELINK_TEST_FATAL_ERROR_AFTER").ok().and_then(|v| v.parse().ok()),
             reports,
             spool,
             metrics,
             link,
             mode,
-            live_in_flight: 0,
+            live: HashMap::new(),
+            next_live_id: 0,
             spool_in_flight: HashSet::new(),
             cursor: None,
             next_attempt: Instant::now(),
@@ -272,6 +317,8 @@ impl Forwarder {
             last_ok: SystemTime::now(),
             last_failure: None,
             spool_dirty: false,
+            spool_error: None,
+            undeleted: HashSet::new(),
             last_flush: Instant::now(),
             flush_every,
             backfill_budget: 0.0,
@@ -319,10 +366,12 @@ impl Forwarder {
         }
         let direct = match self.mode {
             Mode::Direct => true,
-            Mode::Spooling => self.cfg.live_first && self.link_looks_up(),
+            // A spool that cannot be written cannot hold a backlog: with the link up, send.
+            Mode::Spooling => (self.cfg.live_first || self.spool_error.is_some()) && self.link_looks_up(),
         };
         if direct {
-            self.produce(Pending { origin: Origin::Live, frame })
+            self.next_live_id += 1;
+            self.produce(Pending { origin: Origin::Live(self.next_live_id), frame })
         } else {
             self.to_spool(&frame, "backlog")
         }
@@ -336,13 +385,16 @@ impl Forwarder {
         let key = p.frame.meta.key();
         let headers = p.frame.meta.to_kafka_headers();
         let payload = p.frame.payload.clone();
+        let live = match &p.origin {
+            Origin::Live(id) => Some((*id, p.frame.clone())),
+            Origin::Spool(_) => None,
+        };
         let boxed = Box::new(p);
-        let live = matches!(boxed.origin, Origin::Live);
         let record = BaseRecord::with_opaque_to(&self.cfg.topic, boxed).key(&key).payload(payload.as_ref()).headers(headers);
         match self.producer.send(record) {
             Ok(()) => {
-                if live {
-                    self.live_in_flight += 1;
+                if let Some((id, frame)) = live {
+                    self.live.insert(id, LiveFrame { frame, spooled: false });
                 }
                 Ok(())
             }
@@ -353,8 +405,8 @@ impl Forwarder {
                     tracing::warn!(error = %e, "Produce refused; spooling.");
                 }
                 match p.origin {
-                    Origin::Live => {
-                        self.enter_spooling(reason);
+                    Origin::Live(_) => {
+                        self.enter_spooling(reason)?;
                         self.to_spool(&p.frame, reason)
                     }
                     Origin::Spool(key) => {
@@ -369,9 +421,50 @@ impl Forwarder {
         }
     }
 
+    /// A spool operation failed: the forwarder goes on (see the module doc).
+    fn spool_failed(&mut self, what: &str, e: &anyhow::Error) {
+        let error = format!("{what}: {e:#}");
+        if self.spool_error.is_none() {
+            tracing::error!(error, "Spool I/O error: frames that cannot be spooled are dropped and counted (spool_io_error).");
+        }
+        self.metrics.set_spool_error(Some(error.clone()));
+        self.spool_error = Some(error);
+    }
+
+    fn spool_ok(&mut self) {
+        if self.spool_error.take().is_some() {
+            tracing::info!("Spool writable again.");
+            self.metrics.set_spool_error(None);
+        }
+    }
+
+    /// Deletes a delivered (or refused) spooled frame; if that fails, it is remembered so it
+    /// is not sent again, and deleted later.
+    fn remove_from_spool(&mut self, key: &SpoolKey) {
+        match self.spool.remove(key) {
+            Ok(_) => {
+                self.undeleted.remove(key);
+            }
+            Err(e) => {
+                self.spool_failed("deleting a delivered frame", &e);
+                self.undeleted.insert(key.clone());
+            }
+        }
+    }
+
     fn to_spool(&mut self, frame: &Frame, reason: &str) -> Result<()> {
         let camera = &frame.meta.camera_id;
-        let out = self.spool.push(frame)?;
+        let out = match self.spool.push(frame) {
+            Ok(out) => {
+                self.spool_ok();
+                out
+            }
+            Err(e) => {
+                self.spool_failed("writing a frame", &e);
+                self.metrics.add_reason(&self.metrics.dropped, camera, "spool_io_error", 1);
+                return Ok(());
+            }
+        };
         if out.stored {
             self.metrics.add_reason(&self.metrics.spooled, camera, reason, 1);
             self.metrics.spool_written_bytes.inc_by(frame.payload.len() as u64);
@@ -383,21 +476,83 @@ impl Forwarder {
         Ok(())
     }
 
-    fn enter_spooling(&mut self, why: &str) {
+    /// The link is judged down: new frames go to the spool, and so do copies of the live frames
+    /// librdkafka still holds (flushed at once), so that a crash during the outage cannot lose
+    /// them.
+    fn enter_spooling(&mut self, why: &str) -> Result<()> {
         if self.mode == Mode::Direct {
             tracing::warn!(reason = why, "Kafka link degraded: spooling frames to disk.");
         }
         self.mode = Mode::Spooling;
+        let waiting: Vec<Frame> = self.live.values_mut().filter(|l| !l.spooled).map(|l| {
+            l.spooled = true;
+            l.frame.clone()
+        }).collect();
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(frames = waiting.len(), "Unacknowledged frames copied to the spool.");
+        for frame in &waiting {
+            match self.spool.push(frame) {
+                Ok(out) => {
+                    self.spool_ok();
+                    if out.stored {
+                        self.metrics.add_reason(&self.metrics.spooled, &frame.meta.camera_id, "unacknowledged", 1);
+                        self.metrics.spool_written_bytes.inc_by(frame.payload.len() as u64);
+                    }
+                    for (cam, n, why) in out.dropped {
+                        self.metrics.add_reason(&self.metrics.dropped, &cam, why.as_str(), n);
+                    }
+                    if !out.stored {
+                        self.unmark_copied(frame);
+                    }
+                }
+                Err(e) => {
+                    // Still in librdkafka's hands: spooled (or counted) if its delivery fails.
+                    self.spool_failed("copying an unacknowledged frame", &e);
+                    self.unmark_copied(frame);
+                }
+            }
+        }
+        self.flush_spool();
+        Ok(())
+    }
+
+    /// The copy of a live frame did not make it into the spool.
+    fn unmark_copied(&mut self, frame: &Frame) {
+        for l in self.live.values_mut() {
+            if l.frame.meta.seq == frame.meta.seq && l.frame.meta.camera_id == frame.meta.camera_id {
+                l.spooled = false;
+            }
+        }
+    }
+
+    fn flush_spool(&mut self) {
+        match self.spool.flush() {
+            Ok(()) => self.spool_dirty = false,
+            Err(e) => self.spool_failed("flushing", &e),
+        }
+        self.last_flush = Instant::now();
     }
 
     fn on_report(&mut self, p: Pending, res: Result<(), KafkaError>) -> Result<()> {
         let camera = p.frame.meta.camera_id.clone();
-        match (&p.origin, &res) {
-            (Origin::Live, _) => self.live_in_flight -= 1,
-            (Origin::Spool(key), _) => {
+        // A live frame whose copy is in the spool already.
+        let spooled_copy = match &p.origin {
+            Origin::Live(id) => self.live.remove(id).is_some_and(|l| l.spooled).then(|| SpoolKey::new(&camera, p.frame.meta.seq)),
+            Origin::Spool(key) => {
                 self.spool_in_flight.remove(key);
+                None
             }
-        }
+        };
+        // Its copy is not needed (delivered, or refused for good) unless being sent right now.
+        let drop_copy = |this: &mut Self| {
+            if let Some(key) = &spooled_copy
+                && !this.spool_in_flight.contains(key)
+            {
+                this.remove_from_spool(key);
+            }
+        };
         match res {
             Ok(()) => {
                 self.metrics.inc(&self.metrics.sent, &camera);
@@ -409,15 +564,17 @@ impl Forwarder {
                 }
                 self.backoff = Duration::from_millis(self.cfg.retry_min_ms);
                 if let Origin::Spool(key) = &p.origin {
-                    self.spool.remove(key)?;
+                    self.remove_from_spool(key);
                 }
+                drop_copy(self);
             }
             Err(e) if permanent(&e) => {
                 tracing::error!(camera, seq = p.frame.meta.seq, error = %e, "Kafka rejected the frame for good: dropped.");
                 self.metrics.add_reason(&self.metrics.dropped, &camera, "rejected", 1);
                 if let Origin::Spool(key) = &p.origin {
-                    self.spool.remove(key)?;
+                    self.remove_from_spool(key);
                 }
+                drop_copy(self);
             }
             Err(e) => {
                 let why = match self.link.diagnosis() {
@@ -428,9 +585,10 @@ impl Forwarder {
                     tracing::warn!(camera, seq = p.frame.meta.seq, error = %why, "Delivery failed; frame kept in the spool.");
                 }
                 self.last_failure = Some(why);
-                self.enter_spooling("delivery_failed");
+                self.enter_spooling("delivery_failed")?;
                 match p.origin {
-                    Origin::Live => self.to_spool(&p.frame, "delivery_failed")?,
+                    Origin::Live(_) if spooled_copy.is_some() => {} // in the spool already
+                    Origin::Live(_) => self.to_spool(&p.frame, "delivery_failed")?,
                     Origin::Spool(_) => self.schedule_retry(),
                 }
             }
@@ -445,8 +603,51 @@ impl Forwarder {
         self.cursor = None;
     }
 
+    /// A fatal librdkafka error (e.g. an idempotence sequence error after a leader change)
+    /// leaves the producer refusing every send until it is replaced: the frames it held come
+    /// back as failed deliveries and go to the spool (they were copied there already), a new
+    /// producer sends them. Counted in `producer_recreated`.
+    fn replace_fatal_producer(&mut self) -> Result<()> {
+        if let Some(n) = self.inject_fatal_after
+            && self.metrics.total("frames_sent") >= n
+        {
+            self.inject_fatal_after = None;
+            tracing::warn!("FRAMELINK_TEST_FATAL_ERROR_AFTER: injecting a fatal producer error.");
+            let reason = c"injected by FRAMELINK_TEST_FATAL_ERROR_AFTER";
+            // SAFETY: a live producer handle and a NUL-terminated string; librdkafka copies it.
+            unsafe {
+                rdkafka::bindings::rd_kafka_test_fatal_error(self.producer.client().native_ptr(), rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER, reason.as_ptr());
+            }
+        }
+        let Some((code, reason)) = self.producer.client().fatal_error() else { return Ok(()) };
+        if Instant::now() < self.recreate_at {
+            return Ok(());
+        }
+        self.last_failure = Some(format!("fatal producer error {code:?}: {reason}"));
+        self.enter_spooling("producer_fatal")?;
+        match make_producer(&self.client, &self.link, &self.report_tx) {
+            Ok(new) => {
+                tracing::error!(error = ?code, reason, "Fatal Kafka producer error: the producer is replaced; its frames are in the spool.");
+                self.metrics.producer_recreated.inc();
+                self.recreate_backoff = Duration::from_millis(500);
+                let old = std::mem::replace(&mut self.producer, new);
+                // Its frames come back as failed deliveries (purged) on the report channel.
+                old.purge(PurgeConfig::default().queue().inflight());
+                drop(old);
+                self.next_attempt = Instant::now();
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot create a new Kafka producer after a fatal error.");
+                self.recreate_at = Instant::now() + self.recreate_backoff;
+                self.recreate_backoff = (self.recreate_backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+        Ok(())
+    }
+
     /// Periodic work: notice a dead link, drain, flush, export state.
     fn maintain(&mut self) -> Result<()> {
+        self.replace_fatal_producer()?;
         // librdkafka reports unreachable brokers / TLS failures long before message timeouts.
         if let Some(d) = self.link.diagnosis() {
             // Not every disconnect: a broker closing an idle connection ("in state UP") is
@@ -455,16 +656,24 @@ impl Forwarder {
             if serious && d.at > self.last_ok && self.mode == Mode::Direct {
                 tracing::error!(error = %d, "Kafka unreachable: spooling frames to disk.");
                 self.last_failure = Some(d.to_string());
-                self.enter_spooling(d.kind.as_str());
+                self.enter_spooling(d.kind.as_str())?;
             }
         }
         if self.mode == Mode::Spooling {
             self.drain()?;
         }
         if self.spool_dirty && self.last_flush.elapsed() >= self.flush_every {
-            self.spool.flush()?;
-            self.spool_dirty = false;
-            self.last_flush = Instant::now();
+            self.flush_spool();
+        }
+        // Deletions that failed, and a spool that failed: try again now and then.
+        if (!self.undeleted.is_empty() || self.spool_error.is_some()) && self.last_flush.elapsed() >= Duration::from_secs(1) {
+            for key in self.undeleted.clone() {
+                self.remove_from_spool(&key);
+            }
+            self.flush_spool();
+            if self.undeleted.is_empty() && self.spool_error.is_some() && self.spool.probe().is_ok() {
+                self.spool_ok();
+            }
         }
         let stats = self.spool.stats();
         self.metrics.spool_records.set(stats.records as i64);
@@ -483,7 +692,7 @@ impl Forwarder {
     }
 
     fn drain(&mut self) -> Result<()> {
-        if Instant::now() < self.next_attempt || (!self.cfg.live_first && self.live_in_flight > 0) {
+        if Instant::now() < self.next_attempt || (!self.cfg.live_first && !self.live.is_empty()) {
             return Ok(());
         }
         let mut room = self.cfg.drain_window.saturating_sub(self.spool_in_flight.len());
@@ -501,7 +710,14 @@ impl Forwarder {
         if room == 0 {
             return Ok(());
         }
-        let batch = self.spool.read_after(self.cursor.as_ref(), room + self.spool_in_flight.len())?;
+        let batch = match self.spool.read_after(self.cursor.as_ref(), room + self.spool_in_flight.len() + self.undeleted.len()) {
+            Ok(b) => b,
+            Err(e) => {
+                self.spool_failed("reading", &e);
+                self.schedule_retry();
+                return Ok(());
+            }
+        };
         if batch.is_empty() {
             // Back to Direct only once the link is known to work: with the link down and an
             // empty spool, new frames keep going to the spool and serve as probes.
@@ -522,7 +738,7 @@ impl Forwarder {
                 break;
             }
             self.cursor = Some(key.clone());
-            if self.spool_in_flight.contains(&key) {
+            if self.spool_in_flight.contains(&key) || self.undeleted.contains(&key) {
                 continue;
             }
             match frame {
@@ -539,7 +755,7 @@ impl Forwarder {
                     tracing::error!(record = %key, reason, "Damaged spool record skipped.");
                     self.metrics.add_reason(&self.metrics.dropped, &camera, "spool_damaged", 1);
                     self.spool.note_damaged();
-                    self.spool.remove(&key)?;
+                    self.remove_from_spool(&key);
                 }
             }
         }
@@ -550,23 +766,23 @@ impl Forwarder {
         // With the link down, waiting cannot help: spool at once.
         let grace = if self.last_failure.is_some() { Duration::ZERO } else { grace };
         let deadline = Instant::now() + grace;
-        tracing::info!(in_flight = self.live_in_flight + self.spool_in_flight.len(), "Forwarder stopping: waiting for acknowledgements.");
-        while self.live_in_flight + self.spool_in_flight.len() > 0 && Instant::now() < deadline {
+        tracing::info!(in_flight = self.live.len() + self.spool_in_flight.len(), "Forwarder stopping: waiting for acknowledgements.");
+        while self.live.len() + self.spool_in_flight.len() > 0 && Instant::now() < deadline {
             if let Ok((p, res)) = self.reports.recv_timeout(Duration::from_millis(100)) {
                 self.on_report(*p, res)?;
             }
         }
-        if self.live_in_flight + self.spool_in_flight.len() > 0 {
+        if self.live.len() + self.spool_in_flight.len() > 0 {
             // Give the frames back from librdkafka (purged reports arrive as errors) and spool them.
             self.producer.purge(PurgeConfig::default().queue().inflight());
             let until = Instant::now() + Duration::from_secs(5);
-            while self.live_in_flight + self.spool_in_flight.len() > 0 && Instant::now() < until {
+            while self.live.len() + self.spool_in_flight.len() > 0 && Instant::now() < until {
                 if let Ok((p, res)) = self.reports.recv_timeout(Duration::from_millis(100)) {
                     self.on_report(*p, res)?;
                 }
             }
         }
-        self.spool.flush()?;
+        self.flush_spool();
         self.maintain()?;
         tracing::info!(spooled = self.spool.stats().records, "Forwarder stopped.");
         Ok(())

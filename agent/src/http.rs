@@ -46,7 +46,7 @@ impl HttpConfig {
 pub fn health_json(m: &Metrics) -> serde_json::Value {
     let h = m.health.lock().expect("health lock").clone();
     let cameras_ok = h.cameras.values().all(|s| s == "up" || s == "finished");
-    let status = if h.link == LinkState::Up && cameras_ok { "ok" } else { "degraded" };
+    let status = if h.link == LinkState::Up && cameras_ok && h.spool_error.is_none() { "ok" } else { "degraded" };
     serde_json::json!({
         "status": status,
         "link": h.link.as_str(),
@@ -56,6 +56,7 @@ pub fn health_json(m: &Metrics) -> serde_json::Value {
             "bytes": m.spool_bytes.get(),
             "max_bytes": h.spool_max_bytes,
             "damaged": m.spool_damaged.get(),
+            "error": h.spool_error,
         },
         "cameras": h.cameras,
     })

@@ -52,6 +52,7 @@ pub struct Metrics {
     pub spool_bytes: Gauge,
     pub spool_damaged: Gauge,
     pub spool_written_bytes: Counter,
+    pub producer_recreated: Counter,
     pub link_up: Gauge,
     pub link_state: Family<Labels, Gauge>,
     pub camera_up: Family<Labels, Gauge>,
@@ -70,6 +71,9 @@ pub struct Health {
     pub link_error: Option<String>,
     pub cameras: BTreeMap<String, String>,
     pub spool_max_bytes: u64,
+    /// The last spool I/O error (disk full, read-only, permissions) while it lasts; `None`
+    /// once the spool works again.
+    pub spool_error: Option<String>,
 }
 
 fn labels(pairs: &[(&'static str, &str)]) -> Labels {
@@ -89,6 +93,7 @@ impl Metrics {
             spool_bytes: Gauge::default(),
             spool_damaged: Gauge::default(),
             spool_written_bytes: Counter::default(),
+            producer_recreated: Counter::default(),
             link_up: Gauge::default(),
             link_state: Family::default(),
             camera_up: Family::default(),
@@ -99,6 +104,7 @@ impl Metrics {
                 link_error: None,
                 cameras: BTreeMap::new(),
                 spool_max_bytes,
+                spool_error: None,
             }),
             heartbeat: Arc::default(),
             registry: Registry::default(),
@@ -112,6 +118,7 @@ impl Metrics {
         registry.register("spool_bytes", "Disk space the spool occupies (bytes)", m.spool_bytes.clone());
         registry.register("spool_damaged", "Damaged spool records or indexes found since start", m.spool_damaged.clone());
         registry.register("spool_written_bytes", "Frame bytes written to the spool since start", m.spool_written_bytes.clone());
+        registry.register("producer_recreated", "Kafka producers replaced after a fatal librdkafka error", m.producer_recreated.clone());
         registry.register("link_up", "1 when frames go straight to Kafka", m.link_up.clone());
         registry.register("link_state", "1 for the current link state (up, down, draining)", m.link_state.clone());
         registry.register("camera_up", "1 while the camera delivers frames", m.camera_up.clone());
@@ -140,6 +147,10 @@ impl Metrics {
         let mut h = self.health.lock().expect("health lock");
         h.link = state;
         h.link_error = error;
+    }
+
+    pub fn set_spool_error(&self, error: Option<String>) {
+        self.health.lock().expect("health lock").spool_error = error;
     }
 
     pub fn set_camera(&self, camera: &str, up: bool, detail: &str) {

@@ -122,6 +122,7 @@ pub fn run_camera(
     const MIN: Duration = Duration::from_millis(500);
     const MAX: Duration = Duration::from_secs(30);
     let mut backoff = MIN;
+    let mut reservation_error: Option<String> = None;
     tracing::info!(camera = id, source = source.describe(), "Camera starting.");
     'reopen: while !shutdown.load(Ordering::Relaxed) {
         if let Err(e) = source.open() {
@@ -139,12 +140,34 @@ pub fn run_camera(
         while !shutdown.load(Ordering::Relaxed) {
             match source.next_frame() {
                 Ok(c) => {
-                    let seq = match seqs.next(id) {
-                        Ok(s) => s,
+                    // A disk that refuses the reservation does not stop the camera: numbers left
+                    // in the reserved block are used; past it, frames are dropped (counted) until
+                    // the disk takes the write again.
+                    let seq = match seqs.next_checked(id) {
+                        Ok(n) => {
+                            match (&n.unreserved, &reservation_error) {
+                                (Some(e), None) => {
+                                    tracing::error!(camera = id, error = %e, "Cannot reserve sequence numbers; using the numbers reserved before.");
+                                    reservation_error = Some(e.to_string());
+                                }
+                                (None, Some(_)) => {
+                                    tracing::info!(camera = id, "Sequence numbers reserved again.");
+                                    reservation_error = None;
+                                    metrics.set_camera(id, true, "up");
+                                }
+                                _ => {}
+                            }
+                            n.seq
+                        }
                         Err(e) => {
-                            tracing::error!(camera = id, error = %e, "Cannot reserve sequence numbers: camera stopped.");
-                            metrics.set_camera(id, false, &format!("stopped: {e}"));
-                            return;
+                            if reservation_error.is_none() {
+                                tracing::error!(camera = id, error = %e, "Cannot reserve sequence numbers: frames are dropped (sequence_io_error) until the disk takes the write.");
+                            }
+                            reservation_error = Some(e.to_string());
+                            metrics.set_camera(id, false, &format!("dropping frames: cannot reserve sequence numbers: {e}"));
+                            metrics.inc(&metrics.captured, id);
+                            metrics.add_reason(&metrics.dropped, id, "sequence_io_error", 1);
+                            continue;
                         }
                     };
                     metrics.inc(&metrics.captured, id);

@@ -53,7 +53,10 @@ pub fn run(v: Validated) -> Result<()> {
     for t in threads {
         let _ = t.join();
     }
-    seqs.close().context("recording sequence numbers")?;
+    if let Err(e) = seqs.close() {
+        // The next start then resumes above the reserved bound (a gap, never a reuse).
+        tracing::warn!(error = %e, "Cannot record the exact next sequence numbers; the next start skips to the reserved bound.");
+    }
     framelink_common::systemd::stopping();
     tracing::info!(
         captured = metrics.total("frames_captured"),

@@ -6,6 +6,12 @@
 //! a crash the camera resumes at the recorded bound, so a number is never reused; the cost is
 //! a gap of at most one block. A clean shutdown records the exact next number, so a restart
 //! leaves no gap.
+//!
+//! The next block is reserved when half of the current one is left, so a disk that refuses
+//! writes (full, read-only) does not stop a camera at once: it keeps numbering for at least
+//! `BLOCK / 2` frames while [`SequenceStore::next`] reports each failed reservation
+//! ([`Next::unreserved`]); only past the recorded bound does it refuse numbers (the caller
+//! drops those frames, counted), and it reserves again as soon as the disk takes the write.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -26,6 +32,14 @@ pub enum SequenceError {
     },
     #[error("sequence file {}: content {content:?} is not a number", path.display())]
     Corrupt { path: PathBuf, content: String },
+}
+
+/// A number, and the reservation error if the disk refused the next block (the number itself
+/// is from the block reserved before, so it is safe to use).
+#[derive(Debug)]
+pub struct Next {
+    pub seq: u64,
+    pub unreserved: Option<SequenceError>,
 }
 
 #[derive(Debug)]
@@ -83,22 +97,33 @@ impl SequenceStore {
         Ok(())
     }
 
-    /// The next number for `camera`; reserves a new block on disk when needed.
+    /// The next number for `camera`; reserves the next block on disk when half of the current
+    /// one is used. Fails only when no reserved number is left and the reservation fails.
     pub fn next(&self, camera: &str) -> Result<u64, SequenceError> {
+        self.next_checked(camera).map(|n| n.seq)
+    }
+
+    /// As [`next`](Self::next), also saying whether a reservation failed (numbers left from
+    /// the block reserved earlier are still handed out).
+    pub fn next_checked(&self, camera: &str) -> Result<Next, SequenceError> {
         let mut cams = self.cameras.lock().expect("sequence lock");
         if !cams.contains_key(camera) {
             let start = self.read(camera)?;
             cams.insert(camera.to_owned(), Camera { next: start, reserved: start });
         }
         let c = cams.get_mut(camera).expect("inserted above");
-        if c.next >= c.reserved {
+        let mut unreserved = None;
+        if c.reserved.saturating_sub(c.next) <= BLOCK / 2 {
             let bound = c.next + BLOCK;
-            self.write(camera, bound)?;
-            c.reserved = bound;
+            match self.write(camera, bound) {
+                Ok(()) => c.reserved = bound,
+                Err(e) if c.next < c.reserved => unreserved = Some(e),
+                Err(e) => return Err(e),
+            }
         }
         let n = c.next;
         c.next += 1;
-        Ok(n)
+        Ok(Next { seq: n, unreserved })
     }
 
     /// Records each camera's exact next number (clean shutdown: no gap on restart).
@@ -131,6 +156,33 @@ mod tests {
         let s = SequenceStore::open(dir.path()).unwrap();
         assert_eq!(s.next("a").unwrap(), 5 + BLOCK, "after a crash the reserved block is skipped, never reused");
         assert_eq!(s.next("b").unwrap(), 1);
+    }
+
+    #[test]
+    fn a_refused_reservation_uses_the_reserved_numbers_left_and_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SequenceStore::open(dir.path()).unwrap();
+        for _ in 0..BLOCK / 2 {
+            s.next("cam").unwrap();
+        }
+        // The disk refuses writes: the temporary file's path is taken by a directory.
+        let tmp = dir.path().join(".cam.next.tmp");
+        fs::create_dir(&tmp).unwrap();
+        let n = s.next_checked("cam").unwrap();
+        assert_eq!(n.seq, BLOCK / 2, "numbers keep coming from the reserved block");
+        assert!(n.unreserved.is_some(), "the failed reservation is reported");
+        for _ in 0..BLOCK / 2 - 1 {
+            s.next("cam").unwrap();
+        }
+        let e = s.next("cam").unwrap_err();
+        assert!(e.to_string().contains("cam.next"), "past the recorded bound: refused, naming the file: {e}");
+        // The disk takes writes again: numbering continues without a reuse or a stop.
+        fs::remove_dir(&tmp).unwrap();
+        let n = s.next_checked("cam").unwrap();
+        assert_eq!((n.seq, n.unreserved.is_none()), (BLOCK, true));
+        drop(s); // crash
+        let s = SequenceStore::open(dir.path()).unwrap();
+        assert!(s.next("cam").unwrap() > BLOCK, "after a crash, above every number used");
     }
 
     #[test]

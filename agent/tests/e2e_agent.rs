@@ -296,3 +296,159 @@ async fn t7_live_first_sends_new_frames_first_and_backfills_the_rest() {
     seqs.sort();
     assert_contiguous(&seqs, 0, "every frame exactly once (in some order)");
 }
+
+/// Frames handed to librdkafka just before the broker went away must not die with the agent:
+/// once the link is judged down they are copied to the spool. Broker SIGKILLed under two
+/// 30 fps cameras, the agent SIGKILLed 3 s into the outage, both restarted: every frame
+/// captured before the crash, except the last flush window and the encoder queue, arrives.
+#[tokio::test(flavor = "multi_thread")]
+async fn t8_frames_in_flight_when_the_link_fails_survive_an_agent_crash() {
+    let _g = serial();
+    init_tracing();
+    let broker = Broker::private().unwrap();
+    let topic = rand_topic("agent-inflight");
+    broker.create_topic(&topic, 2).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cams = synthetic("a", 640, 360, 30, 100_000) + &synthetic("b", 640, 360, 30, 100_000);
+    // A long message timeout: without the fix, unacknowledged frames would wait in memory for it.
+    let body = body("dev-8", &broker.mtls(), &topic, dir.path(), &cams, "").replace("message_timeout_ms = 10000", "message_timeout_ms = 30000");
+    let mut agent = Agent::agent(AGENT, dir.path(), &body);
+    agent.start();
+    agent.wait_for("frames flowing", Duration::from_secs(30), |a| a.metric("frames_sent_total", &[]) >= 120.0);
+    broker.kill().unwrap();
+    agent.wait_for("the agent to notice", Duration::from_secs(30), |a| a.healthz()["link"] == "down");
+    std::thread::sleep(Duration::from_secs(3));
+    let captured: Vec<u64> = ["a", "b"].iter().map(|c| agent.metric("frames_captured_total", &[&format!("camera=\"{c}\"")]) as u64).collect();
+    agent.kill();
+    broker.start().unwrap();
+    agent.start();
+    agent.wait_for("the spool drained", Duration::from_secs(120), |a| {
+        a.metric("spool_records", &[]) == 0.0 && a.healthz()["link"] == "up" && a.metric("frames_sent_total", &[]) >= 60.0
+    });
+    agent.stop();
+    let got = arrived(&broker.mtls(), &topic).await;
+    // Allowed loss at a crash: the spool's flush window (100 ms here = 3 frames at 30 fps) and
+    // the encoder queue (2 frames), plus one frame of slack for the metric read before the kill.
+    let window = 6;
+    for (cam, n) in ["a", "b"].iter().zip(captured) {
+        let seen: std::collections::BTreeSet<u64> = got.seqs(cam).iter().copied().collect();
+        let missing: Vec<u64> = (0..n.saturating_sub(window)).filter(|s| !seen.contains(s)).collect();
+        println!("t8: camera {cam}: {n} captured before the crash, {} missing, {} duplicates", missing.len(), got.seqs(cam).len() - seen.len());
+        assert!(missing.is_empty(), "camera {cam}: frames captured before the crash never arrived: {missing:?}");
+    }
+}
+
+/// A small file system (tmpfs) of the test's own under the spool, unmounted when dropped.
+struct SmallFs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    fn mount(size: &str) -> SmallFs {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir.path()).output().expect("running mount");
+        assert!(out.status.success(), "this test mounts a size-limited tmpfs (needs root, as CI has): {}", String::from_utf8_lossy(&out.stderr));
+        SmallFs { dir }
+    }
+
+    /// Fills the file system with a ballast file until it refuses more.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.dir.path().join("ballast")).unwrap();
+        let chunk = vec![0xA5u8; 64 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(self.dir.path().join("ballast")).unwrap();
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.dir.path()).status();
+    }
+}
+
+/// The disk under the spool fills up: live frames keep flowing while the link is up; during an
+/// outage frames that cannot be spooled are dropped and counted (`spool_io_error`), `/healthz`
+/// names the error, the agent neither stops nor crash-loops, and once space returns it spools
+/// and drains again. Every captured frame is delivered or counted as dropped.
+#[tokio::test(flavor = "multi_thread")]
+async fn t9_a_full_disk_under_the_spool_drops_counted_and_recovers_by_itself() {
+    let _g = serial();
+    init_tracing();
+    let fs = SmallFs::mount("24m");
+    let broker = Broker::private().unwrap();
+    let topic = rand_topic("agent-diskfull");
+    broker.create_topic(&topic, 1).await.unwrap();
+    let cams = synthetic("a", 640, 360, 30, 100_000) + &synthetic("b", 640, 360, 30, 100_000);
+    let body = body("dev-9", &broker.mtls(), &topic, fs.dir.path(), &cams, "").replace("[spool]\n", "[spool]\nmax_bytes = \"256 MiB\"\n");
+    let logs = tempfile::tempdir().unwrap();
+    let mut agent = Agent::agent(AGENT, logs.path(), &body);
+    agent.start();
+    agent.wait_for("frames flowing", Duration::from_secs(30), |a| a.metric("frames_sent_total", &[]) >= 60.0);
+    // 1. Disk full, link up: frames still go straight to Kafka.
+    fs.fill();
+    let sent = agent.metric("frames_sent_total", &[]);
+    agent.wait_for("frames flowing on a full disk", Duration::from_secs(30), |a| a.metric("frames_sent_total", &[]) >= sent + 60.0);
+    // 2. Disk full and the link down: counted drops, a named error, the agent keeps running.
+    broker.stop().unwrap();
+    agent.wait_for("spool I/O errors counted", Duration::from_secs(60), |a| a.metric("frames_dropped_total", &["reason=\"spool_io_error\""]) >= 30.0);
+    let health = agent.healthz();
+    assert_eq!(health["status"], "degraded", "{health}");
+    assert!(health["spool"]["error"].as_str().is_some_and(|e| !e.is_empty()), "the spool error is reported: {health}");
+    // 3. Space returns: spooling resumes by itself, the error clears.
+    fs.free();
+    agent.wait_for("spooling again", Duration::from_secs(60), |a| a.healthz()["spool"]["error"].is_null() && a.metric("spool_records", &[]) >= 30.0);
+    // 4. The link returns: the spool drains.
+    broker.start().unwrap();
+    agent.wait_for("drained", Duration::from_secs(120), |a| a.metric("spool_records", &[]) == 0.0 && a.healthz()["link"] == "up");
+    let metrics = agent.metrics();
+    agent.stop();
+    let got = arrived(&broker.mtls(), &topic).await;
+    for cam in ["a", "b"] {
+        let m = |name: &str, filter: &str| -> f64 { metrics.iter().filter(|(k, _)| k.starts_with(name) && k.contains(&format!("camera=\"{cam}\"")) && k.contains(filter)).map(|(_, v)| v).sum() };
+        let captured = m("framelink_agent_frames_captured_total", "");
+        let dropped = m("framelink_agent_frames_dropped_total", "");
+        let io = m("framelink_agent_frames_dropped_total", "spool_io_error");
+        let unique: std::collections::BTreeSet<u64> = got.seqs(cam).iter().copied().collect();
+        println!("t9: camera {cam}: captured {captured} (at the last scrape), delivered {} unique, dropped {dropped} ({io} spool_io_error)", unique.len());
+        assert!(io > 0.0, "camera {cam}: drops while the disk was full are counted");
+        // Frames captured after the last scrape may have arrived too: delivered + dropped ≥ captured.
+        assert!(unique.len() as f64 + dropped >= captured, "camera {cam}: every captured frame is delivered or counted as dropped");
+        let max_seq = *unique.iter().max().unwrap();
+        let lost = (0..=max_seq).filter(|s| !unique.contains(s)).count() as f64;
+        assert!(lost <= dropped, "camera {cam}: {lost} sequence numbers missing in Kafka, only {dropped} counted as dropped");
+    }
+}
+
+/// A fatal librdkafka producer error (injected after 60 frames, as an idempotence sequence
+/// error after a leader change would raise it) makes that producer refuse every send: the agent
+/// replaces it, the frames it held go through the spool, and every frame arrives.
+#[tokio::test(flavor = "multi_thread")]
+async fn t10_a_fatal_producer_error_replaces_the_producer_and_loses_nothing() {
+    let _g = serial();
+    init_tracing();
+    let broker = Broker::shared();
+    let topic = rand_topic("agent-fatal");
+    broker.create_topic(&topic, 2).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cams = synthetic("a", 640, 360, 30, 150) + &synthetic("b", 320, 240, 30, 150);
+    let mut agent = Agent::agent(AGENT, dir.path(), &body("dev-10", &broker.mtls(), &topic, dir.path(), &cams, "")).env("FRAMELINK_TEST_FATAL_ERROR_AFTER", "60");
+    agent.start();
+    agent.wait_for("every frame sent, spool empty", Duration::from_secs(90), |a| {
+        a.metric("frames_sent_total", &[]) >= 300.0 && a.metric("spool_records", &[]) == 0.0 && a.healthz()["link"] == "up"
+    });
+    assert_eq!(agent.metric("producer_recreated_total", &[]), 1.0, "the producer was replaced once");
+    assert_eq!(agent.metric("frames_dropped_total", &[]), 0.0);
+    assert!(agent.log_text().contains("injecting a fatal producer error"));
+    agent.stop();
+    let got = arrived(&broker.mtls(), &topic).await;
+    for cam in ["a", "b"] {
+        let unique: std::collections::BTreeSet<u64> = got.seqs(cam).iter().copied().collect();
+        assert_eq!(unique, (0..150).collect(), "camera {cam}: every frame arrived");
+        println!("t10: camera {cam}: {} records for 150 frames", got.seqs(cam).len());
+    }
+}

@@ -202,6 +202,9 @@ pub trait Spool: Send + Sync {
     fn remove(&self, key: &SpoolKey) -> anyhow::Result<bool>;
     /// Flushes to disk and re-measures disk use.
     fn flush(&self) -> anyhow::Result<()>;
+    /// Checks that the spool's disk takes a write again (after an I/O error): writes, syncs and
+    /// deletes a small file.
+    fn probe(&self) -> anyhow::Result<()>;
     /// Counts a damaged record found while reading (the caller removes it).
     fn note_damaged(&self);
     fn stats(&self) -> SpoolStats;

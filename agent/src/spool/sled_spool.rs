@@ -676,6 +676,17 @@ impl Spool for SledSpool {
         self.inner.lock().expect("spool lock").damaged += 1;
     }
 
+    fn probe(&self) -> Result<()> {
+        let path = self.cfg.dir.join(".probe");
+        let result = (|| {
+            let mut f = File::create(&path)?;
+            std::io::Write::write_all(&mut f, &[0u8; 4096])?;
+            f.sync_all()
+        })();
+        let _ = std::fs::remove_file(&path);
+        result.with_context(|| format!("writing {}", path.display()))
+    }
+
     fn stats(&self) -> SpoolStats {
         let inner = self.inner.lock().expect("spool lock");
         SpoolStats { records: inner.records, disk_bytes: Self::disk(&inner), damaged: inner.damaged }
