@@ -72,7 +72,19 @@ impl AgentConfig {
         config.validate().with_context(|| format!("config file {}", path.display()))
     }
 
+    /// As [`load`](Self::load) for `run`: a certificate outside its validity period by this
+    /// device's clock (no RTC before NTP) is a warning, not a refusal to start — capture and
+    /// spooling go on and `/healthz` reports the TLS failure; `check-config` still fails on it.
+    pub fn load_for_run(path: &Path) -> Result<Validated> {
+        let config: AgentConfig = config_file::load(path)?;
+        config.validate_with(framelink_common::tls_files::ValidityCheck::WarnOnly).with_context(|| format!("config file {}", path.display()))
+    }
+
     pub fn validate(self) -> Result<Validated> {
+        self.validate_with(framelink_common::tls_files::ValidityCheck::Enforce)
+    }
+
+    fn validate_with(self, check: framelink_common::tls_files::ValidityCheck) -> Result<Validated> {
         wire::check_id(header::DEVICE, &self.device.id).context("config key `device.id`")?;
         if self.cameras.is_empty() {
             // `cameras = []`: a drain-only agent that forwards an existing spool.
@@ -89,7 +101,7 @@ impl AgentConfig {
         self.spool.validate()?;
         self.forwarder.validate()?;
         self.http.addr()?;
-        let kafka = self.kafka.validate("kafka")?;
+        let kafka = self.kafka.validate_with("kafka", check)?;
         Ok(Validated { config: self, kafka })
     }
 }

@@ -64,7 +64,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             println!("this build has no V4L2 support (cargo feature `v4l2`, Linux only)");
             Ok(())
         }
-        Command::Run { config } => framelink_agent::run::run(config::AgentConfig::load(&config)?),
+        Command::Run { config } => framelink_agent::run::run(config::AgentConfig::load_for_run(&config)?),
         Command::CheckConfig { config, connect } => {
             let v = config::AgentConfig::load(&config)?;
             println!(

@@ -452,3 +452,31 @@ async fn t10_a_fatal_producer_error_replaces_the_producer_and_loses_nothing() {
         println!("t10: camera {cam}: {} records for 150 frames", got.seqs(cam).len());
     }
 }
+
+/// A device clock behind the client certificate's start (a board without RTC before NTP):
+/// `check-config` refuses, naming the certificate and the clock; `run` starts anyway, captures
+/// and spools, and reports the TLS failure on `/healthz`.
+#[tokio::test(flavor = "multi_thread")]
+async fn t11_a_certificate_not_yet_valid_by_the_device_clock_does_not_stop_capture() {
+    let _g = serial();
+    init_tracing();
+    let broker = Broker::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = framelink_testkit::rogue_identity_valid_from(dir.path(), 2).unwrap();
+    let mut kafka = broker.mtls();
+    kafka.tls.ca = Some(ca);
+    kafka.tls.certificate = Some(cert);
+    kafka.tls.key = Some(key);
+    let topic = rand_topic("agent-clock");
+    let mut agent = Agent::agent(AGENT, dir.path(), &body("dev-11", &kafka, &topic, dir.path(), &synthetic("cam", 320, 240, 10, 100_000), ""));
+    let check = std::process::Command::new(AGENT).args(["check-config", "--config"]).arg(dir.path().join("agent.toml")).output().unwrap();
+    let out = format!("{}{}", String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
+    assert!(!check.status.success() && out.contains("not valid yet") && out.contains("tls.certificate"), "check-config fails hard: {out}");
+    agent.start();
+    agent.wait_for("frames spooled, TLS failure reported", Duration::from_secs(60), |a| {
+        let h = a.healthz();
+        a.metric("spool_records", &[]) >= 20.0 && h["link"] == "down" && h["link_error"].as_str().is_some()
+    });
+    assert!(agent.log_text().contains("validity period"), "the clock problem is logged");
+    agent.stop();
+}

@@ -556,3 +556,80 @@ async fn w13_a_fatal_producer_error_replaces_the_producer_and_loses_nothing() {
     assert!(dlq.is_empty(), "a producer failure is not the frames' fault: nothing dead-lettered");
     println!("w13: {} results for 120 inputs across a producer replacement", results.len());
 }
+
+/// Frames from four cameras at 12 frames/s with their capture time, for `seconds`; `at(t)`
+/// runs after each tick (t in seconds since the start) to kill or start workers.
+async fn live_load(b: &Broker, topic: &str, seconds: u64, mut at: impl FnMut(f64)) -> u64 {
+    let jpeg = testdata("rocket.jpg");
+    let h = turbojpeg::read_header(&jpeg).unwrap();
+    let p = Producer::new(&b.plaintext()).unwrap();
+    let start = std::time::Instant::now();
+    let mut sent = 0u64;
+    while start.elapsed() < Duration::from_secs(seconds) {
+        let mut meta = test_meta("live", &format!("c{}", sent % 4), sent / 4);
+        (meta.width, meta.height) = (h.width as u32, h.height as u32);
+        meta.capture_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+        p.send_frame(topic, &meta, &jpeg).await.unwrap();
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(83)).await;
+        at(start.elapsed().as_secs_f64());
+    }
+    sent
+}
+
+/// Largest capture → processed time over all results: how long frames waited for a partition
+/// owner.
+fn worst_latency_ms(results: &[OwnedMessage]) -> u64 {
+    results.iter().filter_map(|m| header(m, "framelink-latency-ms")?.parse().ok()).max().unwrap_or(0)
+}
+
+/// Takeover after a crash, measured: with static membership a worker SIGKILLed and restarted
+/// 3 s later takes its partitions back at once (the group's 30 s session timeout does not
+/// matter); a worker that never comes back hands its partitions over after the session timeout
+/// (6 s here). Frames wait about that long, and none is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn w14_takeover_after_a_crash_restart_and_gone_for_good() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    init_tracing();
+    let b = Broker::shared();
+    for (what, session_ms, restart) in [("w14a", 30_000, true), ("w14b", 6_000, false)] {
+        let t = topics(b, what, 4).await;
+        let body = worker_body(&b.plaintext(), &t, &format!("g-{what}"), "resize:160x120", "").replace("session_timeout_ms = 6000", &format!("session_timeout_ms = {session_ms}"));
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut w1 = Daemon::worker(WORKER, d1.path(), &body).env("FRAMELINK__WORKER__ID", &format!("{what}-1"));
+        let mut w2 = Daemon::worker(WORKER, d2.path(), &body).env("FRAMELINK__WORKER__ID", &format!("{what}-2"));
+        w1.start();
+        w1.wait_for("one assigned", Duration::from_secs(60), |w| w.log_text().contains("Partitions assigned."));
+        w2.start();
+        w2.wait_for("two assigned", Duration::from_secs(60), |w| w.log_text().contains("Partitions assigned."));
+        std::thread::sleep(Duration::from_secs(2)); // the rebalance settles
+        let mut killed = false;
+        let mut restarted = false;
+        let sent = live_load(b, &t.frames, 16, |s| {
+            if s >= 4.0 && !killed {
+                w1.kill();
+                killed = true;
+            }
+            if restart && s >= 7.0 && !restarted {
+                w1.start();
+                restarted = true;
+            }
+        })
+        .await;
+        let expected: BTreeSet<(String, u64)> = (0..sent).map(|i| (format!("c{}", i % 4), i / 4)).collect();
+        let results = wait_for_results(b, &t.results, &expected).await;
+        let unique: BTreeSet<_> = result_ids(&results).into_iter().collect();
+        assert_eq!(unique, expected, "{what}: every frame processed");
+        let worst = worst_latency_ms(&results);
+        println!("{what}: session timeout {session_ms} ms, {}: worst capture -> processed {worst} ms over {sent} frames", if restart { "restarted after 3 s" } else { "never back" });
+        if restart {
+            assert!(worst < 10_000, "{what}: the restarted static member took its partitions back at once ({worst} ms), not after the 30 s session timeout");
+        } else {
+            assert!(worst < 15_000, "{what}: partitions of a worker gone for good moved after the 6 s session timeout ({worst} ms)");
+        }
+        w2.stop();
+        if restart {
+            w1.stop();
+        }
+    }
+}

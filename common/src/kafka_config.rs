@@ -358,6 +358,13 @@ impl KafkaConfig {
     /// Validates the settings. `section` is the config table they came from (e.g. `kafka`),
     /// used to name keys in errors.
     pub fn validate(&self, section: &str) -> Result<KafkaSettings, KafkaConfigError> {
+        self.validate_with(section, tls_files::ValidityCheck::Enforce)
+    }
+
+    /// As [`validate`](Self::validate), with certificates outside their validity period (by
+    /// this machine's clock) only warned about: the edge agent's `run`, which must capture and
+    /// spool on a device whose clock is wrong until NTP sets it.
+    pub fn validate_with(&self, section: &str, check: tls_files::ValidityCheck) -> Result<KafkaSettings, KafkaConfigError> {
         let key = |k: &str| format!("{section}.{k}");
         let invalid = |k: &str, reason: String| KafkaConfigError::Invalid { key: key(k), reason };
         let file = |k: &str| {
@@ -399,17 +406,17 @@ impl KafkaConfig {
         }
 
         let cas = match &tls.ca {
-            Some(p) => Some(tls_files::load_ca(p).map_err(file("tls.ca"))?),
+            Some(p) => Some(tls_files::load_ca_with(p, check).map_err(file("tls.ca"))?),
             None => None,
         };
         match (&tls.certificate, &tls.key) {
             (Some(cert), Some(key_path)) => {
                 let client_ca = match &tls.client_ca {
-                    Some(p) => Some((p, tls_files::load_ca(p).map_err(file("tls.client_ca"))?)),
+                    Some(p) => Some((p, tls_files::load_ca_with(p, check).map_err(file("tls.client_ca"))?)),
                     None => tls.ca.as_ref().zip(cas.clone()),
                 };
                 let issuer = client_ca.as_ref().map(|(p, c)| (p.as_path(), c.as_slice()));
-                tls_files::check_client_identity(cert, key_path, issuer).map_err(|e| {
+                tls_files::check_client_identity_with(cert, key_path, issuer, check).map_err(|e| {
                     let k = if e.path == *key_path { "tls.key" } else if e.path == *cert { "tls.certificate" } else { "tls.client_ca" };
                     file(k)(e)
                 })?;

@@ -76,6 +76,11 @@ fn now_unix() -> i64 {
         .unwrap_or(0)
 }
 
+/// The start of the certificate's validity (Unix seconds), if it parses.
+fn not_before(cert: &CertificateDer<'_>) -> Option<i64> {
+    x509_parser::parse_x509_certificate(cert.as_ref()).ok().map(|(_, c)| c.validity().not_before.timestamp())
+}
+
 /// Fails if the certificate is expired or not yet valid at `now` (Unix seconds).
 pub fn check_validity_at(path: &Path, cert: &CertificateDer<'_>, now: i64) -> Result<(), TlsFileError> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
@@ -127,6 +132,17 @@ pub fn check_signed_by(
     ca_path: &Path,
     cas: &[CertificateDer<'static>],
 ) -> Result<(), TlsFileError> {
+    check_signed_by_at(cert_path, certs, ca_path, cas, UnixTime::now())
+}
+
+/// As [`check_signed_by`], verifying the chain as of `at`.
+fn check_signed_by_at(
+    cert_path: &Path,
+    certs: &[CertificateDer<'static>],
+    ca_path: &Path,
+    cas: &[CertificateDer<'static>],
+    at: UnixTime,
+) -> Result<(), TlsFileError> {
     let anchors = cas
         .iter()
         .map(|ca| {
@@ -143,7 +159,7 @@ pub fn check_signed_by(
             algorithms.all,
             &anchors,
             &certs[1..],
-            UnixTime::now(),
+            at,
             webpki::KeyUsage::client_auth(),
             None,
             None,
@@ -183,12 +199,36 @@ pub fn warn_if_readable_by_others(path: &Path, what: &str) {
     let _ = (path, what);
 }
 
+/// Whether a certificate outside its validity period (by this machine's clock) is an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ValidityCheck {
+    /// Expired or not yet valid is an error (`check-config`, the worker).
+    Enforce,
+    /// Logged as a warning only: an edge device without a real-time clock boots in the past
+    /// until NTP sets it, and must capture and spool meanwhile (TLS fails until then).
+    WarnOnly,
+}
+
+fn validity(path: &Path, cert: &CertificateDer<'_>, check: ValidityCheck) -> Result<(), TlsFileError> {
+    match check_validity_at(path, cert, now_unix()) {
+        Err(e) if check == ValidityCheck::WarnOnly && !e.reason.starts_with("not a valid") => {
+            tracing::warn!(file = %e.path.display(), reason = e.reason, "Certificate outside its validity period by this machine's clock: starting anyway (capture and spooling go on; TLS to Kafka fails until the clock or the certificate is right). `check-config` treats this as an error.");
+            Ok(())
+        }
+        r => r,
+    }
+}
+
 /// Reads a CA bundle and checks each CA is currently valid.
 pub fn load_ca(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsFileError> {
+    load_ca_with(path, ValidityCheck::Enforce)
+}
+
+/// As [`load_ca`], with the validity period checked as `check` says.
+pub fn load_ca_with(path: &Path, check: ValidityCheck) -> Result<Vec<CertificateDer<'static>>, TlsFileError> {
     let cas = read_certificates(path)?;
-    let now = now_unix();
     for ca in &cas {
-        check_validity_at(path, ca, now)?;
+        validity(path, ca, check)?;
     }
     Ok(cas)
 }
@@ -200,13 +240,29 @@ pub fn check_client_identity(
     key_path: &Path,
     issuer: Option<(&Path, &[CertificateDer<'static>])>,
 ) -> Result<(), TlsFileError> {
+    check_client_identity_with(cert_path, key_path, issuer, ValidityCheck::Enforce)
+}
+
+/// As [`check_client_identity`], with the validity period checked as `check` says.
+pub fn check_client_identity_with(
+    cert_path: &Path,
+    key_path: &Path,
+    issuer: Option<(&Path, &[CertificateDer<'static>])>,
+    check: ValidityCheck,
+) -> Result<(), TlsFileError> {
     let certs = read_certificates(cert_path)?;
     let key = read_private_key(key_path)?;
     warn_if_readable_by_others(key_path, "private key");
-    check_validity_at(cert_path, &certs[0], now_unix())?;
+    validity(cert_path, &certs[0], check)?;
     check_key_matches(cert_path, &certs, key_path, &key)?;
     if let Some((ca_path, cas)) = issuer {
-        check_signed_by(cert_path, &certs, ca_path, cas)?;
+        // With a clock that may be wrong (WarnOnly), the chain is checked as of a moment the
+        // certificate is valid: its start. The signature and issuer still have to match.
+        let at = match check {
+            ValidityCheck::Enforce => UnixTime::now(),
+            ValidityCheck::WarnOnly => not_before(&certs[0]).filter(|nb| *nb > now_unix()).map_or_else(UnixTime::now, |nb| UnixTime::since_unix_epoch(std::time::Duration::from_secs(nb as u64 + 1))),
+        };
+        check_signed_by_at(cert_path, &certs, ca_path, cas, at)?;
     }
     Ok(())
 }
@@ -333,6 +389,22 @@ mod tests {
         let (new, new_key) = (write(&f.dir, "new.pem", &new), write(&f.dir, "new.key", &new_key));
         let e = check_client_identity(&new, &new_key, Some((&ca_path, &cas))).unwrap_err();
         assert!(e.reason.contains("not valid yet"), "{e}");
+    }
+
+    /// A device clock before the certificate's start (a board without RTC before NTP): the
+    /// agent's `run` starts anyway (with a warning); a bad key still fails.
+    #[test]
+    fn warn_only_lets_a_not_yet_valid_identity_through_but_not_a_broken_one() {
+        let f = good();
+        let ca_ = ca("third");
+        let ca_path = write(&f.dir, "ca3.pem", &ca_.cert_pem);
+        let cas = load_ca(&ca_path).unwrap();
+        let (new, new_key) = client(&ca_, 2, 30);
+        let (new, new_key) = (write(&f.dir, "new.pem", &new), write(&f.dir, "new.key", &new_key));
+        check_client_identity_with(&new, &new_key, Some((&ca_path, &cas)), ValidityCheck::WarnOnly).unwrap();
+        let (_, other_key) = client(&ca("y"), -1, 30);
+        let other_key = write(&f.dir, "other.key", &other_key);
+        assert!(check_client_identity_with(&new, &other_key, Some((&ca_path, &cas)), ValidityCheck::WarnOnly).is_err(), "a key of another certificate still fails");
     }
 
     #[test]

@@ -442,6 +442,12 @@ pub fn test_meta(device: &str, camera: &str, seq: u64) -> FrameMeta {
 /// A client identity (CA, certificate, key) from a CA the broker does not know, written to
 /// `dir` as `rogue-ca.pem`, `rogue-client.pem`, `rogue-client.key`.
 pub fn rogue_identity(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    rogue_identity_valid_from(dir, 0)
+}
+
+/// As [`rogue_identity`], with the client certificate valid only from `days` days from now (a
+/// device whose clock is behind, as a board without RTC before NTP).
+pub fn rogue_identity_valid_from(dir: &Path, days: i64) -> Result<(PathBuf, PathBuf, PathBuf)> {
     use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.distinguished_name.push(rcgen::DnType::CommonName, "rogue CA");
@@ -453,6 +459,11 @@ pub fn rogue_identity(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.distinguished_name.push(rcgen::DnType::CommonName, "rogue-client");
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    if days != 0 {
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now + time::Duration::days(days);
+        params.not_after = now + time::Duration::days(days + 365);
+    }
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer)?;
     let paths = (dir.join("rogue-ca.pem"), dir.join("rogue-client.pem"), dir.join("rogue-client.key"));
