@@ -335,3 +335,83 @@ mod tests {
         }
     }
 }
+
+/// Exactly-once: outputs Kafka refused inside a transaction, by input. The transaction is
+/// aborted and the partitions rewound; when the input comes again its outputs are replaced by
+/// a dead letter (`output_refused`), in the next transaction. A refused dead letter keeps its
+/// partition paused for a backoff before the next try, so the worker never loops aborting on
+/// the same record.
+#[derive(Default)]
+pub struct Poisoned {
+    by_input: Mutex<HashMap<(Tp, i64), PoisonedInput>>,
+}
+
+/// What was refused for one input.
+#[derive(Clone, Debug)]
+pub struct PoisonedInput {
+    pub kind: OutputKind,
+    pub topic: String,
+    pub error: String,
+    /// Refusals of its dead letter so far.
+    pub dead_letter_refusals: u32,
+}
+
+impl Poisoned {
+    /// Notes a refusal for input `offset` of `tp`.
+    pub fn refused(&self, tp: &Tp, offset: i64, kind: OutputKind, topic: &str, error: String) {
+        let mut m = self.by_input.lock().unwrap();
+        let e = m.entry((tp.clone(), offset)).or_insert_with(|| PoisonedInput { kind, topic: topic.to_owned(), error: error.clone(), dead_letter_refusals: 0 });
+        if kind == OutputKind::DeadLetter {
+            e.dead_letter_refusals += 1;
+            e.error = error;
+        } else if e.kind != OutputKind::DeadLetter {
+            (e.kind, e.topic, e.error) = (kind, topic.to_owned(), error);
+        }
+    }
+
+    pub fn get(&self, tp: &Tp, offset: i64) -> Option<PoisonedInput> {
+        self.by_input.lock().unwrap().get(&(tp.clone(), offset)).cloned()
+    }
+
+    /// The input's dead letter was accepted: forgotten; returns whether it had been refused.
+    pub fn accepted(&self, tp: &Tp, offset: i64) -> Option<PoisonedInput> {
+        self.by_input.lock().unwrap().remove(&(tp.clone(), offset))
+    }
+
+    /// Partitions whose dead letters were refused, with the refusal count (for the backoff).
+    pub fn stalled(&self) -> Vec<(Tp, u32)> {
+        let m = self.by_input.lock().unwrap();
+        let mut v: Vec<(Tp, u32)> = m.iter().filter(|(_, p)| p.dead_letter_refusals > 0).map(|((tp, _), p)| (tp.clone(), p.dead_letter_refusals)).collect();
+        v.sort();
+        v.dedup_by(|a, b| a.0 == b.0);
+        v
+    }
+
+    pub fn forget(&self, tps: &[Tp]) {
+        self.by_input.lock().unwrap().retain(|(tp, _), _| !tps.contains(tp));
+    }
+}
+
+#[cfg(test)]
+mod poisoned_tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_output_then_its_refused_dead_letter_are_remembered_per_input() {
+        let p = Poisoned::default();
+        let tp: Tp = ("frames".into(), 1);
+        p.refused(&tp, 5, OutputKind::Result, "out", "too large".into());
+        let e = p.get(&tp, 5).unwrap();
+        assert_eq!((e.kind, e.topic.as_str(), e.dead_letter_refusals), (OutputKind::Result, "out", 0));
+        assert!(p.stalled().is_empty(), "a refused result is dead-lettered, not stalled");
+        p.refused(&tp, 5, OutputKind::DeadLetter, "dlq", "denied".into());
+        p.refused(&tp, 5, OutputKind::DeadLetter, "dlq", "denied".into());
+        assert_eq!(p.get(&tp, 5).unwrap().kind, OutputKind::Result, "the original refusal stays the reason");
+        assert_eq!(p.stalled(), vec![(tp.clone(), 2)]);
+        assert_eq!(p.accepted(&tp, 5).unwrap().dead_letter_refusals, 2);
+        assert!(p.get(&tp, 5).is_none() && p.stalled().is_empty());
+        p.refused(&tp, 6, OutputKind::Event, "ev", "x".into());
+        p.forget(std::slice::from_ref(&tp));
+        assert!(p.get(&tp, 6).is_none());
+    }
+}

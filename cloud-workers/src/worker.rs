@@ -95,6 +95,8 @@ struct ProduceContext {
     /// mode a refusal aborts the transaction instead (`None`).
     refusals: Option<Sender<Refusal>>,
     stalls: Arc<Stalls>,
+    /// Exactly-once: refusals inside a transaction, by input.
+    poisoned: Arc<crate::publish::Poisoned>,
 }
 
 impl ClientContext for ProduceContext {
@@ -113,6 +115,14 @@ impl ProducerContext for ProduceContext {
             Ok(_) => {
                 self.metrics.outputs.get_or_create(&vec![("kind", out.kind.as_str().to_owned())]).inc();
                 self.metrics.last_output_ns.store(crate::metrics::now_ns(), Ordering::Relaxed);
+                if out.kind == OutputKind::DeadLetter
+                    && self.refusals.is_none()
+                    && self.poisoned.accepted(&out.job.tp, out.job.offset).is_some_and(|p| p.dead_letter_refusals > 0)
+                    && self.stalls.resolve(&out.job.tp)
+                {
+                    tracing::info!(topic = out.job.tp.0, partition = out.job.tp.1, offset = out.job.offset, "Dead letter accepted; the partition resumes.");
+                    self.metrics.stalled_partitions.set(self.stalls.count() as i64);
+                }
                 if out.attempt > 0 && self.stalls.resolve(&out.job.tp) {
                     tracing::info!(topic = out.job.tp.0, partition = out.job.tp.1, offset = out.job.offset, attempts = out.attempt + 1, "Dead letter accepted; the partition resumes.");
                     self.metrics.stalled_partitions.set(self.stalls.count() as i64);
@@ -128,6 +138,17 @@ impl ProducerContext for ProduceContext {
                 if !resend {
                     tracing::error!(topic = m.topic(), input_partition = job.tp.1, input_offset = job.offset, kind = out.kind.as_str(), error = %e, "Output refused by Kafka.");
                     self.metrics.outputs_refused.get_or_create(&vec![("kind", out.kind.as_str().to_owned())]).inc();
+                }
+                if self.refusals.is_none() && !resend {
+                    // Exactly-once: the transaction aborts; the input comes again and is then
+                    // dead-lettered (or, its dead letter refused, waits with its partition).
+                    self.poisoned.refused(&job.tp, job.offset, out.kind, m.topic(), e.to_string());
+                    if out.kind == OutputKind::DeadLetter {
+                        self.metrics.dead_letters_refused.inc();
+                        let first = self.poisoned.get(&job.tp, job.offset).is_some_and(|p| p.dead_letter_refusals == 1);
+                        self.stalls.add(&job.tp, format!("dead-letter topic {} refuses records: {e}", m.topic()), first);
+                        self.metrics.stalled_partitions.set(self.stalls.count() as i64);
+                    }
                 }
                 if let Some(tx) = &self.refusals {
                     let record = OutRecord {
@@ -159,6 +180,7 @@ pub struct ConsumeContext {
     refresh_limits: OnceLock<Sender<()>>,
     stalls: Arc<Stalls>,
     revocations: Arc<crate::motion::Revocations>,
+    poisoned: OnceLock<Arc<crate::publish::Poisoned>>,
 }
 
 /// A processed record and its outputs, waiting for its turn (exactly-once).
@@ -226,6 +248,9 @@ impl ConsumerContext for ConsumeContext {
             self.tracker.forget(&tps);
             self.stalls.forget(&tps);
             self.revocations.revoked(&tps);
+            if let Some(p) = self.poisoned.get() {
+                p.forget(&tps);
+            }
             self.metrics.stalled_partitions.set(self.stalls.count() as i64);
             if let Some(txn) = self.txn.get() {
                 txn.order.forget(&tps);
@@ -342,10 +367,11 @@ pub fn run(v: Validated, shutdown: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Re
     // the refusals thread. Exactly-once: a refusal aborts the transaction.
     let (refusals_tx, refusals_rx) = crossbeam_channel::unbounded::<Refusal>();
     let refusals = (!exactly_once).then_some(refusals_tx);
+    let poisoned = Arc::new(crate::publish::Poisoned::default());
     let make_producer = {
-        let (link, committer, metrics, refusals, stalls) = (link.clone(), committer.clone(), metrics.clone(), refusals.clone(), stalls.clone());
+        let (link, committer, metrics, refusals, stalls, poisoned) = (link.clone(), committer.clone(), metrics.clone(), refusals.clone(), stalls.clone(), poisoned.clone());
         move || -> Result<Arc<ThreadedProducer<ProduceContext>>> {
-            let context = ProduceContext { link: LinkContext::new(link.clone()), committer: committer.clone(), metrics: metrics.clone(), refusals: refusals.clone(), stalls: stalls.clone() };
+            let context = ProduceContext { link: LinkContext::new(link.clone()), committer: committer.clone(), metrics: metrics.clone(), refusals: refusals.clone(), stalls: stalls.clone(), poisoned: poisoned.clone() };
             Ok(Arc::new(pc.create_with_context(context).context("creating the Kafka producer")?))
         }
     };
@@ -396,7 +422,9 @@ pub fn run(v: Validated, shutdown: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Re
         refresh_limits: OnceLock::new(),
         stalls: stalls.clone(),
         revocations: Arc::new(crate::motion::Revocations::default()),
+        poisoned: OnceLock::new(),
     };
+    let _ = context.poisoned.set(poisoned.clone());
     let _ = context.refresh_limits.set(refresh_limits);
     let consumer: Arc<BaseConsumer<ConsumeContext>> = Arc::new(cc.create_with_context(context).context("creating the Kafka consumer")?);
     *committer.consumer.lock().unwrap() = Some(consumer.clone());
@@ -424,7 +452,7 @@ pub fn run(v: Validated, shutdown: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Re
     for i in 0..threads {
         let (tx, rx) = crossbeam_channel::bounded::<Arc<Job>>(4);
         queues.push(tx);
-        let (producers, tracker, committer, metrics, txn, refusals) = (producers.clone(), tracker.clone(), committer.clone(), metrics.clone(), txn.clone(), refusals.clone());
+        let (producers, tracker, committer, metrics, txn, refusals, poisoned) = (producers.clone(), tracker.clone(), committer.clone(), metrics.clone(), txn.clone(), refusals.clone(), poisoned.clone());
         let mut processor = Processor::new(cfg.worker.pipeline_ops()?, cfg.worker.max_pixels, cfg.worker.jpeg_quality, cfg.worker.events_only, cfg.motion.clone());
         if let Some(g) = &gpu {
             processor = processor.with_gpu(g.clone());
@@ -433,7 +461,16 @@ pub fn run(v: Validated, shutdown: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Re
         let publishing = Publishing { out: cfg.output.clone(), worker: id.clone(), spec: cfg.worker.pipeline.clone(), limits: limits.clone() };
         handles.push(std::thread::Builder::new().name(format!("process-{i}")).spawn(move || {
             for job in rx {
-                let records = process(&job, &mut processor, &metrics, &publishing);
+                let mut records = process(&job, &mut processor, &metrics, &publishing);
+                // Exactly-once: an input whose output Kafka refused in an aborted transaction.
+                if let Some(p) = poisoned.get(&job.tp, job.offset) {
+                    let detail = format!("topic {} refused the {}: {}", p.topic, p.kind.as_str(), p.error);
+                    if p.dead_letter_refusals == 0 {
+                        tracing::warn!(input_partition = job.tp.1, input_offset = job.offset, detail, "Frame dead-lettered.");
+                        metrics.dead_letters.get_or_create(&vec![("reason", "output_refused".to_owned())]).inc();
+                    }
+                    records = if p.kind == OutputKind::DeadLetter { records } else { vec![dead_letter(&job, &publishing.out.dlq_topic, "output_refused", &detail, &publishing.worker)] };
+                }
                 let Some(t) = &txn else {
                     send(&job, records, &producers.get(), &tracker, &committer, &metrics, refusals.as_ref());
                     continue;
@@ -451,7 +488,16 @@ pub fn run(v: Validated, shutdown: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Re
     let interval = Duration::from_millis(cfg.worker.transaction_ms);
     let reset_to_end = cfg.consumer.auto_offset_reset == "latest";
     let mut failure = None;
+    // Exactly-once: partitions paused after a refused dead letter, until when.
+    let mut paused_until: Vec<(Instant, Tp)> = Vec::new();
     while !shutdown.load(Ordering::Relaxed) {
+        paused_until.retain(|(until, tp)| {
+            let due = *until <= Instant::now();
+            if due {
+                committer.pause(tp, false);
+            }
+            !due
+        });
         heartbeat.beat();
         let polled = consumer.poll(Duration::from_millis(100));
         if let Some(n) = inject_fatal_after
@@ -493,7 +539,16 @@ pub fn run(v: Validated, shutdown: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Re
         if let Some(t) = &txn {
             match t.take_rewind(&consumer, reset_to_end) {
                 Ok(false) => {}
-                Ok(true) => continue, // `polled` is from before the rewind: it comes again
+                Ok(true) => {
+                    // Partitions whose dead letters Kafka refused wait before the next try.
+                    for (tp, refusals) in poisoned.stalled() {
+                        let wait = crate::publish::backoff(refusals.saturating_sub(1));
+                        tracing::error!(topic = tp.0, partition = tp.1, retry_in_ms = wait.as_millis() as u64, "Dead letter refused in a transaction: the partition waits before the next try.");
+                        committer.pause(&tp, true);
+                        paused_until.push((Instant::now() + wait, tp));
+                    }
+                    continue; // `polled` is from before the rewind: it comes again
+                }
                 Err(e) => {
                     failure = Some(anyhow::anyhow!("exactly-once: rewinding after an abort: {e}"));
                     break;

@@ -633,3 +633,67 @@ async fn w14_takeover_after_a_crash_restart_and_gone_for_good() {
         }
     }
 }
+
+/// Exactly-once: an output Kafka refuses inside a transaction aborts it once; the input comes
+/// again and is dead-lettered in the next transaction (no endless abort loop). A refused dead
+/// letter keeps its partition waiting with backoff (`degraded`, `stalled`) until the topic is
+/// fixed. read_committed readers see every frame once, as a result or a dead letter.
+#[tokio::test(flavor = "multi_thread")]
+async fn w15_exactly_once_refused_outputs_are_dead_lettered_without_an_abort_loop() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    init_tracing();
+    let b = Broker::shared();
+    let t = topics(b, "w15", 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "delivery = \"exactly-once\"\ntransaction_ms = 200\n";
+    let mut w = Daemon::worker(WORKER, dir.path(), &worker_body(&b.plaintext(), &t, "g-w15", "grayscale", extra)).env("FRAMELINK__WORKER__ID", "eos-refused");
+    w.start();
+    w.wait_for("assigned", Duration::from_secs(60), |w| w.log_text().contains("Partitions assigned."));
+    b.alter_topic(&t.results, &[("max.message.bytes", "2000")]).await.unwrap();
+    produce_frames(&b.plaintext(), &t.frames, 4, 0).await;
+    // The 4 dead letters committed (read_committed), then no further aborts: no loop.
+    let mut committed = 0;
+    for _ in 0..20 {
+        committed = consume_all(&b.plaintext(), &t.dlq, Duration::from_secs(2)).await.unwrap().len();
+        if committed >= 4 {
+            break;
+        }
+    }
+    assert_eq!(committed, 4, "the refused results' frames are dead-lettered and committed");
+    let aborts = w.metric("transactions_aborted_total", &[]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(w.metric("transactions_aborted_total", &[]), aborts, "no more aborts once dead-lettered ({aborts} for 4 refused results)");
+    assert!(aborts <= 8.0, "a few aborts, not a loop: {aborts}");
+    // The dead-letter topic refuses too: the partition waits.
+    b.alter_topic(&t.dlq, &[("max.message.bytes", "2000")]).await.unwrap();
+    produce_frames(&b.plaintext(), &t.frames, 4, 4).await;
+    w.wait_for("a refused dead letter", Duration::from_secs(60), |w| w.metric("dead_letters_refused_total", &[]) >= 1.0);
+    let health = w.healthz();
+    assert_eq!(health["status"], "degraded", "{health}");
+    assert!(health["stalled"].to_string().contains(&t.dlq), "{health}");
+    std::thread::sleep(Duration::from_secs(4));
+    let aborts_stalled = w.metric("transactions_aborted_total", &[]);
+    b.alter_topic(&t.dlq, &[("max.message.bytes", "16777216")]).await.unwrap();
+    b.alter_topic(&t.results, &[("max.message.bytes", "16777216")]).await.unwrap();
+    w.wait_for("resumed", Duration::from_secs(120), |w| w.metric("stalled_partitions", &[]) == 0.0 && w.metric("in_flight", &[]) == 0.0 && w.healthz()["status"] == "ok");
+    produce_frames(&b.plaintext(), &t.frames, 4, 8).await;
+    w.wait_for("12 handled", Duration::from_secs(60), |w| w.metric("frames_out_total", &[]) >= 4.0 && w.metric("in_flight", &[]) == 0.0 && w.metric("outputs_total", &["kind=\"result\""]) >= 4.0);
+    std::thread::sleep(Duration::from_secs(1));
+    w.stop();
+    println!("w15: {aborts} aborts for 4 refused results; {aborts_stalled} aborts by the end of a 4 s+ stall (backoff 1, 2, 4 s)");
+    let dlq = consume_all(&b.plaintext(), &t.dlq, Duration::from_secs(3)).await.unwrap();
+    let results = consume_all(&b.plaintext(), &t.results, Duration::from_secs(3)).await.unwrap();
+    let mut accounted = result_ids(&results);
+    for m in &dlq {
+        assert_eq!(header(m, "framelink-error"), Some("output_refused"));
+        let meta = frame_meta(m).unwrap();
+        accounted.push((meta.camera_id, meta.seq));
+    }
+    accounted.sort();
+    let mut expected: Vec<(String, u64)> = (0..12u64).map(|i| (format!("c{}", i % 4), i / 4)).collect();
+    expected.sort();
+    assert_eq!(accounted, expected, "read_committed: every frame once, as a result or a dead letter");
+    // Frames 0-3 and the one whose dead letter stalled are dead letters; the others of 4-7 may
+    // be results (their result was not refused before the topics were fixed).
+    assert!((5..=8).contains(&dlq.len()), "{} dead letters", dlq.len());
+}
