@@ -480,3 +480,33 @@ async fn t11_a_certificate_not_yet_valid_by_the_device_clock_does_not_stop_captu
     assert!(agent.log_text().contains("validity period"), "the clock problem is logged");
     agent.stop();
 }
+
+/// A second agent on a running agent's spool directory refuses to start, naming the directory
+/// and the running agent's pid, and touches nothing: the first goes on delivering.
+#[tokio::test(flavor = "multi_thread")]
+async fn t12_a_second_agent_on_the_same_spool_refuses_to_start() {
+    let _g = serial();
+    init_tracing();
+    let broker = Broker::shared();
+    let topic = rand_topic("agent-twice");
+    broker.create_topic(&topic, 1).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::agent(AGENT, dir.path(), &body("dev-12", &broker.mtls(), &topic, dir.path(), &synthetic("cam", 320, 240, 10, 100_000), ""));
+    agent.start();
+    agent.wait_for("frames flowing", Duration::from_secs(30), |a| a.metric("frames_sent_total", &[]) >= 10.0);
+    // The same config with another HTTP port: only the spool is shared.
+    let config = std::fs::read_to_string(dir.path().join("agent.toml")).unwrap();
+    let second = dir.path().join("second.toml");
+    let port = framelink_testkit::daemon::free_port();
+    let listen = config.lines().find(|l| l.starts_with("listen = ")).unwrap().to_string();
+    std::fs::write(&second, config.replace(&listen, &format!("listen = \"127.0.0.1:{port}\""))).unwrap();
+    let out = std::process::Command::new(AGENT).args(["run", "--config"]).arg(&second).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "the second agent must not run: {text}");
+    let spool = dir.path().join("spool");
+    assert!(text.contains(&spool.display().to_string()) && text.contains("in use by another framelink-agent (pid "), "names the directory and the other process: {text}");
+    let sent = agent.metric("frames_sent_total", &[]);
+    agent.wait_for("the first agent goes on", Duration::from_secs(30), |a| a.metric("frames_sent_total", &[]) >= sent + 10.0);
+    assert_eq!(agent.metric("spool_damaged", &[]), 0.0, "nothing was treated as damage");
+    agent.stop();
+}

@@ -663,7 +663,9 @@ async fn w15_exactly_once_refused_outputs_are_dead_lettered_without_an_abort_loo
     let aborts = w.metric("transactions_aborted_total", &[]);
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(w.metric("transactions_aborted_total", &[]), aborts, "no more aborts once dead-lettered ({aborts} for 4 refused results)");
-    assert!(aborts <= 8.0, "a few aborts, not a loop: {aborts}");
+    // A refused result aborts the transaction it is in; frames of later transactions are
+    // refused (and abort) in turn until each is remembered: a few aborts per frame at most.
+    assert!(aborts <= 12.0, "a few aborts, not a loop: {aborts}");
     // The dead-letter topic refuses too: the partition waits.
     b.alter_topic(&t.dlq, &[("max.message.bytes", "2000")]).await.unwrap();
     produce_frames(&b.plaintext(), &t.frames, 4, 4).await;
