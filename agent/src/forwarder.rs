@@ -261,6 +261,9 @@ pub struct Forwarder {
     spool_error: Option<String>,
     /// Spooled frames delivered whose deletion failed: not sent again, deletion retried.
     undeleted: HashSet<SpoolKey>,
+    /// Spool copies of live frames librdkafka still holds: not drained while the original is
+    /// in flight (that would send the frame twice); kept or deleted by the original's report.
+    copied: HashSet<SpoolKey>,
     last_flush: Instant,
     flush_every: Duration,
     backfill_budget: f64,
@@ -319,6 +322,7 @@ impl Forwarder {
             spool_dirty: false,
             spool_error: None,
             undeleted: HashSet::new(),
+            copied: HashSet::new(),
             last_flush: Instant::now(),
             flush_every,
             backfill_budget: 0.0,
@@ -497,6 +501,7 @@ impl Forwarder {
                 Ok(out) => {
                     self.spool_ok();
                     if out.stored {
+                        self.copied.insert(SpoolKey::new(&frame.meta.camera_id, frame.meta.seq));
                         self.metrics.add_reason(&self.metrics.spooled, &frame.meta.camera_id, "unacknowledged", 1);
                         self.metrics.spool_written_bytes.inc_by(frame.payload.len() as u64);
                     }
@@ -539,7 +544,7 @@ impl Forwarder {
         let camera = p.frame.meta.camera_id.clone();
         // A live frame whose copy is in the spool already.
         let spooled_copy = match &p.origin {
-            Origin::Live(id) => self.live.remove(id).is_some_and(|l| l.spooled).then(|| SpoolKey::new(&camera, p.frame.meta.seq)),
+            Origin::Live(id) => self.live.remove(id).is_some_and(|l| l.spooled).then(|| SpoolKey::new(&camera, p.frame.meta.seq)).filter(|k| self.copied.remove(k)),
             Origin::Spool(key) => {
                 self.spool_in_flight.remove(key);
                 None
@@ -738,7 +743,7 @@ impl Forwarder {
                 break;
             }
             self.cursor = Some(key.clone());
-            if self.spool_in_flight.contains(&key) || self.undeleted.contains(&key) {
+            if self.spool_in_flight.contains(&key) || self.undeleted.contains(&key) || self.copied.contains(&key) {
                 continue;
             }
             match frame {
