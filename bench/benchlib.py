@@ -12,7 +12,7 @@ import urllib.request
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMAGES = os.path.join(ROOT, "..", "shared", "testdata", "images")
+IMAGES = os.path.join(ROOT, "testdata", "images")
 QUIET_BROKER_LOGS = {"log_level": 3}
 
 

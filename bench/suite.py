@@ -2,7 +2,7 @@
 """framelink benchmark suite (issue #7), run by scripts/bench-suite against the local broker.
 
 Experiments (--only picks some):
-  1. producer settings sweep: 1080p JPEG frames made from ../shared/testdata/images, for each
+  1. producer settings sweep: 1080p JPEG frames made from testdata/images, for each
      (batch.size, linger.ms, compression) setting: framelink's producer (rdkafka, the agent's
      client: bench/src/bin/framelink-bench-producer.rs; as a ThreadedProducer and as a
      BaseProducer polled inline), the seeds' approach (Python
@@ -135,7 +135,7 @@ def producer_sweep(bootstrap, out_dir, quick, repeats):
     kcat_v = subprocess.run(["kcat", "-V"], capture_output=True, text=True).stdout.split("Version ", 1)[-1].split(" (")[0]
     import confluent_kafka
     lines = [
-        f"Producer settings sweep: {count} records of 1920x1080 JPEG (avg {avg_kb:.0f} KiB, {len(files)} photos from shared/testdata/images) "
+        f"Producer settings sweep: {count} records of 1920x1080 JPEG (avg {avg_kb:.0f} KiB, {len(files)} photos from testdata/images) "
         f"per cell, acks=all, idempotent, 1 partition, local broker (PLAINTEXT); median of {repeats} run(s).",
         f"Machine: {machine()}. librdkafka: framelink {rdkafka_version()} (rdkafka crate), confluent-kafka {confluent_kafka.version()} "
         f"(librdkafka {confluent_kafka.libversion()[0]}), kcat {kcat_v}.",

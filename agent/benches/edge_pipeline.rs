@@ -1,7 +1,7 @@
 //! Edge pipeline benchmark: the agent's frames/s from source to Kafka acknowledgement, next
 //! to raw libjpeg-turbo encode frames/s measured in the same run, and the agent's peak RSS.
 //!
-//! Frames: the photographs in ../shared/testdata/images, resized to 1920x1080 RGB and kept in
+//! Frames: the photographs in testdata/images, resized to 1920x1080 RGB and kept in
 //! memory (so the source costs nothing), replayed by one camera at up to 240 fps. The agent
 //! part runs the same pipeline, forwarder and spool code as `framelink-agent run`, against
 //! the local broker's mTLS listener (started if needed), in a child process so its peak RSS
@@ -28,7 +28,7 @@ const W: u32 = 1920;
 const H: u32 = 1080;
 
 fn frames() -> Vec<Bytes> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/images");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata/images");
     let mut paths: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "png" || e == "jpg")).collect();
     paths.sort();
     paths
@@ -154,7 +154,7 @@ fn main() {
     assert!(v.len() == 4, "agent phase failed: {}\n{}", text, String::from_utf8_lossy(&out.stderr));
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default().lines().find_map(|l| l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())).unwrap_or_default();
-    println!("framelink edge pipeline, 1920x1080 RGB from shared/testdata/images, JPEG q80 4:2:0 (avg {:.0} KB)", avg_jpeg / 1000.0);
+    println!("framelink edge pipeline, 1920x1080 RGB from testdata/images, JPEG q80 4:2:0 (avg {:.0} KB)", avg_jpeg / 1000.0);
     println!("machine: {cores} cores, {cpu}; libjpeg-turbo 3.1 (turbojpeg crate), librdkafka 2.12 (mTLS, acks=all, idempotent)");
     println!();
     println!("| measurement | frames/s |");

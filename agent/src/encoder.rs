@@ -327,7 +327,7 @@ mod tests {
     }
 
     fn photo_rgb() -> (Vec<u8>, u32, u32) {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/images/coffee.png");
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/images/coffee.png");
         let img = image::open(p).unwrap().into_rgb8();
         let (w, h) = img.dimensions();
         (img.into_raw(), w, h)
@@ -408,7 +408,7 @@ mod tests {
 
     #[test]
     fn mjpeg_passes_through_and_is_downscaled_when_asked() {
-        let jpeg = std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/images/rocket.jpg")).unwrap();
+        let jpeg = std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/images/rocket.jpg")).unwrap();
         let h = turbojpeg::read_header(&jpeg).unwrap();
         let f = raw(PixelFormat::Jpeg, h.width as u32, h.height as u32, 0, jpeg.clone());
         let mut e = Encoder::new(EncoderConfig::default()).unwrap();

@@ -4,7 +4,7 @@
 //! `cargo bench -p framelink-worker --bench worker_ops -- [--seconds S] [--input F.jpg]
 //! [--write-input F.jpg] [--tsv OUT.tsv]`
 //!
-//! Without `--input` the 1080p frame is made from ../shared/testdata/images/retina.jpg
+//! Without `--input` the 1080p frame is made from testdata/images/retina.jpg
 //! (Lanczos3 to 1920×1080, quality 85); `--write-input` saves it so that `bench/worker_ops.py`
 //! runs OpenCV and Pillow on the very same bytes. Each op runs for `--seconds` (default 2)
 //! after a warm-up; the table gives the median time per frame and frames/s on one thread.
@@ -26,7 +26,7 @@ fn arg(name: &str) -> Option<String> {
 }
 
 fn frame_1080p() -> Vec<u8> {
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/images/retina.jpg");
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata/images/retina.jpg");
     let jpeg = std::fs::read(&src).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
     let img: Img = Decoder::new().decode(&jpeg, u64::MAX, None).expect("decoding retina.jpg");
     let img = resize(&img, 1920, 1080).expect("resize to 1080p");

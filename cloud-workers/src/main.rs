@@ -52,7 +52,7 @@ enum Command {
         #[arg(long)]
         adapter: Option<String>,
         /// Folder of JPEG photographs to make frames from.
-        #[arg(long, default_value = "../shared/testdata/images")]
+        #[arg(long, default_value = "testdata/images")]
         images: PathBuf,
         /// Frame size, WxH.
         #[arg(long, default_value = "1920x1080")]

@@ -423,14 +423,14 @@ pub fn resize(img: &Img, width: u32, height: u32) -> Result<Img, String> {
 #[cfg(test)]
 pub(crate) mod tests {
     //! Reference values were computed independently with numpy / SciPy / Pillow on
-    //! shared/testdata/images/coffee.png (600x400 RGB): exact ops against a numpy version of the
+    //! testdata/images/coffee.png (600x400 RGB): exact ops against a numpy version of the
     //! same definition, floating-point ones against `scipy.ndimage.gaussian_filter` (sigma 1.5,
     //! mode nearest, truncate 3) and Pillow's `resize(LANCZOS)`.
     use super::*;
 
-    /// shared/testdata/images/coffee.png as RGB (also used by the motion tests).
+    /// testdata/images/coffee.png as RGB (also used by the motion tests).
     pub(crate) fn coffee() -> Img {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/images/coffee.png");
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/images/coffee.png");
         let img = image::open(p).unwrap().into_rgb8();
         let (w, h) = img.dimensions();
         Img::new(w, h, 3, img.into_raw())

@@ -203,7 +203,7 @@ mod tests {
     use super::*;
 
     fn rocket() -> Vec<u8> {
-        std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/images/rocket.jpg")).unwrap()
+        std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/images/rocket.jpg")).unwrap()
     }
 
     fn meta(w: u32, h: u32) -> FrameMeta {

@@ -112,7 +112,7 @@ async fn w1_agent_to_worker_every_frame_processed_once_with_headers() {
 
 /// Produces `n` real JPEG frames for cameras c0..c3 with contract headers.
 async fn produce_frames(cfg: &KafkaConfig, topic: &str, n: u64, first: u64) {
-    let jpeg = std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/images/rocket.jpg")).unwrap();
+    let jpeg = std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/images/rocket.jpg")).unwrap();
     let h = turbojpeg::read_header(&jpeg).unwrap();
     let p = Producer::new(cfg).unwrap();
     for i in first..first + n {
@@ -161,7 +161,7 @@ async fn w4_bad_records_go_to_the_dead_letter_topic_with_their_reason() {
     init_tracing();
     let b = Broker::shared();
     let t = topics(b, "w4", 1).await;
-    let jpeg = std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/images/rocket.jpg")).unwrap();
+    let jpeg = std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/images/rocket.jpg")).unwrap();
     let h = turbojpeg::read_header(&jpeg).unwrap();
     let p = Producer::new(&b.plaintext()).unwrap();
     let good = |seq: u64| {
@@ -355,7 +355,7 @@ async fn w8_gpu_backend_results_equal_the_cpu_backend() {
     println!("w8: 80 frames in {batches} GPU batches ({:.1} frames per batch)", gpu_frames / batches);
 
     // The CPU backend on the same input.
-    let jpeg = std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/images/rocket.jpg")).unwrap();
+    let jpeg = std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/images/rocket.jpg")).unwrap();
     let img = framelink_worker::decode::Decoder::new().decode(&jpeg, 50_000_000, Some((320, 240))).unwrap();
     let cpu = framelink_worker::ops::Pipeline::parse(pipeline).unwrap().apply(img).unwrap();
     let expected = framelink_worker::decode::encode(&cpu, 85).unwrap();
@@ -367,7 +367,7 @@ async fn w8_gpu_backend_results_equal_the_cpu_backend() {
 }
 
 fn testdata(name: &str) -> Vec<u8> {
-    std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/images").join(name)).unwrap()
+    std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/images").join(name)).unwrap()
 }
 
 /// Kafka's default limits (a private broker with `message.max.bytes` 1 MiB): a 4K result over

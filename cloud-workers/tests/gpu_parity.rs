@@ -1,5 +1,5 @@
 //! The GPU backend against the CPU backend, pixel by pixel, on the real photographs in
-//! shared/testdata/images. Runs on Mesa lavapipe (a software Vulkan adapter) by default, which
+//! testdata/images. Runs on Mesa lavapipe (a software Vulkan adapter) by default, which
 //! is what CI has; `FRAMELINK_TEST_BACKEND=gpu` runs the same checks on a real GPU.
 //!
 //! Every op is integer arithmetic on both sides (resize included: the GPU reads the CPU
@@ -13,7 +13,7 @@ use framelink_worker::motion::small_luma;
 use framelink_worker::ops::{Img, Pipeline};
 
 fn images() -> Vec<(String, Img)> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/images");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/images");
     let mut out = Vec::new();
     let mut names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
     names.sort();

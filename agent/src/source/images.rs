@@ -126,7 +126,7 @@ mod tests {
     use super::*;
 
     fn testdata() -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/images")
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata/images")
     }
 
     #[test]

@@ -172,7 +172,7 @@ mod tests {
 
     #[test]
     fn mjpeg_keeps_only_the_bytes_used() {
-        let jpeg = std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/images/rocket.jpg")).unwrap();
+        let jpeg = std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/images/rocket.jpg")).unwrap();
         let mut buf = jpeg.clone();
         buf.resize(jpeg.len() + 4096, 0); // drivers hand out a larger buffer
         let c = captured_from_buffer(&fmt(b"MJPG", 640, 480, 0), &buf, jpeg.len()).unwrap();
