@@ -684,6 +684,7 @@ impl Forwarder {
         self.metrics.spool_records.set(stats.records as i64);
         self.metrics.spool_bytes.set(stats.disk_bytes as i64);
         self.metrics.spool_damaged.set(stats.damaged as i64);
+        self.metrics.spool_damaged_pruned.set(stats.damaged_pruned as i64);
         let state = match (self.mode, &self.last_failure) {
             (Mode::Direct, None) => LinkState::Up,
             (_, Some(_)) => LinkState::Down,

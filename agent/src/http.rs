@@ -56,6 +56,7 @@ pub fn health_json(m: &Metrics) -> serde_json::Value {
             "bytes": m.spool_bytes.get(),
             "max_bytes": h.spool_max_bytes,
             "damaged": m.spool_damaged.get(),
+            "damaged_pruned": m.spool_damaged_pruned.get(),
             "error": h.spool_error,
         },
         "cameras": h.cameras,

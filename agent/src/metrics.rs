@@ -51,6 +51,7 @@ pub struct Metrics {
     pub spool_records: Gauge,
     pub spool_bytes: Gauge,
     pub spool_damaged: Gauge,
+    pub spool_damaged_pruned: Gauge,
     pub spool_written_bytes: Counter,
     pub producer_recreated: Counter,
     pub link_up: Gauge,
@@ -92,6 +93,7 @@ impl Metrics {
             spool_records: Gauge::default(),
             spool_bytes: Gauge::default(),
             spool_damaged: Gauge::default(),
+            spool_damaged_pruned: Gauge::default(),
             spool_written_bytes: Counter::default(),
             producer_recreated: Counter::default(),
             link_up: Gauge::default(),
@@ -117,6 +119,7 @@ impl Metrics {
         registry.register("spool_records", "Frames in the spool", m.spool_records.clone());
         registry.register("spool_bytes", "Disk space the spool occupies (bytes)", m.spool_bytes.clone());
         registry.register("spool_damaged", "Damaged spool records or indexes found since start", m.spool_damaged.clone());
+        registry.register("spool_damaged_pruned", "Damaged files deleted from spool.dir/damaged/ to keep it within 1/8 of max_bytes", m.spool_damaged_pruned.clone());
         registry.register("spool_written_bytes", "Frame bytes written to the spool since start", m.spool_written_bytes.clone());
         registry.register("producer_recreated", "Kafka producers replaced after a fatal librdkafka error", m.producer_recreated.clone());
         registry.register("link_up", "1 when frames go straight to Kafka", m.link_up.clone());

@@ -188,6 +188,8 @@ pub struct SpoolStats {
     pub disk_bytes: u64,
     /// Damaged frame files, index entries and indexes found since the spool was opened.
     pub damaged: u64,
+    /// Damaged files deleted from `damaged/` to keep it within its share of the cap.
+    pub damaged_pruned: u64,
 }
 
 /// A bounded, crash-safe store of undelivered frames.

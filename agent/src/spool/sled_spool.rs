@@ -140,8 +140,9 @@ fn usage_except(dir: &Path, skip: &[&Path]) -> u64 {
 
 /// Deletes the oldest files (by modification time) of `<dir>/damaged/` while it holds more
 /// than `limit` bytes, with a warning; returns the bytes freed.
-fn prune_damaged(dir: &Path, limit: u64) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir.join("damaged")) else { return 0 };
+/// Returns (files deleted, bytes freed).
+fn prune_damaged(dir: &Path, limit: u64) -> (u64, u64) {
+    let Ok(entries) = std::fs::read_dir(dir.join("damaged")) else { return (0, 0) };
     let mut files: Vec<_> = entries
         .flatten()
         .filter_map(|e| {
@@ -151,7 +152,7 @@ fn prune_damaged(dir: &Path, limit: u64) -> u64 {
         .collect();
     let mut total: u64 = files.iter().map(|f| f.2).sum();
     if total <= limit {
-        return 0;
+        return (0, 0);
     }
     files.sort();
     let (mut deleted, mut freed) = (0, 0);
@@ -165,8 +166,8 @@ fn prune_damaged(dir: &Path, limit: u64) -> u64 {
             deleted += 1;
         }
     }
-    tracing::warn!(files = deleted, bytes = freed, limit, "The spool's damaged/ outgrew its share of max_bytes: its oldest files were deleted.");
-    freed
+    tracing::warn!(files = deleted, bytes = freed, limit, "The spool's damaged/ outgrew its share of max_bytes: its oldest files were deleted (counted in damaged_pruned).");
+    (deleted, freed)
 }
 
 /// The spool lock: an exclusive `flock` on `<dir>/lock`, held while the file is open.
@@ -291,6 +292,8 @@ struct Inner {
     /// sequence files, …) at the last flush.
     other_bytes: u64,
     damaged: u64,
+    /// Files of `damaged/` deleted to keep it within its share of the cap.
+    damaged_pruned: u64,
     /// Files written since the last flush (to fsync), with the allocation counted for each.
     unsynced: Vec<(PathBuf, u64)>,
 }
@@ -394,7 +397,7 @@ impl SledSpool {
         if found.records > 0 {
             tracing::info!(records = found.records, "Spool holds frames from before the start.");
         }
-        prune_damaged(&cfg.dir, cfg.max_bytes.as_u64() / DAMAGED_SHARE);
+        let (damaged_pruned, _) = prune_damaged(&cfg.dir, cfg.max_bytes.as_u64() / DAMAGED_SHARE);
         let file_bytes = disk_usage(&frames_dir);
         let index_bytes = disk_usage(&index_dir);
         let other_bytes = usage_except(&cfg.dir, &[&frames_dir, &index_dir]);
@@ -410,6 +413,7 @@ impl SledSpool {
                 index_bytes,
                 other_bytes,
                 damaged,
+                damaged_pruned,
                 unsynced: Vec::new(),
             }),
             _lock: lock,
@@ -508,7 +512,8 @@ impl SledSpool {
         if move_to_damaged(&self.cfg.dir, path, why) {
             inner.file_bytes = inner.file_bytes.saturating_sub(bytes);
             inner.other_bytes += bytes;
-            let freed = prune_damaged(&self.cfg.dir, self.cfg.max_bytes.as_u64() / DAMAGED_SHARE);
+            let (pruned, freed) = prune_damaged(&self.cfg.dir, self.cfg.max_bytes.as_u64() / DAMAGED_SHARE);
+            inner.damaged_pruned += pruned;
             inner.other_bytes = inner.other_bytes.saturating_sub(freed);
         }
     }
@@ -689,7 +694,7 @@ impl Spool for SledSpool {
 
     fn stats(&self) -> SpoolStats {
         let inner = self.inner.lock().expect("spool lock");
-        SpoolStats { records: inner.records, disk_bytes: Self::disk(&inner), damaged: inner.damaged }
+        SpoolStats { records: inner.records, disk_bytes: Self::disk(&inner), damaged: inner.damaged, damaged_pruned: inner.damaged_pruned }
     }
 }
 
@@ -964,6 +969,7 @@ mod tests {
         assert!(!damaged.join("old").exists(), "the oldest goes");
         assert!(damaged.join("mid").exists() && damaged.join("new").exists());
         assert_eq!(s.stats().disk_bytes, disk_usage(dir.path()));
+        assert_eq!(s.stats().damaged_pruned, 1, "the deletion is counted");
     }
 
     fn fill(policy: FullPolicy) -> (tempfile::TempDir, SledSpool, BTreeMap<DropReason, u64>) {
