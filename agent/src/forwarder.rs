@@ -305,7 +305,7 @@ impl Forwarder {
             report_tx: tx,
             recreate_at: Instant::now(),
             recreate_backoff: Duration::from_millis(500),
-            inject_fatal_after: std::env::var("FRAMELINK_TEST_FATAL_ERROR_AFTER").ok().and_then(|v| v.parse().ok()),
+            inject_fatal_after: framelink_common::fault::fatal_error_after(),
             reports,
             spool,
             metrics,
@@ -456,19 +456,18 @@ impl Forwarder {
         }
     }
 
-    fn to_spool(&mut self, frame: &Frame, reason: &str) -> Result<()> {
-        let camera = &frame.meta.camera_id;
+    /// Writes `frame` to the spool and counts what happened; `Some(stored)`, or `None` when
+    /// the spool could not be written (the error is reported by `spool_failed`).
+    fn push_to_spool(&mut self, frame: &Frame, reason: &str) -> Option<bool> {
         let out = match self.spool.push(frame) {
-            Ok(out) => {
-                self.spool_ok();
-                out
-            }
+            Ok(out) => out,
             Err(e) => {
                 self.spool_failed("writing a frame", &e);
-                self.metrics.add_reason(&self.metrics.dropped, camera, "spool_io_error", 1);
-                return Ok(());
+                return None;
             }
         };
+        self.spool_ok();
+        let camera = &frame.meta.camera_id;
         if out.stored {
             self.metrics.add_reason(&self.metrics.spooled, camera, reason, 1);
             self.metrics.spool_written_bytes.inc_by(frame.payload.len() as u64);
@@ -476,6 +475,13 @@ impl Forwarder {
         }
         for (cam, n, why) in out.dropped {
             self.metrics.add_reason(&self.metrics.dropped, &cam, why.as_str(), n);
+        }
+        Some(out.stored)
+    }
+
+    fn to_spool(&mut self, frame: &Frame, reason: &str) -> Result<()> {
+        if self.push_to_spool(frame, reason).is_none() {
+            self.metrics.add_reason(&self.metrics.dropped, &frame.meta.camera_id, "spool_io_error", 1);
         }
         Ok(())
     }
@@ -488,48 +494,23 @@ impl Forwarder {
             tracing::warn!(reason = why, "Kafka link degraded: spooling frames to disk.");
         }
         self.mode = Mode::Spooling;
-        let waiting: Vec<Frame> = self.live.values_mut().filter(|l| !l.spooled).map(|l| {
-            l.spooled = true;
-            l.frame.clone()
-        }).collect();
+        let waiting: Vec<(u64, Frame)> = self.live.iter().filter(|(_, l)| !l.spooled).map(|(id, l)| (*id, l.frame.clone())).collect();
         if waiting.is_empty() {
             return Ok(());
         }
         tracing::info!(frames = waiting.len(), "Unacknowledged frames copied to the spool.");
-        for frame in &waiting {
-            match self.spool.push(frame) {
-                Ok(out) => {
-                    self.spool_ok();
-                    if out.stored {
-                        self.copied.insert(SpoolKey::new(&frame.meta.camera_id, frame.meta.seq));
-                        self.metrics.add_reason(&self.metrics.spooled, &frame.meta.camera_id, "unacknowledged", 1);
-                        self.metrics.spool_written_bytes.inc_by(frame.payload.len() as u64);
-                    }
-                    for (cam, n, why) in out.dropped {
-                        self.metrics.add_reason(&self.metrics.dropped, &cam, why.as_str(), n);
-                    }
-                    if !out.stored {
-                        self.unmark_copied(frame);
-                    }
-                }
-                Err(e) => {
-                    // Still in librdkafka's hands: spooled (or counted) if its delivery fails.
-                    self.spool_failed("copying an unacknowledged frame", &e);
-                    self.unmark_copied(frame);
+        for (id, frame) in waiting {
+            // A copy that did not make it leaves the frame with librdkafka: it is spooled (or
+            // counted) if its delivery fails.
+            if self.push_to_spool(&frame, "unacknowledged") == Some(true) {
+                self.copied.insert(SpoolKey::new(&frame.meta.camera_id, frame.meta.seq));
+                if let Some(l) = self.live.get_mut(&id) {
+                    l.spooled = true;
                 }
             }
         }
         self.flush_spool();
         Ok(())
-    }
-
-    /// The copy of a live frame did not make it into the spool.
-    fn unmark_copied(&mut self, frame: &Frame) {
-        for l in self.live.values_mut() {
-            if l.frame.meta.seq == frame.meta.seq && l.frame.meta.camera_id == frame.meta.camera_id {
-                l.spooled = false;
-            }
-        }
     }
 
     fn flush_spool(&mut self) {
@@ -617,12 +598,7 @@ impl Forwarder {
             && self.metrics.total("frames_sent") >= n
         {
             self.inject_fatal_after = None;
-            tracing::warn!("FRAMELINK_TEST_FATAL_ERROR_AFTER: injecting a fatal producer error.");
-            let reason = c"injected by FRAMELINK_TEST_FATAL_ERROR_AFTER";
-            // SAFETY: a live producer handle and a NUL-terminated string; librdkafka copies it.
-            unsafe {
-                rdkafka::bindings::rd_kafka_test_fatal_error(self.producer.client().native_ptr(), rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER, reason.as_ptr());
-            }
+            framelink_common::fault::inject_fatal_error(self.producer.client());
         }
         let Some((code, reason)) = self.producer.client().fatal_error() else { return Ok(()) };
         if Instant::now() < self.recreate_at {

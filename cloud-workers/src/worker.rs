@@ -288,17 +288,6 @@ fn job_from(m: &BorrowedMessage<'_>, epoch: u64) -> Job {
     }
 }
 
-/// Tests only (`FRAMELINK_TEST_FATAL_ERROR_AFTER`): makes librdkafka raise a fatal error on
-/// `producer`, as an idempotence sequence error after a leader change would.
-fn inject_fatal_error<C: ProducerContext>(producer: &ThreadedProducer<C>) {
-    tracing::warn!("FRAMELINK_TEST_FATAL_ERROR_AFTER: injecting a fatal producer error.");
-    let reason = c"injected by FRAMELINK_TEST_FATAL_ERROR_AFTER";
-    // SAFETY: a live producer handle and a NUL-terminated string; librdkafka copies the reason.
-    unsafe {
-        rdkafka::bindings::rd_kafka_test_fatal_error(producer.client().native_ptr(), rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER, reason.as_ptr());
-    }
-}
-
 /// `group.instance.id` (static membership) from the group and the worker's stable id.
 fn static_instance_id(group: &str, id: &str) -> String {
     format!("{group}-{id}")
@@ -343,6 +332,7 @@ pub fn run(v: Validated, shutdown: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Re
     let committer = Arc::new(Committer { tracker: tracker.clone(), consumer: Mutex::new(None), store: !exactly_once });
     let stalls = Arc::new(Stalls::default());
     let limits = Arc::new(TopicLimits::new(crate::publish::PRODUCER_MAX_BYTES));
+    let publishing = Publishing { out: cfg.output.clone(), worker: id.clone(), spec: cfg.worker.pipeline.clone(), limits: limits.clone() };
     {
         let mut h = metrics.health.lock().unwrap();
         h.stalls = Some(stalls.clone());
@@ -377,11 +367,11 @@ pub fn run(v: Validated, shutdown: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Re
     };
     let producers = Arc::new(Producers { current: std::sync::RwLock::new(make_producer()?) });
     if refusals.is_some() {
-        let handler = RefusalHandler { producers: producers.clone(), committer: committer.clone(), metrics: metrics.clone(), stalls: stalls.clone(), dlq_topic: cfg.output.dlq_topic.clone(), worker: id.clone() };
+        let handler = RefusalHandler { producers: producers.clone(), committer: committer.clone(), metrics: metrics.clone(), stalls: stalls.clone(), publishing: publishing.clone() };
         spawn_refusals(refusals_rx, handler)?;
     }
     // Tests only: a fatal producer error injected after this many acknowledged outputs.
-    let mut inject_fatal_after: Option<u64> = std::env::var("FRAMELINK_TEST_FATAL_ERROR_AFTER").ok().and_then(|v| v.parse().ok());
+    let mut inject_fatal_after = framelink_common::fault::fatal_error_after();
     let mut recreate_backoff = Duration::from_millis(500);
     let mut recreate_at = Instant::now();
     // Each output topic's record-size limit, before the first frame (and kept fresh).
@@ -458,19 +448,19 @@ pub fn run(v: Validated, shutdown: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Re
             processor = processor.with_gpu(g.clone());
         }
         processor = processor.with_revocations(consumer.context().revocations.clone());
-        let publishing = Publishing { out: cfg.output.clone(), worker: id.clone(), spec: cfg.worker.pipeline.clone(), limits: limits.clone() };
+        let publishing = publishing.clone();
         handles.push(std::thread::Builder::new().name(format!("process-{i}")).spawn(move || {
             for job in rx {
-                let mut records = process(&job, &mut processor, &metrics, &publishing);
-                // Exactly-once: an input whose output Kafka refused in an aborted transaction.
-                if let Some(p) = poisoned.get(&job.tp, job.offset) {
-                    let detail = format!("topic {} refused the {}: {}", p.topic, p.kind.as_str(), p.error);
-                    if p.dead_letter_refusals == 0 {
-                        tracing::warn!(input_partition = job.tp.1, input_offset = job.offset, detail, "Frame dead-lettered.");
-                        metrics.dead_letters.get_or_create(&vec![("reason", "output_refused".to_owned())]).inc();
+                // Exactly-once: an input whose result or event Kafka refused in an aborted
+                // transaction is dead-lettered as it comes again (its dead letter, if that was
+                // refused, is simply produced again).
+                let records = match poisoned.get(&job.tp, job.offset) {
+                    Some(p) if p.kind != OutputKind::DeadLetter => {
+                        let count = p.dead_letter_refusals == 0;
+                        vec![refused_dead_letter(&job, p.kind, &p.topic, &p.error, &publishing, &metrics, count)]
                     }
-                    records = if p.kind == OutputKind::DeadLetter { records } else { vec![dead_letter(&job, &publishing.out.dlq_topic, "output_refused", &detail, &publishing.worker)] };
-                }
+                    _ => process(&job, &mut processor, &metrics, &publishing),
+                };
                 let Some(t) = &txn else {
                     send(&job, records, &producers.get(), &tracker, &committer, &metrics, refusals.as_ref());
                     continue;
@@ -504,7 +494,7 @@ pub fn run(v: Validated, shutdown: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Re
             && metrics.outputs.get_or_create(&vec![("kind", "result".to_owned())]).get() >= n
         {
             inject_fatal_after = None;
-            inject_fatal_error(&producers.get());
+            framelink_common::fault::inject_fatal_error(producers.get().client());
         }
         // A fatal producer error leaves that producer unusable. At-least-once: a new one takes
         // over (what the old one held is sent again on it); exactly-once: the transactional id
@@ -641,6 +631,7 @@ pub fn run(v: Validated, shutdown: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Re
 }
 
 /// What a processing thread needs besides the frame: where outputs go and who it is.
+#[derive(Clone)]
 pub struct Publishing {
     pub out: crate::config::OutputConfig,
     pub worker: String,
@@ -678,11 +669,26 @@ fn process(job: &Job, processor: &mut Processor, metrics: &Metrics, p: &Publishi
             records
         }
         Err(rej) => {
-            tracing::warn!(topic = job.tp.0, partition = job.tp.1, offset = job.offset, reason = rej.reason, detail = rej.detail, "Frame dead-lettered.");
-            metrics.dead_letters.get_or_create(&vec![("reason", rej.reason.to_owned())]).inc();
+            count_dead_letter(metrics, job, rej.reason, &rej.detail);
             vec![dead_letter(job, &p.out.dlq_topic, rej.reason, &rej.detail, &p.worker)]
         }
     }
+}
+
+/// Logs and counts a frame going to the dead-letter topic.
+fn count_dead_letter(metrics: &Metrics, job: &Job, reason: &str, detail: &str) {
+    tracing::warn!(topic = job.tp.0, partition = job.tp.1, offset = job.offset, reason, detail, "Frame dead-lettered.");
+    metrics.dead_letters.get_or_create(&vec![("reason", reason.to_owned())]).inc();
+}
+
+/// The dead letter (`output_refused`) of an input whose `kind` output topic `topic` refused;
+/// counted unless `count` is false (the same input dead-lettered again after a rewind).
+fn refused_dead_letter(job: &Job, kind: OutputKind, topic: &str, error: &str, p: &Publishing, metrics: &Metrics, count: bool) -> OutRecord {
+    let detail = format!("topic {topic} refused the {}: {error}", kind.as_str());
+    if count {
+        count_dead_letter(metrics, job, "output_refused", &detail);
+    }
+    dead_letter(job, &p.out.dlq_topic, "output_refused", &detail, &p.worker)
 }
 
 /// A result or event bigger than its topic takes would be refused by Kafka: the frame is
@@ -795,14 +801,14 @@ fn send(job: &Arc<Job>, records: Vec<OutRecord>, producer: &ThreadedProducer<Pro
 /// The at-least-once refusal handler: dead-letters refused results and events, produces refused
 /// dead letters again with backoff while their partition is paused (see [`crate::publish`]),
 /// and sends again, as they are, outputs that failed because the producer did (a fatal error:
-/// the producer is being replaced). Runs until every sender is gone.
+/// the producer is being replaced). At-least-once only, so there are no aborted epochs to skip.
+/// Runs until every sender is gone.
 struct RefusalHandler {
     producers: Arc<Producers>,
     committer: Arc<Committer>,
     metrics: Arc<Metrics>,
     stalls: Arc<Stalls>,
-    dlq_topic: String,
-    worker: String,
+    publishing: Publishing,
 }
 
 /// How soon an output that failed with its producer is tried again on the (new) producer.
@@ -825,10 +831,7 @@ impl RefusalHandler {
         if r.record.kind == OutputKind::DeadLetter {
             return Some(stall(r, &self.committer, &self.metrics, &self.stalls));
         }
-        let detail = format!("topic {} refused the {}: {}", r.record.topic, r.record.kind.as_str(), r.error);
-        tracing::warn!(input_partition = r.job.tp.1, input_offset = r.job.offset, detail, "Frame dead-lettered.");
-        self.metrics.dead_letters.get_or_create(&vec![("reason", "output_refused".to_owned())]).inc();
-        let dl = dead_letter(&r.job, &self.dlq_topic, "output_refused", &detail, &self.worker);
+        let dl = refused_dead_letter(&r.job, r.record.kind, &r.record.topic, &r.error, &self.publishing, &self.metrics, true);
         self.try_produce(&r.job, dl, 0)
     }
 
@@ -852,7 +855,6 @@ fn spawn_refusals(rx: crossbeam_channel::Receiver<Refusal>, handler: RefusalHand
             let next_due = waiting.iter().map(|(t, _)| *t).min();
             let timeout = next_due.map_or(Duration::from_millis(500), |t| t.saturating_duration_since(Instant::now()));
             match rx.recv_timeout(timeout) {
-                Ok(r) if r.job.epoch != handler.committer.tracker.epoch() => {}
                 Ok(r) => waiting.extend(handler.handle(r)),
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) if waiting.is_empty() => return,
@@ -862,9 +864,7 @@ fn spawn_refusals(rx: crossbeam_channel::Receiver<Refusal>, handler: RefusalHand
             let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut waiting).into_iter().partition(|(t, _)| *t <= now);
             waiting = later;
             for (_, r) in due {
-                if r.job.epoch == handler.committer.tracker.epoch() {
-                    waiting.extend(handler.due(r));
-                }
+                waiting.extend(handler.due(r));
             }
         }
     })

@@ -10,6 +10,7 @@
 
 pub mod cli;
 pub mod config_file;
+pub mod fault;
 pub mod http;
 pub mod kafka_config;
 pub mod link;

@@ -1,0 +1,21 @@
+//! Fault injection for tests: `FRAMELINK_TEST_FATAL_ERROR_AFTER=N` makes librdkafka raise a
+//! fatal producer error (as an idempotence sequence error after a leader change would) once a
+//! component has had N outputs acknowledged. Read by both binaries; never set in production.
+
+use rdkafka::ClientContext;
+use rdkafka::client::Client;
+
+/// The variable's value, when set to a number.
+pub fn fatal_error_after() -> Option<u64> {
+    std::env::var("FRAMELINK_TEST_FATAL_ERROR_AFTER").ok().and_then(|v| v.parse().ok())
+}
+
+/// Raises a fatal error on `client` (`rd_kafka_test_fatal_error`).
+pub fn inject_fatal_error<C: ClientContext>(client: &Client<C>) {
+    tracing::warn!("FRAMELINK_TEST_FATAL_ERROR_AFTER: injecting a fatal producer error.");
+    let reason = c"injected by FRAMELINK_TEST_FATAL_ERROR_AFTER";
+    // SAFETY: a live client handle and a NUL-terminated string; librdkafka copies the reason.
+    unsafe {
+        rdkafka::bindings::rd_kafka_test_fatal_error(client.native_ptr(), rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER, reason.as_ptr());
+    }
+}
