@@ -454,13 +454,13 @@ pub fn run(v: Validated, shutdown: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Re
                 // Exactly-once: an input whose result or event Kafka refused in an aborted
                 // transaction is dead-lettered as it comes again (its dead letter, if that was
                 // refused, is simply produced again).
-                let records = match poisoned.get(&job.tp, job.offset) {
-                    Some(p) if p.kind != OutputKind::DeadLetter => {
-                        let count = p.dead_letter_refusals == 0;
-                        vec![refused_dead_letter(&job, p.kind, &p.topic, &p.error, &publishing, &metrics, count)]
-                    }
-                    _ => process(&job, &mut processor, &metrics, &publishing),
-                };
+                let mut records = process(&job, &mut processor, &metrics, &publishing);
+                if let Some(p) = poisoned.get(&job.tp, job.offset)
+                    && p.kind != OutputKind::DeadLetter
+                {
+                    let count = p.dead_letter_refusals == 0;
+                    records = vec![refused_dead_letter(&job, p.kind, &p.topic, &p.error, &publishing, &metrics, count)];
+                }
                 let Some(t) = &txn else {
                     send(&job, records, &producers.get(), &tracker, &committer, &metrics, refusals.as_ref());
                     continue;
