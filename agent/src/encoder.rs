@@ -154,7 +154,7 @@ impl Encoder {
             }
             PixelFormat::Yuyv => {
                 check_len(f, 2)?;
-                if f.width % 2 != 0 {
+                if !f.width.is_multiple_of(2) {
                     return Err(EncodeError::OddYuyvWidth(f.width));
                 }
                 if resize || matches!(self.cfg.subsampling, Subsampling::S444) {
@@ -214,8 +214,8 @@ impl Encoder {
             for (i, px) in row[..w * 2].chunks_exact(4).enumerate() {
                 let (cu, cv) = (lc[px[1] as usize], lc[px[3] as usize]);
                 if second_of_pair {
-                    urow[i] = ((urow[i] as u16 + cu as u16 + 1) / 2) as u8;
-                    vrow[i] = ((vrow[i] as u16 + cv as u16 + 1) / 2) as u8;
+                    urow[i] = (urow[i] as u16 + cu as u16).div_ceil(2) as u8;
+                    vrow[i] = (vrow[i] as u16 + cv as u16).div_ceil(2) as u8;
                 } else {
                     urow[i] = cu;
                     vrow[i] = cv;

@@ -558,7 +558,7 @@ impl Spool for SledSpool {
 
         if self.cfg.when_full == FullPolicy::Decimate
             && Self::disk(&inner) as f64 >= self.cfg.decimate_from * max as f64
-            && frame.meta.seq % self.cfg.decimate_keep_one_in as u64 != 0
+            && !frame.meta.seq.is_multiple_of(self.cfg.decimate_keep_one_in as u64)
         {
             out.dropped.push((camera.clone(), 1, DropReason::Decimated));
             return Ok(out);
@@ -753,7 +753,7 @@ mod tests {
         assert_eq!(s.stats().records, 40);
         s.flush().unwrap();
         let disk = disk_usage(dir.path());
-        assert!(disk >= 40 * 150_000 && disk <= 40 * 155_000 + 2 * 1024 * 1024, "disk {disk}");
+        assert!((40 * 150_000..=40 * 155_000 + 2 * 1024 * 1024).contains(&disk), "disk {disk}");
         assert!(s.stats().disk_bytes.abs_diff(disk) < 64 * 1024, "tracked {} vs measured {disk}", s.stats().disk_bytes);
         let (got, bad) = drain_all(&s);
         assert_eq!(bad, 0);
