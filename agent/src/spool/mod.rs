@@ -39,6 +39,8 @@
 //! second agent on the same directory refuses to start with an error naming the directory and
 //! that pid, and changes nothing.
 
+#[cfg(test)]
+mod model_tests;
 pub mod record;
 pub mod sled_spool;
 
