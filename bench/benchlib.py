@@ -103,9 +103,11 @@ def get_metrics(port):
     return out
 
 
-def metric(m, name):
-    """Sum of every sample of `name` (any labels)."""
-    return sum(v for k, v in m.items() if k.split("{", 1)[0] == name)
+def metric(m, name, *filters):
+    """Sum of every sample of `name` whose labels contain each filter (`'camera="cam0"'`); 0
+    when there is none. The same rule as scripts/lib.sh's `metric` and the Rust test kit's
+    `Daemon::metric`."""
+    return sum(v for k, v in m.items() if k.split("{", 1)[0] == name and all(f in k for f in filters))
 
 
 class Watermarks:
