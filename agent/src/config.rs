@@ -1,6 +1,9 @@
 //! The agent's config file (`agent.toml`): one table per stage, each defined next to the code
 //! that uses it, all with defaults, validated at load. Unknown keys are refused, so a typo
 //! never silently falls back to a default.
+//!
+//! This module sits above the stages: it imports their tables, and they take their defaults
+//! from the leaf module [`crate::defaults`], not from here, so imports run one way.
 
 use std::path::Path;
 
@@ -9,7 +12,6 @@ use framelink_common::config_file;
 use framelink_common::kafka_config::{KafkaConfig, KafkaSettings};
 use framelink_common::wire::{self, header};
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
 
 use crate::encoder::EncoderConfig;
 use crate::forwarder::ForwarderConfig;
@@ -17,11 +19,9 @@ use crate::http::HttpConfig;
 use crate::source::config::{CameraConfig, default_cameras};
 use crate::spool::SpoolConfig;
 
-/// A config section with every key at its default (an empty table), so defaults are written
-/// once, in the serde attributes.
-pub fn defaults<T: DeserializeOwned>(_section: &str) -> T {
-    config_file::from_toml_str("").expect("every key of this section has a default")
-}
+/// [`crate::defaults::section`] under this module's path; a stage imports it from
+/// [`crate::defaults`].
+pub use crate::defaults::section as defaults;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

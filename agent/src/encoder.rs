@@ -15,8 +15,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use turbojpeg::{Compressor, Decompressor, Image, OutputBuf, PixelFormat as TjFormat, Subsamp, YuvPlanesImage};
 
-use crate::frame::PixelFormat;
-use crate::source::Captured;
+use crate::frame::{Captured, PixelFormat};
 
 /// `[encoder]`.
 #[derive(Clone, Debug, Deserialize)]
@@ -43,7 +42,7 @@ fn default_quality() -> u8 {
 
 impl Default for EncoderConfig {
     fn default() -> Self {
-        crate::config::defaults("encoder")
+        crate::defaults::section("encoder")
     }
 }
 

@@ -1,5 +1,9 @@
-//! The two shapes a frame takes inside the agent: raw pixels from a source, and an encoded
-//! frame ready for Kafka (JPEG bytes plus the wire contract's metadata).
+//! The shapes a frame takes inside the agent: an image as a source captured it, the same with
+//! its camera and sequence number, and an encoded frame ready for Kafka (JPEG bytes plus the
+//! wire contract's metadata).
+//!
+//! A leaf of the agent: the sources, the encoder and the spool import these types, and this
+//! module imports none of theirs.
 
 use bytes::Bytes;
 use framelink_common::FrameMeta;
@@ -26,6 +30,21 @@ impl PixelFormat {
     }
 }
 
+/// One captured image, as the device gave it.
+#[derive(Clone, Debug)]
+pub struct Captured {
+    /// Capture time, ns since the Unix epoch.
+    pub capture_ns: u64,
+    pub width: u32,
+    pub height: u32,
+    /// Bytes from one row to the next (≥ width × bytes per pixel; cameras pad rows).
+    pub stride: usize,
+    pub format: PixelFormat,
+    /// The name to report as the camera's pixel format (e.g. `PNG` for an image file).
+    pub source_format: &'static str,
+    pub data: Bytes,
+}
+
 /// A captured frame, before encoding: the image plus who and which frame it is.
 #[derive(Clone, Debug)]
 pub struct RawFrame {
@@ -33,7 +52,7 @@ pub struct RawFrame {
     /// Per-camera sequence number, assigned at capture (so frames dropped later leave gaps
     /// that the drop counters explain).
     pub seq: u64,
-    pub image: crate::source::Captured,
+    pub image: Captured,
 }
 
 /// An encoded frame: what goes to Kafka or into the spool.

@@ -27,7 +27,7 @@ fn default_listen() -> String {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        crate::config::defaults("http")
+        crate::defaults::section("http")
     }
 }
 

@@ -9,6 +9,7 @@
 //! ```
 
 pub mod config;
+pub mod defaults;
 pub mod encoder;
 pub mod forwarder;
 pub mod frame;

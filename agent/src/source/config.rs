@@ -13,13 +13,14 @@
 //! id = "usb0"
 //! v4l2 = { device = "/dev/video0", width = 1280, height = 720, fps = 30, format = "MJPG" }
 //! ```
+//!
+//! A leaf: the kinds of source import their tables from here, and this module imports none of
+//! them (a table becomes a source in `from_config`).
 
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use serde::Deserialize;
-
-use super::Source;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -189,24 +190,5 @@ impl CameraConfig {
             }
         }
         Ok(())
-    }
-
-    /// Builds the source.
-    pub fn build(&self) -> Box<dyn Source> {
-        if let Some(s) = &self.synthetic {
-            return Box::new(super::synthetic::Synthetic::new(s.width, s.height, s.fps).with_count(s.count));
-        }
-        if let Some(s) = &self.images {
-            return Box::new(super::images::ImageDir::new(s.path.clone(), s.fps, s.looping));
-        }
-        #[cfg(all(target_os = "linux", feature = "v4l2"))]
-        if let Some(s) = &self.v4l2 {
-            return Box::new(super::v4l2::V4l2Source::new(s.clone()));
-        }
-        #[cfg(feature = "nokhwa")]
-        if let Some(s) = &self.usb {
-            return Box::new(super::usb::UsbSource::new(s.clone()));
-        }
-        unreachable!("validate() guarantees one supported source kind")
     }
 }

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
-use super::{Captured, Pacer, Source, SourceError};
-use crate::frame::{PixelFormat, now_ns};
+use super::{Pacer, Source, SourceError};
+use crate::frame::{Captured, PixelFormat, now_ns};
 
 pub struct ImageDir {
     dir: PathBuf,

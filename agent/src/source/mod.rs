@@ -5,8 +5,13 @@
 //! its frame rate. Everything else — sequence numbers, retries with backoff when a camera
 //! disappears, dropping frames when the encoder falls behind — is the runner's job, the same
 //! for every kind of source.
+//!
+//! Imports run one way: the kinds of source import this module (the trait), [`config`] (their
+//! tables) and [`crate::frame`] (what they capture); [`config`] imports no source, and
+//! `from_config` (a camera's table to its source) imports all of them.
 
 pub mod config;
+mod from_config;
 pub mod images;
 pub mod synthetic;
 #[cfg(feature = "nokhwa")]
@@ -14,24 +19,8 @@ pub mod usb;
 #[cfg(all(target_os = "linux", feature = "v4l2"))]
 pub mod v4l2;
 
-use bytes::Bytes;
-
-use crate::frame::PixelFormat;
-
-/// One captured image, as the device gave it.
-#[derive(Clone, Debug)]
-pub struct Captured {
-    /// Capture time, ns since the Unix epoch.
-    pub capture_ns: u64,
-    pub width: u32,
-    pub height: u32,
-    /// Bytes from one row to the next (≥ width × bytes per pixel; cameras pad rows).
-    pub stride: usize,
-    pub format: PixelFormat,
-    /// The name to report as the camera's pixel format (e.g. `PNG` for an image file).
-    pub source_format: &'static str,
-    pub data: Bytes,
-}
+/// What a source hands over (defined with the other shapes of a frame).
+pub use crate::frame::Captured;
 
 /// Why a source could not give a frame.
 #[derive(Debug, thiserror::Error)]

@@ -4,8 +4,8 @@
 
 use bytes::Bytes;
 
-use super::{Captured, Pacer, Source, SourceError};
-use crate::frame::{PixelFormat, now_ns};
+use super::{Pacer, Source, SourceError};
+use crate::frame::{Captured, PixelFormat, now_ns};
 
 /// Width of one colour bar, pixels.
 const BAR: usize = 64;

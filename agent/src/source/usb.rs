@@ -16,8 +16,8 @@ use nokhwa::pixel_format::RgbFormat;
 use nokhwa::utils::{CameraFormat, CameraIndex, FrameFormat, RequestedFormat, RequestedFormatType, Resolution};
 
 use super::config::UsbConfig;
-use super::{Captured, Source, SourceError};
-use crate::frame::{PixelFormat, now_ns};
+use super::{Source, SourceError};
+use crate::frame::{Captured, PixelFormat, now_ns};
 
 pub struct UsbSource {
     cfg: UsbConfig,

@@ -15,8 +15,8 @@ use v4l::video::capture::Parameters;
 use v4l::{Device, FourCC, Format};
 
 use super::config::V4l2Config;
-use super::{Captured, Source, SourceError};
-use crate::frame::{PixelFormat, now_ns};
+use super::{Source, SourceError};
+use crate::frame::{Captured, PixelFormat, now_ns};
 
 pub struct V4l2Source {
     cfg: V4l2Config,

@@ -121,7 +121,7 @@ fn default_cache() -> ByteSize {
 
 impl Default for SpoolConfig {
     fn default() -> Self {
-        crate::config::defaults("spool")
+        crate::defaults::section("spool")
     }
 }
 
