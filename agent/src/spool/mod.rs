@@ -22,7 +22,9 @@
 //! is replaced by a fresh one when the spool empties. When a new frame does not fit,
 //! `drop_oldest` evicts the frames that arrived first (arrival order in the spool, not capture
 //! time, so a clock step changes nothing), `drop_newest` refuses the new frame, and
-//! `decimate` thins new frames past a threshold.
+//! `decimate` thins new frames past a threshold. A frame that would not fit even with every
+//! frame evicted is refused and evicts nothing; a frame already spooled (same camera and
+//! sequence number) is kept once and drops nothing.
 //!
 //! # Order
 //! Keys are `camera \0 seq(be)`, so reads return each camera's frames in sequence order.
@@ -152,7 +154,8 @@ impl SpoolConfig {
 pub enum DropReason {
     /// Deleted to make room (drop_oldest / decimate).
     FullOldest,
-    /// Refused because the spool was full (drop_newest, or a frame larger than the spool).
+    /// Refused because the spool was full (drop_newest), or because the frame would not fit
+    /// even with every frame evicted (then nothing is evicted for it).
     FullNewest,
     /// Not kept by `decimate`.
     Decimated,

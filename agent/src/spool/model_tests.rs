@@ -9,8 +9,9 @@
 //! - the full policies: `drop_oldest` (and `decimate` when full) evicts the records that
 //!   arrived first, across reopens, no more than needed to fit the new frame; `drop_newest`
 //!   refuses the new frame and evicts nothing; `decimate` past its threshold keeps one sequence
-//!   number in N; and what each push reports in `dropped`;
-//! - a push of a key already spooled keeps the first copy (after any eviction it caused);
+//!   number in N; a frame that would not fit even with every frame evicted is refused and
+//!   evicts nothing; and what each push reports in `dropped`;
+//! - a push of a key already spooled keeps the first copy, and drops and evicts nothing;
 //! - `remove` is true exactly for a spooled key, and its file is gone at once;
 //! - `frames/` holds one file per record and nothing else, and file ids grow with arrival;
 //! - `stats()`: `records`, no damage, and `disk_bytes`: between flushes it moves by exactly the
@@ -224,13 +225,16 @@ impl Harness {
         let mut disk = before.disk_bytes;
         let mut evict = 0;
         let mut refused = None;
-        if self.cfg.when_full == FullPolicy::Decimate
+        let frames_bytes: u64 = files.values().sum();
+        if self.model.frames.contains_key(&key) {
+            // A retry: stored already.
+        } else if self.cfg.when_full == FullPolicy::Decimate
             && disk as f64 >= self.cfg.decimate_from * max as f64
             && !frame.meta.seq.is_multiple_of(u64::from(self.cfg.decimate_keep_one_in))
         {
             refused = Some(DropReason::Decimated);
         } else if disk + size > max {
-            if self.cfg.when_full == FullPolicy::DropNewest {
+            if self.cfg.when_full == FullPolicy::DropNewest || disk - frames_bytes + size > max {
                 refused = Some(DropReason::FullNewest);
             } else {
                 while disk + size > max {

@@ -556,6 +556,13 @@ impl Spool for SledSpool {
         let mut out = PushOutcome::default();
         let mut inner = self.inner.lock().expect("spool lock");
 
+        let key = SpoolKey::new(camera, frame.meta.seq);
+        if inner.index.frames.contains_key(&key.0)? {
+            // Already spooled (a retry of the same frame): that copy stays, nothing is dropped
+            // or evicted for it.
+            out.stored = true;
+            return Ok(out);
+        }
         if self.cfg.when_full == FullPolicy::Decimate
             && Self::disk(&inner) as f64 >= self.cfg.decimate_from * max as f64
             && !frame.meta.seq.is_multiple_of(self.cfg.decimate_keep_one_in as u64)
@@ -564,7 +571,9 @@ impl Spool for SledSpool {
             return Ok(out);
         }
         if Self::disk(&inner) + size > max {
-            if self.cfg.when_full == FullPolicy::DropNewest {
+            // Refused without evicting: by drop_newest, or a frame that would not fit even with
+            // every frame evicted (the index and the other files stay).
+            if self.cfg.when_full == FullPolicy::DropNewest || inner.index_bytes + inner.other_bytes + size > max {
                 out.dropped.push((camera.clone(), 1, DropReason::FullNewest));
                 return Ok(out);
             }
@@ -575,7 +584,7 @@ impl Spool for SledSpool {
                         None => out.dropped.push((c, 1, DropReason::FullOldest)),
                     },
                     None => {
-                        // Nothing left to evict: the frame alone exceeds the cap.
+                        // Nothing left to evict (the frame files took less than counted).
                         out.dropped.push((camera.clone(), 1, DropReason::FullNewest));
                         return Ok(out);
                     }
@@ -583,12 +592,6 @@ impl Spool for SledSpool {
             }
         }
 
-        let key = SpoolKey::new(camera, frame.meta.seq);
-        if inner.index.frames.contains_key(&key.0)? {
-            // Already spooled (a retry of the same frame): keep one copy.
-            out.stored = true;
-            return Ok(out);
-        }
         let id = inner.next_file;
         inner.next_file += 1;
         let path = Self::file_path(&self.frames_dir, id);
