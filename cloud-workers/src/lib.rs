@@ -2,16 +2,19 @@
 //! detection, per-frame processing, and the consumer-group loop.
 
 pub mod alloc;
-pub mod bench;
+pub mod backend;
 pub mod config;
+pub mod consume;
 pub mod decode;
 pub mod gpu;
 pub mod metrics;
 pub mod motion;
+pub mod offsets;
 pub mod ops;
+pub mod poll;
+pub mod pool;
 pub mod process;
 pub mod publish;
-pub mod tail;
+pub mod run;
 pub mod tracker;
 pub mod txn;
-pub mod worker;

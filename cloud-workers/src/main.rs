@@ -1,6 +1,8 @@
 //! `framelink-worker`: the cloud worker. This binary only parses the command line, loads the
 //! config and wires stages together; the work lives in library modules.
 
+mod cli;
+
 use framelink_worker::config;
 
 use std::path::PathBuf;
@@ -143,7 +145,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 let bound = framelink_common::http::spawn(addr, Arc::new(move || m1.render()), Arc::new(move || m2.health_json()))?;
                 tracing::info!(%bound, "Serving /metrics and /healthz.");
             }
-            framelink_worker::worker::run(v, shutdown, metrics)
+            framelink_worker::run::run(v, shutdown, metrics)
         }
         Command::Tail { config, out, seconds, count, print_every, from_beginning } => {
             let v = config::WorkerConfig::load(&config)?;
@@ -151,8 +153,8 @@ fn run(command: Command) -> anyhow::Result<()> {
             for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
                 signal_hook::flag::register(sig, stop.clone())?;
             }
-            let opts = framelink_worker::tail::TailOptions { out, duration: seconds.map(Duration::from_secs_f64), count, print_every, from_beginning };
-            let summary = framelink_worker::tail::run(&v, &opts, stop)?;
+            let opts = cli::tail::TailOptions { out, duration: seconds.map(Duration::from_secs_f64), count, print_every, from_beginning };
+            let summary = cli::tail::run(&v, &opts, stop)?;
             println!("tail: {}", summary.describe());
             Ok(())
         }
@@ -172,8 +174,8 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Bench { backend, adapter, images, size, ops, batches, seconds, threads, out } => {
             let (w, h) = size.split_once('x').and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?))).ok_or_else(|| anyhow::anyhow!("--size {size:?}: expected WxH"))?;
-            let o = framelink_worker::bench::BenchOptions { backend, adapter, images, size: (w, h), ops, batches, seconds, threads };
-            let table = framelink_worker::bench::run(&o)?;
+            let o = cli::bench::BenchOptions { backend, adapter, images, size: (w, h), ops, batches, seconds, threads };
+            let table = cli::bench::run(&o)?;
             print!("{table}");
             if let Some(out) = out {
                 std::fs::write(&out, &table)?;

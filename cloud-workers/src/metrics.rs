@@ -61,7 +61,7 @@ pub struct Health {
     /// `cpu`, or `gpu: <adapter>`.
     pub backend: String,
     /// Partitions paused because their dead letters are refused.
-    pub stalls: Option<Arc<crate::publish::Stalls>>,
+    pub stalls: Option<Arc<crate::publish::refusals::Stalls>>,
     /// Each output topic's record-size limit as learned from the cluster.
     pub limits: Option<Arc<crate::publish::TopicLimits>>,
 }

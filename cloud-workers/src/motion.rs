@@ -180,7 +180,7 @@ impl MotionDetector {
     /// the map is large).
     fn evict_idle(&mut self, now: Instant, forget_after: Duration) {
         self.updates += 1;
-        if self.updates % 256 != 0 && self.previous.len() < 4096 {
+        if !self.updates.is_multiple_of(256) && self.previous.len() < 4096 {
             return;
         }
         self.previous.retain(|_, s| now.saturating_duration_since(s.at) <= forget_after);

@@ -260,7 +260,8 @@ mod tests {
         let jpeg = rocket();
         let good = meta(100, 100).to_header_pairs();
         let mut p = processor("grayscale");
-        let cases: Vec<(&str, Vec<u8>, Vec<(&'static str, String)>)> = vec![
+        type Case = (&'static str, Vec<u8>, Vec<(&'static str, String)>);
+        let cases: Vec<Case> = vec![
             ("empty", vec![], good.clone()),
             ("not_jpeg", b"hello, not an image".to_vec(), good.clone()),
             ("corrupt_jpeg", jpeg[..jpeg.len() / 2].to_vec(), good.clone()),

@@ -247,6 +247,12 @@ impl<T> Sequencer<T> {
     }
 }
 
+/// A processed record and its outputs, waiting for its turn (exactly-once).
+pub type Released = (std::sync::Arc<crate::publish::Job>, Vec<crate::publish::OutRecord>);
+
+/// The worker's transactions: over its producer, releasing processed records in offset order.
+pub type Txn = Transactions<crate::publish::producer::ProduceContext, Released>;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -309,7 +309,7 @@ impl Gpu {
                 (e, p)
             })
             .collect();
-        let max_binding = (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size);
+        let max_binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
         let gpu = Gpu { desc, device, queue, layout, pipelines, max_binding, errors };
         gpu.check()?;
         Ok(gpu)

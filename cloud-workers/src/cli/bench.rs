@@ -10,9 +10,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::decode::{Decoder, encode};
-use crate::gpu::{BackendChoice, Gpu, Runner};
-use crate::ops::{Img, Pipeline, resize};
+use framelink_worker::decode::{Decoder, encode};
+use framelink_worker::gpu::{BackendChoice, Gpu, Runner};
+use framelink_worker::ops::{Img, Pipeline, resize};
 
 pub struct BenchOptions {
     pub backend: BackendChoice,
@@ -100,7 +100,7 @@ fn cpu_parallel(frames: &[Img], pipeline: &Pipeline, threads: usize, secs: f64) 
     })
 }
 
-fn gpu_rate(gpu: &Arc<Gpu>, frames: &[Img], pipeline: &Pipeline, batch: usize, secs: f64) -> anyhow::Result<(f64, crate::gpu::Times)> {
+fn gpu_rate(gpu: &Arc<Gpu>, frames: &[Img], pipeline: &Pipeline, batch: usize, secs: f64) -> anyhow::Result<(f64, framelink_worker::gpu::Times)> {
     let mut runner = Runner::new(gpu.clone(), pipeline.clone(), false, batch);
     let f0 = &frames[0];
     let batch = batch.min(runner.capacity((f0.width, f0.height, f0.channels))?);
@@ -121,9 +121,9 @@ fn gpu_rate(gpu: &Arc<Gpu>, frames: &[Img], pipeline: &Pipeline, batch: usize, s
 
 /// The worker's whole per-frame path (`Processor::process`: decode -> ops -> encode) on
 /// `threads` threads, each with its own processor, optionally all sharing one GPU stage.
-fn worker_path(jpegs: &[Vec<u8>], pipeline: &Pipeline, threads: usize, gpu: Option<&crate::gpu::executor::GpuClient>, secs: f64) -> f64 {
-    use crate::motion::MotionConfig;
-    use crate::process::{Processor, RecordInfo};
+fn worker_path(jpegs: &[Vec<u8>], pipeline: &Pipeline, threads: usize, gpu: Option<&framelink_worker::gpu::executor::GpuClient>, secs: f64) -> f64 {
+    use framelink_worker::motion::MotionConfig;
+    use framelink_worker::process::{Processor, RecordInfo};
     let make = |t: usize| {
         let mut p = Processor::new(pipeline.clone(), 100_000_000, 85, false, MotionConfig::default());
         if let Some(g) = gpu {
@@ -139,10 +139,7 @@ fn worker_path(jpegs: &[Vec<u8>], pipeline: &Pipeline, threads: usize, gpu: Opti
 
 pub fn run(o: &BenchOptions) -> anyhow::Result<String> {
     let frames = frames(&o.images, o.size)?;
-    let gpu = match Gpu::open(o.backend, o.adapter.as_deref())? {
-        Some(g) => Some(Arc::new(g)),
-        None => None,
-    };
+    let gpu = Gpu::open(o.backend, o.adapter.as_deref())?.map(Arc::new);
     let threads = if o.threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { o.threads };
     let mut t = String::new();
     let cpu_name = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())).unwrap_or_default();
@@ -209,14 +206,14 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<String> {
     if let Some(g) = &gpu {
         // What a GPU buys a worker: its whole per-frame path on every core, CPU backend vs
         // the same threads handing the ops to one GPU stage (batch = default `gpu.batch`).
-        let batch = crate::gpu::GpuConfig::default().batch;
+        let batch = framelink_worker::gpu::GpuConfig::default().batch;
         t.push_str(&format!(
             "\nThe worker's whole per-frame path (decode → ops → encode q85, `Processor::process`) on {threads} threads, frames/s; GPU = the same threads sharing one GPU stage (batch {batch}):\n\n| op | CPU backend | GPU backend | GPU / CPU |\n| --- | ---: | ---: | ---: |\n"
         ));
         for spec in &o.ops {
             let pipeline = Pipeline::parse(spec)?;
             let cpu = worker_path(&jpegs, &pipeline, threads, None, o.seconds);
-            let client = crate::gpu::executor::spawn(g.clone(), pipeline.clone(), false, batch, Duration::from_millis(2), Default::default())?;
+            let client = framelink_worker::gpu::executor::spawn(g.clone(), pipeline.clone(), false, batch, Duration::from_millis(2), Default::default())?;
             let with_gpu = worker_path(&jpegs, &pipeline, threads, Some(&client), o.seconds);
             t.push_str(&format!("| `{spec}` | {cpu:.1} | {with_gpu:.1} | {:.2}x |\n", with_gpu / cpu));
         }

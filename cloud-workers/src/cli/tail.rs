@@ -19,7 +19,7 @@ use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{BorrowedMessage, Headers};
 
-use crate::config::Validated;
+use framelink_worker::config::Validated;
 
 pub struct TailOptions {
     /// Write result JPEGs under this folder.
@@ -76,7 +76,7 @@ fn header<'a>(m: &'a BorrowedMessage<'_>, name: &str) -> Option<&'a str> {
 pub fn run(v: &Validated, opts: &TailOptions, stop: Arc<AtomicBool>) -> Result<TailSummary> {
     let out = &v.config.output;
     let mut cc = v.kafka.client_config("framelink-tail");
-    cc.set("group.id", format!("framelink-tail-{}-{}", std::process::id(), crate::metrics::now_ns()))
+    cc.set("group.id", format!("framelink-tail-{}-{}", std::process::id(), framelink_worker::metrics::now_ns()))
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .set("auto.offset.reset", if opts.from_beginning { "earliest" } else { "latest" })
@@ -110,7 +110,7 @@ pub fn run(v: &Validated, opts: &TailOptions, stop: Arc<AtomicBool>) -> Result<T
             continue;
         };
         let processed: Option<u64> = header(&m, "framelink-latency-ms").and_then(|x| x.parse().ok());
-        let seen = crate::metrics::now_ns().saturating_sub(meta.capture_ns) / 1_000_000;
+        let seen = framelink_worker::metrics::now_ns().saturating_sub(meta.capture_ns) / 1_000_000;
         if let Some(p) = processed {
             s.processed_ms.push(p);
         }

@@ -1,0 +1,5 @@
+//! The worker binary's tools besides `run`: `bench` (frames/s per op, CPU against GPU) and
+//! `tail` (watch the fleet's results and events). They use the library as any client would.
+
+pub mod bench;
+pub mod tail;

@@ -1,0 +1,211 @@
+//! The poll loop: the one thread that drives the consumer. It hands each fetched record to the
+//! processing pool, runs the exactly-once transaction cadence (commit every
+//! `worker.transaction_ms`, rewind after an abort, pause partitions whose dead letters were
+//! refused), replaces a producer a fatal error left unusable (at-least-once), and on shutdown
+//! finishes what is in flight and commits before leaving the group.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::producer::{Producer, ThreadedProducer};
+
+use crate::consume::{WorkerConsumer, job_from};
+use crate::metrics::Metrics;
+use crate::offsets::Offsets;
+use crate::pool::Pool;
+use crate::publish::producer::{ProduceContext, Producers};
+use crate::publish::refusals::Poisoned;
+use crate::tracker::{Tp, Tracker};
+use crate::txn::{Txn, TxnError};
+
+pub struct PollLoop {
+    pub consumer: Arc<WorkerConsumer>,
+    pub pool: Pool,
+    pub producers: Arc<Producers>,
+    /// Builds a producer to replace one a fatal error left unusable (at-least-once).
+    pub make_producer: Box<dyn Fn() -> Result<Arc<ThreadedProducer<ProduceContext>>>>,
+    pub offsets: Arc<Offsets>,
+    pub metrics: Arc<Metrics>,
+    pub txn: Option<Arc<Txn>>,
+    pub poisoned: Arc<Poisoned>,
+    pub heartbeat: Arc<framelink_common::systemd::Heartbeat>,
+    /// Exactly-once: how often the transaction commits.
+    pub transaction_interval: Duration,
+    /// `auto.offset.reset = latest`: a rewound partition without a committed offset goes to the end.
+    pub reset_to_end: bool,
+}
+
+/// When the next replacement of a failed producer may be tried, and the backoff after that.
+struct Replacement {
+    at: Instant,
+    backoff: Duration,
+}
+
+impl PollLoop {
+    /// Runs until `shutdown` is set or a fatal error; then finishes and commits what is in flight.
+    pub fn run(self, shutdown: &AtomicBool) -> Result<()> {
+        let failure = self.poll_until(shutdown);
+        self.stop(failure)
+    }
+
+    fn tracker(&self) -> &Tracker {
+        self.offsets.tracker()
+    }
+
+    fn poll_until(&self, shutdown: &AtomicBool) -> Option<anyhow::Error> {
+        let (consumer, metrics) = (&self.consumer, &self.metrics);
+        // Tests only: a fatal producer error injected after this many acknowledged outputs.
+        let mut inject_fatal_after = framelink_common::fault::fatal_error_after();
+        let mut replacement = Replacement { at: Instant::now(), backoff: Duration::from_millis(500) };
+        // Exactly-once: partitions paused after a refused dead letter, until when.
+        let mut paused_until: Vec<(Instant, Tp)> = Vec::new();
+        while !shutdown.load(Ordering::Relaxed) {
+            paused_until.retain(|(until, tp)| {
+                let due = *until <= Instant::now();
+                if due {
+                    self.offsets.pause(tp, false);
+                }
+                !due
+            });
+            self.heartbeat.beat();
+            let polled = consumer.poll(Duration::from_millis(100));
+            if let Some(n) = inject_fatal_after
+                && metrics.outputs.get_or_create(&vec![("kind", "result".to_owned())]).get() >= n
+            {
+                inject_fatal_after = None;
+                framelink_common::fault::inject_fatal_error(self.producers.get().client());
+            }
+            if let Some(e) = self.replace_failed_producer(&mut replacement) {
+                return Some(e);
+            }
+            if let Some(e) = consumer.context().fatal.lock().unwrap().take() {
+                return Some(anyhow::anyhow!("exactly-once: {e}"));
+            }
+            if let Some(t) = &self.txn {
+                match t.take_rewind(consumer, self.reset_to_end) {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        // Partitions whose dead letters Kafka refused wait before the next try.
+                        for (tp, refusals) in self.poisoned.stalled() {
+                            let wait = crate::publish::refusals::backoff(refusals.saturating_sub(1));
+                            tracing::error!(topic = tp.0, partition = tp.1, retry_in_ms = wait.as_millis() as u64, "Dead letter refused in a transaction: the partition waits before the next try.");
+                            self.offsets.pause(&tp, true);
+                            paused_until.push((Instant::now() + wait, tp));
+                        }
+                        continue; // `polled` is from before the rewind: it comes again
+                    }
+                    Err(e) => return Some(anyhow::anyhow!("exactly-once: rewinding after an abort: {e}")),
+                }
+            }
+            match polled {
+                None => {}
+                Some(Err(e)) => {
+                    // A fatal consumer error (e.g. another member took this group.instance.id)
+                    // leaves the consumer unusable: stop, so systemd / Kubernetes start a fresh one.
+                    if let Some((code, reason)) = consumer.client().fatal_error() {
+                        return Some(anyhow::anyhow!("fatal Kafka consumer error {code:?}: {reason}"));
+                    }
+                    tracing::warn!(error = %e, "Consumer error.");
+                }
+                Some(Ok(m)) => {
+                    let job = Arc::new(job_from(&m, self.tracker().epoch()));
+                    drop(m);
+                    metrics.frames_in.inc();
+                    self.tracker().start(&job.tp, job.offset);
+                    if let Some(t) = &self.txn {
+                        t.order.dispatched(&job.tp, job.offset);
+                    }
+                    // Blocking here is back-pressure: the fetch loop waits for a free thread.
+                    self.pool.dispatch(job);
+                }
+            }
+            if let Some(t) = &self.txn {
+                match t.maybe_commit(consumer, self.transaction_interval) {
+                    Ok(true) => {
+                        metrics.txn_commits.inc();
+                    }
+                    Ok(false) | Err(TxnError::NoGroup) => {}
+                    Err(TxnError::Fatal(e)) => return Some(anyhow::anyhow!("exactly-once: {e} (another worker with this id, or the group moved on)")),
+                    Err(e) => {
+                        metrics.txn_aborts.inc();
+                        tracing::warn!(error = %e, "Transaction aborted; rewinding to the last committed offsets.");
+                    }
+                }
+            }
+            metrics.in_flight.set(self.tracker().in_flight() as i64);
+        }
+        None
+    }
+
+    /// A fatal producer error leaves that producer unusable. At-least-once: a new one takes
+    /// over (what the old one held is sent again on it); exactly-once: the transactional id is
+    /// dead, so the worker stops and systemd / Kubernetes start afresh from the committed offsets.
+    fn replace_failed_producer(&self, r: &mut Replacement) -> Option<anyhow::Error> {
+        let (code, reason) = self.producers.get().client().fatal_error()?;
+        if self.txn.is_some() {
+            return Some(anyhow::anyhow!("fatal Kafka producer error {code:?}: {reason}"));
+        }
+        if Instant::now() < r.at {
+            return None;
+        }
+        match (self.make_producer)() {
+            Ok(p) => {
+                tracing::error!(error = ?code, reason, "Fatal Kafka producer error: the producer is replaced; its outputs are sent again.");
+                self.metrics.producer_recreated.inc();
+                r.backoff = Duration::from_millis(500);
+                let old = self.producers.replace(p);
+                // Returns what it still holds (delivery reports with purge errors): sent again.
+                old.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+            }
+            Err(e) => {
+                tracing::error!(error = %e, retry_in_ms = r.backoff.as_millis() as u64, "Cannot create a new Kafka producer after a fatal error.");
+                r.at = Instant::now() + r.backoff;
+                r.backoff = (r.backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+        None
+    }
+
+    /// Stops taking records, lets the threads finish, waits (up to 30 s) for the outputs in
+    /// flight to be acknowledged, commits, and leaves the group.
+    fn stop(self, failure: Option<anyhow::Error>) -> Result<()> {
+        let (consumer, metrics) = (&self.consumer, &self.metrics);
+        metrics.health.lock().unwrap().stopping = true;
+        framelink_common::systemd::stopping();
+        tracing::info!(in_flight = self.tracker().in_flight(), "Stopping: finishing frames in flight.");
+        if let Ok(assigned) = consumer.assignment() {
+            let _ = consumer.pause(&assigned);
+        }
+        self.pool.stop();
+        let tracker = self.offsets.tracker();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tracker.in_flight() > 0 && Instant::now() < deadline {
+            let _ = consumer.poll(Duration::from_millis(100));
+            let _ = self.producers.get().flush(Duration::from_millis(100));
+        }
+        let _ = self.producers.get().flush(Duration::from_secs(5));
+        match &self.txn {
+            None => {
+                if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                    tracing::debug!(error = %e, "Final commit.");
+                }
+            }
+            Some(t) if failure.is_none() => match t.commit(consumer) {
+                Ok(committed) => {
+                    if committed {
+                        metrics.txn_commits.inc();
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "Final transaction not committed; those frames will be processed again."),
+            },
+            Some(_) => {}
+        }
+        consumer.unsubscribe();
+        self.offsets.attach(None);
+        tracing::info!(frames_in = metrics.frames_in.get(), "Worker stopped.");
+        failure.map_or(Ok(()), Err)
+    }
+}

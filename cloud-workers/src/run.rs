@@ -1,0 +1,137 @@
+//! `framelink-worker run`: wires the boxes of the design together and runs them until
+//! SIGTERM / SIGINT — the output topics' limits, the backend, the producer (and, at-least-once,
+//! its refusals thread), the consumer, the transactions (exactly-once), the processing pool and
+//! the poll loop. The work itself lives in the modules named here.
+//!
+//! - **Order**: frames are routed to processing threads by a hash of their key, so one
+//!   camera's frames are processed and produced in order; cameras run in parallel.
+//! - **At-least-once**: every consumed offset is tracked until all of its outputs (result,
+//!   event, or dead letter) are acknowledged by Kafka (acks=all, idempotent producer,
+//!   infinite delivery timeout). Only then may the partition's stored offset move past it,
+//!   and never past an offset still in flight (`enable.auto.offset.store=false`; librdkafka
+//!   auto-commits the stored offsets).
+//! - **Exactly-once**: outputs and offsets go in Kafka transactions (see [`crate::txn`]).
+//! - **Rebalance**: on revocation (cooperative-sticky), the worker waits (up to 30 s) until the
+//!   revoked partitions' frames in flight are acknowledged and commits before letting go.
+//! - **Shutdown** (SIGTERM/SIGINT): stop taking new records, finish and acknowledge what is in
+//!   flight, commit synchronously, leave the group.
+//! - **Lag and health** come from librdkafka's statistics callback (no extra requests on the
+//!   poll thread).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use framelink_common::link::{LinkContext, LinkStatus};
+use rdkafka::consumer::Consumer;
+use rdkafka::producer::ThreadedProducer;
+
+use crate::backend::open_backend;
+use crate::config::{Delivery, Validated};
+use crate::consume::{ConsumeContext, WorkerConsumer, consumer_config};
+use crate::metrics::Metrics;
+use crate::offsets::{Offsets, PartitionControl};
+use crate::poll::PollLoop;
+use crate::pool::{Pool, Shared};
+use crate::publish::limits::spawn_limits_refresher;
+use crate::publish::producer::{ProduceContext, Producers, producer_config};
+use crate::publish::refusals::{Poisoned, Refusal, RefusalHandler, Stalls, spawn_refusals};
+use crate::publish::{PRODUCER_MAX_BYTES, Publishing, TopicLimits};
+use crate::tracker::Tracker;
+use crate::txn::{Transactions, Txn};
+
+/// This worker's id: `worker.id`, else the host name (a pod's name), else the process id.
+fn worker_id() -> String {
+    std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| format!("pid-{}", std::process::id()))
+}
+
+pub fn run(v: Validated, shutdown: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Result<()> {
+    let cfg = &v.config;
+    let id = cfg.worker.id.clone().unwrap_or_else(worker_id);
+    let exactly_once = cfg.worker.delivery == Delivery::ExactlyOnce;
+    let tracker = Arc::new(Tracker::default());
+    let link = Arc::new(LinkStatus::default());
+    let offsets = Arc::new(Offsets::new(tracker.clone(), !exactly_once));
+    let stalls = Arc::new(Stalls::default());
+    let limits = Arc::new(TopicLimits::new(PRODUCER_MAX_BYTES));
+    let publishing = Publishing { out: cfg.output.clone(), worker: id.clone(), spec: cfg.worker.pipeline.clone(), limits: limits.clone() };
+    {
+        let mut h = metrics.health.lock().unwrap();
+        h.stalls = Some(stalls.clone());
+        h.limits = Some(limits.clone());
+        h.group = cfg.consumer.group_id.clone();
+        h.delivery = cfg.worker.delivery.as_str();
+        h.pipeline = cfg.worker.pipeline.clone();
+        h.link = Some(link.clone());
+    }
+    let gpu = open_backend(cfg, &metrics)?;
+
+    // At-least-once: refused outputs are dead-lettered (and refused dead letters retried) by
+    // the refusals thread. Exactly-once: a refusal aborts the transaction.
+    let (refusals_tx, refusals_rx) = crossbeam_channel::unbounded::<Refusal>();
+    let refusals = (!exactly_once).then_some(refusals_tx);
+    let poisoned = Arc::new(Poisoned::default());
+    let make_producer = {
+        let pc = producer_config(&v, &id);
+        let (link, offsets, metrics, refusals, stalls, poisoned) = (link.clone(), offsets.clone(), metrics.clone(), refusals.clone(), stalls.clone(), poisoned.clone());
+        move || -> Result<Arc<ThreadedProducer<ProduceContext>>> {
+            let context = ProduceContext::new(LinkContext::new(link.clone()), offsets.clone(), metrics.clone(), refusals.clone(), stalls.clone(), poisoned.clone());
+            Ok(Arc::new(pc.create_with_context(context).context("creating the Kafka producer")?))
+        }
+    };
+    let producers = Arc::new(Producers::new(make_producer()?));
+    if refusals.is_some() {
+        let handler = RefusalHandler { producers: producers.clone(), offsets: offsets.clone(), metrics: metrics.clone(), stalls: stalls.clone(), publishing: publishing.clone() };
+        spawn_refusals(refusals_rx, handler)?;
+    }
+    // Each output topic's record-size limit, before the first frame (and kept fresh).
+    let output_topics = vec![cfg.output.results_topic.clone(), cfg.output.events_topic.clone(), cfg.output.dlq_topic.clone()];
+    let admin_config = v.kafka.client_config(&format!("framelink-worker-{id}-admin"));
+    match limits.learn(&admin_config, &output_topics) {
+        Ok(()) => tracing::info!(limits = ?limits.snapshot(), "Output topics' record-size limits (max.message.bytes)."),
+        Err(e) => tracing::warn!(error = %e, "Cannot read the output topics' max.message.bytes yet; records over a topic's real limit are refused by Kafka and dead-lettered."),
+    }
+    let limits_stop = Arc::new(AtomicBool::new(false));
+    let refresh_limits = spawn_limits_refresher(limits.clone(), admin_config, output_topics, limits_stop.clone());
+
+    let context = ConsumeContext::new(LinkContext::new(link.clone()), tracker.clone(), metrics.clone(), stalls.clone(), poisoned.clone(), refresh_limits);
+    let consumer: Arc<WorkerConsumer> = Arc::new(consumer_config(&v, &id).create_with_context(context).context("creating the Kafka consumer")?);
+    offsets.attach(Some(consumer.clone() as Arc<dyn PartitionControl>));
+    let txn: Option<Arc<Txn>> = if exactly_once {
+        let t = Arc::new(Transactions::start(producers.get(), tracker.clone()).context("starting Kafka transactions (worker.delivery = exactly-once)")?);
+        let _ = consumer.context().txn.set(t.clone());
+        Some(t)
+    } else {
+        None
+    };
+    let topics: Vec<&str> = cfg.consumer.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics).context("subscribing")?;
+    tracing::info!(worker = id, group = cfg.consumer.group_id, topics = ?topics, pipeline = %cfg.worker.pipeline, delivery = cfg.worker.delivery.as_str(), kafka = v.kafka.describe(), "Worker running.");
+
+    // systemd (Type=notify): ready once subscribed; the watchdog is fed while the poll loop runs.
+    let heartbeat = Arc::new(framelink_common::systemd::Heartbeat::default());
+    heartbeat.beat();
+    framelink_common::systemd::ready();
+    framelink_common::systemd::spawn_watchdog(heartbeat.clone(), shutdown.clone(), "consumer poll");
+
+    let shared = Shared { producers: producers.clone(), offsets: offsets.clone(), metrics: metrics.clone(), txn: txn.clone(), refusals, poisoned: poisoned.clone(), publishing, gpu, revocations: consumer.context().revocations.clone() };
+    let pool = Pool::spawn(cfg, &shared)?;
+    drop(shared);
+    let poll = PollLoop {
+        consumer,
+        pool,
+        producers,
+        make_producer: Box::new(make_producer),
+        offsets,
+        metrics,
+        txn,
+        poisoned,
+        heartbeat,
+        transaction_interval: Duration::from_millis(cfg.worker.transaction_ms),
+        reset_to_end: cfg.consumer.auto_offset_reset == "latest",
+    };
+    let result = poll.run(&shutdown);
+    limits_stop.store(true, Ordering::Relaxed);
+    result
+}
