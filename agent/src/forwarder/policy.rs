@@ -268,8 +268,12 @@ impl LinkPolicy {
         }
         let direct = match self.mode {
             Mode::Direct => true,
-            // A spool that cannot be written cannot hold a backlog: with the link up, send.
-            Mode::Spooling => (self.cfg.live_first || self.spool_error.is_some()) && self.last_failure.is_none(),
+            // A spool that cannot be written cannot hold a backlog: with the link up, send;
+            // with the link judged down, one frame at a time goes as a probe of the link (the
+            // spool would drop it), so frames flow again as soon as Kafka is back, not only
+            // once the disk is.
+            Mode::Spooling if self.spool_error.is_some() => self.last_failure.is_none() || self.in_flight() == 0,
+            Mode::Spooling => self.cfg.live_first && self.last_failure.is_none(),
         };
         if direct {
             self.next_live_id += 1;

@@ -894,11 +894,16 @@ fn a_spool_that_cannot_be_written_drops_and_counts_and_sends_straight_while_the_
     w.ack_next();
     w.ack_next();
     assert_eq!(w.kafka_seqs(), [0, 2]);
-    // The link goes down: what cannot be spooled is dropped and counted.
+    // The link goes down: what cannot be spooled is dropped and counted, except one frame at
+    // a time that goes as a probe of the link.
     w.send(3);
     w.fail_next();
     w.send(4);
-    assert_eq!(w.dropped.iter().map(|(k, _)| k.parts().unwrap().1).collect::<Vec<_>>(), [1, 3, 4]);
+    w.send(5);
+    assert_eq!(w.produced.last(), Some(&Origin::Live(5)), "4 probes the link");
+    assert_eq!(w.dropped.iter().map(|(k, _)| k.parts().unwrap().1).collect::<Vec<_>>(), [1, 3, 5], "5 came while the probe was out");
+    w.fail_next();
+    assert_eq!(w.dropped.iter().map(|(k, _)| k.parts().unwrap().1).collect::<Vec<_>>(), [1, 3, 5, 4], "the failed probe could not be spooled either");
     let sent = w.kafka_seqs();
     assert!(w.dropped.iter().all(|(k, _)| !sent.contains(&k.parts().unwrap().1)), "no frame both dropped and sent");
     // The disk works again: the retry (once a second) probes and clears the error.
@@ -907,8 +912,30 @@ fn a_spool_that_cannot_be_written_drops_and_counts_and_sends_straight_while_the_
     w.tick();
     assert_eq!(w.probes, 1);
     assert!(w.policy.spool_error().is_none());
-    w.send(5);
-    assert_eq!(w.spool_seqs(), [5], "spooling again while the link is judged down");
+    w.send(6);
+    assert_eq!(w.spool_seqs(), [6], "spooling again while the link is judged down");
+}
+
+#[test]
+fn with_the_spool_failing_frames_flow_again_once_kafka_is_back_before_the_disk_is() {
+    let mut w = World::new(cfg());
+    w.faults.write = true;
+    w.faults.probe = true;
+    w.send(0);
+    w.fail_next();
+    assert_eq!(w.policy.link_state(), LinkState::Down);
+    assert_eq!(w.dropped.len(), 1, "0 failed and could not be spooled");
+    // Kafka is back, the disk is not: the next frame probes the link and gets through.
+    w.send(1);
+    w.ack_next();
+    assert_eq!(w.kafka_seqs(), [1]);
+    for s in 2..6 {
+        w.send(s);
+        w.ack_next();
+    }
+    assert_eq!(w.kafka_seqs(), [1, 2, 3, 4, 5], "straight to Kafka while the spool still fails");
+    assert_eq!(w.dropped.len(), 1, "nothing else dropped");
+    assert!(w.policy.spool_error().is_some());
 }
 
 #[test]
