@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod defaults;
+pub mod drop_reason;
 pub mod encoder;
 pub mod forwarder;
 pub mod frame;

@@ -63,6 +63,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::DeliveryResult;
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, PurgeConfig, ThreadedProducer};
 
+use crate::drop_reason::DropReason;
 use crate::frame::{Frame, now_ns};
 use crate::metrics::{LinkState, Metrics};
 use crate::spool::Spool;
@@ -234,11 +235,11 @@ impl Forwarder {
             Action::DropTooLarge { frame } => {
                 let camera = &frame.meta.camera_id;
                 tracing::warn!(camera, seq = frame.meta.seq, bytes = frame.payload.len(), limit = self.cfg.max_message_bytes.as_u64(), "Frame larger than forwarder.max_message_bytes: dropped.");
-                self.metrics.add_reason(&self.metrics.dropped, camera, "too_large", 1);
+                self.metrics.add_reason(&self.metrics.dropped, camera, DropReason::TooLarge.as_str(), 1);
             }
             Action::Spool { frame, reason } => {
                 if self.push_to_spool(&frame, reason.as_str()).is_none() {
-                    self.metrics.add_reason(&self.metrics.dropped, &frame.meta.camera_id, "spool_io_error", 1);
+                    self.metrics.add_reason(&self.metrics.dropped, &frame.meta.camera_id, DropReason::SpoolIoError.as_str(), 1);
                 }
             }
             Action::CopyToSpool { live_id, frame } => {
@@ -278,7 +279,7 @@ impl Forwarder {
             Action::CountDamaged { key, reason } => {
                 let camera = key.parts().map_or("<unknown>".to_owned(), |(c, _)| c.to_owned());
                 tracing::error!(record = %key, reason, "Damaged spool record skipped.");
-                self.metrics.add_reason(&self.metrics.dropped, &camera, "spool_damaged", 1);
+                self.metrics.add_reason(&self.metrics.dropped, &camera, DropReason::SpoolDamaged.as_str(), 1);
                 self.spool.note_damaged();
             }
             Action::ProbeSpool => {
@@ -341,7 +342,7 @@ impl Forwarder {
             }
             Err(e) if permanent(&e) => {
                 tracing::error!(camera, seq = p.frame.meta.seq, error = %e, "Kafka rejected the frame for good: dropped.");
-                self.metrics.add_reason(&self.metrics.dropped, camera, "rejected", 1);
+                self.metrics.add_reason(&self.metrics.dropped, camera, DropReason::Rejected.as_str(), 1);
                 Delivery::Rejected
             }
             Err(e) => Delivery::Failed {

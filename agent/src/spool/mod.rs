@@ -149,27 +149,9 @@ impl SpoolConfig {
     }
 }
 
-/// Why a frame left the spool without being delivered.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum DropReason {
-    /// Deleted to make room (drop_oldest / decimate).
-    FullOldest,
-    /// Refused because the spool was full (drop_newest), or because the frame would not fit
-    /// even with every frame evicted (then nothing is evicted for it).
-    FullNewest,
-    /// Not kept by `decimate`.
-    Decimated,
-}
-
-impl DropReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::FullOldest => "spool_full_oldest",
-            Self::FullNewest => "spool_full_newest",
-            Self::Decimated => "decimated",
-        }
-    }
-}
+/// Why a frame left the spool without being delivered: [`DropReason::FullOldest`],
+/// [`DropReason::FullNewest`] or [`DropReason::Decimated`].
+pub use crate::drop_reason::DropReason;
 
 /// What happened to a pushed frame and to frames evicted for it.
 #[derive(Debug, Default, PartialEq, Eq)]
