@@ -1,7 +1,9 @@
-//! What both binaries' command lines share: logging set-up and the `check-config` report.
+//! What both binaries' command lines share: the options every subcommand takes, logging
+//! set-up, how a failed command ends the process, and the `check-config` report.
 //!
 //! Binaries stay thin: they parse arguments, load their config, and call into libraries.
 
+use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::kafka_config::KafkaSettings;
@@ -28,6 +30,27 @@ impl std::str::FromStr for LogFormat {
     }
 }
 
+/// The options of every subcommand, flattened into each binary's parser
+/// (`#[command(flatten)] global: GlobalArgs`).
+#[derive(clap::Args, Debug)]
+pub struct GlobalArgs {
+    /// Log format: `text` or `json`. The level comes from FRAMELINK_LOG (default `info`).
+    #[arg(long, global = true, default_value = "text", env = "FRAMELINK_LOG_FORMAT")]
+    pub log_format: LogFormat,
+}
+
+/// The process's end: success, or the error with its causes (`error: a: b: c`) on stderr and
+/// exit status 1.
+pub fn exit_code(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Installs the global `tracing` subscriber. The filter comes from `FRAMELINK_LOG` (same
 /// syntax as `RUST_LOG`, e.g. `info,librdkafka=warn`), default `info`.
 pub fn init_logging(format: LogFormat) {
@@ -44,6 +67,9 @@ pub fn init_logging(format: LogFormat) {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
 }
+
+/// How long `check-config --connect` waits for the brokers' metadata.
+pub const CHECK_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The `check-config --connect` step: one metadata request, with the diagnosed cause on failure.
 pub fn report_connection(settings: &KafkaSettings, timeout: Duration) -> Result<String, crate::link::ConnectError> {

@@ -11,6 +11,9 @@
 //! Config structs use `#[serde(deny_unknown_fields)]`; errors carry the full dotted key path
 //! (via serde_path_to_error), so a typo names itself: ``config key `kafka.security_protcol`:
 //! unknown field``.
+//!
+//! [`load_validated`] is the whole path from file to a config a daemon may start with: load,
+//! then the binary's own checks, whose errors are put under the file's name.
 
 use std::path::{Path, PathBuf};
 
@@ -39,6 +42,21 @@ pub enum ConfigFileError {
 /// Loads `path` (TOML) with `FRAMELINK__...` environment overrides into `T`.
 pub fn load<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigFileError> {
     load_with_env(path, None)
+}
+
+/// A loaded and validated config `C`, with the Kafka settings its `[kafka]` table gave.
+#[derive(Debug)]
+pub struct Validated<C> {
+    pub config: C,
+    pub kafka: crate::kafka_config::KafkaSettings,
+}
+
+/// [`load`]s `path` into `T` and checks it with `validate`; an error of `validate` reads
+/// `config file <path>: <error>`.
+pub fn load_validated<T: DeserializeOwned, V>(path: &Path, validate: impl FnOnce(T) -> anyhow::Result<V>) -> anyhow::Result<V> {
+    use anyhow::Context;
+    let config: T = load(path)?;
+    validate(config).with_context(|| format!("config file {}", path.display()))
 }
 
 /// [`load`], with the environment given as a map of variables instead of the process's
@@ -126,6 +144,22 @@ mod tests {
         assert!(e.to_string().starts_with("config key `inner.fsp`: unknown field"), "{e}");
         let e = from_toml_str::<Top>("name = \"x\"\ncolour = 1\n[inner]").unwrap_err();
         assert!(e.to_string().contains("`colour`"), "{e}");
+    }
+
+    #[test]
+    fn a_validation_error_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("v.toml");
+        std::fs::write(&p, "name = \"\"\n[inner]\n").unwrap();
+        let check = |t: Top| if t.name.is_empty() { anyhow::bail!("config key `name`: must not be empty") } else { Ok(t.name) };
+        let e = load_validated(&p, check).unwrap_err();
+        assert_eq!(format!("{e:#}"), format!("config file {}: config key `name`: must not be empty", p.display()));
+        std::fs::write(&p, "name = \"x\"\n[inner]\n").unwrap();
+        assert_eq!(load_validated(&p, check).unwrap(), "x");
+        // Load errors are not wrapped: they name the file or the key themselves.
+        std::fs::write(&p, "name = \"x\"\n[inner]\nfsp = 7\n").unwrap();
+        let e = load_validated(&p, check).unwrap_err();
+        assert!(format!("{e:#}").starts_with("config key `inner.fsp`: unknown field"), "{e:#}");
     }
 
     #[test]

@@ -5,15 +5,23 @@
 //! - [`tls_files`]: offline checks of PEM certificates and keys, with errors naming the file;
 //! - [`link`]: the rdkafka client context that turns librdkafka's error callbacks into a
 //!   diagnosis (TLS vs. unreachable vs. authentication);
-//! - [`config_file`]: TOML + `FRAMELINK__` environment loading with errors naming the key;
-//! - [`systemd`]: readiness, stopping and watchdog notifications.
+//! - [`config_file`]: TOML + `FRAMELINK__` environment loading with errors naming the key, and
+//!   the validated-config loader both daemons start from;
+//! - [`systemd`]: readiness, stopping and watchdog notifications;
+//! - the plumbing both daemons run on, one copy for both: [`shutdown`] (signals and waits that
+//!   a stop wakes), [`http`] (the `/metrics` and `/healthz` listener and its `[http]` table),
+//!   [`metrics`] (labels and rendering), [`clock`] (Unix-epoch time), [`cli`] (global options,
+//!   logging, exit status, `check-config --connect`).
 
 pub mod cli;
+pub mod clock;
 pub mod config_file;
 pub mod fault;
 pub mod http;
 pub mod kafka_config;
 pub mod link;
+pub mod metrics;
+pub mod shutdown;
 pub mod systemd;
 pub mod tls_files;
 pub mod wire;

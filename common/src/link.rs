@@ -190,6 +190,40 @@ impl ClientContext for LinkContext {
     }
 }
 
+/// rdkafka, for [`impl_link_client_context!`](crate::impl_link_client_context) in crates
+/// that name it differently.
+#[doc(hidden)]
+pub use rdkafka;
+
+/// Implements `rdkafka::ClientContext` for a context type that holds a [`LinkContext`] (or any
+/// client context) in the field `$field`: `log` and `error` go to it, so every client's logs
+/// and link errors reach the same diagnosis. A context with a producer or consumer role of its
+/// own (delivery reports, rebalances) cannot simply be a `LinkContext`; this is the one way it
+/// delegates. Further `ClientContext` methods, such as `stats`, go in braces after the field:
+///
+/// ```ignore
+/// framelink_common::impl_link_client_context!(ConsumeContext, link, {
+///     fn stats(&self, stats: rdkafka::statistics::Statistics) { /* ... */ }
+/// });
+/// ```
+#[macro_export]
+macro_rules! impl_link_client_context {
+    ($ty:ty, $field:ident) => {
+        $crate::impl_link_client_context!($ty, $field, {});
+    };
+    ($ty:ty, $field:ident, { $($extra:tt)* }) => {
+        impl $crate::link::rdkafka::ClientContext for $ty {
+            fn log(&self, level: $crate::link::rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+                $crate::link::rdkafka::ClientContext::log(&self.$field, level, fac, log_message)
+            }
+            fn error(&self, error: $crate::link::rdkafka::error::KafkaError, reason: &str) {
+                $crate::link::rdkafka::ClientContext::error(&self.$field, error, reason)
+            }
+            $($extra)*
+        }
+    };
+}
+
 impl ProducerContext for LinkContext {
     type DeliveryOpaque = ();
     fn delivery(&self, _result: &DeliveryResult<'_>, _opaque: Self::DeliveryOpaque) {}
@@ -250,6 +284,32 @@ pub fn check_connection(settings: &KafkaSettings, timeout: Duration) -> Result<C
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct Wrapped {
+        link: LinkContext,
+        stats_seen: Mutex<u32>,
+    }
+    crate::impl_link_client_context!(Wrapped, link, {
+        fn stats(&self, _stats: rdkafka::statistics::Statistics) {
+            *self.stats_seen.lock().unwrap() += 1;
+        }
+    });
+    struct Plain {
+        inner: LinkContext,
+    }
+    crate::impl_link_client_context!(Plain, inner);
+
+    #[test]
+    fn a_wrapping_context_reports_to_its_link() {
+        let w = Wrapped { link: LinkContext::default(), stats_seen: Mutex::new(0) };
+        w.error(KafkaError::Global(RDKafkaErrorCode::SSL), "handshake failed");
+        assert_eq!(w.link.status.diagnosis().map(|d| d.kind), Some(LinkErrorKind::Tls));
+        w.stats(rdkafka::statistics::Statistics::default());
+        assert_eq!(*w.stats_seen.lock().unwrap(), 1);
+        let p = Plain { inner: LinkContext::default() };
+        p.log(RDKafkaLogLevel::Error, "FAIL", "127.0.0.1:9/bootstrap: Connect to ipv4#127.0.0.1:9 failed: Connection refused");
+        assert!(p.inner.status.diagnosis().is_some());
+    }
 
     #[test]
     fn classification() {
