@@ -11,7 +11,6 @@
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -23,6 +22,7 @@ use framelink_agent::sequence::SequenceStore;
 use framelink_agent::source::{Captured, Pacer, Source, SourceError};
 use framelink_agent::spool::sled_spool::SledSpool;
 use framelink_agent::spool::{Spool, SpoolConfig};
+use framelink_common::shutdown::Shutdown;
 
 const W: u32 = 1920;
 const H: u32 = 1080;
@@ -118,17 +118,17 @@ fn agent_phase() {
     let metrics = Metrics::new(1 << 30);
     let fwd_cfg = ForwarderConfig { topic: topic.clone(), max_message_bytes: bytesize::ByteSize::mib(4), ..ForwarderConfig::default() };
     let forwarder = Forwarder::new(fwd_cfg, &kafka, spool, metrics.clone(), Duration::from_millis(200)).unwrap();
-    let shutdown = Arc::new(AtomicBool::new(false));
+    let shutdown = Shutdown::new();
     let (tx, rx) = crossbeam_channel::bounded(64);
     let source: Box<dyn Source> = Box::new(Memory { frames, i: 0, pacer: Pacer::new(240.0) });
     let threads = framelink_agent::pipeline::start_with_sources("bench", vec![("bench".into(), source)], &EncoderConfig::default(), seqs, metrics.clone(), shutdown.clone(), tx).unwrap();
     let sd = shutdown.clone();
-    let fwd = std::thread::spawn(move || forwarder.run(rx, &sd, Duration::from_secs(10)).unwrap());
+    let fwd = std::thread::spawn(move || forwarder.run(rx, sd.flag(), Duration::from_secs(10)).unwrap());
     std::thread::sleep(Duration::from_secs(2)); // warm-up: connection, idempotent PID
     let (s0, t0) = (counter(&metrics, &metrics.sent), Instant::now());
     std::thread::sleep(Duration::from_secs(10));
     let (s1, dt) = (counter(&metrics, &metrics.sent), t0.elapsed().as_secs_f64());
-    shutdown.store(true, Ordering::Relaxed);
+    shutdown.trigger();
     for t in threads {
         t.join().unwrap();
     }

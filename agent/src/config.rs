@@ -9,7 +9,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use framelink_common::config_file;
-use framelink_common::kafka_config::{KafkaConfig, KafkaSettings};
+use framelink_common::kafka_config::KafkaConfig;
 use framelink_common::wire::{self, header};
 use serde::Deserialize;
 
@@ -59,25 +59,19 @@ fn default_grace() -> u64 {
 }
 
 /// A loaded and validated agent config.
-#[derive(Debug)]
-pub struct Validated {
-    pub config: AgentConfig,
-    pub kafka: KafkaSettings,
-}
+pub type Validated = config_file::Validated<AgentConfig>;
 
 impl AgentConfig {
     /// Loads `path` with `FRAMELINK__` environment overrides and validates it.
     pub fn load(path: &Path) -> Result<Validated> {
-        let config: AgentConfig = config_file::load(path)?;
-        config.validate().with_context(|| format!("config file {}", path.display()))
+        config_file::load_validated(path, Self::validate)
     }
 
     /// As [`load`](Self::load) for `run`: a certificate outside its validity period by this
     /// device's clock (no RTC before NTP) is a warning, not a refusal to start — capture and
     /// spooling go on and `/healthz` reports the TLS failure; `check-config` still fails on it.
     pub fn load_for_run(path: &Path) -> Result<Validated> {
-        let config: AgentConfig = config_file::load(path)?;
-        config.validate_with(framelink_common::tls_files::ValidityCheck::WarnOnly).with_context(|| format!("config file {}", path.display()))
+        config_file::load_validated(path, |c: AgentConfig| c.validate_with(framelink_common::tls_files::ValidityCheck::WarnOnly))
     }
 
     pub fn validate(self) -> Result<Validated> {

@@ -76,10 +76,5 @@ impl Frame {
     }
 }
 
-/// Nanoseconds since the Unix epoch, now.
-pub fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
+/// Nanoseconds since the Unix epoch, the clock of `capture_ns`.
+pub use framelink_common::clock::now_ns;

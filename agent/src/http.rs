@@ -8,40 +8,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use serde::Deserialize;
 
 use crate::metrics::{LinkState, Metrics};
 
-/// `[http]`.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpConfig {
-    /// Address of the metrics / health listener; empty to turn it off. Default `127.0.0.1:9464`.
-    #[serde(default = "default_listen")]
-    pub listen: String,
-}
-
-fn default_listen() -> String {
-    "127.0.0.1:9464".into()
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        crate::defaults::section("http")
-    }
-}
-
-impl HttpConfig {
-    pub fn addr(&self) -> Result<Option<SocketAddr>> {
-        if self.listen.is_empty() {
-            return Ok(None);
-        }
-        self.listen
-            .parse()
-            .map(Some)
-            .with_context(|| format!("config key `http.listen`: {:?} is not an address like 127.0.0.1:9464", self.listen))
-    }
-}
+/// `[http]`: `listen`, the address of the metrics / health listener; empty to turn it off.
+/// Default `127.0.0.1:9464`.
+pub type HttpConfig = framelink_common::http::HttpConfig<9464>;
 
 pub fn health_json(m: &Metrics) -> serde_json::Value {
     let h = m.health.lock().expect("health lock").clone();

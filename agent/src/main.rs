@@ -5,19 +5,17 @@ use framelink_agent::config;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use framelink_common::cli::{LogFormat, init_logging, report_connection};
+use framelink_common::cli::{CHECK_CONNECT_TIMEOUT, GlobalArgs, exit_code, init_logging, report_connection};
 
 /// framelink edge agent: captures camera frames, JPEG-encodes them, keeps them in a bounded
 /// on-disk spool while the network is down, and forwards them to Kafka over TLS.
 #[derive(Parser)]
 #[command(name = "framelink-agent", version, about, long_about = None)]
 struct Cli {
-    /// Log format: `text` or `json`. The level comes from FRAMELINK_LOG (default `info`).
-    #[arg(long, global = true, default_value = "text", env = "FRAMELINK_LOG_FORMAT")]
-    log_format: LogFormat,
+    #[command(flatten)]
+    global: GlobalArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -45,14 +43,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
-    match run(cli.command) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    init_logging(cli.global.log_format);
+    exit_code(run(cli.command))
 }
 
 fn run(command: Command) -> anyhow::Result<()> {
@@ -75,7 +67,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 v.kafka.describe()
             );
             if connect {
-                println!("{}", report_connection(&v.kafka, Duration::from_secs(15))?);
+                println!("{}", report_connection(&v.kafka, CHECK_CONNECT_TIMEOUT)?);
             }
             Ok(())
         }

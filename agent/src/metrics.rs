@@ -10,9 +10,9 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use framelink_common::metrics::{Labels, labels};
 use prometheus_client::registry::Registry;
 
-type Labels = Vec<(&'static str, String)>;
 type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -75,10 +75,6 @@ pub struct Health {
     /// The last spool I/O error (disk full, read-only, permissions) while it lasts; `None`
     /// once the spool works again.
     pub spool_error: Option<String>,
-}
-
-fn labels(pairs: &[(&'static str, &str)]) -> Labels {
-    pairs.iter().map(|(k, v)| (*k, (*v).to_owned())).collect()
 }
 
 impl Metrics {
@@ -177,8 +173,6 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("formatting to a String");
-        out
+        framelink_common::metrics::render(&self.registry)
     }
 }

@@ -5,13 +5,13 @@
 //! with exponential backoff (0.5 s to 30 s, ±25 % jitter) while the other cameras go on.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use crossbeam_channel::{Sender, TrySendError};
 use framelink_common::FrameMeta;
+use framelink_common::shutdown::Shutdown;
 use rand::RngExt;
 
 use crate::encoder::{Encoder, EncoderConfig};
@@ -32,7 +32,7 @@ pub fn start(
     encoder: &EncoderConfig,
     seqs: Arc<SequenceStore>,
     metrics: Arc<Metrics>,
-    shutdown: Arc<AtomicBool>,
+    shutdown: Shutdown,
     out: Sender<Frame>,
 ) -> Result<Vec<JoinHandle<()>>> {
     let sources = cameras.iter().map(|c| (c.id.clone(), c.build())).collect();
@@ -46,7 +46,7 @@ pub fn start_with_sources(
     encoder: &EncoderConfig,
     seqs: Arc<SequenceStore>,
     metrics: Arc<Metrics>,
-    shutdown: Arc<AtomicBool>,
+    shutdown: Shutdown,
     out: Sender<Frame>,
 ) -> Result<Vec<JoinHandle<()>>> {
     let n = encoder.thread_count().min(sources.len()).max(1);
@@ -99,45 +99,33 @@ pub fn start_with_sources(
     Ok(handles)
 }
 
-/// Sleeps `d` in short steps; false if shutdown was requested meanwhile.
-fn sleep_unless(shutdown: &AtomicBool, d: Duration) -> bool {
-    let until = Instant::now() + d;
-    while Instant::now() < until {
-        if shutdown.load(Ordering::Relaxed) {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50).min(until - Instant::now()));
-    }
-    !shutdown.load(Ordering::Relaxed)
-}
-
 pub fn run_camera(
     id: &str,
     mut source: Box<dyn Source>,
     seqs: &SequenceStore,
     metrics: &Metrics,
     tx: &Sender<RawFrame>,
-    shutdown: &AtomicBool,
+    shutdown: &Shutdown,
 ) {
     const MIN: Duration = Duration::from_millis(500);
     const MAX: Duration = Duration::from_secs(30);
     let mut backoff = MIN;
     let mut reservation_error: Option<String> = None;
     tracing::info!(camera = id, source = source.describe(), "Camera starting.");
-    'reopen: while !shutdown.load(Ordering::Relaxed) {
+    'reopen: while !shutdown.is_set() {
         if let Err(e) = source.open() {
             metrics.set_camera(id, false, &format!("unavailable: {e}"));
             let wait = backoff.mul_f64(rand::rng().random_range(0.75..1.25));
             tracing::warn!(camera = id, error = %e, retry_in = ?wait, "Camera unavailable.");
             backoff = (backoff * 2).min(MAX);
-            if !sleep_unless(shutdown, wait) {
+            if shutdown.wait_timeout(wait) {
                 break;
             }
             continue;
         }
         metrics.set_camera(id, true, "up");
         backoff = MIN;
-        while !shutdown.load(Ordering::Relaxed) {
+        while !shutdown.is_set() {
             match source.next_frame() {
                 Ok(c) => {
                     // A disk that refuses the reservation does not stop the camera: numbers left

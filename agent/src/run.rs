@@ -9,10 +9,10 @@
 //! flushed, and each camera's next sequence number is recorded.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use framelink_common::shutdown::Shutdown;
 
 use crate::config::Validated;
 use crate::forwarder::Forwarder;
@@ -23,10 +23,7 @@ use crate::spool::sled_spool::SledSpool;
 
 pub fn run(v: Validated) -> Result<()> {
     let cfg = v.config;
-    let shutdown = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, shutdown.clone()).context("installing signal handlers")?;
-    }
+    let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
 
     let spool: Arc<dyn Spool> = Arc::new(SledSpool::open(cfg.spool.clone())?);
     let seqs = Arc::new(SequenceStore::open(&cfg.spool.dir.join("sequence"))?);
@@ -48,8 +45,8 @@ pub fn run(v: Validated) -> Result<()> {
     let threads = crate::pipeline::start(&cfg.device.id, &cfg.cameras, &cfg.encoder, seqs.clone(), metrics.clone(), shutdown.clone(), tx)?;
     systemd_ready(&metrics, &shutdown);
 
-    let result = forwarder.run(frames, &shutdown, Duration::from_secs(cfg.device.shutdown_grace_s));
-    shutdown.store(true, Ordering::Relaxed);
+    let result = forwarder.run(frames, shutdown.flag(), Duration::from_secs(cfg.device.shutdown_grace_s));
+    shutdown.trigger();
     for t in threads {
         let _ = t.join();
     }
@@ -71,7 +68,7 @@ pub fn run(v: Validated) -> Result<()> {
 
 /// Tells systemd we are ready and, if a watchdog is configured, pings it while the
 /// forwarder's heartbeat is fresh (a hung forwarder gets the agent restarted).
-fn systemd_ready(metrics: &Arc<Metrics>, shutdown: &Arc<AtomicBool>) {
+fn systemd_ready(metrics: &Arc<Metrics>, shutdown: &Shutdown) {
     framelink_common::systemd::ready();
     framelink_common::systemd::spawn_watchdog(metrics.heartbeat.clone(), shutdown.clone(), "forwarder");
 }

@@ -5,9 +5,9 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use framelink_common::config_file;
-use framelink_common::kafka_config::{KafkaConfig, KafkaSettings};
+use framelink_common::kafka_config::KafkaConfig;
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -122,23 +122,9 @@ impl ProcessingConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpConfig {
-    /// Address of `/metrics` and `/healthz`; empty turns it off. Default `127.0.0.1:9465`.
-    #[serde(default = "default_listen")]
-    pub listen: String,
-}
-
-fn default_listen() -> String {
-    "127.0.0.1:9465".into()
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        Self { listen: default_listen() }
-    }
-}
+/// `[http]`: `listen`, the address of `/metrics` and `/healthz`; empty turns it off. Default
+/// `127.0.0.1:9465` (the agent's is 9464, so both fit on one host).
+pub type HttpConfig = framelink_common::http::HttpConfig<9465>;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -222,17 +208,12 @@ fn default_dlq() -> String {
 }
 
 /// A loaded and validated worker config.
-#[derive(Debug)]
-pub struct Validated {
-    pub config: WorkerConfig,
-    pub kafka: KafkaSettings,
-}
+pub type Validated = config_file::Validated<WorkerConfig>;
 
 impl WorkerConfig {
     /// Loads `path` with `FRAMELINK__` environment overrides and validates it.
     pub fn load(path: &Path) -> Result<Validated> {
-        let config: WorkerConfig = config_file::load(path)?;
-        config.validate().with_context(|| format!("config file {}", path.display()))
+        config_file::load_validated(path, Self::validate)
     }
 
     pub fn validate(self) -> Result<Validated> {
@@ -274,9 +255,7 @@ impl WorkerConfig {
         if self.worker.max_pixels == 0 {
             bail!("config key `worker.max_pixels`: must be at least 1");
         }
-        if !self.http.listen.is_empty() {
-            self.http.listen.parse::<std::net::SocketAddr>().map_err(|_| anyhow::anyhow!("config key `http.listen`: {:?} is not an address like 127.0.0.1:9465", self.http.listen))?;
-        }
+        self.http.addr()?;
         let kafka = self.kafka.validate("kafka")?;
         Ok(Validated { config: self, kafka })
     }

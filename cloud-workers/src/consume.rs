@@ -7,10 +7,8 @@ use std::time::Duration;
 
 use crossbeam_channel::Sender;
 use framelink_common::link::LinkContext;
-use rdkafka::ClientContext;
-use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::statistics::Statistics;
 
@@ -46,13 +44,7 @@ impl ConsumeContext {
     }
 }
 
-impl ClientContext for ConsumeContext {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, msg: &str) {
-        self.link.log(level, fac, msg)
-    }
-    fn error(&self, error: KafkaError, reason: &str) {
-        self.link.error(error, reason)
-    }
+framelink_common::impl_link_client_context!(ConsumeContext, link, {
     /// librdkafka's statistics (every 5 s, served by the poll call): consumer lag per owned
     /// partition from the high watermarks the fetches already carry, and brokers up. No extra
     /// requests, nothing blocking the poll loop.
@@ -71,7 +63,7 @@ impl ClientContext for ConsumeContext {
         }
         h.lag_total = total;
     }
-}
+});
 
 fn lag_labels(topic: &str, partition: i32) -> Vec<(&'static str, String)> {
     vec![("topic", topic.to_owned()), ("partition", partition.to_string())]

@@ -7,12 +7,12 @@ use framelink_worker::config;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use framelink_common::cli::{LogFormat, init_logging, report_connection};
+use framelink_common::cli::{CHECK_CONNECT_TIMEOUT, GlobalArgs, exit_code, init_logging, report_connection};
+use framelink_common::shutdown::Shutdown;
 use framelink_worker::gpu::BackendChoice;
 
 /// framelink cloud worker: one member of a Kafka consumer group that decodes frames, runs
@@ -20,9 +20,8 @@ use framelink_worker::gpu::BackendChoice;
 #[derive(Parser)]
 #[command(name = "framelink-worker", version, about, long_about = None)]
 struct Cli {
-    /// Log format: `text` or `json`. The level comes from FRAMELINK_LOG (default `info`).
-    #[arg(long, global = true, default_value = "text", env = "FRAMELINK_LOG_FORMAT")]
-    log_format: LogFormat,
+    #[command(flatten)]
+    global: GlobalArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -111,14 +110,8 @@ enum Command {
 fn main() -> ExitCode {
     framelink_worker::alloc::tune_for_frames();
     let cli = Cli::parse();
-    init_logging(cli.log_format);
-    match run(cli.command) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    init_logging(cli.global.log_format);
+    exit_code(run(cli.command))
 }
 
 fn run(command: Command) -> anyhow::Result<()> {
@@ -133,15 +126,11 @@ fn run(command: Command) -> anyhow::Result<()> {
                 unsafe { std::env::set_var("FRAMELINK__GPU__BACKEND", b.as_str()) };
             }
             let v = config::WorkerConfig::load(&config)?;
-            let shutdown = Arc::new(AtomicBool::new(false));
-            for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-                signal_hook::flag::register(sig, shutdown.clone())?;
-            }
+            let shutdown = Shutdown::on_signals()?;
             let metrics = framelink_worker::metrics::Metrics::new();
-            if !v.config.http.listen.is_empty() {
+            if let Some(addr) = v.config.http.addr()? {
                 let m1 = metrics.clone();
                 let m2 = metrics.clone();
-                let addr = v.config.http.listen.parse()?;
                 let bound = framelink_common::http::spawn(addr, Arc::new(move || m1.render()), Arc::new(move || m2.health_json()))?;
                 tracing::info!(%bound, "Serving /metrics and /healthz.");
             }
@@ -149,10 +138,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Tail { config, out, seconds, count, print_every, from_beginning } => {
             let v = config::WorkerConfig::load(&config)?;
-            let stop = Arc::new(AtomicBool::new(false));
-            for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-                signal_hook::flag::register(sig, stop.clone())?;
-            }
+            let stop = Shutdown::on_signals()?;
             let opts = cli::tail::TailOptions { out, duration: seconds.map(Duration::from_secs_f64), count, print_every, from_beginning };
             let summary = cli::tail::run(&v, &opts, stop)?;
             println!("tail: {}", summary.describe());
@@ -194,7 +180,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 v.kafka.describe()
             );
             if connect {
-                println!("{}", report_connection(&v.kafka, Duration::from_secs(15))?);
+                println!("{}", report_connection(&v.kafka, CHECK_CONNECT_TIMEOUT)?);
                 // The backend too: a GPU worker without a usable GPU fails here, not at start.
                 let g = &v.config.gpu;
                 match framelink_worker::gpu::Gpu::open(g.backend, g.adapter.as_deref()).map_err(|e| anyhow::anyhow!("config key `gpu.backend` = {:?}: {e}", g.backend.as_str()))? {

@@ -12,7 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-type Labels = Vec<(&'static str, String)>;
+use framelink_common::metrics::Labels;
 
 fn seconds() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 18))
@@ -151,12 +151,9 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("formatting to a String");
-        out
+        framelink_common::metrics::render(&self.registry)
     }
 }
 
-pub fn now_ns() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
-}
+/// Nanoseconds since the Unix epoch, the clock of `framelink-capture-ns`.
+pub use framelink_common::clock::now_ns;

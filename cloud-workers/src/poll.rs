@@ -5,10 +5,10 @@
 //! finishes what is in flight and commits before leaving the group.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use framelink_common::shutdown::Shutdown;
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::producer::{Producer, ThreadedProducer};
 
@@ -46,7 +46,7 @@ struct Replacement {
 
 impl PollLoop {
     /// Runs until `shutdown` is set or a fatal error; then finishes and commits what is in flight.
-    pub fn run(self, shutdown: &AtomicBool) -> Result<()> {
+    pub fn run(self, shutdown: &Shutdown) -> Result<()> {
         let failure = self.poll_until(shutdown);
         self.stop(failure)
     }
@@ -55,14 +55,14 @@ impl PollLoop {
         self.offsets.tracker()
     }
 
-    fn poll_until(&self, shutdown: &AtomicBool) -> Option<anyhow::Error> {
+    fn poll_until(&self, shutdown: &Shutdown) -> Option<anyhow::Error> {
         let (consumer, metrics) = (&self.consumer, &self.metrics);
         // Tests only: a fatal producer error injected after this many acknowledged outputs.
         let mut inject_fatal_after = framelink_common::fault::fatal_error_after();
         let mut replacement = Replacement { at: Instant::now(), backoff: Duration::from_millis(500) };
         // Exactly-once: partitions paused after a refused dead letter, until when.
         let mut paused_until: Vec<(Instant, Tp)> = Vec::new();
-        while !shutdown.load(Ordering::Relaxed) {
+        while !shutdown.is_set() {
             paused_until.retain(|(until, tp)| {
                 let due = *until <= Instant::now();
                 if due {

@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use framelink_common::link::{LinkContext, LinkStatus};
+use framelink_common::shutdown::Shutdown;
 use rdkafka::consumer::Consumer;
 use rdkafka::producer::ThreadedProducer;
 
@@ -46,7 +47,7 @@ fn worker_id() -> String {
     std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| format!("pid-{}", std::process::id()))
 }
 
-pub fn run(v: Validated, shutdown: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Result<()> {
+pub fn run(v: Validated, shutdown: Shutdown, metrics: Arc<Metrics>) -> Result<()> {
     let cfg = &v.config;
     let id = cfg.worker.id.clone().unwrap_or_else(worker_id);
     let exactly_once = cfg.worker.delivery == Delivery::ExactlyOnce;

@@ -6,15 +6,13 @@
 //! restarts the service. Outside systemd (`NOTIFY_SOCKET` unset) all of this does nothing.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-/// Milliseconds since the Unix epoch, the unit of heartbeats.
-pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
+use crate::clock::now_ms;
+use crate::shutdown::Shutdown;
 
-/// A main loop's proof of life.
+/// A main loop's proof of life (Unix ms of its last turn).
 #[derive(Debug, Default)]
 pub struct Heartbeat(AtomicU64);
 
@@ -39,17 +37,17 @@ pub fn stopping() {
 
 /// When systemd asked for a watchdog, pings it every half period while `heartbeat` is younger
 /// than the period, until `shutdown`. `what` names the loop in the error log.
-pub fn spawn_watchdog(heartbeat: Arc<Heartbeat>, shutdown: Arc<AtomicBool>, what: &'static str) {
+pub fn spawn_watchdog(heartbeat: Arc<Heartbeat>, shutdown: Shutdown, what: &'static str) {
     let Some(interval) = sd_notify::watchdog_enabled() else { return };
     let _ = std::thread::Builder::new().name("watchdog".into()).spawn(move || {
         let limit = interval.as_millis() as u64;
-        while !shutdown.load(Ordering::Relaxed) {
+        while !shutdown.is_set() {
             if heartbeat.age_ms() < limit {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
             } else {
                 tracing::error!(loop_name = what, "Main loop stalled: not feeding the systemd watchdog.");
             }
-            std::thread::sleep((interval / 2).max(Duration::from_millis(100)));
+            shutdown.wait_timeout((interval / 2).max(Duration::from_millis(100)));
         }
     });
 }

@@ -8,12 +8,11 @@
 //! `framelink-capture-ns` header and this machine's clock).
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use framelink_common::link::LinkContext;
+use framelink_common::shutdown::Shutdown;
 use framelink_common::wire::FrameMeta;
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -73,7 +72,7 @@ fn header<'a>(m: &'a BorrowedMessage<'_>, name: &str) -> Option<&'a str> {
     m.headers()?.iter().find(|h| h.key == name).and_then(|h| std::str::from_utf8(h.value?).ok())
 }
 
-pub fn run(v: &Validated, opts: &TailOptions, stop: Arc<AtomicBool>) -> Result<TailSummary> {
+pub fn run(v: &Validated, opts: &TailOptions, stop: Shutdown) -> Result<TailSummary> {
     let out = &v.config.output;
     let mut cc = v.kafka.client_config("framelink-tail");
     cc.set("group.id", format!("framelink-tail-{}-{}", std::process::id(), framelink_worker::metrics::now_ns()))
@@ -87,7 +86,7 @@ pub fn run(v: &Validated, opts: &TailOptions, stop: Arc<AtomicBool>) -> Result<T
     eprintln!("tail: reading {} and {} ({})", out.results_topic, out.events_topic, v.kafka.describe());
     let started = Instant::now();
     let mut s = TailSummary::default();
-    while !stop.load(Ordering::Relaxed) && opts.duration.is_none_or(|d| started.elapsed() < d) && opts.count.is_none_or(|c| s.results < c) {
+    while !stop.is_set() && opts.duration.is_none_or(|d| started.elapsed() < d) && opts.count.is_none_or(|c| s.results < c) {
         let m = match consumer.poll(Duration::from_millis(200)) {
             None => continue,
             Some(Err(e)) => {

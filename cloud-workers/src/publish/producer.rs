@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use crossbeam_channel::Sender;
 use framelink_common::link::LinkContext;
-use rdkafka::{ClientConfig, ClientContext};
-use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{DeliveryResult, Message};
 use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
@@ -47,14 +46,7 @@ impl ProduceContext {
     }
 }
 
-impl ClientContext for ProduceContext {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, msg: &str) {
-        self.link.log(level, fac, msg)
-    }
-    fn error(&self, error: KafkaError, reason: &str) {
-        self.link.error(error, reason)
-    }
-}
+framelink_common::impl_link_client_context!(ProduceContext, link);
 
 impl ProducerContext for ProduceContext {
     type DeliveryOpaque = Box<Output>;
