@@ -55,7 +55,7 @@ pub struct ProcessingConfig {
     /// Publish motion events only, no result images. Default false.
     #[serde(default)]
     pub events_only: bool,
-    /// `at-least-once` (default) or `exactly-once` (Kafka transactions; see README).
+    /// `at-least-once` (default) or `exactly-once` (Kafka transactions; see docs/worker.md).
     #[serde(default)]
     pub delivery: Delivery,
     /// Exactly-once: how often the open transaction is committed, in ms. Default 500. Readers

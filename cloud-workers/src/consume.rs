@@ -16,7 +16,8 @@ use crate::metrics::Metrics;
 use crate::offsets::PartitionControl;
 use crate::publish::Job;
 use crate::publish::refusals::{Poisoned, Stalls};
-use crate::tracker::{Tp, Tracker};
+use crate::topic_partition::TopicPartition;
+use crate::tracker::Tracker;
 use crate::txn::{Txn, TxnError};
 
 /// The worker's consumer.
@@ -54,7 +55,7 @@ framelink_common::impl_link_client_context!(ConsumeContext, link, {
         let mut total = 0;
         for (topic, t) in &stats.topics {
             for (partition, p) in &t.partitions {
-                if !h.assigned.contains(&(topic.clone(), *partition)) || p.consumer_lag < 0 {
+                if !h.assigned.contains(&TopicPartition::new(topic.clone(), *partition)) || p.consumer_lag < 0 {
                     continue;
                 }
                 total += p.consumer_lag;
@@ -72,7 +73,7 @@ fn lag_labels(topic: &str, partition: i32) -> Vec<(&'static str, String)> {
 impl ConsumerContext for ConsumeContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
-            let tps: Vec<Tp> = tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
+            let tps: Vec<TopicPartition> = tpl.elements().iter().map(|e| TopicPartition::new(e.topic(), e.partition())).collect();
             tracing::info!(partitions = ?tps, "Partitions revoked: finishing their frames in flight.");
             if !self.tracker.wait_idle(Some(&tps), Duration::from_secs(30)) {
                 tracing::warn!("Frames still in flight after 30 s; their offsets are not committed (they will be processed again).");
@@ -107,7 +108,7 @@ impl ConsumerContext for ConsumeContext {
             let mut h = self.metrics.health.lock().unwrap();
             for tp in &tps {
                 h.assigned.remove(tp);
-                self.metrics.lag.remove(&lag_labels(&tp.0, tp.1));
+                self.metrics.lag.remove(&lag_labels(&tp.topic, tp.partition));
             }
         }
     }
@@ -118,14 +119,14 @@ impl ConsumerContext for ConsumeContext {
             tracing::info!(partitions = ?tps, "Partitions assigned.");
             let _ = self.refresh_limits.try_send(());
             let mut h = self.metrics.health.lock().unwrap();
-            h.assigned.extend(tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())));
+            h.assigned.extend(tpl.elements().iter().map(|e| TopicPartition::new(e.topic(), e.partition())));
         }
     }
 }
 
 pub fn job_from(m: &BorrowedMessage<'_>, epoch: u64) -> Job {
     Job {
-        tp: (m.topic().to_owned(), m.partition()),
+        tp: TopicPartition::new(m.topic(), m.partition()),
         offset: m.offset(),
         epoch,
         key: m.key().map(<[u8]>::to_vec),
@@ -137,20 +138,20 @@ pub fn job_from(m: &BorrowedMessage<'_>, epoch: u64) -> Job {
 
 
 impl PartitionControl for WorkerConsumer {
-    fn store(&self, tp: &Tp, next: i64) {
+    fn store(&self, tp: &TopicPartition, next: i64) {
         // librdkafka's rd_kafka_offset_store takes the last *processed* offset and commits it
         // + 1; `next` is the next offset to consume.
-        if let Err(e) = self.store_offset(&tp.0, tp.1, next - 1) {
+        if let Err(e) = self.store_offset(&tp.topic, tp.partition, next - 1) {
             tracing::debug!(error = %e, "Offset not stored (partition no longer assigned).");
         }
     }
 
-    fn pause(&self, tp: &Tp, pause: bool) {
+    fn pause(&self, tp: &TopicPartition, pause: bool) {
         let mut tpl = rdkafka::TopicPartitionList::new();
-        tpl.add_partition(&tp.0, tp.1);
+        tpl.add_partition(&tp.topic, tp.partition);
         let r = if pause { Consumer::pause(self, &tpl) } else { self.resume(&tpl) };
         if let Err(e) = r {
-            tracing::debug!(topic = tp.0, partition = tp.1, error = %e, "Pause/resume of a partition failed (no longer assigned).");
+            tracing::debug!(topic = tp.topic, partition = tp.partition, error = %e, "Pause/resume of a partition failed (no longer assigned).");
         }
     }
 }

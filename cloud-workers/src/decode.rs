@@ -8,6 +8,7 @@
 //! [`MAX_SCANS`] (libjpeg-turbo's scan limit), since each scan walks the whole coefficient
 //! buffer and a file of thousands of tiny scans would hold a thread for minutes.
 
+use framelink_common::wire::DeadLetterReason;
 use turbojpeg::{Decompressor, Image, PixelFormat, ScalingFactor};
 
 use crate::ops::Img;
@@ -25,13 +26,13 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
-    /// Short reason for the dead-letter header and metrics.
-    pub fn reason(&self) -> &'static str {
+    /// Why the frame is dead-lettered (its `framelink-error` header and metric label).
+    pub fn reason(&self) -> DeadLetterReason {
         match self {
-            Self::Empty => "empty",
-            Self::NotJpeg(_) => "not_jpeg",
-            Self::TooLarge { .. } => "too_large",
-            Self::Corrupt(_) => "corrupt_jpeg",
+            Self::Empty => DeadLetterReason::Empty,
+            Self::NotJpeg(_) => DeadLetterReason::NotJpeg,
+            Self::TooLarge { .. } => DeadLetterReason::TooLarge,
+            Self::Corrupt(_) => DeadLetterReason::CorruptJpeg,
         }
     }
 }
@@ -128,11 +129,11 @@ mod tests {
     fn bad_input_is_named() {
         let mut d = Decoder::new();
         assert_eq!(d.decode(&[], 1000, None).unwrap_err(), DecodeError::Empty);
-        assert_eq!(d.decode(b"GIF89a....", 1000, None).unwrap_err().reason(), "not_jpeg");
+        assert_eq!(d.decode(b"GIF89a....", 1000, None).unwrap_err().reason(), DeadLetterReason::NotJpeg);
         let jpeg = rocket();
-        assert_eq!(d.decode(&jpeg[..jpeg.len() / 3], 100_000_000, None).unwrap_err().reason(), "corrupt_jpeg");
+        assert_eq!(d.decode(&jpeg[..jpeg.len() / 3], 100_000_000, None).unwrap_err().reason(), DeadLetterReason::CorruptJpeg);
         let e = d.decode(&jpeg, 1000, None).unwrap_err();
-        assert_eq!(e.reason(), "too_large");
+        assert_eq!(e.reason(), DeadLetterReason::TooLarge);
         assert!(e.to_string().contains("above the limit of 1000"), "{e}");
     }
 
@@ -162,7 +163,7 @@ mod tests {
         assert!(d.decode(&with_repeated_scans(0), 100_000_000, None).is_ok());
         let bomb = with_repeated_scans(3000);
         let e = d.decode(&bomb, 100_000_000, None).unwrap_err();
-        assert_eq!(e.reason(), "corrupt_jpeg", "{e}");
+        assert_eq!(e.reason(), DeadLetterReason::CorruptJpeg, "{e}");
         assert!(e.to_string().contains("scans"), "the error names the scan limit: {e}");
         // The decoder stays usable for the next frame.
         assert!(d.decode(&rocket(), 100_000_000, None).is_ok());

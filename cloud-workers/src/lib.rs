@@ -16,5 +16,6 @@ pub mod pool;
 pub mod process;
 pub mod publish;
 pub mod run;
+pub mod topic_partition;
 pub mod tracker;
 pub mod txn;

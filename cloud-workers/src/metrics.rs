@@ -14,6 +14,8 @@ use prometheus_client::registry::Registry;
 
 use framelink_common::metrics::Labels;
 
+use crate::topic_partition::TopicPartition;
+
 fn seconds() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 18))
 }
@@ -51,7 +53,7 @@ pub struct Health {
     pub delivery: &'static str,
     pub pipeline: String,
     /// `topic[partition]` this member owns now.
-    pub assigned: BTreeSet<(String, i32)>,
+    pub assigned: BTreeSet<TopicPartition>,
     /// Brokers the consumer is connected to, from librdkafka's statistics; `None` before the
     /// first report.
     pub brokers_up: Option<usize>,
@@ -137,7 +139,7 @@ impl Metrics {
             "delivery": h.delivery,
             "pipeline": h.pipeline,
             "backend": h.backend,
-            "partitions": h.assigned.iter().map(|(t, p)| format!("{t}[{p}]")).collect::<Vec<_>>(),
+            "partitions": h.assigned.iter().map(|tp| tp.to_string()).collect::<Vec<_>>(),
             "brokers_up": h.brokers_up,
             "frames_in": self.frames_in.get(),
             "frames_out": self.frames_out.get(),

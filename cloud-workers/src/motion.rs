@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::ops::{Img, grayscale};
+use crate::topic_partition::TopicPartition;
 
 /// `[motion]`.
 #[derive(Clone, Debug, Deserialize)]
@@ -105,18 +106,18 @@ struct Frame {
 #[derive(Default)]
 pub struct Revocations {
     generation: AtomicU64,
-    /// (generation, topic, partition), the most recent [`Revocations::KEEP`].
-    recent: Mutex<VecDeque<(u64, String, i32)>>,
+    /// (generation, partition), the most recent [`Revocations::KEEP`].
+    recent: Mutex<VecDeque<(u64, TopicPartition)>>,
 }
 
 impl Revocations {
     const KEEP: usize = 4096;
 
-    pub fn revoked(&self, tps: &[(String, i32)]) {
+    pub fn revoked(&self, tps: &[TopicPartition]) {
         let mut r = self.recent.lock().unwrap();
         let g = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
-        for (t, p) in tps {
-            r.push_back((g, t.clone(), *p));
+        for tp in tps {
+            r.push_back((g, tp.clone()));
         }
         while r.len() > Self::KEEP {
             r.pop_front();
@@ -128,8 +129,8 @@ impl Revocations {
     }
 
     /// Partitions revoked after generation `since`.
-    fn since(&self, since: u64) -> Vec<(String, i32)> {
-        self.recent.lock().unwrap().iter().filter(|(g, ..)| *g > since).map(|(_, t, p)| (t.clone(), *p)).collect()
+    fn since(&self, since: u64) -> Vec<TopicPartition> {
+        self.recent.lock().unwrap().iter().filter(|(g, _)| *g > since).map(|(_, tp)| tp.clone()).collect()
     }
 }
 
@@ -137,7 +138,7 @@ struct Seen {
     small: Img,
     at: Instant,
     /// The partition the camera's frames came from.
-    partition: Option<(String, i32)>,
+    partition: Option<TopicPartition>,
 }
 
 #[derive(Default)]
@@ -191,7 +192,7 @@ impl MotionDetector {
     pub fn update_at(&mut self, camera: &str, partition: Option<(&str, i32)>, small: Img, f: u32, frame_size: (u32, u32), cfg: &MotionConfig, now: Instant) -> Option<MotionEvent> {
         self.evict_idle(now, Duration::from_secs(cfg.forget_after_s));
         let frame = Frame { width: frame_size.0, height: frame_size.1 };
-        let seen = Seen { small: small.clone(), at: now, partition: partition.map(|(t, p)| (t.to_owned(), p)) };
+        let seen = Seen { small: small.clone(), at: now, partition: partition.map(|(t, p)| TopicPartition::new(t, p)) };
         let prev = self.previous.insert(camera.to_owned(), seen)?;
         if now.saturating_duration_since(prev.at) > Duration::from_secs(cfg.forget_after_s) {
             return None; // too old to compare with
@@ -287,7 +288,7 @@ mod tests {
         let r = Revocations::default();
         m.apply_revocations(&r);
         assert_eq!(m.cameras(), 2, "nothing revoked yet");
-        r.revoked(&[("frames".to_string(), 1)]);
+        r.revoked(&[TopicPartition::new("frames", 1)]);
         m.apply_revocations(&r);
         assert_eq!(m.cameras(), 1);
         // Partition 1 comes back: its camera's first frame does not fire against a stale one.

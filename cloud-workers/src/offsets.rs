@@ -8,15 +8,16 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::tracker::{Tp, Tracker};
+use crate::topic_partition::TopicPartition;
+use crate::tracker::Tracker;
 
 /// What [`Offsets`] needs of the consumer (implemented by the worker's consumer; a fake in
 /// tests).
 pub trait PartitionControl: Send + Sync {
     /// Stores `next` (the next offset to consume) as `tp`'s position to commit.
-    fn store(&self, tp: &Tp, next: i64);
+    fn store(&self, tp: &TopicPartition, next: i64);
     /// Stops (`true`) or restarts fetching `tp`.
-    fn pause(&self, tp: &Tp, pause: bool);
+    fn pause(&self, tp: &TopicPartition, pause: bool);
 }
 
 pub struct Offsets {
@@ -47,7 +48,7 @@ impl Offsets {
 
     /// One unit (an output, or the record's own processing) of `offset` taken in `epoch` is
     /// done; stores the partition's position when it moves.
-    pub fn output_done(&self, tp: &Tp, offset: i64, epoch: u64) {
+    pub fn output_done(&self, tp: &TopicPartition, offset: i64, epoch: u64) {
         if epoch != self.tracker.epoch() {
             return; // from before an aborted transaction: already forgotten
         }
@@ -60,7 +61,7 @@ impl Offsets {
     }
 
     /// Stops (`true`) or restarts fetching `tp` (a partition whose dead letters are refused).
-    pub fn pause(&self, tp: &Tp, pause: bool) {
+    pub fn pause(&self, tp: &TopicPartition, pause: bool) {
         if let Some(c) = self.consumer.lock().unwrap().clone() {
             c.pause(tp, pause);
         }
@@ -73,21 +74,21 @@ mod tests {
 
     #[derive(Default)]
     struct FakeConsumer {
-        stored: Mutex<Vec<(Tp, i64)>>,
-        paused: Mutex<Vec<(Tp, bool)>>,
+        stored: Mutex<Vec<(TopicPartition, i64)>>,
+        paused: Mutex<Vec<(TopicPartition, bool)>>,
     }
 
     impl PartitionControl for FakeConsumer {
-        fn store(&self, tp: &Tp, next: i64) {
+        fn store(&self, tp: &TopicPartition, next: i64) {
             self.stored.lock().unwrap().push((tp.clone(), next));
         }
-        fn pause(&self, tp: &Tp, pause: bool) {
+        fn pause(&self, tp: &TopicPartition, pause: bool) {
             self.paused.lock().unwrap().push((tp.clone(), pause));
         }
     }
 
-    fn tp() -> Tp {
-        ("frames".into(), 3)
+    fn tp() -> TopicPartition {
+        TopicPartition::new("frames", 3)
     }
 
     #[test]

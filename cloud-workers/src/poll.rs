@@ -18,7 +18,8 @@ use crate::offsets::Offsets;
 use crate::pool::Pool;
 use crate::publish::producer::{ProduceContext, Producers};
 use crate::publish::refusals::Poisoned;
-use crate::tracker::{Tp, Tracker};
+use crate::topic_partition::TopicPartition;
+use crate::tracker::Tracker;
 use crate::txn::{Txn, TxnError};
 
 pub struct PollLoop {
@@ -61,7 +62,7 @@ impl PollLoop {
         let mut inject_fatal_after = framelink_common::fault::fatal_error_after();
         let mut replacement = Replacement { at: Instant::now(), backoff: Duration::from_millis(500) };
         // Exactly-once: partitions paused after a refused dead letter, until when.
-        let mut paused_until: Vec<(Instant, Tp)> = Vec::new();
+        let mut paused_until: Vec<(Instant, TopicPartition)> = Vec::new();
         while !shutdown.is_set() {
             paused_until.retain(|(until, tp)| {
                 let due = *until <= Instant::now();
@@ -91,7 +92,7 @@ impl PollLoop {
                         // Partitions whose dead letters Kafka refused wait before the next try.
                         for (tp, refusals) in self.poisoned.stalled() {
                             let wait = crate::publish::refusals::backoff(refusals.saturating_sub(1));
-                            tracing::error!(topic = tp.0, partition = tp.1, retry_in_ms = wait.as_millis() as u64, "Dead letter refused in a transaction: the partition waits before the next try.");
+                            tracing::error!(topic = tp.topic, partition = tp.partition, retry_in_ms = wait.as_millis() as u64, "Dead letter refused in a transaction: the partition waits before the next try.");
                             self.offsets.pause(&tp, true);
                             paused_until.push((Instant::now() + wait, tp));
                         }

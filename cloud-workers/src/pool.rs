@@ -13,6 +13,8 @@ use std::thread::JoinHandle;
 use anyhow::Result;
 use crossbeam_channel::Sender;
 
+use framelink_common::wire::DeadLetterReason;
+
 use crate::config::WorkerConfig;
 use crate::gpu::executor::GpuClient;
 use crate::metrics::Metrics;
@@ -112,8 +114,8 @@ fn process(job: &Job, processor: &mut Processor, metrics: &Metrics, p: &Publishi
     let info = RecordInfo {
         key: job.key.as_deref(),
         headers: job.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect(),
-        topic: &job.tp.0,
-        partition: job.tp.1,
+        topic: &job.tp.topic,
+        partition: job.tp.partition,
         offset: job.offset,
         timestamp_ms: job.timestamp_ms,
     };
@@ -126,8 +128,8 @@ fn process(job: &Job, processor: &mut Processor, metrics: &Metrics, p: &Publishi
             let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_else(|| "unknown panic".into());
             metrics.panics.inc();
             processor.reset();
-            tracing::error!(topic = job.tp.0, partition = job.tp.1, offset = job.offset, panic = what, "Processing panicked; the frame is dead-lettered and the processor restarted.");
-            Err(Rejected { reason: "panic", detail: format!("processing panicked: {what}") })
+            tracing::error!(topic = job.tp.topic, partition = job.tp.partition, offset = job.offset, panic = what, "Processing panicked; the frame is dead-lettered and the processor restarted.");
+            Err(Rejected { reason: DeadLetterReason::Panic, detail: format!("processing panicked: {what}") })
         }
     };
     let outputs = result.map(|processed| outputs_of(job, processed, metrics, p)).and_then(|records| check_sizes(records, &p.limits));
@@ -146,6 +148,8 @@ fn process(job: &Job, processor: &mut Processor, metrics: &Metrics, p: &Publishi
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::topic_partition::TopicPartition;
+    use framelink_common::wire::dead_letter_header;
     use rdkafka::message::Headers;
 
     fn rocket() -> Vec<u8> {
@@ -153,7 +157,7 @@ mod tests {
     }
 
     fn job(offset: i64, payload: Vec<u8>) -> Job {
-        Job { tp: ("frames".into(), 0), offset, epoch: 0, key: Some(b"dev/cam".to_vec()), payload: Some(payload), headers: vec![], timestamp_ms: Some(1_700_000_000_000) }
+        Job { tp: TopicPartition::new("frames", 0), offset, epoch: 0, key: Some(b"dev/cam".to_vec()), payload: Some(payload), headers: vec![], timestamp_ms: Some(1_700_000_000_000) }
     }
 
     fn publishing() -> Publishing {
@@ -168,7 +172,7 @@ mod tests {
         let out = process(&job(7, rocket()), &mut p, &metrics, &publishing());
         assert_eq!(out.len(), 1);
         assert_eq!((out[0].kind, out[0].topic.as_str()), (OutputKind::DeadLetter, "frames.dlq"));
-        let reason = out[0].headers.iter().find(|h| h.key == "framelink-error").and_then(|h| h.value);
+        let reason = out[0].headers.iter().find(|h| h.key == dead_letter_header::ERROR).and_then(|h| h.value);
         assert_eq!(reason, Some(&b"panic"[..]));
         assert_eq!(out[0].payload, rocket(), "the dead letter carries the frame");
         assert_eq!(metrics.panics.get(), 1);
@@ -184,7 +188,7 @@ mod tests {
         let mut p = Processor::new(crate::ops::Pipeline::parse("grayscale").unwrap(), 50_000_000, 85, false, crate::motion::MotionConfig::default());
         let out = process(&job(9, rocket()), &mut p, &metrics, &pb);
         assert_eq!(out[0].kind, OutputKind::DeadLetter);
-        let detail = out[0].headers.iter().find(|h| h.key == "framelink-error-detail").and_then(|h| h.value).unwrap();
+        let detail = out[0].headers.iter().find(|h| h.key == dead_letter_header::ERROR_DETAIL).and_then(|h| h.value).unwrap();
         let detail = std::str::from_utf8(detail).unwrap();
         assert!(detail.contains("frames.processed") && detail.contains("10000"), "{detail}");
     }

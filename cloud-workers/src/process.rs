@@ -1,6 +1,7 @@
 //! One frame through the worker: headers → decode → ops → encode (+ motion), or the reason it
 //! goes to the dead-letter topic. Pure of Kafka, so it is tested with plain bytes.
 
+use framelink_common::wire::DeadLetterReason;
 use std::time::{Duration, Instant};
 
 use framelink_common::FrameMeta;
@@ -14,8 +15,8 @@ use crate::ops::{Img, Pipeline};
 /// Why a record goes to the dead-letter topic.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rejected {
-    /// Short, stable reason (the `framelink-error` header and the metric label).
-    pub reason: &'static str,
+    /// The `framelink-error` header and the metric label.
+    pub reason: DeadLetterReason,
     /// Human-readable detail (the `framelink-error-detail` header).
     pub detail: String,
 }
@@ -63,7 +64,7 @@ pub struct Processor {
     pub panic_next: bool,
 }
 
-fn reject(reason: &'static str, detail: impl Into<String>) -> Rejected {
+fn reject(reason: DeadLetterReason, detail: impl Into<String>) -> Rejected {
     Rejected { reason, detail: detail.into() }
 }
 
@@ -100,7 +101,7 @@ impl Processor {
     fn cpu_ops(&self, mut img: Img, op_times: &mut Vec<(String, Duration)>) -> Result<Img, Rejected> {
         for op in &self.pipeline.0 {
             let t = Instant::now();
-            img = op.apply(&img).map_err(|e| reject("op_failed", e.to_string()))?;
+            img = op.apply(&img).map_err(|e| reject(DeadLetterReason::OpFailed, e.to_string()))?;
             op_times.push((op.to_string(), t.elapsed()));
         }
         Ok(img)
@@ -111,10 +112,10 @@ impl Processor {
     fn meta(&self, r: &RecordInfo<'_>, payload: &[u8]) -> Result<FrameMeta, Rejected> {
         let has_contract = r.headers.iter().any(|(k, _)| k.starts_with("framelink-"));
         if has_contract {
-            let meta = FrameMeta::from_header_pairs(r.headers.iter().copied()).map_err(|e| reject("bad_headers", e.to_string()))?;
+            let meta = FrameMeta::from_header_pairs(r.headers.iter().copied()).map_err(|e| reject(DeadLetterReason::BadHeaders, e.to_string()))?;
             let claimed = meta.width as u64 * meta.height as u64;
             if claimed > self.max_pixels {
-                return Err(reject("too_large", format!("headers claim {}x{} = {claimed} pixels, above the limit of {}", meta.width, meta.height, self.max_pixels)));
+                return Err(reject(DeadLetterReason::TooLarge, format!("headers claim {}x{} = {claimed} pixels, above the limit of {}", meta.width, meta.height, self.max_pixels)));
             }
             return Ok(meta);
         }
@@ -146,7 +147,7 @@ impl Processor {
         let payload = payload.unwrap_or_default();
         let meta = self.meta(r, payload)?;
         if meta.content_type != wire::CONTENT_TYPE_JPEG {
-            return Err(reject("unsupported_content_type", format!("{} is {:?}, not image/jpeg", header::CONTENT_TYPE, meta.content_type)));
+            return Err(reject(DeadLetterReason::UnsupportedContentType, format!("{} is {:?}, not image/jpeg", header::CONTENT_TYPE, meta.content_type)));
         }
         // Decode at a DCT scale when the pipeline starts by shrinking anyway.
         let at_least = match self.pipeline.0.first() {
@@ -187,7 +188,7 @@ impl Processor {
                 self.detector.update_at(&meta.key(), partition, small, f, (img.width, img.height), &self.motion, now)
             }
         };
-        let jpeg = if self.events_only { None } else { Some(encode(&img, self.quality).map_err(|e| reject("encode_failed", e.to_string()))?) };
+        let jpeg = if self.events_only { None } else { Some(encode(&img, self.quality).map_err(|e| reject(DeadLetterReason::EncodeFailed, e.to_string()))?) };
         Ok(Processed { meta, jpeg, width: img.width, height: img.height, event, took: started.elapsed(), op_times })
     }
 }
@@ -271,7 +272,7 @@ mod tests {
         ];
         for (reason, payload, headers) in cases {
             let e = p.process(&info(&headers), Some(&payload)).unwrap_err();
-            assert_eq!(e.reason, reason, "{}", e.detail);
+            assert_eq!(e.reason.as_str(), reason, "{}", e.detail);
             assert!(!e.detail.is_empty());
         }
     }

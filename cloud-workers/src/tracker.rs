@@ -12,18 +12,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-/// A topic-partition.
-pub type Tp = (String, i32);
+use crate::topic_partition::TopicPartition;
+
 
 #[derive(Default)]
 struct State {
     /// Per partition: offset → outputs still unacknowledged (+1 while the record is processed).
-    parts: HashMap<Tp, BTreeMap<i64, u32>>,
+    parts: HashMap<TopicPartition, BTreeMap<i64, u32>>,
     /// Per partition: the highest offset taken since the partition was (re)started.
-    high: HashMap<Tp, i64>,
+    high: HashMap<TopicPartition, i64>,
     /// Per partition: the next offset to consume, once everything before it is done; taken by
     /// the transactional committer, overwritten in at-least-once mode.
-    ready: HashMap<Tp, i64>,
+    ready: HashMap<TopicPartition, i64>,
 }
 
 #[derive(Default)]
@@ -36,7 +36,7 @@ pub struct Tracker {
 
 impl Tracker {
     /// The poll loop took `offset` of `tp`.
-    pub fn start(&self, tp: &Tp, offset: i64) {
+    pub fn start(&self, tp: &TopicPartition, offset: i64) {
         let mut st = self.state.lock().unwrap();
         st.parts.entry(tp.clone()).or_default().insert(offset, 0);
         let high = st.high.entry(tp.clone()).or_insert(offset);
@@ -44,7 +44,7 @@ impl Tracker {
     }
 
     /// `offset` will wait for `n` more acknowledgements.
-    pub fn add_outputs(&self, tp: &Tp, offset: i64, n: u32) {
+    pub fn add_outputs(&self, tp: &TopicPartition, offset: i64, n: u32) {
         if let Some(o) = self.state.lock().unwrap().parts.get_mut(tp).and_then(|m| m.get_mut(&offset)) {
             *o += n;
         }
@@ -54,7 +54,7 @@ impl Tracker {
     /// When the partition's committable position moves, `on_move(next)` runs *under the
     /// tracker's lock* (so a waiter in [`Tracker::wait_idle`] sees the offset stored), and the
     /// new position is returned.
-    pub fn done_then(&self, tp: &Tp, offset: i64, on_move: impl FnOnce(i64)) -> Option<i64> {
+    pub fn done_then(&self, tp: &TopicPartition, offset: i64, on_move: impl FnOnce(i64)) -> Option<i64> {
         let mut st = self.state.lock().unwrap();
         let m = st.parts.get_mut(tp)?;
         let left = m.get_mut(&offset)?;
@@ -75,7 +75,7 @@ impl Tracker {
         next
     }
 
-    pub fn done(&self, tp: &Tp, offset: i64) -> Option<i64> {
+    pub fn done(&self, tp: &TopicPartition, offset: i64) -> Option<i64> {
         self.done_then(tp, offset, |_| {})
     }
 
@@ -85,7 +85,7 @@ impl Tracker {
     }
 
     /// Waits until the given partitions (all when `None`) have nothing in flight.
-    pub fn wait_idle(&self, only: Option<&[Tp]>, timeout: Duration) -> bool {
+    pub fn wait_idle(&self, only: Option<&[TopicPartition]>, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         let mut st = self.state.lock().unwrap();
         loop {
@@ -102,12 +102,12 @@ impl Tracker {
     }
 
     /// Takes the positions that moved since the last call (for a transaction's offsets).
-    pub fn take_ready(&self) -> HashMap<Tp, i64> {
+    pub fn take_ready(&self) -> HashMap<TopicPartition, i64> {
         std::mem::take(&mut self.state.lock().unwrap().ready)
     }
 
     /// Drops what is known about these partitions (revoked).
-    pub fn forget(&self, tps: &[Tp]) {
+    pub fn forget(&self, tps: &[TopicPartition]) {
         let mut st = self.state.lock().unwrap();
         for tp in tps {
             st.parts.remove(tp);
@@ -139,7 +139,7 @@ mod tests {
     #[test]
     fn the_committable_position_never_passes_a_frame_in_flight() {
         let t = Tracker::default();
-        let tp = ("frames".to_string(), 0);
+        let tp = TopicPartition::new("frames", 0);
         for o in 10..14 {
             t.start(&tp, o);
             t.add_outputs(&tp, o, 1);
@@ -164,7 +164,7 @@ mod tests {
         let orders = [[11, 12, 13], [11, 13, 12], [12, 11, 13], [12, 13, 11], [13, 11, 12], [13, 12, 11]];
         for order in orders {
             let t = Tracker::default();
-            let tp = ("frames".to_string(), 0);
+            let tp = TopicPartition::new("frames", 0);
             for o in 11..=13 {
                 t.start(&tp, o);
             }
@@ -189,7 +189,7 @@ mod tests {
     #[test]
     fn the_store_runs_before_a_waiter_sees_the_partition_idle() {
         let t = std::sync::Arc::new(Tracker::default());
-        let tp = ("frames".to_string(), 3);
+        let tp = TopicPartition::new("frames", 3);
         t.start(&tp, 7);
         let stored = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(-1));
         let (t2, s2, tp2) = (t.clone(), stored.clone(), tp.clone());
@@ -208,7 +208,7 @@ mod tests {
     #[test]
     fn forgotten_and_unknown_offsets_are_ignored() {
         let t = Tracker::default();
-        let tp = ("frames".to_string(), 0);
+        let tp = TopicPartition::new("frames", 0);
         t.start(&tp, 1);
         t.forget(std::slice::from_ref(&tp));
         assert_eq!(t.done(&tp, 1), None);

@@ -32,7 +32,8 @@ use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::producer::{Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::tracker::{Tp, Tracker};
+use crate::topic_partition::TopicPartition;
+use crate::tracker::Tracker;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -187,17 +188,17 @@ fn retrying(mut f: impl FnMut() -> KafkaResult<()>) -> KafkaResult<()> {
     }
 }
 
-fn offsets_list(ready: &HashMap<Tp, i64>) -> KafkaResult<TopicPartitionList> {
+fn offsets_list(ready: &HashMap<TopicPartition, i64>) -> KafkaResult<TopicPartitionList> {
     let mut tpl = TopicPartitionList::new();
-    for ((topic, partition), next) in ready {
-        tpl.add_partition_offset(topic, *partition, Offset::Offset(*next))?;
+    for (tp, next) in ready {
+        tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*next))?;
     }
     Ok(tpl)
 }
 
 /// Releases completed items in the order they were dispatched, per partition.
 pub struct Sequencer<T> {
-    parts: std::sync::Mutex<HashMap<Tp, Part<T>>>,
+    parts: std::sync::Mutex<HashMap<TopicPartition, Part<T>>>,
 }
 
 struct Part<T> {
@@ -213,7 +214,7 @@ impl<T> Default for Sequencer<T> {
 
 impl<T> Sequencer<T> {
     /// The poll loop handed `offset` to a processing thread (in offset order per partition).
-    pub fn dispatched(&self, tp: &Tp, offset: i64) {
+    pub fn dispatched(&self, tp: &TopicPartition, offset: i64) {
         let mut parts = self.parts.lock().unwrap();
         let part = parts.entry(tp.clone()).or_insert_with(|| Part { dispatched: VecDeque::new(), done: HashMap::new() });
         part.dispatched.push_back(offset);
@@ -222,7 +223,7 @@ impl<T> Sequencer<T> {
     /// `offset` is processed; returns the items now releasable, in order (possibly none, when
     /// an earlier offset is still being processed; possibly several, when this was the one
     /// holding them back).
-    pub fn complete(&self, tp: &Tp, offset: i64, item: T) -> Vec<T> {
+    pub fn complete(&self, tp: &TopicPartition, offset: i64, item: T) -> Vec<T> {
         let mut parts = self.parts.lock().unwrap();
         let Some(part) = parts.get_mut(tp) else { return Vec::new() }; // forgotten
         part.done.insert(offset, item);
@@ -235,7 +236,7 @@ impl<T> Sequencer<T> {
         out
     }
 
-    pub fn forget(&self, tps: &[Tp]) {
+    pub fn forget(&self, tps: &[TopicPartition]) {
         let mut parts = self.parts.lock().unwrap();
         for tp in tps {
             parts.remove(tp);
@@ -260,7 +261,7 @@ mod tests {
     #[test]
     fn records_are_released_in_offset_order_per_partition() {
         let s = Sequencer::default();
-        let (a, b) = (("in".to_string(), 0), ("in".to_string(), 1));
+        let (a, b) = (TopicPartition::new("in", 0), TopicPartition::new("in", 1));
         for o in 10..14 {
             s.dispatched(&a, o);
         }

@@ -57,6 +57,109 @@ pub mod header {
     ];
 }
 
+/// Headers the worker adds to a result record and to a motion event record, after the frame
+/// headers of [`header`] (which describe the result image).
+pub mod result_header {
+    /// Width of the frame the result was made from.
+    pub const SOURCE_WIDTH: &str = "framelink-source-width";
+    /// Height of the frame the result was made from.
+    pub const SOURCE_HEIGHT: &str = "framelink-source-height";
+    /// The op chain that made it, e.g. `resize:640x360,grayscale`.
+    pub const PIPELINE: &str = "framelink-pipeline";
+    /// The worker that made it (`worker.id`, else its host name).
+    pub const WORKER: &str = "framelink-worker";
+    /// Time spent processing the frame, microseconds.
+    pub const PROCESSING_US: &str = "framelink-processing-us";
+    /// Capture to result, milliseconds (the worker's clock against the camera's).
+    pub const LATENCY_MS: &str = "framelink-latency-ms";
+
+    /// Every header the worker adds to a result, in the order it adds them.
+    pub const ALL: [&str; 6] = [SOURCE_WIDTH, SOURCE_HEIGHT, PIPELINE, WORKER, PROCESSING_US, LATENCY_MS];
+}
+
+/// Headers the worker adds to a dead letter, after the original record's headers.
+pub mod dead_letter_header {
+    /// Why, one of [`super::DeadLetterReason`] (stable; also the metric label).
+    pub const ERROR: &str = "framelink-error";
+    /// What exactly, for a person (the error text, the header or limit involved).
+    pub const ERROR_DETAIL: &str = "framelink-error-detail";
+    /// Where the record came from: `topic/partition/offset`.
+    pub const SOURCE: &str = "framelink-source";
+    /// The worker that dead-lettered it.
+    pub const WORKER: &str = super::result_header::WORKER;
+
+    /// Every header the worker adds to a dead letter, in the order it adds them.
+    pub const ALL: [&str; 4] = [ERROR, ERROR_DETAIL, SOURCE, WORKER];
+}
+
+/// Why a record went to the dead-letter topic: the value of its
+/// [`dead_letter_header::ERROR`] header and the `reason` label of the worker's
+/// `dead_letters` metric. The strings are part of the contract (consumers of the dead-letter
+/// topic match on them); new reasons may be added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeadLetterReason {
+    /// The record has no value.
+    Empty,
+    /// The value is not a JPEG.
+    NotJpeg,
+    /// A truncated or corrupt JPEG (or one with too many progressive scans).
+    CorruptJpeg,
+    /// The image (or what its headers claim) has more pixels than `worker.max_pixels`.
+    TooLarge,
+    /// A framelink header is missing, duplicated or malformed.
+    BadHeaders,
+    /// `content-type` is not `image/jpeg`.
+    UnsupportedContentType,
+    /// An op could not run on this image (e.g. a crop outside it).
+    OpFailed,
+    /// The result could not be encoded.
+    EncodeFailed,
+    /// The result or event is larger than its topic's `max.message.bytes`.
+    ResultTooLarge,
+    /// Kafka refused the result or event (topic missing, ACL, limit lowered).
+    OutputRefused,
+    /// Processing panicked.
+    Panic,
+}
+
+impl DeadLetterReason {
+    pub const ALL: [DeadLetterReason; 11] = [
+        Self::Empty,
+        Self::NotJpeg,
+        Self::CorruptJpeg,
+        Self::TooLarge,
+        Self::BadHeaders,
+        Self::UnsupportedContentType,
+        Self::OpFailed,
+        Self::EncodeFailed,
+        Self::ResultTooLarge,
+        Self::OutputRefused,
+        Self::Panic,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Empty => "empty",
+            Self::NotJpeg => "not_jpeg",
+            Self::CorruptJpeg => "corrupt_jpeg",
+            Self::TooLarge => "too_large",
+            Self::BadHeaders => "bad_headers",
+            Self::UnsupportedContentType => "unsupported_content_type",
+            Self::OpFailed => "op_failed",
+            Self::EncodeFailed => "encode_failed",
+            Self::ResultTooLarge => "result_too_large",
+            Self::OutputRefused => "output_refused",
+            Self::Panic => "panic",
+        }
+    }
+}
+
+impl std::fmt::Display for DeadLetterReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Why a record's headers (or key) do not satisfy the contract. Each variant names the header.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HeaderError {
@@ -383,5 +486,15 @@ mod tests {
         let err = sample().check_key(Some(b"other/cam0")).unwrap_err();
         assert!(matches!(err, HeaderError::KeyMismatch { .. }));
         assert!(sample().check_key(None).is_err());
+    }
+
+    #[test]
+    fn dead_letter_reasons_are_distinct_snake_case_and_result_headers_do_not_collide() {
+        let names: std::collections::HashSet<&str> = DeadLetterReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(names.len(), DeadLetterReason::ALL.len());
+        assert!(names.iter().all(|n| n.chars().all(|c| c.is_ascii_lowercase() || c == '_')));
+        for h in result_header::ALL.iter().chain(&dead_letter_header::ALL) {
+            assert!(!header::ALL.contains(h), "{h} is a frame header");
+        }
     }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use framelink_common::link::LinkContext;
 use framelink_common::shutdown::Shutdown;
-use framelink_common::wire::FrameMeta;
+use framelink_common::wire::{FrameMeta, result_header};
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{BorrowedMessage, Headers};
@@ -108,7 +108,7 @@ pub fn run(v: &Validated, opts: &TailOptions, stop: Shutdown) -> Result<TailSumm
             println!("result  (no framelink headers) {} bytes at {}/{}/{}", payload.len(), m.topic(), m.partition(), m.offset());
             continue;
         };
-        let processed: Option<u64> = header(&m, "framelink-latency-ms").and_then(|x| x.parse().ok());
+        let processed: Option<u64> = header(&m, result_header::LATENCY_MS).and_then(|x| x.parse().ok());
         let seen = framelink_worker::metrics::now_ns().saturating_sub(meta.capture_ns) / 1_000_000;
         if let Some(p) = processed {
             s.processed_ms.push(p);
@@ -133,8 +133,8 @@ pub fn run(v: &Validated, opts: &TailOptions, stop: Shutdown) -> Result<TailSumm
                 meta.height,
                 payload.len(),
                 processed.map_or("?".into(), |p| p.to_string()),
-                header(&m, "framelink-worker").unwrap_or("?"),
-                header(&m, "framelink-pipeline").unwrap_or(""),
+                header(&m, result_header::WORKER).unwrap_or("?"),
+                header(&m, result_header::PIPELINE).unwrap_or(""),
             );
         }
     }

@@ -60,11 +60,11 @@ impl ProducerContext for ProduceContext {
                     && self.poisoned.accepted(&out.job.tp, out.job.offset).is_some_and(|p| p.dead_letter_refusals > 0)
                     && self.stalls.resolve(&out.job.tp)
                 {
-                    tracing::info!(topic = out.job.tp.0, partition = out.job.tp.1, offset = out.job.offset, "Dead letter accepted; the partition resumes.");
+                    tracing::info!(topic = out.job.tp.topic, partition = out.job.tp.partition, offset = out.job.offset, "Dead letter accepted; the partition resumes.");
                     self.metrics.stalled_partitions.set(self.stalls.count() as i64);
                 }
                 if out.attempt > 0 && self.stalls.resolve(&out.job.tp) {
-                    tracing::info!(topic = out.job.tp.0, partition = out.job.tp.1, offset = out.job.offset, attempts = out.attempt + 1, "Dead letter accepted; the partition resumes.");
+                    tracing::info!(topic = out.job.tp.topic, partition = out.job.tp.partition, offset = out.job.offset, attempts = out.attempt + 1, "Dead letter accepted; the partition resumes.");
                     self.metrics.stalled_partitions.set(self.stalls.count() as i64);
                     self.offsets.pause(&out.job.tp, false);
                 }
@@ -76,7 +76,7 @@ impl ProducerContext for ProduceContext {
                 let job = &out.job;
                 let resend = producer_failure(e);
                 if !resend {
-                    tracing::error!(topic = m.topic(), input_partition = job.tp.1, input_offset = job.offset, kind = out.kind.as_str(), error = %e, "Output refused by Kafka.");
+                    tracing::error!(topic = m.topic(), input_partition = job.tp.partition, input_offset = job.offset, kind = out.kind.as_str(), error = %e, "Output refused by Kafka.");
                     self.metrics.outputs_refused.get_or_create(&vec![("kind", out.kind.as_str().to_owned())]).inc();
                 }
                 if self.refusals.is_none() && !resend {

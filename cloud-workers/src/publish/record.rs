@@ -4,13 +4,13 @@
 
 use std::sync::Arc;
 
-use framelink_common::wire::header;
+use framelink_common::wire::{DeadLetterReason, dead_letter_header, header, result_header};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 
 use super::limits::TopicLimits;
 use crate::metrics::Metrics;
 use crate::process::{Processed, Rejected};
-use crate::tracker::Tp;
+use crate::topic_partition::TopicPartition;
 
 /// What an output record is (the `kind` label of the outputs metric).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,7 +34,7 @@ impl OutputKind {
 /// (shared) until its outputs are acknowledged, so a refused output can still dead-letter it.
 #[derive(Debug)]
 pub struct Job {
-    pub tp: Tp,
+    pub tp: TopicPartition,
     pub offset: i64,
     /// The tracker's epoch when it was taken (exactly-once: stale after an abort).
     pub epoch: u64,
@@ -47,7 +47,7 @@ pub struct Job {
 impl Job {
     /// `topic/partition/offset`, the `framelink-source` header of a dead letter.
     pub fn source(&self) -> String {
-        format!("{}/{}/{}", self.tp.0, self.tp.1, self.offset)
+        format!("{}/{}/{}", self.tp.topic, self.tp.partition, self.offset)
     }
 }
 
@@ -77,13 +77,13 @@ impl OutRecord {
 }
 
 /// The dead letter for `job`: the original frame (key, bytes, headers) plus why.
-pub fn dead_letter(job: &Job, dlq_topic: &str, reason: &str, detail: &str, worker: &str) -> OutRecord {
+pub fn dead_letter(job: &Job, dlq_topic: &str, reason: DeadLetterReason, detail: &str, worker: &str) -> OutRecord {
     let mut headers = OwnedHeaders::new();
     for (k, v) in &job.headers {
         headers = headers.insert(Header { key: k, value: v.as_deref() });
     }
     let src = job.source();
-    for (k, v) in [("framelink-error", reason), ("framelink-error-detail", detail), ("framelink-source", src.as_str()), ("framelink-worker", worker)] {
+    for (k, v) in [(dead_letter_header::ERROR, reason.as_str()), (dead_letter_header::ERROR_DETAIL, detail), (dead_letter_header::SOURCE, src.as_str()), (dead_letter_header::WORKER, worker)] {
         headers = headers.insert(Header { key: k, value: Some(v.as_bytes()) });
     }
     OutRecord { topic: dlq_topic.to_owned(), kind: OutputKind::DeadLetter, key: job.key.clone(), payload: job.payload.clone().unwrap_or_default(), headers }
@@ -100,9 +100,9 @@ pub struct Publishing {
 
 
 /// Logs and counts a frame going to the dead-letter topic.
-pub fn count_dead_letter(metrics: &Metrics, job: &Job, reason: &str, detail: &str) {
-    tracing::warn!(topic = job.tp.0, partition = job.tp.1, offset = job.offset, reason, detail, "Frame dead-lettered.");
-    metrics.dead_letters.get_or_create(&vec![("reason", reason.to_owned())]).inc();
+pub fn count_dead_letter(metrics: &Metrics, job: &Job, reason: DeadLetterReason, detail: &str) {
+    tracing::warn!(topic = job.tp.topic, partition = job.tp.partition, offset = job.offset, reason = reason.as_str(), detail, "Frame dead-lettered.");
+    metrics.dead_letters.get_or_create(&vec![("reason", reason.as_str().to_owned())]).inc();
 }
 
 /// The dead letter (`output_refused`) of an input whose `kind` output topic `topic` refused;
@@ -110,9 +110,9 @@ pub fn count_dead_letter(metrics: &Metrics, job: &Job, reason: &str, detail: &st
 pub fn refused_dead_letter(job: &Job, kind: OutputKind, topic: &str, error: &str, p: &Publishing, metrics: &Metrics, count: bool) -> OutRecord {
     let detail = format!("topic {topic} refused the {}: {error}", kind.as_str());
     if count {
-        count_dead_letter(metrics, job, "output_refused", &detail);
+        count_dead_letter(metrics, job, DeadLetterReason::OutputRefused, &detail);
     }
-    dead_letter(job, &p.out.dlq_topic, "output_refused", &detail, &p.worker)
+    dead_letter(job, &p.out.dlq_topic, DeadLetterReason::OutputRefused, &detail, &p.worker)
 }
 
 /// A result or event bigger than its topic takes would be refused by Kafka: the frame is
@@ -122,7 +122,7 @@ pub fn check_sizes(records: Vec<OutRecord>, limits: &TopicLimits) -> Result<Vec<
         let (size, limit) = (r.size(), limits.limit(&r.topic));
         if size > limit {
             return Err(Rejected {
-                reason: "result_too_large",
+                reason: DeadLetterReason::ResultTooLarge,
                 detail: format!("the {} record is {size} bytes, over topic {}'s max.message.bytes of {limit}", r.kind.as_str(), r.topic),
             });
         }
@@ -146,18 +146,19 @@ pub fn outputs_of(job: &Job, p: Processed, metrics: &Metrics, publishing: &Publi
     let mut headers = OwnedHeaders::new();
     // Source headers first (those the contract does not own), then the contract's, then ours.
     for (k, v) in &job.headers {
-        if !header::ALL.contains(&k.as_str()) && !k.starts_with("framelink-processed") {
+        let k_str = k.as_str();
+        if !header::ALL.contains(&k_str) && !result_header::ALL.contains(&k_str) && !dead_letter_header::ALL.contains(&k_str) {
             headers = headers.insert(Header { key: k, value: v.as_deref() });
         }
     }
     headers = meta.append_to(headers);
     let extra = [
-        ("framelink-source-width", src_w.to_string()),
-        ("framelink-source-height", src_h.to_string()),
-        ("framelink-pipeline", publishing.spec.clone()),
-        ("framelink-worker", worker.to_owned()),
-        ("framelink-processing-us", p.took.as_micros().to_string()),
-        ("framelink-latency-ms", latency_ms.to_string()),
+        (result_header::SOURCE_WIDTH, src_w.to_string()),
+        (result_header::SOURCE_HEIGHT, src_h.to_string()),
+        (result_header::PIPELINE, publishing.spec.clone()),
+        (result_header::WORKER, worker.to_owned()),
+        (result_header::PROCESSING_US, p.took.as_micros().to_string()),
+        (result_header::LATENCY_MS, latency_ms.to_string()),
     ];
     for (k, v) in &extra {
         headers = headers.insert(Header { key: k, value: Some(v.as_bytes()) });
@@ -184,10 +185,9 @@ mod tests {
     use super::*;
     use crate::publish::KAFKA_DEFAULT_MAX_BYTES;
 
-
     fn job() -> Job {
         Job {
-            tp: ("frames".into(), 2),
+            tp: TopicPartition::new("frames", 2),
             offset: 41,
             epoch: 0,
             key: Some(b"dev/cam".to_vec()),
@@ -202,7 +202,7 @@ mod tests {
     }
     #[test]
     fn a_dead_letter_carries_the_frame_its_headers_and_the_reason() {
-        let d = dead_letter(&job(), "frames.dlq", "output_refused", "frames.processed refused the result: too large", "w-1");
+        let d = dead_letter(&job(), "frames.dlq", DeadLetterReason::OutputRefused, "frames.processed refused the result: too large", "w-1");
         assert_eq!((d.topic.as_str(), d.kind), ("frames.dlq", OutputKind::DeadLetter));
         assert_eq!(d.key.as_deref(), Some(&b"dev/cam"[..]));
         assert_eq!(d.payload, vec![0xff, 0xd8, 1, 2, 3]);
@@ -219,5 +219,36 @@ mod tests {
         assert_eq!(record_size(Some(b"a/b"), &payload, &h), KAFKA_DEFAULT_MAX_BYTES);
         let payload = vec![0u8; payload.len() + 1];
         assert!(record_size(Some(b"a/b"), &payload, &h) > KAFKA_DEFAULT_MAX_BYTES);
+    }
+
+    fn publishing() -> Publishing {
+        Publishing { out: crate::config::OutputConfig::default(), worker: "w-2".into(), spec: "grayscale".into(), limits: Arc::new(TopicLimits::new(crate::publish::PRODUCER_MAX_BYTES)) }
+    }
+
+    fn all<'a>(h: &'a OwnedHeaders, name: &str) -> Vec<&'a [u8]> {
+        h.iter().filter(|x| x.key == name).filter_map(|x| x.value).collect()
+    }
+
+    #[test]
+    fn a_result_keeps_foreign_headers_and_replaces_the_workers_own() {
+        // A result of an earlier worker, fed in again: its result and dead-letter headers must
+        // not come out twice (a reader takes the first of a duplicated header).
+        let mut j = job();
+        j.headers.push(("x-site".into(), Some(b"north".to_vec())));
+        j.headers.push((result_header::WORKER.into(), Some(b"old-worker".to_vec())));
+        j.headers.push((result_header::LATENCY_MS.into(), Some(b"99999".to_vec())));
+        j.headers.push((dead_letter_header::ERROR.into(), Some(b"panic".to_vec())));
+        let pairs = [("framelink-version", "1"), ("framelink-device", "dev"), ("framelink-camera", "cam"), ("framelink-seq", "7"), ("framelink-capture-ns", "1"), ("framelink-width", "8"), ("framelink-height", "4"), ("framelink-pixel-format", "RGB24"), ("content-type", "image/jpeg")];
+        let meta = framelink_common::FrameMeta::from_header_pairs(pairs.iter().map(|(k, v)| (*k, Some(v.as_bytes())))).unwrap();
+        let processed = Processed { meta, jpeg: Some(vec![0xff, 0xd8]), width: 4, height: 2, event: None, took: std::time::Duration::from_micros(5), op_times: vec![] };
+        let out = outputs_of(&j, processed, &Metrics::new(), &publishing());
+        assert_eq!(out.len(), 1);
+        let h = &out[0].headers;
+        assert_eq!(all(h, "x-site"), vec![&b"north"[..]], "foreign headers pass through");
+        assert_eq!(all(h, result_header::WORKER), vec![&b"w-2"[..]]);
+        assert_eq!(all(h, result_header::LATENCY_MS).len(), 1);
+        assert!(all(h, dead_letter_header::ERROR).is_empty());
+        assert_eq!(all(h, header::WIDTH), vec![&b"4"[..]], "frame headers describe the result");
+        assert_eq!(all(h, result_header::SOURCE_WIDTH), vec![&b"8"[..]]);
     }
 }

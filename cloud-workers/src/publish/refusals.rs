@@ -12,7 +12,7 @@ use super::producer::{Output, Producers, produce, producer_failure};
 use super::record::{Job, OutRecord, OutputKind, Publishing, refused_dead_letter};
 use crate::metrics::Metrics;
 use crate::offsets::Offsets;
-use crate::tracker::Tp;
+use crate::topic_partition::TopicPartition;
 
 /// Backoff before the `attempt`-th retry of a refused dead letter: 1 s doubling to 60 s, with
 /// ±20 % jitter so a fleet does not retry in step.
@@ -44,13 +44,13 @@ pub struct Refusal {
 /// Partitions stopped because their dead letters are refused, and why (for `/healthz`).
 #[derive(Default)]
 pub struct Stalls {
-    by_tp: Mutex<BTreeMap<Tp, (u32, String)>>,
+    by_tp: Mutex<BTreeMap<TopicPartition, (u32, String)>>,
 }
 
 impl Stalls {
     /// Notes a refused dead letter on `tp` (`first`: its first refusal, counted; else a retry
     /// refused again, which only updates the cause); true when the partition was not stalled.
-    pub fn add(&self, tp: &Tp, cause: String, first: bool) -> bool {
+    pub fn add(&self, tp: &TopicPartition, cause: String, first: bool) -> bool {
         let mut m = self.by_tp.lock().unwrap();
         let e = m.entry(tp.clone()).or_insert((0, String::new()));
         e.0 += u32::from(first);
@@ -59,7 +59,7 @@ impl Stalls {
     }
 
     /// One refused dead letter on `tp` went through; true when the partition has none left.
-    pub fn resolve(&self, tp: &Tp) -> bool {
+    pub fn resolve(&self, tp: &TopicPartition) -> bool {
         let mut m = self.by_tp.lock().unwrap();
         let Some(e) = m.get_mut(tp) else { return false };
         e.0 = e.0.saturating_sub(1);
@@ -70,7 +70,7 @@ impl Stalls {
         false
     }
 
-    pub fn forget(&self, tps: &[Tp]) {
+    pub fn forget(&self, tps: &[TopicPartition]) {
         let mut m = self.by_tp.lock().unwrap();
         for tp in tps {
             m.remove(tp);
@@ -79,7 +79,7 @@ impl Stalls {
 
     /// `topic[partition]: cause` for each stalled partition.
     pub fn causes(&self) -> Vec<String> {
-        self.by_tp.lock().unwrap().iter().map(|((t, p), (_, c))| format!("{t}[{p}]: {c}")).collect()
+        self.by_tp.lock().unwrap().iter().map(|(tp, (_, c))| format!("{tp}: {c}")).collect()
     }
 
     pub fn count(&self) -> usize {
@@ -94,7 +94,7 @@ impl Stalls {
 /// the same record.
 #[derive(Default)]
 pub struct Poisoned {
-    by_input: Mutex<HashMap<(Tp, i64), PoisonedInput>>,
+    by_input: Mutex<HashMap<(TopicPartition, i64), PoisonedInput>>,
 }
 
 /// What was refused for one input.
@@ -109,7 +109,7 @@ pub struct PoisonedInput {
 
 impl Poisoned {
     /// Notes a refusal for input `offset` of `tp`.
-    pub fn refused(&self, tp: &Tp, offset: i64, kind: OutputKind, topic: &str, error: String) {
+    pub fn refused(&self, tp: &TopicPartition, offset: i64, kind: OutputKind, topic: &str, error: String) {
         let mut m = self.by_input.lock().unwrap();
         let e = m.entry((tp.clone(), offset)).or_insert_with(|| PoisonedInput { kind, topic: topic.to_owned(), error: error.clone(), dead_letter_refusals: 0 });
         if kind == OutputKind::DeadLetter {
@@ -120,25 +120,25 @@ impl Poisoned {
         }
     }
 
-    pub fn get(&self, tp: &Tp, offset: i64) -> Option<PoisonedInput> {
+    pub fn get(&self, tp: &TopicPartition, offset: i64) -> Option<PoisonedInput> {
         self.by_input.lock().unwrap().get(&(tp.clone(), offset)).cloned()
     }
 
     /// The input's dead letter was accepted: forgotten; returns whether it had been refused.
-    pub fn accepted(&self, tp: &Tp, offset: i64) -> Option<PoisonedInput> {
+    pub fn accepted(&self, tp: &TopicPartition, offset: i64) -> Option<PoisonedInput> {
         self.by_input.lock().unwrap().remove(&(tp.clone(), offset))
     }
 
     /// Partitions whose dead letters were refused, with the refusal count (for the backoff).
-    pub fn stalled(&self) -> Vec<(Tp, u32)> {
+    pub fn stalled(&self) -> Vec<(TopicPartition, u32)> {
         let m = self.by_input.lock().unwrap();
-        let mut v: Vec<(Tp, u32)> = m.iter().filter(|(_, p)| p.dead_letter_refusals > 0).map(|((tp, _), p)| (tp.clone(), p.dead_letter_refusals)).collect();
+        let mut v: Vec<(TopicPartition, u32)> = m.iter().filter(|(_, p)| p.dead_letter_refusals > 0).map(|((tp, _), p)| (tp.clone(), p.dead_letter_refusals)).collect();
         v.sort();
         v.dedup_by(|a, b| a.0 == b.0);
         v
     }
 
-    pub fn forget(&self, tps: &[Tp]) {
+    pub fn forget(&self, tps: &[TopicPartition]) {
         self.by_input.lock().unwrap().retain(|(tp, _), _| !tps.contains(tp));
     }
 }
@@ -227,7 +227,7 @@ fn stall(r: Refusal, offsets: &Offsets, metrics: &Metrics, stalls: &Stalls) -> (
     }
     metrics.stalled_partitions.set(stalls.count() as i64);
     let wait = backoff(r.attempt);
-    tracing::error!(topic = r.job.tp.0, partition = r.job.tp.1, offset = r.job.offset, attempt = r.attempt + 1, retry_in_ms = wait.as_millis() as u64, cause, "Dead letter refused: the partition is paused until it is accepted.");
+    tracing::error!(topic = r.job.tp.topic, partition = r.job.tp.partition, offset = r.job.offset, attempt = r.attempt + 1, retry_in_ms = wait.as_millis() as u64, cause, "Dead letter refused: the partition is paused until it is accepted.");
     (Instant::now() + wait, r)
 }
 
@@ -238,7 +238,7 @@ mod tests {
     #[test]
     fn stalls_count_refusals_per_partition_until_each_went_through() {
         let s = Stalls::default();
-        let tp: Tp = ("frames".into(), 0);
+        let tp: TopicPartition = TopicPartition::new("frames", 0);
         assert!(s.add(&tp, "dlq refused: RecordTooLarge".into(), true), "first refusal stalls the partition");
         assert!(!s.add(&tp, "dlq refused: RecordTooLarge".into(), true), "a second dead letter on it");
         assert!(!s.add(&tp, "dlq refused: TopicAuthorizationFailed".into(), false), "a retry refused again is not counted");
@@ -265,7 +265,7 @@ mod poisoned_tests {
     #[test]
     fn a_refused_output_then_its_refused_dead_letter_are_remembered_per_input() {
         let p = Poisoned::default();
-        let tp: Tp = ("frames".into(), 1);
+        let tp: TopicPartition = TopicPartition::new("frames", 1);
         p.refused(&tp, 5, OutputKind::Result, "out", "too large".into());
         let e = p.get(&tp, 5).unwrap();
         assert_eq!((e.kind, e.topic.as_str(), e.dead_letter_refusals), (OutputKind::Result, "out", 0));
