@@ -108,6 +108,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: first thing in main, before any other thread exists.
+    unsafe { framelink_worker::gpu::quiet_headless_probe() };
     framelink_worker::alloc::tune_for_frames();
     let cli = Cli::parse();
     init_logging(cli.global.log_format);

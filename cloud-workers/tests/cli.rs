@@ -26,6 +26,17 @@ fn version() {
 }
 
 #[test]
+fn adapter_probing_on_a_host_without_a_display_prints_no_false_errors() {
+    // A service or container has no XDG_RUNTIME_DIR and no display; probing Vulkan adapters
+    // there must not print libwayland's "error: XDG_RUNTIME_DIR is invalid" lines.
+    let o = Command::new(env!("CARGO_BIN_EXE_framelink-worker")).arg("adapters").env_remove("XDG_RUNTIME_DIR").env_remove("WAYLAND_DISPLAY").env_remove("DISPLAY").env_remove("NODEVICE_SELECT").output().unwrap();
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("backend auto ->"), "{out}");
+    assert!(!out.contains("XDG_RUNTIME_DIR"), "{out}");
+}
+
+#[test]
 fn example_config_checks_and_connects_over_mtls() {
     let b = Broker::shared();
     let mut env = b.mtls_env();

@@ -87,7 +87,7 @@ pub struct GpuConfig {
     #[serde(default)]
     pub adapter: Option<String>,
     /// Frames per GPU batch at most. Default 4 (measured best or near it at 1080p on an
-    /// H200; see README). A batch fills from the processing threads, so `worker.threads`
+    /// H200; see docs/gpu.md). A batch fills from the processing threads, so `worker.threads`
     /// should be at least this.
     #[serde(default = "default_batch")]
     pub batch: usize,
@@ -160,6 +160,23 @@ impl From<&wgpu::AdapterInfo> for AdapterDesc {
 impl fmt::Display for AdapterDesc {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} ({}, {}, {})", self.name, self.device_type, self.backend, self.driver)
+    }
+}
+
+/// For a process without a display (no `WAYLAND_DISPLAY`, no `DISPLAY`): turns off Mesa's
+/// Vulkan device-select layer, whose job is to put the GPU driving the display first. Without
+/// a display it has nothing to choose, but while probing it tries to reach a Wayland
+/// compositor, and libwayland prints `error: XDG_RUNTIME_DIR is invalid or not set in the
+/// environment.` once per probe on a service or container without a session: an "error" that
+/// is none. Adapter choice is the worker's own (`gpu.backend`, `gpu.adapter`).
+///
+/// # Safety
+/// Sets an environment variable: call it before any other thread exists (first thing in `main`).
+pub unsafe fn quiet_headless_probe() {
+    let unset = |k: &str| std::env::var_os(k).is_none_or(|v| v.is_empty());
+    if unset("WAYLAND_DISPLAY") && unset("DISPLAY") && unset("NODEVICE_SELECT") {
+        // SAFETY: the caller guarantees no other thread reads the environment meanwhile.
+        unsafe { std::env::set_var("NODEVICE_SELECT", "1") };
     }
 }
 
