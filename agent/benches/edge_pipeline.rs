@@ -123,7 +123,7 @@ fn agent_phase() {
     let source: Box<dyn Source> = Box::new(Memory { frames, i: 0, pacer: Pacer::new(240.0) });
     let threads = framelink_agent::pipeline::start_with_sources("bench", vec![("bench".into(), source)], &EncoderConfig::default(), seqs, metrics.clone(), shutdown.clone(), tx).unwrap();
     let sd = shutdown.clone();
-    let fwd = std::thread::spawn(move || forwarder.run(rx, sd.flag(), Duration::from_secs(10)).unwrap());
+    let fwd = std::thread::spawn(move || forwarder.run(rx, &sd, Duration::from_secs(10)).unwrap());
     std::thread::sleep(Duration::from_secs(2)); // warm-up: connection, idempotent PID
     let (s0, t0) = (counter(&metrics, &metrics.sent), Instant::now());
     std::thread::sleep(Duration::from_secs(10));

@@ -13,6 +13,8 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use framelink_common::metrics::{Labels, labels};
 use prometheus_client::registry::Registry;
 
+use crate::drop_reason::DropReason;
+
 type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -128,6 +130,11 @@ impl Metrics {
 
     pub fn inc(&self, family: &Family<Labels, Counter>, camera: &str) {
         family.get_or_create(&labels(&[("camera", camera)])).inc();
+    }
+
+    /// Counts `n` frames of `camera` lost on purpose (`frames_dropped{camera,reason}`).
+    pub fn count_drop(&self, camera: &str, reason: DropReason, n: u64) {
+        self.add_reason(&self.dropped, camera, reason.as_str(), n);
     }
 
     pub fn add_reason(&self, family: &Family<Labels, Counter>, camera: &str, reason: &str, n: u64) {

@@ -14,6 +14,7 @@ use framelink_common::FrameMeta;
 use framelink_common::shutdown::Shutdown;
 use rand::RngExt;
 
+use crate::drop_reason::DropReason;
 use crate::encoder::{Encoder, EncoderConfig};
 use crate::frame::{Frame, RawFrame};
 use crate::metrics::Metrics;
@@ -83,7 +84,7 @@ pub fn start_with_sources(
                     }
                     Err(err) => {
                         tracing::warn!(camera = raw.camera, seq = raw.seq, error = %err, "Frame could not be encoded: dropped.");
-                        metrics.add_reason(&metrics.dropped, &raw.camera, "encode_error", 1);
+                        metrics.count_drop(&raw.camera, DropReason::EncodeError, 1);
                     }
                 }
             }
@@ -154,7 +155,7 @@ pub fn run_camera(
                             reservation_error = Some(e.to_string());
                             metrics.set_camera(id, false, &format!("dropping frames: cannot reserve sequence numbers: {e}"));
                             metrics.inc(&metrics.captured, id);
-                            metrics.add_reason(&metrics.dropped, id, "sequence_io_error", 1);
+                            metrics.count_drop(id, DropReason::SequenceIoError, 1);
                             continue;
                         }
                     };
@@ -162,7 +163,7 @@ pub fn run_camera(
                     let raw = RawFrame { camera: id.to_owned(), seq, image: c };
                     match tx.try_send(raw) {
                         Ok(()) => {}
-                        Err(TrySendError::Full(_)) => metrics.add_reason(&metrics.dropped, id, "encoder_behind", 1),
+                        Err(TrySendError::Full(_)) => metrics.count_drop(id, DropReason::EncoderBehind, 1),
                         Err(TrySendError::Disconnected(_)) => return,
                     }
                 }

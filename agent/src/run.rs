@@ -45,7 +45,7 @@ pub fn run(v: Validated) -> Result<()> {
     let threads = crate::pipeline::start(&cfg.device.id, &cfg.cameras, &cfg.encoder, seqs.clone(), metrics.clone(), shutdown.clone(), tx)?;
     systemd_ready(&metrics, &shutdown);
 
-    let result = forwarder.run(frames, shutdown.flag(), Duration::from_secs(cfg.device.shutdown_grace_s));
+    let result = forwarder.run(frames, &shutdown, Duration::from_secs(cfg.device.shutdown_grace_s));
     shutdown.trigger();
     for t in threads {
         let _ = t.join();

@@ -49,16 +49,14 @@ pub mod policy;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use crossbeam_channel::{Receiver, Sender, select};
 use framelink_common::KafkaSettings;
 use framelink_common::link::{LinkContext, LinkStatus};
+use framelink_common::shutdown::Shutdown;
 use rand::RngExt;
-use rdkafka::ClientContext;
-use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::DeliveryResult;
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, PurgeConfig, ThreadedProducer};
@@ -84,14 +82,7 @@ struct ForwardContext {
     reports: Sender<Report>,
 }
 
-impl ClientContext for ForwardContext {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-        self.link.log(level, fac, log_message)
-    }
-    fn error(&self, error: KafkaError, reason: &str) {
-        self.link.error(error, reason)
-    }
-}
+framelink_common::impl_link_client_context!(ForwardContext, link);
 
 impl ProducerContext for ForwardContext {
     type DeliveryOpaque = Box<Pending>;
@@ -186,13 +177,13 @@ impl Forwarder {
     /// Runs until `shutdown` is set and `frames` is closed (capture stopped), then waits up
     /// to `grace` for what is in flight, spools the rest, and flushes the spool. Cameras that
     /// finish (a directory without `loop`) do not stop it: the spool still has to drain.
-    pub fn run(mut self, frames: Receiver<Frame>, shutdown: &AtomicBool, grace: Duration) -> Result<()> {
+    pub fn run(mut self, frames: Receiver<Frame>, shutdown: &Shutdown, grace: Duration) -> Result<()> {
         let tick = crossbeam_channel::tick(Duration::from_millis(50));
         let mut frames = frames;
         let mut capture_done = false;
         loop {
             self.metrics.beat();
-            if capture_done && shutdown.load(Ordering::Relaxed) {
+            if capture_done && shutdown.is_set() {
                 break;
             }
             select! {
@@ -235,11 +226,11 @@ impl Forwarder {
             Action::DropTooLarge { frame } => {
                 let camera = &frame.meta.camera_id;
                 tracing::warn!(camera, seq = frame.meta.seq, bytes = frame.payload.len(), limit = self.cfg.max_message_bytes.as_u64(), "Frame larger than forwarder.max_message_bytes: dropped.");
-                self.metrics.add_reason(&self.metrics.dropped, camera, DropReason::TooLarge.as_str(), 1);
+                self.metrics.count_drop(camera, DropReason::TooLarge, 1);
             }
             Action::Spool { frame, reason } => {
                 if self.push_to_spool(&frame, reason.as_str()).is_none() {
-                    self.metrics.add_reason(&self.metrics.dropped, &frame.meta.camera_id, DropReason::SpoolIoError.as_str(), 1);
+                    self.metrics.count_drop(&frame.meta.camera_id, DropReason::SpoolIoError, 1);
                 }
             }
             Action::CopyToSpool { live_id, frame } => {
@@ -279,7 +270,7 @@ impl Forwarder {
             Action::CountDamaged { key, reason } => {
                 let camera = key.parts().map_or("<unknown>".to_owned(), |(c, _)| c.to_owned());
                 tracing::error!(record = %key, reason, "Damaged spool record skipped.");
-                self.metrics.add_reason(&self.metrics.dropped, &camera, DropReason::SpoolDamaged.as_str(), 1);
+                self.metrics.count_drop(&camera, DropReason::SpoolDamaged, 1);
                 self.spool.note_damaged();
             }
             Action::ProbeSpool => {
@@ -342,7 +333,7 @@ impl Forwarder {
             }
             Err(e) if permanent(&e) => {
                 tracing::error!(camera, seq = p.frame.meta.seq, error = %e, "Kafka rejected the frame for good: dropped.");
-                self.metrics.add_reason(&self.metrics.dropped, camera, DropReason::Rejected.as_str(), 1);
+                self.metrics.count_drop(camera, DropReason::Rejected, 1);
                 Delivery::Rejected
             }
             Err(e) => Delivery::Failed {
@@ -390,7 +381,7 @@ impl Forwarder {
             self.policy.on_spool_stored();
         }
         for (cam, n, why) in out.dropped {
-            self.metrics.add_reason(&self.metrics.dropped, &cam, why.as_str(), n);
+            self.metrics.count_drop(&cam, why, n);
         }
         Some(out.stored)
     }
