@@ -121,7 +121,7 @@ fn agent_phase() {
     let shutdown = Shutdown::new();
     let (tx, rx) = crossbeam_channel::bounded(64);
     let source: Box<dyn Source> = Box::new(Memory { frames, i: 0, pacer: Pacer::new(240.0) });
-    let threads = framelink_agent::pipeline::start_with_sources("bench", vec![("bench".into(), source)], &EncoderConfig::default(), seqs, metrics.clone(), shutdown.clone(), tx).unwrap();
+    let threads = framelink_agent::capture::start_with_sources("bench", vec![("bench".into(), source)], &EncoderConfig::default(), seqs, metrics.clone(), shutdown.clone(), tx).unwrap();
     let sd = shutdown.clone();
     let fwd = std::thread::spawn(move || forwarder.run(rx, &sd, Duration::from_secs(10)).unwrap());
     std::thread::sleep(Duration::from_secs(2)); // warm-up: connection, idempotent PID

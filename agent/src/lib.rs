@@ -16,7 +16,7 @@ pub mod forwarder;
 pub mod frame;
 pub mod http;
 pub mod metrics;
-pub mod pipeline;
+pub mod capture;
 pub mod run;
 pub mod sequence;
 pub mod source;

@@ -8,13 +8,13 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use crate::config::WorkerConfig;
-use crate::gpu::executor::GpuClient;
+use crate::gpu::stage::GpuClient;
 use crate::metrics::Metrics;
 
 /// Opens the backend `[gpu]` asks for: the GPU stage's client, or `None` for the CPU. Logs
 /// and exports (metric label, /healthz) which adapter runs the ops.
 pub fn open_backend(cfg: &WorkerConfig, metrics: &Metrics) -> Result<Option<GpuClient>> {
-    use crate::gpu::{BackendChoice, Gpu, adapters, executor};
+    use crate::gpu::{BackendChoice, Gpu, adapters, stage};
     let g = &cfg.gpu;
     let gpu = Gpu::open(g.backend, g.adapter.as_deref()).with_context(|| format!("config key `gpu.backend` = {:?}", g.backend.as_str()))?;
     let (label, adapter, device_type) = match &gpu {
@@ -33,6 +33,6 @@ pub fn open_backend(cfg: &WorkerConfig, metrics: &Metrics) -> Result<Option<GpuC
     if cfg.worker.thread_count() < g.batch {
         tracing::warn!(threads = cfg.worker.thread_count(), batch = g.batch, "Fewer processing threads than gpu.batch: batches cannot fill (each thread has one frame on the GPU at a time).");
     }
-    let client = executor::spawn(Arc::new(gpu), cfg.worker.pipeline_ops()?, cfg.motion.enabled, g.batch, Duration::from_millis(g.batch_wait_ms), metrics.gpu.clone())?;
+    let client = stage::spawn(Arc::new(gpu), cfg.worker.pipeline_ops()?, cfg.motion.enabled, g.batch, Duration::from_millis(g.batch_wait_ms), metrics.gpu.clone())?;
     Ok(Some(client))
 }

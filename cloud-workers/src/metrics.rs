@@ -40,7 +40,7 @@ pub struct Metrics {
     pub txn_aborts: Counter,
     /// 1, labelled with the backend running the ops and the adapter it chose.
     pub backend: Family<Labels, Gauge>,
-    pub gpu: std::sync::Arc<crate::gpu::executor::StageStats>,
+    pub gpu: std::sync::Arc<crate::gpu::stage::StageStats>,
     pub health: Mutex<Health>,
     /// Wall clock (ns) of the last output Kafka acknowledged; 0 = none yet.
     pub last_output_ns: AtomicU64,

@@ -16,7 +16,7 @@ use crossbeam_channel::Sender;
 use framelink_common::wire::DeadLetterReason;
 
 use crate::config::WorkerConfig;
-use crate::gpu::executor::GpuClient;
+use crate::gpu::stage::GpuClient;
 use crate::metrics::Metrics;
 use crate::motion::Revocations;
 use crate::offsets::Offsets;

@@ -8,7 +8,7 @@ use framelink_common::FrameMeta;
 use framelink_common::wire::{self, header};
 
 use crate::decode::{Decoder, encode};
-use crate::gpu::executor::GpuClient;
+use crate::gpu::stage::GpuClient;
 use crate::motion::{MotionConfig, MotionDetector, MotionEvent};
 use crate::ops::{Img, Pipeline};
 

@@ -121,7 +121,7 @@ fn gpu_rate(gpu: &Arc<Gpu>, frames: &[Img], pipeline: &Pipeline, batch: usize, s
 
 /// The worker's whole per-frame path (`Processor::process`: decode -> ops -> encode) on
 /// `threads` threads, each with its own processor, optionally all sharing one GPU stage.
-fn worker_path(jpegs: &[Vec<u8>], pipeline: &Pipeline, threads: usize, gpu: Option<&framelink_worker::gpu::executor::GpuClient>, secs: f64) -> f64 {
+fn worker_path(jpegs: &[Vec<u8>], pipeline: &Pipeline, threads: usize, gpu: Option<&framelink_worker::gpu::stage::GpuClient>, secs: f64) -> f64 {
     use framelink_worker::motion::MotionConfig;
     use framelink_worker::process::{Processor, RecordInfo};
     let make = |t: usize| {
@@ -213,7 +213,7 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<String> {
         for spec in &o.ops {
             let pipeline = Pipeline::parse(spec)?;
             let cpu = worker_path(&jpegs, &pipeline, threads, None, o.seconds);
-            let client = framelink_worker::gpu::executor::spawn(g.clone(), pipeline.clone(), false, batch, Duration::from_millis(2), Default::default())?;
+            let client = framelink_worker::gpu::stage::spawn(g.clone(), pipeline.clone(), false, batch, Duration::from_millis(2), Default::default())?;
             let with_gpu = worker_path(&jpegs, &pipeline, threads, Some(&client), o.seconds);
             t.push_str(&format!("| `{spec}` | {cpu:.1} | {with_gpu:.1} | {:.2}x |\n", with_gpu / cpu));
         }

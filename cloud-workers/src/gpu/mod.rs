@@ -20,9 +20,9 @@
 //! the GPU in the same batch; comparing two 160-pixel-wide images and keeping per-camera state
 //! stays on the CPU, where it costs microseconds.
 
-pub mod executor;
 pub mod plan;
 mod runner;
+pub mod stage;
 
 use std::fmt;
 use std::sync::Arc;
