@@ -12,7 +12,7 @@ use std::time::Duration;
 use framelink_common::KafkaConfig;
 use framelink_testkit::{Broker, consume_all, frame_meta, init_tracing, rand_topic, rogue_identity};
 use rdkafka::message::Message;
-use framelink_testkit::daemon::{Agent, kafka_toml};
+use framelink_testkit::daemon::{Agent, kafka_toml, sum_metric};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_framelink-agent");
 
@@ -409,10 +409,10 @@ async fn t9_a_full_disk_under_the_spool_drops_counted_and_recovers_by_itself() {
     agent.stop();
     let got = arrived(&broker.mtls(), &topic).await;
     for cam in ["a", "b"] {
-        let m = |name: &str, filter: &str| -> f64 { metrics.iter().filter(|(k, _)| k.starts_with(name) && k.contains(&format!("camera=\"{cam}\"")) && k.contains(filter)).map(|(_, v)| v).sum() };
-        let captured = m("framelink_agent_frames_captured_total", "");
-        let dropped = m("framelink_agent_frames_dropped_total", "");
-        let io = m("framelink_agent_frames_dropped_total", "spool_io_error");
+        let camera = format!("camera=\"{cam}\"");
+        let captured = sum_metric(&metrics, "framelink_agent_frames_captured_total", &[&camera]);
+        let dropped = sum_metric(&metrics, "framelink_agent_frames_dropped_total", &[&camera]);
+        let io = sum_metric(&metrics, "framelink_agent_frames_dropped_total", &[&camera, "reason=\"spool_io_error\""]);
         let unique: std::collections::BTreeSet<u64> = got.seqs(cam).iter().copied().collect();
         println!("t9: camera {cam}: captured {captured} (at the last scrape), delivered {} unique, dropped {dropped} ({io} spool_io_error)", unique.len());
         assert!(io > 0.0, "camera {cam}: drops while the disk was full are counted");

@@ -160,12 +160,7 @@ impl Daemon {
 
     /// Sum of all samples of `name` whose labels contain every `filter` (`key="value"`).
     pub fn metric(&self, name: &str, filters: &[&str]) -> f64 {
-        let full = format!("{}_{name}", self.prefix);
-        self.metrics()
-            .iter()
-            .filter(|(k, _)| k.split('{').next() == Some(full.as_str()) && filters.iter().all(|f| k.contains(f)))
-            .map(|(_, v)| v)
-            .sum()
+        sum_metric(&self.metrics(), &format!("{}_{name}", self.prefix), filters)
     }
 
     pub fn wait_for(&self, what: &str, timeout: Duration, cond: impl Fn(&Daemon) -> bool) {
@@ -189,4 +184,11 @@ impl Drop for Daemon {
 unsafe extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+/// Sum of the samples of the metric `full_name` in a scrape (as [`Daemon::metrics`] returns
+/// it) whose labels contain every `filter` (`key="value"`): the one rule the tests, the benches
+/// (`bench/benchlib.py`) and the scripts (`scripts/lib.sh`) read a metric by.
+pub fn sum_metric(samples: &HashMap<String, f64>, full_name: &str, filters: &[&str]) -> f64 {
+    samples.iter().filter(|(k, _)| k.split('{').next() == Some(full_name) && filters.iter().all(|f| k.contains(f))).map(|(_, v)| v).sum()
 }
