@@ -194,3 +194,67 @@ pub fn producer_config(v: &crate::config::Validated, id: &str) -> ClientConfig {
     }
     pc
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topic_partition::TopicPartition;
+    use crate::tracker::Tracker;
+    use framelink_common::link::LinkStatus;
+    use rdkafka::message::OwnedHeaders;
+
+    /// A producer that never reaches a broker (nothing listens on port 1) and refuses records
+    /// over 2000 bytes itself, synchronously.
+    fn producer(offsets: &Arc<Offsets>, metrics: &Arc<Metrics>, refusals: Option<Sender<Refusal>>) -> ThreadedProducer<ProduceContext> {
+        let context = ProduceContext::new(LinkContext::new(Arc::new(LinkStatus::default())), offsets.clone(), metrics.clone(), refusals, Arc::default(), Arc::default());
+        ClientConfig::new().set("bootstrap.servers", "127.0.0.1:1").set("message.max.bytes", "2000").set("log_level", "0").create_with_context(context).unwrap()
+    }
+
+    fn job(offset: i64) -> Arc<Job> {
+        Arc::new(Job { tp: TopicPartition::new("frames", 0), offset, epoch: 0, key: Some(b"d/c".to_vec()), payload: Some(vec![1; 10]), headers: vec![], timestamp_ms: None })
+    }
+
+    fn record(kind: OutputKind, bytes: usize) -> OutRecord {
+        OutRecord { topic: "out".into(), kind, key: Some(b"d/c".to_vec()), payload: vec![0; bytes], headers: OwnedHeaders::new() }
+    }
+
+    #[test]
+    fn at_least_once_a_record_the_producer_refuses_at_once_is_handed_on_and_keeps_its_input_in_flight() {
+        let tracker = Arc::new(Tracker::default());
+        let offsets = Arc::new(Offsets::new(tracker.clone(), true));
+        let metrics = Metrics::new();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let p = producer(&offsets, &metrics, Some(tx.clone()));
+        let j = job(5);
+        tracker.start(&j.tp, 5);
+        send(&j, vec![record(OutputKind::Result, 50_000)], &p, &offsets, &metrics, Some(&tx));
+        let r = rx.try_recv().expect("the refusal is handed to the refusals thread");
+        assert_eq!((r.job.offset, r.record.kind, r.resend, r.attempt), (5, OutputKind::Result, false, 0));
+        assert!(r.error.contains("too large") || r.error.contains("MessageSizeTooLarge"), "{}", r.error);
+        assert_eq!(metrics.outputs_refused.get_or_create(&vec![("kind", "result".to_owned())]).get(), 1);
+        assert_eq!(tracker.in_flight(), 1, "the input waits for its dead letter");
+        assert!(tracker.take_ready().is_empty(), "nothing committable");
+    }
+
+    #[test]
+    fn exactly_once_a_refused_record_releases_its_unit_for_the_aborting_transaction() {
+        let tracker = Arc::new(Tracker::default());
+        let offsets = Arc::new(Offsets::new(tracker.clone(), false));
+        let metrics = Metrics::new();
+        let p = producer(&offsets, &metrics, None);
+        let j = job(8);
+        tracker.start(&j.tp, 8);
+        send(&j, vec![record(OutputKind::Event, 50_000)], &p, &offsets, &metrics, None);
+        assert_eq!(tracker.in_flight(), 0, "the transaction aborts and rewinds; the record does not hang");
+        assert_eq!(metrics.outputs_refused.get_or_create(&vec![("kind", "event".to_owned())]).get(), 1);
+    }
+
+    #[test]
+    fn producer_failures_are_told_apart_from_refusals_of_the_record() {
+        use rdkafka::types::RDKafkaErrorCode as C;
+        assert!(producer_failure(&KafkaError::MessageProduction(C::PurgeQueue)));
+        assert!(producer_failure(&KafkaError::MessageProduction(C::Fatal)));
+        assert!(!producer_failure(&KafkaError::MessageProduction(C::MessageSizeTooLarge)));
+        assert!(!producer_failure(&KafkaError::MessageProduction(C::TopicAuthorizationFailed)));
+    }
+}
