@@ -220,3 +220,57 @@ mod tests {
         assert_eq!((t.in_flight(), t.done(&tp, 2), t.epoch()), (0, None, before + 1));
     }
 }
+
+/// Property test: under any completion order of any set of records (each waiting for a few
+/// outputs), the committable position never passes a record still in flight and ends one past
+/// the highest offset taken.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn the_position_never_passes_a_record_in_flight(
+            records in proptest::collection::vec((1i64..4, 0u32..3), 1..25),
+            order in any::<Vec<proptest::sample::Index>>(),
+        ) {
+            let tp = TopicPartition::new("frames", 0);
+            let t = Tracker::default();
+            // Offsets with gaps (compacted or transactional markers), each with its outputs.
+            let mut offset = 100;
+            let mut units: Vec<i64> = Vec::new();
+            let mut left: BTreeMap<i64, u32> = BTreeMap::new();
+            for (gap, outputs) in &records {
+                offset += gap;
+                t.start(&tp, offset);
+                t.add_outputs(&tp, offset, outputs + 1);
+                left.insert(offset, outputs + 1);
+                units.extend(std::iter::repeat_n(offset, (*outputs + 1) as usize));
+            }
+            let high = offset;
+            let mut picks = order.into_iter();
+            let mut last = None;
+            while !units.is_empty() {
+                let i = picks.next().map_or(0, |ix| ix.index(units.len()));
+                let o = units.swap_remove(i);
+                let n = left.get_mut(&o).unwrap();
+                *n -= 1;
+                if *n == 0 {
+                    left.remove(&o);
+                }
+                if let Some(next) = t.done(&tp, o) {
+                    let lowest = left.keys().next().copied();
+                    prop_assert_eq!(next, lowest.unwrap_or(high + 1), "the position is the lowest record in flight, or past the highest");
+                    prop_assert!(last.is_none_or(|l| next > l), "the position only moves forward");
+                    last = Some(next);
+                }
+            }
+            prop_assert_eq!(t.in_flight(), 0);
+            prop_assert_eq!(t.take_ready().get(&tp).copied(), Some(high + 1));
+        }
+    }
+}
+

@@ -498,3 +498,63 @@ mod tests {
         }
     }
 }
+
+/// Property tests: the contract round-trips for every valid frame, and no header list, however
+/// malformed, makes the parser panic or accept something it would not write.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn id() -> impl Strategy<Value = String> {
+        // Any non-control characters but `/`, 1 to MAX_ID_LEN bytes.
+        "[^/\\p{Cc}]{1,40}".prop_filter("at most MAX_ID_LEN bytes", |s| s.len() <= MAX_ID_LEN)
+    }
+
+    fn token(max: usize) -> impl Strategy<Value = String> {
+        proptest::collection::vec(0x21u8..0x7f, 1..=max).prop_map(|b| String::from_utf8(b).unwrap())
+    }
+
+    fn meta() -> impl Strategy<Value = FrameMeta> {
+        (id(), id(), any::<u64>(), any::<u64>(), 1..=u32::MAX, 1..=u32::MAX, token(32), token(128)).prop_map(|(device_id, camera_id, seq, capture_ns, width, height, pixel_format, content_type)| FrameMeta { device_id, camera_id, seq, capture_ns, width, height, pixel_format, content_type })
+    }
+
+    fn header_name() -> impl Strategy<Value = String> {
+        prop_oneof![proptest::sample::select(header::ALL.to_vec()).prop_map(str::to_owned), "[a-z-]{1,20}"]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn every_valid_frame_round_trips_among_foreign_headers(m in meta(), foreign in proptest::collection::vec(("x-[a-z]{1,8}", any::<Vec<u8>>()), 0..4), at in any::<proptest::sample::Index>()) {
+            prop_assert!(m.validate().is_ok());
+            let mut pairs: Vec<(String, Vec<u8>)> = m.to_header_pairs().into_iter().map(|(k, v)| (k.to_owned(), v.into_bytes())).collect();
+            let i = at.index(pairs.len() + 1);
+            for (k, v) in foreign {
+                pairs.insert(i, (k, v));
+            }
+            let back = FrameMeta::from_header_pairs(pairs.iter().map(|(k, v)| (k.as_str(), Some(v.as_slice())))).unwrap();
+            prop_assert_eq!(&back, &m);
+            prop_assert!(back.check_key(Some(m.key().as_bytes())).is_ok());
+        }
+
+        #[test]
+        fn a_duplicated_contract_header_is_refused_by_name(m in meta(), which in 0..header::ALL.len()) {
+            let mut pairs = m.to_header_pairs();
+            pairs.push(pairs[which].clone());
+            let err = FrameMeta::from_header_pairs(pairs.iter().map(|(k, v)| (*k, Some(v.as_bytes())))).unwrap_err();
+            prop_assert_eq!(err, HeaderError::Duplicate { name: header::ALL[which] });
+        }
+
+        #[test]
+        fn any_header_list_parses_without_panic_and_what_is_accepted_is_valid(pairs in proptest::collection::vec((header_name(), proptest::option::of(any::<Vec<u8>>())), 0..14)) {
+            if let Ok(m) = FrameMeta::from_header_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_deref()))) {
+                prop_assert!(m.validate().is_ok());
+                let again = m.to_header_pairs();
+                prop_assert_eq!(FrameMeta::from_header_pairs(again.iter().map(|(k, v)| (*k, Some(v.as_bytes())))).unwrap(), m);
+            }
+        }
+    }
+}
+
