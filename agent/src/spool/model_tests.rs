@@ -155,6 +155,20 @@ struct Harness {
     step: usize,
 }
 
+/// Opens the spool again in the same process. sled's flusher thread may still hold the dropped
+/// database (and its file lock) for a moment; a new process never meets this, since the lock
+/// goes with the old one's exit.
+fn reopen(cfg: &SpoolConfig) -> SledSpool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match SledSpool::open(cfg.clone()) {
+            Ok(s) => return s,
+            Err(e) if format!("{e:#}").contains("in use by another process") && std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(20)),
+            Err(e) => panic!("reopening the spool: {e:#}"),
+        }
+    }
+}
+
 impl Harness {
     fn new(dir: &Path, (when_full, keep_one_in): (FullPolicy, u32)) -> Self {
         let cfg = SpoolConfig {
@@ -204,7 +218,7 @@ impl Harness {
                     self.spool().flush().unwrap();
                 }
                 drop(self.spool.take());
-                self.spool = Some(SledSpool::open(self.cfg.clone()).unwrap());
+                self.spool = Some(reopen(&self.cfg));
                 self.check_measured("after a reopen");
                 self.check_all_records();
             }
