@@ -103,7 +103,16 @@ async fn t2_broker_down_for_20s_loses_nothing_and_keeps_order() {
     agent.wait_for("frames spooled", Duration::from_secs(30), |a| a.metric("spool_records", &[]) >= 100.0);
     std::thread::sleep(Duration::from_secs(12));
     broker.start().unwrap();
-    agent.wait_for("all 1500 frames delivered", Duration::from_secs(120), |a| a.metric("frames_sent_total", &[]) >= 1500.0);
+    // 240 s: one loaded full run saw no delivery within 120 s of the broker's return (not
+    // understood yet; see the #14 note); the figures below say how far it got if it happens.
+    let polls = std::sync::atomic::AtomicU32::new(0);
+    agent.wait_for("all 1500 frames delivered", Duration::from_secs(240), |a| {
+        let sent = a.metric("frames_sent_total", &[]);
+        if sent < 1500.0 && polls.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 50 == 49 {
+            eprintln!("t2: sent {sent}, spool {}, link {}", a.metric("spool_records", &[]), a.healthz()["link"]);
+        }
+        sent >= 1500.0
+    });
     agent.wait_for("spool empty, link up", Duration::from_secs(30), |a| {
         a.metric("spool_records", &[]) == 0.0 && a.healthz()["link"] == "up"
     });
