@@ -56,6 +56,7 @@ pub struct Metrics {
     pub spool_damaged_pruned: Gauge,
     pub spool_written_bytes: Counter,
     pub producer_recreated: Counter,
+    pub link_stalls: Counter,
     pub link_up: Gauge,
     pub link_state: Family<Labels, Gauge>,
     pub camera_up: Family<Labels, Gauge>,
@@ -94,6 +95,7 @@ impl Metrics {
             spool_damaged_pruned: Gauge::default(),
             spool_written_bytes: Counter::default(),
             producer_recreated: Counter::default(),
+            link_stalls: Counter::default(),
             link_up: Gauge::default(),
             link_state: Family::default(),
             camera_up: Family::default(),
@@ -120,6 +122,7 @@ impl Metrics {
         registry.register("spool_damaged_pruned", "Damaged files deleted from spool.dir/damaged/ to keep it within 1/8 of max_bytes", m.spool_damaged_pruned.clone());
         registry.register("spool_written_bytes", "Frame bytes written to the spool since start", m.spool_written_bytes.clone());
         registry.register("producer_recreated", "Kafka producers replaced after a fatal librdkafka error", m.producer_recreated.clone());
+        registry.register("link_stalls", "Times the Kafka link was judged stalled: no acknowledgement for forwarder.stall_timeout_ms while frames waited", m.link_stalls.clone());
         registry.register("link_up", "1 when frames go straight to Kafka", m.link_up.clone());
         registry.register("link_state", "1 for the current link state (up, down, draining)", m.link_state.clone());
         registry.register("camera_up", "1 while the camera delivers frames", m.camera_up.clone());

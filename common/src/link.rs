@@ -119,6 +119,9 @@ pub fn classify_text(reason: &str) -> LinkErrorKind {
 #[derive(Debug, Default)]
 pub struct LinkStatus {
     recent: Mutex<Vec<LinkError>>,
+    /// librdkafka's last "all brokers are down" (kept apart: a single broker's refused
+    /// connection, recorded as `Unreachable` too, replaces it in `recent`).
+    all_down: Mutex<Option<LinkError>>,
 }
 
 impl LinkStatus {
@@ -136,9 +139,33 @@ impl LinkStatus {
         recent.push(e);
     }
 
+    /// librdkafka reported every broker it knows down (`_ALL_BROKERS_DOWN`).
+    pub fn record_all_down(&self, message: impl Into<String>) {
+        let e = LinkError { kind: LinkErrorKind::Unreachable, message: message.into(), at: SystemTime::now() };
+        *self.all_down.lock().expect("link status lock") = Some(e.clone());
+        let mut recent = self.recent.lock().expect("link status lock");
+        recent.retain(|x| x.kind != e.kind);
+        recent.push(e);
+    }
+
     /// Forgets past errors (call when the link is known to work again).
     pub fn clear(&self) {
         self.recent.lock().expect("link status lock").clear();
+        *self.all_down.lock().expect("link status lock") = None;
+    }
+
+    /// The most specific recent error that concerns the whole link rather than one broker:
+    /// TLS, authentication and protocol errors, and librdkafka's "all brokers are down". A
+    /// single broker's refused connection is not one: a replicated cluster serves on without
+    /// it (its partitions get new leaders), and frames that really wait are caught by their
+    /// missing acknowledgements instead.
+    pub fn outage(&self) -> Option<LinkError> {
+        let now = SystemTime::now();
+        let fresh = |e: &LinkError| now.duration_since(e.at).map(|d| d < Self::RECENT).unwrap_or(true);
+        let recent = self.recent.lock().expect("link status lock");
+        let wide = recent.iter().filter(|e| matches!(e.kind, LinkErrorKind::Tls | LinkErrorKind::Authentication | LinkErrorKind::Protocol));
+        let all_down = self.all_down.lock().expect("link status lock").clone();
+        wide.cloned().chain(all_down).filter(fresh).min_by_key(|e| e.kind)
     }
 
     /// The most specific recent error: a TLS error explains an "all brokers down" that follows it.
@@ -186,7 +213,11 @@ impl ClientContext for LinkContext {
     fn error(&self, error: KafkaError, reason: &str) {
         let kind = classify(&error, reason);
         tracing::warn!(kind = kind.as_str(), error = %error, "Kafka link error: {reason}");
-        self.status.record(kind, reason);
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.status.record_all_down(reason);
+        } else {
+            self.status.record(kind, reason);
+        }
     }
 }
 
@@ -341,6 +372,22 @@ mod tests {
             classify_text("h:9093/bootstrap: Disconnected: connection closed by peer: receive 0 after POLLIN (after 1ms in state APIVERSION_QUERY)"),
             LinkErrorKind::Protocol
         );
+    }
+
+    #[test]
+    fn one_broker_refusing_is_not_an_outage_but_all_brokers_down_is() {
+        let ctx = LinkContext::default();
+        ctx.log(RDKafkaLogLevel::Error, "FAIL", "127.0.0.1:19212/3: Connect to ipv4#127.0.0.1:19212 failed: Connection refused");
+        assert_eq!(ctx.status.diagnosis().map(|d| d.kind), Some(LinkErrorKind::Unreachable), "still the diagnosis users see");
+        assert!(ctx.status.outage().is_none(), "one broker of several");
+        ctx.error(KafkaError::Global(RDKafkaErrorCode::AllBrokersDown), "3/3 brokers are down");
+        // A later refused connection replaces it in the diagnosis, not in the outage.
+        ctx.log(RDKafkaLogLevel::Error, "FAIL", "127.0.0.1:19192/1: Connect to ipv4#127.0.0.1:19192 failed: Connection refused");
+        assert_eq!(ctx.status.outage().map(|d| d.message), Some("3/3 brokers are down".to_owned()));
+        ctx.error(KafkaError::Global(RDKafkaErrorCode::SSL), "SSL handshake failed");
+        assert_eq!(ctx.status.outage().map(|d| d.kind), Some(LinkErrorKind::Tls), "the specific cause first");
+        ctx.status.clear();
+        assert!(ctx.status.outage().is_none());
     }
 
     #[test]

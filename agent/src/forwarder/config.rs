@@ -24,6 +24,12 @@ pub struct ForwarderConfig {
     /// Default 30000.
     #[serde(default = "default_timeout")]
     pub message_timeout_ms: u64,
+    /// A frame unacknowledged this long is copied to the spool at once instead of waiting in
+    /// memory for `message_timeout_ms`; with no acknowledgement at all for this long the link
+    /// is judged stalled (down). Catches links that drop packets silently, which librdkafka
+    /// notices only at its timeouts. Below `message_timeout_ms`; 0 turns it off. Default 5000.
+    #[serde(default = "default_stall_timeout")]
+    pub stall_timeout_ms: u64,
     /// librdkafka `linger.ms`. Default 5.
     #[serde(default = "default_linger")]
     pub linger_ms: u64,
@@ -56,6 +62,9 @@ fn default_queue() -> ByteSize {
 }
 fn default_timeout() -> u64 {
     30_000
+}
+fn default_stall_timeout() -> u64 {
+    5_000
 }
 fn default_linger() -> u64 {
     5
@@ -94,6 +103,9 @@ impl ForwarderConfig {
         if self.message_timeout_ms < 1000 {
             bail!("config key `forwarder.message_timeout_ms`: must be at least 1000");
         }
+        if self.stall_timeout_ms != 0 && !(200..self.message_timeout_ms).contains(&self.stall_timeout_ms) {
+            bail!("config key `forwarder.stall_timeout_ms`: must be 0 (off) or from 200 to below `message_timeout_ms` ({})", self.message_timeout_ms);
+        }
         if self.drain_window == 0 {
             bail!("config key `forwarder.drain_window`: must be at least 1");
         }
@@ -106,5 +118,25 @@ impl ForwarderConfig {
             bail!("config key `forwarder.retry_max_ms`: must be ≥ `retry_min_ms` ≥ 1");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(toml: &str) -> Result<()> {
+        framelink_common::config_file::from_toml_str::<ForwarderConfig>(toml)?.validate()
+    }
+
+    #[test]
+    fn stall_timeout_is_off_or_below_the_message_timeout() {
+        with("").unwrap();
+        with("stall_timeout_ms = 0").unwrap();
+        with("message_timeout_ms = 10000\nstall_timeout_ms = 9999").unwrap();
+        for bad in ["message_timeout_ms = 10000\nstall_timeout_ms = 10000", "stall_timeout_ms = 100"] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains("`forwarder.stall_timeout_ms`"), "{e}");
+        }
     }
 }

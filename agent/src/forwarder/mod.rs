@@ -3,8 +3,10 @@
 //! # Modes
 //! - **Direct**: new frames are produced straight to Kafka (nothing touches the disk).
 //! - **Spooling**: new frames go to the spool. Entered when a delivery fails or times out,
-//!   when librdkafka's memory queue is full, or when librdkafka reports the brokers down / a
-//!   TLS error. While spooling, the spool is drained (oldest first, in per-camera sequence
+//!   when librdkafka's memory queue is full, when librdkafka reports all brokers down / a
+//!   TLS error, or when frames wait `stall_timeout_ms` for their acknowledgements (a link
+//!   that drops packets silently; see [`policy`]). One broker of a cluster refusing
+//!   connections is not an outage. While spooling, the spool is drained (oldest first, in per-camera sequence
 //!   order) with a bounded number of frames in flight; a failed attempt backs off
 //!   exponentially with jitter. When the spool is empty and nothing is in flight, the
 //!   forwarder returns to Direct.
@@ -306,7 +308,7 @@ impl Forwarder {
         match self.producer.send(record) {
             Ok(()) => {
                 if let Some((id, frame)) = live {
-                    self.policy.on_live_accepted(id, frame);
+                    self.policy.on_live_accepted(now(), id, frame);
                 }
                 Vec::new()
             }
@@ -425,9 +427,10 @@ impl Forwarder {
     /// flush, spool retries); exports the state.
     fn maintain(&mut self) {
         self.check_fatal_producer();
-        let diagnosis = self.link.diagnosis();
-        let actions = self.policy.on_tick(diagnosis.as_ref());
+        let outage = self.link.outage();
+        let actions = self.policy.on_tick(now(), outage.as_ref());
         self.carry_out(actions);
+        self.metrics.link_stalls.inc_by(self.policy.stalls().saturating_sub(self.metrics.link_stalls.get()));
         let stats = self.spool.stats();
         self.metrics.spool_records.set(stats.records as i64);
         self.metrics.spool_bytes.set(stats.disk_bytes as i64);

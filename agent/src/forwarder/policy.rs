@@ -162,6 +162,8 @@ struct LiveFrame {
     frame: Frame,
     /// A copy is in the spool (the link was judged down while it waited).
     spooled: bool,
+    /// When the producer took it.
+    since: Instant,
 }
 
 /// The first delay before replacing a fatal producer again after a failed attempt.
@@ -191,6 +193,10 @@ pub struct LinkPolicy {
     next_attempt: Instant,
     backoff: Duration,
     last_ok: SystemTime,
+    /// The last acknowledgement, on the monotonic clock (for stall detection).
+    last_ack: Instant,
+    /// Times the link was judged stalled (no acknowledgement for `stall_timeout_ms`).
+    stalls: u64,
     /// Why the link is judged down; `None` while deliveries succeed.
     last_failure: Option<String>,
     spool_dirty: bool,
@@ -225,6 +231,8 @@ impl LinkPolicy {
             next_attempt: now.instant,
             backoff,
             last_ok: now.wall,
+            last_ack: now.instant,
+            stalls: 0,
             last_failure: None,
             spool_dirty: false,
             spool_error: None,
@@ -256,6 +264,11 @@ impl LinkPolicy {
         }
     }
 
+    /// Times the link was judged stalled (for the `link_stalls` counter).
+    pub fn stalls(&self) -> u64 {
+        self.stalls
+    }
+
     /// Frames handed to librdkafka and not reported yet (live and spooled).
     pub fn in_flight(&self) -> usize {
         self.live.len() + self.spool_in_flight.len()
@@ -285,8 +298,8 @@ impl LinkPolicy {
 
     /// The producer took live frame `id` ([`Action::Produce`]): it is tracked until its report.
     /// (A spooled frame is tracked from the moment the drain chose it.)
-    pub fn on_live_accepted(&mut self, id: u64, frame: Frame) {
-        self.live.insert(id, LiveFrame { frame, spooled: false });
+    pub fn on_live_accepted(&mut self, now: Now, id: u64, frame: Frame) {
+        self.live.insert(id, LiveFrame { frame, spooled: false, since: now.instant });
     }
 
     /// The producer refused the frame of an [`Action::Produce`].
@@ -337,6 +350,7 @@ impl LinkPolicy {
         match delivery {
             Delivery::Acked => {
                 self.last_ok = now.wall;
+                self.last_ack = now.instant;
                 if self.last_failure.take().is_some() {
                     tracing::info!("Kafka link back: deliveries succeed.");
                 }
@@ -461,13 +475,17 @@ impl LinkPolicy {
         self.recreate_backoff = (self.recreate_backoff * 2).min(RECREATE_BACKOFF_MAX);
     }
 
-    /// Periodic work (every loop turn): notice a dead link from librdkafka's `diagnosis` (its
-    /// time is compared with the last acknowledgement's), then drain, flush, and retry a
-    /// failing spool ([`Action::Continue`], each at the time it is reached).
-    pub fn on_tick(&mut self, diagnosis: Option<&LinkError>) -> Vec<Action> {
-        let mut actions = Vec::new();
+    /// Periodic work (every loop turn): notice a dead link from librdkafka's `outage` (an
+    /// error that concerns the whole link, see [`LinkStatus::outage`]; its time is compared
+    /// with the last acknowledgement's) or from frames waiting too long for their
+    /// acknowledgements, then drain, flush, and retry a failing spool ([`Action::Continue`],
+    /// each at the time it is reached).
+    ///
+    /// [`LinkStatus::outage`]: framelink_common::link::LinkStatus::outage
+    pub fn on_tick(&mut self, now: Now, outage: Option<&LinkError>) -> Vec<Action> {
+        let mut actions = self.check_stall(now);
         // librdkafka reports unreachable brokers / TLS failures long before message timeouts.
-        if let Some(d) = diagnosis {
+        if let Some(d) = outage {
             // Not every disconnect: a broker closing an idle connection ("in state UP") is
             // routine; refused connections, TLS and authentication failures are not.
             let serious = d.kind != LinkErrorKind::Other && !d.message.contains("in state UP");
@@ -479,6 +497,36 @@ impl LinkPolicy {
         }
         actions.push(Action::Continue(Step::Drain));
         actions
+    }
+
+    /// Frames waiting `stall_timeout_ms` for their acknowledgement are copied to the spool
+    /// rather than left in memory for the whole `message_timeout_ms`: a link that drops packets
+    /// silently shows no error until librdkafka's timeouts. With no acknowledgement at all for
+    /// that long the link is judged stalled (down: new frames go to the spool, the drain probes
+    /// one at a time); while acknowledgements still come (a slow link, one partition's leader
+    /// unreachable) only the spooling starts, and the drain's window bounds what waits in memory.
+    fn check_stall(&mut self, now: Now) -> Vec<Action> {
+        if self.cfg.stall_timeout_ms == 0 || self.last_failure.is_some() {
+            return Vec::new();
+        }
+        let stall = Duration::from_millis(self.cfg.stall_timeout_ms);
+        let Some(oldest) = self.live.values().find(|l| !l.spooled) else { return Vec::new() };
+        let waited = now.instant.saturating_duration_since(oldest.since);
+        if waited < stall {
+            return Vec::new();
+        }
+        let waiting = self.live.values().filter(|l| !l.spooled).count();
+        let quiet = now.instant.saturating_duration_since(self.last_ack);
+        if quiet >= stall {
+            let why = format!("link stalled: no acknowledgement for {:.1} s while {waiting} frames wait (forwarder.stall_timeout_ms)", quiet.as_secs_f64());
+            tracing::error!(waiting, "Kafka link stalled: no acknowledgement for {:.1} s; spooling frames to disk.", quiet.as_secs_f64());
+            self.stalls += 1;
+            self.last_failure = Some(why);
+            self.enter_spooling("stalled")
+        } else {
+            tracing::warn!(waiting, "A frame waited {:.1} s for its acknowledgement: spooling.", waited.as_secs_f64());
+            self.enter_spooling("slow_acknowledgements")
+        }
     }
 
     /// The rest of a tick or of the shutdown, from `step` on.

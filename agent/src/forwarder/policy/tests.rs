@@ -167,7 +167,7 @@ impl World {
                 }
                 self.produced.push(origin.clone());
                 if let Origin::Live(id) = origin {
-                    self.policy.on_live_accepted(id, frame.clone());
+                    self.policy.on_live_accepted(now, id, frame.clone());
                 }
                 self.in_flight.push_back((origin, frame));
             }
@@ -264,13 +264,29 @@ impl World {
     }
 
     fn tick(&mut self) {
-        let actions = self.policy.on_tick(None);
+        let actions = self.policy.on_tick(self.clock.now(), None);
         self.carry_out(actions);
     }
 
     fn tick_with(&mut self, diagnosis: &LinkError) {
-        let actions = self.policy.on_tick(Some(diagnosis));
+        let actions = self.policy.on_tick(self.clock.now(), Some(diagnosis));
         self.carry_out(actions);
+    }
+
+    /// Ticks every 50 ms for `d` and reports nothing: the broker is silent.
+    fn run_silent(&mut self, d: Duration) {
+        let end = self.clock.instant + d;
+        while self.clock.instant < end {
+            self.clock.advance(TICK);
+            self.tick();
+        }
+    }
+
+    /// Acknowledges the frame in flight with this origin (out of order).
+    fn ack(&mut self, origin: &Origin) {
+        let i = self.in_flight.iter().position(|(o, _)| o == origin).expect("in flight");
+        let (origin, frame) = self.in_flight.remove(i).unwrap();
+        self.report(origin, frame, Delivery::Acked);
     }
 
     fn ack_next(&mut self) {
@@ -593,7 +609,7 @@ fn a_spooled_frame_refused_mid_batch_is_sent_after_the_cursor_wraps() {
     let mut w = World::with_backlog(cfg(), &[0, 1, 2, 3, 4, 5]);
     w.clock.advance(TICK);
     // Refuse only the first frame of the batch.
-    let actions = w.policy.on_tick(None);
+    let actions = w.policy.on_tick(w.clock.now(), None);
     assert_eq!(actions, [Action::Continue(Step::Drain)]);
     let actions = w.policy.continue_with(w.clock.now(), Step::Drain);
     assert!(matches!(actions.as_slice(), [Action::ReadSpool { after: None, max: 4 }, Action::Continue(Step::Flush)]), "{actions:?}");
@@ -1007,4 +1023,66 @@ fn a_failing_flush_keeps_the_spool_dirty_and_is_retried() {
     w.clock.advance(200 * MS);
     w.tick();
     assert_eq!(w.flushes, flushes + 1, "clean now");
+}
+
+#[test]
+fn a_silent_link_is_judged_stalled_and_the_waiting_frames_go_to_the_spool() {
+    // Packets dropped without a reset: librdkafka reports nothing until its timeouts.
+    let mut w = World::new(cfg());
+    assert_eq!(w.policy.cfg.stall_timeout_ms, 5000, "the default");
+    for seq in 0..3 {
+        w.send(seq);
+    }
+    w.run_silent(Duration::from_millis(4900));
+    assert_eq!((w.policy.mode(), w.spool.len()), (Mode::Direct, 0), "not before stall_timeout_ms");
+    w.run_silent(Duration::from_millis(150));
+    assert_eq!((w.policy.mode(), w.policy.link_state()), (Mode::Spooling, LinkState::Down));
+    assert!(w.policy.last_failure().unwrap().contains("link stalled: no acknowledgement for 5.0 s while 3 frames wait"), "{:?}", w.policy.last_failure());
+    assert_eq!(w.spooled_live(), [(0, SpoolReason::Unacknowledged), (1, SpoolReason::Unacknowledged), (2, SpoolReason::Unacknowledged)]);
+    assert!(w.flushes > 0, "the copies are flushed at once");
+    assert_eq!(w.policy.stalls(), 1);
+    w.send(3);
+    assert_eq!(w.spool_seqs(), [0, 1, 2, 3], "new frames go to the spool");
+    // Judged once per outage, not on every tick.
+    w.run_silent(Duration::from_secs(6));
+    assert_eq!(w.policy.stalls(), 1);
+    // The packets get through after all: the originals are acknowledged, their copies go,
+    // and the spool drains in order.
+    w.settle(true);
+    assert_eq!(w.spool_seqs(), [3]);
+    w.run_up(Duration::from_secs(1));
+    assert_eq!(w.kafka_seqs(), [0, 1, 2, 3]);
+    assert_eq!((w.policy.mode(), w.policy.link_state()), (Mode::Direct, LinkState::Up));
+    w.assert_all_delivered_once(0..4);
+}
+
+#[test]
+fn a_frame_waiting_while_others_are_acknowledged_is_spooled_without_judging_the_link_down() {
+    // A slow link, or one partition whose leader is unreachable: acks still come.
+    let mut w = World::new(cfg());
+    w.send(0);
+    for seq in 1..6 {
+        w.run_silent(Duration::from_millis(950));
+        w.send(seq);
+        w.ack(&Origin::Live(seq + 1));
+    }
+    assert_eq!(w.policy.mode(), Mode::Direct);
+    w.run_silent(Duration::from_millis(300));
+    assert_eq!((w.policy.mode(), w.policy.link_state()), (Mode::Spooling, LinkState::Draining), "spooling, link not down");
+    assert_eq!(w.policy.stalls(), 0);
+    assert_eq!(w.spooled_live(), [(0, SpoolReason::Unacknowledged)]);
+    w.send(6);
+    assert_eq!(w.spool_seqs(), [0, 6], "new frames wait in the spool behind it");
+    w.ack_next();
+    assert_eq!(w.spool_seqs(), [6], "its late ack deletes the copy");
+    w.run_up(Duration::from_secs(1));
+    w.assert_all_delivered_once(0..7);
+}
+
+#[test]
+fn stall_detection_can_be_turned_off() {
+    let mut w = World::new(ForwarderConfig { stall_timeout_ms: 0, ..cfg() });
+    w.send(0);
+    w.run_silent(Duration::from_secs(20));
+    assert_eq!((w.policy.mode(), w.spool.len()), (Mode::Direct, 0));
 }
