@@ -84,7 +84,8 @@ impl Daemon {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let child = Command::new(&self.binary)
             .args(["run", "--config", self.config.to_str().unwrap()])
-            .env("FRAMELINK_LOG", "info,librdkafka=warn")
+            // FRAMELINK_TEST_DAEMON_LOG: another filter for the daemons' logs when debugging a test.
+            .env("FRAMELINK_LOG", std::env::var("FRAMELINK_TEST_DAEMON_LOG").unwrap_or_else(|_| "info,librdkafka=warn".into()))
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
@@ -120,8 +121,14 @@ impl Daemon {
         child.wait().unwrap();
     }
 
+    /// The log's last 40 lines; the whole log is kept in the system's temp directory (a
+    /// test's own directory goes with it) and its path printed, for failures that need more.
     pub fn tail(&self) -> String {
         let t = self.log_text();
+        let keep = std::env::temp_dir().join(format!("framelink-{}-{}.log", self.log.file_stem().unwrap_or_default().to_string_lossy(), std::process::id()));
+        if std::fs::write(&keep, &t).is_ok() {
+            eprintln!("full log: {}", keep.display());
+        }
         let lines: Vec<&str> = t.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
