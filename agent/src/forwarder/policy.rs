@@ -173,6 +173,10 @@ const RECREATE_BACKOFF_MAX: Duration = Duration::from_secs(30);
 const REFUSED_RETRY: Duration = Duration::from_millis(100);
 /// Failed deletions and a failing spool are retried at most this often.
 const SPOOL_RETRY_EVERY: Duration = Duration::from_secs(1);
+/// With the link judged down and no acknowledgement for this many `message_timeout_ms`, the
+/// producer is replaced; the factor doubles with each replacement up to the maximum.
+const QUIET_REPLACE_FIRST: u32 = 2;
+const QUIET_REPLACE_MAX: u32 = 16;
 /// At shutdown, how long frames taken back from librdkafka may take to come back.
 const PURGE_WAIT: Duration = Duration::from_secs(5);
 
@@ -212,6 +216,12 @@ pub struct LinkPolicy {
     last_backfill: Instant,
     recreate_at: Instant,
     recreate_backoff: Duration,
+    /// When the producer was last replaced (or created).
+    last_replaced: Instant,
+    /// The current multiple of `message_timeout_ms` of silence that replaces the producer.
+    quiet_factor: u32,
+    /// Producers replaced because the link stayed silent (see [`LinkPolicy::on_tick`]).
+    quiet_replacements: u64,
 }
 
 impl LinkPolicy {
@@ -243,6 +253,9 @@ impl LinkPolicy {
             last_backfill: now.instant,
             recreate_at: now.instant,
             recreate_backoff: RECREATE_BACKOFF_MIN,
+            last_replaced: now.instant,
+            quiet_factor: QUIET_REPLACE_FIRST,
+            quiet_replacements: 0,
         }
     }
 
@@ -267,6 +280,11 @@ impl LinkPolicy {
     /// Times the link was judged stalled (for the `link_stalls` counter).
     pub fn stalls(&self) -> u64 {
         self.stalls
+    }
+
+    /// Producers replaced because no acknowledgement came for long (see [`LinkPolicy::on_tick`]).
+    pub fn quiet_replacements(&self) -> u64 {
+        self.quiet_replacements
     }
 
     /// Frames handed to librdkafka and not reported yet (live and spooled).
@@ -351,6 +369,7 @@ impl LinkPolicy {
             Delivery::Acked => {
                 self.last_ok = now.wall;
                 self.last_ack = now.instant;
+                self.quiet_factor = QUIET_REPLACE_FIRST;
                 if self.last_failure.take().is_some() {
                     tracing::info!("Kafka link back: deliveries succeed.");
                 }
@@ -466,6 +485,7 @@ impl LinkPolicy {
     }
 
     pub fn on_producer_replaced(&mut self, now: Now) {
+        self.last_replaced = now.instant;
         self.recreate_backoff = RECREATE_BACKOFF_MIN;
         self.next_attempt = now.instant;
     }
@@ -482,8 +502,16 @@ impl LinkPolicy {
     /// each at the time it is reached).
     ///
     /// [`LinkStatus::outage`]: framelink_common::link::LinkStatus::outage
+    ///
+    /// A link judged down with no acknowledgement for twice `message_timeout_ms` (then 4, 8,
+    /// up to 16 times, until an acknowledgement) gets a new producer: librdkafka can keep a
+    /// partition without a leader for good after a leader briefly went missing
+    /// (confluentinc/librdkafka#5430, seen here when a loaded broker fenced itself), and then
+    /// every frame times out while the broker serves others; a new producer starts from fresh
+    /// metadata. During a plain outage this costs a reconnection now and then.
     pub fn on_tick(&mut self, now: Now, outage: Option<&LinkError>) -> Vec<Action> {
         let mut actions = self.check_stall(now);
+        actions.extend(self.check_quiet(now));
         // librdkafka reports unreachable brokers / TLS failures long before message timeouts.
         if let Some(d) = outage {
             // Not every disconnect: a broker closing an idle connection ("in state UP") is
@@ -496,6 +524,24 @@ impl LinkPolicy {
             }
         }
         actions.push(Action::Continue(Step::Drain));
+        actions
+    }
+
+    fn check_quiet(&mut self, now: Now) -> Vec<Action> {
+        let quiet_for = Duration::from_millis(self.cfg.message_timeout_ms) * self.quiet_factor;
+        let since = self.last_ack.max(self.last_replaced);
+        if self.last_failure.is_none() || now.instant.saturating_duration_since(since) < quiet_for || now.instant < self.recreate_at {
+            return Vec::new();
+        }
+        tracing::warn!(
+            "No acknowledgement for {:.0} s with the link judged down: replacing the Kafka producer (librdkafka can keep a partition without a leader for good, confluentinc/librdkafka#5430).",
+            now.instant.saturating_duration_since(self.last_ack).as_secs_f64()
+        );
+        self.quiet_factor = (self.quiet_factor * 2).min(QUIET_REPLACE_MAX);
+        self.quiet_replacements += 1;
+        // Treated as if it were fatal: the frames it holds are copied to the spool first.
+        let mut actions = self.enter_spooling("producer_quiet");
+        actions.push(Action::ReplaceProducer);
         actions
     }
 

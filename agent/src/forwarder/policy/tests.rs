@@ -1086,3 +1086,43 @@ fn stall_detection_can_be_turned_off() {
     w.run_silent(Duration::from_secs(20));
     assert_eq!((w.policy.mode(), w.spool.len()), (Mode::Direct, 0));
 }
+
+#[test]
+fn a_producer_silent_for_twice_the_message_timeout_is_replaced_with_growing_patience() {
+    // librdkafka#5430: a partition stuck without a leader times out every frame for good.
+    let mut w = World::new(ForwarderConfig { message_timeout_ms: 10_000, stall_timeout_ms: 0, ..cfg() });
+    w.send(0);
+    w.run_silent(Duration::from_secs(10));
+    w.fail_next(); // message timeout: the link is judged down
+    assert_eq!(w.policy.link_state(), LinkState::Down);
+    // The drain probes with spooled frames, which time out too.
+    let mut replaced_at = Vec::new();
+    let start = w.clock.instant;
+    let mut seq = 1;
+    while w.clock.instant - start < Duration::from_secs(400) {
+        w.run_silent(Duration::from_secs(1));
+        if seq < 400 {
+            w.send(seq);
+            seq += 1;
+        }
+        if w.replaced > replaced_at.len() {
+            replaced_at.push((w.clock.instant - start).as_secs());
+        }
+        // Whatever the producer holds (or gave back when replaced) times out after 10 s.
+        w.settle(false);
+    }
+    // 20 s after the last ack (10 s before the start), then 40, 80, 160, 160 s after each.
+    assert_eq!(replaced_at, [10, 50, 130, 290], "{replaced_at:?}");
+    assert_eq!(w.policy.quiet_replacements(), 4);
+    // Frames flow again once acknowledged; nothing was lost.
+    w.broker_up = true;
+    w.run_up(Duration::from_secs(60));
+    assert_eq!(w.policy.link_state(), LinkState::Up);
+    w.assert_all_delivered_once(0..seq);
+    // An acknowledgement resets the patience to twice the message timeout.
+    w.send(seq);
+    w.run_silent(Duration::from_secs(10));
+    w.fail_next();
+    w.run_silent(Duration::from_secs(11));
+    assert_eq!(w.replaced, 5, "20 s after the last ack");
+}
