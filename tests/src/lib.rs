@@ -28,6 +28,7 @@ use rdkafka::ClientConfig;
 use rand::RngExt;
 
 pub mod daemon;
+pub mod netfault;
 
 /// The repository root (where `scripts/kafka` lives).
 pub fn repo_root() -> PathBuf {
