@@ -27,8 +27,11 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use rand::RngExt;
 
+pub mod cluster;
 pub mod daemon;
 pub mod netfault;
+
+pub use cluster::Cluster;
 
 /// The repository root (where `scripts/kafka` lives).
 pub fn repo_root() -> PathBuf {
