@@ -5,15 +5,39 @@
 //!
 //! One test per binary on purpose: a cluster is three JVMs (see `framelink_testkit::cluster`).
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use framelink_testkit::cluster::NODES;
 use framelink_testkit::*;
+use rdkafka::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
+
+/// Keeps librdkafka's log lines (with `debug=msg`: every produce error and retry).
+#[derive(Default, Clone)]
+struct Recorder(Arc<Mutex<Vec<String>>>);
+
+impl ClientContext for Recorder {
+    fn log(&self, _level: RDKafkaLogLevel, fac: &str, line: &str) {
+        self.0.lock().unwrap().push(format!("{fac}: {line}"));
+    }
+}
+
+impl Recorder {
+    fn tail(&self, n: usize) -> Vec<String> {
+        let all = self.0.lock().unwrap();
+        all[all.len().saturating_sub(n)..].to_vec()
+    }
+
+    fn matching(&self, what: &str) -> Vec<String> {
+        self.0.lock().unwrap().iter().filter(|l| l.to_lowercase().contains(&what.to_lowercase())).cloned().collect()
+    }
+}
 
 fn producer(cluster: &Cluster, settings: &[(&str, &str)]) -> FutureProducer {
     let mut c = cluster.plaintext().validate("kafka").unwrap().client_config("cluster-smoke");
@@ -24,7 +48,7 @@ fn producer(cluster: &Cluster, settings: &[(&str, &str)]) -> FutureProducer {
     c.create().unwrap()
 }
 
-fn send(p: &FutureProducer, topic: &str, seq: u64) -> DeliveryFuture {
+fn send<C: ClientContext + 'static>(p: &FutureProducer<C>, topic: &str, seq: u64) -> DeliveryFuture {
     let meta = test_meta("dev", "cam0", seq);
     let (key, payload) = (meta.key(), seq.to_be_bytes());
     let record = FutureRecord::to(topic).key(&key).payload(&payload[..]).headers(meta.to_kafka_headers());
@@ -115,18 +139,30 @@ async fn a_cluster_keeps_every_record_once_through_a_leader_crash_and_refuses_ac
     send(&strict, &auto, 0).await.unwrap().map_err(|(e, _)| e).expect("auto-created");
     cluster.wait_for_isr(&auto, 0, &[1, 2, 3], Duration::from_secs(30)).await.unwrap();
 
+    // An idempotent producer (as the agent's), with its producer id from the healthy cluster:
+    // with the quorum gone later, a new one could not get an id at all.
+    let log = Recorder::default();
+    let idempotent: FutureProducer<Recorder> = {
+        let mut c = cluster.plaintext().validate("kafka").unwrap().client_config("cluster-smoke");
+        c.set("acks", "all").set("enable.idempotence", "true").set("message.timeout.ms", "8000").set("debug", "msg");
+        c.set_log_level(RDKafkaLogLevel::Debug);
+        c.create_with_context(log.clone()).unwrap()
+    };
+    send(&idempotent, &topic, 200).await.unwrap().map_err(|(e, _)| e).expect("idempotent, 3 of 3");
+
     // 2. One node stopped: two replicas in sync, acks=all still succeeds.
     let t_stop = Instant::now();
     let [a, b] = [new_leader, NODES.into_iter().find(|&n| n != new_leader).unwrap()];
     let last = NODES.into_iter().find(|&n| n != a && n != b).unwrap();
     cluster.stop(a).unwrap();
-    send(&strict, &topic, 200).await.unwrap().map_err(|(e, _)| e).expect("acks=all with 2 of 3 in sync");
+    send(&strict, &topic, 201).await.unwrap().map_err(|(e, _)| e).expect("acks=all with 2 of 3 in sync");
+    send(&idempotent, &topic, 202).await.unwrap().map_err(|(e, _)| e).expect("idempotent, 2 of 3 in sync");
 
     // 3. Two nodes stopped: the last one alone must not acknowledge acks=all.
     cluster.stop(b).unwrap();
     eprintln!("nodes {a} and {b} stopped in {:.1?}", t_stop.elapsed());
     assert_eq!(cluster.leader_of(&topic, 0).unwrap(), last, "leadership moved to the last node");
-    let err = send(&strict, &topic, 201).await.unwrap().map_err(|(e, _)| e).expect_err("acks=all with 1 of 3 in sync");
+    let err = send(&strict, &topic, 203).await.unwrap().map_err(|(e, _)| e).expect_err("acks=all with 1 of 3 in sync");
     assert!(
         matches!(
             err,
@@ -134,11 +170,11 @@ async fn a_cluster_keeps_every_record_once_through_a_leader_crash_and_refuses_ac
         ),
         "refused for too few in-sync replicas: {err:?}"
     );
-    // The idempotent producer (what the agent uses) retries that error until its delivery
-    // timeout: it fails too, it never succeeds.
-    let idempotent = producer(&cluster, &[("enable.idempotence", "true"), ("message.timeout.ms", "6000")]);
-    let err = send(&idempotent, &topic, 202).await.unwrap().map_err(|(e, _)| e).expect_err("acks=all, idempotent, 1 of 3 in sync");
-    eprintln!("idempotent producer with 1 of 3 in sync: {err:?}");
+    // The idempotent producer retries that error until its delivery timeout: it fails too,
+    // as a timeout, never succeeds.
+    let err = send(&idempotent, &topic, 204).await.unwrap().map_err(|(e, _)| e).expect_err("acks=all, idempotent, 1 of 3 in sync");
+    let seen = log.matching("Not enough in-sync replicas");
+    eprintln!("idempotent producer with 1 of 3 in sync: {err:?}; librdkafka saw: {:?}", seen.first());
     assert!(
         matches!(
             err,
@@ -148,5 +184,6 @@ async fn a_cluster_keeps_every_record_once_through_a_leader_crash_and_refuses_ac
         ),
         "{err:?}"
     );
+    assert!(!seen.is_empty(), "the broker answered NOT_ENOUGH_REPLICAS to the retries; log tail: {:#?}", log.tail(40));
     eprintln!("whole test {:.1?}", t0.elapsed());
 }

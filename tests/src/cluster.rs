@@ -207,6 +207,10 @@ impl Cluster {
         c.env("FRAMELINK_KAFKA_CLUSTER_DIR", self.dir.path())
             .env("FRAMELINK_KAFKA_CLUSTER_PORT", self.port.to_string())
             .env("FRAMELINK_KAFKA_LIMITS", "frames");
+        // Three JVMs starting beside a loaded test run: allow more than the script's 90 s.
+        if std::env::var_os("FRAMELINK_KAFKA_TIMEOUT").is_none() {
+            c.env("FRAMELINK_KAFKA_TIMEOUT", "180");
+        }
         c
     }
 
