@@ -4,16 +4,21 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::time::Duration;
 
-use framelink_common::KafkaConfig;
 use framelink_testkit::daemon::{Daemon, kafka_toml};
 use framelink_testkit::{Broker, Producer, consume_all, consume_all_uncommitted, frame_meta, init_tracing, rand_topic, test_meta};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 
-const WORKER: &str = env!("CARGO_BIN_EXE_framelink-worker");
-static SERIAL: Mutex<()> = Mutex::new(());
+mod support {
+    pub mod worker;
+}
+use support::worker::{SERIAL, Topics, WORKER, produce_frames, result_ids, worker_body};
+
+fn header<'a>(m: &'a OwnedMessage, name: &str) -> Option<&'a str> {
+    m.headers()?.iter().find(|h| h.key == name).and_then(|h| std::str::from_utf8(h.value?).ok())
+}
+
 
 /// The agent binary, built by `cargo test --workspace` next to this test's own.
 fn agent_binary() -> String {
@@ -23,42 +28,12 @@ fn agent_binary() -> String {
     p.display().to_string()
 }
 
-struct Topics {
-    frames: String,
-    results: String,
-    events: String,
-    dlq: String,
-}
-
 async fn topics(b: &Broker, what: &str, partitions: i32) -> Topics {
     let t = Topics { frames: rand_topic(&format!("{what}-in")), results: rand_topic(&format!("{what}-out")), events: rand_topic(&format!("{what}-ev")), dlq: rand_topic(&format!("{what}-dlq")) };
     for (name, p) in [(&t.frames, partitions), (&t.results, partitions), (&t.events, 1), (&t.dlq, 1)] {
         b.create_topic(name, p).await.unwrap();
     }
     t
-}
-
-fn worker_body(kafka: &KafkaConfig, t: &Topics, group: &str, pipeline: &str, extra: &str) -> String {
-    format!(
-        "{}\n[consumer]\ngroup_id = {group:?}\ntopics = [{:?}]\n# A dead member's partitions move within 6 s (the broker's minimum session timeout).\nsession_timeout_ms = 6000\n[output]\nresults_topic = {:?}\nevents_topic = {:?}\ndlq_topic = {:?}\n[worker]\npipeline = {pipeline:?}\nthreads = 2\n{extra}",
-        kafka_toml(kafka),
-        t.frames,
-        t.results,
-        t.events,
-        t.dlq
-    )
-}
-
-fn header<'a>(m: &'a OwnedMessage, name: &str) -> Option<&'a str> {
-    m.headers()?.iter().find(|h| h.key == name).and_then(|h| std::str::from_utf8(h.value?).ok())
-}
-
-/// (camera, seq) of every result.
-fn result_ids(msgs: &[OwnedMessage]) -> Vec<(String, u64)> {
-    msgs.iter().map(|m| {
-        let meta = frame_meta(m).unwrap();
-        (meta.camera_id, meta.seq)
-    }).collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -108,19 +83,6 @@ async fn w1_agent_to_worker_every_frame_processed_once_with_headers() {
     assert!(!events.is_empty(), "motion events");
     let ev: serde_json::Value = serde_json::from_slice(events[0].payload().unwrap()).unwrap();
     assert!(ev["changed_fraction"].as_f64().unwrap() > 0.0 && ev["bbox"]["width"].as_u64().unwrap() > 0, "{ev}");
-}
-
-/// Produces `n` real JPEG frames for cameras c0..c3 with contract headers.
-async fn produce_frames(cfg: &KafkaConfig, topic: &str, n: u64, first: u64) {
-    let jpeg = std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/images/rocket.jpg")).unwrap();
-    let h = turbojpeg::read_header(&jpeg).unwrap();
-    let p = Producer::new(cfg).unwrap();
-    for i in first..first + n {
-        let mut meta = test_meta("dev", &format!("c{}", i % 4), i / 4);
-        meta.width = h.width as u32;
-        meta.height = h.height as u32;
-        p.send_frame(topic, &meta, &jpeg).await.unwrap();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

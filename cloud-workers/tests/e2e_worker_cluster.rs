@@ -1,0 +1,105 @@
+//! The worker in exactly-once mode against a replicated three-broker cluster (RF 3,
+//! `min.insync.replicas=2`, the transaction log replicated): the leader of a results partition
+//! is SIGKILLed, then the broker coordinating the worker's transactions, while frames keep
+//! coming. A `read_committed` reader must see exactly one result per frame: none lost, none
+//! twice.
+
+mod support {
+    pub mod worker;
+}
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use framelink_testkit::cluster::{Cluster, NODES};
+use framelink_testkit::daemon::Daemon;
+use framelink_testkit::{consume_all, init_tracing, rand_topic};
+use rdkafka::message::Message;
+use support::worker::{SERIAL, Topics, WORKER, produce_frames, result_ids, worker_body};
+
+/// The partition of `__transaction_state` (50 partitions, Kafka's default) that holds a
+/// transactional id, as the broker computes it: `abs(javaHashCode(id)) % 50`. Its leader is
+/// the transaction coordinator.
+fn transaction_log_partition(transactional_id: &str) -> i32 {
+    let hash = transactional_id.encode_utf16().fold(0i32, |h, c| h.wrapping_mul(31).wrapping_add(c as i32));
+    // Kafka's Utils.abs: Integer.MIN_VALUE maps to 0.
+    let abs = if hash == i32::MIN { 0 } else { hash.abs() };
+    abs % 50
+}
+
+#[test]
+fn the_transaction_log_partition_matches_javas_string_hash() {
+    // Java 17: "framelink".hashCode() == 545839847, % 50 == 47;
+    // "framelink-worker-g-wc-eos-c".hashCode() == 513686861, % 50 == 11.
+    assert_eq!(transaction_log_partition("framelink"), 47);
+    assert_eq!(transaction_log_partition("framelink-worker-g-wc-eos-c"), 11);
+    assert_eq!(transaction_log_partition(""), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exactly_once_through_a_leader_kill_and_a_coordinator_move() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    init_tracing();
+    let cluster = Cluster::private().unwrap();
+    let t = Topics { frames: rand_topic("wc-in"), results: rand_topic("wc-out"), events: rand_topic("wc-ev"), dlq: rand_topic("wc-dlq") };
+    for (name, p) in [(&t.frames, 2), (&t.results, 2), (&t.events, 1), (&t.dlq, 1)] {
+        cluster.create_topic(name, p).await.unwrap();
+    }
+    let kafka = cluster.plaintext();
+    produce_frames(&kafka, &t.frames, 300, 0).await;
+    let group = "g-wc";
+    let extra = "delivery = \"exactly-once\"\ntransaction_ms = 200\n";
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = Daemon::worker(WORKER, dir.path(), &worker_body(&kafka, &t, group, "resize:320x240", extra)).env("FRAMELINK__WORKER__ID", "eos-c");
+    w.start();
+    w.wait_for("some transactions committed", Duration::from_secs(90), |w| w.metric("transactions_committed_total", &[]) >= 2.0 && w.metric("frames_out_total", &[]) >= 40.0);
+    let t0 = Instant::now();
+
+    // The leader of a results partition dies mid-stream (its transactions' writes move).
+    let leader = cluster.leader_of(&t.results, 0).unwrap();
+    assert!(NODES.contains(&leader));
+    cluster.kill(leader).unwrap();
+    eprintln!("results leader {leader} SIGKILLed; out {}", w.metric("frames_out_total", &[]));
+    produce_frames(&kafka, &t.frames, 150, 300).await;
+    std::thread::sleep(Duration::from_secs(8));
+    cluster.start(leader).unwrap();
+    eprintln!("node {leader} back at {:.0} s; out {}", t0.elapsed().as_secs_f64(), w.metric("frames_out_total", &[]));
+
+    // Then the broker coordinating the worker's transactions.
+    let tid = format!("framelink-worker-{group}-eos-c");
+    let coordinator = cluster.leader_of("__transaction_state", transaction_log_partition(&tid)).unwrap();
+    assert!(NODES.contains(&coordinator), "{tid} has a coordinator: {coordinator}");
+    cluster.kill(coordinator).unwrap();
+    eprintln!("transaction coordinator {coordinator} SIGKILLed at {:.0} s; out {}", t0.elapsed().as_secs_f64(), w.metric("frames_out_total", &[]));
+    produce_frames(&kafka, &t.frames, 150, 450).await;
+    std::thread::sleep(Duration::from_secs(8));
+    cluster.start(coordinator).unwrap();
+    eprintln!("node {coordinator} back at {:.0} s; out {}", t0.elapsed().as_secs_f64(), w.metric("frames_out_total", &[]));
+
+    let expected: BTreeSet<(String, u64)> = (0..600u64).map(|i| (format!("c{}", i % 4), i / 4)).collect();
+    let mut results = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while Instant::now() < deadline {
+        results = consume_all(&kafka, &t.results, Duration::from_secs(3)).await.unwrap();
+        if result_ids(&results).into_iter().collect::<BTreeSet<_>>() == expected {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let aborted = w.metric("transactions_aborted_total", &[]);
+    let committed = w.metric("transactions_committed_total", &[]);
+    w.stop();
+    let ids = result_ids(&results);
+    let unique: BTreeSet<_> = ids.iter().cloned().collect();
+    eprintln!("{} committed results for 600 frames; transactions: {committed} committed, {aborted} aborted", ids.len());
+    assert_eq!(unique.len(), expected.len(), "every frame has a result (missing {:?})", expected.difference(&unique).take(10).collect::<Vec<_>>());
+    if ids.len() != unique.len() {
+        let mut seen: BTreeMap<_, Vec<_>> = BTreeMap::new();
+        for (m, id) in results.iter().zip(&ids) {
+            seen.entry(id.clone()).or_default().push((m.partition(), m.offset()));
+        }
+        let dups: Vec<_> = seen.iter().filter(|(_, v)| v.len() > 1).take(10).collect();
+        panic!("read_committed shows duplicates: {dups:?}");
+    }
+    assert_eq!(ids.len(), 600, "read_committed: exactly one result per frame");
+}
