@@ -39,6 +39,13 @@ async fn the_agent_through_leader_kills_rolling_restarts_and_lost_brokers_of_a_c
         let topic = rand_topic("cluster-one-down");
         cluster.create_topic(&topic, 2).await.unwrap();
         cluster.kill(3).unwrap();
+        // The run starts once the cluster has moved node 3's leaderships (the controller fences
+        // a dead node after ≈ 9 s): from then on the cluster serves everything without it.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while (0..2).any(|p| cluster.leader_of(&topic, p).unwrap() == 3) {
+            assert!(Instant::now() < deadline, "node 3's partitions got new leaders");
+            std::thread::sleep(Duration::from_millis(500));
+        }
         let dir = tempfile::tempdir().unwrap();
         let frames = 300;
         let mut agent = start_agent(&cluster, &topic, dir.path(), 15, frames);
