@@ -13,7 +13,7 @@ use framelink_testkit::{Broker, init_tracing, rand_topic, rogue_identity};
 mod support {
     pub mod frames;
 }
-use support::frames::{AGENT, arrived, assert_contiguous, body, serial, synthetic};
+use support::frames::{AGENT, arrived, assert_contiguous, body, serial, synthetic, wait_and_check_delivery};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn t1_full_hd_at_30_fps_over_mtls_arrives_complete() {
@@ -51,37 +51,10 @@ async fn t2_broker_down_for_20s_loses_nothing_and_keeps_order() {
     agent.wait_for("frames spooled", Duration::from_secs(30), |a| a.metric("spool_records", &[]) >= 100.0);
     std::thread::sleep(Duration::from_secs(12));
     broker.start().unwrap();
-    // 240 s: one loaded full run saw no delivery within 120 s of the broker's return; if it
-    // happens again, say which frames are missing and what the agent counted.
-    let deadline = std::time::Instant::now() + Duration::from_secs(240);
-    while agent.metric("frames_sent_total", &[]) < 1500.0 {
-        if std::time::Instant::now() > deadline {
-            let got = arrived(&broker.mtls(), &topic).await;
-            let missing = |cam: &str| (0..750u64).filter(|s| !got.seqs(cam).contains(s)).collect::<Vec<_>>();
-            let names = ["frames_captured_total", "frames_sent_total", "frames_spooled_total", "frames_dropped_total", "spool_records", "link_stalls_total"];
-            let counts: Vec<String> = names.iter().map(|n| format!("{n} {}", agent.metric(n, &[]))).collect();
-            panic!(
-                "not all 1500 frames delivered in 240 s: in Kafka {} (missing a {:?}, b {:?}); agent: {}; healthz {}; log:\n{}",
-                got.total,
-                missing("a"),
-                missing("b"),
-                counts.join(", "),
-                agent.healthz(),
-                agent.tail()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    agent.wait_for("spool empty, link up", Duration::from_secs(30), |a| {
-        a.metric("spool_records", &[]) == 0.0 && a.healthz()["link"] == "up"
-    });
     assert!(agent.metric("frames_spooled_total", &[]) >= 100.0);
-    assert_eq!(agent.metric("frames_dropped_total", &[]), 0.0);
-    agent.stop();
-    let got = arrived(&broker.mtls(), &topic).await;
-    assert_contiguous(got.seqs("a"), 0, "camera a");
-    assert_contiguous(got.seqs("b"), 0, "camera b");
-    assert_eq!(got.total, 1500, "exactly once");
+    // A loaded run once saw no delivery for good after the broker's return: librdkafka#5430
+    // (a partition left without a leader), now worked around by replacing the producer.
+    wait_and_check_delivery("t2", &mut agent, &broker.mtls(), &topic, 750).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
