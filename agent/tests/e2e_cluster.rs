@@ -54,7 +54,7 @@ async fn the_agent_through_leader_kills_rolling_restarts_and_lost_brokers_of_a_c
             states.insert(agent.healthz()["link"].as_str().unwrap_or_default().to_owned());
             std::thread::sleep(Duration::from_millis(200));
         }
-        assert_eq!(states.into_iter().collect::<Vec<_>>(), ["up"], "the link stayed up with one broker of three down");
+        assert_eq!(states.into_iter().collect::<Vec<_>>(), ["up"], "the link stayed up with one broker of three down; log:\n{}", agent.tail());
         assert_eq!(agent.metric("spool_written_bytes_total", &[]), 0.0, "no frame touched the disk");
         assert_eq!(agent.metric("link_stalls_total", &[]), 0.0);
         wait_and_check_delivery("one broker down", &mut agent, &cluster.mtls(), &topic, frames).await;

@@ -17,23 +17,28 @@ use framelink_testkit::{consume_all, init_tracing, rand_topic};
 use rdkafka::message::Message;
 use support::worker::{SERIAL, Topics, WORKER, produce_frames, result_ids, worker_body};
 
-/// The partition of `__transaction_state` (50 partitions, Kafka's default) that holds a
-/// transactional id, as the broker computes it: `abs(javaHashCode(id)) % 50`. Its leader is
-/// the transaction coordinator.
-fn transaction_log_partition(transactional_id: &str) -> i32 {
+/// `transaction.state.log.num.partitions` of the test brokers (`scripts/kafka`; Kafka's
+/// default is 50).
+const TXN_LOG_PARTITIONS: i32 = 4;
+
+/// The partition of `__transaction_state` that holds a transactional id, as the broker
+/// computes it: `abs(javaHashCode(id)) % partitions`. Its leader is the transaction
+/// coordinator.
+fn transaction_log_partition(transactional_id: &str, partitions: i32) -> i32 {
     let hash = transactional_id.encode_utf16().fold(0i32, |h, c| h.wrapping_mul(31).wrapping_add(c as i32));
     // Kafka's Utils.abs: Integer.MIN_VALUE maps to 0.
     let abs = if hash == i32::MIN { 0 } else { hash.abs() };
-    abs % 50
+    abs % partitions
 }
 
 #[test]
 fn the_transaction_log_partition_matches_javas_string_hash() {
     // Java 17: "framelink".hashCode() == 545839847, % 50 == 47;
     // "framelink-worker-g-wc-eos-c".hashCode() == 513686861, % 50 == 11.
-    assert_eq!(transaction_log_partition("framelink"), 47);
-    assert_eq!(transaction_log_partition("framelink-worker-g-wc-eos-c"), 11);
-    assert_eq!(transaction_log_partition(""), 0);
+    assert_eq!(transaction_log_partition("framelink", 50), 47);
+    assert_eq!(transaction_log_partition("framelink-worker-g-wc-eos-c", 50), 11);
+    assert_eq!(transaction_log_partition("framelink-worker-g-wc-eos-c", 4), 1);
+    assert_eq!(transaction_log_partition("", 50), 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -67,7 +72,7 @@ async fn exactly_once_through_a_leader_kill_and_a_coordinator_move() {
 
     // Then the broker coordinating the worker's transactions.
     let tid = format!("framelink-worker-{group}-eos-c");
-    let coordinator = cluster.leader_of("__transaction_state", transaction_log_partition(&tid)).unwrap();
+    let coordinator = cluster.leader_of("__transaction_state", transaction_log_partition(&tid, TXN_LOG_PARTITIONS)).unwrap();
     assert!(NODES.contains(&coordinator), "{tid} has a coordinator: {coordinator}");
     cluster.kill(coordinator).unwrap();
     eprintln!("transaction coordinator {coordinator} SIGKILLed at {:.0} s; out {}", t0.elapsed().as_secs_f64(), w.metric("frames_out_total", &[]));
