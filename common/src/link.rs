@@ -115,6 +115,14 @@ pub fn classify_text(reason: &str) -> LinkErrorKind {
     }
 }
 
+/// A connection that ended (reset, closed, refused) rather than a certificate refused: what a
+/// broker dying mid-handshake looks like.
+fn is_disconnect(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    ["disconnected", "reset by peer", "connection refused", "closed by peer"].iter().any(|w| m.contains(w))
+        && !["certificate", "alert", "verify", "unknown ca"].iter().any(|w| m.contains(w))
+}
+
 /// The most recent link errors, shared between the client context and whoever reports health.
 #[derive(Debug, Default)]
 pub struct LinkStatus {
@@ -155,17 +163,27 @@ impl LinkStatus {
     }
 
     /// The most specific recent error that concerns the whole link rather than one broker:
-    /// TLS, authentication and protocol errors, and librdkafka's "all brokers are down". A
-    /// single broker's refused connection is not one: a replicated cluster serves on without
-    /// it (its partitions get new leaders), and frames that really wait are caught by their
-    /// missing acknowledgements instead.
+    /// a certificate or authentication failure, or librdkafka's "all brokers are down"
+    /// (reported with the most specific recent error as its message, so a protocol mismatch
+    /// still reads as one). A single broker's refused connection, or one that dies during the
+    /// TLS handshake or the first request (which reads like a TLS or protocol error), is not
+    /// one: a replicated cluster serves on without that broker, and frames that really wait
+    /// are caught by their missing acknowledgements instead.
     pub fn outage(&self) -> Option<LinkError> {
         let now = SystemTime::now();
         let fresh = |e: &LinkError| now.duration_since(e.at).map(|d| d < Self::RECENT).unwrap_or(true);
         let recent = self.recent.lock().expect("link status lock");
-        let wide = recent.iter().filter(|e| matches!(e.kind, LinkErrorKind::Tls | LinkErrorKind::Authentication | LinkErrorKind::Protocol));
-        let all_down = self.all_down.lock().expect("link status lock").clone();
-        wide.cloned().chain(all_down).filter(fresh).min_by_key(|e| e.kind)
+        let wide = recent.iter().filter(|e| fresh(e)).filter(|e| match e.kind {
+            LinkErrorKind::Authentication => true,
+            LinkErrorKind::Tls => !is_disconnect(&e.message),
+            _ => false,
+        });
+        if let Some(e) = wide.min_by_key(|e| e.kind) {
+            return Some(e.clone());
+        }
+        let all_down = self.all_down.lock().expect("link status lock").clone().filter(fresh)?;
+        let specific = recent.iter().filter(|e| fresh(e)).min_by_key(|e| e.kind).cloned().unwrap_or_else(|| all_down.clone());
+        Some(LinkError { at: all_down.at, ..specific })
     }
 
     /// The most specific recent error: a TLS error explains an "all brokers down" that follows it.
@@ -381,11 +399,22 @@ mod tests {
         assert_eq!(ctx.status.diagnosis().map(|d| d.kind), Some(LinkErrorKind::Unreachable), "still the diagnosis users see");
         assert!(ctx.status.outage().is_none(), "one broker of several");
         ctx.error(KafkaError::Global(RDKafkaErrorCode::AllBrokersDown), "3/3 brokers are down");
-        // A later refused connection replaces it in the diagnosis, not in the outage.
+        let all_down = ctx.status.outage().expect("all brokers down is an outage");
+        assert_eq!(all_down.message, "3/3 brokers are down");
+        // A later refused connection tells it (the most specific recent error), dated by the
+        // all-down report.
         ctx.log(RDKafkaLogLevel::Error, "FAIL", "127.0.0.1:19192/1: Connect to ipv4#127.0.0.1:19192 failed: Connection refused");
-        assert_eq!(ctx.status.outage().map(|d| d.message), Some("3/3 brokers are down".to_owned()));
-        ctx.error(KafkaError::Global(RDKafkaErrorCode::SSL), "SSL handshake failed");
-        assert_eq!(ctx.status.outage().map(|d| d.kind), Some(LinkErrorKind::Tls), "the specific cause first");
+        let o = ctx.status.outage().unwrap();
+        assert_eq!((o.kind, o.at), (LinkErrorKind::Unreachable, all_down.at));
+        assert!(o.message.contains("Connection refused"), "{o:?}");
+        ctx.error(KafkaError::Global(RDKafkaErrorCode::SSL), "ssl://h:9093/2: SSL handshake failed: Disconnected: connection reset by peer: connecting to a PLAINTEXT broker listener? (after 2ms in state SSL_HANDSHAKE)");
+        let o = ctx.status.outage().unwrap();
+        assert_eq!((o.kind, o.message.contains("PLAINTEXT broker listener")), (LinkErrorKind::Tls, true), "all down, told by the specific cause");
+        ctx.status.clear();
+        ctx.error(KafkaError::Global(RDKafkaErrorCode::SSL), "ssl://h:9093/2: SSL handshake failed: Disconnected: connection reset by peer (after 2ms in state SSL_HANDSHAKE)");
+        assert!(ctx.status.outage().is_none(), "one broker dying mid-handshake is not an outage");
+        ctx.error(KafkaError::Global(RDKafkaErrorCode::SSL), "ssl://h:9093/bootstrap: SSL handshake failed: error:0A000086:SSL routines::certificate verify failed");
+        assert_eq!(ctx.status.outage().map(|d| d.kind), Some(LinkErrorKind::Tls), "a refused certificate is");
         ctx.status.clear();
         assert!(ctx.status.outage().is_none());
     }
