@@ -3,6 +3,11 @@
 //! is SIGKILLed, then the broker coordinating the worker's transactions, while frames keep
 //! coming. A `read_committed` reader must see exactly one result per frame: none lost, none
 //! twice.
+//!
+//! A worker whose group coordinator dies may exit with `FencedInstanceId` (librdkafka's own
+//! session timeout rejoins under the same static `group.instance.id`, and the transaction's
+//! offsets, sent for the old generation, are refused as fenced): the test restarts it the way
+//! systemd's `Restart=always` does, counts the restarts, and still demands exactly-once.
 
 mod support {
     pub mod worker;
@@ -59,44 +64,55 @@ async fn exactly_once_through_a_leader_kill_and_a_coordinator_move() {
     w.start();
     w.wait_for("some transactions committed", Duration::from_secs(90), |w| w.metric("transactions_committed_total", &[]) >= 2.0 && w.metric("frames_out_total", &[]) >= 40.0);
     let t0 = Instant::now();
+    let mut restarts = 0;
+    // The worker's outputs so far (0 while it restarts), restarting it if it exited.
+    let mut out = |w: &mut Daemon| {
+        if w.restart_if_exited() {
+            restarts += 1;
+            eprintln!("the worker exited at {:.0} s and was restarted (restart {restarts})", t0.elapsed().as_secs_f64());
+        }
+        w.metric("frames_out_total", &[])
+    };
 
     // The leader of a results partition dies mid-stream (its transactions' writes move).
     let leader = cluster.leader_of(&t.results, 0).unwrap();
     assert!(NODES.contains(&leader));
     cluster.kill(leader).unwrap();
-    eprintln!("results leader {leader} SIGKILLed; out {}", w.metric("frames_out_total", &[]));
+    eprintln!("results leader {leader} SIGKILLed; out {}", out(&mut w));
     produce_frames(&kafka, &t.frames, 150, 300).await;
     std::thread::sleep(Duration::from_secs(8));
     cluster.start(leader).unwrap();
-    eprintln!("node {leader} back at {:.0} s; out {}", t0.elapsed().as_secs_f64(), w.metric("frames_out_total", &[]));
+    eprintln!("node {leader} back at {:.0} s; out {}", t0.elapsed().as_secs_f64(), out(&mut w));
 
     // Then the broker coordinating the worker's transactions.
     let tid = format!("framelink-worker-{group}-eos-c");
     let coordinator = cluster.leader_of("__transaction_state", transaction_log_partition(&tid, TXN_LOG_PARTITIONS)).unwrap();
     assert!(NODES.contains(&coordinator), "{tid} has a coordinator: {coordinator}");
     cluster.kill(coordinator).unwrap();
-    eprintln!("transaction coordinator {coordinator} SIGKILLed at {:.0} s; out {}", t0.elapsed().as_secs_f64(), w.metric("frames_out_total", &[]));
+    eprintln!("transaction coordinator {coordinator} SIGKILLed at {:.0} s; out {}", t0.elapsed().as_secs_f64(), out(&mut w));
     produce_frames(&kafka, &t.frames, 150, 450).await;
     std::thread::sleep(Duration::from_secs(8));
     cluster.start(coordinator).unwrap();
-    eprintln!("node {coordinator} back at {:.0} s; out {}", t0.elapsed().as_secs_f64(), w.metric("frames_out_total", &[]));
+    eprintln!("node {coordinator} back at {:.0} s; out {}", t0.elapsed().as_secs_f64(), out(&mut w));
 
     let expected: BTreeSet<(String, u64)> = (0..600u64).map(|i| (format!("c{}", i % 4), i / 4)).collect();
     let mut results = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(240);
     while Instant::now() < deadline {
+        out(&mut w);
         results = consume_all(&kafka, &t.results, Duration::from_secs(3)).await.unwrap();
         if result_ids(&results).into_iter().collect::<BTreeSet<_>>() == expected {
             break;
         }
         std::thread::sleep(Duration::from_secs(2));
     }
+    out(&mut w);
     let aborted = w.metric("transactions_aborted_total", &[]);
     let committed = w.metric("transactions_committed_total", &[]);
     w.stop();
     let ids = result_ids(&results);
     let unique: BTreeSet<_> = ids.iter().cloned().collect();
-    eprintln!("{} committed results for 600 frames; transactions: {committed} committed, {aborted} aborted", ids.len());
+    eprintln!("{} committed results for 600 frames; transactions (last run): {committed} committed, {aborted} aborted; worker restarts {restarts}", ids.len());
     assert_eq!(unique.len(), expected.len(), "every frame has a result (missing {:?})", expected.difference(&unique).take(10).collect::<Vec<_>>());
     if ids.len() != unique.len() {
         let mut seen: BTreeMap<_, Vec<_>> = BTreeMap::new();

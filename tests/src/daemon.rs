@@ -114,6 +114,17 @@ impl Daemon {
         }
     }
 
+    /// What systemd's `Restart=always` does: if the process exited (a fatal error), start it
+    /// again (its log keeps growing in the same file); true if it had exited.
+    pub fn restart_if_exited(&mut self) -> bool {
+        let exited = self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_some());
+        if exited {
+            self.child = None;
+            self.start();
+        }
+        exited
+    }
+
     /// SIGKILL (a crash or power cut).
     pub fn kill(&mut self) {
         let mut child = self.child.take().expect("running");
