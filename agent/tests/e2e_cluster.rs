@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use framelink_testkit::cluster::{Cluster, NODES};
 use framelink_testkit::daemon::Agent;
-use framelink_testkit::{init_tracing, rand_topic};
+use framelink_testkit::{Producer, init_tracing, rand_topic, test_meta};
 use support::frames::{AGENT, body, serial, synthetic, wait_and_check_delivery};
 
 /// An agent on two cameras at `fps` sending to the cluster's three brokers (mTLS).
@@ -45,6 +45,16 @@ async fn the_agent_through_leader_kills_rolling_restarts_and_lost_brokers_of_a_c
         while (0..2).any(|p| cluster.leader_of(&topic, p).unwrap() == 3) {
             assert!(Instant::now() < deadline, "node 3's partitions got new leaders");
             std::thread::sleep(Duration::from_millis(500));
+        }
+        // … and the transaction-state partitions it led are loaded elsewhere: until then no
+        // idempotent producer gets a producer id ("Coordinator load in progress"), and frames
+        // would rightly wait. An idempotent probe on a topic of its own tells.
+        let probe_topic = rand_topic("cluster-probe");
+        cluster.create_topic(&probe_topic, 1).await.unwrap();
+        let probe = Producer::new(&cluster.mtls()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while probe.send_frame(&probe_topic, &test_meta("probe", "p", 0), b"probe").await.is_err() {
+            assert!(Instant::now() < deadline, "an idempotent producer gets through with node 3 down");
         }
         let dir = tempfile::tempdir().unwrap();
         let frames = 300;
