@@ -38,6 +38,8 @@ async fn the_agent_through_leader_kills_rolling_restarts_and_lost_brokers_of_a_c
     {
         let topic = rand_topic("cluster-one-down");
         cluster.create_topic(&topic, 2).await.unwrap();
+        let probe_topic = rand_topic("cluster-probe");
+        cluster.create_topic(&probe_topic, 1).await.unwrap();
         cluster.kill(3).unwrap();
         // The run starts once the cluster has moved node 3's leaderships (the controller fences
         // a dead node after ≈ 9 s): from then on the cluster serves everything without it.
@@ -49,8 +51,6 @@ async fn the_agent_through_leader_kills_rolling_restarts_and_lost_brokers_of_a_c
         // … and the transaction-state partitions it led are loaded elsewhere: until then no
         // idempotent producer gets a producer id ("Coordinator load in progress"), and frames
         // would rightly wait. An idempotent probe on a topic of its own tells.
-        let probe_topic = rand_topic("cluster-probe");
-        cluster.create_topic(&probe_topic, 1).await.unwrap();
         let probe = Producer::new(&cluster.mtls()).unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
         while probe.send_frame(&probe_topic, &test_meta("probe", "p", 0), b"probe").await.is_err() {
