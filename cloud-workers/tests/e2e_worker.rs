@@ -3,7 +3,6 @@
 //! exactly-once through a SIGKILL, and partitions moving between workers under load.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::time::Duration;
 
 use framelink_testkit::daemon::{Daemon, kafka_toml};
@@ -13,20 +12,12 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 mod support {
     pub mod worker;
 }
-use support::worker::{SERIAL, Topics, WORKER, produce_frames, result_ids, worker_body};
+use support::worker::{SERIAL, Topics, WORKER, agent_binary, produce_frames, result_ids, worker_body};
 
 fn header<'a>(m: &'a OwnedMessage, name: &str) -> Option<&'a str> {
     m.headers()?.iter().find(|h| h.key == name).and_then(|h| std::str::from_utf8(h.value?).ok())
 }
 
-
-/// The agent binary, built by `cargo test --workspace` next to this test's own.
-fn agent_binary() -> String {
-    let exe = std::env::current_exe().unwrap();
-    let p: PathBuf = exe.parent().unwrap().parent().unwrap().join("framelink-agent");
-    assert!(p.exists(), "{} is missing: run the workspace's tests (`cargo test --workspace`)", p.display());
-    p.display().to_string()
-}
 
 async fn topics(b: &Broker, what: &str, partitions: i32) -> Topics {
     let t = Topics { frames: rand_topic(&format!("{what}-in")), results: rand_topic(&format!("{what}-out")), events: rand_topic(&format!("{what}-ev")), dlq: rand_topic(&format!("{what}-dlq")) };

@@ -1,5 +1,7 @@
 //! What the worker's end-to-end tests share: the binary, one test at a time, the topics of a
 //! run, a config body, real JPEG frames produced with contract headers, and reading results.
+//! Each test binary uses a part of it.
+#![allow(dead_code)]
 
 use std::sync::Mutex;
 
@@ -9,6 +11,14 @@ use framelink_testkit::{Producer, frame_meta, test_meta};
 use rdkafka::message::OwnedMessage;
 
 pub const WORKER: &str = env!("CARGO_BIN_EXE_framelink-worker");
+
+/// The agent binary, built by `cargo test --workspace` next to this test's own.
+pub fn agent_binary() -> String {
+    let exe = std::env::current_exe().unwrap();
+    let p: std::path::PathBuf = exe.parent().unwrap().parent().unwrap().join("framelink-agent");
+    assert!(p.exists(), "{} is missing: build the workspace's tests (`cargo test --workspace --no-run`)", p.display());
+    p.display().to_string()
+}
 pub static SERIAL: Mutex<()> = Mutex::new(());
 
 pub struct Topics {
