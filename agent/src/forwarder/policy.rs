@@ -442,6 +442,8 @@ impl LinkPolicy {
     /// sent again, and its deletion is retried.
     pub fn on_spool_removed(&mut self, key: &SpoolKey, ok: bool) {
         if ok {
+            // Flushed like a write: a deletion lost to a power cut would send the frame again.
+            self.spool_dirty = true;
             self.undeleted.remove(key);
         } else {
             self.undeleted.insert(key.clone());

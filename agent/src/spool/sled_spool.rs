@@ -42,9 +42,11 @@
 //! the new files and their directory, then flushes sled (sled's own timer is off), and logs at
 //! debug level which frames it made durable ("Spool flushed: these frames are on disk.", one
 //! line per flush that had new frames). sled 0.34's flush writes its log with
-//! `sync_file_range`, which does not flush the disk's write cache: after a power cut the index
-//! can lack the entries of the last flush (tests/vm/powercut: every time), which `open` restores
-//! from the files. A crash (SIGKILL, power cut) loses at most the frames
+//! `sync_file_range`, which does not flush the disk's write cache: tests/vm/powercut found the
+//! index lacking the entries of the last flush after every cut (`open` restored them from the
+//! files; a lost *deletion* would have sent a delivered frame again), so `flush()` fsyncs the
+//! index's files and directory after sled's flush. Deletions of delivered frames make the next
+//! flush due like writes do. A crash (SIGKILL, power cut) loses at most the frames
 //! pushed since the last flush whose files had not reached the disk; every frame file that did
 //! comes back at the next open. A left-over `f<id>.tmp` is the write of a frame whose `push`
 //! never returned: if it holds a valid record it is renamed to `f<id>` and indexed like any
@@ -581,6 +583,17 @@ impl SledSpool {
     }
 }
 
+/// fsyncs every regular file directly in `dir`, then `dir` itself.
+fn sync_files_in(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            File::open(entry.path())?.sync_all()?;
+        }
+    }
+    File::open(dir)?.sync_all()
+}
+
 impl Spool for SledSpool {
     fn push(&self, frame: &Frame) -> Result<PushOutcome> {
         let value = record::encode(frame);
@@ -710,11 +723,16 @@ impl Spool for SledSpool {
             File::open(&self.frames_dir).and_then(|d| d.sync_all()).context("syncing the spool directory")?;
         }
         inner.index.db.flush().context("flushing the spool index")?;
+        // sled 0.34 writes its log with sync_file_range, which flushes neither the disk's write
+        // cache nor the file's metadata: its files are fsynced too, so that the index
+        // (insertions and deletions) survives a power cut, not only a crash (tests/vm/powercut
+        // found the last flush's entries missing after every cut).
+        let index_dir = self.index_dir(inner.index_gen);
+        sync_files_in(&index_dir).with_context(|| format!("syncing the spool index {}", index_dir.display()))?;
         if !synced.is_empty() {
             // What a crash can no longer take (tests/vm/powercut checks it after power cuts).
             tracing::debug!(frames = synced.len(), seqs = %seq_ranges(&synced), "Spool flushed: these frames are on disk.");
         }
-        let index_dir = self.index_dir(inner.index_gen);
         inner.index_bytes = disk_usage(&index_dir);
         inner.other_bytes = usage_except(&self.cfg.dir, &[&self.frames_dir, &index_dir]);
         Ok(())
