@@ -56,6 +56,17 @@ impl Decoder {
     /// Decodes to RGB. With `at_least = Some((w, h))` the smallest DCT scale whose result is
     /// still ≥ w×h is used.
     pub fn decode(&mut self, jpeg: &[u8], max_pixels: u64, at_least: Option<(u32, u32)>) -> Result<Img, DecodeError> {
+        let result = self.decode_once(jpeg, max_pixels, at_least);
+        if matches!(result, Err(DecodeError::Corrupt(_))) {
+            // libjpeg-turbo stopped by an error may leave the handle part-way through a header
+            // (tj3DecompressHeader does not abort it) and would read the next frame's header on
+            // from there, refusing a good frame (found by fuzzing): the next frame gets a fresh one.
+            *self = Self::new();
+        }
+        result
+    }
+
+    fn decode_once(&mut self, jpeg: &[u8], max_pixels: u64, at_least: Option<(u32, u32)>) -> Result<Img, DecodeError> {
         if jpeg.is_empty() {
             return Err(DecodeError::Empty);
         }
@@ -167,6 +178,22 @@ mod tests {
         assert!(e.to_string().contains("scans"), "the error names the scan limit: {e}");
         // The decoder stays usable for the next frame.
         assert!(d.decode(&rocket(), 100_000_000, None).is_ok());
+    }
+
+    /// Found by fuzzing (fuzz/regressions/jpeg_decode): libjpeg-turbo's header reader, stopped
+    /// by an error (here a JPEG cut between its frame header and its first scan), leaves the
+    /// handle half-way through a header, and the next frame's header was read on from there.
+    #[test]
+    fn a_frame_cut_off_in_its_headers_does_not_spoil_the_next() {
+        let jpeg = rocket();
+        let sos = jpeg.windows(2).position(|w| w == [0xFF, 0xDA]).expect("SOS");
+        let cut = &jpeg[..sos];
+        let mut d = Decoder::new();
+        let first = d.decode(cut, 100_000_000, None);
+        assert!(matches!(first, Err(DecodeError::Corrupt(_))), "{first:?}");
+        assert_eq!(d.decode(cut, 100_000_000, None), first, "the same frame again");
+        let next = d.decode(&jpeg, 100_000_000, None).expect("the next frame decodes");
+        assert_eq!(next, Decoder::new().decode(&jpeg, 100_000_000, None).unwrap());
     }
 
     #[test]
