@@ -558,23 +558,28 @@ impl LinkPolicy {
             return Vec::new();
         }
         let stall = Duration::from_millis(self.cfg.stall_timeout_ms);
-        let Some(oldest) = self.live.values().find(|l| !l.spooled) else { return Vec::new() };
+        // Ids increase: the first live frame waited longest (copied to the spool or not).
+        let Some(oldest) = self.live.values().next() else { return Vec::new() };
         let waited = now.instant.saturating_duration_since(oldest.since);
         if waited < stall {
             return Vec::new();
         }
-        let waiting = self.live.values().filter(|l| !l.spooled).count();
         let quiet = now.instant.saturating_duration_since(self.last_ack);
         if quiet >= stall {
+            let waiting = self.live.len();
             let why = format!("link stalled: no acknowledgement for {:.1} s while {waiting} frames wait (forwarder.stall_timeout_ms)", quiet.as_secs_f64());
             tracing::error!(waiting, "Kafka link stalled: no acknowledgement for {:.1} s; spooling frames to disk.", quiet.as_secs_f64());
             self.stalls += 1;
             self.last_failure = Some(why);
-            self.enter_spooling("stalled")
-        } else {
-            tracing::warn!(waiting, "A frame waited {:.1} s for its acknowledgement: spooling.", waited.as_secs_f64());
-            self.enter_spooling("slow_acknowledgements")
+            return self.enter_spooling("stalled");
         }
+        // Acknowledgements still come: copy what waited too long, without judging the link down.
+        let late = self.live.values().filter(|l| !l.spooled && now.instant.saturating_duration_since(l.since) >= stall).count();
+        if late == 0 {
+            return Vec::new();
+        }
+        tracing::warn!(late, "Frames waited {:.1} s for their acknowledgement: spooling.", waited.as_secs_f64());
+        self.enter_spooling("slow_acknowledgements")
     }
 
     /// The rest of a tick or of the shutdown, from `step` on.

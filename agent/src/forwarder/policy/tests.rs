@@ -1126,3 +1126,23 @@ fn a_producer_silent_for_twice_the_message_timeout_is_replaced_with_growing_pati
     w.run_silent(Duration::from_secs(11));
     assert_eq!(w.replaced, 5, "20 s after the last ack");
 }
+
+#[test]
+fn a_link_that_dies_just_after_an_ack_is_judged_stalled_once_the_acks_stop() {
+    // Seen in t8: the oldest frame was copied as "slow" (an ack 0.5 s before), then no ack
+    // came at all — the link must still be judged down, not left draining.
+    let mut w = World::new(cfg());
+    w.send(0);
+    w.run_silent(Duration::from_millis(500));
+    w.send(1);
+    w.ack(&Origin::Live(2));
+    w.run_silent(Duration::from_millis(4550));
+    assert_eq!((w.policy.mode(), w.policy.link_state()), (Mode::Spooling, LinkState::Draining), "slow: frame 0 copied");
+    assert_eq!(w.spooled_live(), [(0, SpoolReason::Unacknowledged)]);
+    w.run_silent(Duration::from_millis(500));
+    assert_eq!(w.policy.link_state(), LinkState::Down, "no ack for 5 s with a frame waiting: stalled");
+    assert_eq!(w.policy.stalls(), 1);
+    w.settle(true);
+    w.run_up(Duration::from_secs(1));
+    w.assert_all_delivered_once(0..2);
+}
