@@ -13,7 +13,7 @@ use framelink_testkit::{Broker, init_tracing, rand_topic, rogue_identity};
 mod support {
     pub mod frames;
 }
-use support::frames::{AGENT, arrived, assert_contiguous, body, serial, synthetic, wait_and_check_delivery};
+use support::frames::{AGENT, arrived, assert_contiguous, body, check_delivery, serial, synthetic};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn t1_full_hd_at_30_fps_over_mtls_arrives_complete() {
@@ -54,7 +54,9 @@ async fn t2_broker_down_for_20s_loses_nothing_and_keeps_order() {
     assert!(agent.metric("frames_spooled_total", &[]) >= 100.0);
     // A loaded run once saw no delivery for good after the broker's return: librdkafka#5430
     // (a partition left without a leader), now worked around by replacing the producer.
-    wait_and_check_delivery("t2", &mut agent, &broker.mtls(), &topic, 750).await;
+    // The outage outlasts message_timeout_ms (10 s): a frame the broker stored as it shut down,
+    // its acknowledgement lost, is sent again (seen once: frame 51) — at-least-once, in order.
+    check_delivery("t2", &mut agent, &broker.mtls(), &topic, 750, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
