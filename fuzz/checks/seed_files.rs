@@ -4,7 +4,9 @@
 use std::path::Path;
 
 /// The repository's config files whose name contains `kind` (`configs/**/*<kind>*.toml`), as
-/// (`configs-dir-name.toml`, contents), sorted.
+/// (`configs-dir-name.toml`, contents), sorted; each also bare (`…-bare`: without its comment
+/// and blank lines), which fits the length the config targets fuzz at (512 bytes, scripts/fuzz)
+/// better.
 pub fn config_files(repo: &Path, kind: &str) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
     let mut dirs = vec![repo.join("configs")];
@@ -15,7 +17,10 @@ pub fn config_files(repo: &Path, kind: &str) -> Vec<(String, Vec<u8>)> {
                 dirs.push(path);
             } else if path.extension().is_some_and(|e| e == "toml") && path.file_name().unwrap().to_string_lossy().contains(kind) {
                 let name = path.strip_prefix(repo).unwrap().to_string_lossy().replace('/', "-");
-                out.push((name, std::fs::read(&path).unwrap()));
+                let text = std::fs::read_to_string(&path).unwrap();
+                let bare: String = text.lines().filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#')).map(|l| format!("{l}\n")).collect();
+                out.push((format!("{name}-bare"), bare.into_bytes()));
+                out.push((name, text.into_bytes()));
             }
         }
     }

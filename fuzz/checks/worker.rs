@@ -205,7 +205,7 @@ pub fn pipeline_text(data: &[u8]) -> std::borrow::Cow<'_, str> {
 /// Most work (roughly: pixels written, times the taps of a blur) the check spends applying a
 /// parsed pipeline; a pipeline above it (`resize:60000x60000`, a hundred `blur:50`) is only
 /// parsed and sized.
-const APPLY_BUDGET: u64 = 1 << 24;
+const APPLY_BUDGET: u64 = 1 << 20;
 
 /// `pipeline_syntax`: [`Pipeline::parse`], then the parsed pipeline's `output_size` and
 /// `apply` on small RGB images (7x5 and 1x1; `apply` skipped above [`APPLY_BUDGET`]).
