@@ -269,10 +269,13 @@ impl Forwarder {
                     self.policy.on_spool_read_failed(now());
                 }
             },
+            Action::CountEvicted(key) => {
+                tracing::debug!(record = %key, "A frame evicted from the full spool while being sent was not delivered.");
+                self.metrics.count_drop(key.camera_or_unknown(), DropReason::FullOldest, 1);
+            }
             Action::CountDamaged { key, reason } => {
-                let camera = key.parts().map_or("<unknown>".to_owned(), |(c, _)| c.to_owned());
                 tracing::error!(record = %key, reason, "Damaged spool record skipped.");
-                self.metrics.count_drop(&camera, DropReason::SpoolDamaged, 1);
+                self.metrics.count_drop(key.camera_or_unknown(), DropReason::SpoolDamaged, 1);
                 self.spool.note_damaged();
             }
             Action::ProbeSpool => {
@@ -382,8 +385,14 @@ impl Forwarder {
             self.metrics.spool_written_bytes.inc_by(frame.payload.len() as u64);
             self.policy.on_spool_stored();
         }
-        for (cam, n, why) in out.dropped {
-            self.metrics.count_drop(&cam, why, n);
+        if let Some(why) = out.refused {
+            self.metrics.count_drop(camera, why, 1);
+        }
+        for key in out.evicted {
+            // A frame being sent right now is counted only if that send fails (CountEvicted).
+            if self.policy.on_spool_evicted(&key) {
+                self.metrics.count_drop(key.camera_or_unknown(), DropReason::FullOldest, 1);
+            }
         }
         Some(out.stored)
     }

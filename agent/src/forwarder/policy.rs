@@ -21,7 +21,7 @@
 //! kept by the original's report; a delivered spooled frame whose deletion failed is not sent
 //! again.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime};
 
 use framelink_common::link::{LinkError, LinkErrorKind};
@@ -132,6 +132,9 @@ pub enum Action {
     ReadSpool { after: Option<SpoolKey>, max: usize },
     /// A spool record that cannot be read: count it (`spool_damaged`). Its removal follows.
     CountDamaged { key: SpoolKey, reason: String },
+    /// A frame the spool evicted (`drop_oldest`) while it was being sent, whose every send
+    /// then failed: count it now (`spool_full_oldest`). See [`LinkPolicy::on_spool_evicted`].
+    CountEvicted(SpoolKey),
     /// Check that the spool's disk takes writes again; on success report
     /// [`LinkPolicy::spool_ok`].
     ProbeSpool,
@@ -164,6 +167,16 @@ struct LiveFrame {
     spooled: bool,
     /// When the producer took it.
     since: Instant,
+}
+
+/// A frame evicted from the spool while sends of it were in flight: lost only if none of them
+/// is delivered.
+#[derive(Debug)]
+struct EvictedInFlight {
+    /// Sends not reported yet.
+    sends: u32,
+    /// One was acknowledged (or rejected for good, which is counted as such).
+    settled: bool,
 }
 
 /// The first delay before replacing a fatal producer again after a failed attempt.
@@ -211,6 +224,8 @@ pub struct LinkPolicy {
     /// Spool copies of live frames librdkafka still holds: not drained while the original is
     /// in flight (that would send the frame twice); kept or deleted by the original's report.
     copied: HashSet<SpoolKey>,
+    /// Frames the spool evicted while being sent (see [`LinkPolicy::on_spool_evicted`]).
+    evicted: HashMap<SpoolKey, EvictedInFlight>,
     last_flush: Instant,
     backfill_budget: f64,
     last_backfill: Instant,
@@ -248,6 +263,7 @@ impl LinkPolicy {
             spool_error: None,
             undeleted: HashSet::new(),
             copied: HashSet::new(),
+            evicted: HashMap::new(),
             last_flush: now.instant,
             backfill_budget: 0.0,
             last_backfill: now.instant,
@@ -340,7 +356,11 @@ impl LinkPolicy {
                     self.cursor = None;
                 }
                 self.next_attempt = now.instant + REFUSED_RETRY;
-                Vec::new()
+                // Evicted while the drain chose it: this send was its last chance.
+                match self.settle_evicted(&key, false) {
+                    Some(true) => vec![Action::CountEvicted(key)],
+                    _ => Vec::new(),
+                }
             }
         }
     }
@@ -348,9 +368,12 @@ impl LinkPolicy {
     /// A delivery report for a frame handed to the producer.
     pub fn on_report(&mut self, now: Now, origin: Origin, frame: Frame, delivery: Delivery) -> Vec<Action> {
         let camera = &frame.meta.camera_id;
+        let key = SpoolKey::new(camera, frame.meta.seq);
+        // Evicted from the spool while this send was out: `Some(lost)`, see `on_spool_evicted`.
+        let evicted = self.settle_evicted(&key, matches!(delivery, Delivery::Acked | Delivery::Rejected));
         // A live frame whose copy is in the spool already.
         let spooled_copy = match &origin {
-            Origin::Live(id) => self.live.remove(id).is_some_and(|l| l.spooled).then(|| SpoolKey::new(camera, frame.meta.seq)).filter(|k| self.copied.remove(k)),
+            Origin::Live(id) => self.live.remove(id).is_some_and(|l| l.spooled).then(|| key.clone()).filter(|k| self.copied.remove(k)),
             Origin::Spool(key) => {
                 self.spool_in_flight.remove(key);
                 None
@@ -374,13 +397,17 @@ impl LinkPolicy {
                     tracing::info!("Kafka link back: deliveries succeed.");
                 }
                 self.backoff = Duration::from_millis(self.cfg.retry_min_ms);
-                if let Origin::Spool(key) = &origin {
+                if let Origin::Spool(key) = &origin
+                    && evicted.is_none()
+                {
                     actions.push(Action::RemoveFromSpool(key.clone()));
                 }
                 drop_copy(self, &mut actions);
             }
             Delivery::Rejected => {
-                if let Origin::Spool(key) = &origin {
+                if let Origin::Spool(key) = &origin
+                    && evicted.is_none()
+                {
                     actions.push(Action::RemoveFromSpool(key.clone()));
                 }
                 drop_copy(self, &mut actions);
@@ -391,10 +418,16 @@ impl LinkPolicy {
                 }
                 self.last_failure = Some(why);
                 actions.extend(self.enter_spooling("delivery_failed"));
-                match origin {
-                    Origin::Live(_) if spooled_copy.is_some() => {} // in the spool already
-                    Origin::Live(_) => actions.push(Action::Spool { frame, reason: SpoolReason::DeliveryFailed }),
-                    Origin::Spool(_) => self.schedule_retry(now),
+                if matches!(origin, Origin::Spool(_)) {
+                    self.schedule_retry(now);
+                }
+                match (origin, evicted) {
+                    // Evicted by the full policy: not spooled again (it was the oldest).
+                    (_, Some(true)) => actions.push(Action::CountEvicted(key)),
+                    (_, Some(false)) => {} // another send of it is out, or one was delivered
+                    (Origin::Live(_), None) if spooled_copy.is_some() => {} // in the spool already
+                    (Origin::Live(_), None) => actions.push(Action::Spool { frame, reason: SpoolReason::DeliveryFailed }),
+                    (Origin::Spool(_), None) => {} // stays in the spool
                 }
             }
         }
@@ -424,6 +457,38 @@ impl LinkPolicy {
             self.copied.insert(SpoolKey::new(&l.frame.meta.camera_id, l.frame.meta.seq));
             l.spooled = true;
         }
+    }
+
+    /// The spool evicted `key` to make room (`drop_oldest`); true if the frame is lost (count it
+    /// now). Not while it is being sent: a copy of a live frame librdkafka still holds, or a
+    /// spooled frame in flight, is lost only if every such send fails ([`Action::CountEvicted`]
+    /// then); it is not spooled again. A delivered frame whose deletion failed is not lost.
+    pub fn on_spool_evicted(&mut self, key: &SpoolKey) -> bool {
+        if self.undeleted.remove(key) {
+            return false;
+        }
+        self.copied.remove(key);
+        let live = key.parts().map_or(0, |(camera, seq)| self.live.values().filter(|l| l.frame.meta.seq == seq && l.frame.meta.camera_id == camera).count());
+        let sends = live as u32 + u32::from(self.spool_in_flight.contains(key));
+        if sends == 0 {
+            return true;
+        }
+        self.evicted.insert(key.clone(), EvictedInFlight { sends, settled: false });
+        false
+    }
+
+    /// A send of `key` reported; `None` if `key` was not evicted while in flight, else whether
+    /// that was its last send and none settled it (the frame is lost).
+    fn settle_evicted(&mut self, key: &SpoolKey, settled: bool) -> Option<bool> {
+        let e = self.evicted.get_mut(key)?;
+        e.settled |= settled;
+        e.sends = e.sends.saturating_sub(1);
+        if e.sends > 0 {
+            return Some(false);
+        }
+        let lost = !e.settled;
+        self.evicted.remove(key);
+        Some(lost)
     }
 
     /// A frame was stored in the spool: a flush is due within `flush_every`.

@@ -158,9 +158,13 @@ pub use crate::drop_reason::DropReason;
 pub struct PushOutcome {
     /// The pushed frame is in the spool.
     pub stored: bool,
-    /// Frames that were dropped (the pushed one, if not stored, and/or evicted ones), as
-    /// (camera, count, reason).
-    pub dropped: Vec<(String, u64, DropReason)>,
+    /// Why the pushed frame was not stored ([`DropReason::FullNewest`] or
+    /// [`DropReason::Decimated`]); `None` when stored.
+    pub refused: Option<DropReason>,
+    /// Records evicted to make room for it, oldest arrival first ([`DropReason::FullOldest`]).
+    /// The caller counts them: a record whose frame is being sent right now (a copy of a frame
+    /// librdkafka still holds, or a spooled frame in flight) is lost only if that send fails.
+    pub evicted: Vec<SpoolKey>,
 }
 
 /// A record read back from the spool: the frame, or why it is damaged.

@@ -10,7 +10,7 @@
 //!   arrived first, across reopens, no more than needed to fit the new frame; `drop_newest`
 //!   refuses the new frame and evicts nothing; `decimate` past its threshold keeps one sequence
 //!   number in N; a frame that would not fit even with every frame evicted is refused and
-//!   evicts nothing; and what each push reports in `dropped`;
+//!   evicts nothing; and what each push reports: the keys it evicted, oldest first, and why it refused the frame;
 //! - a push of a key already spooled keeps the first copy, and drops and evicts nothing;
 //! - `remove` is true exactly for a spooled key, and its file is gone at once;
 //! - `frames/` holds one file per record and nothing else, and file ids grow with arrival;
@@ -263,16 +263,10 @@ impl Harness {
         }
         let mut freed = 0;
         for key in self.model.arrival.clone().iter().take(evict) {
-            let c = key.parts().unwrap().0.to_owned();
-            match expected.dropped.iter_mut().find(|d| d.0 == c) {
-                Some(d) => d.1 += 1,
-                None => expected.dropped.push((c, 1, DropReason::FullOldest)),
-            }
+            expected.evicted.push(key.clone());
             freed += files[&self.model.remove(key).unwrap()];
         }
-        if let Some(reason) = refused {
-            expected.dropped.push((frame.meta.camera_id.clone(), 1, reason));
-        }
+        expected.refused = refused;
         expected.stored = refused.is_none();
         let new_record = expected.stored && !self.model.frames.contains_key(&key);
 

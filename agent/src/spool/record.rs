@@ -39,6 +39,11 @@ impl SpoolKey {
         let seq = u64::from_be_bytes(self.0[n + 1..].try_into().ok()?);
         Some((camera, seq))
     }
+
+    /// The camera, or `<unknown>` for a key that is not `camera \0 seq` (for metrics labels).
+    pub fn camera_or_unknown(&self) -> &str {
+        self.parts().map_or("<unknown>", |(c, _)| c)
+    }
 }
 
 impl std::fmt::Display for SpoolKey {

@@ -573,13 +573,12 @@ impl SledSpool {
 
     /// Deletes the record that arrived first (capture times play no part, so a clock step
     /// changes nothing); returns its camera.
-    fn evict_oldest(&self, inner: &mut Inner) -> Result<Option<String>> {
+    fn evict_oldest(&self, inner: &mut Inner) -> Result<Option<SpoolKey>> {
         let Some((id, key)) = inner.index.by_arrival.first()? else { return Ok(None) };
-        let camera = SpoolKey(key.to_vec()).parts().map_or("<unknown>".to_owned(), |(c, _)| c.to_owned());
         self.delete(inner, &key)?;
         // Gone with its record, or pointing at nothing: either way no longer the first.
         inner.index.by_arrival.remove(id)?;
-        Ok(Some(camera))
+        Ok(Some(SpoolKey(key.to_vec())))
     }
 }
 
@@ -614,25 +613,22 @@ impl Spool for SledSpool {
             && Self::disk(&inner) as f64 >= self.cfg.decimate_from * max as f64
             && !frame.meta.seq.is_multiple_of(self.cfg.decimate_keep_one_in as u64)
         {
-            out.dropped.push((camera.clone(), 1, DropReason::Decimated));
+            out.refused = Some(DropReason::Decimated);
             return Ok(out);
         }
         if Self::disk(&inner) + size > max {
             // Refused without evicting: by drop_newest, or a frame that would not fit even with
             // every frame evicted (the index and the other files stay).
             if self.cfg.when_full == FullPolicy::DropNewest || inner.index_bytes + inner.other_bytes + size > max {
-                out.dropped.push((camera.clone(), 1, DropReason::FullNewest));
+                out.refused = Some(DropReason::FullNewest);
                 return Ok(out);
             }
             while Self::disk(&inner) + size > max {
                 match self.evict_oldest(&mut inner)? {
-                    Some(c) => match out.dropped.iter_mut().find(|(cam, _, _)| *cam == c) {
-                        Some(d) => d.1 += 1,
-                        None => out.dropped.push((c, 1, DropReason::FullOldest)),
-                    },
+                    Some(evicted) => out.evicted.push(evicted),
                     None => {
                         // Nothing left to evict (the frame files took less than counted).
-                        out.dropped.push((camera.clone(), 1, DropReason::FullNewest));
+                        out.refused = Some(DropReason::FullNewest);
                         return Ok(out);
                     }
                 }
@@ -977,8 +973,8 @@ mod tests {
             let s = SledSpool::open(cfg(dir.path(), 8, FullPolicy::DropOldest)).unwrap();
             for seq in range {
                 let out = s.push(&frame_at("a", seq, 200_000, 1_000_000_000 - seq * 1_000)).unwrap();
-                assert!(out.stored, "frame {seq} refused: {:?}", out.dropped);
-                kept_or_dropped += out.dropped.iter().map(|d| d.1).sum::<u64>();
+                assert!(out.stored, "frame {seq} refused: {:?}", out.refused);
+                kept_or_dropped += out.evicted.len() as u64;
             }
             s.flush().unwrap();
         }
@@ -1045,8 +1041,11 @@ mod tests {
         let mut drops = BTreeMap::new();
         for seq in 0..200 {
             let out = s.push(&frame("a", seq, 200_000)).unwrap();
-            for (_, n, r) in out.dropped {
-                *drops.entry(r).or_insert(0) += n;
+            if let Some(r) = out.refused {
+                *drops.entry(r).or_insert(0) += 1;
+            }
+            if !out.evicted.is_empty() {
+                *drops.entry(DropReason::FullOldest).or_insert(0) += out.evicted.len() as u64;
             }
             if seq % 20 == 0 {
                 s.flush().unwrap();

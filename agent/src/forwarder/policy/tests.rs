@@ -213,6 +213,7 @@ impl World {
                 return self.policy.on_spool_batch(batch, records);
             }
             Action::CountDamaged { key, .. } => self.dropped.push((key, "spool_damaged")),
+            Action::CountEvicted(key) => self.dropped.push((key, "spool_full_oldest")),
             Action::ProbeSpool => {
                 self.probes += 1;
                 if !self.faults.probe {
@@ -255,6 +256,14 @@ impl World {
         }
         let actions = self.policy.on_report(self.clock.now(), origin, frame, delivery);
         self.carry_out(actions);
+    }
+
+    /// The spool evicts `seq` to make room (`drop_oldest`), counted the way the forwarder does.
+    fn evict(&mut self, seq: u64) {
+        assert!(self.spool.remove(&key(seq)).is_some(), "{seq} is in the spool");
+        if self.policy.on_spool_evicted(&key(seq)) {
+            self.dropped.push((key(seq), "spool_full_oldest"));
+        }
     }
 
     /// A new frame of camera `cam`.
@@ -1145,4 +1154,87 @@ fn a_link_that_dies_just_after_an_ack_is_judged_stalled_once_the_acks_stop() {
     w.settle(true);
     w.run_up(Duration::from_secs(1));
     w.assert_all_delivered_once(0..2);
+}
+
+/// Copies of live frames in flight when the link went down (0, 1) and a new frame (2).
+fn copies_in_flight() -> World {
+    let mut w = World::new(ForwarderConfig { live_first: true, ..cfg() });
+    w.send(0);
+    w.send(1);
+    let d = unreachable_since(w.clock.wall + MS);
+    w.clock.advance(10 * MS);
+    w.tick_with(&d);
+    w.send(2);
+    assert_eq!(w.spool_seqs(), [0, 1, 2]);
+    w
+}
+
+#[test]
+fn an_evicted_copy_whose_original_is_then_acknowledged_is_not_counted_as_dropped() {
+    // Seen in t4: the full spool evicted the copy of a frame librdkafka still held and counted
+    // it dropped; the broker came back within the message timeout and the frame arrived too.
+    let mut w = copies_in_flight();
+    w.evict(0);
+    assert!(w.dropped.is_empty(), "its original is in flight: not lost yet: {:?}", w.dropped);
+    w.ack_next();
+    assert!(w.dropped.is_empty(), "delivered: {:?}", w.dropped);
+    w.ack_next();
+    w.run_up(Duration::from_secs(2));
+    w.assert_all_delivered_once(0..3);
+}
+
+#[test]
+fn an_evicted_copy_whose_original_then_fails_is_counted_once_and_not_spooled_again() {
+    let mut w = copies_in_flight();
+    w.evict(0);
+    let spooled = w.spooled.len();
+    w.fail_next();
+    assert_eq!(w.dropped, [(key(0), "spool_full_oldest")], "lost when its last send fails");
+    assert_eq!(w.spooled.len(), spooled, "evicted as the oldest: not spooled again as the newest");
+    w.fail_next();
+    assert_eq!(w.dropped.len(), 1, "1's copy is in the spool: nothing more lost");
+    w.run_up(Duration::from_secs(3));
+    assert_eq!(w.kafka_seqs(), [1, 2]);
+    assert!(w.spool.is_empty() && w.policy.in_flight() == 0);
+}
+
+#[test]
+fn a_spooled_frame_evicted_while_being_sent_is_counted_only_if_that_send_fails() {
+    let mut w = World::with_backlog(cfg(), &[0, 1, 2]);
+    w.policy.on_report(w.clock.now(), Origin::Live(99), frame("cam", 99, 10), Delivery::Failed { why: "down".into() });
+    w.clock.advance(Duration::from_secs(1));
+    w.tick();
+    assert_eq!(spool_origins(&w), [0], "one probe while the link is judged down");
+    w.evict(0);
+    w.evict(1);
+    assert_eq!(w.dropped, [(key(1), "spool_full_oldest")], "1 was not being sent: lost at once; 0 not yet");
+    w.fail_next();
+    assert_eq!(w.dropped, [(key(1), "spool_full_oldest"), (key(0), "spool_full_oldest")], "the probe of 0 failed: lost");
+    // The next probe is acknowledged while evicted: delivered, not counted, nothing to delete.
+    w.clock.advance(Duration::from_secs(1));
+    w.tick();
+    assert_eq!(spool_origins(&w), [0, 2]);
+    w.evict(2);
+    let (origin, f) = w.in_flight.pop_front().unwrap();
+    let actions = w.policy.on_report(w.clock.now(), origin, f.clone(), Delivery::Acked);
+    assert!(actions.is_empty(), "no deletion of an evicted record: {actions:?}");
+    w.kafka.push(f);
+    assert_eq!(w.dropped.len(), 2, "2 was delivered");
+    assert_eq!(w.kafka_seqs(), [2]);
+    assert_eq!(w.policy.in_flight(), 0);
+}
+
+#[test]
+fn a_delivered_frame_whose_deletion_failed_is_not_counted_when_evicted() {
+    let mut w = World::with_backlog(cfg(), &[0]);
+    w.faults.remove = true;
+    w.clock.advance(TICK);
+    w.tick();
+    w.ack_next();
+    assert_eq!(w.spool_seqs(), [0], "delivered, deletion failed");
+    w.evict(0);
+    assert!(w.dropped.is_empty(), "delivered: not lost: {:?}", w.dropped);
+    w.faults.remove = false;
+    w.run_up(Duration::from_secs(2));
+    assert_eq!(w.kafka_seqs(), [0], "not sent again");
 }
