@@ -28,12 +28,12 @@ pub fn config_files(repo: &Path, kind: &str) -> Vec<(String, Vec<u8>)> {
     out
 }
 
-/// Whether loading the same config text twice fails with the same error. Not yet: the
-/// `config` crate keeps a table's keys in a `HashMap` (unless its `preserve_order` feature is
-/// on), so of two unknown or mistyped keys a load names either, at random (found by fuzzing:
-/// fuzz/regressions/{agent,worker}_config). The config checks compare load errors by kind
-/// until then, and validation errors (made from the typed config) exactly.
-pub const LOAD_ERRORS_ARE_DETERMINISTIC: bool = false;
+/// Whether loading the same config text twice fails with the same error. True since the
+/// workspace turned on the `config` crate's `preserve_order` feature: without it a table's keys
+/// sit in a `HashMap`, so of two unknown or mistyped keys a load named either, at random
+/// (found by fuzzing: fuzz/regressions/{agent,worker}_config). With `false` the config checks
+/// compare load errors by kind only, and validation errors (made from the typed config) exactly.
+pub const LOAD_ERRORS_ARE_DETERMINISTIC: bool = true;
 
 /// Why a config text is refused: by the loader (TOML syntax, unknown keys, types) or by the
 /// daemon's own validation.
