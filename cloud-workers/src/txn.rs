@@ -21,6 +21,16 @@
 //! stops the worker (systemd / Kubernetes start it again). An *abortable* one (an output was
 //! refused, a timeout) aborts the transaction and rewinds every assigned partition to its last
 //! committed offset; frames already queued from before the rewind are dropped by epoch.
+//!
+//! Time: a commit (flush, offsets, commit) gets [`COMMIT_WITHIN`], then the transaction is
+//! aborted; an abort that does not finish within [`ABORT_WITHIN`] is fatal. A stop request
+//! shortens a commit under way to [`COMMIT_AFTER_STOP`]. Each librdkafka call waits at most
+//! [`SLICE`] and is then called again (librdkafka's transactional calls resume after a
+//! timeout), so the deadline and the stop request are seen promptly. Without these bounds a
+//! commit whose transaction coordinator died could block the poll thread for minutes (four
+//! 60 s tries): no progress, and no exit on SIGTERM. An exit is safe: the transaction left
+//! open is aborted by the broker after `transaction.timeout.ms`, or at once when the next
+//! instance with this transactional id starts.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,14 +38,27 @@ use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
-use rdkafka::error::{KafkaError, KafkaResult};
+use framelink_common::shutdown::Shutdown;
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::producer::{Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::topic_partition::TopicPartition;
 use crate::tracker::Tracker;
 
+/// Registering the transactional id at start.
 const TIMEOUT: Duration = Duration::from_secs(60);
+/// How long one commit (flush, offsets, commit) may take before the transaction is aborted;
+/// below `transaction.timeout.ms` (60 s), past which the broker aborts it anyway.
+pub const COMMIT_WITHIN: Duration = Duration::from_secs(30);
+/// Once a stop is requested, how long a commit under way may still take.
+pub const COMMIT_AFTER_STOP: Duration = Duration::from_secs(10);
+/// How long an abort may take; past it the producer is treated as fatal.
+pub const ABORT_WITHIN: Duration = Duration::from_secs(10);
+/// Reading the committed offsets and seeking to them after an abort; failing is fatal.
+const REWIND_WITHIN: Duration = Duration::from_secs(20);
+/// The longest a single librdkafka call waits before the deadlines are checked again.
+const SLICE: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TxnError {
@@ -61,12 +84,14 @@ pub struct Transactions<C: ProducerContext + 'static, T> {
     /// Set on abort: the poll loop must seek every assigned partition back to its committed offset.
     rewind: AtomicBool,
     last_commit: std::sync::Mutex<Instant>,
+    /// The worker's stop request: shortens a commit under way.
+    shutdown: Shutdown,
 }
 
 impl<C: ProducerContext + 'static, T> Transactions<C, T> {
     /// Registers the transactional id with the broker (fencing older instances that used it)
     /// and opens the first transaction.
-    pub fn start(producer: Arc<ThreadedProducer<C>>, tracker: Arc<Tracker>) -> KafkaResult<Self> {
+    pub fn start(producer: Arc<ThreadedProducer<C>>, tracker: Arc<Tracker>, shutdown: Shutdown) -> KafkaResult<Self> {
         producer.init_transactions(TIMEOUT)?;
         producer.begin_transaction()?;
         Ok(Self {
@@ -77,6 +102,7 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
             dirty: AtomicBool::new(false),
             rewind: AtomicBool::new(false),
             last_commit: std::sync::Mutex::new(Instant::now()),
+            shutdown,
         })
     }
 
@@ -104,8 +130,9 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
     pub fn commit<X: ConsumerContext>(&self, consumer: &BaseConsumer<X>) -> Result<bool, TxnError> {
         let _w = self.gate.write().unwrap();
         *self.last_commit.lock().unwrap() = Instant::now();
+        let deadline = Instant::now() + COMMIT_WITHIN;
         // Deliver everything produced so far: delivery reports move the tracker's positions.
-        if let Err(e) = self.producer.flush(TIMEOUT) {
+        if let Err(e) = self.patiently(deadline, |t| self.producer.flush(t)) {
             return Err(self.abort(e));
         }
         let cgm = consumer.group_metadata().ok_or(TxnError::NoGroup)?;
@@ -115,9 +142,10 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
         }
         let result = (|| {
             if !ready.is_empty() {
-                retrying(|| self.producer.send_offsets_to_transaction(&offsets_list(&ready)?, &cgm, TIMEOUT))?;
+                let offsets = offsets_list(&ready)?;
+                self.patiently(deadline, |t| self.producer.send_offsets_to_transaction(&offsets, &cgm, t))?;
             }
-            retrying(|| self.producer.commit_transaction(TIMEOUT))
+            self.patiently(deadline, |t| self.producer.commit_transaction(t))
         })();
         match result {
             Ok(()) => {
@@ -135,7 +163,8 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
         if fatal {
             return TxnError::Fatal(e);
         }
-        if let Err(a) = self.producer.abort_transaction(TIMEOUT) {
+        tracing::warn!(error = %e, "Aborting the transaction.");
+        if let Err(a) = self.patiently(Instant::now() + ABORT_WITHIN, |t| self.producer.abort_transaction(t)) {
             return TxnError::Fatal(a);
         }
         self.tracker.clear(); // and a new epoch: work taken before it is dropped
@@ -154,7 +183,7 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
         if !self.rewind.swap(false, Ordering::SeqCst) {
             return Ok(false);
         }
-        let committed = consumer.committed(TIMEOUT)?;
+        let committed = consumer.committed(REWIND_WITHIN)?;
         let mut seek = TopicPartitionList::new();
         for e in committed.elements() {
             let to = match e.offset() {
@@ -164,7 +193,7 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
             };
             seek.add_partition_offset(e.topic(), e.partition(), to)?;
         }
-        for e in consumer.seek_partitions(seek, TIMEOUT)?.elements() {
+        for e in consumer.seek_partitions(seek, REWIND_WITHIN)?.elements() {
             if let Err(err) = e.error() {
                 tracing::warn!(topic = e.topic(), partition = e.partition(), error = %err, "Rewind of a partition failed.");
             }
@@ -174,17 +203,53 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
     }
 }
 
-/// Runs a transactional call again (up to 3 times) while librdkafka says it is retriable.
-fn retrying(mut f: impl FnMut() -> KafkaResult<()>) -> KafkaResult<()> {
-    let mut tries = 0;
+impl<C: ProducerContext + 'static, T> Transactions<C, T> {
+    fn patiently(&self, deadline: Instant, f: impl FnMut(Duration) -> KafkaResult<()>) -> KafkaResult<()> {
+        patiently(&self.shutdown, deadline, COMMIT_AFTER_STOP, f)
+    }
+}
+
+/// Calls `f` (a transactional call or a flush, given its timeout) in slices of at most
+/// [`SLICE`] while it times out or fails retriably, until `deadline` — brought forward to
+/// `after_stop` from the moment a stop is seen. Returns its last result.
+fn patiently(shutdown: &Shutdown, deadline: Instant, after_stop: Duration, mut f: impl FnMut(Duration) -> KafkaResult<()>) -> KafkaResult<()> {
+    let mut deadline = deadline;
+    let mut stop_seen = false;
+    let mut logged = false;
     loop {
-        match f() {
-            Err(KafkaError::Transaction(rd)) if rd.is_retriable() && tries < 3 => {
-                tries += 1;
-                tracing::warn!(error = %rd, "Transactional call failed (retriable); retrying.");
+        if !stop_seen && shutdown.is_set() {
+            stop_seen = true;
+            deadline = deadline.min(Instant::now() + after_stop);
+        }
+        let started = Instant::now();
+        let left = deadline.saturating_duration_since(started);
+        match f(left.min(SLICE)) {
+            Err(e) if retriable(&e) && Instant::now() < deadline => {
+                if !logged && !is_timeout(&e) {
+                    logged = true;
+                    tracing::warn!(error = %e, "Transactional call failed (retriable); retrying.");
+                }
+                // A call that failed at once is not retried in a busy loop.
+                std::thread::sleep(Duration::from_millis(100).saturating_sub(started.elapsed()));
             }
             r => return r,
         }
+    }
+}
+
+/// A timeout or an error librdkafka says the same call may be retried after.
+fn retriable(e: &KafkaError) -> bool {
+    match e {
+        KafkaError::Transaction(rd) => rd.is_retriable(),
+        _ => is_timeout(e),
+    }
+}
+
+fn is_timeout(e: &KafkaError) -> bool {
+    match e {
+        KafkaError::Transaction(rd) => rd.code() == RDKafkaErrorCode::OperationTimedOut,
+        KafkaError::Flush(code) => *code == RDKafkaErrorCode::OperationTimedOut,
+        _ => false,
     }
 }
 
@@ -257,6 +322,59 @@ pub type Txn = Transactions<crate::publish::producer::ProduceContext, Released>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn timed_out() -> KafkaResult<()> {
+        Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut))
+    }
+
+    #[test]
+    fn a_call_that_times_out_is_called_again_in_slices_until_the_deadline() {
+        let start = Instant::now();
+        let mut timeouts = Vec::new();
+        let r = patiently(&Shutdown::new(), start + Duration::from_millis(1200), COMMIT_AFTER_STOP, |t| {
+            timeouts.push(t);
+            std::thread::sleep(t);
+            timed_out()
+        });
+        assert!(r.is_err(), "the last result: the timeout");
+        assert!((2..=3).contains(&timeouts.len()), "500 + 500 + 200 ms (fewer if a sleep overran): {timeouts:?}");
+        assert!(timeouts.iter().all(|t| *t <= SLICE));
+        assert!(start.elapsed() >= Duration::from_millis(1200));
+    }
+
+    #[test]
+    fn a_call_that_succeeds_after_timeouts_returns_its_success_and_other_errors_return_at_once() {
+        let mut calls = 0;
+        let r = patiently(&Shutdown::new(), Instant::now() + Duration::from_secs(30), COMMIT_AFTER_STOP, |_| {
+            calls += 1;
+            if calls < 3 { timed_out() } else { Ok(()) }
+        });
+        assert!(r.is_ok() && calls == 3);
+        let mut calls = 0;
+        let r = patiently(&Shutdown::new(), Instant::now() + Duration::from_secs(30), COMMIT_AFTER_STOP, |_| {
+            calls += 1;
+            Err(KafkaError::Flush(RDKafkaErrorCode::Fatal))
+        });
+        assert!(r.is_err() && calls == 1, "not retriable: returned at once");
+    }
+
+    #[test]
+    fn a_stop_request_brings_the_deadline_forward() {
+        let shutdown = Shutdown::new();
+        let start = Instant::now();
+        let mut calls = 0;
+        let r = patiently(&shutdown, start + Duration::from_secs(30), Duration::from_millis(300), |t| {
+            calls += 1;
+            if calls == 2 {
+                shutdown.trigger();
+            }
+            std::thread::sleep(t.min(Duration::from_millis(100)));
+            timed_out()
+        });
+        assert!(r.is_err());
+        let took = start.elapsed();
+        assert!(took < Duration::from_secs(5), "stopped within the after-stop grace, not the 30 s deadline: {took:?}");
+    }
 
     #[test]
     fn records_are_released_in_offset_order_per_partition() {
