@@ -18,7 +18,7 @@ use crate::publish::Job;
 use crate::publish::refusals::{Poisoned, Stalls};
 use crate::topic_partition::TopicPartition;
 use crate::tracker::Tracker;
-use crate::txn::{Txn, TxnError};
+use crate::txn::Txn;
 
 /// The worker's consumer.
 pub type WorkerConsumer = BaseConsumer<ConsumeContext>;
@@ -90,7 +90,7 @@ impl ConsumerContext for ConsumeContext {
                             self.metrics.txn_commits.inc();
                         }
                     }
-                    Err(TxnError::Fatal(e)) => *self.fatal.lock().unwrap() = Some(e.to_string()),
+                    Err(e) if e.is_fatal() => *self.fatal.lock().unwrap() = Some(e.to_string()),
                     Err(e) => {
                         self.metrics.txn_aborts.inc();
                         tracing::warn!(error = %e, "Transaction on revoke not committed; those frames are processed again.");

@@ -129,7 +129,7 @@ impl PollLoop {
                         metrics.txn_commits.inc();
                     }
                     Ok(false) | Err(TxnError::NoGroup) => {}
-                    Err(TxnError::Fatal(e)) => return Some(anyhow::anyhow!("exactly-once: {e}: the worker stops; the next instance with this id fences the open transaction (aborted, its frames processed again)")),
+                    Err(e) if e.is_fatal() => return Some(anyhow::anyhow!("exactly-once: {e}: the worker stops; the next instance with this id fences the open transaction (aborted, its frames processed again)")),
                     Err(e) => {
                         metrics.txn_aborts.inc();
                         tracing::warn!(error = %e, "Transaction aborted; rewinding to the last committed offsets.");

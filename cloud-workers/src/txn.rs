@@ -68,10 +68,24 @@ pub enum TxnError {
     /// The transaction was aborted; the assigned partitions must be rewound (see `take_rewind`).
     #[error("transaction aborted: {0}")]
     Aborted(KafkaError),
+    /// Commits timed out [`STUCK_AFTER`] times in a row: the producer is likely wedged (see
+    /// [`Transactions::commit`]); the worker must stop so a fresh one takes over.
+    #[error("{STUCK_AFTER} transaction commits in a row timed out (last: {0}); librdkafka can keep a partition without a leader for good (confluentinc/librdkafka#5430), so a fresh producer is needed")]
+    Stuck(KafkaError),
     /// Offsets can only be sent while the consumer is a member of its group.
     #[error("the consumer has no group metadata (not a group member yet)")]
     NoGroup,
 }
+
+impl TxnError {
+    /// The worker must stop (systemd / Kubernetes start a fresh one).
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, Self::Fatal(_) | Self::Stuck(_))
+    }
+}
+
+/// Commits timing out this many times in a row are [`TxnError::Stuck`].
+pub const STUCK_AFTER: u32 = 2;
 
 pub struct Transactions<C: ProducerContext + 'static, T> {
     /// Processed records waiting for their turn to be produced.
@@ -86,6 +100,8 @@ pub struct Transactions<C: ProducerContext + 'static, T> {
     last_commit: std::sync::Mutex<Instant>,
     /// The worker's stop request: shortens a commit under way.
     shutdown: Shutdown,
+    /// Commits that timed out since the last one that did not.
+    timeouts_in_a_row: std::sync::atomic::AtomicU32,
 }
 
 impl<C: ProducerContext + 'static, T> Transactions<C, T> {
@@ -103,6 +119,7 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
             rewind: AtomicBool::new(false),
             last_commit: std::sync::Mutex::new(Instant::now()),
             shutdown,
+            timeouts_in_a_row: std::sync::atomic::AtomicU32::new(0),
         })
     }
 
@@ -128,12 +145,18 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
     /// Flushes, sends the completed positions with the transaction, commits, begins the next;
     /// true when there was something to commit.
     pub fn commit<X: ConsumerContext>(&self, consumer: &BaseConsumer<X>) -> Result<bool, TxnError> {
+        let asked = Instant::now();
         let _w = self.gate.write().unwrap();
+        let mut steps = Steps::new(asked);
+        steps.done("gate");
         *self.last_commit.lock().unwrap() = Instant::now();
         let deadline = Instant::now() + COMMIT_WITHIN;
         // Deliver everything produced so far: delivery reports move the tracker's positions.
-        if let Err(e) = self.patiently(deadline, |t| self.producer.flush(t)) {
-            return Err(self.abort(e));
+        let flushed = self.patiently(deadline, |t| self.producer.flush(t));
+        steps.done("flush");
+        if let Err(e) = flushed {
+            steps.report_if_slow();
+            return Err(self.failed(e));
         }
         let cgm = consumer.group_metadata().ok_or(TxnError::NoGroup)?;
         let ready = self.tracker.take_ready();
@@ -144,17 +167,38 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
             if !ready.is_empty() {
                 let offsets = offsets_list(&ready)?;
                 self.patiently(deadline, |t| self.producer.send_offsets_to_transaction(&offsets, &cgm, t))?;
+                steps.done("offsets");
             }
-            self.patiently(deadline, |t| self.producer.commit_transaction(t))
+            let r = self.patiently(deadline, |t| self.producer.commit_transaction(t));
+            steps.done("commit");
+            r
         })();
+        steps.report_if_slow();
         match result {
             Ok(()) => {
+                self.timeouts_in_a_row.store(0, Ordering::SeqCst);
                 self.dirty.store(false, Ordering::SeqCst);
                 self.producer.begin_transaction().map_err(TxnError::Fatal)?;
                 Ok(true)
             }
-            Err(e) => Err(self.abort(e)),
+            Err(e) => Err(self.failed(e)),
         }
+    }
+
+    /// A commit failed: aborted, unless it is the [`STUCK_AFTER`]th in a row to time out. A
+    /// flush that never finishes is what a partition librdkafka keeps without a leader looks
+    /// like (confluentinc/librdkafka#5430, which the agent works around by replacing its
+    /// producer); aborting cannot cure that, a fresh producer does. A plain outage also times
+    /// out commits: the worker then restarts, and starts once Kafka answers again.
+    fn failed(&self, e: KafkaError) -> TxnError {
+        if !is_timeout(&e) {
+            self.timeouts_in_a_row.store(0, Ordering::SeqCst);
+            return self.abort(e);
+        }
+        if self.timeouts_in_a_row.fetch_add(1, Ordering::SeqCst) + 1 >= STUCK_AFTER {
+            return TxnError::Stuck(e);
+        }
+        self.abort(e)
     }
 
     /// Classifies `e`; for an abortable error, aborts, bumps the epoch and asks for a rewind.
@@ -233,6 +277,36 @@ fn patiently(shutdown: &Shutdown, deadline: Instant, after_stop: Duration, mut f
                 std::thread::sleep(Duration::from_millis(100).saturating_sub(started.elapsed()));
             }
             r => return r,
+        }
+    }
+}
+
+/// How long each step of a commit took, logged when the whole took over [`SLOW_COMMIT`].
+struct Steps {
+    start: Instant,
+    last: Instant,
+    took: Vec<(&'static str, Duration)>,
+}
+
+/// A commit this slow is logged with its steps (waiting for the gate, flush, offsets, commit).
+const SLOW_COMMIT: Duration = Duration::from_secs(5);
+
+impl Steps {
+    fn new(start: Instant) -> Self {
+        Self { start, last: start, took: Vec::new() }
+    }
+
+    fn done(&mut self, step: &'static str) {
+        let now = Instant::now();
+        self.took.push((step, now - self.last));
+        self.last = now;
+    }
+
+    fn report_if_slow(&self) {
+        let total = self.last - self.start;
+        if total >= SLOW_COMMIT {
+            let steps: Vec<String> = self.took.iter().map(|(s, d)| format!("{s} {:.1} s", d.as_secs_f64())).collect();
+            tracing::warn!(seconds = total.as_secs_f64(), steps = steps.join(", "), "Slow transaction commit.");
         }
     }
 }
