@@ -47,7 +47,7 @@ fn the_transaction_log_partition_matches_javas_string_hash() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "open bug (#14): in a loaded run the exactly-once worker made no progress after the transaction coordinator's SIGKILL and did not stop within 40 s of SIGTERM; passed standalone. Run with --ignored"]
+#[ignore = "open intermittent stall (#14, docs/worker.md item 16): 1 of 6 loaded runs with bounded commits made no progress for minutes after the coordinator's SIGKILL. Run with --ignored"]
 async fn exactly_once_through_a_leader_kill_and_a_coordinator_move() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     init_tracing();
@@ -99,8 +99,16 @@ async fn exactly_once_through_a_leader_kill_and_a_coordinator_move() {
     let expected: BTreeSet<(String, u64)> = (0..600u64).map(|i| (format!("c{}", i % 4), i / 4)).collect();
     let mut results = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(240);
+    // A stall (no new output for 60 s) is caught in the act: the worker's stacks are printed.
+    let (mut last_out, mut moved, mut sampled) = (-1.0, Instant::now(), false);
     while Instant::now() < deadline {
-        out(&mut w);
+        let now_out = out(&mut w);
+        if now_out != last_out {
+            (last_out, moved) = (now_out, Instant::now());
+        } else if !sampled && moved.elapsed() > Duration::from_secs(60) {
+            sampled = true;
+            eprintln!("no output for 60 s (out {now_out}); the worker's stacks:\n{}", w.stacks().unwrap_or_else(|| "(eu-stack not installed)".into()));
+        }
         results = consume_all(&kafka, &t.results, Duration::from_secs(3)).await.unwrap();
         if result_ids(&results).into_iter().collect::<BTreeSet<_>>() == expected {
             break;

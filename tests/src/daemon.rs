@@ -125,6 +125,14 @@ impl Daemon {
         exited
     }
 
+    /// Every thread's stack of the running process, by `eu-stack` (elfutils) if installed:
+    /// evidence when a test sees a daemon stall. The process is stopped for a few seconds.
+    pub fn stacks(&self) -> Option<String> {
+        let pid = self.child.as_ref()?.id();
+        let out = Command::new("eu-stack").args(["-p", &pid.to_string()]).output().ok()?;
+        Some(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// SIGKILL (a crash or power cut).
     pub fn kill(&mut self) {
         let mut child = self.child.take().expect("running");
