@@ -190,7 +190,7 @@ async fn soak() {
     }
     let unprocessed: Vec<_> = unique.iter().filter(|k| !processed.contains_key(*k)).take(10).collect();
     let reprocessed = processed.values().filter(|n| **n > 1).count();
-    let dropped: f64 = drops.values().sum();
+    let dropped: f64 = drops.values().fold(0.0, |a, b| a + b); // not sum(): an empty f64 sum is -0
     eprintln!("\nsoak: {minutes} min, faults {faults:?}, worker restarts {restarts}");
     eprintln!("agent: captured {total}, sent {sent}, dropped {dropped} {drops:?}, link stalls {stalls}, producers recreated {recreated}");
     eprintln!("Kafka: {} frames delivered ({} unique), {duplicates} duplicates, {out_of_order} out of order", delivered.len(), unique.len());
