@@ -1,6 +1,7 @@
 //! The agent through network faults that are not a stopped broker: packets to and from the
-//! broker silently dropped (no reset, no refusal), a flapping link, and random packet loss,
-//! made with nftables on loopback ([`framelink_testkit::netfault`]). What arrives in Kafka is
+//! broker silently dropped (no reset, no refusal), a flapping link, random packet loss, made
+//! with nftables on loopback ([`framelink_testkit::netfault`]), and a slow link (seconds of
+//! latency, [`framelink_testkit::latency`]). What arrives in Kafka is
 //! checked frame by frame: every frame once, in order per camera (see
 //! `support::frames::wait_and_check_delivery`).
 //!
@@ -13,6 +14,7 @@ mod support {
 use std::time::{Duration, Instant};
 
 use framelink_testkit::daemon::Agent;
+use framelink_testkit::latency::SlowLink;
 use framelink_testkit::netfault::NetFault;
 use framelink_testkit::{Broker, init_tracing, rand_topic};
 use support::frames::{AGENT, body, serial, synthetic, wait_and_check_delivery};
@@ -110,5 +112,39 @@ async fn n3_two_percent_packet_loss_for_30_s_loses_and_duplicates_nothing() {
     eprintln!("n3: 30 s at 2 % loss: sent {sent}, stalls {}, spooled {}", agent.metric("link_stalls_total", &[]), agent.metric("frames_spooled_total", &[]));
     // TCP retransmits what is lost: frames keep flowing through the loss.
     assert!(sent >= 2.0 * 10.0 * 25.0, "frames flowed through the loss: {sent}");
+    wait_and_check_delivery(PHASE, &mut agent, &broker.mtls(), &topic, FRAMES).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn n4_a_slow_link_is_judged_stalled_only_once_its_round_trip_passes_the_stall_timeout() {
+    const PHASE: &str = "n4 latency";
+    let _g = serial();
+    init_tracing();
+    let broker = Broker::private().unwrap();
+    let topic = rand_topic("agent-slow");
+    broker.create_topic(&topic, 2).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // Before the agent connects: only new connections go through the slow link.
+    let link = SlowLink::on_port(tls_port(&broker)).unwrap();
+    let mut agent = start_agent(&broker, &topic, dir.path());
+    // 1 s each way: a 2 s round trip, under stall_timeout_ms (5 s). Frames wait longer for
+    // their acknowledgements, but nothing is judged stalled or spooled.
+    link.set_delay(Duration::from_secs(1));
+    let sent0 = agent.metric("frames_sent_total", &[]);
+    std::thread::sleep(Duration::from_secs(20));
+    let (stalls, spooled, sent) = (agent.metric("link_stalls_total", &[]), agent.metric("frames_spooled_total", &[]), agent.metric("frames_sent_total", &[]) - sent0);
+    let health = agent.healthz();
+    eprintln!("n4: 20 s at a 2 s round trip: sent {sent}, stalls {stalls}, spooled {spooled}; healthz link {}", health["link"]);
+    assert_eq!((stalls, spooled), (0.0, 0.0), "a 2 s round trip is no stall");
+    assert_eq!(health["link"], "up");
+    assert!(sent >= 2.0 * 10.0 * 15.0, "frames flowed at the cameras' rate through the latency: {sent}");
+    // 4 s each way: an 8 s round trip passes stall_timeout_ms: the link is judged stalled and
+    // the waiting frames are spooled (librdkafka itself sees no error).
+    link.set_delay(Duration::from_secs(4));
+    agent.wait_for("the slow link judged stalled", Duration::from_secs(20), |a| a.metric("link_stalls_total", &[]) >= 1.0);
+    std::thread::sleep(Duration::from_secs(10));
+    eprintln!("n4: 8 s round trip: stalls {}, spooled {}", agent.metric("link_stalls_total", &[]), agent.metric("frames_spooled_total", &[]));
+    assert!(agent.metric("frames_spooled_total", &[]) > 0.0, "frames went to the spool");
+    link.set_delay(Duration::ZERO);
     wait_and_check_delivery(PHASE, &mut agent, &broker.mtls(), &topic, FRAMES).await;
 }

@@ -19,7 +19,7 @@ use anyhow::{Context, Result, bail};
 use framelink_common::KafkaConfig;
 use rand::RngExt;
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 
 use crate::repo_root;
@@ -160,32 +160,7 @@ impl Cluster {
     /// Creates `topic` with `partitions` partitions and replication factor 3, and waits until
     /// every partition has a leader and all three replicas in sync.
     pub async fn create_topic(&self, topic: &str, partitions: i32) -> Result<()> {
-        let admin = self.admin()?;
-        let results = admin
-            .create_topics(
-                &[NewTopic::new(topic, partitions, TopicReplication::Fixed(3))],
-                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
-            )
-            .await?;
-        for r in results {
-            r.map_err(|(t, e)| anyhow::anyhow!("creating topic {t}: {e}"))?;
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let md = admin.inner().fetch_metadata(Some(topic), Duration::from_secs(5))?;
-            let ready = md.topics().first().is_some_and(|t| {
-                t.error().is_none()
-                    && t.partitions().len() == partitions as usize
-                    && t.partitions().iter().all(|p| p.leader() >= 0 && p.isr().len() == 3)
-            });
-            if ready {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("topic {topic} has no leaders or fewer than 3 in-sync replicas after 30 s");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        crate::create_topic_and_wait(&self.admin()?, topic, partitions, 3, &[]).await
     }
 
     /// A topic's configuration value as the cluster resolves it (topic, cluster or broker

@@ -216,5 +216,5 @@ unsafe extern "C" {
 /// it) whose labels contain every `filter` (`key="value"`): the one rule the tests, the benches
 /// (`bench/benchlib.py`) and the scripts (`scripts/lib.sh`) read a metric by.
 pub fn sum_metric(samples: &HashMap<String, f64>, full_name: &str, filters: &[&str]) -> f64 {
-    samples.iter().filter(|(k, _)| k.split('{').next() == Some(full_name) && filters.iter().all(|f| k.contains(f))).map(|(_, v)| v).sum()
+    samples.iter().filter(|(k, _)| k.split('{').next() == Some(full_name) && filters.iter().all(|f| k.contains(f))).fold(0.0, |sum, (_, v)| sum + v) // not sum(): an empty f64 sum is -0
 }

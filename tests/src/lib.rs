@@ -29,6 +29,7 @@ use rand::RngExt;
 
 pub mod cluster;
 pub mod daemon;
+pub mod latency;
 pub mod netfault;
 
 pub use cluster::Cluster;
@@ -232,40 +233,36 @@ impl Broker {
 
     /// As [`Broker::create_topic`], with topic-level configuration.
     pub async fn create_topic_with(&self, topic: &str, partitions: i32, configs: &[(&str, &str)]) -> Result<()> {
-        let admin: AdminClient<_> = ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
-            .create()
-            .context("admin client")?;
-        let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-        for (k, v) in configs {
-            new = new.set(k, v);
+        let admin: AdminClient<_> = ClientConfig::new().set("bootstrap.servers", &self.bootstrap).create().context("admin client")?;
+        create_topic_and_wait(&admin, topic, partitions, 1, configs).await
+    }
+}
+
+/// Creates `topic` with `partitions` partitions of `replicas` replicas and topic `configs`, then
+/// waits (at most 30 s) until every partition has a leader and `replicas` in-sync replicas, so
+/// that the first produce does not race the metadata. The single broker and the cluster share it.
+pub async fn create_topic_and_wait(admin: &AdminClient<rdkafka::client::DefaultClientContext>, topic: &str, partitions: i32, replicas: i32, configs: &[(&str, &str)]) -> Result<()> {
+    let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replicas));
+    for (k, v) in configs {
+        new = new.set(k, v);
+    }
+    let results = admin.create_topics(&[new], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)))).await?;
+    for r in results {
+        r.map_err(|(t, e)| anyhow::anyhow!("creating topic {t}: {e}"))?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let md = admin.inner().fetch_metadata(Some(topic), Duration::from_secs(5))?;
+        let ready = md.topics().first().is_some_and(|t| {
+            t.error().is_none() && t.partitions().len() == partitions as usize && t.partitions().iter().all(|p| p.leader() >= 0 && p.isr().len() == replicas as usize)
+        });
+        if ready {
+            return Ok(());
         }
-        let results = admin
-            .create_topics(
-                &[new],
-                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
-            )
-            .await?;
-        for r in results {
-            r.map_err(|(t, e)| anyhow::anyhow!("creating topic {t}: {e}"))?;
+        if Instant::now() > deadline {
+            bail!("topic {topic} has no leaders or fewer than {replicas} in-sync replicas after 30 s");
         }
-        // Wait for leaders, so the first produce does not race the metadata.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let md = admin.inner().fetch_metadata(Some(topic), Duration::from_secs(5))?;
-            let ready = md.topics().first().is_some_and(|t| {
-                t.error().is_none()
-                    && t.partitions().len() == partitions as usize
-                    && t.partitions().iter().all(|p| p.leader() >= 0)
-            });
-            if ready {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("topic {topic} has no leaders after 30 s");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

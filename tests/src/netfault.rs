@@ -23,7 +23,8 @@ pub struct NetFault {
     ports: Vec<u16>,
 }
 
-fn nft(script: &str) -> Result<()> {
+/// Runs an nftables script (`nft -f -`); its error names the script and nft's complaint.
+pub(crate) fn nft(script: &str) -> Result<()> {
     let out = Command::new("nft").args(["-f", "-"]).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().and_then(|mut c| {
         use std::io::Write;
         c.stdin.take().expect("stdin").write_all(script.as_bytes())?;
