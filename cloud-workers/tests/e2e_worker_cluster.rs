@@ -107,7 +107,10 @@ async fn exactly_once_through_a_leader_kill_and_a_coordinator_move() {
             (last_out, moved) = (now_out, Instant::now());
         } else if !sampled && moved.elapsed() > Duration::from_secs(60) {
             sampled = true;
-            eprintln!("no output for 60 s (out {now_out}); the worker's stacks:\n{}", w.stacks().unwrap_or_else(|| "(eu-stack not installed)".into()));
+            // Whether the consumer still fetches (lag, partitions, in flight) tells a stuck
+            // fetch from a stuck commit; the stacks say where the poll thread is.
+            eprintln!("no output for 60 s (out {now_out}); /healthz {}", w.healthz());
+            eprintln!("the worker's stacks:\n{}", w.stacks().unwrap_or_else(|| "(eu-stack not installed)".into()));
         }
         results = consume_all(&kafka, &t.results, Duration::from_secs(3)).await.unwrap();
         if result_ids(&results).into_iter().collect::<BTreeSet<_>>() == expected {
