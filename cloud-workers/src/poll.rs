@@ -132,6 +132,9 @@ impl PollLoop {
                     Err(e) if e.is_fatal() => return Some(anyhow::anyhow!("exactly-once: {e}: the worker stops; the next instance with this id fences the open transaction (aborted, its frames processed again)")),
                     Err(e) => {
                         metrics.txn_aborts.inc();
+                        if matches!(e, TxnError::Renewed(_)) {
+                            metrics.producer_recreated.inc();
+                        }
                         tracing::warn!(error = %e, "Transaction aborted; rewinding to the last committed offsets.");
                     }
                 }

@@ -100,7 +100,9 @@ pub fn run(v: Validated, shutdown: Shutdown, metrics: Arc<Metrics>) -> Result<()
     let consumer: Arc<WorkerConsumer> = Arc::new(consumer_config(&v, &id).create_with_context(context).context("creating the Kafka consumer")?);
     offsets.attach(Some(consumer.clone() as Arc<dyn PartitionControl>));
     let txn: Option<Arc<Txn>> = if exactly_once {
-        let t = Arc::new(Transactions::start(producers.get(), tracker.clone(), shutdown.clone()).context("starting Kafka transactions (worker.delivery = exactly-once)")?);
+        let fresh = make_producer.clone();
+        let new_producer: crate::txn::NewProducer<ProduceContext> = Box::new(move || fresh().map_err(|e| format!("{e:#}")));
+        let t = Arc::new(Transactions::start(producers.clone(), new_producer, tracker.clone(), shutdown.clone()).context("starting Kafka transactions (worker.delivery = exactly-once)")?);
         let _ = consumer.context().txn.set(t.clone());
         Some(t)
     } else {

@@ -31,6 +31,14 @@
 //! 60 s tries): no progress, and no exit on SIGTERM. An exit is safe: the transaction left
 //! open is aborted by the broker after `transaction.timeout.ms`, or at once when the next
 //! instance with this transactional id starts.
+//!
+//! Two failures only a fresh producer cures, and the worker replaces its producer for them in
+//! place (see [`Transactions::renew`]): `send_offsets_to_transaction` never returning — it
+//! waits for the group coordinator without a timeout (confluentinc/librdkafka#5456, #5511;
+//! seen here after a broker's SIGKILL), so it runs on a helper thread the poll thread stops
+//! waiting for — and commits timing out [`STUCK_AFTER`] times in a row. The new producer
+//! registers the same transactional id, which fences the old one and makes the broker abort
+//! its open transaction; the partitions are rewound as after any abort.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,6 +51,7 @@ use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::producer::{Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 
+use crate::publish::producer::Producers;
 use crate::topic_partition::TopicPartition;
 use crate::tracker::Tracker;
 
@@ -59,6 +68,8 @@ pub const ABORT_WITHIN: Duration = Duration::from_secs(10);
 const REWIND_WITHIN: Duration = Duration::from_secs(20);
 /// The longest a single librdkafka call waits before the deadlines are checked again.
 const SLICE: Duration = Duration::from_millis(500);
+/// How long past its own deadline a call on a helper thread may take before it is judged hung.
+const HUNG_AFTER: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TxnError {
@@ -68,10 +79,13 @@ pub enum TxnError {
     /// The transaction was aborted; the assigned partitions must be rewound (see `take_rewind`).
     #[error("transaction aborted: {0}")]
     Aborted(KafkaError),
-    /// Commits timed out [`STUCK_AFTER`] times in a row: the producer is likely wedged (see
-    /// [`Transactions::commit`]); the worker must stop so a fresh one takes over.
-    #[error("{STUCK_AFTER} transaction commits in a row timed out (last: {0}); librdkafka can keep a partition without a leader for good (confluentinc/librdkafka#5430), so a fresh producer is needed")]
-    Stuck(KafkaError),
+    /// The producer was replaced (a transactional call hung, or commits kept timing out): the
+    /// open transaction is aborted and the partitions must be rewound, as after an abort.
+    #[error("transactional producer replaced: {0}")]
+    Renewed(String),
+    /// The producer had to be replaced and the new one could not start; the worker must stop.
+    #[error("transactional producer could not be replaced ({why}): {error}")]
+    RenewFailed { why: String, error: String },
     /// Offsets can only be sent while the consumer is a member of its group.
     #[error("the consumer has no group metadata (not a group member yet)")]
     NoGroup,
@@ -80,17 +94,22 @@ pub enum TxnError {
 impl TxnError {
     /// The worker must stop (systemd / Kubernetes start a fresh one).
     pub fn is_fatal(&self) -> bool {
-        matches!(self, Self::Fatal(_) | Self::Stuck(_))
+        matches!(self, Self::Fatal(_) | Self::RenewFailed { .. })
     }
 }
 
-/// Commits timing out this many times in a row are [`TxnError::Stuck`].
+/// After this many commits in a row timed out the producer is replaced ([`TxnError::Renewed`]).
 pub const STUCK_AFTER: u32 = 2;
+
+/// Builds a producer with the worker's transactional settings (to replace a wedged one).
+pub type NewProducer<C> = Box<dyn Fn() -> Result<Arc<ThreadedProducer<C>>, String> + Send + Sync>;
 
 pub struct Transactions<C: ProducerContext + 'static, T> {
     /// Processed records waiting for their turn to be produced.
     pub order: Sequencer<T>,
-    producer: Arc<ThreadedProducer<C>>,
+    /// The transactional producer, shared with the processing threads (which produce on it).
+    producers: Arc<Producers<C>>,
+    new_producer: NewProducer<C>,
     tracker: Arc<Tracker>,
     gate: RwLock<()>,
     /// Something was produced since the last commit.
@@ -102,17 +121,23 @@ pub struct Transactions<C: ProducerContext + 'static, T> {
     shutdown: Shutdown,
     /// Commits that timed out since the last one that did not.
     timeouts_in_a_row: std::sync::atomic::AtomicU32,
+    /// Transactions committed; tests only: the offsets call after this many hangs
+    /// (`FRAMELINK_TEST_HANG_SEND_OFFSETS_AFTER`, see [`framelink_common::fault`]).
+    committed: std::sync::atomic::AtomicU64,
+    hang_offsets_after: std::sync::Mutex<Option<u64>>,
 }
 
 impl<C: ProducerContext + 'static, T> Transactions<C, T> {
     /// Registers the transactional id with the broker (fencing older instances that used it)
     /// and opens the first transaction.
-    pub fn start(producer: Arc<ThreadedProducer<C>>, tracker: Arc<Tracker>, shutdown: Shutdown) -> KafkaResult<Self> {
+    pub fn start(producers: Arc<Producers<C>>, new_producer: NewProducer<C>, tracker: Arc<Tracker>, shutdown: Shutdown) -> KafkaResult<Self> {
+        let producer = producers.get();
         producer.init_transactions(TIMEOUT)?;
         producer.begin_transaction()?;
         Ok(Self {
             order: Sequencer::default(),
-            producer,
+            producers,
+            new_producer,
             tracker,
             gate: RwLock::new(()),
             dirty: AtomicBool::new(false),
@@ -120,6 +145,8 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
             last_commit: std::sync::Mutex::new(Instant::now()),
             shutdown,
             timeouts_in_a_row: std::sync::atomic::AtomicU32::new(0),
+            committed: std::sync::atomic::AtomicU64::new(0),
+            hang_offsets_after: std::sync::Mutex::new(framelink_common::fault::hang_send_offsets_after()),
         })
     }
 
@@ -151,8 +178,9 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
         steps.done("gate");
         *self.last_commit.lock().unwrap() = Instant::now();
         let deadline = Instant::now() + COMMIT_WITHIN;
+        let producer = self.producers.get();
         // Deliver everything produced so far: delivery reports move the tracker's positions.
-        let flushed = self.patiently(deadline, |t| self.producer.flush(t));
+        let flushed = self.patiently(deadline, |t| producer.flush(t));
         steps.done("flush");
         if let Err(e) = flushed {
             steps.report_if_slow();
@@ -165,23 +193,41 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
         }
         let result = (|| {
             if !ready.is_empty() {
-                let offsets = offsets_list(&ready)?;
-                self.patiently(deadline, |t| self.producer.send_offsets_to_transaction(&offsets, &cgm, t))?;
+                let offsets = offsets_list(&ready).map_err(Failure::Kafka)?;
+                // On a helper thread: librdkafka may never return from this one (see the module doc).
+                let (p, stop) = (producer.clone(), self.shutdown.clone());
+                let hang = {
+                    let mut after = self.hang_offsets_after.lock().unwrap();
+                    let due = *after == Some(self.committed.load(Ordering::SeqCst));
+                    if due {
+                        *after = None; // once
+                    }
+                    due
+                };
+                let sent = on_helper(&self.shutdown, deadline, move || {
+                    if hang {
+                        framelink_common::fault::hang("send_offsets_to_transaction");
+                    }
+                    patiently(&stop, deadline, COMMIT_AFTER_STOP, |t| p.send_offsets_to_transaction(&offsets, &cgm, t))
+                });
+                sent.ok_or(Failure::Hung("send_offsets_to_transaction"))?.map_err(Failure::Kafka)?;
                 steps.done("offsets");
             }
-            let r = self.patiently(deadline, |t| self.producer.commit_transaction(t));
+            let r = self.patiently(deadline, |t| producer.commit_transaction(t));
             steps.done("commit");
-            r
+            r.map_err(Failure::Kafka)
         })();
         steps.report_if_slow();
         match result {
             Ok(()) => {
                 self.timeouts_in_a_row.store(0, Ordering::SeqCst);
+                self.committed.fetch_add(1, Ordering::SeqCst);
                 self.dirty.store(false, Ordering::SeqCst);
-                self.producer.begin_transaction().map_err(TxnError::Fatal)?;
+                producer.begin_transaction().map_err(TxnError::Fatal)?;
                 Ok(true)
             }
-            Err(e) => Err(self.failed(e)),
+            Err(Failure::Kafka(e)) => Err(self.failed(e)),
+            Err(Failure::Hung(call)) => Err(self.renew(format!("{call} did not return within {} s of its deadline (confluentinc/librdkafka#5456: it can wait for a dead group coordinator for good)", HUNG_AFTER.as_secs()))),
         }
     }
 
@@ -189,16 +235,49 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
     /// flush that never finishes is what a partition librdkafka keeps without a leader looks
     /// like (confluentinc/librdkafka#5430, which the agent works around by replacing its
     /// producer); aborting cannot cure that, a fresh producer does. A plain outage also times
-    /// out commits: the worker then restarts, and starts once Kafka answers again.
+    /// out commits: then the new producer cannot register either and the worker stops (and
+    /// starts again once Kafka answers).
     fn failed(&self, e: KafkaError) -> TxnError {
         if !is_timeout(&e) {
             self.timeouts_in_a_row.store(0, Ordering::SeqCst);
             return self.abort(e);
         }
         if self.timeouts_in_a_row.fetch_add(1, Ordering::SeqCst) + 1 >= STUCK_AFTER {
-            return TxnError::Stuck(e);
+            return self.renew(format!("{STUCK_AFTER} transaction commits in a row timed out (last: {e}); librdkafka can keep a partition without a leader for good (confluentinc/librdkafka#5430)"));
         }
         self.abort(e)
+    }
+
+    /// Replaces the transactional producer (called with the gate held, so no processing thread
+    /// is producing). The new producer registers the same transactional id: that fences the
+    /// old one (whatever it still sends is refused) and makes the broker abort its open
+    /// transaction. Then, as after an abort, the work in flight is dropped and the partitions
+    /// are rewound to their committed offsets. The old producer is dropped on a thread of its
+    /// own (dropping waits for its threads), or left to the helper thread still inside it.
+    fn renew(&self, why: String) -> TxnError {
+        tracing::error!(reason = %why, "Replacing the transactional producer; the open transaction is aborted and the partitions rewound.");
+        let fresh = match (self.new_producer)() {
+            Ok(p) => p,
+            Err(error) => return TxnError::RenewFailed { why, error },
+        };
+        let registered = patiently(&self.shutdown, Instant::now() + TIMEOUT, COMMIT_AFTER_STOP, |t| fresh.init_transactions(t)).and_then(|()| fresh.begin_transaction());
+        if let Err(e) = registered {
+            return TxnError::RenewFailed { why, error: e.to_string() };
+        }
+        let old = self.producers.replace(fresh);
+        let _ = std::thread::Builder::new().name("old-producer".into()).spawn(move || drop(old));
+        self.timeouts_in_a_row.store(0, Ordering::SeqCst);
+        self.forget_work();
+        TxnError::Renewed(why)
+    }
+
+    /// After an abort or a renewal: work taken before it is dropped (a new epoch) and every
+    /// assigned partition is rewound to its committed offset.
+    fn forget_work(&self) {
+        self.tracker.clear();
+        self.order.clear();
+        self.dirty.store(false, Ordering::SeqCst);
+        self.rewind.store(true, Ordering::SeqCst);
     }
 
     /// Classifies `e`; for an abortable error, aborts, bumps the epoch and asks for a rewind.
@@ -208,14 +287,12 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
             return TxnError::Fatal(e);
         }
         tracing::warn!(error = %e, "Aborting the transaction.");
-        if let Err(a) = self.patiently(Instant::now() + ABORT_WITHIN, |t| self.producer.abort_transaction(t)) {
+        let producer = self.producers.get();
+        if let Err(a) = self.patiently(Instant::now() + ABORT_WITHIN, |t| producer.abort_transaction(t)) {
             return TxnError::Fatal(a);
         }
-        self.tracker.clear(); // and a new epoch: work taken before it is dropped
-        self.order.clear();
-        self.dirty.store(false, Ordering::SeqCst);
-        self.rewind.store(true, Ordering::SeqCst);
-        if let Err(b) = self.producer.begin_transaction() {
+        self.forget_work();
+        if let Err(b) = producer.begin_transaction() {
             return TxnError::Fatal(b);
         }
         TxnError::Aborted(e)
@@ -256,6 +333,39 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
 /// Calls `f` (a transactional call or a flush, given its timeout) in slices of at most
 /// [`SLICE`] while it times out or fails retriably, until `deadline` — brought forward to
 /// `after_stop` from the moment a stop is seen. Returns its last result.
+/// Why a commit's step failed.
+enum Failure {
+    Kafka(KafkaError),
+    /// The call on a helper thread did not return (see [`on_helper`]).
+    Hung(&'static str),
+}
+
+/// Runs `f` on a helper thread and waits for it until `deadline` (brought forward to
+/// [`COMMIT_AFTER_STOP`] from a stop request) plus [`HUNG_AFTER`]; `None` if it has not
+/// returned by then (the thread is left behind, still blocked) or could not be started.
+fn on_helper<R: Send + 'static>(shutdown: &Shutdown, deadline: Instant, f: impl FnOnce() -> R + Send + 'static) -> Option<R> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    if let Err(e) = std::thread::Builder::new().name("txn-call".into()).spawn(move || {
+        let _ = tx.send(f());
+    }) {
+        tracing::error!(error = %e, "Cannot start a thread for a transactional call.");
+        return None;
+    }
+    let mut give_up = deadline + HUNG_AFTER;
+    let mut stop_seen = false;
+    loop {
+        if !stop_seen && shutdown.is_set() {
+            stop_seen = true;
+            give_up = give_up.min(Instant::now() + COMMIT_AFTER_STOP + HUNG_AFTER);
+        }
+        match rx.recv_timeout(SLICE.min(give_up.saturating_duration_since(Instant::now()))) {
+            Ok(r) => return Some(r),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if Instant::now() < give_up => {}
+            Err(_) => return None,
+        }
+    }
+}
+
 fn patiently(shutdown: &Shutdown, deadline: Instant, after_stop: Duration, mut f: impl FnMut(Duration) -> KafkaResult<()>) -> KafkaResult<()> {
     let mut deadline = deadline;
     let mut stop_seen = false;
@@ -448,6 +558,30 @@ mod tests {
         assert!(r.is_err());
         let took = start.elapsed();
         assert!(took < Duration::from_secs(5), "stopped within the after-stop grace, not the 30 s deadline: {took:?}");
+    }
+
+    #[test]
+    fn a_call_on_a_helper_thread_that_never_returns_is_given_up_after_its_deadline() {
+        let start = Instant::now();
+        let returns = on_helper(&Shutdown::new(), start, || 7);
+        assert_eq!(returns, Some(7));
+        let (release, blocked) = std::sync::mpsc::channel::<()>();
+        let hangs = on_helper(&Shutdown::new(), Instant::now(), move || blocked.recv().is_ok());
+        assert_eq!(hangs, None, "a call still blocked after deadline + HUNG_AFTER is given up");
+        assert!(start.elapsed() >= HUNG_AFTER && start.elapsed() < HUNG_AFTER + Duration::from_secs(2), "{:?}", start.elapsed());
+        drop(release);
+    }
+
+    #[test]
+    fn a_stop_request_shortens_the_wait_for_a_helper_thread() {
+        let shutdown = Shutdown::new();
+        shutdown.trigger();
+        let start = Instant::now();
+        let (_release, blocked) = std::sync::mpsc::channel::<()>();
+        let hangs = on_helper(&shutdown, start + Duration::from_secs(60), move || blocked.recv().is_ok());
+        assert_eq!(hangs, None);
+        let waited = start.elapsed();
+        assert!(waited >= COMMIT_AFTER_STOP + HUNG_AFTER && waited < COMMIT_AFTER_STOP + HUNG_AFTER + Duration::from_secs(2), "{waited:?}");
     }
 
     #[test]

@@ -652,3 +652,38 @@ async fn w15_exactly_once_refused_outputs_are_dead_lettered_without_an_abort_loo
     // be results (their result was not refused before the topics were fixed).
     assert!((5..=8).contains(&dlq.len()), "{} dead letters", dlq.len());
 }
+
+/// librdkafka's `send_offsets_to_transaction` can wait for a dead group coordinator for good
+/// (confluentinc/librdkafka#5456; seen in the cluster test after a broker's SIGKILL). Injected
+/// here (`FRAMELINK_TEST_HANG_SEND_OFFSETS_AFTER`: the call after the 5th commit never
+/// returns): the worker gives up on the call 5 s past the commit's 30 s deadline, replaces its
+/// producer in place (the new one fences the old, whose open transaction the broker aborts),
+/// rewinds, and goes on — without a restart, every frame's result once in read_committed.
+#[tokio::test(flavor = "multi_thread")]
+async fn w16_exactly_once_a_hung_offsets_call_replaces_the_producer_without_a_restart() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    init_tracing();
+    let b = Broker::shared();
+    let t = topics(b, "w16", 2).await;
+    let extra = "delivery = \"exactly-once\"\ntransaction_ms = 200\n";
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = Daemon::worker(WORKER, dir.path(), &worker_body(&b.plaintext(), &t, "g-w16", "resize:320x240", extra)).env("FRAMELINK__WORKER__ID", "eos-hang").env("FRAMELINK_TEST_HANG_SEND_OFFSETS_AFTER", "5");
+    w.start();
+    produce_frames(&b.plaintext(), &t.frames, 40, 0).await;
+    w.wait_for("the offsets call hangs", Duration::from_secs(60), |w| w.log_text().contains("this call now blocks for good"));
+    produce_frames(&b.plaintext(), &t.frames, 80, 40).await;
+    w.wait_for("the producer replaced", Duration::from_secs(60), |w| w.metric("producer_recreated_total", &[]) >= 1.0);
+    let expected: BTreeSet<(String, u64)> = (0..120u64).map(|i| (format!("c{}", i % 4), i / 4)).collect();
+    let results = wait_for_results(b, &t.results, &expected).await;
+    let (aborted, replaced) = (w.metric("transactions_aborted_total", &[]), w.metric("producer_recreated_total", &[]));
+    let log = w.log_text();
+    w.stop();
+    assert!(log.contains("send_offsets_to_transaction did not return"), "the reason is logged");
+    assert_eq!(replaced, 1.0, "one producer replacement");
+    assert!(aborted >= 1.0, "the open transaction counts as aborted");
+    let ids = result_ids(&results);
+    let unique: BTreeSet<_> = ids.iter().cloned().collect();
+    assert_eq!(unique, expected, "every frame has a result");
+    assert_eq!(ids.len(), 120, "read_committed: exactly one result per frame (none from the fenced producer)");
+    println!("w16: 120 results for 120 frames across a hung offsets call; {aborted} aborted, {replaced} producer replaced, no restart");
+}

@@ -1,6 +1,10 @@
 //! Fault injection for tests: `FRAMELINK_TEST_FATAL_ERROR_AFTER=N` makes librdkafka raise a
 //! fatal producer error (as an idempotence sequence error after a leader change would) once a
-//! component has had N outputs acknowledged. Read by both binaries; never set in production.
+//! component has had N outputs acknowledged. Read by both binaries.
+//! `FRAMELINK_TEST_HANG_SEND_OFFSETS_AFTER=N` (the worker, exactly-once) makes the call that
+//! sends the offsets of the transaction after the N-th committed one block for good, as
+//! librdkafka's `send_offsets_to_transaction` does when it waits for a dead group coordinator
+//! (confluentinc/librdkafka#5456). Never set either in production.
 
 use rdkafka::ClientContext;
 use rdkafka::client::Client;
@@ -8,6 +12,19 @@ use rdkafka::client::Client;
 /// The variable's value, when set to a number.
 pub fn fatal_error_after() -> Option<u64> {
     std::env::var("FRAMELINK_TEST_FATAL_ERROR_AFTER").ok().and_then(|v| v.parse().ok())
+}
+
+/// `FRAMELINK_TEST_HANG_SEND_OFFSETS_AFTER`, when set to a number.
+pub fn hang_send_offsets_after() -> Option<u64> {
+    std::env::var("FRAMELINK_TEST_HANG_SEND_OFFSETS_AFTER").ok().and_then(|v| v.parse().ok())
+}
+
+/// Blocks the calling thread for good (a librdkafka call that never returns).
+pub fn hang(what: &str) -> ! {
+    tracing::warn!(call = what, "FRAMELINK_TEST_HANG_SEND_OFFSETS_AFTER: this call now blocks for good.");
+    loop {
+        std::thread::park();
+    }
 }
 
 /// Raises a fatal error on `client` (`rd_kafka_test_fatal_error`).

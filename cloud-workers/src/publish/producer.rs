@@ -158,23 +158,25 @@ pub fn producer_failure(e: &KafkaError) -> bool {
     matches!(e.rdkafka_error_code(), Some(C::Fatal | C::PurgeQueue | C::PurgeInflight))
 }
 
-/// The worker's producer. In at-least-once mode it is replaced after a fatal librdkafka error
-/// (e.g. an idempotence sequence error after a leader change), which leaves a producer unusable:
-/// what it held is sent again on the new one.
-pub struct Producers {
-    current: RwLock<Arc<ThreadedProducer<ProduceContext>>>,
+/// The worker's producer, shared by the processing threads. In at-least-once mode it is
+/// replaced after a fatal librdkafka error (e.g. an idempotence sequence error after a leader
+/// change), which leaves a producer unusable: what it held is sent again on the new one. In
+/// exactly-once mode the transactions replace it when a transactional call hangs or keeps
+/// timing out (see [`crate::txn`]).
+pub struct Producers<C: ProducerContext + 'static = ProduceContext> {
+    current: RwLock<Arc<ThreadedProducer<C>>>,
 }
 
-impl Producers {
-    pub fn new(p: Arc<ThreadedProducer<ProduceContext>>) -> Self {
+impl<C: ProducerContext + 'static> Producers<C> {
+    pub fn new(p: Arc<ThreadedProducer<C>>) -> Self {
         Self { current: RwLock::new(p) }
     }
 
-    pub fn get(&self) -> Arc<ThreadedProducer<ProduceContext>> {
+    pub fn get(&self) -> Arc<ThreadedProducer<C>> {
         self.current.read().unwrap().clone()
     }
 
-    pub fn replace(&self, p: Arc<ThreadedProducer<ProduceContext>>) -> Arc<ThreadedProducer<ProduceContext>> {
+    pub fn replace(&self, p: Arc<ThreadedProducer<C>>) -> Arc<ThreadedProducer<C>> {
         std::mem::replace(&mut *self.current.write().unwrap(), p)
     }
 }
