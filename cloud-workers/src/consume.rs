@@ -2,6 +2,7 @@
 //! brokers up; rebalance → finish, commit and forget revoked partitions), and turning a
 //! fetched message into a [`Job`].
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -37,11 +38,41 @@ pub struct ConsumeContext {
     /// Tells the motion detectors which partitions this worker no longer owns.
     pub revocations: Arc<crate::motion::Revocations>,
     poisoned: Arc<Poisoned>,
+    /// This consumer is being replaced: its rebalance callbacks (fired as it closes) must not
+    /// touch the state its successor shares.
+    detached: AtomicBool,
 }
 
 impl ConsumeContext {
-    pub fn new(link: LinkContext, tracker: Arc<Tracker>, metrics: Arc<Metrics>, stalls: Arc<Stalls>, poisoned: Arc<Poisoned>, refresh_limits: Sender<()>) -> Self {
-        Self { link, tracker, metrics, txn: OnceLock::new(), fatal: Mutex::new(None), refresh_limits, stalls, revocations: Arc::default(), poisoned }
+    pub fn new(link: LinkContext, tracker: Arc<Tracker>, metrics: Arc<Metrics>, stalls: Arc<Stalls>, poisoned: Arc<Poisoned>, refresh_limits: Sender<()>, revocations: Arc<crate::motion::Revocations>) -> Self {
+        Self { link, tracker, metrics, txn: OnceLock::new(), fatal: Mutex::new(None), refresh_limits, stalls, revocations, poisoned, detached: AtomicBool::new(false) }
+    }
+
+    /// Lets go of every partition this consumer owns without committing (it was fenced and is
+    /// being replaced): what is known about them is forgotten, and from now on its callbacks
+    /// do nothing. Returns the partitions.
+    pub fn detach(&self) -> Vec<TopicPartition> {
+        self.detached.store(true, Ordering::SeqCst);
+        let tps: Vec<TopicPartition> = self.metrics.health.lock().unwrap().assigned.iter().cloned().collect();
+        self.let_go(&tps);
+        tps
+    }
+
+    /// Forgets revoked (or abandoned) partitions everywhere the worker keeps state about them.
+    fn let_go(&self, tps: &[TopicPartition]) {
+        self.tracker.forget(tps);
+        self.stalls.forget(tps);
+        self.revocations.revoked(tps);
+        self.poisoned.forget(tps);
+        self.metrics.stalled_partitions.set(self.stalls.count() as i64);
+        if let Some(txn) = self.txn.get() {
+            txn.order.forget(tps);
+        }
+        let mut h = self.metrics.health.lock().unwrap();
+        for tp in tps {
+            h.assigned.remove(tp);
+            self.metrics.lag.remove(&lag_labels(&tp.topic, tp.partition));
+        }
     }
 }
 
@@ -50,6 +81,9 @@ framelink_common::impl_link_client_context!(ConsumeContext, link, {
     /// partition from the high watermarks the fetches already carry, and brokers up. No extra
     /// requests, nothing blocking the poll loop.
     fn stats(&self, stats: Statistics) {
+        if self.detached.load(Ordering::SeqCst) {
+            return;
+        }
         let mut h = self.metrics.health.lock().unwrap();
         h.brokers_up = Some(stats.brokers.values().filter(|b| b.nodeid >= 0 && b.state == "UP").count());
         let mut total = 0;
@@ -72,6 +106,9 @@ fn lag_labels(topic: &str, partition: i32) -> Vec<(&'static str, String)> {
 
 impl ConsumerContext for ConsumeContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if self.detached.load(Ordering::SeqCst) {
+            return;
+        }
         if let Rebalance::Revoke(tpl) = rebalance {
             let tps: Vec<TopicPartition> = tpl.elements().iter().map(|e| TopicPartition::new(e.topic(), e.partition())).collect();
             tracing::info!(partitions = ?tps, "Partitions revoked: finishing their frames in flight.");
@@ -100,23 +137,14 @@ impl ConsumerContext for ConsumeContext {
                     }
                 },
             }
-            self.tracker.forget(&tps);
-            self.stalls.forget(&tps);
-            self.revocations.revoked(&tps);
-            self.poisoned.forget(&tps);
-            self.metrics.stalled_partitions.set(self.stalls.count() as i64);
-            if let Some(txn) = self.txn.get() {
-                txn.order.forget(&tps);
-            }
-            let mut h = self.metrics.health.lock().unwrap();
-            for tp in &tps {
-                h.assigned.remove(tp);
-                self.metrics.lag.remove(&lag_labels(&tp.topic, tp.partition));
-            }
+            self.let_go(&tps);
         }
     }
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if self.detached.load(Ordering::SeqCst) {
+            return;
+        }
         if let Rebalance::Assign(tpl) = rebalance {
             let tps: Vec<String> = tpl.elements().iter().map(|e| format!("{}[{}]", e.topic(), e.partition())).collect();
             tracing::info!(partitions = ?tps, "Partitions assigned.");

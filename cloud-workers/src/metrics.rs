@@ -31,6 +31,7 @@ pub struct Metrics {
     pub stalled_partitions: Gauge,
     pub panics: Counter,
     pub producer_recreated: Counter,
+    pub consumer_recreated: Counter,
     pub dead_letters: Family<Labels, Counter>,
     pub op_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     pub latency: Histogram,
@@ -82,6 +83,7 @@ impl Metrics {
             stalled_partitions: Gauge::default(),
             panics: Counter::default(),
             producer_recreated: Counter::default(),
+            consumer_recreated: Counter::default(),
             dead_letters: Family::default(),
             op_seconds: Family::new_with_constructor(seconds),
             latency: seconds(),
@@ -102,6 +104,7 @@ impl Metrics {
         registry.register("dead_letters_refused", "Dead letters Kafka refused (their partition pauses and they are retried)", m.dead_letters_refused.clone());
         registry.register("stalled_partitions", "Partitions paused because their dead letters are refused", m.stalled_partitions.clone());
         registry.register("producer_recreated", "Producers replaced: after a fatal librdkafka error (at-least-once mode), or a transactional call that hung or kept timing out (exactly-once mode)", m.producer_recreated.clone());
+        registry.register("consumer_recreated", "Consumers replaced after Kafka fenced this worker's static group membership (FENCED_INSTANCE_ID)", m.consumer_recreated.clone());
         registry.register("processing_panics", "Frames whose processing panicked (dead-lettered with reason `panic`)", m.panics.clone());
         registry.register("dead_letters", "Records sent to the dead-letter topic, by reason", m.dead_letters.clone());
         registry.register("op_seconds", "Time per operation", m.op_seconds.clone());

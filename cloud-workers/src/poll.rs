@@ -1,7 +1,8 @@
 //! The poll loop: the one thread that drives the consumer. It hands each fetched record to the
 //! processing pool, runs the exactly-once transaction cadence (commit every
 //! `worker.transaction_ms`, rewind after an abort, pause partitions whose dead letters were
-//! refused), replaces a producer a fatal error left unusable (at-least-once), and on shutdown
+//! refused), replaces a producer a fatal error left unusable (at-least-once) and a consumer
+//! whose group membership Kafka fenced, and on shutdown
 //! finishes what is in flight and commits before leaving the group.
 
 use std::sync::Arc;
@@ -24,6 +25,8 @@ use crate::txn::{Txn, TxnError};
 
 pub struct PollLoop {
     pub consumer: Arc<WorkerConsumer>,
+    /// Builds, subscribes and attaches a consumer to replace one Kafka fenced.
+    pub make_consumer: Box<dyn Fn() -> Result<Arc<WorkerConsumer>>>,
     pub pool: Pool,
     pub producers: Arc<Producers>,
     /// Builds a producer to replace one a fatal error left unusable (at-least-once).
@@ -45,9 +48,14 @@ struct Replacement {
     backoff: Duration,
 }
 
+/// A fenced consumer is replaced at most this many times within [`REBUILD_WINDOW`]; past that
+/// another live worker most likely has the same `worker.id`, and the worker stops.
+const REBUILDS_ALLOWED: usize = 3;
+const REBUILD_WINDOW: Duration = Duration::from_secs(600);
+
 impl PollLoop {
     /// Runs until `shutdown` is set or a fatal error; then finishes and commits what is in flight.
-    pub fn run(self, shutdown: &Shutdown) -> Result<()> {
+    pub fn run(mut self, shutdown: &Shutdown) -> Result<()> {
         let failure = self.poll_until(shutdown);
         self.stop(failure)
     }
@@ -56,14 +64,15 @@ impl PollLoop {
         self.offsets.tracker()
     }
 
-    fn poll_until(&self, shutdown: &Shutdown) -> Option<anyhow::Error> {
-        let (consumer, metrics) = (&self.consumer, &self.metrics);
+    fn poll_until(&mut self, shutdown: &Shutdown) -> Option<anyhow::Error> {
+        let mut rebuilds: std::collections::VecDeque<Instant> = std::collections::VecDeque::new();
         // Tests only: a fatal producer error injected after this many acknowledged outputs.
         let mut inject_fatal_after = framelink_common::fault::fatal_error_after();
         let mut replacement = Replacement { at: Instant::now(), backoff: Duration::from_millis(500) };
         // Exactly-once: partitions paused after a refused dead letter, until when.
         let mut paused_until: Vec<(Instant, TopicPartition)> = Vec::new();
         while !shutdown.is_set() {
+            let (consumer, metrics) = (self.consumer.clone(), self.metrics.clone());
             paused_until.retain(|(until, tp)| {
                 let due = *until <= Instant::now();
                 if due {
@@ -86,7 +95,7 @@ impl PollLoop {
                 return Some(anyhow::anyhow!("exactly-once: {e}"));
             }
             if let Some(t) = &self.txn {
-                match t.take_rewind(consumer, self.reset_to_end) {
+                match t.take_rewind(&consumer, self.reset_to_end) {
                     Ok(false) => {}
                     Ok(true) => {
                         // Partitions whose dead letters Kafka refused wait before the next try.
@@ -104,10 +113,21 @@ impl PollLoop {
             match polled {
                 None => {}
                 Some(Err(e)) => {
-                    // A fatal consumer error (e.g. another member took this group.instance.id)
-                    // leaves the consumer unusable: stop, so systemd / Kubernetes start a fresh one.
+                    // A fatal consumer error leaves the consumer unusable. Fenced membership (most
+                    // often after the group coordinator's crash) gets a new consumer in place, a
+                    // few times; anything else stops the worker, so systemd / Kubernetes start a
+                    // fresh one.
                     if let Some((code, reason)) = consumer.client().fatal_error() {
-                        return Some(anyhow::anyhow!("fatal Kafka consumer error {code:?}: {reason}"));
+                        rebuilds.retain(|at| at.elapsed() < REBUILD_WINDOW);
+                        if code != rdkafka::types::RDKafkaErrorCode::FencedInstanceId || rebuilds.len() >= REBUILDS_ALLOWED {
+                            return Some(anyhow::anyhow!("fatal Kafka consumer error {code:?}: {reason}"));
+                        }
+                        rebuilds.push_back(Instant::now());
+                        if let Err(e) = self.replace_fenced_consumer(&reason) {
+                            return Some(e);
+                        }
+                        paused_until.clear(); // the new consumer has nothing paused
+                        continue;
                     }
                     tracing::warn!(error = %e, "Consumer error.");
                 }
@@ -124,7 +144,7 @@ impl PollLoop {
                 }
             }
             if let Some(t) = &self.txn {
-                match t.maybe_commit(consumer, self.transaction_interval) {
+                match t.maybe_commit(&consumer, self.transaction_interval) {
                     Ok(true) => {
                         metrics.txn_commits.inc();
                     }
@@ -142,6 +162,28 @@ impl PollLoop {
             metrics.in_flight.set(self.tracker().in_flight() as i64);
         }
         None
+    }
+
+    /// Kafka fenced this worker's static membership (`FENCED_INSTANCE_ID`: after a crash of the
+    /// group's coordinator librdkafka's own session timeout can run out, and its rejoin under
+    /// the same `group.instance.id` is refused). The consumer is unusable; a new one joins in
+    /// its place, without a restart. What the old membership had in flight is dropped: in
+    /// exactly-once mode the open transaction is aborted (its offsets belong to the old
+    /// membership); in at-least-once mode the positions not yet committed are processed again.
+    fn replace_fenced_consumer(&mut self, reason: &str) -> Result<()> {
+        tracing::error!(reason, "Kafka fenced this worker's group membership; replacing the consumer (frames in flight are processed again).");
+        let old = self.consumer.clone();
+        let abandoned = old.context().detach();
+        match &self.txn {
+            Some(t) => t.abort_for_new_consumer().map_err(|e| anyhow::anyhow!("exactly-once: aborting the fenced membership's transaction: {e}"))?,
+            None => self.tracker().clear(),
+        }
+        self.consumer = (self.make_consumer)()?;
+        self.metrics.consumer_recreated.inc();
+        tracing::info!(partitions = ?abandoned, "New consumer subscribed; the group assigns its partitions again.");
+        // Closing a fenced consumer may wait on the group coordinator: not on the poll thread.
+        let _ = std::thread::Builder::new().name("old-consumer".into()).spawn(move || drop(old));
+        Ok(())
     }
 
     /// A fatal producer error leaves that producer unusable. At-least-once: a new one takes

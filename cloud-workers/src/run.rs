@@ -96,20 +96,33 @@ pub fn run(v: Validated, shutdown: Shutdown, metrics: Arc<Metrics>) -> Result<()
     let limits_stop = Arc::new(AtomicBool::new(false));
     let refresh_limits = spawn_limits_refresher(limits.clone(), admin_config, output_topics, limits_stop.clone());
 
-    let context = ConsumeContext::new(LinkContext::new(link.clone()), tracker.clone(), metrics.clone(), stalls.clone(), poisoned.clone(), refresh_limits);
-    let consumer: Arc<WorkerConsumer> = Arc::new(consumer_config(&v, &id).create_with_context(context).context("creating the Kafka consumer")?);
-    offsets.attach(Some(consumer.clone() as Arc<dyn PartitionControl>));
     let txn: Option<Arc<Txn>> = if exactly_once {
         let fresh = make_producer.clone();
         let new_producer: crate::txn::NewProducer<ProduceContext> = Box::new(move || fresh().map_err(|e| format!("{e:#}")));
-        let t = Arc::new(Transactions::start(producers.clone(), new_producer, tracker.clone(), shutdown.clone()).context("starting Kafka transactions (worker.delivery = exactly-once)")?);
-        let _ = consumer.context().txn.set(t.clone());
-        Some(t)
+        Some(Arc::new(Transactions::start(producers.clone(), new_producer, tracker.clone(), shutdown.clone()).context("starting Kafka transactions (worker.delivery = exactly-once)")?))
     } else {
         None
     };
-    let topics: Vec<&str> = cfg.consumer.topics.iter().map(String::as_str).collect();
-    consumer.subscribe(&topics).context("subscribing")?;
+    // A consumer, subscribed and attached; again if Kafka fences this one (see `PollLoop`).
+    let make_consumer = {
+        let cc = consumer_config(&v, &id);
+        let revocations = Arc::new(crate::motion::Revocations::default());
+        let topics = cfg.consumer.topics.clone();
+        let (link, tracker, metrics, stalls, poisoned, offsets, txn) = (link.clone(), tracker.clone(), metrics.clone(), stalls.clone(), poisoned.clone(), offsets.clone(), txn.clone());
+        move || -> Result<Arc<WorkerConsumer>> {
+            let context = ConsumeContext::new(LinkContext::new(link.clone()), tracker.clone(), metrics.clone(), stalls.clone(), poisoned.clone(), refresh_limits.clone(), revocations.clone());
+            let consumer: Arc<WorkerConsumer> = Arc::new(cc.create_with_context(context).context("creating the Kafka consumer")?);
+            if let Some(t) = &txn {
+                let _ = consumer.context().txn.set(t.clone());
+            }
+            offsets.attach(Some(consumer.clone() as Arc<dyn PartitionControl>));
+            let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+            consumer.subscribe(&topics).context("subscribing")?;
+            Ok(consumer)
+        }
+    };
+    let consumer = make_consumer()?;
+    let topics = &cfg.consumer.topics;
     tracing::info!(worker = id, group = cfg.consumer.group_id, topics = ?topics, pipeline = %cfg.worker.pipeline, delivery = cfg.worker.delivery.as_str(), kafka = v.kafka.describe(), "Worker running.");
 
     // systemd (Type=notify): ready once subscribed; the watchdog is fed while the poll loop runs.
@@ -123,6 +136,7 @@ pub fn run(v: Validated, shutdown: Shutdown, metrics: Arc<Metrics>) -> Result<()
     drop(shared);
     let poll = PollLoop {
         consumer,
+        make_consumer: Box::new(make_consumer),
         pool,
         producers,
         make_producer: Box::new(make_producer),

@@ -231,6 +231,20 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
         }
     }
 
+    /// The consumer is being replaced (it was fenced): the open transaction, whose offsets
+    /// belong to the old membership, is aborted and the work in flight dropped. No rewind: the
+    /// new consumer starts from the committed offsets anyway.
+    pub fn abort_for_new_consumer(&self) -> Result<(), TxnError> {
+        let _w = self.gate.write().unwrap();
+        let producer = self.producers.get();
+        self.patiently(Instant::now() + ABORT_WITHIN, |t| producer.abort_transaction(t)).map_err(TxnError::Fatal)?;
+        self.tracker.clear();
+        self.order.clear();
+        self.dirty.store(false, Ordering::SeqCst);
+        *self.last_commit.lock().unwrap() = Instant::now();
+        producer.begin_transaction().map_err(TxnError::Fatal)
+    }
+
     /// A commit failed: aborted, unless it is the [`STUCK_AFTER`]th in a row to time out. A
     /// flush that never finishes is what a partition librdkafka keeps without a leader looks
     /// like (confluentinc/librdkafka#5430, which the agent works around by replacing its

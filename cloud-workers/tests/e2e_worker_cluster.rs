@@ -9,10 +9,11 @@
 //! that coordinator for good (confluentinc/librdkafka#5456, #5511), and the worker must replace
 //! its producer in place and go on.
 //!
-//! A worker whose group coordinator dies may exit with `FencedInstanceId` (librdkafka's own
-//! session timeout rejoins under the same static `group.instance.id`, and the transaction's
-//! offsets, sent for the old generation, are refused as fenced): the tests restart it the way
-//! systemd's `Restart=always` does, count the restarts, and still demand exactly-once.
+//! A worker whose group coordinator dies is often fenced (`FENCED_INSTANCE_ID`: librdkafka's own
+//! session timeout runs out and its rejoin under the same static `group.instance.id` is
+//! refused); it must replace its consumer in place. Should it exit anyway, the tests restart it
+//! the way systemd's `Restart=always` does (so the rest of the run still says something), print
+//! why, and fail: every recovery here must happen without a restart.
 
 mod support {
     pub mod worker;
@@ -107,10 +108,11 @@ impl Supervised {
         let committed = self.w.metric("transactions_committed_total", &[]);
         let log = self.w.log_text();
         let renewals = log.matches("Replacing the transactional producer").count();
+        let fenced = log.matches("replacing the consumer").count();
         self.w.stop();
         let ids = result_ids(&results);
         let unique: BTreeSet<_> = ids.iter().cloned().collect();
-        eprintln!("{} committed results for {n} frames; transactions (last run): {committed} committed, {aborted} aborted; producers replaced {renewals}; worker restarts {}", ids.len(), self.restarts);
+        eprintln!("{} committed results for {n} frames; transactions (last run): {committed} committed, {aborted} aborted; producers replaced {renewals}; consumers replaced after fencing {fenced}; worker restarts {}", ids.len(), self.restarts);
         assert_eq!(unique.len(), expected.len(), "every frame has a result (missing {:?})", expected.difference(&unique).take(10).collect::<Vec<_>>());
         if ids.len() != unique.len() {
             let mut seen: BTreeMap<_, Vec<_>> = BTreeMap::new();
@@ -121,6 +123,7 @@ impl Supervised {
             panic!("read_committed shows duplicates: {dups:?}");
         }
         assert_eq!(ids.len() as u64, n, "read_committed: exactly one result per frame");
+        assert_eq!(self.restarts, 0, "the worker recovered in place (producer or consumer replaced), without exiting");
     }
 }
 
