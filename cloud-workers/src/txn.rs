@@ -70,6 +70,9 @@ const REWIND_WITHIN: Duration = Duration::from_secs(20);
 const SLICE: Duration = Duration::from_millis(500);
 /// How long past its own deadline a call on a helper thread may take before it is judged hung.
 const HUNG_AFTER: Duration = Duration::from_secs(5);
+/// Producers left blocked inside librdkafka (each with its threads) beyond which the worker
+/// stops instead of replacing its producer once more: a restart frees them.
+const LEFT_BEHIND_MAX: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TxnError {
@@ -124,6 +127,8 @@ pub struct Transactions<C: ProducerContext + 'static, T> {
     /// Transactions committed; tests only: the offsets call after this many hangs
     /// (`FRAMELINK_TEST_HANG_SEND_OFFSETS_AFTER`, see [`framelink_common::fault`]).
     committed: std::sync::atomic::AtomicU64,
+    /// Calls on helper threads that have not returned (a hung one never does).
+    on_helpers: Arc<std::sync::atomic::AtomicUsize>,
     hang_offsets_after: std::sync::Mutex<Option<u64>>,
 }
 
@@ -146,6 +151,7 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
             shutdown,
             timeouts_in_a_row: std::sync::atomic::AtomicU32::new(0),
             committed: std::sync::atomic::AtomicU64::new(0),
+            on_helpers: Arc::default(),
             hang_offsets_after: std::sync::Mutex::new(framelink_common::fault::hang_send_offsets_after()),
         })
     }
@@ -204,11 +210,15 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
                     }
                     due
                 };
+                let on_helpers = self.on_helpers.clone();
+                on_helpers.fetch_add(1, Ordering::SeqCst);
                 let sent = on_helper(&self.shutdown, deadline, move || {
                     if hang {
                         framelink_common::fault::hang("send_offsets_to_transaction");
                     }
-                    patiently(&stop, deadline, COMMIT_AFTER_STOP, |t| p.send_offsets_to_transaction(&offsets, &cgm, t))
+                    let r = patiently(&stop, deadline, COMMIT_AFTER_STOP, |t| p.send_offsets_to_transaction(&offsets, &cgm, t));
+                    on_helpers.fetch_sub(1, Ordering::SeqCst);
+                    r
                 });
                 sent.ok_or(Failure::Hung("send_offsets_to_transaction"))?.map_err(Failure::Kafka)?;
                 steps.done("offsets");
@@ -269,6 +279,10 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
     /// are rewound to their committed offsets. The old producer is dropped on a thread of its
     /// own (dropping waits for its threads), or left to the helper thread still inside it.
     fn renew(&self, why: String) -> TxnError {
+        let left_behind = self.on_helpers.load(Ordering::SeqCst);
+        if left_behind > LEFT_BEHIND_MAX {
+            return TxnError::RenewFailed { why, error: format!("{left_behind} producers are left blocked inside librdkafka; a restart frees them") };
+        }
         tracing::error!(reason = %why, "Replacing the transactional producer; the open transaction is aborted and the partitions rewound.");
         let fresh = match (self.new_producer)() {
             Ok(p) => p,
