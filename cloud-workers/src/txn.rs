@@ -202,14 +202,7 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
                 let offsets = offsets_list(&ready).map_err(Failure::Kafka)?;
                 // On a helper thread: librdkafka may never return from this one (see the module doc).
                 let (p, stop) = (producer.clone(), self.shutdown.clone());
-                let hang = {
-                    let mut after = self.hang_offsets_after.lock().unwrap();
-                    let due = *after == Some(self.committed.load(Ordering::SeqCst));
-                    if due {
-                        *after = None; // once
-                    }
-                    due
-                };
+                let hang = self.injected_hang_due();
                 let on_helpers = self.on_helpers.clone();
                 on_helpers.fetch_add(1, Ordering::SeqCst);
                 let sent = on_helper(&self.shutdown, deadline, move || {
@@ -241,6 +234,17 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
         }
     }
 
+    /// Tests only: whether this offsets call is the one `FRAMELINK_TEST_HANG_SEND_OFFSETS_AFTER`
+    /// makes hang (once).
+    fn injected_hang_due(&self) -> bool {
+        let mut after = self.hang_offsets_after.lock().unwrap();
+        let due = *after == Some(self.committed.load(Ordering::SeqCst));
+        if due {
+            *after = None;
+        }
+        due
+    }
+
     /// The consumer is being replaced (it was fenced): the open transaction, whose offsets
     /// belong to the old membership, is aborted and the work in flight dropped. No rewind: the
     /// new consumer starts from the committed offsets anyway.
@@ -248,9 +252,7 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
         let _w = self.gate.write().unwrap();
         let producer = self.producers.get();
         self.patiently(Instant::now() + ABORT_WITHIN, |t| producer.abort_transaction(t)).map_err(TxnError::Fatal)?;
-        self.tracker.clear();
-        self.order.clear();
-        self.dirty.store(false, Ordering::SeqCst);
+        self.forget_work();
         *self.last_commit.lock().unwrap() = Instant::now();
         producer.begin_transaction().map_err(TxnError::Fatal)
     }
@@ -296,16 +298,16 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
         let _ = std::thread::Builder::new().name("old-producer".into()).spawn(move || drop(old));
         self.timeouts_in_a_row.store(0, Ordering::SeqCst);
         self.forget_work();
+        self.rewind.store(true, Ordering::SeqCst);
         TxnError::Renewed(why)
     }
 
-    /// After an abort or a renewal: work taken before it is dropped (a new epoch) and every
-    /// assigned partition is rewound to its committed offset.
+    /// After an abort, a renewal or a new consumer: work taken before it is dropped (a new
+    /// epoch). The first two also ask for a rewind to the committed offsets.
     fn forget_work(&self) {
         self.tracker.clear();
         self.order.clear();
         self.dirty.store(false, Ordering::SeqCst);
-        self.rewind.store(true, Ordering::SeqCst);
     }
 
     /// Classifies `e`; for an abortable error, aborts, bumps the epoch and asks for a rewind.
@@ -320,6 +322,7 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
             return TxnError::Fatal(a);
         }
         self.forget_work();
+        self.rewind.store(true, Ordering::SeqCst);
         if let Err(b) = producer.begin_transaction() {
             return TxnError::Fatal(b);
         }
@@ -358,9 +361,6 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
     }
 }
 
-/// Calls `f` (a transactional call or a flush, given its timeout) in slices of at most
-/// [`SLICE`] while it times out or fails retriably, until `deadline` — brought forward to
-/// `after_stop` from the moment a stop is seen. Returns its last result.
 /// Why a commit's step failed.
 enum Failure {
     Kafka(KafkaError),
@@ -379,30 +379,47 @@ fn on_helper<R: Send + 'static>(shutdown: &Shutdown, deadline: Instant, f: impl 
         tracing::error!(error = %e, "Cannot start a thread for a transactional call.");
         return None;
     }
-    let mut give_up = deadline + HUNG_AFTER;
-    let mut stop_seen = false;
+    let mut give_up = StopDeadline::new(shutdown, deadline + HUNG_AFTER, COMMIT_AFTER_STOP + HUNG_AFTER);
     loop {
-        if !stop_seen && shutdown.is_set() {
-            stop_seen = true;
-            give_up = give_up.min(Instant::now() + COMMIT_AFTER_STOP + HUNG_AFTER);
-        }
-        match rx.recv_timeout(SLICE.min(give_up.saturating_duration_since(Instant::now()))) {
+        let at = give_up.at();
+        match rx.recv_timeout(SLICE.min(at.saturating_duration_since(Instant::now()))) {
             Ok(r) => return Some(r),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if Instant::now() < give_up => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if Instant::now() < at => {}
             Err(_) => return None,
         }
     }
 }
 
+/// A deadline that a stop request brings forward to `after_stop` from when it is first seen.
+struct StopDeadline<'a> {
+    shutdown: &'a Shutdown,
+    at: Instant,
+    after_stop: Duration,
+    stop_seen: bool,
+}
+
+impl<'a> StopDeadline<'a> {
+    fn new(shutdown: &'a Shutdown, at: Instant, after_stop: Duration) -> Self {
+        Self { shutdown, at, after_stop, stop_seen: false }
+    }
+
+    fn at(&mut self) -> Instant {
+        if !self.stop_seen && self.shutdown.is_set() {
+            self.stop_seen = true;
+            self.at = self.at.min(Instant::now() + self.after_stop);
+        }
+        self.at
+    }
+}
+
+/// Calls `f` (a transactional call or a flush, given its timeout) in slices of at most
+/// [`SLICE`] while it times out or fails retriably, until `deadline` — brought forward to
+/// `after_stop` from the moment a stop is seen. Returns its last result.
 fn patiently(shutdown: &Shutdown, deadline: Instant, after_stop: Duration, mut f: impl FnMut(Duration) -> KafkaResult<()>) -> KafkaResult<()> {
-    let mut deadline = deadline;
-    let mut stop_seen = false;
+    let mut limit = StopDeadline::new(shutdown, deadline, after_stop);
     let mut logged = false;
     loop {
-        if !stop_seen && shutdown.is_set() {
-            stop_seen = true;
-            deadline = deadline.min(Instant::now() + after_stop);
-        }
+        let deadline = limit.at();
         let started = Instant::now();
         let left = deadline.saturating_duration_since(started);
         match f(left.min(SLICE)) {
