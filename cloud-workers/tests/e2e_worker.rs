@@ -676,6 +676,7 @@ async fn w16_exactly_once_a_hung_offsets_call_replaces_the_producer_without_a_re
     let expected: BTreeSet<(String, u64)> = (0..120u64).map(|i| (format!("c{}", i % 4), i / 4)).collect();
     let results = wait_for_results(b, &t.results, &expected).await;
     let (aborted, replaced) = (w.metric("transactions_aborted_total", &[]), w.metric("producer_recreated_total", &[]));
+    assert_eq!(w.healthz()["replaced"]["producer"], 1, "/healthz shows the replacement");
     let log = w.log_text();
     w.stop();
     assert!(log.contains("send_offsets_to_transaction did not return"), "the reason is logged");
