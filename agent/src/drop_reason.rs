@@ -25,10 +25,13 @@ pub enum DropReason {
     FullNewest,
     /// Not kept by `decimate`.
     Decimated,
+    /// Refused by the spool because its disk is full (less than `spool.min_free_bytes` free),
+    /// though the spool is below `max_bytes`, and nothing is left to evict.
+    DiskFull,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         Self::EncoderBehind,
         Self::EncodeError,
         Self::SequenceIoError,
@@ -39,6 +42,7 @@ impl DropReason {
         Self::FullOldest,
         Self::FullNewest,
         Self::Decimated,
+        Self::DiskFull,
     ];
 
     /// The `reason` label.
@@ -54,6 +58,7 @@ impl DropReason {
             Self::FullOldest => "spool_full_oldest",
             Self::FullNewest => "spool_full_newest",
             Self::Decimated => "decimated",
+            Self::DiskFull => "spool_disk_full",
         }
     }
 }

@@ -27,6 +27,8 @@ pub fn health_json(m: &Metrics) -> serde_json::Value {
             "records": m.spool_records.get(),
             "bytes": m.spool_bytes.get(),
             "max_bytes": h.spool_max_bytes,
+            "cap_bytes": m.spool_cap_bytes.get(),
+            "index_rebuilt": m.spool_index_rebuilt.get(),
             "damaged": m.spool_damaged.get(),
             "damaged_pruned": m.spool_damaged_pruned.get(),
             "error": h.spool_error,

@@ -54,6 +54,8 @@ pub struct Metrics {
     pub spool_bytes: Gauge,
     pub spool_damaged: Gauge,
     pub spool_damaged_pruned: Gauge,
+    pub spool_cap_bytes: Gauge,
+    pub spool_index_rebuilt: Gauge,
     pub spool_written_bytes: Counter,
     pub producer_recreated: Counter,
     pub link_stalls: Counter,
@@ -93,6 +95,8 @@ impl Metrics {
             spool_bytes: Gauge::default(),
             spool_damaged: Gauge::default(),
             spool_damaged_pruned: Gauge::default(),
+            spool_cap_bytes: Gauge::default(),
+            spool_index_rebuilt: Gauge::default(),
             spool_written_bytes: Counter::default(),
             producer_recreated: Counter::default(),
             link_stalls: Counter::default(),
@@ -120,6 +124,8 @@ impl Metrics {
         registry.register("spool_bytes", "Disk space the spool occupies (bytes)", m.spool_bytes.clone());
         registry.register("spool_damaged", "Damaged spool records or indexes found since start", m.spool_damaged.clone());
         registry.register("spool_damaged_pruned", "Damaged files deleted from spool.dir/damaged/ to keep it within 1/8 of max_bytes", m.spool_damaged_pruned.clone());
+        registry.register("spool_cap_bytes", "The spool's cap now: max_bytes, or less while the disk's free space above min_free_bytes binds", m.spool_cap_bytes.clone());
+        registry.register("spool_index_rebuilt", "Spool indexes rebuilt from the frame files while running (sled refused writes after an I/O error)", m.spool_index_rebuilt.clone());
         registry.register("spool_written_bytes", "Frame bytes written to the spool since start", m.spool_written_bytes.clone());
         registry.register("producer_recreated", "Kafka producers replaced after a fatal librdkafka error", m.producer_recreated.clone());
         registry.register("link_stalls", "Times the Kafka link was judged stalled: no acknowledgement for forwarder.stall_timeout_ms while frames waited", m.link_stalls.clone());

@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use framelink_testkit::daemon::{Agent, sum_metric};
+use framelink_testkit::smallfs::SmallFs;
 use framelink_testkit::{Broker, init_tracing, rand_topic, rogue_identity};
 
 mod support {
@@ -281,43 +282,13 @@ async fn t8_frames_in_flight_when_the_link_fails_survive_an_agent_crash() {
     }
 }
 
-/// A small file system (tmpfs) of the test's own under the spool, unmounted when dropped.
-struct SmallFs {
-    dir: tempfile::TempDir,
-}
-
-impl SmallFs {
-    fn mount(size: &str) -> SmallFs {
-        let dir = tempfile::tempdir().unwrap();
-        let out = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir.path()).output().expect("running mount");
-        assert!(out.status.success(), "this test mounts a size-limited tmpfs (needs root, as CI has): {}", String::from_utf8_lossy(&out.stderr));
-        SmallFs { dir }
-    }
-
-    /// Fills the file system with a ballast file until it refuses more.
-    fn fill(&self) {
-        use std::io::Write;
-        let mut f = std::fs::File::create(self.dir.path().join("ballast")).unwrap();
-        let chunk = vec![0xA5u8; 64 * 1024];
-        while f.write_all(&chunk).is_ok() {}
-        let _ = f.sync_all();
-    }
-
-    fn free(&self) {
-        std::fs::remove_file(self.dir.path().join("ballast")).unwrap();
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(self.dir.path()).status();
-    }
-}
-
-/// The disk under the spool fills up: live frames keep flowing while the link is up; during an
-/// outage frames that cannot be spooled are dropped and counted (`spool_io_error`), `/healthz`
-/// names the error, the agent neither stops nor crash-loops, and once space returns it spools
-/// and drains again. Every captured frame is delivered or counted as dropped.
+/// The disk under the spool fills up. The spool keeps `min_free_bytes` free on its disk, so it
+/// never runs into ENOSPC itself (after which sled 0.34 would refuse every index write): while
+/// another file holds the disk, live frames keep flowing with the link up; during an outage
+/// frames are refused before they are written and counted (`spool_disk_full`), `/healthz` shows
+/// the lower cap; once space returns the spool takes frames again, and when it fills its own
+/// disk (its `max_bytes` is far above the disk) it evicts the oldest (`spool_full_oldest`)
+/// instead of failing. Then it drains; every captured frame is delivered or counted as dropped.
 #[tokio::test(flavor = "multi_thread")]
 async fn t9_a_full_disk_under_the_spool_drops_counted_and_recovers_by_itself() {
     let _g = serial();
@@ -327,10 +298,7 @@ async fn t9_a_full_disk_under_the_spool_drops_counted_and_recovers_by_itself() {
     let topic = rand_topic("agent-diskfull");
     broker.create_topic(&topic, 1).await.unwrap();
     let cams = synthetic("a", 640, 360, 30, 100_000) + &synthetic("b", 640, 360, 30, 100_000);
-    // The cap (16 MiB) is below the disk (24 MiB): the disk fills only by the filler file. (With
-    // the cap above the disk the spool can fill its own disk and meet the open bug in
-    // docs/agent.md: sled refusing every operation after an ENOSPC in its log writer.)
-    let body = body("dev-9", &broker.mtls(), &topic, fs.dir.path(), &cams, "").replace("[spool]\n", "[spool]\nmax_bytes = \"16 MiB\"\n");
+    let body = body("dev-9", &broker.mtls(), &topic, fs.path(), &cams, "").replace("[spool]\n", "[spool]\nmax_bytes = \"1 GiB\"\nmin_free_bytes = \"1 MiB\"\n");
     let logs = tempfile::tempdir().unwrap();
     let mut agent = Agent::agent(AGENT, logs.path(), &body);
     agent.start();
@@ -339,16 +307,23 @@ async fn t9_a_full_disk_under_the_spool_drops_counted_and_recovers_by_itself() {
     fs.fill();
     let sent = agent.metric("frames_sent_total", &[]);
     agent.wait_for("frames flowing on a full disk", Duration::from_secs(30), |a| a.metric("frames_sent_total", &[]) >= sent + 60.0);
-    // 2. Disk full and the link down: counted drops, a named error, the agent keeps running.
+    // 2. Disk full and the link down: refused before writing, counted; the agent keeps running.
     broker.stop().unwrap();
-    agent.wait_for("spool I/O errors counted", Duration::from_secs(60), |a| a.metric("frames_dropped_total", &["reason=\"spool_io_error\""]) >= 30.0);
+    agent.wait_for("refusals for the full disk counted", Duration::from_secs(60), |a| a.metric("frames_dropped_total", &["reason=\"spool_disk_full\""]) >= 30.0);
     let health = agent.healthz();
     assert_eq!(health["status"], "degraded", "{health}");
-    assert!(health["spool"]["error"].as_str().is_some_and(|e| !e.is_empty()), "the spool error is reported: {health}");
-    // 3. Space returns: spooling resumes by itself, the error clears.
+    let cap = health["spool"]["cap_bytes"].as_u64().unwrap();
+    assert!(cap < 24 << 20, "the disk's free space binds the cap: {health}");
+    // 3. Space returns: spooling resumes by itself.
     fs.free();
-    agent.wait_for("spooling again", Duration::from_secs(60), |a| a.healthz()["spool"]["error"].is_null() && a.metric("spool_records", &[]) >= 30.0);
-    // 4. The link returns: the spool drains.
+    agent.wait_for("spooling again", Duration::from_secs(60), |a| a.metric("spool_records", &[]) >= 30.0);
+    // 4. The spool fills its own disk: the oldest frames make room, no I/O error.
+    agent.wait_for("evicting at the disk's limit", Duration::from_secs(120), |a| a.metric("frames_dropped_total", &["reason=\"spool_full_oldest\""]) >= 30.0);
+    let health = agent.healthz();
+    assert!(health["spool"]["error"].is_null(), "no spool I/O error when the spool fills its own disk: {health}");
+    assert_eq!(health["spool"]["index_rebuilt"], 0, "{health}");
+    assert!(health["spool"]["bytes"].as_u64().unwrap() <= 23 << 20, "1 MiB stays free: {health}");
+    // 5. The link returns: the spool drains.
     broker.start().unwrap();
     agent.wait_for("drained", Duration::from_secs(120), |a| a.metric("spool_records", &[]) == 0.0 && a.healthz()["link"] == "up");
     let metrics = agent.metrics();
@@ -358,10 +333,10 @@ async fn t9_a_full_disk_under_the_spool_drops_counted_and_recovers_by_itself() {
         let camera = format!("camera=\"{cam}\"");
         let captured = sum_metric(&metrics, "framelink_agent_frames_captured_total", &[&camera]);
         let dropped = sum_metric(&metrics, "framelink_agent_frames_dropped_total", &[&camera]);
+        let disk = sum_metric(&metrics, "framelink_agent_frames_dropped_total", &[&camera, "reason=\"spool_disk_full\""]);
         let io = sum_metric(&metrics, "framelink_agent_frames_dropped_total", &[&camera, "reason=\"spool_io_error\""]);
         let unique: std::collections::BTreeSet<u64> = got.seqs(cam).iter().copied().collect();
-        println!("t9: camera {cam}: captured {captured} (at the last scrape), delivered {} unique, dropped {dropped} ({io} spool_io_error)", unique.len());
-        assert!(io > 0.0, "camera {cam}: drops while the disk was full are counted");
+        println!("t9: camera {cam}: captured {captured} (at the last scrape), delivered {} unique, dropped {dropped} ({disk} spool_disk_full, {io} spool_io_error)", unique.len());
         // Frames captured after the last scrape may have arrived too: delivered + dropped ≥ captured.
         assert!(unique.len() as f64 + dropped >= captured, "camera {cam}: every captured frame is delivered or counted as dropped");
         let max_seq = *unique.iter().max().unwrap();

@@ -31,6 +31,7 @@ pub mod cluster;
 pub mod daemon;
 pub mod latency;
 pub mod netfault;
+pub mod smallfs;
 
 pub use cluster::Cluster;
 

@@ -22,7 +22,9 @@
 //! is replaced by a fresh one when the spool empties. When a new frame does not fit,
 //! `drop_oldest` evicts the frames that arrived first (arrival order in the spool, not capture
 //! time, so a clock step changes nothing), `drop_newest` refuses the new frame, and
-//! `decimate` thins new frames past a threshold. A frame that would not fit even with every
+//! `decimate` thins new frames past a threshold. The disk's free space binds too: the spool
+//! is full once its filesystem has less than `min_free_bytes` free, even below `max_bytes`
+//! (the same policy applies; a frame refused only for the disk is `spool_disk_full`). A frame that would not fit even with every
 //! frame evicted is refused and evicts nothing; a frame already spooled (same camera and
 //! sequence number) is kept once and drops nothing.
 //!
@@ -97,6 +99,11 @@ pub struct SpoolConfig {
     /// sled page cache of the index. Default 4 MiB (sled's default is 1 GiB).
     #[serde(default = "default_cache")]
     pub cache: ByteSize,
+    /// Free space the spool leaves on its filesystem: below it the spool is full even under
+    /// `max_bytes` (the full policy applies), so neither the spool nor the rest of the system
+    /// runs the disk out of space. Default 64 MiB.
+    #[serde(default = "default_min_free")]
+    pub min_free_bytes: ByteSize,
 }
 
 fn default_dir() -> PathBuf {
@@ -119,6 +126,9 @@ fn default_flush_ms() -> u64 {
 }
 fn default_cache() -> ByteSize {
     ByteSize::mib(4)
+}
+fn default_min_free() -> ByteSize {
+    ByteSize::mib(64)
 }
 
 impl Default for SpoolConfig {
@@ -150,7 +160,7 @@ impl SpoolConfig {
 }
 
 /// Why a frame left the spool without being delivered: [`DropReason::FullOldest`],
-/// [`DropReason::FullNewest`] or [`DropReason::Decimated`].
+/// [`DropReason::FullNewest`], [`DropReason::Decimated`] or [`DropReason::DiskFull`].
 pub use crate::drop_reason::DropReason;
 
 /// What happened to a pushed frame and to frames evicted for it.
@@ -158,8 +168,8 @@ pub use crate::drop_reason::DropReason;
 pub struct PushOutcome {
     /// The pushed frame is in the spool.
     pub stored: bool,
-    /// Why the pushed frame was not stored ([`DropReason::FullNewest`] or
-    /// [`DropReason::Decimated`]); `None` when stored.
+    /// Why the pushed frame was not stored ([`DropReason::FullNewest`],
+    /// [`DropReason::Decimated`] or [`DropReason::DiskFull`]); `None` when stored.
     pub refused: Option<DropReason>,
     /// Records evicted to make room for it, oldest arrival first ([`DropReason::FullOldest`]).
     /// The caller counts them: a record whose frame is being sent right now (a copy of a frame
@@ -181,6 +191,11 @@ pub struct SpoolStats {
     pub damaged: u64,
     /// Damaged files deleted from `damaged/` to keep it within its share of the cap.
     pub damaged_pruned: u64,
+    /// The cap in force at the last push: `max_bytes`, or less when the disk's free space
+    /// (minus `min_free_bytes`) binds.
+    pub cap_bytes: u64,
+    /// Indexes rebuilt from the frame files while running (after sled refused every write).
+    pub index_rebuilt: u64,
 }
 
 /// A bounded, crash-safe store of undelivered frames.

@@ -229,6 +229,26 @@ fn is_sled_lock_error(e: &anyhow::Error) -> bool {
     })
 }
 
+/// Whether `e` comes from a full disk (ENOSPC), directly or through sled.
+fn is_disk_full(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        let io = match cause.downcast_ref::<sled::Error>() {
+            Some(sled::Error::Io(io)) => Some(io),
+            _ => cause.downcast_ref::<std::io::Error>(),
+        };
+        io.is_some_and(|io| io.kind() == std::io::ErrorKind::StorageFull || io.raw_os_error() == Some(28))
+    })
+}
+
+/// Whether sled itself returned `e` (as opposed to a file of the spool).
+fn is_sled_error(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| cause.downcast_ref::<sled::Error>().is_some())
+}
+
+/// A key in sled's default tree that [`SledSpool::probe`] writes, to see whether the index
+/// takes writes.
+const PROBE_KEY: &[u8] = b"probe";
+
 /// Moves a file that holds no valid record to `<dir>/damaged/` (a name already there gets a
 /// `.N` suffix); false (logged) if it cannot.
 fn move_to_damaged(dir: &Path, path: &Path, why: &str) -> bool {
@@ -332,6 +352,10 @@ struct Inner {
     /// Files written since the last flush (to fsync), with the allocation counted for each
     /// and the frame each holds.
     unsynced: Vec<(PathBuf, u64, SpoolKey)>,
+    /// The cap judged at the last push (see [`SledSpool::cap`]).
+    cap: u64,
+    /// Indexes rebuilt from the files while running (see [`SledSpool::rebuild_index`]).
+    index_rebuilt: u64,
 }
 
 pub struct SledSpool {
@@ -410,6 +434,11 @@ impl SledSpool {
             Err(e) if is_sled_lock_error(&e) => {
                 bail!("spool directory {} is in use by another process: {e:#}", cfg.dir.display())
             }
+            // sled writes at open: a full disk is not a damaged index (setting it aside would
+            // count damage and cost a rebuild for nothing).
+            Err(e) if is_disk_full(&e) => {
+                bail!("spool directory {}: the disk is full ({e:#}); free space on it (or move spool.dir) and start again", cfg.dir.display())
+            }
             Err(e) => {
                 damaged += 1;
                 tracing::error!(error = %format!("{e:#}"), "Spool index damaged; setting it aside and indexing the frame files again.");
@@ -437,6 +466,7 @@ impl SledSpool {
         let file_bytes = disk_usage(&frames_dir);
         let index_bytes = disk_usage(&index_dir);
         let other_bytes = usage_except(&cfg.dir, &[&frames_dir, &index_dir]);
+        let max_bytes = cfg.max_bytes.as_u64();
         Ok(Self {
             cfg,
             frames_dir,
@@ -451,6 +481,8 @@ impl SledSpool {
                 damaged,
                 damaged_pruned,
                 unsynced: Vec::new(),
+                cap: max_bytes,
+                index_rebuilt: 0,
             }),
             _lock: lock,
         })
@@ -542,6 +574,18 @@ impl SledSpool {
         inner.file_bytes + inner.index_bytes + inner.other_bytes
     }
 
+    /// The cap now: `max_bytes`, or what the spool occupies plus the filesystem's free space
+    /// above `min_free_bytes` if that is less (the disk is shared: logs, other programs, and
+    /// sled must be able to write its log — sled 0.34 refuses every write after one ENOSPC).
+    fn cap(&self, inner: &Inner) -> u64 {
+        let max = self.cfg.max_bytes.as_u64();
+        match (fs2::total_space(&self.cfg.dir), fs2::available_space(&self.cfg.dir)) {
+            // A filesystem without a size (ramfs reports 0 blocks, 0 free) binds nothing.
+            (Ok(0), _) | (Err(_), _) | (_, Err(_)) => max,
+            (Ok(_), Ok(free)) => max.min((Self::disk(inner) + free).saturating_sub(self.cfg.min_free_bytes.as_u64())),
+        }
+    }
+
     /// Moves a frame file that failed to decode to `damaged/`, keeping the disk accounting.
     fn set_aside(&self, inner: &mut Inner, path: &Path, why: &str) {
         let bytes = allocation_at(path);
@@ -580,6 +624,48 @@ impl SledSpool {
         inner.index.by_arrival.remove(id)?;
         Ok(Some(SpoolKey(key.to_vec())))
     }
+
+    /// Tests: whether the index refuses a write now.
+    #[cfg(test)]
+    fn index_refuses_writes(&self) -> bool {
+        self.inner.lock().unwrap().index.db.insert(PROBE_KEY, &[]).is_err()
+    }
+
+    /// The index refuses writes while the disk takes them (`why`): a new index generation is
+    /// filled from the frame files — they are the truth — and replaces it, as `open` would
+    /// after a restart. Entries the old index had not flushed are recovered from their files,
+    /// deletions it had not flushed were deleted files already.
+    fn rebuild_index(&self, why: &anyhow::Error) -> Result<()> {
+        let mut inner = self.inner.lock().expect("spool lock");
+        tracing::error!(error = %format!("{why:#}"), "The spool index refuses writes though the disk takes them again (sled keeps its first I/O error): rebuilding it from the frame files.");
+        let new_gen = inner.index_gen + 1;
+        let new_dir = self.index_dir(new_gen);
+        let _ = std::fs::remove_dir_all(&new_dir);
+        let fresh = Self::open_index(&self.cfg, &new_dir)?;
+        let found = match Self::reconcile(&fresh, &self.cfg.dir, &self.frames_dir) {
+            Ok(found) => found,
+            Err(e) => {
+                drop(fresh);
+                let _ = std::fs::remove_dir_all(&new_dir);
+                return Err(e.context("rebuilding the spool index"));
+            }
+        };
+        let old_dir = self.index_dir(inner.index_gen);
+        drop(std::mem::replace(&mut inner.index, fresh)); // closes the old index
+        if let Err(e) = std::fs::remove_dir_all(&old_dir) {
+            tracing::warn!(dir = %old_dir.display(), error = %e, "Cannot remove the old spool index.");
+        }
+        inner.index_gen = new_gen;
+        inner.records = found.records;
+        inner.next_file = inner.next_file.max(found.next_file);
+        inner.damaged += found.damaged;
+        inner.index_rebuilt += 1;
+        inner.file_bytes = disk_usage(&self.frames_dir);
+        inner.index_bytes = disk_usage(&new_dir);
+        inner.other_bytes = usage_except(&self.cfg.dir, &[&self.frames_dir, &new_dir]);
+        tracing::warn!(records = found.records, damaged = found.damaged, "Spool index rebuilt from the frame files.");
+        Ok(())
+    }
 }
 
 /// fsyncs every regular file directly in `dir`, then `dir` itself.
@@ -598,9 +684,21 @@ impl Spool for SledSpool {
         let value = record::encode(frame);
         let size = predicted(value.len() as u64);
         let camera = &frame.meta.camera_id;
-        let max = self.cfg.max_bytes.as_u64();
         let mut out = PushOutcome::default();
         let mut inner = self.inner.lock().expect("spool lock");
+        let max = self.cap(&inner);
+        let disk_binds = max < self.cfg.max_bytes.as_u64();
+        if disk_binds && inner.cap == self.cfg.max_bytes.as_u64() {
+            tracing::warn!(
+                cap = max,
+                max_bytes = self.cfg.max_bytes.as_u64(),
+                min_free_bytes = self.cfg.min_free_bytes.as_u64(),
+                "The spool's disk has less free space than spool.max_bytes allows: the spool is full at the lower cap."
+            );
+        }
+        inner.cap = max;
+        // A refusal the disk caused, not the configured cap.
+        let full = if disk_binds { DropReason::DiskFull } else { DropReason::FullNewest };
 
         let key = SpoolKey::new(camera, frame.meta.seq);
         if inner.index.frames.contains_key(&key.0)? {
@@ -620,7 +718,7 @@ impl Spool for SledSpool {
             // Refused without evicting: by drop_newest, or a frame that would not fit even with
             // every frame evicted (the index and the other files stay).
             if self.cfg.when_full == FullPolicy::DropNewest || inner.index_bytes + inner.other_bytes + size > max {
-                out.refused = Some(DropReason::FullNewest);
+                out.refused = Some(full);
                 return Ok(out);
             }
             while Self::disk(&inner) + size > max {
@@ -628,7 +726,7 @@ impl Spool for SledSpool {
                     Some(evicted) => out.evicted.push(evicted),
                     None => {
                         // Nothing left to evict (the frame files took less than counted).
-                        out.refused = Some(DropReason::FullNewest);
+                        out.refused = Some(full);
                         return Ok(out);
                     }
                 }
@@ -644,8 +742,14 @@ impl Spool for SledSpool {
             let _ = std::fs::remove_file(&tmp);
             return Err(e).with_context(|| format!("writing spool file {}", path.display()));
         }
-        inner.index.frames.insert(&key.0, &entry(id, value.len() as u64))?;
-        inner.index.by_arrival.insert(id.to_be_bytes(), key.0.as_slice())?;
+        let indexed = inner.index.frames.insert(&key.0, &entry(id, value.len() as u64)).and_then(|_| inner.index.by_arrival.insert(id.to_be_bytes(), key.0.as_slice()));
+        if let Err(e) = indexed {
+            // Not stored: the caller counts the frame as dropped, so its file must not come
+            // back at the next open (or index rebuild) as a spooled frame.
+            let _ = inner.index.frames.remove(&key.0);
+            let _ = std::fs::remove_file(&path);
+            return Err(e).with_context(|| format!("indexing spool file {}", path.display()));
+        }
         let bytes = allocation_at(&path);
         inner.unsynced.push((path, bytes, key));
         inner.records += 1;
@@ -746,12 +850,28 @@ impl Spool for SledSpool {
             f.sync_all()
         })();
         let _ = std::fs::remove_file(&path);
-        result.with_context(|| format!("writing {}", path.display()))
+        result.with_context(|| format!("writing {}", path.display()))?;
+        // The disk takes writes again; does the index? sled 0.34 keeps the first I/O error of
+        // its log writer (ENOSPC, say) and refuses every write after it until it is opened
+        // again: the spool could then neither take nor give back a frame until a restart.
+        let written = self.inner.lock().expect("spool lock").index.db.insert(PROBE_KEY, &[]).map(drop).map_err(anyhow::Error::from);
+        match written.and_then(|()| self.flush()) {
+            Ok(()) => Ok(()),
+            Err(e) if is_sled_error(&e) => self.rebuild_index(&e),
+            Err(e) => Err(e),
+        }
     }
 
     fn stats(&self) -> SpoolStats {
         let inner = self.inner.lock().expect("spool lock");
-        SpoolStats { records: inner.records, disk_bytes: Self::disk(&inner), damaged: inner.damaged, damaged_pruned: inner.damaged_pruned }
+        SpoolStats {
+            records: inner.records,
+            disk_bytes: Self::disk(&inner),
+            damaged: inner.damaged,
+            damaged_pruned: inner.damaged_pruned,
+            cap_bytes: self.cap(&inner),
+            index_rebuilt: inner.index_rebuilt,
+        }
     }
 }
 
@@ -1138,5 +1258,75 @@ mod tests {
         let (got, bad) = drain_all(&s);
         assert_eq!(bad, 0);
         assert_eq!(got.iter().map(|f| f.meta.seq).collect::<Vec<_>>(), (0..6).collect::<Vec<_>>());
+    }
+
+    /// sled 0.34 keeps the first I/O error of its log writer and refuses every write after it,
+    /// until the index is opened again. The disk fills while the index holds entries it has
+    /// not flushed (by another file: the spool's own cap keeps `min_free_bytes` free): once the
+    /// disk takes writes again, `probe` finds the index still refusing, rebuilds it from the
+    /// frame files, and every frame — the unflushed ones too — is there, in order.
+    #[test]
+    fn an_index_that_refuses_writes_after_a_full_disk_is_rebuilt_while_running() {
+        let fs = framelink_testkit::smallfs::SmallFs::mount("8m");
+        let dir = fs.path().join("spool");
+        let cfg = SpoolConfig { min_free_bytes: bytesize::ByteSize::b(0), ..cfg(&dir, 64, FullPolicy::DropNewest) };
+        let s = SledSpool::open(cfg.clone()).unwrap();
+        for seq in 0..5 {
+            assert!(s.push(&frame("a", seq, 20_000)).unwrap().stored);
+        }
+        s.flush().unwrap();
+        // Enough unflushed index entries that sled's log needs new pages for them.
+        for seq in 5..400 {
+            assert!(s.push(&frame("a", seq, 100)).unwrap().stored);
+        }
+        fs.fill();
+        let flushed = s.flush();
+        let err = flushed.expect_err("sled cannot write its log on a full disk");
+        assert!(is_disk_full(&err), "{err:#}");
+        assert!(s.probe().is_err(), "the disk is still full");
+        fs.free();
+        // The disk takes writes again, the index still does not (sled's kept error).
+        assert!(s.index_refuses_writes(), "sled keeps its first I/O error");
+        s.probe().unwrap();
+        assert_eq!(s.stats().index_rebuilt, 1);
+        assert_eq!(s.stats().records, 400);
+        assert!(!s.index_refuses_writes());
+        assert!(s.push(&frame("a", 400, 20_000)).unwrap().stored);
+        s.flush().unwrap();
+        let (got, bad) = drain_all(&s);
+        assert_eq!(bad, 0);
+        assert_eq!(got.iter().map(|f| f.meta.seq).collect::<Vec<_>>(), (0..401).collect::<Vec<_>>());
+        drop(s);
+        // And the rebuilt index is the one a restart opens.
+        let s = SledSpool::open(cfg).unwrap();
+        assert_eq!(s.stats().records, 0);
+        assert_eq!(s.stats().damaged, 0);
+    }
+
+    /// The disk's free space binds the cap: with less than `min_free_bytes` free the spool is
+    /// full below `max_bytes`; `drop_oldest` evicts, and a frame refused only for the disk is
+    /// `spool_disk_full`.
+    #[test]
+    fn the_disks_free_space_caps_the_spool_below_max_bytes() {
+        let fs = framelink_testkit::smallfs::SmallFs::mount("8m");
+        let dir = fs.path().join("spool");
+        let min_free = bytesize::ByteSize::mib(2);
+        let s = SledSpool::open(SpoolConfig { min_free_bytes: min_free, ..cfg(&dir, 64, FullPolicy::DropOldest) }).unwrap();
+        let mut evicted = 0;
+        for seq in 0..200 {
+            let out = s.push(&frame("a", seq, 60_000)).unwrap();
+            assert!(out.stored, "frame {seq}: drop_oldest makes room");
+            evicted += out.evicted.len();
+        }
+        s.flush().unwrap();
+        assert!(evicted > 0, "200 frames of 60 kB do not fit on an 8 MiB disk");
+        let free = fs2::available_space(fs.path()).unwrap();
+        assert!(free + 128 * 1024 >= min_free.as_u64(), "about min_free_bytes stays free: {free}");
+        assert!(s.stats().cap_bytes < 8 << 20, "{:?}", s.stats());
+        drop(s);
+        // Another file takes the rest of the disk: refused, for the disk.
+        let s = SledSpool::open(SpoolConfig { min_free_bytes: min_free, ..cfg(&dir, 64, FullPolicy::DropNewest) }).unwrap();
+        let out = s.push(&frame("b", 0, 60_000)).unwrap();
+        assert_eq!(out.refused, Some(DropReason::DiskFull));
     }
 }
