@@ -175,7 +175,18 @@ impl PollLoop {
         let old = self.consumer.clone();
         let abandoned = old.context().detach();
         match &self.txn {
-            Some(t) => t.abort_for_new_consumer().map_err(|e| anyhow::anyhow!("exactly-once: aborting the fenced membership's transaction: {e}"))?,
+            Some(t) => match t.abort_for_new_consumer() {
+                Ok(()) => {}
+                Err(e) if e.is_fatal() => anyhow::bail!("exactly-once: aborting the fenced membership's transaction: {e}"),
+                Err(e) => {
+                    // The abort failed and the producer was replaced instead (its transaction aborted).
+                    self.metrics.txn_aborts.inc();
+                    if matches!(e, TxnError::Renewed(_)) {
+                        self.metrics.producer_recreated.inc();
+                    }
+                    tracing::warn!(error = %e, "The fenced membership's transaction could not be aborted; the producer was replaced instead.");
+                }
+            },
             None => self.tracker().clear(),
         }
         self.consumer = (self.make_consumer)()?;
@@ -187,12 +198,24 @@ impl PollLoop {
     }
 
     /// A fatal producer error leaves that producer unusable. At-least-once: a new one takes
-    /// over (what the old one held is sent again on it); exactly-once: the transactional id is
-    /// dead, so the worker stops and systemd / Kubernetes start afresh from the committed offsets.
+    /// over (what the old one held is sent again on it). Exactly-once: fenced by another
+    /// instance with this transactional id, the worker stops; any other fatal error replaces
+    /// the transactional producer in place (its transaction aborted, the partitions rewound).
     fn replace_failed_producer(&self, r: &mut Replacement) -> Option<anyhow::Error> {
         let (code, reason) = self.producers.get().client().fatal_error()?;
-        if self.txn.is_some() {
-            return Some(anyhow::anyhow!("fatal Kafka producer error {code:?}: {reason}"));
+        if let Some(t) = &self.txn {
+            if crate::txn::fenced_code(code) {
+                return Some(anyhow::anyhow!("fatal Kafka producer error {code:?}: {reason}: another instance with this worker.id fenced it; the worker stops"));
+            }
+            match t.replace_after_fatal(format!("fatal Kafka producer error {code:?}: {reason}")) {
+                e if e.is_fatal() => return Some(anyhow::anyhow!("exactly-once: {e}")),
+                e => {
+                    self.metrics.txn_aborts.inc();
+                    self.metrics.producer_recreated.inc();
+                    tracing::warn!(error = %e, "Transaction aborted; rewinding to the last committed offsets.");
+                }
+            }
+            return None;
         }
         if Instant::now() < r.at {
             return None;

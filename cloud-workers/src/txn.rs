@@ -17,13 +17,16 @@
 //! the write side. Then, at every commit, what was produced is exactly a contiguous prefix of
 //! each partition, which is what the offsets sent with the transaction say.
 //!
-//! Errors: a *fatal* one (this worker was fenced, or the broker refused the transactional id)
-//! stops the worker (systemd / Kubernetes start it again). An *abortable* one (an output was
+//! Errors: this worker fenced by a newer producer with its transactional id, or refused the
+//! id, stops the worker (another instance owns the id). An *abortable* error (an output was
 //! refused, a timeout) aborts the transaction and rewinds every assigned partition to its last
-//! committed offset; frames already queued from before the rewind are dropped by epoch.
+//! committed offset; frames already queued from before the rewind are dropped by epoch. Any
+//! other fatal producer error (`INVALID_TXN_STATE` after a coordinator's crash, seen in the
+//! cluster test), and an abort that fails or does not finish within [`ABORT_WITHIN`], replace
+//! the producer in place (below).
 //!
 //! Time: a commit (flush, offsets, commit) gets [`COMMIT_WITHIN`], then the transaction is
-//! aborted; an abort that does not finish within [`ABORT_WITHIN`] is fatal. A stop request
+//! aborted. A stop request
 //! shortens a commit under way to [`COMMIT_AFTER_STOP`]. Each librdkafka call waits at most
 //! [`SLICE`] and is then called again (librdkafka's transactional calls resume after a
 //! timeout), so the deadline and the stop request are seen promptly. Without these bounds a
@@ -32,11 +35,12 @@
 //! open is aborted by the broker after `transaction.timeout.ms`, or at once when the next
 //! instance with this transactional id starts.
 //!
-//! Two failures only a fresh producer cures, and the worker replaces its producer for them in
+//! Failures only a fresh producer cures, and the worker replaces its producer for them in
 //! place (see [`Transactions::renew`]): `send_offsets_to_transaction` never returning — it
 //! waits for the group coordinator without a timeout (confluentinc/librdkafka#5456, #5511;
 //! seen here after a broker's SIGKILL), so it runs on a helper thread the poll thread stops
-//! waiting for — and commits timing out [`STUCK_AFTER`] times in a row. The new producer
+//! waiting for —, commits timing out [`STUCK_AFTER`] times in a row, a fatal error that is
+//! not a fencing, and an abort that fails. The new producer
 //! registers the same transactional id, which fences the old one and makes the broker abort
 //! its open transaction; the partitions are rewound as after any abort.
 
@@ -62,7 +66,7 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 pub const COMMIT_WITHIN: Duration = Duration::from_secs(30);
 /// Once a stop is requested, how long a commit under way may still take.
 pub const COMMIT_AFTER_STOP: Duration = Duration::from_secs(10);
-/// How long an abort may take; past it the producer is treated as fatal.
+/// How long an abort may take; past it the producer is replaced.
 pub const ABORT_WITHIN: Duration = Duration::from_secs(10);
 /// Reading the committed offsets and seeking to them after an abort; failing is fatal.
 const REWIND_WITHIN: Duration = Duration::from_secs(20);
@@ -76,7 +80,7 @@ const LEFT_BEHIND_MAX: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TxnError {
-    /// The producer cannot go on (e.g. fenced by a newer instance); the worker must stop.
+    /// Another instance owns the transactional id (it fenced this one); the worker must stop.
     #[error("fatal transaction error: {0}")]
     Fatal(KafkaError),
     /// The transaction was aborted; the assigned partitions must be rewound (see `take_rewind`).
@@ -230,7 +234,7 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
                 Ok(true)
             }
             Err(Failure::Kafka(e)) => Err(self.failed(e)),
-            Err(Failure::Hung(call)) => Err(self.renew(format!("{call} did not return within {} s of its deadline (confluentinc/librdkafka#5456: it can wait for a dead group coordinator for good)", HUNG_AFTER.as_secs()))),
+            Err(Failure::Hung(call)) => Err(self.renew(format!("{call} did not return within {} s of its deadline (confluentinc/librdkafka#5456: it can wait for a dead group coordinator for good)", HUNG_AFTER.as_secs()), true)),
         }
     }
 
@@ -245,16 +249,29 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
         due
     }
 
+    /// The producer raised a fatal error between transactional calls (`why`; the caller has
+    /// ruled out a fencing, see [`fenced_code`]): replaced, as after any fatal error.
+    pub fn replace_after_fatal(&self, why: String) -> TxnError {
+        let _w = self.gate.write().unwrap();
+        self.renew(why, true)
+    }
+
     /// The consumer is being replaced (it was fenced): the open transaction, whose offsets
     /// belong to the old membership, is aborted and the work in flight dropped. No rewind: the
     /// new consumer starts from the committed offsets anyway.
+    ///
+    /// An abort that fails (the coordinator answered `INVALID_TXN_STATE` after the crash that
+    /// fenced the consumer, or it timed out) replaces the producer instead, which aborts that
+    /// transaction just as well: `Err(Renewed)`, not fatal.
     pub fn abort_for_new_consumer(&self) -> Result<(), TxnError> {
         let _w = self.gate.write().unwrap();
-        let producer = self.producers.get();
-        self.patiently(Instant::now() + ABORT_WITHIN, |t| producer.abort_transaction(t)).map_err(TxnError::Fatal)?;
-        self.forget_work();
         *self.last_commit.lock().unwrap() = Instant::now();
-        producer.begin_transaction().map_err(TxnError::Fatal)
+        let producer = self.producers.get();
+        if let Err(e) = self.patiently(Instant::now() + ABORT_WITHIN, |t| producer.abort_transaction(t)) {
+            return Err(self.renew_unless_fenced(e, "aborting the fenced consumer's transaction", false));
+        }
+        self.forget_work();
+        producer.begin_transaction().map_err(|e| self.renew_unless_fenced(e, "beginning a transaction after the abort", false))
     }
 
     /// A commit failed: aborted, unless it is the [`STUCK_AFTER`]th in a row to time out. A
@@ -269,7 +286,7 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
             return self.abort(e);
         }
         if self.timeouts_in_a_row.fetch_add(1, Ordering::SeqCst) + 1 >= STUCK_AFTER {
-            return self.renew(format!("{STUCK_AFTER} transaction commits in a row timed out (last: {e}); librdkafka can keep a partition without a leader for good (confluentinc/librdkafka#5430)"));
+            return self.renew(format!("{STUCK_AFTER} transaction commits in a row timed out (last: {e}); librdkafka can keep a partition without a leader for good (confluentinc/librdkafka#5430)"), true);
         }
         self.abort(e)
     }
@@ -280,7 +297,7 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
     /// transaction. Then, as after an abort, the work in flight is dropped and the partitions
     /// are rewound to their committed offsets. The old producer is dropped on a thread of its
     /// own (dropping waits for its threads), or left to the helper thread still inside it.
-    fn renew(&self, why: String) -> TxnError {
+    fn renew(&self, why: String, rewind: bool) -> TxnError {
         let left_behind = self.on_helpers.load(Ordering::SeqCst);
         if left_behind > LEFT_BEHIND_MAX {
             return TxnError::RenewFailed { why, error: format!("{left_behind} producers are left blocked inside librdkafka; a restart frees them") };
@@ -298,7 +315,7 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
         let _ = std::thread::Builder::new().name("old-producer".into()).spawn(move || drop(old));
         self.timeouts_in_a_row.store(0, Ordering::SeqCst);
         self.forget_work();
-        self.rewind.store(true, Ordering::SeqCst);
+        self.rewind.store(rewind, Ordering::SeqCst);
         TxnError::Renewed(why)
     }
 
@@ -311,22 +328,35 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
     }
 
     /// Classifies `e`; for an abortable error, aborts, bumps the epoch and asks for a rewind.
+    /// A fatal error, an abort that fails or times out: the producer is replaced (see
+    /// [`Self::renew_unless_fenced`]).
     fn abort(&self, e: KafkaError) -> TxnError {
-        let fatal = matches!(&e, KafkaError::Transaction(rd) if rd.is_fatal());
-        if fatal {
-            return TxnError::Fatal(e);
+        if is_fatal(&e) {
+            return self.renew_unless_fenced(e, "committing", true);
         }
         tracing::warn!(error = %e, "Aborting the transaction.");
         let producer = self.producers.get();
         if let Err(a) = self.patiently(Instant::now() + ABORT_WITHIN, |t| producer.abort_transaction(t)) {
-            return TxnError::Fatal(a);
+            return self.renew_unless_fenced(a, "aborting", true);
         }
         self.forget_work();
         self.rewind.store(true, Ordering::SeqCst);
         if let Err(b) = producer.begin_transaction() {
-            return TxnError::Fatal(b);
+            return self.renew_unless_fenced(b, "beginning a transaction after the abort", true);
         }
         TxnError::Aborted(e)
+    }
+
+    /// The producer failed `while_` doing something (a fatal error, or an abort that timed
+    /// out). Fenced by a newer producer with this transactional id, or refused the id: fatal,
+    /// another instance owns it (replacing ours would fence that one in turn). Anything else
+    /// (librdkafka raises `INVALID_TXN_STATE` and similar as fatal after a coordinator's crash)
+    /// is cured by a fresh producer, which also aborts whatever transaction was open.
+    fn renew_unless_fenced(&self, e: KafkaError, while_: &str, rewind: bool) -> TxnError {
+        if fenced(&e) {
+            return TxnError::Fatal(e);
+        }
+        self.renew(format!("{while_} failed: {e}"), rewind)
     }
 
     /// After an abort: seeks every assigned partition back to its committed offset (the poll
@@ -472,6 +502,31 @@ fn retriable(e: &KafkaError) -> bool {
         KafkaError::Transaction(rd) => rd.is_retriable(),
         _ => is_timeout(e),
     }
+}
+
+/// An error after which this producer cannot go on.
+fn is_fatal(e: &KafkaError) -> bool {
+    match e {
+        KafkaError::Transaction(rd) => rd.is_fatal(),
+        _ => false,
+    }
+}
+
+/// Another producer registered this transactional id after ours (or it is not ours to use):
+/// replacing ours would fence the other in turn, so the worker stops.
+fn fenced(e: &KafkaError) -> bool {
+    match e {
+        KafkaError::Transaction(rd) => fenced_code(rd.code()),
+        _ => false,
+    }
+}
+
+/// See [`fenced`].
+pub fn fenced_code(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::Fenced | RDKafkaErrorCode::InvalidProducerEpoch | RDKafkaErrorCode::TransactionalIdAuthorizationFailed
+    )
 }
 
 fn is_timeout(e: &KafkaError) -> bool {

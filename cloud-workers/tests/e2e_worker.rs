@@ -669,7 +669,12 @@ async fn w16_exactly_once_a_hung_offsets_call_replaces_the_producer_without_a_re
     let dir = tempfile::tempdir().unwrap();
     let mut w = Daemon::worker(WORKER, dir.path(), &worker_body(&b.plaintext(), &t, "g-w16", "resize:320x240", extra)).env("FRAMELINK__WORKER__ID", "eos-hang").env("FRAMELINK_TEST_HANG_SEND_OFFSETS_AFTER", "5");
     w.start();
-    produce_frames(&b.plaintext(), &t.frames, 40, 0).await;
+    // In small batches, so that the 40 frames take more than 5 transactions however fast the
+    // worker is (at once they can all fit in three).
+    for batch in 0..10 {
+        produce_frames(&b.plaintext(), &t.frames, 4, batch * 4).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     w.wait_for("the offsets call hangs", Duration::from_secs(60), |w| w.log_text().contains("this call now blocks for good"));
     produce_frames(&b.plaintext(), &t.frames, 80, 40).await;
     w.wait_for("the producer replaced", Duration::from_secs(60), |w| w.metric("producer_recreated_total", &[]) >= 1.0);
@@ -687,4 +692,38 @@ async fn w16_exactly_once_a_hung_offsets_call_replaces_the_producer_without_a_re
     assert_eq!(unique, expected, "every frame has a result");
     assert_eq!(ids.len(), 120, "read_committed: exactly one result per frame (none from the fenced producer)");
     println!("w16: 120 results for 120 frames across a hung offsets call; {aborted} aborted, {replaced} producer replaced, no restart");
+}
+
+/// A fatal producer error in exactly-once mode that is not a fencing (injected after 20
+/// results: `FRAMELINK_TEST_FATAL_ERROR_AFTER`, an idempotence sequence error as a leader
+/// change can raise; after a group coordinator's crash the cluster test met
+/// `INVALID_TXN_STATE` the same way): the transactional producer is replaced in place, its
+/// transaction aborted, the partitions rewound — no restart, and in read_committed every frame's
+/// result exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn w17_exactly_once_a_fatal_producer_error_replaces_the_producer_without_a_restart() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    init_tracing();
+    let b = Broker::shared();
+    let t = topics(b, "w17", 2).await;
+    let extra = "delivery = \"exactly-once\"\ntransaction_ms = 200\n";
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = Daemon::worker(WORKER, dir.path(), &worker_body(&b.plaintext(), &t, "g-w17", "resize:320x240", extra)).env("FRAMELINK__WORKER__ID", "eos-fatal").env("FRAMELINK_TEST_FATAL_ERROR_AFTER", "20");
+    w.start();
+    produce_frames(&b.plaintext(), &t.frames, 120, 0).await;
+    w.wait_for("the producer replaced", Duration::from_secs(60), |w| w.metric("producer_recreated_total", &[]) >= 1.0);
+    let expected: BTreeSet<(String, u64)> = (0..120u64).map(|i| (format!("c{}", i % 4), i / 4)).collect();
+    let results = wait_for_results(b, &t.results, &expected).await;
+    let (aborted, replaced) = (w.metric("transactions_aborted_total", &[]), w.metric("producer_recreated_total", &[]));
+    assert_eq!(w.healthz()["replaced"]["producer"], 1, "/healthz shows the replacement");
+    let log = w.log_text();
+    w.stop(); // fails unless the worker ran on and stops cleanly now
+    assert!(log.contains("injecting a fatal producer error") && log.contains("Replacing the transactional producer"), "the reason is logged");
+    assert_eq!(replaced, 1.0, "one producer replacement");
+    assert!(aborted >= 1.0, "the open transaction counts as aborted");
+    let ids = result_ids(&results);
+    let unique: BTreeSet<_> = ids.iter().cloned().collect();
+    assert_eq!(unique, expected, "every frame has a result");
+    assert_eq!(ids.len(), 120, "read_committed: exactly one result per frame (none from the replaced producer)");
+    println!("w17: 120 results for 120 frames across a fatal producer error; {aborted} aborted, {replaced} producer replaced, no restart");
 }
