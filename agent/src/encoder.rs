@@ -151,6 +151,19 @@ impl Encoder {
                 check_len(f, 3)?;
                 self.compress_rgb(&f.data, f.width, f.height, f.stride, resize.then_some((tw, th)))
             }
+            PixelFormat::I420 => {
+                let (w, h) = (f.width as usize, f.height as usize);
+                let need = w * h + 2 * w.div_ceil(2) * h.div_ceil(2);
+                if f.stride != w || f.data.len() < need {
+                    return Err(EncodeError::ShortBuffer { len: f.data.len(), width: f.width, height: f.height, stride: f.stride, format: f.format });
+                }
+                if resize || matches!(self.cfg.subsampling, Subsampling::S444) {
+                    let rgb = i420_to_rgb(&f.data, f.width, f.height);
+                    self.compress_rgb(&rgb, f.width, f.height, f.width as usize * 3, resize.then_some((tw, th)))
+                } else {
+                    self.compress_i420(f)
+                }
+            }
             PixelFormat::Yuyv => {
                 check_len(f, 2)?;
                 if !f.width.is_multiple_of(2) {
@@ -242,6 +255,59 @@ impl Encoder {
         Ok(Encoded { jpeg: Bytes::copy_from_slice(&out), width: f.width, height: f.height })
     }
 
+    /// I420 (studio range) → full-range Y, U, V planes (4:2:0 as they are, 4:2:2 by repeating
+    /// chroma rows, or luma alone) → JPEG: no RGB round trip.
+    fn compress_i420(&mut self, f: &Captured) -> Result<Encoded, EncodeError> {
+        let (w, h) = (f.width as usize, f.height as usize);
+        let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
+        let (src_y, rest) = f.data.split_at(w * h);
+        let (src_u, src_v) = rest.split_at(cw * ch);
+        let gray = self.cfg.subsampling == Subsampling::Gray;
+        let s420 = self.cfg.subsampling == Subsampling::S420;
+        let out_ch = if s420 { ch } else { h };
+        // libjpeg-turbo wants the luma plane padded to whole chroma blocks (odd sizes): the
+        // last column and row are repeated.
+        let pw = if gray { w } else { cw * 2 };
+        let ph = if s420 { ch * 2 } else { h };
+        let [y, u, v] = &mut self.planes;
+        y.clear();
+        for r in 0..ph {
+            let row = &src_y[r.min(h - 1) * w..][..w];
+            y.extend(row.iter().map(|&p| LUMA_TO_FULL[p as usize]));
+            if pw > w {
+                y.push(LUMA_TO_FULL[row[w - 1] as usize]);
+            }
+        }
+        u.clear();
+        v.clear();
+        if !gray {
+            for r in 0..out_ch {
+                let sr = if s420 { r } else { r / 2 };
+                u.extend(src_u[sr * cw..(sr + 1) * cw].iter().map(|&p| CHROMA_TO_FULL[p as usize]));
+                v.extend(src_v[sr * cw..(sr + 1) * cw].iter().map(|&p| CHROMA_TO_FULL[p as usize]));
+            }
+        }
+        let subsamp = match self.cfg.subsampling {
+            Subsampling::S420 => Subsamp::Sub2x2,
+            Subsampling::Gray => Subsamp::Gray,
+            _ => Subsamp::Sub2x1,
+        };
+        let planes = YuvPlanesImage {
+            y_plane: &y[..],
+            u_plane: if gray { &[][..] } else { &u[..] },
+            v_plane: if gray { &[][..] } else { &v[..] },
+            width: w,
+            height: h,
+            y_stride: pw,
+            u_stride: if gray { 0 } else { cw },
+            v_stride: if gray { 0 } else { cw },
+            subsamp,
+        };
+        let mut out = OutputBuf::new_owned();
+        self.compressor.compress_yuv_planes(&planes, &mut out)?;
+        Ok(Encoded { jpeg: Bytes::copy_from_slice(&out), width: f.width, height: f.height })
+    }
+
     /// Decodes a JPEG at the smallest DCT scale still ≥ (tw, th); returns RGB and its size.
     fn decode_scaled(&mut self, jpeg: &[u8], tw: u32, th: u32) -> Result<(Vec<u8>, u32, u32), EncodeError> {
         let d = match &mut self.decompressor {
@@ -293,21 +359,39 @@ fn check_len(f: &Captured, bpp: usize) -> Result<(), EncodeError> {
     Ok(())
 }
 
+/// One BT.601 studio-range YUV pixel → RGB.
+fn yuv_to_rgb(y: u8, u: u8, v: u8) -> [u8; 3] {
+    let c = (y as i32 - 16) * 298;
+    let d = u as i32 - 128;
+    let e = v as i32 - 128;
+    let clamp = |x: i32| ((x + 128) >> 8).clamp(0, 255) as u8;
+    [clamp(c + 409 * e), clamp(c - 100 * d - 208 * e), clamp(c + 516 * d)]
+}
+
 /// BT.601 (studio range) YUYV → RGB, for the paths that need RGB (resize, 4:4:4).
 pub fn yuyv_to_rgb(data: &[u8], width: u32, height: u32, stride: usize) -> Vec<u8> {
     let w = width as usize;
     let mut out = Vec::with_capacity(w * height as usize * 3);
-    let conv = |y: u8, u: u8, v: u8| -> [u8; 3] {
-        let c = (y as i32 - 16) * 298;
-        let d = u as i32 - 128;
-        let e = v as i32 - 128;
-        let clamp = |x: i32| ((x + 128) >> 8).clamp(0, 255) as u8;
-        [clamp(c + 409 * e), clamp(c - 100 * d - 208 * e), clamp(c + 516 * d)]
-    };
     for row in data.chunks(stride).take(height as usize) {
         for px in row[..w * 2].chunks_exact(4) {
-            out.extend_from_slice(&conv(px[0], px[1], px[3]));
-            out.extend_from_slice(&conv(px[2], px[1], px[3]));
+            out.extend_from_slice(&yuv_to_rgb(px[0], px[1], px[3]));
+            out.extend_from_slice(&yuv_to_rgb(px[2], px[1], px[3]));
+        }
+    }
+    out
+}
+
+/// BT.601 (studio range) I420 (see [`PixelFormat::I420`]) → RGB, for resize and 4:4:4.
+pub fn i420_to_rgb(data: &[u8], width: u32, height: u32) -> Vec<u8> {
+    let (w, h) = (width as usize, height as usize);
+    let cw = w.div_ceil(2);
+    let (y, rest) = data.split_at(w * h);
+    let (u, v) = rest.split_at(cw * h.div_ceil(2));
+    let mut out = Vec::with_capacity(w * h * 3);
+    for r in 0..h {
+        for c in 0..w {
+            let ci = (r / 2) * cw + c / 2;
+            out.extend_from_slice(&yuv_to_rgb(y[r * w + c], u[ci], v[ci]));
         }
     }
     out
@@ -369,6 +453,52 @@ mod tests {
         assert_eq!((back.width, back.height), (w as usize, h as usize));
         let d = mean_abs_diff(&back.pixels, &rgb);
         assert!(d < 4.0, "mean abs error {d}");
+    }
+
+    /// RGB → I420 (BT.601 studio range, chroma of each 2x2 block averaged), as an H.264
+    /// decoder delivers.
+    fn rgb_to_i420(rgb: &[u8], w: usize, h: usize) -> Vec<u8> {
+        let yuv = |p: &[u8]| {
+            let (r, g, b) = (p[0] as i32, p[1] as i32, p[2] as i32);
+            [((66 * r + 129 * g + 25 * b + 128) >> 8) + 16, ((-38 * r - 74 * g + 112 * b + 128) >> 8) + 128, ((112 * r - 94 * g - 18 * b + 128) >> 8) + 128]
+        };
+        let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
+        let mut out = vec![0u8; w * h + 2 * cw * ch];
+        let (mut us, mut vs) = (vec![(0i32, 0i32); cw * ch], vec![0i32; cw * ch]);
+        for y in 0..h {
+            for x in 0..w {
+                let p = yuv(&rgb[(y * w + x) * 3..]);
+                out[y * w + x] = p[0] as u8;
+                let ci = (y / 2) * cw + x / 2;
+                us[ci].0 += p[1];
+                us[ci].1 += 1;
+                vs[ci] += p[2];
+            }
+        }
+        for (i, ((u, n), v)) in us.iter().zip(&vs).enumerate() {
+            out[w * h + i] = (u / n) as u8;
+            out[w * h + cw * ch + i] = (v / n) as u8;
+        }
+        out
+    }
+
+    #[test]
+    fn i420_encodes_from_its_planes_and_through_rgb_close_to_the_photo() {
+        let (rgb, w, h) = photo_rgb();
+        let (w, h) = (w as usize - 1, h as usize - 1); // odd sizes: chroma planes round up
+        let rgb: Vec<u8> = rgb.chunks((w + 1) * 3).take(h).flat_map(|r| r[..w * 3].to_vec()).collect();
+        let i420 = rgb_to_i420(&rgb, w, h);
+        for sub in [Subsampling::S420, Subsampling::S422, Subsampling::S444] {
+            let mut e = Encoder::new(EncoderConfig { subsampling: sub, ..EncoderConfig::default() }).unwrap();
+            let out = e.encode(&raw(PixelFormat::I420, w as u32, h as u32, w, i420.clone())).unwrap();
+            let back = decode(&out.jpeg);
+            assert_eq!((back.width, back.height), (w, h));
+            let d = mean_abs_diff(&back.pixels, &rgb);
+            assert!(d < 6.0, "{sub:?}: mean abs error {d}");
+        }
+        let mut e = Encoder::new(EncoderConfig::default()).unwrap();
+        let err = e.encode(&raw(PixelFormat::I420, w as u32, h as u32, w, i420[..w * h].to_vec())).unwrap_err().to_string();
+        assert!(err.contains("too small"), "{err}");
     }
 
     #[test]

@@ -17,6 +17,9 @@ pub enum PixelFormat {
     Yuyv,
     /// Already a JPEG (MJPEG cameras, JPEG files): forwarded without decode or re-encode.
     Jpeg,
+    /// Planar YUV 4:2:0, studio range (what H.264 decoders give): the Y plane (`stride` =
+    /// width), then U and V, each `width.div_ceil(2)` × `height.div_ceil(2)`, no padding.
+    I420,
 }
 
 impl PixelFormat {
@@ -26,6 +29,7 @@ impl PixelFormat {
             Self::Rgb24 => "RGB24",
             Self::Yuyv => "YUYV",
             Self::Jpeg => "MJPG",
+            Self::I420 => "I420",
         }
     }
 }

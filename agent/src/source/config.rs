@@ -35,6 +35,108 @@ pub struct CameraConfig {
     pub v4l2: Option<V4l2Config>,
     /// A USB camera through nokhwa (macOS, Windows, Linux; cargo feature `nokhwa`).
     pub usb: Option<UsbConfig>,
+    /// An IP camera over RTSP (H.264 or MJPEG).
+    pub rtsp: Option<RtspConfig>,
+}
+
+/// How RTP travels from the camera.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RtspTransport {
+    /// Interleaved in the RTSP connection: works through NAT and firewalls, no loss. Default.
+    #[default]
+    Tcp,
+    /// RTP over UDP: less latency on a clean LAN, packets can be lost.
+    Udp,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RtspConfig {
+    /// `rtsp://[user:password@]host[:port]/path`.
+    pub url: String,
+    /// `tcp` (default) or `udp`.
+    #[serde(default)]
+    pub transport: RtspTransport,
+    /// Frames per second to send, at most the camera's; default: every frame the camera sends.
+    pub fps: Option<f64>,
+    /// Decode only IDR (key) frames: a fraction of the CPU, at the camera's keyframe rate at
+    /// most. Default false.
+    #[serde(default)]
+    pub keyframes_only: bool,
+    /// No frame for this long: the stream is reopened (with backoff). Also bounds connecting.
+    /// Default 5000.
+    #[serde(default = "default_stall_ms")]
+    pub stall_timeout_ms: u64,
+    /// User name, when not in the URL.
+    pub username: Option<String>,
+    /// A file holding the password (its first line), when not in the URL.
+    pub password_file: Option<PathBuf>,
+    /// An environment variable holding the password, when not in the URL.
+    pub password_env: Option<String>,
+}
+
+fn default_stall_ms() -> u64 {
+    5000
+}
+
+impl RtspConfig {
+    /// The URL with any user and password removed: what logs, errors and `/healthz` show.
+    pub fn public_url(&self) -> String {
+        match self.url_without_credentials() {
+            Ok(u) => u.to_string(),
+            Err(_) => "<unparsable rtsp url>".into(),
+        }
+    }
+
+    pub fn url_without_credentials(&self) -> Result<url::Url, url::ParseError> {
+        let mut u = url::Url::parse(&self.url)?;
+        let _ = u.set_username("");
+        let _ = u.set_password(None);
+        Ok(u)
+    }
+
+    /// User and password from the URL, or `username` with `password_file` / `password_env`.
+    pub fn credentials(&self) -> Result<Option<retina::client::Credentials>> {
+        let u = url::Url::parse(&self.url)?;
+        let decode = |s: &str| percent_decode(s);
+        let username = match (u.username(), &self.username) {
+            ("", None) => return Ok(None),
+            ("", Some(n)) => n.clone(),
+            (n, _) => decode(n),
+        };
+        let password = if let Some(p) = u.password() {
+            decode(p)
+        } else if let Some(f) = &self.password_file {
+            let text = std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("password_file {}: {e}", f.display()))?;
+            text.lines().next().unwrap_or("").to_owned()
+        } else if let Some(v) = &self.password_env {
+            std::env::var(v).map_err(|_| anyhow::anyhow!("password_env: the environment variable {v} is not set"))?
+        } else {
+            String::new()
+        };
+        Ok(Some(retina::client::Credentials { username, password }))
+    }
+}
+
+/// `%XX` escapes of a URL's user or password decoded.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Some(v) = std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -132,6 +234,7 @@ pub fn default_cameras() -> Vec<CameraConfig> {
         images: None,
         v4l2: None,
         usb: None,
+        rtsp: None,
     }]
 }
 
@@ -155,9 +258,25 @@ impl CameraConfig {
         let key = format!("cameras[{i}]");
         framelink_common::wire::check_id(framelink_common::wire::header::CAMERA, &self.id)
             .map_err(|e| anyhow::anyhow!("config key `{key}.id`: {e}"))?;
-        let kinds = [self.synthetic.is_some(), self.images.is_some(), self.v4l2.is_some(), self.usb.is_some()];
+        let kinds = [self.synthetic.is_some(), self.images.is_some(), self.v4l2.is_some(), self.usb.is_some(), self.rtsp.is_some()];
         if kinds.iter().filter(|k| **k).count() != 1 {
-            bail!("config key `{key}`: give exactly one of `synthetic`, `images`, `v4l2`, `usb`");
+            bail!("config key `{key}`: give exactly one of `synthetic`, `images`, `v4l2`, `usb`, `rtsp`");
+        }
+        if let Some(s) = &self.rtsp {
+            let u = url::Url::parse(&s.url).map_err(|e| anyhow::anyhow!("config key `{key}.rtsp.url`: {e} (`{}`)", s.public_url()))?;
+            if u.scheme() != "rtsp" && u.scheme() != "rtsps" {
+                bail!("config key `{key}.rtsp.url`: the scheme is `{}`, not `rtsp`", u.scheme());
+            }
+            if let Some(fps) = s.fps {
+                check_fps(&format!("{key}.rtsp.fps"), fps)?;
+            }
+            if !(100..=600_000).contains(&s.stall_timeout_ms) {
+                bail!("config key `{key}.rtsp.stall_timeout_ms`: {} is not from 100 to 600000", s.stall_timeout_ms);
+            }
+            if s.password_file.is_some() && s.password_env.is_some() {
+                bail!("config key `{key}.rtsp`: give `password_file` or `password_env`, not both");
+            }
+            s.credentials().map_err(|e| anyhow::anyhow!("config key `{key}.rtsp`: {e}"))?;
         }
         if let Some(s) = &self.usb {
             check_size(&format!("{key}.usb"), s.width, s.height)?;

@@ -13,6 +13,9 @@ impl CameraConfig {
         if let Some(s) = &self.images {
             return Box::new(super::images::ImageDir::new(s.path.clone(), s.fps, s.looping));
         }
+        if let Some(s) = &self.rtsp {
+            return Box::new(super::rtsp::RtspSource::new(&self.id, s.clone()));
+        }
         #[cfg(all(target_os = "linux", feature = "v4l2"))]
         if let Some(s) = &self.v4l2 {
             return Box::new(super::v4l2::V4l2Source::new(s.clone()));

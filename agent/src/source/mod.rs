@@ -13,6 +13,7 @@
 pub mod config;
 mod from_config;
 pub mod images;
+pub mod rtsp;
 pub mod synthetic;
 #[cfg(feature = "nokhwa")]
 pub mod usb;

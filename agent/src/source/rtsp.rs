@@ -1,0 +1,259 @@
+//! IP cameras over RTSP: H.264 decoded to YUV (the encoder makes JPEGs straight from the
+//! planes), MJPEG forwarded as the camera sent it, H.265 refused with a clear error.
+//!
+//! The client is `retina` (pure Rust; RTSP over TCP or UDP, depacketizes H.264, H.265 and
+//! JPEG), run on a current-thread tokio runtime that this source owns, so the camera's
+//! thread stays a plain blocking loop like every other source's. H.264 is decoded by
+//! openh264 (Cisco's decoder, built from source: no system library).
+//!
+//! Rate: `fps` below the camera's does not cost a decode and an encode per camera frame. A
+//! frame is handed over only when it is due; the encoder (the costly part) sees only those.
+//! Decoding must follow the reference chain, but a frame no other depends on (`nal_ref_idc`
+//! 0, "disposable") is not decoded unless it is due, and with `keyframes_only` only IDR frames
+//! are decoded at all (each stands alone), for boards that cannot decode the full stream.
+//!
+//! Liveness: no frame within `stall_timeout_ms` (a camera that reboots, a server that froze
+//! with its socket open, a network that drops packets silently) is an error: the session is
+//! dropped and the runner opens it again with backoff and jitter, like any camera that went
+//! away. Connecting is bounded by the same timeout.
+//!
+//! Credentials come from the URL, `username` with `password_file` or `password_env`; they are
+//! sent to the camera only. [`RtspSource::describe`] and every error name the URL without
+//! them.
+
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use retina::client::{Credentials, Demuxed, PlayOptions, SessionOptions, SetupOptions, TcpTransportOptions, Transport, UdpTransportOptions};
+use retina::codec::{CodecItem, FrameFormat};
+
+use super::config::{RtspConfig, RtspTransport};
+use super::{Captured, Source, SourceError};
+use crate::frame::{PixelFormat, now_ns};
+
+/// What the stream carries.
+enum Codec {
+    H264(Box<openh264::decoder::Decoder>),
+    Jpeg,
+}
+
+/// An open session.
+struct Playing {
+    demuxed: Pin<Box<Demuxed>>,
+    codec: Codec,
+}
+
+pub struct RtspSource {
+    camera: String,
+    cfg: RtspConfig,
+    /// The URL without credentials (for logs and errors).
+    public_url: String,
+    rt: tokio::runtime::Runtime,
+    playing: Option<Playing>,
+    /// When the next frame is due (`fps`); `None` hands over every frame.
+    next_due: Option<Instant>,
+}
+
+impl RtspSource {
+    pub fn new(camera: &str, cfg: RtspConfig) -> Self {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a current-thread tokio runtime");
+        let public_url = cfg.public_url();
+        Self { camera: camera.to_owned(), cfg, public_url, rt, playing: None, next_due: None }
+    }
+
+    /// Drops the session inside the runtime: retina spawns its TEARDOWN there (outside it
+    /// the drop panics).
+    fn close(&mut self) {
+        let _in_runtime = self.rt.enter();
+        self.playing = None;
+    }
+
+    fn stall_timeout(&self) -> Duration {
+        Duration::from_millis(self.cfg.stall_timeout_ms)
+    }
+
+    async fn connect(cfg: &RtspConfig, camera: &str, public: &str, creds: Option<Credentials>) -> Result<Playing, SourceError> {
+        // retina's errors carry connection details on further lines: the first says it.
+        let unavailable = |what: &str, e: &dyn std::fmt::Display| SourceError::Unavailable(format!("{public}: {what}: {}", first_line(e)));
+        let url = cfg.url_without_credentials().map_err(|e| unavailable("bad url", &e))?;
+        let options = SessionOptions::default().creds(creds).user_agent(format!("framelink-agent/{}", env!("CARGO_PKG_VERSION")));
+        let mut session = retina::client::Session::describe(url, options).await.map_err(|e| unavailable("DESCRIBE", &e))?;
+        let Some(i) = session.streams().iter().position(|s| s.media() == "video") else {
+            return Err(SourceError::Unavailable(format!("{public}: the camera offers no video stream")));
+        };
+        let encoding = session.streams()[i].encoding_name().to_ascii_lowercase();
+        let codec = match encoding.as_str() {
+            "h264" => Codec::H264(Box::new(new_decoder().map_err(|e| unavailable("starting the H.264 decoder", &e))?)),
+            "jpeg" => Codec::Jpeg,
+            "h265" => {
+                return Err(SourceError::Unavailable(format!(
+                    "{public}: camera `{camera}` sends H.265, which this agent cannot decode; configure the camera's H.264 sub-stream (most IP cameras offer one) or MJPEG"
+                )));
+            }
+            other => return Err(SourceError::Unavailable(format!("{public}: camera `{camera}` sends `{other}` video; the agent reads H.264 and MJPEG"))),
+        };
+        let transport = match cfg.transport {
+            RtspTransport::Tcp => Transport::Tcp(TcpTransportOptions::default()),
+            RtspTransport::Udp => Transport::Udp(UdpTransportOptions::default()),
+        };
+        session.setup(i, SetupOptions::default().transport(transport).frame_format(FrameFormat::SIMPLE)).await.map_err(|e| unavailable("SETUP", &e))?;
+        let playing = session.play(PlayOptions::default()).await.map_err(|e| unavailable("PLAY", &e))?;
+        let demuxed = playing.demuxed().map_err(|e| unavailable("demuxing", &e))?;
+        Ok(Playing { demuxed: Box::pin(demuxed), codec })
+    }
+
+    /// Whether a frame arriving now is due under `fps`; if so, the next one is scheduled.
+    fn due(&mut self, now: Instant, take: bool) -> bool {
+        let Some(fps) = self.cfg.fps else { return true };
+        let period = Duration::from_secs_f64(1.0 / fps);
+        let due = self.next_due.is_none_or(|at| now >= at);
+        if due && take {
+            // From the due time, not from now: the average rate is `fps` even though frames
+            // arrive on the camera's own grid; more than a period late restarts the cadence.
+            let next = match self.next_due {
+                Some(at) if now - at < period => at + period,
+                _ => now + period,
+            };
+            self.next_due = Some(next);
+        }
+        due
+    }
+}
+
+fn first_line(e: &dyn std::fmt::Display) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_owned()
+}
+
+/// openh264 without its flush after every decode (which, with B-frames, makes it fail).
+fn new_decoder() -> Result<openh264::decoder::Decoder, openh264::Error> {
+    use openh264::decoder::{Decoder, DecoderConfig, Flush};
+    Decoder::with_api_config(openh264::OpenH264API::from_source(), DecoderConfig::new().flush_after_decode(Flush::NoFlush))
+}
+
+/// Copies a decoded picture into tight I420 planes ([`PixelFormat::I420`]).
+fn i420_from(yuv: &openh264::decoder::DecodedYUV<'_>) -> (u32, u32, Vec<u8>) {
+    use openh264::formats::YUVSource;
+    let (w, h) = yuv.dimensions();
+    let (sy, su, sv) = yuv.strides();
+    let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
+    let mut out = Vec::with_capacity(w * h + 2 * cw * ch);
+    for r in 0..h {
+        out.extend_from_slice(&yuv.y()[r * sy..r * sy + w]);
+    }
+    for r in 0..ch {
+        out.extend_from_slice(&yuv.u()[r * su..r * su + cw]);
+    }
+    for r in 0..ch {
+        out.extend_from_slice(&yuv.v()[r * sv..r * sv + cw]);
+    }
+    (w as u32, h as u32, out)
+}
+
+impl Drop for RtspSource {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl Source for RtspSource {
+    fn open(&mut self) -> Result<(), SourceError> {
+        self.close();
+        let creds = self.cfg.credentials().map_err(|e| SourceError::Unavailable(format!("{}: {e}", self.public_url)))?;
+        let (cfg, camera, public, timeout) = (&self.cfg, &self.camera, &self.public_url, self.stall_timeout());
+        let playing = self.rt.block_on(async {
+            match tokio::time::timeout(timeout, Self::connect(cfg, camera, public, creds)).await {
+                Ok(r) => r,
+                Err(_) => Err(SourceError::Unavailable(format!("{public}: no answer within stall_timeout_ms ({} ms)", timeout.as_millis()))),
+            }
+        })?;
+        self.playing = Some(playing);
+        self.next_due = None;
+        Ok(())
+    }
+
+    fn next_frame(&mut self) -> Result<Captured, SourceError> {
+        let timeout = self.stall_timeout();
+        let mut deadline = Instant::now() + timeout;
+        loop {
+            let Some(playing) = self.playing.as_mut() else {
+                return Err(SourceError::Unavailable(format!("{}: not open", self.public_url)));
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            let item = self.rt.block_on(async { tokio::time::timeout(left, playing.demuxed.next()).await });
+            let frame = match item {
+                Err(_) => {
+                    self.close();
+                    return Err(SourceError::Unavailable(format!("{}: no frame for {} ms (stall_timeout_ms): reconnecting", self.public_url, timeout.as_millis())));
+                }
+                Ok(None) => {
+                    self.close();
+                    return Err(SourceError::Unavailable(format!("{}: the camera ended the stream", self.public_url)));
+                }
+                Ok(Some(Err(e))) => {
+                    self.close();
+                    return Err(SourceError::Unavailable(format!("{}: {}", self.public_url, first_line(&e))));
+                }
+                Ok(Some(Ok(CodecItem::VideoFrame(f)))) => f,
+                Ok(Some(Ok(_))) => continue, // RTCP, audio, metadata
+            };
+            let now = Instant::now();
+            // Any frame from the camera proves the stream alive.
+            deadline = now + timeout;
+            let capture_ns = now_ns();
+            match &mut playing.codec {
+                Codec::Jpeg => {
+                    if !self.due(now, true) {
+                        continue;
+                    }
+                    let data = Bytes::from(frame.into_data());
+                    let header = turbojpeg::read_header(&data).map_err(|e| SourceError::Unavailable(format!("{}: a JPEG frame the camera sent is unreadable: {e}", self.public_url)));
+                    let Ok(header) = header else { continue };
+                    return Ok(Captured {
+                        capture_ns,
+                        width: header.width as u32,
+                        height: header.height as u32,
+                        stride: 0,
+                        format: PixelFormat::Jpeg,
+                        source_format: "MJPG",
+                        data,
+                    });
+                }
+                Codec::H264(decoder) => {
+                    let key = frame.is_random_access_point();
+                    if self.cfg.keyframes_only && !key {
+                        continue;
+                    }
+                    // A frame nothing refers to is decoded only when it is due.
+                    let due_now = self.next_due.is_none_or(|at| now >= at) || self.cfg.fps.is_none();
+                    if frame.is_disposable() && !due_now {
+                        continue;
+                    }
+                    let decoded = match decoder.decode(frame.data()) {
+                        Ok(Some(yuv)) => i420_from(&yuv),
+                        Ok(None) => continue, // the decoder waits for more (e.g. reordering)
+                        Err(e) => {
+                            // A damaged frame (packet loss): later frames are fine again from the next IDR.
+                            tracing::debug!(camera = self.camera, error = %e, loss = frame.loss(), "H.264 frame not decoded.");
+                            continue;
+                        }
+                    };
+                    if !self.due(now, true) {
+                        continue;
+                    }
+                    let (width, height, data) = decoded;
+                    return Ok(Captured { capture_ns, width, height, stride: width as usize, format: PixelFormat::I420, source_format: "H264", data: data.into() });
+                }
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        let mode = if self.cfg.keyframes_only { ", keyframes only" } else { "" };
+        match self.cfg.fps {
+            Some(fps) => format!("RTSP {} over {:?} at {fps} fps{mode}", self.public_url, self.cfg.transport),
+            None => format!("RTSP {} over {:?} at the camera's rate{mode}", self.public_url, self.cfg.transport),
+        }
+    }
+}

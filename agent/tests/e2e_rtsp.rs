@@ -1,0 +1,187 @@
+//! RTSP cameras end to end: a loopback RTSP server from Debian's GStreamer
+//! (`tests/rtsp/server.py`: x264 with B-frames, JPEG over RTP, x265) feeds the agent, which
+//! forwards to the real broker; what arrives is checked frame by frame (each a JPEG of the
+//! stream's size, every sequence number once and in order, a count within the configured
+//! rate). Then the faults IP cameras have: the server killed and started again, frozen with
+//! its socket open for longer than `stall_timeout_ms`, a wrong password, a wrong path, an
+//! unreachable host, an H.265 stream — each a clear per-camera state, the other cameras
+//! unaffected, recovery without an agent restart.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use framelink_testkit::daemon::{Agent, free_port};
+use framelink_testkit::{Broker, init_tracing, rand_topic};
+
+mod support {
+    pub mod frames;
+}
+use support::frames::{AGENT, arrived, body, serial};
+
+const SERVER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/rtsp/server.py");
+
+/// The GStreamer RTSP server on a port of its own; killed when dropped.
+struct RtspServer {
+    port: u16,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl RtspServer {
+    fn start(args: &[&str]) -> RtspServer {
+        let mut s = RtspServer { port: free_port(), args: args.iter().map(|a| a.to_string()).collect(), child: None };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        use std::io::BufRead;
+        let mut child = Command::new(SERVER)
+            .arg("--port")
+            .arg(self.port.to_string())
+            .args(&self.args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting tests/rtsp/server.py (scripts/bootstrap installs GStreamer's RTSP server)");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert!(line.starts_with("ready"), "the RTSP server did not start: {line:?}");
+        self.child = Some(child);
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("rtsp://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success());
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for RtspServer {
+    fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            // A frozen server must be woken to die.
+            let _ = Command::new("kill").args(["-CONT", &c.id().to_string()]).status();
+        }
+        self.kill();
+    }
+}
+
+fn rtsp_camera(id: &str, url: &str, extra: &str) -> String {
+    format!("[[cameras]]\nid = {id:?}\nrtsp = {{ url = {url:?}, stall_timeout_ms = 2000{extra} }}\n")
+}
+
+/// H.264 (decoded, sent at 5 fps of the camera's 25) and MJPEG (forwarded as sent, every frame)
+/// from the same server for a few seconds: JPEGs of the stream's size, every sequence number
+/// once and in order, counts within the rates. Then the server is killed and started again,
+/// and frozen (SIGSTOP, socket open) past the stall timeout: both cameras come back by
+/// themselves, and frames resume.
+#[tokio::test(flavor = "multi_thread")]
+async fn r1_h264_and_mjpeg_arrive_at_their_rates_and_recover_from_server_faults() {
+    let _g = serial();
+    init_tracing();
+    let broker = Broker::shared();
+    let topic = rand_topic("agent-rtsp");
+    broker.create_topic(&topic, 2).await.unwrap();
+    let mut server = RtspServer::start(&["--width", "640", "--height", "360", "--fps", "25", "--gop", "25"]);
+    let cams = rtsp_camera("h264", &server.url("/h264"), ", fps = 5") + &rtsp_camera("mjpeg", &server.url("/mjpeg"), "");
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::agent(AGENT, dir.path(), &body("dev-r1", &broker.mtls(), &topic, dir.path(), &cams, ""));
+    agent.start();
+    agent.wait_for("both cameras up", Duration::from_secs(30), |a| a.healthz()["cameras"]["h264"] == "up" && a.healthz()["cameras"]["mjpeg"] == "up");
+    let at = |a: &Agent, cam: &str| a.metric("frames_sent_total", &[&format!("camera=\"{cam}\"")]);
+    let (h0, m0) = (at(&agent, "h264"), at(&agent, "mjpeg"));
+    std::thread::sleep(Duration::from_secs(8));
+    let (h1, m1) = (at(&agent, "h264"), at(&agent, "mjpeg"));
+    println!("r1: in 8 s: h264 {} frames (fps = 5), mjpeg {} frames (the camera's 25)", h1 - h0, m1 - m0);
+    assert!((30.0..=45.0).contains(&(h1 - h0)), "h264 at 5 fps: {} frames in 8 s", h1 - h0);
+    assert!((120.0..=215.0).contains(&(m1 - m0)), "mjpeg at the camera's 25 fps: {} frames in 8 s", m1 - m0);
+
+    // The server dies and comes back on the same port.
+    server.kill();
+    agent.wait_for("the cameras notice", Duration::from_secs(20), |a| a.healthz()["cameras"]["h264"] != "up");
+    server.spawn();
+    let before = (at(&agent, "h264"), at(&agent, "mjpeg"));
+    agent.wait_for("frames again after the restart", Duration::from_secs(60), |a| at(a, "h264") >= before.0 + 10.0 && at(a, "mjpeg") >= before.1 + 10.0);
+
+    // Frozen with its sockets open: no RST, no FIN, just silence.
+    server.signal("-STOP");
+    agent.wait_for("the stall is judged", Duration::from_secs(20), |a| {
+        a.healthz()["cameras"]["h264"].as_str().is_some_and(|s| s.contains("stall_timeout_ms"))
+    });
+    server.signal("-CONT");
+    let before = (at(&agent, "h264"), at(&agent, "mjpeg"));
+    agent.wait_for("frames again after the freeze", Duration::from_secs(60), |a| at(a, "h264") >= before.0 + 10.0 && at(a, "mjpeg") >= before.1 + 10.0);
+    let health = agent.healthz();
+    let log = agent.log_text();
+    agent.stop();
+    assert_eq!(health["cameras"]["h264"], "up", "{health}");
+    assert!(log.contains("re-opening"), "the reconnects are logged");
+
+    let got = arrived(&broker.mtls(), &topic).await;
+    for cam in ["h264", "mjpeg"] {
+        let seqs = got.seqs(cam);
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "camera {cam}: every frame once, in order");
+        assert_eq!(seqs.first(), Some(&0), "camera {cam}: from the first frame");
+        println!("r1: camera {cam}: {} frames arrived", seqs.len());
+    }
+    // Sizes: `arrived` checked every JPEG against its headers; the stream's size is 640x360.
+    let msgs = framelink_testkit::consume_all(&broker.mtls(), &topic, Duration::from_secs(5)).await.unwrap();
+    for m in msgs.iter().take(50) {
+        let meta = framelink_testkit::frame_meta(m).unwrap();
+        assert_eq!((meta.width, meta.height), (640, 360), "{meta:?}");
+        let expected_format = if meta.camera_id == "h264" { "H264" } else { "MJPG" };
+        assert_eq!(meta.pixel_format, expected_format);
+    }
+}
+
+/// What users get wrong and networks do: a wrong password, a wrong path, an unreachable host
+/// and an H.265 stream each give a clear state for that camera on `/healthz` (no password in
+/// it or in the log), while a good camera beside them delivers.
+#[tokio::test(flavor = "multi_thread")]
+async fn r2_bad_cameras_get_clear_errors_and_leave_the_others_alone() {
+    let _g = serial();
+    init_tracing();
+    let broker = Broker::shared();
+    let topic = rand_topic("agent-rtsp-bad");
+    broker.create_topic(&topic, 1).await.unwrap();
+    let server = RtspServer::start(&["--auth", "cam:right-one"]);
+    let dead = free_port();
+    let good = server.url("/h264").replace("rtsp://", "rtsp://cam:right-one@");
+    let cams = rtsp_camera("good", &good, ", fps = 5")
+        + &rtsp_camera("badpass", &server.url("/h264").replace("rtsp://", "rtsp://cam:wrong-one@"), "")
+        + &rtsp_camera("nopath", &good.replace("/h264", "/nothing-here"), "")
+        + &rtsp_camera("nohost", &format!("rtsp://127.0.0.1:{dead}/h264"), "")
+        + &rtsp_camera("hevc", &good.replace("/h264", "/h265"), "");
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::agent(AGENT, dir.path(), &body("dev-r2", &broker.mtls(), &topic, dir.path(), &cams, ""));
+    agent.start();
+    agent.wait_for("the good camera delivers", Duration::from_secs(30), |a| a.metric("frames_sent_total", &[]) >= 20.0);
+    let health = agent.healthz();
+    let log = agent.log_text();
+    agent.stop();
+    let state = |cam: &str| health["cameras"][cam].as_str().unwrap_or_default().to_owned();
+    println!("r2: {health}");
+    assert_eq!(state("good"), "up");
+    assert!(state("badpass").contains("401") || state("badpass").to_lowercase().contains("unauthorized"), "{}", state("badpass"));
+    assert!(state("nopath").contains("404") || state("nopath").to_lowercase().contains("not found"), "{}", state("nopath"));
+    assert!(state("nohost").to_lowercase().contains("refused"), "{}", state("nohost"));
+    assert!(state("hevc").contains("H.265") && state("hevc").contains("`hevc`") && state("hevc").contains("H.264 sub-stream"), "{}", state("hevc"));
+    for secret in ["right-one", "wrong-one"] {
+        assert!(!health.to_string().contains(secret), "/healthz shows a password");
+        assert!(!log.contains(secret), "the log shows a password");
+    }
+    let got = arrived(&broker.mtls(), &topic).await;
+    assert!(got.seqs("good").len() >= 20);
+    assert_eq!(got.per_camera.len(), 1, "only the good camera delivered");
+}
