@@ -115,7 +115,7 @@ pub fn run_camera(
     tracing::info!(camera = id, source = source.describe(), "Camera starting.");
     'reopen: while !shutdown.is_set() {
         if let Err(e) = source.open() {
-            metrics.set_camera(id, false, &format!("unavailable: {e}"));
+            metrics.set_camera(id, false, &format!("error: {e}"));
             let wait = backoff.mul_f64(rand::rng().random_range(0.75..1.25));
             tracing::warn!(camera = id, error = %e, retry_in = ?wait, "Camera unavailable.");
             backoff = (backoff * 2).min(MAX);
@@ -160,6 +160,7 @@ pub fn run_camera(
                         }
                     };
                     metrics.inc(&metrics.captured, id);
+                    metrics.last_frame_at(id, c.capture_ns);
                     let raw = RawFrame { camera: id.to_owned(), seq, image: c };
                     match tx.try_send(raw) {
                         Ok(()) => {}
@@ -174,7 +175,8 @@ pub fn run_camera(
                 }
                 Err(e) => {
                     tracing::warn!(camera = id, error = %e, "Camera failed; re-opening.");
-                    metrics.set_camera(id, false, &format!("unavailable: {e}"));
+                    metrics.set_camera(id, false, &format!("reconnecting: {e}"));
+                    metrics.inc(&metrics.camera_reconnects, id);
                     continue 'reopen;
                 }
             }

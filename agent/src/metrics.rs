@@ -62,6 +62,8 @@ pub struct Metrics {
     pub link_up: Gauge,
     pub link_state: Family<Labels, Gauge>,
     pub camera_up: Family<Labels, Gauge>,
+    pub camera_reconnects: Family<Labels, Counter>,
+    pub camera_last_frame: Family<Labels, Gauge>,
     pub encode_seconds: HistogramFamily,
     pub delivery_seconds: HistogramFamily,
     /// For /healthz.
@@ -103,6 +105,8 @@ impl Metrics {
             link_up: Gauge::default(),
             link_state: Family::default(),
             camera_up: Family::default(),
+            camera_reconnects: Family::default(),
+            camera_last_frame: Family::default(),
             encode_seconds: Family::new_with_constructor(latency_histogram),
             delivery_seconds: Family::new_with_constructor(latency_histogram),
             health: Mutex::new(Health {
@@ -132,6 +136,8 @@ impl Metrics {
         registry.register("link_up", "1 when frames go straight to Kafka", m.link_up.clone());
         registry.register("link_state", "1 for the current link state (up, down, draining)", m.link_state.clone());
         registry.register("camera_up", "1 while the camera delivers frames", m.camera_up.clone());
+        registry.register("camera_reconnects", "Times a camera's stream was lost while running and the camera re-opened", m.camera_reconnects.clone());
+        registry.register("camera_last_frame_unix_seconds", "When the camera last delivered a frame (Unix time; age = now - this)", m.camera_last_frame.clone());
         registry.register("encode_seconds", "Time to encode one frame", m.encode_seconds.clone());
         registry.register("delivery_seconds", "Capture to Kafka acknowledgement", m.delivery_seconds.clone());
         Arc::new(Self { registry, ..m })
@@ -166,6 +172,11 @@ impl Metrics {
 
     pub fn set_spool_error(&self, error: Option<String>) {
         self.health.lock().expect("health lock").spool_error = error;
+    }
+
+    /// The camera delivered a frame captured at `capture_ns`.
+    pub fn last_frame_at(&self, camera: &str, capture_ns: u64) {
+        self.camera_last_frame.get_or_create(&labels(&[("camera", camera)])).set((capture_ns / 1_000_000_000) as i64);
     }
 
     pub fn set_camera(&self, camera: &str, up: bool, detail: &str) {

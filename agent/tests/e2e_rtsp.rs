@@ -81,8 +81,8 @@ fn rtsp_camera(id: &str, url: &str, extra: &str) -> String {
     format!("[[cameras]]\nid = {id:?}\nrtsp = {{ url = {url:?}, stall_timeout_ms = 2000{extra} }}\n")
 }
 
-/// H.264 (decoded, sent at 5 fps of the camera's 25) and MJPEG (forwarded as sent, every frame)
-/// from the same server for a few seconds: JPEGs of the stream's size, every sequence number
+/// H.264 (decoded, sent at 5 fps of the camera's 25), the same with `keyframes_only` (an IDR
+/// a second) and MJPEG (forwarded as sent, every frame) from the same server for a few seconds: JPEGs of the stream's size, every sequence number
 /// once and in order, counts within the rates. Then the server is killed and started again,
 /// and frozen (SIGSTOP, socket open) past the stall timeout: both cameras come back by
 /// themselves, and frames resume.
@@ -94,16 +94,19 @@ async fn r1_h264_and_mjpeg_arrive_at_their_rates_and_recover_from_server_faults(
     let topic = rand_topic("agent-rtsp");
     broker.create_topic(&topic, 2).await.unwrap();
     let mut server = RtspServer::start(&["--width", "640", "--height", "360", "--fps", "25", "--gop", "25"]);
-    let cams = rtsp_camera("h264", &server.url("/h264"), ", fps = 5") + &rtsp_camera("mjpeg", &server.url("/mjpeg"), "");
+    let cams = rtsp_camera("h264", &server.url("/h264"), ", fps = 5")
+        + &rtsp_camera("mjpeg", &server.url("/mjpeg"), "")
+        + &rtsp_camera("keys", &server.url("/h264"), ", keyframes_only = true");
     let dir = tempfile::tempdir().unwrap();
     let mut agent = Agent::agent(AGENT, dir.path(), &body("dev-r1", &broker.mtls(), &topic, dir.path(), &cams, ""));
     agent.start();
     agent.wait_for("both cameras up", Duration::from_secs(30), |a| a.healthz()["cameras"]["h264"] == "up" && a.healthz()["cameras"]["mjpeg"] == "up");
     let at = |a: &Agent, cam: &str| a.metric("frames_sent_total", &[&format!("camera=\"{cam}\"")]);
-    let (h0, m0) = (at(&agent, "h264"), at(&agent, "mjpeg"));
+    let (h0, m0, k0) = (at(&agent, "h264"), at(&agent, "mjpeg"), at(&agent, "keys"));
     std::thread::sleep(Duration::from_secs(8));
-    let (h1, m1) = (at(&agent, "h264"), at(&agent, "mjpeg"));
-    println!("r1: in 8 s: h264 {} frames (fps = 5), mjpeg {} frames (the camera's 25)", h1 - h0, m1 - m0);
+    let (h1, m1, k1) = (at(&agent, "h264"), at(&agent, "mjpeg"), at(&agent, "keys"));
+    println!("r1: in 8 s: h264 {} frames (fps = 5), mjpeg {} frames (the camera's 25), keyframes only {} (an IDR a second)", h1 - h0, m1 - m0, k1 - k0);
+    assert!((6.0..=10.0).contains(&(k1 - k0)), "keyframes_only: one IDR a second, {} frames in 8 s", k1 - k0);
     assert!((30.0..=45.0).contains(&(h1 - h0)), "h264 at 5 fps: {} frames in 8 s", h1 - h0);
     assert!((120.0..=215.0).contains(&(m1 - m0)), "mjpeg at the camera's 25 fps: {} frames in 8 s", m1 - m0);
 
@@ -117,19 +120,25 @@ async fn r1_h264_and_mjpeg_arrive_at_their_rates_and_recover_from_server_faults(
     // Frozen with its sockets open: no RST, no FIN, just silence.
     server.signal("-STOP");
     agent.wait_for("the stall is judged", Duration::from_secs(20), |a| {
-        a.healthz()["cameras"]["h264"].as_str().is_some_and(|s| s.contains("stall_timeout_ms"))
+        a.healthz()["cameras"]["h264"].as_str().is_some_and(|s| s.starts_with("reconnecting: ") && s.contains("stall_timeout_ms"))
     });
     server.signal("-CONT");
     let before = (at(&agent, "h264"), at(&agent, "mjpeg"));
     agent.wait_for("frames again after the freeze", Duration::from_secs(60), |a| at(a, "h264") >= before.0 + 10.0 && at(a, "mjpeg") >= before.1 + 10.0);
     let health = agent.healthz();
     let log = agent.log_text();
+    let reconnects = |cam: &str| agent.metric("camera_reconnects_total", &[&format!("camera=\"{cam}\"")]);
+    let (hr, mr) = (reconnects("h264"), reconnects("mjpeg"));
+    let last = agent.metric("camera_last_frame_unix_seconds", &["camera=\"h264\""]);
     agent.stop();
     assert_eq!(health["cameras"]["h264"], "up", "{health}");
     assert!(log.contains("re-opening"), "the reconnects are logged");
+    assert!(hr >= 2.0 && mr >= 2.0, "a restart and a freeze: reconnects h264 {hr}, mjpeg {mr}");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    assert!((now - last).abs() < 10.0, "the last frame's time: {last} (now {now})");
 
     let got = arrived(&broker.mtls(), &topic).await;
-    for cam in ["h264", "mjpeg"] {
+    for cam in ["h264", "mjpeg", "keys"] {
         let seqs = got.seqs(cam);
         assert!(seqs.windows(2).all(|w| w[0] < w[1]), "camera {cam}: every frame once, in order");
         assert_eq!(seqs.first(), Some(&0), "camera {cam}: from the first frame");
@@ -140,7 +149,7 @@ async fn r1_h264_and_mjpeg_arrive_at_their_rates_and_recover_from_server_faults(
     for m in msgs.iter().take(50) {
         let meta = framelink_testkit::frame_meta(m).unwrap();
         assert_eq!((meta.width, meta.height), (640, 360), "{meta:?}");
-        let expected_format = if meta.camera_id == "h264" { "H264" } else { "MJPG" };
+        let expected_format = if meta.camera_id == "mjpeg" { "MJPG" } else { "H264" };
         assert_eq!(meta.pixel_format, expected_format);
     }
 }
@@ -173,6 +182,9 @@ async fn r2_bad_cameras_get_clear_errors_and_leave_the_others_alone() {
     let state = |cam: &str| health["cameras"][cam].as_str().unwrap_or_default().to_owned();
     println!("r2: {health}");
     assert_eq!(state("good"), "up");
+    for cam in ["badpass", "nopath", "nohost", "hevc"] {
+        assert!(state(cam).starts_with("error: "), "{cam}: {}", state(cam));
+    }
     assert!(state("badpass").contains("401") || state("badpass").to_lowercase().contains("unauthorized"), "{}", state("badpass"));
     assert!(state("nopath").contains("404") || state("nopath").to_lowercase().contains("not found"), "{}", state("nopath"));
     assert!(state("nohost").to_lowercase().contains("refused"), "{}", state("nohost"));
