@@ -30,13 +30,14 @@ const ENCODER_QUEUE: usize = 2;
 pub fn start(
     device_id: &str,
     cameras: &[CameraConfig],
+    state_dir: &std::path::Path,
     encoder: &EncoderConfig,
     seqs: Arc<SequenceStore>,
     metrics: Arc<Metrics>,
     shutdown: Shutdown,
     out: Sender<Frame>,
 ) -> Result<Vec<JoinHandle<()>>> {
-    let sources = cameras.iter().map(|c| (c.id.clone(), c.build())).collect();
+    let sources = cameras.iter().map(|c| (c.id.clone(), c.build(state_dir))).collect();
     start_with_sources(device_id, sources, encoder, seqs, metrics, shutdown, out)
 }
 
@@ -162,6 +163,12 @@ pub fn run_camera(
                     metrics.inc(&metrics.captured, id);
                     metrics.last_frame_at(id, c.capture_ns);
                     let raw = RawFrame { camera: id.to_owned(), seq, image: c };
+                    if source.blocks_when_behind() {
+                        if tx.send(raw).is_err() {
+                            return;
+                        }
+                        continue;
+                    }
                     match tx.try_send(raw) {
                         Ok(()) => {}
                         Err(TrySendError::Full(_)) => metrics.count_drop(id, DropReason::EncoderBehind, 1),

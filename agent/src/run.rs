@@ -42,7 +42,7 @@ pub fn run(v: Validated) -> Result<()> {
     tracing::info!(device = cfg.device.id, kafka = v.kafka.describe(), topic = cfg.forwarder.topic, spool = %cfg.spool.dir.display(), "Agent starting.");
 
     let (tx, frames) = crossbeam_channel::bounded(64);
-    let threads = crate::capture::start(&cfg.device.id, &cfg.cameras, &cfg.encoder, seqs.clone(), metrics.clone(), shutdown.clone(), tx)?;
+    let threads = crate::capture::start(&cfg.device.id, &cfg.cameras, &cfg.spool.dir, &cfg.encoder, seqs.clone(), metrics.clone(), shutdown.clone(), tx)?;
     systemd_ready(&metrics, &shutdown);
 
     let result = forwarder.run(frames, &shutdown, Duration::from_secs(cfg.device.shutdown_grace_s));

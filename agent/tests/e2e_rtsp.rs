@@ -1,11 +1,13 @@
-//! RTSP cameras end to end: a loopback RTSP server from Debian's GStreamer
+//! RTSP cameras and video files end to end: a loopback RTSP server from Debian's GStreamer
 //! (`tests/rtsp/server.py`: x264 with B-frames, JPEG over RTP, x265) feeds the agent, which
 //! forwards to the real broker; what arrives is checked frame by frame (each a JPEG of the
 //! stream's size, every sequence number once and in order, a count within the configured
 //! rate). Then the faults IP cameras have: the server killed and started again, frozen with
 //! its socket open for longer than `stall_timeout_ms`, a wrong password, a wrong path, an
 //! unreachable host, an H.265 stream — each a clear per-camera state, the other cameras
-//! unaffected, recovery without an agent restart.
+//! unaffected, recovery without an agent restart. Video files: an MP4 made at test time
+//! (GStreamer's x264 with B-frames) read as fast as possible and in real time, and resumed
+//! after a SIGKILL.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -196,4 +198,78 @@ async fn r2_bad_cameras_get_clear_errors_and_leave_the_others_alone() {
     let got = arrived(&broker.mtls(), &topic).await;
     assert!(got.seqs("good").len() >= 20);
     assert_eq!(got.per_camera.len(), 1, "only the good camera delivered");
+}
+
+/// An H.264 MP4 of `frames` pictures (640x360, 25 fps, B-frames, an IDR a second) made by
+/// GStreamer.
+fn make_mp4(path: &std::path::Path, frames: u32) {
+    let out = Command::new("gst-launch-1.0")
+        .arg("-q")
+        .args(format!("videotestsrc num-buffers={frames} pattern=ball ! video/x-raw,width=640,height=360,framerate=25/1 ! videoconvert ! x264enc speed-preset=ultrafast bframes=2 b-adapt=false key-int-max=25 ! video/x-h264,profile=main ! mp4mux ! filesink").split(' '))
+        .arg(format!("location={}", path.display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "gst-launch-1.0: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn video_camera(id: &str, path: &std::path::Path, extra: &str) -> String {
+    format!("[[cameras]]\nid = {id:?}\nvideo = {{ path = {:?}{extra} }}\n", path.display().to_string())
+}
+
+/// A 250-picture MP4 ingested with `pace = "fast"` (nothing dropped for a busy encoder) beside
+/// the same file at 5 fps in real time: every picture of the fast one arrives once, in order,
+/// as a 640x360 JPEG, and the camera finishes; the real-time one keeps every 5th picture.
+/// Then a real-time replay is SIGKILLed 5 s in and started again: it resumes where it stopped
+/// (the last 2–3 s again), not from the start, and the pictures of both runs cover the file.
+#[tokio::test(flavor = "multi_thread")]
+async fn v1_a_video_file_fast_and_in_real_time_and_resumed_after_a_kill() {
+    let _g = serial();
+    init_tracing();
+    let broker = Broker::shared();
+    let topic = rand_topic("agent-video");
+    broker.create_topic(&topic, 2).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let clip = dir.path().join("clip.mp4");
+    make_mp4(&clip, 250);
+    let cams = video_camera("bulk", &clip, ", pace = \"fast\"") + &video_camera("slow", &clip, ", fps = 5");
+    let mut agent = Agent::agent(AGENT, dir.path(), &body("dev-v1", &broker.mtls(), &topic, dir.path(), &cams, ""));
+    agent.start();
+    agent.wait_for("both files read", Duration::from_secs(60), |a| a.healthz()["cameras"]["bulk"] == "finished" && a.healthz()["cameras"]["slow"] == "finished");
+    agent.wait_for("all sent", Duration::from_secs(30), |a| a.metric("frames_sent_total", &[]) >= 300.0);
+    assert_eq!(agent.metric("frames_dropped_total", &[]), 0.0);
+    agent.stop();
+    let got = arrived(&broker.mtls(), &topic).await;
+    assert_eq!(got.seqs("bulk"), (0..250).collect::<Vec<u64>>().as_slice(), "every picture once, in order");
+    assert_eq!(got.seqs("slow"), (0..50).collect::<Vec<u64>>().as_slice(), "every 5th picture: 50");
+    let msgs = framelink_testkit::consume_all(&broker.mtls(), &topic, Duration::from_secs(3)).await.unwrap();
+    for m in msgs.iter().take(20) {
+        let meta = framelink_testkit::frame_meta(m).unwrap();
+        assert_eq!((meta.width, meta.height, meta.pixel_format.as_str()), (640, 360, "H264"));
+    }
+    // A second start does not send a finished file again.
+    agent.start();
+    agent.wait_for("finished again", Duration::from_secs(30), |a| a.healthz()["cameras"]["bulk"] == "finished");
+    assert_eq!(agent.metric("frames_captured_total", &["camera=\"bulk\""]), 0.0, "the position says the file is done");
+    agent.stop();
+
+    // Real time, killed 5 s in (about 125 of 250 pictures), started again.
+    let topic = rand_topic("agent-video-kill");
+    broker.create_topic(&topic, 1).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::agent(AGENT, dir.path(), &body("dev-v1b", &broker.mtls(), &topic, dir.path(), &video_camera("replay", &clip, ""), ""));
+    agent.start();
+    agent.wait_for("5 s of replay", Duration::from_secs(30), |a| a.metric("frames_sent_total", &[]) >= 125.0);
+    agent.kill();
+    let first = arrived(&broker.mtls(), &topic).await.seqs("replay").len();
+    agent.start();
+    agent.wait_for("the replay finished", Duration::from_secs(30), |a| a.healthz()["cameras"]["replay"] == "finished");
+    let second = agent.metric("frames_sent_total", &[]);
+    let log = agent.log_text();
+    agent.stop();
+    println!("v1: replay killed after {first} pictures; the restart sent {second}; together {} for 250", first as f64 + second);
+    assert!(log.contains("Video resumes after the pictures already sent"), "the restart resumed");
+    assert!(second < 250.0 - 25.0, "resumed, not from the start: {second}");
+    assert!(first as f64 + second >= 250.0, "the two runs cover the file: {first} + {second}");
+    // The position written is 2 s old and written every second: 2–3 s again, plus the kill's own delay.
+    assert!(first as f64 + second <= 250.0 + 4.0 * 25.0, "at most the last ~3 s again: {first} + {second}");
 }

@@ -37,6 +37,38 @@ pub struct CameraConfig {
     pub usb: Option<UsbConfig>,
     /// An IP camera over RTSP (H.264 or MJPEG).
     pub rtsp: Option<RtspConfig>,
+    /// A video file (MP4 with H.264).
+    pub video: Option<VideoConfig>,
+}
+
+/// How fast a video file is read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VideoPace {
+    /// At the file's frame rate: a replay of footage. Default.
+    #[default]
+    Realtime,
+    /// As fast as the encoder and the link take it (bulk ingestion); no frame is dropped for a
+    /// busy encoder.
+    Fast,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VideoConfig {
+    /// An MP4 file with an H.264 video track.
+    pub path: PathBuf,
+    /// `realtime` (default) or `fast`.
+    #[serde(default)]
+    pub pace: VideoPace,
+    /// Start again after the end. Default false (the camera then finishes).
+    #[serde(default, rename = "loop")]
+    pub looping: bool,
+    /// Pictures per second to send, below the file's (every n-th is kept); default: all.
+    pub fps: Option<f64>,
+    /// Decode and send only IDR (key) pictures. Default false.
+    #[serde(default)]
+    pub keyframes_only: bool,
 }
 
 /// How RTP travels from the camera.
@@ -235,6 +267,7 @@ pub fn default_cameras() -> Vec<CameraConfig> {
         v4l2: None,
         usb: None,
         rtsp: None,
+        video: None,
     }]
 }
 
@@ -258,9 +291,17 @@ impl CameraConfig {
         let key = format!("cameras[{i}]");
         framelink_common::wire::check_id(framelink_common::wire::header::CAMERA, &self.id)
             .map_err(|e| anyhow::anyhow!("config key `{key}.id`: {e}"))?;
-        let kinds = [self.synthetic.is_some(), self.images.is_some(), self.v4l2.is_some(), self.usb.is_some(), self.rtsp.is_some()];
+        let kinds = [self.synthetic.is_some(), self.images.is_some(), self.v4l2.is_some(), self.usb.is_some(), self.rtsp.is_some(), self.video.is_some()];
         if kinds.iter().filter(|k| **k).count() != 1 {
-            bail!("config key `{key}`: give exactly one of `synthetic`, `images`, `v4l2`, `usb`, `rtsp`");
+            bail!("config key `{key}`: give exactly one of `synthetic`, `images`, `v4l2`, `usb`, `rtsp`, `video`");
+        }
+        if let Some(s) = &self.video {
+            if !s.path.is_file() {
+                bail!("config key `{key}.video.path`: {} is not a file", s.path.display());
+            }
+            if let Some(fps) = s.fps {
+                check_fps(&format!("{key}.video.fps"), fps)?;
+            }
         }
         if let Some(s) = &self.rtsp {
             let u = url::Url::parse(&s.url).map_err(|e| anyhow::anyhow!("config key `{key}.rtsp.url`: {e} (`{}`)", s.public_url()))?;

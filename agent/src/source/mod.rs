@@ -12,9 +12,11 @@
 
 pub mod config;
 mod from_config;
+pub mod h264;
 pub mod images;
 pub mod rtsp;
 pub mod synthetic;
+pub mod video;
 #[cfg(feature = "nokhwa")]
 pub mod usb;
 #[cfg(all(target_os = "linux", feature = "v4l2"))]
@@ -42,6 +44,12 @@ pub trait Source: Send {
     fn next_frame(&mut self) -> Result<Captured, SourceError>;
     /// For logs: what this source is.
     fn describe(&self) -> String;
+    /// Whether the camera thread should wait for a busy encoder instead of dropping the frame
+    /// (`encoder_behind`): a file ingested as fast as possible must not skip frames, a live
+    /// camera must not fall behind real time.
+    fn blocks_when_behind(&self) -> bool {
+        false
+    }
 }
 
 /// Paces a source to a frame rate without bursting to catch up after a stall.

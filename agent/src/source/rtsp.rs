@@ -4,7 +4,7 @@
 //! The client is `retina` (pure Rust; RTSP over TCP or UDP, depacketizes H.264, H.265 and
 //! JPEG), run on a current-thread tokio runtime that this source owns, so the camera's
 //! thread stays a plain blocking loop like every other source's. H.264 is decoded by
-//! openh264 (Cisco's decoder, built from source: no system library).
+//! openh264 ([`super::h264`]).
 //!
 //! Rate: `fps` below the camera's does not cost a decode and an encode per camera frame. A
 //! frame is handed over only when it is due; the encoder (the costly part) sees only those.
@@ -85,7 +85,7 @@ impl RtspSource {
         };
         let encoding = session.streams()[i].encoding_name().to_ascii_lowercase();
         let codec = match encoding.as_str() {
-            "h264" => Codec::H264(Box::new(new_decoder().map_err(|e| unavailable("starting the H.264 decoder", &e))?)),
+            "h264" => Codec::H264(Box::new(super::h264::decoder().map_err(|e| unavailable("starting the H.264 decoder", &e))?)),
             "jpeg" => Codec::Jpeg,
             "h265" => {
                 return Err(SourceError::Unavailable(format!(
@@ -124,31 +124,6 @@ impl RtspSource {
 
 fn first_line(e: &dyn std::fmt::Display) -> String {
     e.to_string().lines().next().unwrap_or_default().to_owned()
-}
-
-/// openh264 without its flush after every decode (which, with B-frames, makes it fail).
-fn new_decoder() -> Result<openh264::decoder::Decoder, openh264::Error> {
-    use openh264::decoder::{Decoder, DecoderConfig, Flush};
-    Decoder::with_api_config(openh264::OpenH264API::from_source(), DecoderConfig::new().flush_after_decode(Flush::NoFlush))
-}
-
-/// Copies a decoded picture into tight I420 planes ([`PixelFormat::I420`]).
-fn i420_from(yuv: &openh264::decoder::DecodedYUV<'_>) -> (u32, u32, Vec<u8>) {
-    use openh264::formats::YUVSource;
-    let (w, h) = yuv.dimensions();
-    let (sy, su, sv) = yuv.strides();
-    let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
-    let mut out = Vec::with_capacity(w * h + 2 * cw * ch);
-    for r in 0..h {
-        out.extend_from_slice(&yuv.y()[r * sy..r * sy + w]);
-    }
-    for r in 0..ch {
-        out.extend_from_slice(&yuv.u()[r * su..r * su + cw]);
-    }
-    for r in 0..ch {
-        out.extend_from_slice(&yuv.v()[r * sv..r * sv + cw]);
-    }
-    (w as u32, h as u32, out)
 }
 
 impl Drop for RtspSource {
@@ -231,7 +206,7 @@ impl Source for RtspSource {
                         continue;
                     }
                     let decoded = match decoder.decode(frame.data()) {
-                        Ok(Some(yuv)) => i420_from(&yuv),
+                        Ok(Some(yuv)) => super::h264::captured(&yuv, capture_ns),
                         Ok(None) => continue, // the decoder waits for more (e.g. reordering)
                         Err(e) => {
                             // A damaged frame (packet loss): later frames are fine again from the next IDR.
@@ -242,8 +217,7 @@ impl Source for RtspSource {
                     if !self.due(now, true) {
                         continue;
                     }
-                    let (width, height, data) = decoded;
-                    return Ok(Captured { capture_ns, width, height, stride: width as usize, format: PixelFormat::I420, source_format: "H264", data: data.into() });
+                    return Ok(decoded);
                 }
             }
         }
