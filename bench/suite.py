@@ -14,7 +14,9 @@ Experiments (--only picks some):
      (bench/edge.py; stops and restarts the local broker);
   5. end-to-end latency, capture -> result seen by a reader, p50 / p99, with 1, 4 and 8
      synthetic 1280x720 cameras at 30 fps: framelink-agent -> Kafka -> framelink-worker
-     (resize:640x360) -> `framelink-worker tail`, all on this machine.
+     (resize:640x360) -> `framelink-worker tail`, all on this machine;
+  6. RTSP ingest: a 1080p H.264 IP camera (tests/rtsp/server.py) to JPEG at 5 fps and at
+     full rate, CPU per frame and RSS: framelink-agent vs ffmpeg vs GStreamer (bench/rtsp.py).
 Writes bench/results/*.md and .png (or bench/results/quick/ with --quick, which runs a tiny
 grid as a smoke test and asserts no speed).
 """
@@ -32,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import QUIET_BROKER_LOGS, ROOT, broker, create_topics, delete_topics, frames, machine, plot_bars, write_table  # noqa: E402
 import edge  # noqa: E402
 import fleet  # noqa: E402
+import rtsp  # noqa: E402
 
 
 def settings_args(s):
@@ -249,7 +252,7 @@ def e2e_latency(bootstrap, out_dir, quick):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny grid, smoke test only (CI); results in bench/results/quick/")
-    ap.add_argument("--only", default="1,2,3,4,5", help="experiments to run, e.g. 2,3 (default all)")
+    ap.add_argument("--only", default="1,2,3,4,5,6", help="experiments to run, e.g. 2,3 (default all)")
     ap.add_argument("--repeats", type=int, default=None, help="runs per cell (median); default 3, 1 with --quick")
     args = ap.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
@@ -263,7 +266,8 @@ def main():
         md = producer_sweep(bootstrap, out_dir, args.quick, repeats)
         print(f"written {os.path.relpath(md, ROOT)} and .png in {time.time() - t0:.0f} s")
     for key, title, fn in (("2", "lag over time", fleet.lag_over_time), ("3", "throughput vs workers", fleet.throughput_vs_workers),
-                           ("4", "edge path", edge.edge_path), ("5", "end-to-end latency", e2e_latency)):
+                           ("4", "edge path", edge.edge_path), ("5", "end-to-end latency", e2e_latency),
+                           ("6", "RTSP ingest", rtsp.rtsp_ingest)):
         if key in only:
             t0 = time.time()
             print(f"{key}. {title} ({'quick' if args.quick else 'full'})", flush=True)

@@ -61,7 +61,7 @@ fn raw_encode(frames: &[Bytes]) -> (f64, f64) {
         let mut count = 0;
         while start.elapsed() < Duration::from_secs(1) {
             let f = &frames[count % frames.len()];
-            let raw = Captured { capture_ns: 0, width: W, height: H, stride: W as usize * 3, format: PixelFormat::Rgb24, source_format: "RGB24", data: f.clone() };
+            let raw = Captured { capture_ns: 0, width: W, height: H, stride: W as usize * 3, format: PixelFormat::Rgb24, source_format: "RGB24", data: f.clone(), clock: Default::default() };
             bytes += enc.encode(&raw).unwrap().jpeg.len();
             count += 1;
             n += 1;
@@ -84,7 +84,7 @@ impl Source for Memory {
     fn next_frame(&mut self) -> Result<Captured, SourceError> {
         self.pacer.wait();
         self.i += 1;
-        Ok(Captured { capture_ns: now_ns(), width: W, height: H, stride: W as usize * 3, format: PixelFormat::Rgb24, source_format: "RGB24", data: self.frames[self.i % self.frames.len()].clone() })
+        Ok(Captured { capture_ns: now_ns(), width: W, height: H, stride: W as usize * 3, format: PixelFormat::Rgb24, source_format: "RGB24", data: self.frames[self.i % self.frames.len()].clone(), clock: Default::default() })
     }
     fn describe(&self) -> String {
         "in-memory 1080p photos".into()

@@ -76,6 +76,7 @@ pub fn start_with_sources(
                                 height: e.height,
                                 pixel_format: raw.image.source_format.to_owned(),
                                 content_type: framelink_common::wire::CONTENT_TYPE_JPEG.to_owned(),
+                                clock: raw.image.clock,
                             },
                             payload: e.jpeg,
                         };

@@ -234,25 +234,7 @@ impl Encoder {
                 }
             }
         }
-        let subsamp = match self.cfg.subsampling {
-            Subsampling::S420 => Subsamp::Sub2x2,
-            Subsampling::Gray => Subsamp::Gray,
-            _ => Subsamp::Sub2x1,
-        };
-        let planes = YuvPlanesImage {
-            y_plane: &y[..],
-            u_plane: if gray { &[][..] } else { &u[..] },
-            v_plane: if gray { &[][..] } else { &v[..] },
-            width: w,
-            height: h,
-            y_stride: w,
-            u_stride: if gray { 0 } else { cw },
-            v_stride: if gray { 0 } else { cw },
-            subsamp,
-        };
-        let mut out = OutputBuf::new_owned();
-        self.compressor.compress_yuv_planes(&planes, &mut out)?;
-        Ok(Encoded { jpeg: Bytes::copy_from_slice(&out), width: f.width, height: f.height })
+        self.compress_planes(w, h, w, cw)
     }
 
     /// I420 (studio range) → full-range Y, U, V planes (4:2:0 as they are, 4:2:2 by repeating
@@ -287,25 +269,40 @@ impl Encoder {
                 v.extend(src_v[sr * cw..(sr + 1) * cw].iter().map(|&p| CHROMA_TO_FULL[p as usize]));
             }
         }
+        self.compress_planes(w, h, pw, cw)
+    }
+
+    /// Compresses the planes in `self.planes` — luma rows `y_stride` apart, chroma `cw` wide,
+    /// full range, laid out for the configured subsampling — into a `w`×`h` JPEG.
+    fn compress_planes(&mut self, w: usize, h: usize, y_stride: usize, cw: usize) -> Result<Encoded, EncodeError> {
+        let gray = self.cfg.subsampling == Subsampling::Gray;
         let subsamp = match self.cfg.subsampling {
             Subsampling::S420 => Subsamp::Sub2x2,
             Subsampling::Gray => Subsamp::Gray,
             _ => Subsamp::Sub2x1,
         };
+        // libjpeg-turbo wants luma rows for whole chroma blocks (an odd height at 4:2:0): the
+        // last row is repeated.
+        let rows = if subsamp == Subsamp::Sub2x2 { h.div_ceil(2) * 2 } else { h };
+        let [y, u, v] = &mut self.planes;
+        while y.len() < y_stride * rows {
+            let last = y[y.len() - y_stride..].to_vec();
+            y.extend_from_slice(&last);
+        }
         let planes = YuvPlanesImage {
             y_plane: &y[..],
             u_plane: if gray { &[][..] } else { &u[..] },
             v_plane: if gray { &[][..] } else { &v[..] },
             width: w,
             height: h,
-            y_stride: pw,
+            y_stride,
             u_stride: if gray { 0 } else { cw },
             v_stride: if gray { 0 } else { cw },
             subsamp,
         };
         let mut out = OutputBuf::new_owned();
         self.compressor.compress_yuv_planes(&planes, &mut out)?;
-        Ok(Encoded { jpeg: Bytes::copy_from_slice(&out), width: f.width, height: f.height })
+        Ok(Encoded { jpeg: Bytes::copy_from_slice(&out), width: w as u32, height: h as u32 })
     }
 
     /// Decodes a JPEG at the smallest DCT scale still ≥ (tw, th); returns RGB and its size.
@@ -402,7 +399,7 @@ mod tests {
     use super::*;
 
     fn raw(format: PixelFormat, w: u32, h: u32, stride: usize, data: Vec<u8>) -> Captured {
-        Captured { capture_ns: 0, width: w, height: h, stride, format, source_format: "X", data: Bytes::from(data) }
+        Captured { capture_ns: 0, width: w, height: h, stride, format, source_format: "X", data: Bytes::from(data), clock: Default::default() }
     }
 
     fn decode(jpeg: &[u8]) -> turbojpeg::Image<Vec<u8>> {
@@ -517,6 +514,12 @@ mod tests {
             assert!(d < 4.0, "{sub:?}: mean abs error {d} against the source photo");
             let header = turbojpeg::read_header(&out.jpeg).unwrap();
             assert_eq!(header.subsamp, sub.tj(), "{sub:?}");
+            // An odd height (the rows of a last, half chroma block at 4:2:0).
+            let odd = e.encode(&raw(PixelFormat::Yuyv, w2 as u32, h2 as u32 - 1, w2 * 2 + pad, yuyv.clone())).unwrap();
+            assert_eq!((odd.width, odd.height), (w2 as u32, h2 as u32 - 1), "{sub:?}");
+            let back = decode(&odd.jpeg);
+            let d = mean_abs_diff(&back.pixels, &rgb[..w2 * 3 * (h2 - 1)]);
+            assert!(d < 4.0, "{sub:?}, odd height: mean abs error {d}");
         }
     }
 

@@ -6,7 +6,7 @@
 //! module imports none of theirs.
 
 use bytes::Bytes;
-use framelink_common::FrameMeta;
+use framelink_common::{CaptureClock, FrameMeta};
 
 /// Pixel layouts the sources deliver.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,6 +47,8 @@ pub struct Captured {
     /// The name to report as the camera's pixel format (e.g. `PNG` for an image file).
     pub source_format: &'static str,
     pub data: Bytes,
+    /// Which clock `capture_ns` was read from (the agent's, unless the camera sends its own).
+    pub clock: CaptureClock,
 }
 
 /// A captured frame, before encoding: the image plus who and which frame it is.

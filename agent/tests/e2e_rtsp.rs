@@ -148,17 +148,31 @@ async fn r1_h264_and_mjpeg_arrive_at_their_rates_and_recover_from_server_faults(
     }
     // Sizes: `arrived` checked every JPEG against its headers; the stream's size is 640x360.
     let msgs = framelink_testkit::consume_all(&broker.mtls(), &topic, Duration::from_secs(5)).await.unwrap();
-    for m in msgs.iter().take(50) {
+    let mut camera_clock = std::collections::BTreeMap::<String, usize>::new();
+    for m in &msgs {
+        use rdkafka::Message;
         let meta = framelink_testkit::frame_meta(m).unwrap();
         assert_eq!((meta.width, meta.height), (640, 360), "{meta:?}");
         let expected_format = if meta.camera_id == "mjpeg" { "MJPG" } else { "H264" };
         assert_eq!(meta.pixel_format, expected_format);
+        if meta.clock == framelink_common::CaptureClock::Camera {
+            *camera_clock.entry(meta.camera_id.clone()).or_default() += 1;
+            // The server's clock is this machine's: the camera time is close to when the
+            // agent produced the record.
+            let produced_ms = m.timestamp().to_millis().unwrap();
+            let off_ms = (meta.capture_ns / 1_000_000) as i64 - produced_ms;
+            assert!(off_ms.abs() < 2_000, "{}#{}: camera time {} ms from the record's time", meta.camera_id, meta.seq, off_ms);
+        }
+    }
+    println!("r1: records with the camera's clock (RTCP sender reports): {camera_clock:?}");
+    for cam in ["h264", "mjpeg"] {
+        assert!(camera_clock.get(cam).copied().unwrap_or(0) > 10, "camera {cam}: capture times from the camera's RTCP clock: {camera_clock:?}");
     }
 }
 
 /// What users get wrong and networks do: a wrong password, a wrong path, an unreachable host
 /// and an H.265 stream each give a clear state for that camera on `/healthz` (no password in
-/// it or in the log), while a good camera beside them delivers.
+/// it or in the log), while a good camera beside them (over UDP) delivers.
 #[tokio::test(flavor = "multi_thread")]
 async fn r2_bad_cameras_get_clear_errors_and_leave_the_others_alone() {
     let _g = serial();
@@ -169,7 +183,8 @@ async fn r2_bad_cameras_get_clear_errors_and_leave_the_others_alone() {
     let server = RtspServer::start(&["--auth", "cam:right-one"]);
     let dead = free_port();
     let good = server.url("/h264").replace("rtsp://", "rtsp://cam:right-one@");
-    let cams = rtsp_camera("good", &good, ", fps = 5")
+    // The good camera over UDP (RTP and RTCP on ports of their own), the rest over TCP.
+    let cams = rtsp_camera("good", &good, ", fps = 5, transport = \"udp\"")
         + &rtsp_camera("badpass", &server.url("/h264").replace("rtsp://", "rtsp://cam:wrong-one@"), "")
         + &rtsp_camera("nopath", &good.replace("/h264", "/nothing-here"), "")
         + &rtsp_camera("nohost", &format!("rtsp://127.0.0.1:{dead}/h264"), "")

@@ -135,6 +135,7 @@ impl Processor {
             height: h.max(1),
             pixel_format: "JPEG".into(),
             content_type: wire::CONTENT_TYPE_JPEG.into(),
+            clock: Default::default(),
         })
     }
 
@@ -217,6 +218,7 @@ mod tests {
             height: h,
             pixel_format: "YUYV".into(),
             content_type: "image/jpeg".into(),
+            clock: Default::default(),
         }
     }
 

@@ -27,7 +27,7 @@ pub mod tls_files;
 pub mod wire;
 
 pub use kafka_config::{KafkaConfig, KafkaSettings};
-pub use wire::FrameMeta;
+pub use wire::{CaptureClock, FrameMeta};
 
 /// Captures what `tracing` logs while a closure runs (tests of warnings).
 #[cfg(test)]

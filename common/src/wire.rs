@@ -43,7 +43,12 @@ pub mod header {
     /// MIME type of the record value, e.g. `image/jpeg`.
     pub const CONTENT_TYPE: &str = "content-type";
 
-    /// Every header [`super::FrameMeta`] writes, in the order it writes them.
+    /// Optional: which clock `framelink-capture-ns` was read from — `camera` (the camera's own
+    /// wall clock, e.g. an RTSP camera's RTCP sender reports) or `agent` (the agent's clock when
+    /// the frame arrived). Absent (records of older agents): `agent`.
+    pub const CLOCK: &str = "framelink-clock";
+
+    /// Every header [`super::FrameMeta`] must have, in the order it writes them (then [`CLOCK`]).
     pub const ALL: [&str; 9] = [
         VERSION,
         DEVICE,
@@ -181,6 +186,33 @@ pub enum HeaderError {
     KeyMismatch { key: String, expected: String },
 }
 
+/// Which clock a capture time was read from ([`header::CLOCK`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum CaptureClock {
+    /// The agent's clock when the frame arrived (every source but a camera that sends its own).
+    #[default]
+    Agent,
+    /// The camera's wall clock (RTSP: RTP timestamps mapped through RTCP sender reports).
+    Camera,
+}
+
+impl CaptureClock {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Agent => "agent",
+            Self::Camera => "camera",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "agent" => Some(Self::Agent),
+            "camera" => Some(Self::Camera),
+            _ => None,
+        }
+    }
+}
+
 /// The typed form of a frame's headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FrameMeta {
@@ -196,6 +228,8 @@ pub struct FrameMeta {
     pub pixel_format: String,
     /// MIME type of the record value.
     pub content_type: String,
+    /// Where `capture_ns` comes from ([`header::CLOCK`]).
+    pub clock: CaptureClock,
 }
 
 impl FrameMeta {
@@ -215,7 +249,7 @@ impl FrameMeta {
         Ok(())
     }
 
-    /// The headers as (name, UTF-8 value) pairs, in [`header::ALL`] order.
+    /// The headers as (name, UTF-8 value) pairs, in [`header::ALL`] order, then [`header::CLOCK`].
     pub fn to_header_pairs(&self) -> Vec<(&'static str, String)> {
         vec![
             (header::VERSION, WIRE_VERSION.to_string()),
@@ -227,6 +261,7 @@ impl FrameMeta {
             (header::HEIGHT, self.height.to_string()),
             (header::PIXEL_FORMAT, self.pixel_format.clone()),
             (header::CONTENT_TYPE, self.content_type.clone()),
+            (header::CLOCK, self.clock.as_str().to_owned()),
         ]
     }
 
@@ -252,8 +287,14 @@ impl FrameMeta {
         I: IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
     {
         let mut found: [Option<Option<&'a [u8]>>; 9] = [None; 9];
+        let mut clock: Option<Option<&'a [u8]>> = None;
         for (name, value) in pairs {
-            if let Some(i) = header::ALL.iter().position(|h| *h == name) {
+            if name == header::CLOCK {
+                if clock.is_some() {
+                    return Err(HeaderError::Duplicate { name: header::CLOCK });
+                }
+                clock = Some(value);
+            } else if let Some(i) = header::ALL.iter().position(|h| *h == name) {
                 if found[i].is_some() {
                     return Err(HeaderError::Duplicate {
                         name: header::ALL[i],
@@ -284,6 +325,13 @@ impl FrameMeta {
             height: parse_number(header::HEIGHT, text(6)?)?,
             pixel_format: text(7)?.to_owned(),
             content_type: text(8)?.to_owned(),
+            clock: match clock {
+                None | Some(None) => CaptureClock::Agent,
+                Some(Some(bytes)) => {
+                    let v = std::str::from_utf8(bytes).map_err(|_| HeaderError::NotUtf8 { name: header::CLOCK })?;
+                    CaptureClock::parse(v).ok_or_else(|| invalid(header::CLOCK, v, "expected `camera` or `agent`"))?
+                }
+            },
         };
         meta.validate()?;
         Ok(meta)
@@ -378,6 +426,7 @@ mod tests {
             height: 1080,
             pixel_format: "YUYV".into(),
             content_type: CONTENT_TYPE_JPEG.into(),
+            clock: CaptureClock::Camera,
         }
     }
 
@@ -403,7 +452,7 @@ mod tests {
         let meta = sample();
         assert_eq!(parse(&pairs(&meta)).unwrap(), meta);
         let owned = meta.to_kafka_headers();
-        assert_eq!(owned.count(), 9);
+        assert_eq!(owned.count(), 10);
         assert_eq!(FrameMeta::from_kafka_headers(&owned).unwrap(), meta);
         assert_eq!(meta.key(), "site7-gate/cam0");
         meta.check_key(Some(b"site7-gate/cam0")).unwrap();
@@ -415,6 +464,17 @@ mod tests {
         assert_eq!(p[0], ("framelink-version", "1".to_string()));
         assert_eq!(p[3], ("framelink-seq", "42".to_string()));
         assert_eq!(p[8], ("content-type", "image/jpeg".to_string()));
+    }
+
+    #[test]
+    fn the_clock_header_is_optional_and_checked() {
+        let without: Vec<_> = pairs(&sample()).into_iter().filter(|(k, _)| *k != header::CLOCK).collect();
+        assert_eq!(parse(&without).unwrap().clock, CaptureClock::Agent, "absent: the agent's clock");
+        assert_eq!(parse(&with(header::CLOCK, b"agent")).unwrap().clock, CaptureClock::Agent);
+        assert!(matches!(parse(&with(header::CLOCK, b"gps")), Err(HeaderError::Invalid { name: header::CLOCK, .. })));
+        let mut twice = pairs(&sample());
+        twice.push((header::CLOCK, b"camera".to_vec()));
+        assert_eq!(parse(&twice), Err(HeaderError::Duplicate { name: header::CLOCK }));
     }
 
     #[test]
@@ -516,11 +576,12 @@ mod proptests {
     }
 
     fn meta() -> impl Strategy<Value = FrameMeta> {
-        (id(), id(), any::<u64>(), any::<u64>(), 1..=u32::MAX, 1..=u32::MAX, token(32), token(128)).prop_map(|(device_id, camera_id, seq, capture_ns, width, height, pixel_format, content_type)| FrameMeta { device_id, camera_id, seq, capture_ns, width, height, pixel_format, content_type })
+        let clock = prop_oneof![Just(CaptureClock::Agent), Just(CaptureClock::Camera)];
+        (id(), id(), any::<u64>(), any::<u64>(), 1..=u32::MAX, 1..=u32::MAX, token(32), token(128), clock).prop_map(|(device_id, camera_id, seq, capture_ns, width, height, pixel_format, content_type, clock)| FrameMeta { device_id, camera_id, seq, capture_ns, width, height, pixel_format, content_type, clock })
     }
 
     fn header_name() -> impl Strategy<Value = String> {
-        prop_oneof![proptest::sample::select(header::ALL.to_vec()).prop_map(str::to_owned), "[a-z-]{1,20}"]
+        prop_oneof![proptest::sample::select(header::ALL.to_vec()).prop_map(str::to_owned), Just(header::CLOCK.to_owned()), "[a-z-]{1,20}"]
     }
 
     proptest! {

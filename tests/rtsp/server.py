@@ -7,7 +7,8 @@ Mounts (live test patterns with a moving ball, so frames differ):
   /h264   H.264 (x264, Main profile with B-frames, an IDR every --gop frames)
   /mjpeg  JPEG over RTP (RFC 2435)
   /h265   H.265 (x265; the agent refuses it with a clear error)
-With --auth user:password every mount needs Basic authentication.
+With --auth user:password every mount needs Basic authentication. With --file clip.mp4,
+/file streams that file (H.264, no encoding here) in real time from its start for each client.
 
 Usage: server.py --port N [--width 640 --height 360 --fps 25 --gop 25 --auth user:password]
 Prints "ready rtsp://127.0.0.1:N" once it listens. Stop it with SIGTERM; SIGSTOP freezes it
@@ -32,6 +33,7 @@ def main():
     ap.add_argument("--fps", type=int, default=25)
     ap.add_argument("--gop", type=int, default=25)
     ap.add_argument("--auth", help="user:password: every mount needs Basic authentication")
+    ap.add_argument("--file", help="an MP4 (H.264) served as /file in real time, from its start for every client (benchmarks: no encoding on the server)")
     args = ap.parse_args()
 
     Gst.init(None)
@@ -53,6 +55,12 @@ def main():
         factory.set_launch(launch)
         factory.set_shared(True)
         mounts.add_factory(path, factory)
+
+    if args.file:
+        factory = GstRtspServer.RTSPMediaFactory()
+        factory.set_launch(f"( filesrc location={args.file} ! qtdemux ! h264parse ! rtph264pay name=pay0 pt=96 config-interval=-1 )")
+        factory.set_shared(False)
+        mounts.add_factory("/file", factory)
 
     if args.auth:
         # Every mount behind Basic authentication (a client without it gets 401).

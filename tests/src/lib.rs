@@ -443,6 +443,7 @@ pub fn test_meta(device: &str, camera: &str, seq: u64) -> FrameMeta {
         height: 48,
         pixel_format: "RGB24".into(),
         content_type: framelink_common::wire::CONTENT_TYPE_JPEG.into(),
+        clock: Default::default(),
     }
 }
 

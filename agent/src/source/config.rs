@@ -106,6 +106,21 @@ pub struct RtspConfig {
     pub password_file: Option<PathBuf>,
     /// An environment variable holding the password, when not in the URL.
     pub password_env: Option<String>,
+    /// Capture times from the `camera`'s clock (RTCP sender reports, when it sends them;
+    /// default) or the `agent`'s at arrival.
+    #[serde(default)]
+    pub clock: RtspClock,
+}
+
+/// Whose clock gives an RTSP frame its capture time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RtspClock {
+    /// The camera's wall clock through its RTCP sender reports; the agent's until the first.
+    #[default]
+    Camera,
+    /// The agent's clock when the frame arrives.
+    Agent,
 }
 
 fn default_stall_ms() -> u64 {

@@ -3,6 +3,7 @@
 //! encoder turns into a JPEG without an RGB round trip.
 
 use crate::frame::PixelFormat;
+use framelink_common::CaptureClock;
 
 use super::Captured;
 
@@ -14,7 +15,7 @@ pub fn decoder() -> Result<openh264::decoder::Decoder, openh264::Error> {
 }
 
 /// Copies a decoded picture into a [`PixelFormat::I420`] capture.
-pub fn captured(yuv: &openh264::decoder::DecodedYUV<'_>, capture_ns: u64) -> Captured {
+pub fn captured(yuv: &openh264::decoder::DecodedYUV<'_>, capture_ns: u64, clock: CaptureClock) -> Captured {
     use openh264::formats::YUVSource;
     let (w, h) = yuv.dimensions();
     let (sy, su, sv) = yuv.strides();
@@ -29,7 +30,7 @@ pub fn captured(yuv: &openh264::decoder::DecodedYUV<'_>, capture_ns: u64) -> Cap
     for r in 0..ch {
         out.extend_from_slice(&yuv.v()[r * sv..r * sv + cw]);
     }
-    Captured { capture_ns, width: w as u32, height: h as u32, stride: w, format: PixelFormat::I420, source_format: "H264", data: out.into() }
+    Captured { capture_ns, width: w as u32, height: h as u32, stride: w, format: PixelFormat::I420, source_format: "H264", data: out.into(), clock }
 }
 
 /// AVCC samples (4-byte big-endian NAL lengths, as MP4 stores them) to Annex B (start codes),

@@ -63,6 +63,7 @@ pub fn load(path: &Path) -> Result<Captured, String> {
                 format: PixelFormat::Jpeg,
                 source_format: "JPEG",
                 data: Bytes::from(bytes),
+                clock: Default::default(),
             })
         }
         Some(Kind::Png) => {
@@ -78,6 +79,7 @@ pub fn load(path: &Path) -> Result<Captured, String> {
                 format: PixelFormat::Rgb24,
                 source_format: "PNG",
                 data: Bytes::from(img.into_raw()),
+                clock: Default::default(),
             })
         }
         None => Err(format!("{}: not a .jpg/.jpeg/.png file", path.display())),

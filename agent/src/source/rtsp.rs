@@ -17,6 +17,13 @@
 //! dropped and the runner opens it again with backoff and jitter, like any camera that went
 //! away. Connecting is bounded by the same timeout.
 //!
+//! Capture time: the camera's wall clock where it sends one — RTP timestamps mapped through
+//! the last RTCP sender report (NTP time) — from the first report on (`framelink-clock:
+//! camera`); before it, or with `clock = "agent"`, the agent's clock at arrival (`agent`). A
+//! camera clock more than 5 s from the agent's is used, and logged once. With B-frames the
+//! decoder gives pictures back in display order, a frame or two after the one fed: their
+//! capture time is that frame's.
+//!
 //! Credentials come from the URL, `username` with `password_file` or `password_env`; they are
 //! sent to the camera only. [`RtspSource::describe`] and every error name the URL without
 //! them.
@@ -29,7 +36,8 @@ use futures_util::StreamExt;
 use retina::client::{Credentials, Demuxed, PlayOptions, SessionOptions, SetupOptions, TcpTransportOptions, Transport, UdpTransportOptions};
 use retina::codec::{CodecItem, FrameFormat};
 
-use super::config::{RtspConfig, RtspTransport};
+use super::config::{RtspClock, RtspConfig, RtspTransport};
+use framelink_common::CaptureClock;
 use super::{Captured, Source, SourceError};
 use crate::frame::{PixelFormat, now_ns};
 
@@ -43,6 +51,25 @@ enum Codec {
 struct Playing {
     demuxed: Pin<Box<Demuxed>>,
     codec: Codec,
+    /// The last RTCP sender report: (its RTP time, extended; its wall clock, Unix ns).
+    report: Option<(i64, u64)>,
+}
+
+/// Seconds from the NTP epoch (1900) to the Unix epoch (1970).
+const NTP_UNIX_OFFSET: u64 = 2_208_988_800;
+
+/// An NTP timestamp (32.32 fixed point, seconds since 1900) in ns since the Unix epoch.
+fn ntp_to_unix_ns(ntp: u64) -> Option<u64> {
+    let secs = (ntp >> 32).checked_sub(NTP_UNIX_OFFSET)?;
+    let frac_ns = ((ntp & 0xffff_ffff) * 1_000_000_000) >> 32;
+    Some(secs * 1_000_000_000 + frac_ns)
+}
+
+/// The camera's wall-clock time of an RTP timestamp, through the last sender report.
+fn camera_time(report: (i64, u64), rtp: i64, clock_rate: u32) -> Option<u64> {
+    let (sr_rtp, sr_ns) = report;
+    let delta_ns = (rtp - sr_rtp) as i128 * 1_000_000_000 / clock_rate as i128;
+    u64::try_from(sr_ns as i128 + delta_ns).ok()
 }
 
 pub struct RtspSource {
@@ -54,13 +81,15 @@ pub struct RtspSource {
     playing: Option<Playing>,
     /// When the next frame is due (`fps`); `None` hands over every frame.
     next_due: Option<Instant>,
+    /// The camera's clock was found far off (logged once).
+    warned_offset: bool,
 }
 
 impl RtspSource {
     pub fn new(camera: &str, cfg: RtspConfig) -> Self {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a current-thread tokio runtime");
         let public_url = cfg.public_url();
-        Self { camera: camera.to_owned(), cfg, public_url, rt, playing: None, next_due: None }
+        Self { camera: camera.to_owned(), cfg, public_url, rt, playing: None, next_due: None, warned_offset: false }
     }
 
     /// Drops the session inside the runtime: retina spawns its TEARDOWN there (outside it
@@ -101,7 +130,7 @@ impl RtspSource {
         session.setup(i, SetupOptions::default().transport(transport).frame_format(FrameFormat::SIMPLE)).await.map_err(|e| unavailable("SETUP", &e))?;
         let playing = session.play(PlayOptions::default()).await.map_err(|e| unavailable("PLAY", &e))?;
         let demuxed = playing.demuxed().map_err(|e| unavailable("demuxing", &e))?;
-        Ok(Playing { demuxed: Box::pin(demuxed), codec })
+        Ok(Playing { demuxed: Box::pin(demuxed), codec, report: None })
     }
 
     /// Whether a frame arriving now is due under `fps`; if so, the next one is scheduled.
@@ -171,12 +200,36 @@ impl Source for RtspSource {
                     return Err(SourceError::Unavailable(format!("{}: {}", self.public_url, first_line(&e))));
                 }
                 Ok(Some(Ok(CodecItem::VideoFrame(f)))) => f,
-                Ok(Some(Ok(_))) => continue, // RTCP, audio, metadata
+                Ok(Some(Ok(CodecItem::Rtcp(rtcp)))) => {
+                    let report = rtcp.pkts().next().and_then(|p| p.as_sender_report().ok().flatten()).map(|sr| sr.ntp_timestamp());
+                    if let (Some(rtp), Some(ntp)) = (rtcp.rtp_timestamp(), report)
+                        && let Some(ns) = ntp_to_unix_ns(ntp.0)
+                    {
+                        playing.report = Some((rtp.timestamp(), ns));
+                    }
+                    continue;
+                }
+                Ok(Some(Ok(_))) => continue, // audio, metadata
             };
             let now = Instant::now();
             // Any frame from the camera proves the stream alive.
             deadline = now + timeout;
-            let capture_ns = now_ns();
+            let arrival_ns = now_ns();
+            let camera_ns = match (self.cfg.clock, playing.report) {
+                (RtspClock::Camera, Some(report)) => camera_time(report, frame.timestamp().timestamp(), frame.timestamp().clock_rate().get()),
+                _ => None,
+            };
+            let (capture_ns, clock) = match camera_ns {
+                Some(ns) => {
+                    let off = ns as i128 - arrival_ns as i128;
+                    if off.abs() > 5_000_000_000 && !self.warned_offset {
+                        self.warned_offset = true;
+                        tracing::warn!(camera = self.camera, offset_s = off as f64 / 1e9, "The camera's clock is far from the agent's; capture times follow the camera (set rtsp.clock = \"agent\" to use the agent's).");
+                    }
+                    (ns, CaptureClock::Camera)
+                }
+                None => (arrival_ns, CaptureClock::Agent),
+            };
             match &mut playing.codec {
                 Codec::Jpeg => {
                     if !self.due(now, true) {
@@ -193,6 +246,7 @@ impl Source for RtspSource {
                         format: PixelFormat::Jpeg,
                         source_format: "MJPG",
                         data,
+                        clock,
                     });
                 }
                 Codec::H264(decoder) => {
@@ -206,7 +260,7 @@ impl Source for RtspSource {
                         continue;
                     }
                     let decoded = match decoder.decode(frame.data()) {
-                        Ok(Some(yuv)) => super::h264::captured(&yuv, capture_ns),
+                        Ok(Some(yuv)) => super::h264::captured(&yuv, capture_ns, clock),
                         Ok(None) => continue, // the decoder waits for more (e.g. reordering)
                         Err(e) => {
                             // A damaged frame (packet loss): later frames are fine again from the next IDR.
@@ -229,5 +283,23 @@ impl Source for RtspSource {
             Some(fps) => format!("RTSP {} over {:?} at {fps} fps{mode}", self.public_url, self.cfg.transport),
             None => format!("RTSP {} over {:?} at the camera's rate{mode}", self.public_url, self.cfg.transport),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rtp_times_map_through_the_sender_report() {
+        // 2026-12-02T00:00:00.5Z as NTP: seconds since 1900, half a second of fraction.
+        let unix_s = 1_795_996_800u64;
+        let ntp = ((unix_s + NTP_UNIX_OFFSET) << 32) | 0x8000_0000;
+        let sr_ns = ntp_to_unix_ns(ntp).unwrap();
+        assert_eq!(sr_ns, unix_s * 1_000_000_000 + 500_000_000);
+        assert_eq!(ntp_to_unix_ns(5 << 32), None, "before 1970");
+        // 90 kHz video clock: 9000 ticks after the report are 100 ms later, 4500 before 50 ms earlier.
+        assert_eq!(camera_time((1_000_000, sr_ns), 1_009_000, 90_000), Some(sr_ns + 100_000_000));
+        assert_eq!(camera_time((1_000_000, sr_ns), 995_500, 90_000), Some(sr_ns - 50_000_000));
     }
 }

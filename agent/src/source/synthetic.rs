@@ -92,6 +92,7 @@ impl Source for Synthetic {
             format: PixelFormat::Rgb24,
             source_format: "RGB24",
             data: Bytes::from(data),
+            clock: Default::default(),
         })
     }
 

@@ -38,7 +38,7 @@ fn to_captured(format: FrameFormat, res: Resolution, buf: &[u8]) -> Result<Captu
         FrameFormat::RAWRGB => (PixelFormat::Rgb24, "RGB24", w as usize * 3),
         other => return Err(format!("camera delivers {other}, which framelink cannot encode without decoding support")),
     };
-    Ok(Captured { capture_ns: now_ns(), width: w, height: h, stride, format: kind, source_format: name, data: Bytes::copy_from_slice(buf) })
+    Ok(Captured { capture_ns: now_ns(), width: w, height: h, stride, format: kind, source_format: name, data: Bytes::copy_from_slice(buf), clock: Default::default() })
 }
 
 impl Source for UsbSource {

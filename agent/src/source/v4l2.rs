@@ -68,6 +68,7 @@ pub fn captured_from_buffer(format: &Format, buf: &[u8], bytes_used: usize) -> R
         format: kind,
         source_format: name,
         data: Bytes::copy_from_slice(data),
+        clock: Default::default(),
     })
 }
 

@@ -121,7 +121,7 @@ impl VideoSource {
                 o.flushed = true;
                 let rest = o.decoder.flush_remaining().map_err(|e| SourceError::Unavailable(format!("{path}: H.264 decoder: {e}")))?;
                 for yuv in rest {
-                    o.tail.push_back(super::h264::captured(&yuv, 0));
+                    o.tail.push_back(super::h264::captured(&yuv, 0, Default::default()));
                 }
                 continue;
             }
@@ -138,7 +138,7 @@ impl VideoSource {
             let ps = sample.is_sync.then_some((o.sps.as_slice(), o.pps.as_slice()));
             let nal = super::h264::annex_b(&sample.bytes, ps).map_err(|e| SourceError::Unavailable(format!("{path}: sample {id}: {e}")))?;
             match o.decoder.decode(&nal) {
-                Ok(Some(yuv)) => return Ok(Some(super::h264::captured(&yuv, 0))),
+                Ok(Some(yuv)) => return Ok(Some(super::h264::captured(&yuv, 0, Default::default()))),
                 Ok(None) => {}
                 Err(e) => tracing::debug!(camera = self.camera, sample = id, error = %e, "H.264 sample not decoded."),
             }

@@ -98,6 +98,7 @@ fn frame(camera_no: u8, seq: u64, len: usize) -> Frame {
             height: 8,
             pixel_format: "RGB24".into(),
             content_type: "image/jpeg".into(),
+            clock: Default::default(),
         },
         payload: Bytes::from(payload),
     }

@@ -897,6 +897,7 @@ mod tests {
                 height: 8,
                 pixel_format: "RGB24".into(),
                 content_type: "image/jpeg".into(),
+                clock: Default::default(),
             },
             payload: Bytes::from(vec![(seq % 251) as u8; len]),
         }

@@ -48,6 +48,7 @@ fn frame(camera: &str, seq: u64, bytes: usize) -> Frame {
             height: 8,
             pixel_format: "RGB24".into(),
             content_type: "image/jpeg".into(),
+            clock: Default::default(),
         },
         payload: Bytes::from(vec![0u8; bytes]),
     }
