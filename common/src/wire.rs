@@ -48,6 +48,12 @@ pub mod header {
     /// the frame arrived). Absent (records of older agents): `agent`.
     pub const CLOCK: &str = "framelink-clock";
 
+    /// Whether `name` is a header [`super::FrameMeta`] writes ([`ALL`] and [`CLOCK`]): a
+    /// writer that copies a record's other headers must leave these out.
+    pub fn is_frame_header(name: &str) -> bool {
+        ALL.contains(&name) || name == CLOCK
+    }
+
     /// Every header [`super::FrameMeta`] must have, in the order it writes them (then [`CLOCK`]).
     pub const ALL: [&str; 9] = [
         VERSION,

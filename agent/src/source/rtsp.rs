@@ -260,17 +260,16 @@ impl Source for RtspSource {
                         continue;
                     }
                     let decoded = match decoder.decode(frame.data()) {
-                        Ok(Some(yuv)) => super::h264::captured(&yuv, capture_ns, clock),
-                        Ok(None) => continue, // the decoder waits for more (e.g. reordering)
+                        // Copied out of the decoder only when it is sent.
+                        Ok(Some(yuv)) if due_now => super::h264::captured(&yuv, capture_ns, clock),
+                        Ok(_) => continue, // not due, or the decoder waits for more (reordering)
                         Err(e) => {
                             // A damaged frame (packet loss): later frames are fine again from the next IDR.
                             tracing::debug!(camera = self.camera, error = %e, loss = frame.loss(), "H.264 frame not decoded.");
                             continue;
                         }
                     };
-                    if !self.due(now, true) {
-                        continue;
-                    }
+                    self.due(now, true); // schedules the next
                     return Ok(decoded);
                 }
             }

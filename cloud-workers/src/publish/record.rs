@@ -147,7 +147,7 @@ pub fn outputs_of(job: &Job, p: Processed, metrics: &Metrics, publishing: &Publi
     // Source headers first (those the contract does not own), then the contract's, then ours.
     for (k, v) in &job.headers {
         let k_str = k.as_str();
-        if !header::ALL.contains(&k_str) && !result_header::ALL.contains(&k_str) && !dead_letter_header::ALL.contains(&k_str) {
+        if !header::is_frame_header(k_str) && !result_header::ALL.contains(&k_str) && !dead_letter_header::ALL.contains(&k_str) {
             headers = headers.insert(Header { key: k, value: v.as_deref() });
         }
     }
@@ -238,7 +238,9 @@ mod tests {
         j.headers.push((result_header::WORKER.into(), Some(b"old-worker".to_vec())));
         j.headers.push((result_header::LATENCY_MS.into(), Some(b"99999".to_vec())));
         j.headers.push((dead_letter_header::ERROR.into(), Some(b"panic".to_vec())));
-        let pairs = [("framelink-version", "1"), ("framelink-device", "dev"), ("framelink-camera", "cam"), ("framelink-seq", "7"), ("framelink-capture-ns", "1"), ("framelink-width", "8"), ("framelink-height", "4"), ("framelink-pixel-format", "RGB24"), ("content-type", "image/jpeg")];
+        // The optional frame header too: written once, from the frame's metadata.
+        j.headers.push((header::CLOCK.into(), Some(b"camera".to_vec())));
+        let pairs = [("framelink-version", "1"), ("framelink-device", "dev"), ("framelink-camera", "cam"), ("framelink-seq", "7"), ("framelink-capture-ns", "1"), ("framelink-width", "8"), ("framelink-height", "4"), ("framelink-pixel-format", "RGB24"), ("content-type", "image/jpeg"), ("framelink-clock", "camera")];
         let meta = framelink_common::FrameMeta::from_header_pairs(pairs.iter().map(|(k, v)| (*k, Some(v.as_bytes())))).unwrap();
         let processed = Processed { meta, jpeg: Some(vec![0xff, 0xd8]), width: 4, height: 2, event: None, took: std::time::Duration::from_micros(5), op_times: vec![] };
         let out = outputs_of(&j, processed, &Metrics::new(), &publishing());
@@ -249,6 +251,7 @@ mod tests {
         assert_eq!(all(h, result_header::LATENCY_MS).len(), 1);
         assert!(all(h, dead_letter_header::ERROR).is_empty());
         assert_eq!(all(h, header::WIDTH), vec![&b"4"[..]], "frame headers describe the result");
+        assert_eq!(all(h, header::CLOCK), vec![&b"camera"[..]], "the capture clock once");
         assert_eq!(all(h, result_header::SOURCE_WIDTH), vec![&b"8"[..]]);
     }
 }
