@@ -416,7 +416,9 @@ async fn w10_a_refused_output_is_dead_lettered_and_a_refused_dead_letter_stalls_
         e
     };
     assert_eq!(accounted, expected, "every frame is a result or a dead letter, once");
-    assert_eq!(dlq.len(), 8, "8 frames sent while results were refused");
+    // Phase 1's four are dead letters; of phase 2's four, those fetched before the partition
+    // paused (at least the stalled one) are too, and any fetched after the fix are results.
+    assert!((5..=8).contains(&dlq.len()), "4 + 1 to 4 dead letters while results were refused: {}", dlq.len());
     assert_eq!(b.committed("g-w10", &t.frames, 1).unwrap(), vec![12]);
 }
 
