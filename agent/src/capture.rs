@@ -102,6 +102,16 @@ pub fn start_with_sources(
     Ok(handles)
 }
 
+/// Runs a source call, turning a panic inside it into an error: the camera is then re-opened
+/// like any camera that failed, its state says why, and the other cameras are not affected
+/// (without this its thread would end and its `/healthz` state stay at its last value).
+fn guarded<T>(call: impl FnOnce() -> Result<T, SourceError>) -> Result<T, SourceError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)).unwrap_or_else(|p| {
+        let why = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "unknown".into());
+        Err(SourceError::Unavailable(format!("the source panicked: {why}")))
+    })
+}
+
 pub fn run_camera(
     id: &str,
     mut source: Box<dyn Source>,
@@ -116,7 +126,7 @@ pub fn run_camera(
     let mut reservation_error: Option<String> = None;
     tracing::info!(camera = id, source = source.describe(), "Camera starting.");
     'reopen: while !shutdown.is_set() {
-        if let Err(e) = source.open() {
+        if let Err(e) = guarded(|| source.open()) {
             metrics.set_camera(id, false, &format!("error: {e}"));
             let wait = backoff.mul_f64(rand::rng().random_range(0.75..1.25));
             tracing::warn!(camera = id, error = %e, retry_in = ?wait, "Camera unavailable.");
@@ -129,7 +139,7 @@ pub fn run_camera(
         metrics.set_camera(id, true, "up");
         backoff = MIN;
         while !shutdown.is_set() {
-            match source.next_frame() {
+            match guarded(|| source.next_frame()) {
                 Ok(c) => {
                     // A disk that refuses the reservation does not stop the camera: numbers left
                     // in the reserved block are used; past it, frames are dropped (counted) until
@@ -191,4 +201,46 @@ pub fn run_camera(
         }
     }
     metrics.set_camera(id, false, "stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{Captured, PixelFormat};
+
+    /// Panics on its first frame, then gives two frames and ends.
+    struct PanicsOnce {
+        calls: u32,
+    }
+
+    impl Source for PanicsOnce {
+        fn open(&mut self) -> Result<(), SourceError> {
+            Ok(())
+        }
+
+        fn next_frame(&mut self) -> Result<Captured, SourceError> {
+            self.calls += 1;
+            match self.calls {
+                1 => panic!("decoder blew up"),
+                2 | 3 => Ok(Captured { capture_ns: 1, width: 1, height: 1, stride: 0, format: PixelFormat::Jpeg, source_format: "MJPG", data: bytes::Bytes::from_static(b"x"), clock: Default::default() }),
+                _ => Err(SourceError::Exhausted),
+            }
+        }
+
+        fn describe(&self) -> String {
+            "panics once".into()
+        }
+    }
+
+    #[test]
+    fn a_source_that_panics_is_reopened_counted_and_its_camera_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let seqs = SequenceStore::open(dir.path()).unwrap();
+        let metrics = Metrics::new(1 << 30);
+        let (tx, rx) = crossbeam_channel::bounded(8);
+        run_camera("cam", Box::new(PanicsOnce { calls: 0 }), &seqs, &metrics, &tx, &Shutdown::new());
+        assert_eq!(rx.try_iter().count(), 2, "the frames after the panic");
+        assert_eq!(metrics.total("camera_reconnects"), 1);
+        assert_eq!(metrics.health.lock().unwrap().cameras["cam"], "finished");
+    }
 }
