@@ -173,6 +173,9 @@ pub fn run_camera(
                     };
                     metrics.inc(&metrics.captured, id);
                     metrics.last_frame_at(id, c.capture_ns);
+                    if let Some(counts) = source.stream_counts() {
+                        metrics.stream_counts(id, counts);
+                    }
                     let raw = RawFrame { camera: id.to_owned(), seq, image: c };
                     if source.blocks_when_behind() {
                         if tx.send(raw).is_err() {

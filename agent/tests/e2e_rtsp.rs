@@ -132,7 +132,14 @@ async fn r1_h264_and_mjpeg_arrive_at_their_rates_and_recover_from_server_faults(
     let reconnects = |cam: &str| agent.metric("camera_reconnects_total", &[&format!("camera=\"{cam}\"")]);
     let (hr, mr) = (reconnects("h264"), reconnects("mjpeg"));
     let last = agent.metric("camera_last_frame_unix_seconds", &["camera=\"h264\""]);
+    let stream = |name: &str, cam: &str| agent.metric(name, &[&format!("camera=\"{cam}\"")]);
+    let (received, decoded, sent) = (stream("camera_frames_received", "h264"), stream("camera_frames_decoded", "h264"), at(&agent, "h264"));
+    let (k_received, k_decoded) = (stream("camera_frames_received", "keys"), stream("camera_frames_decoded", "keys"));
+    println!("r1: h264 at fps = 5: {received} received, {decoded} decoded, {sent} sent; keyframes_only: {k_received} received, {k_decoded} decoded");
     agent.stop();
+    assert!(received > 3.0 * sent, "fps = 5 of 25: most frames received are not sent ({received} received, {sent} sent)");
+    assert!(decoded < received, "disposable frames that are not due are not decoded ({decoded} of {received})");
+    assert!(k_decoded * 10.0 < k_received, "keyframes_only decodes one frame in 25 ({k_decoded} of {k_received})");
     assert_eq!(health["cameras"]["h264"], "up", "{health}");
     assert!(log.contains("re-opening"), "the reconnects are logged");
     assert!(hr >= 2.0 && mr >= 2.0, "a restart and a freeze: reconnects h264 {hr}, mjpeg {mr}");

@@ -50,6 +50,18 @@ pub trait Source: Send {
     fn blocks_when_behind(&self) -> bool {
         false
     }
+    /// Frames the source received from the camera and decoded so far, where that differs from
+    /// what it hands over (a stream camera sending faster than `fps`); `None` otherwise.
+    fn stream_counts(&self) -> Option<StreamCounts> {
+        None
+    }
+}
+
+/// What a stream camera received and decoded, for `camera_frames_received` / `_decoded`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamCounts {
+    pub received: u64,
+    pub decoded: u64,
 }
 
 /// Paces a source to a frame rate without bursting to catch up after a stall.

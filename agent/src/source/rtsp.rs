@@ -83,13 +83,14 @@ pub struct RtspSource {
     next_due: Option<Instant>,
     /// The camera's clock was found far off (logged once).
     warned_offset: bool,
+    counts: super::StreamCounts,
 }
 
 impl RtspSource {
     pub fn new(camera: &str, cfg: RtspConfig) -> Self {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a current-thread tokio runtime");
         let public_url = cfg.public_url();
-        Self { camera: camera.to_owned(), cfg, public_url, rt, playing: None, next_due: None, warned_offset: false }
+        Self { camera: camera.to_owned(), cfg, public_url, rt, playing: None, next_due: None, warned_offset: false, counts: Default::default() }
     }
 
     /// Drops the session inside the runtime: retina spawns its TEARDOWN there (outside it
@@ -214,6 +215,7 @@ impl Source for RtspSource {
             let now = Instant::now();
             // Any frame from the camera proves the stream alive.
             deadline = now + timeout;
+            self.counts.received += 1;
             let arrival_ns = now_ns();
             let camera_ns = match (self.cfg.clock, playing.report) {
                 (RtspClock::Camera, Some(report)) => camera_time(report, frame.timestamp().timestamp(), frame.timestamp().clock_rate().get()),
@@ -259,6 +261,7 @@ impl Source for RtspSource {
                     if frame.is_disposable() && !due_now {
                         continue;
                     }
+                    self.counts.decoded += 1;
                     let decoded = match decoder.decode(frame.data()) {
                         // Copied out of the decoder only when it is sent.
                         Ok(Some(yuv)) if due_now => super::h264::captured(&yuv, capture_ns, clock),
@@ -274,6 +277,10 @@ impl Source for RtspSource {
                 }
             }
         }
+    }
+
+    fn stream_counts(&self) -> Option<super::StreamCounts> {
+        Some(self.counts)
     }
 
     fn describe(&self) -> String {
