@@ -159,7 +159,7 @@ struct Harness {
 /// Opens the spool again in the same process. sled's flusher thread may still hold the dropped
 /// database (and its file lock) for a moment; a new process never meets this, since the lock
 /// goes with the old one's exit.
-fn reopen(cfg: &SpoolConfig) -> SledSpool {
+pub(in crate::spool) fn reopen(cfg: &SpoolConfig) -> SledSpool {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         match SledSpool::open(cfg.clone()) {

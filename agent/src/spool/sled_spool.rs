@@ -1299,7 +1299,7 @@ mod tests {
         assert_eq!(got.iter().map(|f| f.meta.seq).collect::<Vec<_>>(), (0..401).collect::<Vec<_>>());
         drop(s);
         // And the rebuilt index is the one a restart opens.
-        let s = SledSpool::open(cfg).unwrap();
+        let s = crate::spool::model_tests::reopen(&cfg);
         assert_eq!(s.stats().records, 0);
         assert_eq!(s.stats().damaged, 0);
     }
@@ -1326,7 +1326,7 @@ mod tests {
         assert!(s.stats().cap_bytes < 8 << 20, "{:?}", s.stats());
         drop(s);
         // Another file takes the rest of the disk: refused, for the disk.
-        let s = SledSpool::open(SpoolConfig { min_free_bytes: min_free, ..cfg(&dir, 64, FullPolicy::DropNewest) }).unwrap();
+        let s = crate::spool::model_tests::reopen(&SpoolConfig { min_free_bytes: min_free, ..cfg(&dir, 64, FullPolicy::DropNewest) });
         let out = s.push(&frame("b", 0, 60_000)).unwrap();
         assert_eq!(out.refused, Some(DropReason::DiskFull));
     }
