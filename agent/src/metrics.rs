@@ -65,6 +65,7 @@ pub struct Metrics {
     pub camera_reconnects: Family<Labels, Counter>,
     pub camera_received: Family<Labels, Gauge>,
     pub camera_decoded: Family<Labels, Gauge>,
+    pub camera_undecodable: Family<Labels, Gauge>,
     pub camera_last_frame: Family<Labels, Gauge>,
     pub encode_seconds: HistogramFamily,
     pub delivery_seconds: HistogramFamily,
@@ -110,6 +111,7 @@ impl Metrics {
             camera_reconnects: Family::default(),
             camera_received: Family::default(),
             camera_decoded: Family::default(),
+            camera_undecodable: Family::default(),
             camera_last_frame: Family::default(),
             encode_seconds: Family::new_with_constructor(latency_histogram),
             delivery_seconds: Family::new_with_constructor(latency_histogram),
@@ -141,8 +143,9 @@ impl Metrics {
         registry.register("link_state", "1 for the current link state (up, down, draining)", m.link_state.clone());
         registry.register("camera_up", "1 while the camera delivers frames", m.camera_up.clone());
         registry.register("camera_reconnects", "Times a camera's stream was lost while running and the camera re-opened", m.camera_reconnects.clone());
-        registry.register("camera_frames_received", "Frames a stream camera (RTSP) sent since the agent started, handed over or not", m.camera_received.clone());
-        registry.register("camera_frames_decoded", "Frames of a stream camera (RTSP H.264) fed to the decoder since the agent started", m.camera_decoded.clone());
+        registry.register("camera_frames_received", "Frames a stream camera (RTSP) sent, or samples read from a video file, since the agent started, handed over or not", m.camera_received.clone());
+        registry.register("camera_frames_decoded", "Frames of a stream camera (RTSP H.264) or video file fed to the decoder since the agent started", m.camera_decoded.clone());
+        registry.register("camera_frames_undecodable", "Frames of a stream camera or video file that could not be decoded (never handed over)", m.camera_undecodable.clone());
         registry.register("camera_last_frame_unix_seconds", "When the camera last delivered a frame (Unix time; age = now - this)", m.camera_last_frame.clone());
         registry.register("encode_seconds", "Time to encode one frame", m.encode_seconds.clone());
         registry.register("delivery_seconds", "Capture to Kafka acknowledgement", m.delivery_seconds.clone());
@@ -184,6 +187,7 @@ impl Metrics {
     pub fn stream_counts(&self, camera: &str, c: crate::source::StreamCounts) {
         self.camera_received.get_or_create(&labels(&[("camera", camera)])).set(c.received as i64);
         self.camera_decoded.get_or_create(&labels(&[("camera", camera)])).set(c.decoded as i64);
+        self.camera_undecodable.get_or_create(&labels(&[("camera", camera)])).set(c.undecodable as i64);
     }
 
     /// The camera delivered a frame captured at `capture_ns`.

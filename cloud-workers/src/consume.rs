@@ -129,10 +129,7 @@ impl ConsumerContext for ConsumeContext {
                     }
                     Err(e) if e.is_fatal() => *self.fatal.lock().unwrap() = Some(e.to_string()),
                     Err(e) => {
-                        self.metrics.txn_aborts.inc();
-                        if matches!(e, crate::txn::TxnError::Renewed(_)) {
-                            self.metrics.producer_recreated.inc();
-                        }
+                        self.metrics.txn_not_committed(&e);
                         tracing::warn!(error = %e, "Transaction on revoke not committed; those frames are processed again.");
                     }
                 },

@@ -70,6 +70,15 @@ pub struct Health {
 }
 
 impl Metrics {
+    /// A transaction that did not commit (aborted, or its producer replaced — which aborts it
+    /// too): counted in `transactions_aborted`, a replacement also in `producer_recreated`.
+    pub fn txn_not_committed(&self, e: &crate::txn::TxnError) {
+        self.txn_aborts.inc();
+        if matches!(e, crate::txn::TxnError::Renewed(_)) {
+            self.producer_recreated.inc();
+        }
+    }
+
     pub fn new() -> Arc<Self> {
         let mut registry = Registry::with_prefix("framelink_worker");
         let m = Self {

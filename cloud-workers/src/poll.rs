@@ -151,10 +151,7 @@ impl PollLoop {
                     Ok(false) | Err(TxnError::NoGroup) => {}
                     Err(e) if e.is_fatal() => return Some(anyhow::anyhow!("exactly-once: {e}: the worker stops; the next instance with this id fences the open transaction (aborted, its frames processed again)")),
                     Err(e) => {
-                        metrics.txn_aborts.inc();
-                        if matches!(e, TxnError::Renewed(_)) {
-                            metrics.producer_recreated.inc();
-                        }
+                        metrics.txn_not_committed(&e);
                         tracing::warn!(error = %e, "Transaction aborted; rewinding to the last committed offsets.");
                     }
                 }
@@ -180,10 +177,7 @@ impl PollLoop {
                 Err(e) if e.is_fatal() => anyhow::bail!("exactly-once: aborting the fenced membership's transaction: {e}"),
                 Err(e) => {
                     // The abort failed and the producer was replaced instead (its transaction aborted).
-                    self.metrics.txn_aborts.inc();
-                    if matches!(e, TxnError::Renewed(_)) {
-                        self.metrics.producer_recreated.inc();
-                    }
+                    self.metrics.txn_not_committed(&e);
                     tracing::warn!(error = %e, "The fenced membership's transaction could not be aborted; the producer was replaced instead.");
                 }
             },
@@ -210,8 +204,7 @@ impl PollLoop {
             match t.replace_after_fatal(format!("fatal Kafka producer error {code:?}: {reason}")) {
                 e if e.is_fatal() => return Some(anyhow::anyhow!("exactly-once: {e}")),
                 e => {
-                    self.metrics.txn_aborts.inc();
-                    self.metrics.producer_recreated.inc();
+                    self.metrics.txn_not_committed(&e);
                     tracing::warn!(error = %e, "Transaction aborted; rewinding to the last committed offsets.");
                 }
             }

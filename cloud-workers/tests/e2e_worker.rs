@@ -680,20 +680,29 @@ async fn w16_exactly_once_a_hung_offsets_call_replaces_the_producer_without_a_re
     w.wait_for("the offsets call hangs", Duration::from_secs(60), |w| w.log_text().contains("this call now blocks for good"));
     produce_frames(&b.plaintext(), &t.frames, 80, 40).await;
     w.wait_for("the producer replaced", Duration::from_secs(60), |w| w.metric("producer_recreated_total", &[]) >= 1.0);
+    let (aborted, replaced, log) = one_result_each_after_one_producer_replacement(b, &t, &mut w).await;
+    assert!(log.contains("send_offsets_to_transaction did not return"), "the reason is logged");
+    println!("w16: 120 results for 120 frames across a hung offsets call; {aborted} aborted, {replaced} producer replaced, no restart");
+}
+
+/// w16 / w17: waits for a result of each of the 120 frames, stops the worker (which fails
+/// unless it ran on and stops cleanly) and checks one producer replacement (also on
+/// `/healthz`), the open transaction counted as aborted, and in read_committed exactly one
+/// result per frame. Returns (aborted, replaced, the worker's log).
+async fn one_result_each_after_one_producer_replacement(b: &Broker, t: &Topics, w: &mut Daemon) -> (f64, f64, String) {
     let expected: BTreeSet<(String, u64)> = (0..120u64).map(|i| (format!("c{}", i % 4), i / 4)).collect();
     let results = wait_for_results(b, &t.results, &expected).await;
     let (aborted, replaced) = (w.metric("transactions_aborted_total", &[]), w.metric("producer_recreated_total", &[]));
     assert_eq!(w.healthz()["replaced"]["producer"], 1, "/healthz shows the replacement");
     let log = w.log_text();
     w.stop();
-    assert!(log.contains("send_offsets_to_transaction did not return"), "the reason is logged");
     assert_eq!(replaced, 1.0, "one producer replacement");
     assert!(aborted >= 1.0, "the open transaction counts as aborted");
     let ids = result_ids(&results);
     let unique: BTreeSet<_> = ids.iter().cloned().collect();
     assert_eq!(unique, expected, "every frame has a result");
-    assert_eq!(ids.len(), 120, "read_committed: exactly one result per frame (none from the fenced producer)");
-    println!("w16: 120 results for 120 frames across a hung offsets call; {aborted} aborted, {replaced} producer replaced, no restart");
+    assert_eq!(ids.len(), 120, "read_committed: exactly one result per frame (none from the replaced producer)");
+    (aborted, replaced, log)
 }
 
 /// A fatal producer error in exactly-once mode that is not a fencing (injected after 20
@@ -714,18 +723,7 @@ async fn w17_exactly_once_a_fatal_producer_error_replaces_the_producer_without_a
     w.start();
     produce_frames(&b.plaintext(), &t.frames, 120, 0).await;
     w.wait_for("the producer replaced", Duration::from_secs(60), |w| w.metric("producer_recreated_total", &[]) >= 1.0);
-    let expected: BTreeSet<(String, u64)> = (0..120u64).map(|i| (format!("c{}", i % 4), i / 4)).collect();
-    let results = wait_for_results(b, &t.results, &expected).await;
-    let (aborted, replaced) = (w.metric("transactions_aborted_total", &[]), w.metric("producer_recreated_total", &[]));
-    assert_eq!(w.healthz()["replaced"]["producer"], 1, "/healthz shows the replacement");
-    let log = w.log_text();
-    w.stop(); // fails unless the worker ran on and stops cleanly now
+    let (aborted, replaced, log) = one_result_each_after_one_producer_replacement(b, &t, &mut w).await;
     assert!(log.contains("injecting a fatal producer error") && log.contains("Replacing the transactional producer"), "the reason is logged");
-    assert_eq!(replaced, 1.0, "one producer replacement");
-    assert!(aborted >= 1.0, "the open transaction counts as aborted");
-    let ids = result_ids(&results);
-    let unique: BTreeSet<_> = ids.iter().cloned().collect();
-    assert_eq!(unique, expected, "every frame has a result");
-    assert_eq!(ids.len(), 120, "read_committed: exactly one result per frame (none from the replaced producer)");
     println!("w17: 120 results for 120 frames across a fatal producer error; {aborted} aborted, {replaced} producer replaced, no restart");
 }

@@ -57,11 +57,15 @@ pub trait Source: Send {
     }
 }
 
-/// What a stream camera received and decoded, for `camera_frames_received` / `_decoded`.
+/// What a stream camera received and decoded, for `camera_frames_received` / `_decoded` /
+/// `_undecodable`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StreamCounts {
     pub received: u64,
     pub decoded: u64,
+    /// Frames the camera sent that could not be decoded (damaged by packet loss, say): never
+    /// handed over, so counted here.
+    pub undecodable: u64,
 }
 
 /// Paces a source to a frame rate without bursting to catch up after a stall.

@@ -134,22 +134,38 @@ impl RtspSource {
         Ok(Playing { demuxed: Box::pin(demuxed), codec, report: None })
     }
 
-    /// Whether a frame arriving now is due under `fps`; if so, the next one is scheduled.
-    fn due(&mut self, now: Instant, take: bool) -> bool {
-        let Some(fps) = self.cfg.fps else { return true };
-        let period = Duration::from_secs_f64(1.0 / fps);
-        let due = self.next_due.is_none_or(|at| now >= at);
-        if due && take {
-            // From the due time, not from now: the average rate is `fps` even though frames
-            // arrive on the camera's own grid; more than a period late restarts the cadence.
-            let next = match self.next_due {
-                Some(at) if now - at < period => at + period,
-                _ => now + period,
-            };
-            self.next_due = Some(next);
+    /// A frame the camera sent that cannot be decoded: counted (`camera_frames_undecodable`),
+    /// the first logged as a warning, the rest at debug level.
+    fn undecodable(&mut self, why: &str) {
+        self.counts.undecodable += 1;
+        if self.counts.undecodable == 1 {
+            tracing::warn!(camera = self.camera, reason = why, "A frame from the camera could not be decoded; such frames are counted in camera_frames_undecodable.");
+        } else {
+            tracing::debug!(camera = self.camera, reason = why, "Frame not decoded.");
         }
-        due
     }
+
+    /// Whether a frame arriving now is due under `fps` (always without `fps`).
+    fn is_due(&self, now: Instant) -> bool {
+        due(self.cfg.fps, self.next_due, now)
+    }
+
+    /// A frame was handed over at `now`: schedules the next under `fps`. From the due time, not
+    /// from now: the average rate is `fps` even though frames arrive on the camera's own grid;
+    /// more than a period late restarts the cadence.
+    fn handed_over(&mut self, now: Instant) {
+        let Some(fps) = self.cfg.fps else { return };
+        let period = Duration::from_secs_f64(1.0 / fps);
+        self.next_due = Some(match self.next_due {
+            Some(at) if now - at < period => at + period,
+            _ => now + period,
+        });
+    }
+}
+
+/// See [`RtspSource::is_due`]; on the fields, for where `self` is partly borrowed.
+fn due(fps: Option<f64>, next_due: Option<Instant>, now: Instant) -> bool {
+    fps.is_none() || next_due.is_none_or(|at| now >= at)
 }
 
 fn first_line(e: &dyn std::fmt::Display) -> String {
@@ -234,12 +250,18 @@ impl Source for RtspSource {
             };
             match &mut playing.codec {
                 Codec::Jpeg => {
-                    if !self.due(now, true) {
+                    if !self.is_due(now) {
                         continue;
                     }
                     let data = Bytes::from(frame.into_data());
-                    let header = turbojpeg::read_header(&data).map_err(|e| SourceError::Unavailable(format!("{}: a JPEG frame the camera sent is unreadable: {e}", self.public_url)));
-                    let Ok(header) = header else { continue };
+                    let header = match turbojpeg::read_header(&data) {
+                        Ok(h) => h,
+                        Err(e) => {
+                            self.undecodable(&format!("a JPEG frame the camera sent is unreadable: {e}"));
+                            continue;
+                        }
+                    };
+                    self.handed_over(now);
                     return Ok(Captured {
                         capture_ns,
                         width: header.width as u32,
@@ -257,7 +279,7 @@ impl Source for RtspSource {
                         continue;
                     }
                     // A frame nothing refers to is decoded only when it is due.
-                    let due_now = self.next_due.is_none_or(|at| now >= at) || self.cfg.fps.is_none();
+                    let due_now = due(self.cfg.fps, self.next_due, now);
                     if frame.is_disposable() && !due_now {
                         continue;
                     }
@@ -268,11 +290,12 @@ impl Source for RtspSource {
                         Ok(_) => continue, // not due, or the decoder waits for more (reordering)
                         Err(e) => {
                             // A damaged frame (packet loss): later frames are fine again from the next IDR.
-                            tracing::debug!(camera = self.camera, error = %e, loss = frame.loss(), "H.264 frame not decoded.");
+                            let why = format!("H.264 frame not decoded ({} packets lost before it): {e}", frame.loss());
+                            self.undecodable(&why);
                             continue;
                         }
                     };
-                    self.due(now, true); // schedules the next
+                    self.handed_over(now);
                     return Ok(decoded);
                 }
             }

@@ -67,6 +67,7 @@ pub struct VideoSource {
     recent: std::collections::VecDeque<(Instant, u64)>,
     saved: Instant,
     next_due: Option<Instant>,
+    counts: super::StreamCounts,
 }
 
 impl VideoSource {
@@ -76,7 +77,7 @@ impl VideoSource {
         if resume_at > 0 {
             tracing::info!(camera, picture = resume_at, file = %position_file.display(), "Video resumes after the pictures already sent.");
         }
-        Self { camera: camera.to_owned(), cfg, position_file, open: None, resume_at, handed: resume_at, recent: Default::default(), saved: Instant::now(), next_due: None }
+        Self { camera: camera.to_owned(), cfg, position_file, open: None, resume_at, handed: resume_at, recent: Default::default(), saved: Instant::now(), next_due: None, counts: Default::default() }
     }
 
     fn unavailable(&self, what: impl std::fmt::Display) -> SourceError {
@@ -135,12 +136,17 @@ impl VideoSource {
             if self.cfg.keyframes_only && !sample.is_sync {
                 continue;
             }
+            self.counts.received += 1;
             let ps = sample.is_sync.then_some((o.sps.as_slice(), o.pps.as_slice()));
             let nal = super::h264::annex_b(&sample.bytes, ps).map_err(|e| SourceError::Unavailable(format!("{path}: sample {id}: {e}")))?;
+            self.counts.decoded += 1;
             match o.decoder.decode(&nal) {
                 Ok(Some(yuv)) => return Ok(Some(super::h264::captured(&yuv, 0, Default::default()))),
                 Ok(None) => {}
-                Err(e) => tracing::debug!(camera = self.camera, sample = id, error = %e, "H.264 sample not decoded."),
+                Err(e) => {
+                    self.counts.undecodable += 1;
+                    tracing::warn!(camera = self.camera, sample = id, error = %e, "H.264 sample not decoded (counted in camera_frames_undecodable).");
+                }
             }
         }
     }
@@ -250,6 +256,10 @@ impl Source for VideoSource {
 
     fn blocks_when_behind(&self) -> bool {
         self.cfg.pace == VideoPace::Fast
+    }
+
+    fn stream_counts(&self) -> Option<super::StreamCounts> {
+        Some(self.counts)
     }
 }
 

@@ -579,10 +579,10 @@ impl SledSpool {
     /// sled must be able to write its log — sled 0.34 refuses every write after one ENOSPC).
     fn cap(&self, inner: &Inner) -> u64 {
         let max = self.cfg.max_bytes.as_u64();
-        match (fs2::total_space(&self.cfg.dir), fs2::available_space(&self.cfg.dir)) {
+        match fs2::statvfs(&self.cfg.dir) {
             // A filesystem without a size (ramfs reports 0 blocks, 0 free) binds nothing.
-            (Ok(0), _) | (Err(_), _) | (_, Err(_)) => max,
-            (Ok(_), Ok(free)) => max.min((Self::disk(inner) + free).saturating_sub(self.cfg.min_free_bytes.as_u64())),
+            Ok(fs) if fs.total_space() > 0 => max.min((Self::disk(inner) + fs.available_space()).saturating_sub(self.cfg.min_free_bytes.as_u64())),
+            _ => max,
         }
     }
 
