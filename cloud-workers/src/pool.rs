@@ -96,7 +96,7 @@ fn run_one(job: &Arc<Job>, processor: &mut Processor, s: &Shared) {
     if let Some(p) = s.poisoned.get(&job.tp, job.offset)
         && p.kind != OutputKind::DeadLetter
     {
-        let count = p.dead_letter_refusals == 0;
+        let count = p.dead_letter_refusals == 0 && !p.dead_letter_delivered; // once, not again after an abort
         records = vec![refused_dead_letter(job, p.kind, &p.topic, &p.error, &s.publishing, &s.metrics, count)];
     }
     let Some(t) = &s.txn else {

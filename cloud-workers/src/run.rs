@@ -99,7 +99,9 @@ pub fn run(v: Validated, shutdown: Shutdown, metrics: Arc<Metrics>) -> Result<()
     let txn: Option<Arc<Txn>> = if exactly_once {
         let fresh = make_producer.clone();
         let new_producer: crate::txn::NewProducer<ProduceContext> = Box::new(move || fresh().map_err(|e| format!("{e:#}")));
-        Some(Arc::new(Transactions::start(producers.clone(), new_producer, tracker.clone(), shutdown.clone()).context("starting Kafka transactions (worker.delivery = exactly-once)")?))
+        let poisoned = poisoned.clone();
+        let on_commit: crate::txn::OnCommit = Box::new(move |next| poisoned.committed(next));
+        Some(Arc::new(Transactions::start(producers.clone(), new_producer, on_commit, tracker.clone(), shutdown.clone()).context("starting Kafka transactions (worker.delivery = exactly-once)")?))
     } else {
         None
     };

@@ -111,12 +111,16 @@ pub const STUCK_AFTER: u32 = 2;
 /// Builds a producer with the worker's transactional settings (to replace a wedged one).
 pub type NewProducer<C> = Box<dyn Fn() -> Result<Arc<ThreadedProducer<C>>, String> + Send + Sync>;
 
+/// Told the positions (next offset per partition) each committed transaction made final.
+pub type OnCommit = Box<dyn Fn(&HashMap<TopicPartition, i64>) + Send + Sync>;
+
 pub struct Transactions<C: ProducerContext + 'static, T> {
     /// Processed records waiting for their turn to be produced.
     pub order: Sequencer<T>,
     /// The transactional producer, shared with the processing threads (which produce on it).
     producers: Arc<Producers<C>>,
     new_producer: NewProducer<C>,
+    on_commit: OnCommit,
     tracker: Arc<Tracker>,
     gate: RwLock<()>,
     /// Something was produced since the last commit.
@@ -139,7 +143,7 @@ pub struct Transactions<C: ProducerContext + 'static, T> {
 impl<C: ProducerContext + 'static, T> Transactions<C, T> {
     /// Registers the transactional id with the broker (fencing older instances that used it)
     /// and opens the first transaction.
-    pub fn start(producers: Arc<Producers<C>>, new_producer: NewProducer<C>, tracker: Arc<Tracker>, shutdown: Shutdown) -> KafkaResult<Self> {
+    pub fn start(producers: Arc<Producers<C>>, new_producer: NewProducer<C>, on_commit: OnCommit, tracker: Arc<Tracker>, shutdown: Shutdown) -> KafkaResult<Self> {
         let producer = producers.get();
         producer.init_transactions(TIMEOUT)?;
         producer.begin_transaction()?;
@@ -147,6 +151,7 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
             order: Sequencer::default(),
             producers,
             new_producer,
+            on_commit,
             tracker,
             gate: RwLock::new(()),
             dirty: AtomicBool::new(false),
@@ -230,6 +235,7 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
                 self.timeouts_in_a_row.store(0, Ordering::SeqCst);
                 self.committed.fetch_add(1, Ordering::SeqCst);
                 self.dirty.store(false, Ordering::SeqCst);
+                (self.on_commit)(&ready);
                 producer.begin_transaction().map_err(TxnError::Fatal)?;
                 Ok(true)
             }

@@ -618,9 +618,10 @@ async fn w15_exactly_once_refused_outputs_are_dead_lettered_without_an_abort_loo
     let aborts = w.metric("transactions_aborted_total", &[]);
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(w.metric("transactions_aborted_total", &[]), aborts, "no more aborts once dead-lettered ({aborts} for 4 refused results)");
-    // A refused result aborts the transaction it is in; frames of later transactions are
-    // refused (and abort) in turn until each is remembered: a few aborts per frame at most.
-    assert!(aborts <= 12.0, "a few aborts, not a loop: {aborts}");
+    // A refused result aborts the transaction it is in; its input is remembered until a
+    // transaction holding its dead letter commits, so each refused input aborts at most one
+    // transaction (forgotten at delivery, inputs took turns to abort each other: 17 in a CI run).
+    assert!(aborts <= 4.0, "one abort per refused input at most, not a loop: {aborts}");
     // The dead-letter topic refuses too: the partition waits.
     b.alter_topic(&t.dlq, &[("max.message.bytes", "2000")]).await.unwrap();
     produce_frames(&b.plaintext(), &t.frames, 4, 4).await;

@@ -57,7 +57,7 @@ impl ProducerContext for ProduceContext {
                 self.metrics.last_output_ns.store(crate::metrics::now_ns(), Ordering::Relaxed);
                 if out.kind == OutputKind::DeadLetter
                     && self.refusals.is_none()
-                    && self.poisoned.accepted(&out.job.tp, out.job.offset).is_some_and(|p| p.dead_letter_refusals > 0)
+                    && self.poisoned.delivered(&out.job.tp, out.job.offset).is_some_and(|p| p.dead_letter_refusals > 0)
                     && self.stalls.resolve(&out.job.tp)
                 {
                     tracing::info!(topic = out.job.tp.topic, partition = out.job.tp.partition, offset = out.job.offset, "Dead letter accepted; the partition resumes.");

@@ -92,6 +92,12 @@ impl Stalls {
 /// a dead letter (`output_refused`), in the next transaction. A refused dead letter keeps its
 /// partition paused for a backoff before the next try, so the worker never loops aborting on
 /// the same record.
+///
+/// An input is forgotten only when a transaction holding its dead letter **commits**
+/// ([`Self::committed`]), not when the dead letter is delivered: that transaction can still be
+/// aborted by another input's refusal, and an input forgotten then would produce its refused
+/// result again, abort again, and so on — inputs on one partition taking turns to abort each
+/// other's transactions.
 #[derive(Default)]
 pub struct Poisoned {
     by_input: Mutex<HashMap<(TopicPartition, i64), PoisonedInput>>,
@@ -105,14 +111,20 @@ pub struct PoisonedInput {
     pub error: String,
     /// Refusals of its dead letter so far.
     pub dead_letter_refusals: u32,
+    /// Its dead letter was delivered in the open transaction (kept until that commits).
+    pub dead_letter_delivered: bool,
 }
 
 impl Poisoned {
     /// Notes a refusal for input `offset` of `tp`.
     pub fn refused(&self, tp: &TopicPartition, offset: i64, kind: OutputKind, topic: &str, error: String) {
         let mut m = self.by_input.lock().unwrap();
-        let e = m.entry((tp.clone(), offset)).or_insert_with(|| PoisonedInput { kind, topic: topic.to_owned(), error: error.clone(), dead_letter_refusals: 0 });
+        let e = m.entry((tp.clone(), offset)).or_insert_with(|| PoisonedInput { kind, topic: topic.to_owned(), error: error.clone(), dead_letter_refusals: 0, dead_letter_delivered: false });
         if kind == OutputKind::DeadLetter {
+            if e.dead_letter_delivered {
+                // Delivered once, its transaction aborted, refused now: stalled afresh.
+                (e.dead_letter_delivered, e.dead_letter_refusals) = (false, 0);
+            }
             e.dead_letter_refusals += 1;
             e.error = error;
         } else if e.kind != OutputKind::DeadLetter {
@@ -124,9 +136,23 @@ impl Poisoned {
         self.by_input.lock().unwrap().get(&(tp.clone(), offset)).cloned()
     }
 
-    /// The input's dead letter was accepted: forgotten; returns whether it had been refused.
-    pub fn accepted(&self, tp: &TopicPartition, offset: i64) -> Option<PoisonedInput> {
-        self.by_input.lock().unwrap().remove(&(tp.clone(), offset))
+    /// The input's dead letter was delivered (in the open transaction): returns the input the
+    /// first time (to resume a partition its refused dead letter stalled), `None` after that
+    /// or for an input never refused. Kept until the transaction commits.
+    pub fn delivered(&self, tp: &TopicPartition, offset: i64) -> Option<PoisonedInput> {
+        let mut m = self.by_input.lock().unwrap();
+        let e = m.get_mut(&(tp.clone(), offset))?;
+        if e.dead_letter_delivered {
+            return None;
+        }
+        e.dead_letter_delivered = true;
+        Some(e.clone())
+    }
+
+    /// A transaction committed the positions `next` (per partition, the next offset to read):
+    /// the inputs before them are done for good.
+    pub fn committed(&self, next: &HashMap<TopicPartition, i64>) {
+        self.by_input.lock().unwrap().retain(|(tp, offset), _| next.get(tp).is_none_or(|n| offset >= n));
     }
 
     /// Partitions whose dead letters were refused, with the refusal count (for the backoff).
@@ -274,10 +300,44 @@ mod poisoned_tests {
         p.refused(&tp, 5, OutputKind::DeadLetter, "dlq", "denied".into());
         assert_eq!(p.get(&tp, 5).unwrap().kind, OutputKind::Result, "the original refusal stays the reason");
         assert_eq!(p.stalled(), vec![(tp.clone(), 2)]);
-        assert_eq!(p.accepted(&tp, 5).unwrap().dead_letter_refusals, 2);
-        assert!(p.get(&tp, 5).is_none() && p.stalled().is_empty());
+        assert_eq!(p.delivered(&tp, 5).unwrap().dead_letter_refusals, 2);
+        assert!(p.delivered(&tp, 5).is_none(), "reported delivered once");
         p.refused(&tp, 6, OutputKind::Event, "ev", "x".into());
         p.forget(std::slice::from_ref(&tp));
         assert!(p.get(&tp, 6).is_none());
+    }
+
+    /// The bug this guards against: input 5's dead letter delivered, then the transaction
+    /// aborted for input 6's refusal. Forgotten at delivery, 5 would produce its refused result
+    /// again and abort the next transaction, 6's dead letter with it, and so on.
+    #[test]
+    fn an_input_is_forgotten_when_its_transaction_commits_not_when_its_dead_letter_is_delivered() {
+        let p = Poisoned::default();
+        let (tp, other) = (TopicPartition::new("frames", 0), TopicPartition::new("frames", 1));
+        p.refused(&tp, 5, OutputKind::Result, "out", "too large".into());
+        p.refused(&other, 2, OutputKind::Result, "out", "too large".into());
+        assert!(p.delivered(&tp, 5).is_some());
+        p.refused(&tp, 6, OutputKind::Result, "out", "too large".into()); // the transaction aborts
+        assert_eq!(p.get(&tp, 5).map(|e| e.kind), Some(OutputKind::Result), "5 is dead-lettered again after the abort");
+        p.committed(&HashMap::from([(tp.clone(), 6)]));
+        assert!(p.get(&tp, 5).is_none(), "committed");
+        assert!(p.get(&tp, 6).is_some(), "6 is past the committed position");
+        assert!(p.get(&other, 2).is_some(), "another partition is untouched");
+        p.committed(&HashMap::from([(tp.clone(), 7), (other.clone(), 3)]));
+        assert!(p.get(&tp, 6).is_none() && p.get(&other, 2).is_none());
+    }
+
+    #[test]
+    fn a_dead_letter_refused_after_its_aborted_delivery_stalls_afresh() {
+        let p = Poisoned::default();
+        let tp = TopicPartition::new("frames", 0);
+        p.refused(&tp, 5, OutputKind::Result, "out", "too large".into());
+        p.refused(&tp, 5, OutputKind::DeadLetter, "dlq", "denied".into());
+        p.refused(&tp, 5, OutputKind::DeadLetter, "dlq", "denied".into());
+        assert!(p.delivered(&tp, 5).is_some());
+        p.refused(&tp, 5, OutputKind::DeadLetter, "dlq", "denied".into());
+        let e = p.get(&tp, 5).unwrap();
+        assert_eq!((e.dead_letter_refusals, e.dead_letter_delivered), (1, false), "a first refusal again: counted as a new stall");
+        assert!(p.delivered(&tp, 5).is_some(), "and resolved again when delivered");
     }
 }
