@@ -17,7 +17,7 @@ use rand::RngExt;
 use crate::drop_reason::DropReason;
 use crate::encoder::{Encoder, EncoderConfig};
 use crate::frame::{Frame, RawFrame};
-use crate::metrics::Metrics;
+use crate::metrics::{LinkState, Metrics};
 use crate::sequence::SequenceStore;
 use crate::source::config::CameraConfig;
 use crate::source::{Source, SourceError};
@@ -112,6 +112,46 @@ fn guarded<T>(call: impl FnOnce() -> Result<T, SourceError>) -> Result<T, Source
     })
 }
 
+/// A bulk source hands over a frame only while fewer than this many wait for Kafka's
+/// acknowledgement: it goes as fast as the link takes frames, and what a link that goes quiet
+/// holds in memory before it is judged stalled stays this small (plus the queues to the
+/// forwarder), however fast the file reads.
+pub const BULK_IN_FLIGHT: i64 = 32;
+/// The longest a waiting bulk source sleeps between looks (it starts at 1 ms and doubles).
+const LINK_CHECK: Duration = Duration::from_millis(200);
+/// A bulk source waiting this long for acknowledgements says so in its camera state.
+const SHOW_WAIT_AFTER: Duration = Duration::from_secs(1);
+
+/// A bulk source ([`Source::blocks_when_behind`]) waits here while the link is not up (Kafka
+/// unreachable, or the spool draining: its frames would only go into the spool, and at its cap
+/// the full policy would evict them) or [`BULK_IN_FLIGHT`] frames wait for acknowledgement.
+/// Its camera state says why when it waits for long. False when the agent stops.
+fn wait_for_the_link(id: &str, metrics: &Metrics, shutdown: &Shutdown) -> bool {
+    let (started, mut sleep, mut shown) = (Instant::now(), Duration::from_millis(1), false);
+    loop {
+        let (link, in_flight) = (metrics.link(), metrics.frames_in_flight.get());
+        if link == LinkState::Up && in_flight < BULK_IN_FLIGHT {
+            if shown {
+                tracing::info!(camera = id, "Bulk source resumed: the link takes frames again.");
+                metrics.set_camera(id, true, "up");
+            }
+            return true;
+        }
+        if !shown && (link != LinkState::Up || started.elapsed() >= SHOW_WAIT_AFTER) {
+            shown = true;
+            let why = if link == LinkState::Up { format!("{in_flight} frames wait for Kafka's acknowledgement") } else { format!("the link to Kafka is {}", link.as_str()) };
+            tracing::info!(camera = id, reason = why, "Bulk source paused until the link takes frames again.");
+            metrics.set_camera(id, true, &format!("paused: {why}"));
+        } else if shown && link != LinkState::Up && !metrics.camera_state(id).is_some_and(|s| s.starts_with("paused: the link")) {
+            metrics.set_camera(id, true, &format!("paused: the link to Kafka is {}", link.as_str()));
+        }
+        if shutdown.wait_timeout(sleep) {
+            return false;
+        }
+        sleep = (sleep * 2).min(LINK_CHECK);
+    }
+}
+
 pub fn run_camera(
     id: &str,
     mut source: Box<dyn Source>,
@@ -139,6 +179,9 @@ pub fn run_camera(
         metrics.set_camera(id, true, "up");
         backoff = MIN;
         while !shutdown.is_set() {
+            if source.blocks_when_behind() && !wait_for_the_link(id, metrics, shutdown) {
+                break;
+            }
             match guarded(|| source.next_frame()) {
                 Ok(c) => {
                     // A disk that refuses the reservation does not stop the camera: numbers left
@@ -245,5 +288,94 @@ mod tests {
         assert_eq!(rx.try_iter().count(), 2, "the frames after the panic");
         assert_eq!(metrics.total("camera_reconnects"), 1);
         assert_eq!(metrics.health.lock().unwrap().cameras["cam"], "finished");
+    }
+
+    /// A bulk source of `left` frames (a file at `pace = "fast"`).
+    struct Bulk {
+        left: u32,
+    }
+
+    impl Source for Bulk {
+        fn open(&mut self) -> Result<(), SourceError> {
+            Ok(())
+        }
+
+        fn next_frame(&mut self) -> Result<Captured, SourceError> {
+            if self.left == 0 {
+                return Err(SourceError::Exhausted);
+            }
+            self.left -= 1;
+            Ok(Captured { capture_ns: 1, width: 1, height: 1, stride: 0, format: PixelFormat::Jpeg, source_format: "MJPG", data: bytes::Bytes::from_static(b"x"), clock: Default::default() })
+        }
+
+        fn describe(&self) -> String {
+            "bulk".into()
+        }
+
+        fn blocks_when_behind(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn a_bulk_source_waits_while_the_link_is_down_or_draining_and_goes_on_when_it_is_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let seqs = SequenceStore::open(dir.path()).unwrap();
+        let metrics = Arc::new(Metrics::new(1 << 30));
+        let (tx, rx) = crossbeam_channel::bounded(64);
+        let shutdown = Shutdown::new();
+        metrics.set_link(LinkState::Down, Some("unreachable".into()));
+        let camera = {
+            let (metrics, shutdown) = (metrics.clone(), shutdown.clone());
+            std::thread::spawn(move || run_camera("file", Box::new(Bulk { left: 5 }), &seqs, &metrics, &tx, &shutdown))
+        };
+        let paused = |m: &Metrics| m.camera_state("file").unwrap_or_default();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !paused(&metrics).starts_with("paused") && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(paused(&metrics), "paused: the link to Kafka is down");
+        metrics.set_link(LinkState::Draining, None);
+        std::thread::sleep(LINK_CHECK * 3);
+        assert_eq!(rx.try_iter().count(), 0, "nothing handed over while down or draining");
+        metrics.set_link(LinkState::Up, None);
+        camera.join().unwrap();
+        assert_eq!(rx.try_iter().count(), 5, "every frame once the link is up");
+        assert_eq!(paused(&metrics), "finished");
+        assert_eq!(metrics.total("frames_dropped"), 0);
+    }
+
+    #[test]
+    fn a_bulk_source_waits_while_too_many_frames_wait_for_acknowledgement() {
+        let dir = tempfile::tempdir().unwrap();
+        let seqs = SequenceStore::open(dir.path()).unwrap();
+        let metrics = Arc::new(Metrics::new(1 << 30));
+        let (tx, rx) = crossbeam_channel::bounded(64);
+        let shutdown = Shutdown::new();
+        metrics.frames_in_flight.set(BULK_IN_FLIGHT);
+        let camera = {
+            let (metrics, shutdown) = (metrics.clone(), shutdown.clone());
+            std::thread::spawn(move || run_camera("file", Box::new(Bulk { left: 3 }), &seqs, &metrics, &tx, &shutdown))
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !metrics.camera_state("file").unwrap_or_default().starts_with("paused") && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(metrics.camera_state("file").unwrap(), format!("paused: {BULK_IN_FLIGHT} frames wait for Kafka's acknowledgement"));
+        assert_eq!(rx.try_iter().count(), 0);
+        metrics.frames_in_flight.set(BULK_IN_FLIGHT - 1);
+        camera.join().unwrap();
+        assert_eq!(rx.try_iter().count(), 3);
+    }
+
+    #[test]
+    fn a_live_source_does_not_wait_for_the_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let seqs = SequenceStore::open(dir.path()).unwrap();
+        let metrics = Metrics::new(1 << 30);
+        metrics.set_link(LinkState::Down, None);
+        let (tx, rx) = crossbeam_channel::bounded(8);
+        run_camera("cam", Box::new(PanicsOnce { calls: 1 }), &seqs, &metrics, &tx, &Shutdown::new());
+        assert_eq!(rx.try_iter().count(), 2, "its frames go on (to the spool)");
     }
 }

@@ -60,6 +60,8 @@ pub struct Metrics {
     pub producer_recreated: Counter,
     pub link_stalls: Counter,
     pub link_up: Gauge,
+    /// Frames handed to Kafka and not yet acknowledged (a bulk source waits above a bound).
+    pub frames_in_flight: Gauge,
     pub link_state: Family<Labels, Gauge>,
     pub camera_up: Family<Labels, Gauge>,
     pub camera_reconnects: Family<Labels, Counter>,
@@ -106,6 +108,7 @@ impl Metrics {
             producer_recreated: Counter::default(),
             link_stalls: Counter::default(),
             link_up: Gauge::default(),
+            frames_in_flight: Gauge::default(),
             link_state: Family::default(),
             camera_up: Family::default(),
             camera_reconnects: Family::default(),
@@ -140,6 +143,7 @@ impl Metrics {
         registry.register("producer_recreated", "Kafka producers replaced after a fatal librdkafka error", m.producer_recreated.clone());
         registry.register("link_stalls", "Times the Kafka link was judged stalled: no acknowledgement for forwarder.stall_timeout_ms while frames waited", m.link_stalls.clone());
         registry.register("link_up", "1 when frames go straight to Kafka", m.link_up.clone());
+        registry.register("frames_in_flight", "Frames handed to Kafka and not yet acknowledged or spooled", m.frames_in_flight.clone());
         registry.register("link_state", "1 for the current link state (up, down, draining)", m.link_state.clone());
         registry.register("camera_up", "1 while the camera delivers frames", m.camera_up.clone());
         registry.register("camera_reconnects", "Times a camera's stream was lost while running and the camera re-opened", m.camera_reconnects.clone());
@@ -179,6 +183,11 @@ impl Metrics {
         h.link_error = error;
     }
 
+    /// The link's state as the forwarder last set it.
+    pub fn link(&self) -> LinkState {
+        self.health.lock().expect("health lock").link
+    }
+
     pub fn set_spool_error(&self, error: Option<String>) {
         self.health.lock().expect("health lock").spool_error = error;
     }
@@ -198,6 +207,11 @@ impl Metrics {
     pub fn set_camera(&self, camera: &str, up: bool, detail: &str) {
         self.camera_up.get_or_create(&labels(&[("camera", camera)])).set(up as i64);
         self.health.lock().expect("health lock").cameras.insert(camera.to_owned(), detail.to_owned());
+    }
+
+    /// The camera's state as `/healthz` shows it.
+    pub fn camera_state(&self, camera: &str) -> Option<String> {
+        self.health.lock().expect("health lock").cameras.get(camera).cloned()
     }
 
     pub fn beat(&self) {

@@ -295,3 +295,38 @@ async fn v1_a_video_file_fast_and_in_real_time_and_resumed_after_a_kill() {
     // The position written is 2 s old and written every second: 2–3 s again, plus the kill's own delay.
     assert!(first as f64 + second <= 250.0 + 4.0 * 25.0, "at most the last ~3 s again: {first} + {second}");
 }
+
+/// `pace = "fast"` while Kafka is unreachable (the device booted without a network): the file
+/// hands over at most 32 frames without an acknowledgement, then pauses (camera `paused: the
+/// link to Kafka is down` once the link is judged stalled; nothing more read) instead of
+/// pouring itself into librdkafka's memory and the spool, and goes on by itself when the
+/// broker is back: every picture once, in order, nothing dropped.
+#[tokio::test(flavor = "multi_thread")]
+async fn v2_a_fast_file_pauses_while_kafka_is_down_and_goes_on_when_it_is_back() {
+    let _g = serial();
+    init_tracing();
+    let broker = Broker::private().unwrap();
+    let topic = rand_topic("agent-video-pause");
+    broker.create_topic(&topic, 1).await.unwrap();
+    broker.stop().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let clip = dir.path().join("clip.mp4");
+    make_mp4(&clip, 500);
+    let mut agent = Agent::agent(AGENT, dir.path(), &body("dev-v2", &broker.mtls(), &topic, dir.path(), &video_camera("bulk", &clip, ", pace = \"fast\""), ""));
+    agent.start();
+    agent.wait_for("the file paused", Duration::from_secs(60), |a| a.healthz()["cameras"]["bulk"].as_str().is_some_and(|s| s.starts_with("paused: the link to Kafka is")));
+    let before = agent.metric("frames_captured_total", &["camera=\"bulk\""]);
+    std::thread::sleep(Duration::from_secs(3));
+    let after = agent.metric("frames_captured_total", &["camera=\"bulk\""]);
+    assert_eq!(after, before, "nothing read while paused");
+    // 32 unacknowledged, plus what the queues to the forwarder (64 + 2) hold at most.
+    assert!(before <= 32.0 + 66.0, "paused after at most ~100 pictures: {before}");
+    broker.start().unwrap();
+    agent.wait_for("the file finished", Duration::from_secs(120), |a| a.healthz()["cameras"]["bulk"] == "finished");
+    agent.wait_for("all sent", Duration::from_secs(60), |a| a.metric("frames_sent_total", &[]) >= 500.0);
+    assert_eq!(agent.metric("frames_dropped_total", &[]), 0.0);
+    agent.stop();
+    println!("v2: {before} pictures read before the link was seen down (spooled, then drained)");
+    let got = arrived(&broker.mtls(), &topic).await;
+    assert_eq!(got.seqs("bulk"), (0..500).collect::<Vec<u64>>().as_slice(), "every picture once, in order");
+}

@@ -447,6 +447,7 @@ impl Forwarder {
         self.metrics.spool_damaged_pruned.set(stats.damaged_pruned as i64);
         self.metrics.spool_cap_bytes.set(stats.cap_bytes as i64);
         self.metrics.spool_index_rebuilt.set(stats.index_rebuilt as i64);
+        self.metrics.frames_in_flight.set(self.policy.in_flight() as i64);
         let state = self.policy.link_state();
         let error = self.policy.last_failure().map(str::to_owned).or_else(|| {
             (state != LinkState::Up).then(|| self.link.diagnosis().map(|d| d.to_string())).flatten()

@@ -58,9 +58,35 @@ pub fn annex_b(sample: &[u8], parameter_sets: Option<(&[u8], &[u8])>) -> Result<
     Ok(out)
 }
 
+/// Whether an AVCC sample holds an IDR slice (NAL type 5): a picture the decoder can start
+/// at. Read from the bitstream, not the container: the `mp4` crate guesses the sync samples of
+/// a fragmented MP4 (wrongly for ffmpeg's), and some muxers leave the sync table out.
+pub fn has_idr(sample: &[u8]) -> bool {
+    let mut rest = sample;
+    while let Some((len, tail)) = rest.split_first_chunk::<4>() {
+        let len = u32::from_be_bytes(*len) as usize;
+        if len == 0 || len > tail.len() {
+            return false;
+        }
+        if tail[0] & 0x1F == 5 {
+            return true;
+        }
+        rest = &tail[len..];
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_idr_slice_is_found_after_other_nal_units() {
+        assert!(has_idr(&[0, 0, 0, 2, 0x09, 0x10, 0, 0, 0, 2, 0x65, 0x88]), "AUD, then IDR");
+        assert!(!has_idr(&[0, 0, 0, 2, 0x41, 0x9A]), "a non-IDR slice");
+        assert!(!has_idr(&[0, 0, 0, 9, 0x65]), "truncated");
+        assert!(!has_idr(&[]));
+    }
 
     #[test]
     fn avcc_becomes_annex_b_with_parameter_sets_in_front() {

@@ -14,6 +14,7 @@ pub mod config;
 mod from_config;
 pub mod h264;
 pub mod images;
+mod mp4_samples;
 pub mod rtsp;
 pub mod synthetic;
 pub mod video;
@@ -44,9 +45,10 @@ pub trait Source: Send {
     fn next_frame(&mut self) -> Result<Captured, SourceError>;
     /// For logs: what this source is.
     fn describe(&self) -> String;
-    /// Whether the camera thread should wait for a busy encoder instead of dropping the frame
-    /// (`encoder_behind`): a file ingested as fast as possible must not skip frames, a live
-    /// camera must not fall behind real time.
+    /// A bulk source (a file ingested as fast as possible): the camera thread waits for a busy
+    /// encoder instead of dropping the frame (`encoder_behind`), and waits for the link to
+    /// Kafka while it is down or draining instead of filling the spool — a bulk source must not
+    /// skip frames, and the file is its own spool. A live camera must not fall behind real time.
     fn blocks_when_behind(&self) -> bool {
         false
     }

@@ -1,8 +1,9 @@
 //! Video files (MP4 with H.264): archived footage replayed in real time, or ingested as fast
 //! as the pipeline takes it, resuming where it stopped after a restart.
 //!
-//! The `mp4` crate reads the container (samples in decode order, with their sync flags and
-//! the track's SPS/PPS); each sample becomes Annex B for openh264 ([`super::h264`]), and the
+//! The `mp4` crate reads the container (samples in decode order and the track's SPS/PPS;
+//! a fragmented file's sample table is built in [`super::mp4_samples`]; IDR samples are found
+//! in the bitstream); each sample becomes Annex B for openh264 ([`super::h264`]), and the
 //! decoded pictures go to the encoder as I420 — the same path as an RTSP camera.
 //!
 //! Pace: `realtime` hands a frame over at the file's frame rate (a replay: what a camera
@@ -37,6 +38,8 @@ const SAVE_LAG: Duration = Duration::from_secs(2);
 
 struct Open {
     reader: mp4::Mp4Reader<BufReader<File>>,
+    /// Where the track's samples are read from (plain or fragmented MP4).
+    source: super::mp4_samples::Samples,
     track: u32,
     samples: u32,
     sps: Vec<u8>,
@@ -128,17 +131,18 @@ impl VideoSource {
             }
             let id = o.next_sample;
             o.next_sample += 1;
-            let sample = match o.reader.read_sample(o.track, id) {
+            let sample = match o.source.read(&mut o.reader, o.track, id) {
                 Ok(Some(s)) => s,
                 Ok(None) => continue,
                 Err(e) => return Err(SourceError::Unavailable(format!("{path}: sample {id}: {e}"))),
             };
-            if self.cfg.keyframes_only && !sample.is_sync {
+            let idr = super::h264::has_idr(&sample);
+            if self.cfg.keyframes_only && !idr {
                 continue;
             }
             self.counts.received += 1;
-            let ps = sample.is_sync.then_some((o.sps.as_slice(), o.pps.as_slice()));
-            let nal = super::h264::annex_b(&sample.bytes, ps).map_err(|e| SourceError::Unavailable(format!("{path}: sample {id}: {e}")))?;
+            let ps = idr.then_some((o.sps.as_slice(), o.pps.as_slice()));
+            let nal = super::h264::annex_b(&sample, ps).map_err(|e| SourceError::Unavailable(format!("{path}: sample {id}: {e}")))?;
             self.counts.decoded += 1;
             match o.decoder.decode(&nal) {
                 Ok(Some(yuv)) => return Ok(Some(super::h264::captured(&yuv, 0, Default::default()))),
@@ -150,6 +154,13 @@ impl VideoSource {
             }
         }
     }
+}
+
+/// Pictures per second from the track's time-to-sample table (`(sample_count, sample_delta)`) (exact: 29.97, not the `mp4`
+/// crate's whole number); `None` for a fragmented file, whose table is empty.
+fn table_frame_rate(stts: impl Iterator<Item = (u32, u32)>, timescale: u32) -> Option<f64> {
+    let (n, ticks) = stts.fold((0u64, 0u64), |(n, t), (count, delta)| (n + u64::from(count), t + u64::from(count) * u64::from(delta)));
+    (n > 0 && ticks > 0 && timescale > 0).then(|| f64::from(timescale) * n as f64 / ticks as f64)
 }
 
 /// Writes `text` to `path` through a temporary file, fsync and rename.
@@ -172,22 +183,50 @@ impl Source for VideoSource {
         let reader = mp4::Mp4Reader::read_header(BufReader::new(file), size).map_err(|e| self.unavailable(format!("not a readable MP4: {e}")))?;
         let video = reader.tracks().values().find(|t| matches!(t.media_type(), Ok(mp4::MediaType::H264)));
         let Some(track) = video else {
+            if reader.tracks().values().any(|t| matches!(t.media_type(), Ok(mp4::MediaType::H265))) {
+                return Err(self.unavailable("H.265 video, which the agent does not decode (no H.265 decoder builds here); convert the file to H.264, e.g. `ffmpeg -i in.mp4 -c:v libx264 -c:a copy out.mp4`"));
+            }
+            let other_video = reader.tracks().values().any(|t| t.media_type().is_err() && t.trak.mdia.hdlr.handler_type.value == *b"vide");
+            if other_video {
+                return Err(self.unavailable("a video track in a codec the agent does not read (H.265 tagged hvc1, AV1, …); convert the file to H.264, e.g. `ffmpeg -i in.mp4 -c:v libx264 -c:a copy out.mp4`"));
+            }
             let kinds: Vec<String> = reader.tracks().values().map(|t| t.media_type().map_or("unknown".into(), |m| m.to_string())).collect();
             return Err(self.unavailable(format!("no H.264 video track (tracks: {}); the agent reads H.264 in MP4", kinds.join(", "))));
         };
-        let (id, samples, fps) = (track.track_id(), track.sample_count(), track.frame_rate());
+        let (id, samples, timescale) = (track.track_id(), track.sample_count(), track.trak.mdia.mdhd.timescale);
+        let table_fps = table_frame_rate(track.trak.mdia.minf.stbl.stts.entries.iter().map(|e| (e.sample_count, e.sample_delta)), timescale);
+        if let Some(avcc) = track.trak.mdia.minf.stbl.stsd.avc1.as_ref().map(|a| &a.avcc)
+            && avcc.length_size_minus_one != 3
+        {
+            return Err(self.unavailable(format!("H.264 with {}-byte NAL lengths; the agent reads 4-byte ones (remux with `ffmpeg -i in.mp4 -c copy out.mp4`)", avcc.length_size_minus_one + 1)));
+        }
         let sps = track.sequence_parameter_set().map_err(|e| self.unavailable(format!("no SPS: {e}")))?.to_vec();
         let pps = track.picture_parameter_set().map_err(|e| self.unavailable(format!("no PPS: {e}")))?.to_vec();
-        let fps = if fps > 0.0 && fps.is_finite() { fps } else { 25.0 };
+        let mut reader = reader;
+        let mut source = super::mp4_samples::Samples::for_track(&reader, id, &self.cfg.path).map_err(|e| self.unavailable(e))?;
+        let samples = source.count().unwrap_or(samples);
+        // A fragmented file's timing is in its fragments: the first sample's duration.
+        let fps = table_fps
+            .or_else(|| source.first_duration().filter(|d| *d > 0).map(|d| f64::from(timescale) / f64::from(d)))
+            .filter(|f| *f > 0.0 && f.is_finite())
+            .unwrap_or_else(|| {
+                tracing::warn!(camera = self.camera, "The file gives no frame rate; 25 fps assumed.");
+                25.0
+            });
         let step = self.cfg.fps.map_or(1, |want| (fps / want).round().max(1.0) as u64);
         // Resume at the last IDR at or before the position: an IDR's picture number is its
-        // sample's (nothing before it is shown after it), so skipping starts there.
-        let syncs: Vec<u32> = track.trak.mdia.minf.stbl.stss.as_ref().map_or_else(|| (1..=samples).collect(), |b| b.entries.clone());
-        let start = syncs.iter().copied().filter(|&s| u64::from(s - 1) <= self.resume_at).max().unwrap_or(1);
+        // sample's (nothing before it is shown after it), so skipping starts there. Found by
+        // reading samples backwards from the position (a GOP at most), not from the sync table,
+        // which fragmented files lack.
+        let mut start = u32::try_from(self.resume_at + 1).unwrap_or(u32::MAX).min(samples.max(1));
+        while start > 1 && !source.read(&mut reader, id, start).ok().flatten().is_some_and(|s| super::h264::has_idr(&s)) {
+            start -= 1;
+        }
         let decoder = super::h264::decoder().map_err(|e| self.unavailable(format!("H.264 decoder: {e}")))?;
         tracing::info!(camera = self.camera, samples, fps, from_sample = start, "Video file opened.");
         self.open = Some(Open {
             reader,
+            source,
             track: id,
             samples,
             sps,
@@ -269,6 +308,111 @@ impl Drop for VideoSource {
     fn drop(&mut self) {
         if self.handed > 0 {
             self.save_position(false);
+        }
+    }
+}
+
+/// Files made by ffmpeg (`testdata/video/README.md` says how), not by the GStreamer pipeline
+/// the end-to-end test uses: an audio track before the video one and B-frames, a fragmented
+/// MP4 (`moof` boxes, as cameras and streaming recorders write), a 29.97 fps file, and
+/// H.265. Decoded here, without Kafka.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/video").join(name)
+    }
+
+    fn source(name: &str, fps: Option<f64>, keyframes_only: bool, state: &Path) -> VideoSource {
+        let cfg = VideoConfig { path: fixture(name), pace: VideoPace::Fast, looping: false, fps, keyframes_only };
+        VideoSource::new("cam", cfg, state)
+    }
+
+    /// Every picture until the end: (count, width, height) of the pictures handed over.
+    fn drain(mut s: VideoSource) -> (u32, Vec<(u32, u32)>, super::super::StreamCounts) {
+        s.open().unwrap();
+        let (mut n, mut sizes) = (0, Vec::new());
+        loop {
+            match s.next_frame() {
+                Ok(c) => {
+                    n += 1;
+                    assert_eq!(c.format, crate::frame::PixelFormat::I420);
+                    if !sizes.contains(&(c.width, c.height)) {
+                        sizes.push((c.width, c.height));
+                    }
+                }
+                Err(SourceError::Exhausted) => return (n, sizes, s.counts),
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn an_ffmpeg_file_with_audio_first_and_b_frames_gives_every_picture() {
+        let state = tempfile::tempdir().unwrap();
+        let (n, sizes, counts) = drain(source("audio-first-bframes.mp4", None, false, state.path()));
+        assert_eq!((n, sizes), (50, vec![(320, 240)]), "2 s at 25 fps");
+        assert_eq!((counts.received, counts.decoded, counts.undecodable), (50, 50, 0));
+        let position = std::fs::read_to_string(state.path().join("position/cam")).unwrap();
+        assert_eq!(position, "50", "the end is kept: a restart does not send the file again");
+        let (again, _, _) = drain(source("audio-first-bframes.mp4", None, false, state.path()));
+        assert_eq!(again, 0, "resumed at the end");
+    }
+
+    #[test]
+    fn fps_keeps_every_nth_picture_and_keyframes_only_decodes_idr_pictures_alone() {
+        let state = tempfile::tempdir().unwrap();
+        assert_eq!(drain(source("audio-first-bframes.mp4", Some(5.0), false, state.path())).0, 10, "every 5th of 25 fps");
+        let state = tempfile::tempdir().unwrap();
+        let (n, _, counts) = drain(source("audio-first-bframes.mp4", None, true, state.path()));
+        assert_eq!((n, counts.decoded), (2, 2), "an IDR every 25 pictures, 50 pictures");
+        // 29.97 fps: fps = 10 keeps every 3rd (the nearest whole step), an IDR every 15.
+        let state = tempfile::tempdir().unwrap();
+        let (n, _, _) = drain(source("ntsc-30000-1001.mp4", None, false, state.path()));
+        assert_eq!(n, 60);
+        let state = tempfile::tempdir().unwrap();
+        assert_eq!(drain(source("ntsc-30000-1001.mp4", Some(10.0), false, state.path())).0, 20);
+        // The pace of a real-time replay: 29.97, not the mp4 crate's 29; a fragmented file's
+        // from its fragments.
+        for (name, fps) in [("ntsc-30000-1001.mp4", 30000.0 / 1001.0), ("fragmented.mp4", 25.0), ("audio-first-bframes.mp4", 25.0)] {
+            let mut s = source(name, None, false, state.path());
+            s.open().unwrap();
+            let period = s.open.as_ref().unwrap().period.as_secs_f64();
+            assert!((1.0 / period - fps).abs() < 0.01, "{name}: {} fps", 1.0 / period);
+        }
+        let state = tempfile::tempdir().unwrap();
+        assert_eq!(drain(source("ntsc-30000-1001.mp4", None, true, state.path())).0, 4);
+    }
+
+    #[test]
+    fn a_fragmented_mp4_gives_every_picture() {
+        let state = tempfile::tempdir().unwrap();
+        let (n, sizes, counts) = drain(source("fragmented.mp4", None, false, state.path()));
+        assert_eq!((n, sizes), (50, vec![(320, 240)]));
+        assert_eq!((counts.decoded, counts.undecodable), (50, 0), "every sample read from its place");
+    }
+
+    /// A restart at picture 30 decodes from the IDR before it (sample 26) and hands over
+    /// pictures 30–49 — in a plain and in a fragmented file (IDRs found in the bitstream).
+    #[test]
+    fn a_restart_resumes_mid_file_from_the_idr_before_the_position() {
+        for name in ["audio-first-bframes.mp4", "fragmented.mp4"] {
+            let state = tempfile::tempdir().unwrap();
+            write_atomically(&state.path().join("position/cam"), "30").unwrap();
+            let (n, _, counts) = drain(source(name, None, false, state.path()));
+            assert_eq!(n, 20, "{name}: pictures 30-49");
+            assert_eq!(counts.decoded, 25, "{name}: decoded from sample 26");
+        }
+    }
+
+    #[test]
+    fn an_h265_file_is_refused_with_the_reason_and_the_remedy() {
+        for name in ["hevc.mp4", "hevc-hvc1.mp4"] {
+            let state = tempfile::tempdir().unwrap();
+            let mut s = source(name, None, false, state.path());
+            let e = s.open().unwrap_err().to_string();
+            assert!(e.contains(name) && e.contains("H.265") && e.contains("convert the file to H.264"), "{e}");
         }
     }
 }
