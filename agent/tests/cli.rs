@@ -78,6 +78,18 @@ fn unknown_and_invalid_keys_are_named() {
     );
     assert!(!o.status.success());
     assert!(text(&o).contains("kafka.security_protocol"), "{}", text(&o));
+
+    // A decoder this build lacks, or that does not exist, is named with its key.
+    let cam = |decoder: &str| format!("[device]\nid = \"d\"\n[kafka]\nbrokers = \"h:1\"\n[[cameras]]\nid = \"c\"\nrtsp = {{ url = \"rtsp://192.0.2.1/s\", decoder = \"{decoder}\" }}\n");
+    std::fs::write(&p, cam("ffmpeg")).unwrap();
+    let o = agent(&["check-config", "--config", p.to_str().unwrap()], &[]);
+    assert!(!o.status.success() && text(&o).contains("config key `cameras[0].rtsp.decoder`") && text(&o).contains("ffmpeg"), "{}", text(&o));
+    if !cfg!(feature = "libav") {
+        std::fs::write(&p, cam("libav")).unwrap();
+        let o = agent(&["check-config", "--config", p.to_str().unwrap()], &[]);
+        assert!(!o.status.success(), "{}", text(&o));
+        assert!(text(&o).contains("config key `cameras[0].rtsp.decoder`") && text(&o).contains("`libav` feature"), "{}", text(&o));
+    }
 }
 
 /// An environment override is text: a string key keeps it as written (leading zeros), numeric

@@ -195,7 +195,8 @@ async fn r2_bad_cameras_get_clear_errors_and_leave_the_others_alone() {
         + &rtsp_camera("badpass", &server.url("/h264").replace("rtsp://", "rtsp://cam:wrong-one@"), "")
         + &rtsp_camera("nopath", &good.replace("/h264", "/nothing-here"), "")
         + &rtsp_camera("nohost", &format!("rtsp://127.0.0.1:{dead}/h264"), "")
-        + &rtsp_camera("hevc", &good.replace("/h264", "/h265"), "");
+        // openh264 decodes H.264 only (with libavcodec built in, r3 decodes this stream).
+        + &rtsp_camera("hevc", &good.replace("/h264", "/h265"), if cfg!(feature = "libav") { ", decoder = \"openh264\"" } else { "" });
     let dir = tempfile::tempdir().unwrap();
     let mut agent = Agent::agent(AGENT, dir.path(), &body("dev-r2", &broker.mtls(), &topic, dir.path(), &cams, ""));
     agent.start();
@@ -220,6 +221,44 @@ async fn r2_bad_cameras_get_clear_errors_and_leave_the_others_alone() {
     let got = arrived(&broker.mtls(), &topic).await;
     assert!(got.seqs("good").len() >= 20);
     assert_eq!(got.per_camera.len(), 1, "only the good camera delivered");
+}
+
+/// With libavcodec built in (`--features libav`; CI runs this one test so): an H.265 camera
+/// (x265, B-frames off, an IDR a second) is decoded — frames of the stream's size, pixel format
+/// `H265` —, and the H.264 camera beside it is decoded by libavcodec too (`decoder = "auto"`).
+#[cfg(feature = "libav")]
+#[tokio::test(flavor = "multi_thread")]
+async fn r3_with_libavcodec_h265_and_h264_cameras_are_decoded() {
+    let _g = serial();
+    init_tracing();
+    let broker = Broker::shared();
+    let topic = rand_topic("agent-rtsp-hevc");
+    broker.create_topic(&topic, 1).await.unwrap();
+    let server = RtspServer::start(&[]);
+    let cams = rtsp_camera("hevc", &server.url("/h265"), ", fps = 5") + &rtsp_camera("avc", &server.url("/h264"), ", fps = 5");
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::agent(AGENT, dir.path(), &body("dev-r3", &broker.mtls(), &topic, dir.path(), &cams, ""));
+    agent.start();
+    let at = |a: &Agent, cam: &str| a.metric("frames_sent_total", &[&format!("camera=\"{cam}\"")]);
+    agent.wait_for("both cameras deliver", Duration::from_secs(60), |a| at(a, "hevc") >= 20.0 && at(a, "avc") >= 20.0);
+    let undecodable = agent.metric("camera_frames_undecodable", &[]);
+    let log = agent.log_text();
+    agent.stop();
+    assert_eq!(undecodable, 0.0, "every frame decoded");
+    for codec in ["H.265", "H.264"] {
+        assert!(log.contains(&format!("RTSP stream decoded. camera=")) && log.contains(&format!("codec=\"{codec}\" decoder=\"libavcodec\"")), "{codec} by libavcodec: {log}");
+    }
+    let got = arrived(&broker.mtls(), &topic).await;
+    for cam in ["hevc", "avc"] {
+        let seqs = got.seqs(cam);
+        assert!(seqs.len() >= 20 && seqs.windows(2).all(|w| w[0] < w[1]), "camera {cam}: every frame once, in order");
+    }
+    let msgs = framelink_testkit::consume_all(&broker.mtls(), &topic, Duration::from_secs(5)).await.unwrap();
+    for m in &msgs {
+        let meta = framelink_testkit::frame_meta(m).unwrap();
+        assert_eq!((meta.width, meta.height), (640, 360), "{meta:?}");
+        assert_eq!(meta.pixel_format, if meta.camera_id == "hevc" { "H265" } else { "H264" });
+    }
 }
 
 /// An H.264 MP4 of `frames` pictures (640x360, 25 fps, B-frames, an IDR a second) made by

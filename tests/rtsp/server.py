@@ -6,7 +6,7 @@ scripts/bootstrap installs them).
 Mounts (live test patterns with a moving ball, so frames differ):
   /h264   H.264 (x264, Main profile with B-frames, an IDR every --gop frames)
   /mjpeg  JPEG over RTP (RFC 2435)
-  /h265   H.265 (x265; the agent refuses it with a clear error)
+  /h265   H.265 (x265; decoded by an agent with libavcodec, else refused with a clear error)
 With --auth user:password every mount needs Basic authentication. With --file clip.mp4,
 /file streams that file (H.264, no encoding here) in real time from its start for each client.
 
@@ -48,7 +48,7 @@ def main():
         f"video/x-h264,profile=main ! rtph264pay name=pay0 pt=96 config-interval=-1 )"
     )
     mjpeg = f"( {src} ! videoconvert ! video/x-raw,format=I420 ! jpegenc quality=80 ! rtpjpegpay name=pay0 pt=26 )"
-    h265 = f"( {src} ! videoconvert ! x265enc speed-preset=ultrafast key-int-max={args.gop} ! rtph265pay name=pay0 pt=96 config-interval=-1 )"
+    h265 = f"( {src} ! videoconvert ! video/x-raw,format=I420 ! x265enc speed-preset=ultrafast key-int-max={args.gop} ! rtph265pay name=pay0 pt=96 config-interval=-1 )"
     mounts = server.get_mount_points()
     for path, launch in [("/h264", h264), ("/mjpeg", mjpeg), ("/h265", h265)]:
         factory = GstRtspServer.RTSPMediaFactory()

@@ -69,6 +69,9 @@ pub struct VideoConfig {
     /// Decode and send only IDR (key) pictures. Default false.
     #[serde(default)]
     pub keyframes_only: bool,
+    /// `auto` (default: libavcodec where built in, else openh264), `openh264` or `libav`.
+    #[serde(default)]
+    pub decoder: DecoderChoice,
 }
 
 /// How RTP travels from the camera.
@@ -110,6 +113,29 @@ pub struct RtspConfig {
     /// default) or the `agent`'s at arrival.
     #[serde(default)]
     pub clock: RtspClock,
+    /// `auto` (default: libavcodec where built in, else openh264), `openh264` or `libav`.
+    #[serde(default)]
+    pub decoder: DecoderChoice,
+}
+
+/// Which decoder a camera uses (`decoder` in its `rtsp` or `video` table).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecoderChoice {
+    /// libavcodec when this build has it (feature `libav`), else openh264. Default.
+    #[default]
+    Auto,
+    /// Cisco's openh264 (H.264 only).
+    Openh264,
+    /// The system's libavcodec (FFmpeg); needs a build with the `libav` feature.
+    Libav,
+}
+
+impl DecoderChoice {
+    /// Whether this build can honour the choice.
+    pub fn available(self) -> bool {
+        self != DecoderChoice::Libav || cfg!(feature = "libav")
+    }
 }
 
 /// Whose clock gives an RTSP frame its capture time.
@@ -300,6 +326,13 @@ fn check_size(key: &str, w: u32, h: u32) -> Result<()> {
     Ok(())
 }
 
+fn check_decoder(key: &str, choice: DecoderChoice) -> Result<()> {
+    if !choice.available() {
+        bail!("config key `{key}`: \"libav\" needs an agent built with the `libav` feature (libavcodec); this one has openh264 only (\"auto\" or \"openh264\")");
+    }
+    Ok(())
+}
+
 impl CameraConfig {
     /// Checks this camera's table; `i` is its index in `cameras`, for error messages.
     pub fn validate(&self, i: usize) -> Result<()> {
@@ -317,6 +350,7 @@ impl CameraConfig {
             if let Some(fps) = s.fps {
                 check_fps(&format!("{key}.video.fps"), fps)?;
             }
+            check_decoder(&format!("{key}.video.decoder"), s.decoder)?;
         }
         if let Some(s) = &self.rtsp {
             let u = url::Url::parse(&s.url).map_err(|e| anyhow::anyhow!("config key `{key}.rtsp.url`: {e} (`{}`)", s.public_url()))?;
@@ -326,6 +360,7 @@ impl CameraConfig {
             if let Some(fps) = s.fps {
                 check_fps(&format!("{key}.rtsp.fps"), fps)?;
             }
+            check_decoder(&format!("{key}.rtsp.decoder"), s.decoder)?;
             if !(100..=600_000).contains(&s.stall_timeout_ms) {
                 bail!("config key `{key}.rtsp.stall_timeout_ms`: {} is not from 100 to 600000", s.stall_timeout_ms);
             }

@@ -1,37 +1,5 @@
-//! H.264 decoding shared by the RTSP and video-file sources: openh264 (Cisco's decoder, built
-//! from source by the `openh264` crate: no system library) to tight I420 planes, which the
-//! encoder turns into a JPEG without an RGB round trip.
-
-use crate::frame::PixelFormat;
-use framelink_common::CaptureClock;
-
-use super::Captured;
-
-/// A decoder without openh264's flush after every decode (with B-frames that makes it fail:
-/// "no parameter sets" on every frame after the first).
-pub fn decoder() -> Result<openh264::decoder::Decoder, openh264::Error> {
-    use openh264::decoder::{Decoder, DecoderConfig, Flush};
-    Decoder::with_api_config(openh264::OpenH264API::from_source(), DecoderConfig::new().flush_after_decode(Flush::NoFlush))
-}
-
-/// Copies a decoded picture into a [`PixelFormat::I420`] capture.
-pub fn captured(yuv: &openh264::decoder::DecodedYUV<'_>, capture_ns: u64, clock: CaptureClock) -> Captured {
-    use openh264::formats::YUVSource;
-    let (w, h) = yuv.dimensions();
-    let (sy, su, sv) = yuv.strides();
-    let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
-    let mut out = Vec::with_capacity(w * h + 2 * cw * ch);
-    for r in 0..h {
-        out.extend_from_slice(&yuv.y()[r * sy..r * sy + w]);
-    }
-    for r in 0..ch {
-        out.extend_from_slice(&yuv.u()[r * su..r * su + cw]);
-    }
-    for r in 0..ch {
-        out.extend_from_slice(&yuv.v()[r * sv..r * sv + cw]);
-    }
-    Captured { capture_ns, width: w as u32, height: h as u32, stride: w, format: PixelFormat::I420, source_format: "H264", data: out.into(), clock }
-}
+//! H.264 bitstream helpers of the video-file source: MP4's length-prefixed NAL units to the
+//! Annex B the decoders ([`super::decoder`]) take, and finding IDR pictures.
 
 /// AVCC samples (4-byte big-endian NAL lengths, as MP4 stores them) to Annex B (start codes),
 /// with the parameter sets in front of a sync sample so the decoder can start there.

@@ -11,9 +11,12 @@
 //! `from_config` (a camera's table to its source) imports all of them.
 
 pub mod config;
+pub mod decoder;
 mod from_config;
 pub mod h264;
 pub mod images;
+#[cfg(feature = "libav")]
+mod libav;
 mod mp4_samples;
 pub mod rtsp;
 pub mod synthetic;

@@ -1,10 +1,11 @@
-//! IP cameras over RTSP: H.264 decoded to YUV (the encoder makes JPEGs straight from the
-//! planes), MJPEG forwarded as the camera sent it, H.265 refused with a clear error.
+//! IP cameras over RTSP: H.264 (and H.265 with libavcodec) decoded to YUV (the encoder makes
+//! JPEGs straight from the planes), MJPEG forwarded as the camera sent it; H.265 without
+//! libavcodec refused with a clear error.
 //!
 //! The client is `retina` (pure Rust; RTSP over TCP or UDP, depacketizes H.264, H.265 and
 //! JPEG), run on a current-thread tokio runtime that this source owns, so the camera's
-//! thread stays a plain blocking loop like every other source's. H.264 is decoded by
-//! openh264 ([`super::h264`]).
+//! thread stays a plain blocking loop like every other source's. Video is decoded by
+//! openh264 or libavcodec ([`super::decoder`]).
 //!
 //! Rate: `fps` below the camera's does not cost a decode and an encode per camera frame. A
 //! frame is handed over only when it is due; the encoder (the costly part) sees only those.
@@ -43,7 +44,8 @@ use crate::frame::{PixelFormat, now_ns};
 
 /// What the stream carries.
 enum Codec {
-    H264(Box<openh264::decoder::Decoder>),
+    /// H.264 or H.265, decoded.
+    Video(Box<super::decoder::Decoder>),
     Jpeg,
 }
 
@@ -114,16 +116,21 @@ impl RtspSource {
             return Err(SourceError::Unavailable(format!("{public}: the camera offers no video stream")));
         };
         let encoding = session.streams()[i].encoding_name().to_ascii_lowercase();
-        let codec = match encoding.as_str() {
-            "h264" => Codec::H264(Box::new(super::h264::decoder().map_err(|e| unavailable("starting the H.264 decoder", &e))?)),
-            "jpeg" => Codec::Jpeg,
-            "h265" => {
-                return Err(SourceError::Unavailable(format!(
-                    "{public}: camera `{camera}` sends H.265, which this agent cannot decode; configure the camera's H.264 sub-stream (most IP cameras offer one) or MJPEG"
-                )));
-            }
-            other => return Err(SourceError::Unavailable(format!("{public}: camera `{camera}` sends `{other}` video; the agent reads H.264 and MJPEG"))),
+        let video = |codec| {
+            super::decoder::Decoder::new(codec, cfg.decoder).map(|d| Codec::Video(Box::new(d))).map_err(|e| match codec {
+                super::decoder::Codec::H265 => SourceError::Unavailable(format!("{public}: camera `{camera}` sends H.265: {e}; configure the camera's H.264 sub-stream (most IP cameras offer one) or MJPEG")),
+                _ => unavailable("starting the decoder", &e),
+            })
         };
+        let codec = match encoding.as_str() {
+            "h264" => video(super::decoder::Codec::H264)?,
+            "h265" => video(super::decoder::Codec::H265)?,
+            "jpeg" => Codec::Jpeg,
+            other => return Err(SourceError::Unavailable(format!("{public}: camera `{camera}` sends `{other}` video; the agent reads H.264, H.265 (with libavcodec) and MJPEG"))),
+        };
+        if let Codec::Video(d) = &codec {
+            tracing::info!(camera, codec = d.codec().name(), decoder = d.name(), "RTSP stream decoded.");
+        }
         let transport = match cfg.transport {
             RtspTransport::Tcp => Transport::Tcp(TcpTransportOptions::default()),
             RtspTransport::Udp => Transport::Udp(UdpTransportOptions::default()),
@@ -273,7 +280,7 @@ impl Source for RtspSource {
                         clock,
                     });
                 }
-                Codec::H264(decoder) => {
+                Codec::Video(decoder) => {
                     let key = frame.is_random_access_point();
                     if self.cfg.keyframes_only && !key {
                         continue;
@@ -284,17 +291,19 @@ impl Source for RtspSource {
                         continue;
                     }
                     self.counts.decoded += 1;
-                    let decoded = match decoder.decode(frame.data()) {
-                        // Copied out of the decoder only when it is sent.
-                        Ok(Some(yuv)) if due_now => super::h264::captured(&yuv, capture_ns, clock),
-                        Ok(_) => continue, // not due, or the decoder waits for more (reordering)
-                        Err(e) => {
-                            // A damaged frame (packet loss): later frames are fine again from the next IDR.
-                            let why = format!("H.264 frame not decoded ({} packets lost before it): {e}", frame.loss());
-                            self.undecodable(&why);
-                            continue;
-                        }
-                    };
+                    // Copied out of the decoder only when it is sent (one picture at most).
+                    let mut wanted = due_now;
+                    let mut keep = || std::mem::take(&mut wanted);
+                    let mut out = std::collections::VecDeque::with_capacity(1);
+                    let stamp = super::decoder::Stamp { capture_ns, clock };
+                    if let Err(e) = decoder.decode(frame.data(), stamp, &mut keep, &mut out) {
+                        // A damaged frame (packet loss): later frames are fine again from the next IDR.
+                        let why = format!("{} frame not decoded ({} packets lost before it): {e}", decoder.codec().name(), frame.loss());
+                        self.undecodable(&why);
+                        continue;
+                    }
+                    // Not due, or the decoder waits for more (reordering).
+                    let Some(decoded) = out.pop_front() else { continue };
                     self.handed_over(now);
                     return Ok(decoded);
                 }
