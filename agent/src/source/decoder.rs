@@ -157,3 +157,63 @@ pub(super) fn i420(w: usize, h: usize, planes: [(&[u8], usize); 3], stamp: Stamp
     }
     Captured { capture_ns: stamp.capture_ns, width: w as u32, height: h as u32, stride: w, format: PixelFormat::I420, source_format: format, data: out.into(), clock: stamp.clock }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The access units of `testdata/video/audio-first-bframes.mp4` (3 B-frames) in decode
+    /// order, each with its presentation time (what an RTP timestamp is) as its stamp.
+    fn units() -> Vec<(Vec<u8>, u64)> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/video/audio-first-bframes.mp4");
+        let file = std::fs::File::open(&path).unwrap();
+        let size = file.metadata().unwrap().len();
+        let mut r = mp4::Mp4Reader::read_header(std::io::BufReader::new(file), size).unwrap();
+        let track = r.tracks().values().find(|t| matches!(t.media_type(), Ok(mp4::MediaType::H264))).unwrap();
+        let (id, n) = (track.track_id(), track.sample_count());
+        let (sps, pps) = (track.sequence_parameter_set().unwrap().to_vec(), track.picture_parameter_set().unwrap().to_vec());
+        (1..=n)
+            .map(|i| {
+                let s = r.read_sample(id, i).unwrap().unwrap();
+                let ps = super::super::h264::has_idr(&s.bytes).then_some((sps.as_slice(), pps.as_slice()));
+                (super::super::h264::annex_b(&s.bytes, ps).unwrap(), (s.start_time as i64 + i64::from(s.rendering_offset)) as u64)
+            })
+            .collect()
+    }
+
+    /// The stamps of the pictures `choice` gives back, in the order they come out.
+    fn stamps(choice: DecoderChoice) -> Vec<u64> {
+        let mut d = Decoder::new(Codec::H264, choice).unwrap();
+        let mut out = VecDeque::new();
+        for (au, t) in units() {
+            d.decode(&au, Stamp { capture_ns: t, clock: CaptureClock::Camera }, &mut || true, &mut out).unwrap();
+        }
+        out.into_iter().map(|c| c.capture_ns).collect()
+    }
+
+    /// With B-frames, pictures come out in display order; libavcodec gives each the capture
+    /// time of the unit it was coded in, so the times rise with the pictures. (openh264 stamps
+    /// a picture with the unit fed when it came out: a few times out of order, documented.)
+    #[cfg(feature = "libav")]
+    #[test]
+    fn libavcodec_gives_each_picture_its_own_capture_time() {
+        let t = stamps(DecoderChoice::Libav);
+        let mut want: Vec<u64> = units().into_iter().map(|u| u.1).collect();
+        want.sort();
+        assert!(t.len() >= 45, "the pictures before the flush: {}", t.len());
+        assert_eq!(t, want[..t.len()], "picture k carries the k-th presentation time");
+    }
+
+    #[test]
+    fn openh264_stamps_a_picture_with_the_unit_fed_when_it_came_out() {
+        let t = stamps(DecoderChoice::Openh264);
+        assert!(t.len() >= 45, "{}", t.len());
+        assert!(t.windows(2).any(|w| w[0] > w[1]), "the documented limitation is gone: update docs/agent.md ({t:?})");
+    }
+
+    #[test]
+    fn h265_without_libavcodec_names_the_remedy() {
+        let e = Decoder::new(Codec::H265, DecoderChoice::Openh264).err().unwrap();
+        assert!(e.contains("H.265") && e.contains("H.264 only"), "{e}");
+    }
+}

@@ -22,8 +22,9 @@
 //! the last RTCP sender report (NTP time) — from the first report on (`framelink-clock:
 //! camera`); before it, or with `clock = "agent"`, the agent's clock at arrival (`agent`). A
 //! camera clock more than 5 s from the agent's is used, and logged once. With B-frames the
-//! decoder gives pictures back in display order, a frame or two after the one fed: their
-//! capture time is that frame's.
+//! decoder gives pictures back in display order, a frame or two after the one fed: libavcodec
+//! carries each frame's stamp to its picture; with openh264 a picture's capture time is that
+//! of the frame fed when it came out.
 //!
 //! Credentials come from the URL, `username` with `password_file` or `password_env`; they are
 //! sent to the camera only. [`RtspSource::describe`] and every error name the URL without
