@@ -127,23 +127,24 @@ const SHOW_WAIT_AFTER: Duration = Duration::from_secs(1);
 /// the full policy would evict them) or [`BULK_IN_FLIGHT`] frames wait for acknowledgement.
 /// Its camera state says why when it waits for long. False when the agent stops.
 fn wait_for_the_link(id: &str, metrics: &Metrics, shutdown: &Shutdown) -> bool {
-    let (started, mut sleep, mut shown) = (Instant::now(), Duration::from_millis(1), false);
+    let (started, mut sleep) = (Instant::now(), Duration::from_millis(1));
+    // The link state the camera's `paused: …` state was last written for (`Up`: waiting for
+    // acknowledgements).
+    let mut shown: Option<LinkState> = None;
     loop {
         let (link, in_flight) = (metrics.link(), metrics.frames_in_flight.get());
         if link == LinkState::Up && in_flight < BULK_IN_FLIGHT {
-            if shown {
+            if shown.is_some() {
                 tracing::info!(camera = id, "Bulk source resumed: the link takes frames again.");
                 metrics.set_camera(id, true, "up");
             }
             return true;
         }
-        if !shown && (link != LinkState::Up || started.elapsed() >= SHOW_WAIT_AFTER) {
-            shown = true;
+        if shown != Some(link) && (link != LinkState::Up || started.elapsed() >= SHOW_WAIT_AFTER) {
+            shown = Some(link);
             let why = if link == LinkState::Up { format!("{in_flight} frames wait for Kafka's acknowledgement") } else { format!("the link to Kafka is {}", link.as_str()) };
             tracing::info!(camera = id, reason = why, "Bulk source paused until the link takes frames again.");
             metrics.set_camera(id, true, &format!("paused: {why}"));
-        } else if shown && link != LinkState::Up && !metrics.camera_state(id).is_some_and(|s| s.starts_with("paused: the link")) {
-            metrics.set_camera(id, true, &format!("paused: the link to Kafka is {}", link.as_str()));
         }
         if shutdown.wait_timeout(sleep) {
             return false;
@@ -254,6 +255,11 @@ mod tests {
     use super::*;
     use crate::frame::{Captured, PixelFormat};
 
+    /// A one-byte "JPEG": what the fake sources hand over.
+    fn tiny() -> Captured {
+        Captured { capture_ns: 1, width: 1, height: 1, stride: 0, format: PixelFormat::Jpeg, source_format: "MJPG", data: bytes::Bytes::from_static(b"x"), clock: Default::default() }
+    }
+
     /// Panics on its first frame, then gives two frames and ends.
     struct PanicsOnce {
         calls: u32,
@@ -268,7 +274,7 @@ mod tests {
             self.calls += 1;
             match self.calls {
                 1 => panic!("decoder blew up"),
-                2 | 3 => Ok(Captured { capture_ns: 1, width: 1, height: 1, stride: 0, format: PixelFormat::Jpeg, source_format: "MJPG", data: bytes::Bytes::from_static(b"x"), clock: Default::default() }),
+                2 | 3 => Ok(tiny()),
                 _ => Err(SourceError::Exhausted),
             }
         }
@@ -305,7 +311,7 @@ mod tests {
                 return Err(SourceError::Exhausted);
             }
             self.left -= 1;
-            Ok(Captured { capture_ns: 1, width: 1, height: 1, stride: 0, format: PixelFormat::Jpeg, source_format: "MJPG", data: bytes::Bytes::from_static(b"x"), clock: Default::default() })
+            Ok(tiny())
         }
 
         fn describe(&self) -> String {

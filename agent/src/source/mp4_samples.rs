@@ -46,14 +46,14 @@ impl Samples {
     }
 
     /// The bytes of sample `id` (1-based); `None` past the end.
-    pub fn read(&mut self, reader: &mut mp4::Mp4Reader<BufReader<File>>, track: u32, id: u32) -> Result<Option<Vec<u8>>, String> {
+    pub fn read(&mut self, reader: &mut mp4::Mp4Reader<BufReader<File>>, track: u32, id: u32) -> Result<Option<bytes::Bytes>, String> {
         match self {
-            Samples::Plain => Ok(reader.read_sample(track, id).map_err(|e| e.to_string())?.map(|s| s.bytes.to_vec())),
+            Samples::Plain => Ok(reader.read_sample(track, id).map_err(|e| e.to_string())?.map(|s| s.bytes)),
             Samples::Fragmented { file, table } => {
                 let Some(s) = id.checked_sub(1).and_then(|i| table.get(i as usize)) else { return Ok(None) };
                 let mut bytes = vec![0; s.size as usize];
                 file.seek(SeekFrom::Start(s.offset)).and_then(|_| file.read_exact(&mut bytes)).map_err(|e| format!("{} bytes at offset {}: {e}", s.size, s.offset))?;
-                Ok(Some(bytes))
+                Ok(Some(bytes.into()))
             }
         }
     }

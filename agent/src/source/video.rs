@@ -337,18 +337,21 @@ mod tests {
         VideoSource::new("cam", cfg, state)
     }
 
+    #[cfg(feature = "libav")]
     /// Every picture's planes.
     fn pictures(mut s: VideoSource) -> Vec<bytes::Bytes> {
         s.open().unwrap();
         std::iter::from_fn(|| s.next_frame().ok().map(|c| c.data)).collect()
     }
 
+    #[cfg(feature = "libav")]
     /// Peak signal-to-noise ratio of `b` against `a`, dB (infinite when equal).
     fn psnr(a: &[u8], b: &[u8]) -> f64 {
         let mse = a.iter().zip(b).map(|(p, q)| (f64::from(*p) - f64::from(*q)).powi(2)).sum::<f64>() / a.len() as f64;
         10.0 * (255.0 * 255.0 / mse).log10()
     }
 
+    #[cfg(feature = "libav")]
     /// The pictures x264 reconstructed while encoding `x264-bframes.mp4` (`--dump-yuv`: what
     /// every conforming decoder must output), as a CRC-32 per picture.
     fn reconstruction() -> Vec<u32> {
