@@ -216,7 +216,7 @@ pub fn run_camera(
                         }
                     };
                     metrics.inc(&metrics.captured, id);
-                    metrics.last_frame_at(id, c.capture_ns);
+                    metrics.last_frame(id, seq, c.capture_ns);
                     if let Some(counts) = source.stream_counts() {
                         metrics.stream_counts(id, counts);
                     }

@@ -41,6 +41,9 @@ pub struct AgentConfig {
     pub forwarder: ForwarderConfig,
     #[serde(default)]
     pub http: HttpConfig,
+    /// The beat `framelink-console` shows the device by (`[heartbeat]`: `heartbeat_s`, `topic`).
+    #[serde(default)]
+    pub heartbeat: framelink_common::heartbeat::HeartbeatConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -95,6 +98,7 @@ impl AgentConfig {
         self.spool.validate()?;
         self.forwarder.validate()?;
         self.http.addr()?;
+        self.heartbeat.validate().map_err(anyhow::Error::msg)?;
         let kafka = self.kafka.validate_with("kafka", check)?;
         Ok(Validated { config: self, kafka })
     }

@@ -16,6 +16,7 @@ pub mod forwarder;
 pub mod frame;
 pub mod http;
 pub mod metrics;
+pub mod beat;
 pub mod capture;
 pub mod run;
 pub mod sequence;

@@ -75,6 +75,8 @@ pub struct Metrics {
     pub health: Mutex<Health>,
     /// Unix ms of the forwarder's last loop turn (the systemd watchdog checks it).
     pub heartbeat: Arc<framelink_common::systemd::Heartbeat>,
+    /// Heartbeats to framelink-console sent and failed.
+    pub beats: framelink_common::heartbeat::BeatCounts,
 }
 
 /// State for `/healthz` that is not a plain number.
@@ -87,6 +89,8 @@ pub struct Health {
     /// The last spool I/O error (disk full, read-only, permissions) while it lasts; `None`
     /// once the spool works again.
     pub spool_error: Option<String>,
+    /// Each camera's last sequence number captured since start (heartbeats).
+    pub last_seq: BTreeMap<String, u64>,
 }
 
 impl Metrics {
@@ -124,8 +128,10 @@ impl Metrics {
                 cameras: BTreeMap::new(),
                 spool_max_bytes,
                 spool_error: None,
+                last_seq: BTreeMap::new(),
             }),
             heartbeat: Arc::default(),
+            beats: Default::default(),
             registry: Registry::default(),
         };
         registry.register("frames_captured", "Frames captured, by camera", m.captured.clone());
@@ -153,6 +159,7 @@ impl Metrics {
         registry.register("camera_last_frame_unix_seconds", "When the camera last delivered a frame (Unix time; age = now - this)", m.camera_last_frame.clone());
         registry.register("encode_seconds", "Time to encode one frame", m.encode_seconds.clone());
         registry.register("delivery_seconds", "Capture to Kafka acknowledgement", m.delivery_seconds.clone());
+        m.beats.register(&mut registry);
         Arc::new(Self { registry, ..m })
     }
 
@@ -199,9 +206,10 @@ impl Metrics {
         self.camera_undecodable.get_or_create(&labels(&[("camera", camera)])).set(c.undecodable as i64);
     }
 
-    /// The camera delivered a frame captured at `capture_ns`.
-    pub fn last_frame_at(&self, camera: &str, capture_ns: u64) {
+    /// The camera delivered frame `seq`, captured at `capture_ns`.
+    pub fn last_frame(&self, camera: &str, seq: u64, capture_ns: u64) {
         self.camera_last_frame.get_or_create(&labels(&[("camera", camera)])).set((capture_ns / 1_000_000_000) as i64);
+        self.health.lock().expect("health lock").last_seq.insert(camera.to_owned(), seq);
     }
 
     pub fn set_camera(&self, camera: &str, up: bool, detail: &str) {

@@ -42,12 +42,13 @@ pub fn run(v: Validated) -> Result<()> {
     tracing::info!(device = cfg.device.id, kafka = v.kafka.describe(), topic = cfg.forwarder.topic, spool = %cfg.spool.dir.display(), "Agent starting.");
 
     let (tx, frames) = crossbeam_channel::bounded(64);
+    let beats = start_heartbeats(&cfg, &v.kafka, &metrics, &shutdown);
     let threads = crate::capture::start(&cfg.device.id, &cfg.cameras, &cfg.spool.dir, &cfg.encoder, seqs.clone(), metrics.clone(), shutdown.clone(), tx)?;
     systemd_ready(&metrics, &shutdown);
 
     let result = forwarder.run(frames, &shutdown, Duration::from_secs(cfg.device.shutdown_grace_s));
     shutdown.trigger();
-    for t in threads {
+    for t in threads.into_iter().chain(beats) {
         let _ = t.join();
     }
     if let Err(e) = seqs.close() {
@@ -64,6 +65,25 @@ pub fn run(v: Validated) -> Result<()> {
         "Agent stopped."
     );
     result
+}
+
+/// The heartbeat thread (none with `heartbeat_s = 0`); a producer that cannot be made is
+/// logged, never fatal — the frames matter more than the fleet view.
+fn start_heartbeats(cfg: &crate::config::AgentConfig, kafka: &framelink_common::KafkaSettings, metrics: &Arc<Metrics>, shutdown: &Shutdown) -> Option<std::thread::JoinHandle<()>> {
+    let interval = cfg.heartbeat.interval()?;
+    let client = kafka.client_config(&format!("framelink-agent-{}-heartbeat", cfg.device.id));
+    let started = framelink_common::heartbeat::Beater::new(client, &cfg.heartbeat, metrics.beats.clone()).and_then(|b| {
+        let cameras = cfg.cameras.iter().map(|c| c.id.clone()).collect();
+        let mut beats = crate::beat::AgentBeats::new(&cfg.device.id, cameras, cfg.heartbeat.heartbeat_s, metrics.clone());
+        b.spawn(interval, shutdown.clone(), move || beats.make()).map_err(|e| rdkafka::error::KafkaError::ClientCreation(e.to_string()))
+    });
+    match started {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot start heartbeats; framelink-console will show this device as offline.");
+            None
+        }
+    }
 }
 
 /// Tells systemd we are ready and, if a watchdog is configured, pings it while the

@@ -33,6 +33,9 @@ pub struct WorkerConfig {
     /// Which backend runs the ops (CPU or GPU) and GPU batching.
     #[serde(default)]
     pub gpu: crate::gpu::GpuConfig,
+    /// The beat `framelink-console` shows this worker by (`heartbeat_s`, `topic`).
+    #[serde(default)]
+    pub heartbeat: framelink_common::heartbeat::HeartbeatConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -256,6 +259,7 @@ impl WorkerConfig {
             bail!("config key `worker.max_pixels`: must be at least 1");
         }
         self.http.addr()?;
+        self.heartbeat.validate().map_err(anyhow::Error::msg)?;
         let kafka = self.kafka.validate("kafka")?;
         Ok(Validated { config: self, kafka })
     }

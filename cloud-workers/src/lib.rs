@@ -3,6 +3,7 @@
 
 pub mod alloc;
 pub mod backend;
+pub mod beat;
 pub mod config;
 pub mod consume;
 pub mod decode;

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub health: Mutex<Health>,
     /// Wall clock (ns) of the last output Kafka acknowledged; 0 = none yet.
     pub last_output_ns: AtomicU64,
+    /// Heartbeats to framelink-console sent and failed.
+    pub beats: framelink_common::heartbeat::BeatCounts,
 }
 
 /// State `/healthz` reports besides counters.
@@ -104,6 +106,7 @@ impl Metrics {
             gpu: Default::default(),
             health: Mutex::default(),
             last_output_ns: AtomicU64::new(0),
+            beats: Default::default(),
         };
         registry.register("frames_in", "Records consumed", m.frames_in.clone());
         registry.register("frames_out", "Frames processed", m.frames_out.clone());
@@ -126,6 +129,7 @@ impl Metrics {
         registry.register("gpu_batches", "Batches the GPU stage ran", m.gpu.batches.clone());
         registry.register("gpu_frames", "Frames the GPU stage ran", m.gpu.frames.clone());
         registry.register("gpu_fallbacks", "Frames processed on the CPU because their GPU batch failed", m.gpu.errors.clone());
+        m.beats.register(&mut registry);
         Arc::new(Self { registry, ..m })
     }
 

@@ -133,6 +133,7 @@ pub fn run(v: Validated, shutdown: Shutdown, metrics: Arc<Metrics>) -> Result<()
     framelink_common::systemd::ready();
     framelink_common::systemd::spawn_watchdog(heartbeat.clone(), shutdown.clone(), "consumer poll");
 
+    let beats = start_heartbeats(&v, &id, &metrics, &shutdown);
     let shared = Shared { producers: producers.clone(), offsets: offsets.clone(), metrics: metrics.clone(), txn: txn.clone(), refusals, poisoned: poisoned.clone(), publishing, gpu, revocations: consumer.context().revocations.clone() };
     let pool = Pool::spawn(cfg, &shared)?;
     drop(shared);
@@ -152,5 +153,27 @@ pub fn run(v: Validated, shutdown: Shutdown, metrics: Arc<Metrics>) -> Result<()
     };
     let result = poll.run(&shutdown);
     limits_stop.store(true, Ordering::Relaxed);
+    if let Some(t) = beats {
+        let _ = t.join();
+    }
     result
+}
+
+/// The heartbeat thread (none with `heartbeat_s = 0`); a producer that cannot be made is
+/// logged, never fatal — the frames matter more than the fleet view.
+fn start_heartbeats(v: &Validated, id: &str, metrics: &Arc<Metrics>, shutdown: &Shutdown) -> Option<std::thread::JoinHandle<()>> {
+    let cfg = &v.config;
+    let interval = cfg.heartbeat.interval()?;
+    let client = v.kafka.client_config(&format!("framelink-worker-{id}-heartbeat"));
+    let started = framelink_common::heartbeat::Beater::new(client, &cfg.heartbeat, metrics.beats.clone()).and_then(|b| {
+        let mut beats = crate::beat::WorkerBeats::new(id, cfg.heartbeat.heartbeat_s, metrics.clone());
+        b.spawn(interval, shutdown.clone(), move || beats.make()).map_err(|e| rdkafka::error::KafkaError::ClientCreation(e.to_string()))
+    });
+    match started {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot start heartbeats; framelink-console will show this worker as offline.");
+            None
+        }
+    }
 }

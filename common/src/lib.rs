@@ -7,6 +7,7 @@
 //!   diagnosis (TLS vs. unreachable vs. authentication);
 //! - [`config_file`]: TOML + `FRAMELINK__` environment loading with errors naming the key, and
 //!   the validated-config loader both daemons start from;
+//! - [`heartbeat`]: the JSON beat agents and workers publish for `framelink-console`;
 //! - [`systemd`]: readiness, stopping and watchdog notifications;
 //! - the plumbing both daemons run on, one copy for both: [`shutdown`] (signals and waits that
 //!   a stop wakes), [`http`] (the `/metrics` and `/healthz` listener and its `[http]` table),
@@ -17,6 +18,7 @@ pub mod cli;
 pub mod clock;
 pub mod config_file;
 pub mod fault;
+pub mod heartbeat;
 pub mod http;
 pub mod kafka_config;
 pub mod link;
