@@ -57,10 +57,23 @@ impl Daemon {
         Self::configure(binary, "framelink_worker", "worker", dir, body)
     }
 
+    /// Writes `body` (everything but `[console]`) and `console` (the keys of `[console]` but
+    /// `listen`) as the console's config, in `dir`.
+    pub fn console(binary: &str, dir: &Path, body: &str, console: &str) -> Daemon {
+        let port = free_port();
+        let config = dir.join("console.toml");
+        std::fs::write(&config, format!("{body}\n[console]\nlisten = \"127.0.0.1:{port}\"\n{console}\n")).unwrap();
+        Self::at(binary, "framelink_console", "console", dir, config, port)
+    }
+
     fn configure(binary: &str, prefix: &'static str, name: &str, dir: &Path, body: &str) -> Daemon {
         let port = free_port();
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(&config, format!("{body}\n[http]\nlisten = \"127.0.0.1:{port}\"\n")).unwrap();
+        Self::at(binary, prefix, name, dir, config, port)
+    }
+
+    fn at(binary: &str, prefix: &'static str, name: &str, dir: &Path, config: PathBuf, port: u16) -> Daemon {
         Daemon {
             binary: PathBuf::from(binary),
             prefix,
@@ -80,6 +93,12 @@ impl Daemon {
     }
 
     pub fn start(&mut self) {
+        self.spawn();
+        self.wait_for("the HTTP listener", Duration::from_secs(20), |a| a.try_get("/healthz").is_some());
+    }
+
+    /// Starts the process without waiting for its listener (one that serves HTTPS only).
+    pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "already running");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let child = Command::new(&self.binary)
@@ -92,7 +111,6 @@ impl Daemon {
             .spawn()
             .expect("start the daemon");
         self.child = Some(child);
-        self.wait_for("the HTTP listener", Duration::from_secs(20), |a| a.try_get("/healthz").is_some());
     }
 
     pub fn log_text(&self) -> String {
@@ -157,14 +175,32 @@ impl Daemon {
     }
 
     fn get(&self, path: &str) -> std::io::Result<String> {
+        let (status, body) = self.request("GET", path, &[], "")?;
+        if !(200..300).contains(&status) {
+            return Err(std::io::Error::other(format!("HTTP {status}: {body}")));
+        }
+        Ok(body)
+    }
+
+    /// One HTTP/1.1 request to the daemon's listener: (status, body).
+    pub fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> std::io::Result<(u16, String)> {
         let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+        write!(s, "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{extra}Content-Length: {}\r\n\r\n{body}", body.len())?;
         let mut out = Vec::new();
         s.read_to_end(&mut out)?;
         let out = String::from_utf8_lossy(&out);
-        let (_, body) = out.split_once("\r\n\r\n").ok_or_else(|| std::io::Error::other("no HTTP body"))?;
-        Ok(body.to_owned())
+        let (head, body) = out.split_once("\r\n\r\n").ok_or_else(|| std::io::Error::other("no HTTP body"))?;
+        let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| std::io::Error::other("no HTTP status"))?;
+        // Chunked bodies (axum's JSON answers are not; streams are) are read as they come.
+        Ok((status, body.to_owned()))
+    }
+
+    /// GET `path` as JSON (panics with the log if the daemon does not answer).
+    pub fn get_json(&self, path: &str) -> serde_json::Value {
+        let body = self.try_get(path).unwrap_or_else(|| panic!("no {path}; log:\n{}", self.tail()));
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
     }
 
     pub fn healthz(&self) -> serde_json::Value {

@@ -1,0 +1,114 @@
+//! framelink-console as a library: the fleet state, the Kafka readers and the web side, so the
+//! tests and the load bench drive them directly.
+//!
+//! ```text
+//! framelink.heartbeats ─┐
+//! frames.processed ─────┼─► ingest (one thread) ─► Fleet (in memory) ─► web: page, /api, SSE
+//! frames.events, dlq ───┘                               ▲
+//! workers' group offsets ─► lag sampler (one thread) ───┘
+//! ```
+
+pub mod config;
+pub mod ingest;
+pub mod lag;
+pub mod metrics;
+pub mod state;
+pub mod thumbs;
+pub mod web;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use framelink_common::link::LinkStatus;
+use framelink_common::shutdown::Shutdown;
+
+use crate::config::Validated;
+use crate::state::{Fleet, Rules};
+
+/// Runs the console until `shutdown`; `bound` receives the address the web side listens on.
+pub fn run(v: Validated, shutdown: Shutdown, bound: impl FnOnce(std::net::SocketAddr)) -> Result<()> {
+    let cfg = &v.config;
+    let fleet = Arc::new(Mutex::new(Fleet::new(Rules::from_config(cfg))));
+    let link = Arc::new(LinkStatus::default());
+    let ingest = ingest::Ingest::new(&v.kafka, &cfg.topics, fleet.clone(), link.clone()).context("creating the Kafka consumer")?;
+    let mut threads = vec![];
+    // A reader that fails ends the console (systemd / Kubernetes restart it): a dashboard
+    // frozen on stale data while /healthz says ok would be worse than none.
+    let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let guarded = |name: &'static str, body: Box<dyn FnOnce() + Send>| {
+        let (s, failed) = (shutdown.clone(), failed.clone());
+        std::thread::Builder::new().name(name.into()).spawn(move || {
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).is_err() {
+                tracing::error!(thread = name, "The console's Kafka reader failed; stopping.");
+                failed.store(true, std::sync::atomic::Ordering::SeqCst);
+                s.trigger();
+            }
+        })
+    };
+    {
+        let s = shutdown.clone();
+        threads.push(guarded("ingest", Box::new(move || ingest.run(s)))?);
+    }
+    if !cfg.lag.group.is_empty() {
+        let sampler = lag::LagSampler::new(&v.kafka, &cfg.lag, fleet.clone()).context("creating the lag reader")?;
+        let s = shutdown.clone();
+        threads.push(guarded("lag", Box::new(move || sampler.run(s)))?);
+    }
+    let app = web::App {
+        fleet: fleet.clone(),
+        thumbs: Arc::default(),
+        metrics: Arc::new(metrics::ConsoleMetrics::new()),
+        token: v.token.as_deref().map(Arc::from),
+        link,
+        push_interval: Duration::from_millis(cfg.console.push_interval_ms),
+        thumbnail_width: cfg.console.thumbnail_width,
+        started: Instant::now(),
+        tls: cfg.console.tls_certificate.is_some(),
+        shutdown: shutdown.clone(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("web").enable_all().build()?;
+    let result = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(v.addr).await.with_context(|| format!("binding {} (console.listen)", v.addr))?;
+        let addr = listener.local_addr()?;
+        bound(addr);
+        // Statuses move with time: one ticker for all pages.
+        let (f, t, s) = (fleet.clone(), app.thumbs.clone(), shutdown.clone());
+        let push = app.push_interval;
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(push);
+            while !s.is_set() {
+                every.tick().await;
+                let fleet = &mut f.lock().expect("fleet lock");
+                fleet.tick(framelink_common::heartbeat::now_ms());
+                t.retain(|d, c| fleet.latest(d, c).is_some());
+            }
+        });
+        let router = web::router(app);
+        let stop = shutdown.clone();
+        let stopped = async move {
+            while !stop.is_set() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        };
+        match (&cfg.console.tls_certificate, &cfg.console.tls_key) {
+            (Some(cert), Some(key)) => {
+                let tls = tls::Listener::new(listener, cert, key)?;
+                axum::serve(tls, router).with_graceful_shutdown(stopped).await?
+            }
+            _ => axum::serve(listener, router).with_graceful_shutdown(stopped).await?,
+        }
+        anyhow::Ok(())
+    });
+    shutdown.trigger();
+    for t in threads {
+        let _ = t.join();
+    }
+    rt.shutdown_timeout(Duration::from_secs(2));
+    if failed.load(std::sync::atomic::Ordering::SeqCst) {
+        anyhow::bail!("a Kafka reader of the console failed (see the log above)");
+    }
+    result
+}
+
+pub mod tls;
