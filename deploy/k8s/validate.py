@@ -78,6 +78,20 @@ def main():
         ("KEDA watches the worker's consumer group and topic", scaled["consumerGroup"] == cfg["consumer"]["group_id"] and scaled["topic"] in cfg["consumer"]["topics"]),
         ("TLS paths point into the mounted Secret", all(p.startswith("/etc/framelink/tls/") for p in cfg["kafka"]["tls"].values())),
     ]
+    con = by_kind[("Deployment", "framelink-console")]
+    con_pod = con["spec"]["template"]
+    con_cfg = tomllib.loads(by_kind[("ConfigMap", "framelink-console")]["data"]["console.toml"])
+    checks += [
+        ("console Deployment selector matches its pod labels", con["spec"]["selector"]["matchLabels"].items() <= con_pod["metadata"]["labels"].items()),
+        ("console volumes name an existing ConfigMap and Secret", all(
+            ("ConfigMap", v["configMap"]["name"]) in by_kind if "configMap" in v else ("Secret", v["secret"]["secretName"]) in by_kind
+            for v in con_pod["spec"]["volumes"])),
+        # Bound beyond loopback the console refuses to start without a token.
+        ("console bound beyond loopback has a token file in a mounted Secret", con_cfg["console"]["listen"].startswith("127.") or any(
+            con_cfg["console"].get("token_file", "").startswith(m["mountPath"] + "/") for m in con_pod["spec"]["containers"][0]["volumeMounts"])),
+        ("console's lag chart watches the workers' group and topics", con_cfg["lag"]["group"] == cfg["consumer"]["group_id"] and con_cfg["lag"]["topics"] == cfg["consumer"]["topics"]),
+        ("console's Service targets its port", by_kind[("Service", "framelink-console")]["spec"]["ports"][0]["targetPort"] == con_pod["spec"]["containers"][0]["ports"][0]["name"]),
+    ]
     for name, ok in checks:
         print(f"{'OK  ' if ok else 'FAIL'} {name}")
         failures += not ok

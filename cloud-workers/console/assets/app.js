@@ -19,6 +19,12 @@ function el(tag, attrs, ...children) {
   return e;
 }
 
+// A path segment encoded as the server encodes it (RFC 3986 unreserved characters kept), so a
+// thumbnail's URL is the same whichever side made it (and the browser's cache hits).
+function enc(s) {
+  return encodeURIComponent(s).replace(/[!'()*]/g, (ch) => "%" + ch.charCodeAt(0).toString(16).toUpperCase());
+}
+
 function age(ms) {
   if (!ms) return "never";
   const s = Math.max(0, Math.round((now() - ms) / 1000));
@@ -47,6 +53,19 @@ function apply(msg) {
   for (const d of msg.devices) fleet.devices.set(d.id, d);
   for (const w of msg.workers) fleet.workers.set(w.id, w);
   for (const c of msg.cameras) fleet.cameras.set(c.id, c);
+  // Beats that moved only a camera's figures: id -> [fps_captured, fps_sent, last_seq, last_frame_ms].
+  for (const [id, b] of Object.entries(msg.beats || {})) {
+    const c = fleet.cameras.get(id);
+    if (c) [c.fps_captured, c.fps_sent, c.last_seq, c.last_frame_ms] = b;
+  }
+  // Newer results, compactly: id -> [seq, capture_ms, received_ms, latency_ms, width, height].
+  for (const [id, r] of Object.entries(msg.results || {})) {
+    const c = fleet.cameras.get(id);
+    if (!c) continue;
+    const [seq, capture_ms, received_ms, latency_ms, width, height] = r;
+    c.result = Object.assign({}, c.result, { seq, capture_ms, received_ms, latency_ms, width, height });
+    c.thumbnail = "/thumbs/" + enc(c.device) + "/" + enc(c.camera) + "?seq=" + seq;
+  }
   for (const r of msg.removed) {
     if (r.kind === "device") fleet.devices.delete(r.id);
     else if (r.kind === "worker") fleet.workers.delete(r.id);

@@ -133,30 +133,32 @@ impl Ingest {
             };
             let kind = self.topics.iter().find(|(t, _)| t == msg.topic()).map(|(_, k)| *k);
             let now = now_ms();
-            let mut fleet = self.fleet.lock().expect("fleet lock");
+            // Everything is parsed and copied before the fleet is locked (pages read it too).
             match kind {
                 Some(Kind::Heartbeats) => {
-                    if let Some(v) = msg.payload()
-                        && let Err(e) = fleet.heartbeat(v, now)
-                    {
+                    let result = msg.payload().map(|v| self.fleet.lock().expect("fleet lock").heartbeat(v, now));
+                    if let Some(Err(e)) = result {
                         tracing::warn!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), key = ?msg.key().map(String::from_utf8_lossy), error = %e, "A heartbeat that does not parse (counted in heartbeats_invalid).");
                     }
                 }
                 Some(Kind::Results) => match result_meta(&msg) {
-                    Some(meta) => fleet.result(meta, Bytes::copy_from_slice(msg.payload().unwrap_or_default()), now),
-                    None => fleet.result_invalid(),
+                    Some(meta) => {
+                        let jpeg = Bytes::copy_from_slice(msg.payload().unwrap_or_default());
+                        self.fleet.lock().expect("fleet lock").result(meta, jpeg, now);
+                    }
+                    None => self.fleet.lock().expect("fleet lock").result_invalid(),
                 },
                 Some(Kind::Events) => {
                     let (device, camera) = key_parts(&msg);
                     let event: serde_json::Value = msg.payload().and_then(|p| serde_json::from_slice(p).ok()).unwrap_or(serde_json::Value::Null);
                     let at = event["capture_ns"].as_u64().map(|n| n / 1_000_000).unwrap_or(now);
-                    fleet.event(device, camera, at, event);
+                    self.fleet.lock().expect("fleet lock").event(device, camera, at, event);
                 }
                 Some(Kind::Dlq) => {
                     let h = headers(&msg);
                     let get = |k: &str| h.get(k).cloned().unwrap_or_default();
                     let key = msg.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
-                    fleet.dead_letter(DeadLetter {
+                    let letter = DeadLetter {
                         v: 0,
                         at_ms: msg.timestamp().to_millis().map(|t| t as u64).unwrap_or(now),
                         reason: h.get(dlq_header::ERROR).cloned().unwrap_or_else(|| "unknown".into()),
@@ -164,7 +166,8 @@ impl Ingest {
                         source: get(dlq_header::SOURCE),
                         worker: get(dlq_header::WORKER),
                         key,
-                    });
+                    };
+                    self.fleet.lock().expect("fleet lock").dead_letter(letter);
                 }
                 None => {}
             }

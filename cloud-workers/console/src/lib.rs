@@ -72,6 +72,8 @@ pub fn run(v: Validated, shutdown: Shutdown, bound: impl FnOnce(std::net::Socket
         let listener = tokio::net::TcpListener::bind(v.addr).await.with_context(|| format!("binding {} (console.listen)", v.addr))?;
         let addr = listener.local_addr()?;
         bound(addr);
+        // systemd (Type=notify): ready once the page can be served.
+        framelink_common::systemd::ready();
         // Statuses move with time: one ticker for all pages.
         let (f, t, s) = (fleet.clone(), app.thumbs.clone(), shutdown.clone());
         let push = app.push_interval;
@@ -101,6 +103,7 @@ pub fn run(v: Validated, shutdown: Shutdown, bound: impl FnOnce(std::net::Socket
         anyhow::Ok(())
     });
     shutdown.trigger();
+    framelink_common::systemd::stopping();
     for t in threads {
         let _ = t.join();
     }

@@ -101,13 +101,35 @@ pub struct Latest {
     pub jpeg: Bytes,
 }
 
+/// The result a page was last told about (its thumbnail URL carries `seq`).
+#[derive(Clone)]
+struct Shown {
+    seq: u64,
+    capture_ms: u64,
+    received_ms: u64,
+    width: u32,
+    height: u32,
+    latency_ms: Option<u64>,
+    pipeline: String,
+    worker: String,
+}
+
+impl Shown {
+    fn of(l: &Latest) -> Self {
+        Self { seq: l.seq, capture_ms: l.capture_ns / 1_000_000, received_ms: l.received_ms, width: l.width, height: l.height, latency_ms: l.latency_ms, pipeline: l.pipeline.clone(), worker: l.worker.clone() }
+    }
+}
+
 #[derive(Default)]
 struct Camera {
     beat: Option<CameraBeat>,
     latest: Option<Latest>,
-    /// The result seq the page was last told about (thumbnail URLs carry it).
-    announced: Option<u64>,
+    announced: Option<Shown>,
     announced_ms: u64,
+    /// Version of the last announcement (sent compactly, apart from the camera's other fields).
+    announced_v: u64,
+    /// Version of the last beat that changed only the camera's figures (sent compactly too).
+    beat_v: u64,
     status: Option<Status>,
     changed: u64,
 }
@@ -237,8 +259,13 @@ impl Fleet {
                 let status = self.rules.status(now_ms, a.at_ms, a.interval_s);
                 for c in &a.cameras {
                     let cam = self.cameras.entry((a.device.clone(), c.id.clone())).or_default();
+                    // A new state or new drops change the card; fps and frame times alone go
+                    // compactly.
+                    match &cam.beat {
+                        Some(b) if b.state == c.state && b.dropped == c.dropped => cam.beat_v = v,
+                        _ => cam.changed = v,
+                    }
                     cam.beat = Some(c.clone());
-                    cam.changed = v;
                 }
                 self.devices.insert(a.device.clone(), Device { beat: a, status, changed: v });
             }
@@ -260,7 +287,14 @@ impl Fleet {
         self.counts.results += 1;
         let refresh = self.rules.thumb_refresh_ms;
         let key = (meta.device, meta.camera);
+        let known = self.cameras.contains_key(&key);
+        self.version += 1;
+        let v = self.version;
         let cam = self.cameras.entry(key).or_default();
+        if !known {
+            // A camera known from results only: its entry reaches the pages once in full.
+            cam.changed = v;
+        }
         if cam.latest.as_ref().is_some_and(|l| l.seq > meta.seq && l.capture_ns > meta.capture_ns) {
             // An older frame (a redelivery after a rebalance) does not replace a newer one.
             return;
@@ -277,10 +311,9 @@ impl Fleet {
             jpeg,
         });
         if now_ms.saturating_sub(cam.announced_ms) >= refresh {
-            cam.announced = Some(meta.seq);
+            cam.announced = cam.latest.as_ref().map(Shown::of);
             cam.announced_ms = now_ms;
-            self.version += 1;
-            cam.changed = self.version;
+            cam.announced_v = v;
         }
     }
 
@@ -393,16 +426,20 @@ impl Fleet {
         for k in keys {
             let status = self.camera_status(&k.0, self.cameras.get(&k).expect("listed"), now_ms);
             let cam = self.cameras.get(&k).expect("listed");
-            let due = cam.latest.as_ref().is_some_and(|l| Some(l.seq) != cam.announced) && now_ms.saturating_sub(cam.announced_ms) >= rules.thumb_refresh_ms;
-            if cam.status != Some(status) || due {
+            let due = cam.latest.as_ref().is_some_and(|l| Some(l.seq) != cam.announced.as_ref().map(|a| a.seq)) && now_ms.saturating_sub(cam.announced_ms) >= rules.thumb_refresh_ms;
+            let moved = cam.status != Some(status);
+            if moved || due {
                 let v = self.next();
                 let cam = self.cameras.get_mut(&k).expect("listed");
-                cam.status = Some(status);
-                if due {
-                    cam.announced = cam.latest.as_ref().map(|l| l.seq);
-                    cam.announced_ms = now_ms;
+                if moved {
+                    cam.status = Some(status);
+                    cam.changed = v;
                 }
-                cam.changed = v;
+                if due {
+                    cam.announced = cam.latest.as_ref().map(Shown::of);
+                    cam.announced_ms = now_ms;
+                    cam.announced_v = v;
+                }
             }
         }
         // Tombstones are kept 10 minutes: a client away longer gets a fresh snapshot anyway.
@@ -482,7 +519,7 @@ impl Fleet {
     fn camera_json(&self, key: &(String, String), cam: &Camera, now_ms: u64) -> Value {
         let (device, camera) = key;
         let b = cam.beat.as_ref();
-        let thumbnail = cam.announced.map(|seq| format!("/thumbs/{}/{}?seq={seq}", urlencode(device), urlencode(camera)));
+        let thumbnail = cam.announced.as_ref().map(|a| format!("/thumbs/{}/{}?seq={}", urlencode(device), urlencode(camera), a.seq));
         json!({
             "id": format!("{device}/{camera}"),
             "device": device,
@@ -495,9 +532,9 @@ impl Fleet {
             "last_frame_ms": b.map(|b| b.last_frame_ms),
             "dropped": b.map(|b| b.dropped.values().sum::<u64>()).unwrap_or(0),
             "dropped_by_reason": b.map(|b| b.dropped.clone()).unwrap_or_default(),
-            "result": cam.latest.as_ref().map(|l| json!({
-                "seq": l.seq, "capture_ms": l.capture_ns / 1_000_000, "received_ms": l.received_ms,
-                "width": l.width, "height": l.height, "pipeline": l.pipeline, "worker": l.worker, "latency_ms": l.latency_ms,
+            "result": cam.announced.as_ref().map(|a| json!({
+                "seq": a.seq, "capture_ms": a.capture_ms, "received_ms": a.received_ms,
+                "width": a.width, "height": a.height, "pipeline": a.pipeline, "worker": a.worker, "latency_ms": a.latency_ms,
             })),
             "thumbnail": thumbnail,
         })
@@ -508,6 +545,29 @@ impl Fleet {
         let devices: Vec<Value> = self.devices.values().filter(|d| d.changed > since).map(|d| self.device_json(d, now_ms)).collect();
         let workers: Vec<Value> = self.workers.values().filter(|w| w.changed > since).map(|w| self.worker_json(w, now_ms)).collect();
         let cameras: Vec<Value> = self.cameras.iter().filter(|(_, c)| c.changed > since).map(|(k, c)| self.camera_json(k, c, now_ms)).collect();
+        // Newer results of cameras otherwise unchanged, compactly (most of a large fleet's
+        // traffic): id → [seq, capture_ms, received_ms, latency_ms, width, height]; the page
+        // makes the thumbnail URL from the id and seq.
+        let results: serde_json::Map<String, Value> = self
+            .cameras
+            .iter()
+            .filter(|(_, c)| c.announced_v > since && c.changed <= since)
+            .filter_map(|((d, c), cam)| {
+                let a = cam.announced.as_ref()?;
+                Some((format!("{d}/{c}"), json!([a.seq, a.capture_ms, a.received_ms, a.latency_ms, a.width, a.height])))
+            })
+            .collect();
+        // Beats that moved only a camera's figures: id → [fps_captured, fps_sent, last_seq,
+        // last_frame_ms].
+        let beats: serde_json::Map<String, Value> = self
+            .cameras
+            .iter()
+            .filter(|(_, c)| c.beat_v > since && c.changed <= since)
+            .filter_map(|((d, c), cam)| {
+                let b = cam.beat.as_ref()?;
+                Some((format!("{d}/{c}"), json!([b.fps_captured, b.fps_sent, b.last_seq, b.last_frame_ms])))
+            })
+            .collect();
         let removed: Vec<Value> = self.removed.iter().filter(|(v, ..)| *v > since).map(|(_, kind, id)| json!({"kind": kind, "id": id})).collect();
         let lag: Vec<&LagPoint> = self.lag.iter().filter(|p| p.v > since).collect();
         let dead_letters: Vec<&DeadLetter> = self.dead_letters.iter().filter(|d| d.v > since).collect();
@@ -519,6 +579,8 @@ impl Fleet {
             "devices": devices,
             "workers": workers,
             "cameras": cameras,
+            "results": results,
+            "beats": beats,
             "removed": removed,
             "lag": lag,
             "lag_error": if since == 0 || self.dlq_changed > since { json!(self.lag_error) } else { Value::Null },
@@ -652,11 +714,24 @@ mod tests {
         let d = f.delta(v, t0 + 16_001);
         assert_eq!(d["devices"][0]["status"], "stale", "the change reaches the stream: {d}");
         assert_eq!(d["cameras"][0]["status"], "stale");
-        f.tick(t0 + 61_000);
-        assert_eq!(f.status_counts(t0 + 61_000), [[0, 0, 1], [0, 0, 0], [0, 0, 1]]);
+        // A beat that moves only the figures goes compactly; one with a new state in full.
+        let v = f.version();
+        f.heartbeat(&agent("d1", t0 + 17_000, &[("c1", "up", t0 + 17_000)]), t0 + 17_000).unwrap();
+        let d = f.delta(v, t0 + 17_000);
+        assert_eq!(d["cameras"].as_array().unwrap().len(), 0, "{d}");
+        assert_eq!(d["beats"]["d1/c1"], json!([0.0, 10.0, null, t0 + 17_000]), "{d}");
+        let v = f.version();
+        f.heartbeat(&agent("d1", t0 + 18_000, &[("c1", "reconnecting", t0 + 17_000)]), t0 + 18_000).unwrap();
+        assert_eq!(f.delta(v, t0 + 18_000)["cameras"][0]["state"], "reconnecting");
+        f.heartbeat(&agent("d1", t0 + 19_000, &[("c1", "up", t0 + 19_000)]), t0 + 19_000).unwrap();
+        f.tick(t0 + 19_000);
+        f.tick(t0 + 79_000);
+        assert_eq!(f.status_counts(t0 + 79_000), [[0, 1, 0], [0, 0, 0], [0, 1, 0]], "60 s after the last beat: still stale");
+        f.tick(t0 + 79_001);
+        assert_eq!(f.status_counts(t0 + 79_001), [[0, 0, 1], [0, 0, 0], [0, 0, 1]]);
         // A beat again: live at once.
-        f.heartbeat(&agent("d1", t0 + 62_000, &[("c1", "up", t0 + 62_000)]), t0 + 62_000).unwrap();
-        assert_eq!(f.devices_json(t0 + 62_000)[0]["status"], "live");
+        f.heartbeat(&agent("d1", t0 + 82_000, &[("c1", "up", t0 + 82_000)]), t0 + 82_000).unwrap();
+        assert_eq!(f.devices_json(t0 + 82_000)[0]["status"], "live");
     }
 
     #[test]
@@ -691,17 +766,20 @@ mod tests {
         let mut f = Fleet::new(rules());
         let t = 1_000_000;
         f.result(meta(1), Bytes::from_static(b"a"), t);
+        let first = f.delta(0, t);
+        assert!(first["cameras"][0]["thumbnail"].as_str().unwrap().ends_with("?seq=1"), "a new camera comes in full: {first}");
         f.tick(t);
         let v1 = f.version();
-        assert!(f.cameras_json(t)[0]["thumbnail"].as_str().unwrap().ends_with("?seq=1"));
         f.result(meta(2), Bytes::from_static(b"b"), t + 500);
-        assert_eq!(f.version(), v1, "held back");
+        assert_eq!(f.delta(v1, t + 500)["results"].as_object().unwrap().len(), 0, "held back");
         assert_eq!(&f.latest("d1", "c1").unwrap().jpeg[..], b"b", "but kept as the latest");
         f.tick(t + 1000);
-        assert_eq!(f.delta(v1, t + 1000)["cameras"].as_array().unwrap().len(), 0);
+        assert_eq!(f.delta(v1, t + 1000)["results"].as_object().unwrap().len(), 0);
         f.tick(t + 2000);
         let d = f.delta(v1, t + 2000);
-        assert!(d["cameras"][0]["thumbnail"].as_str().unwrap().ends_with("?seq=2"), "{d}");
+        assert_eq!(d["cameras"].as_array().unwrap().len(), 0, "only the result moved: {d}");
+        assert_eq!(d["results"]["d1/c1"], json!([2, 2000, 1_000_500, 5, 64, 48]), "{d}");
+        assert!(f.cameras_json(t + 2000)[0]["thumbnail"].as_str().unwrap().ends_with("?seq=2"));
         // A redelivered older result does not replace the newer one.
         f.result(meta(1), Bytes::from_static(b"old"), t + 5000);
         assert_eq!(f.latest("d1", "c1").unwrap().seq, 2);

@@ -54,7 +54,7 @@ impl Page {
             headless: true,
             sandbox: false,
             path: Some(chromium()),
-            window_size: Some((1400, 1000)),
+            window_size: Some((1400, 1500)),
             user_data_dir: Some(profile.keep()),
             idle_browser_timeout: Duration::from_secs(300),
             ..LaunchOptions::default()
@@ -183,6 +183,16 @@ fn c1_the_dashboard_shows_the_fleet_live_in_a_browser() {
         assert_eq!(c["result"]["width"], 320, "{c}");
         assert!(c["fps_sent"].as_f64().unwrap() > 4.0, "{c}");
     }
+
+    // A corrupt frame: the worker dead-letters it, the page shows its reason.
+    let mut bad = framelink_testkit::test_meta("site-9", "gate", 1_000_000);
+    (bad.width, bad.height) = (640, 360);
+    rt.block_on(framelink_testkit::Producer::new(&b.plaintext()).unwrap().send_frame(&frames, &bad, b"\xff\xd8 not a JPEG")).unwrap();
+    let reason = page.wait("a dead letter on the page", Duration::from_secs(30), "(document.querySelector('#dlq-reasons [data-reason]') || {dataset: {}}).dataset.reason || null");
+    assert_eq!(page.eval("document.getElementById('dlq-total').textContent"), "1");
+    let dlq = console.get_json("/api/dead-letters");
+    assert_eq!(dlq["by_reason"][reason.as_str().unwrap()], 1, "{dlq}");
+    assert_eq!(dlq["recent"][0]["key"], "site-9/gate", "{dlq}");
 
     // A stopped worker: the lag grows on the chart, the worker goes stale.
     worker.stop();
