@@ -7,6 +7,7 @@ use std::path::Path;
 
 use anyhow::{Result, bail};
 use framelink_common::config_file;
+use framelink_common::wire;
 use framelink_common::kafka_config::KafkaConfig;
 use serde::Deserialize;
 
@@ -195,19 +196,19 @@ impl Default for OutputConfig {
 }
 
 fn default_group() -> String {
-    "framelink-workers".into()
+    wire::defaults::WORKER_GROUP.into()
 }
 fn default_topics() -> Vec<String> {
-    vec!["frames".into()]
+    vec![wire::defaults::FRAMES_TOPIC.into()]
 }
 fn default_results() -> String {
-    "frames.processed".into()
+    wire::defaults::RESULTS_TOPIC.into()
 }
 fn default_events() -> String {
-    "frames.events".into()
+    wire::defaults::EVENTS_TOPIC.into()
 }
 fn default_dlq() -> String {
-    "frames.dlq".into()
+    wire::defaults::DLQ_TOPIC.into()
 }
 
 /// A loaded and validated worker config.

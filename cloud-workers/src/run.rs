@@ -153,6 +153,8 @@ pub fn run(v: Validated, shutdown: Shutdown, metrics: Arc<Metrics>) -> Result<()
     };
     let result = poll.run(&shutdown);
     limits_stop.store(true, Ordering::Relaxed);
+    // The poll loop may also end on a fatal error: the heartbeat thread stops either way.
+    shutdown.trigger();
     if let Some(t) = beats {
         let _ = t.join();
     }

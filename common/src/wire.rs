@@ -23,6 +23,21 @@ pub const CONTENT_TYPE_JPEG: &str = "image/jpeg";
 pub const MAX_ID_LEN: usize = 128;
 
 /// Header names of the contract. All values are UTF-8 text; numbers are decimal.
+/// The default topic names and consumer group every component agrees on (each is a config
+/// key of the component that uses it).
+pub mod defaults {
+    /// Frames from the agents (`forwarder.topic`, the workers' `consumer.topics`).
+    pub const FRAMES_TOPIC: &str = "frames";
+    /// Result images (`output.results_topic`).
+    pub const RESULTS_TOPIC: &str = "frames.processed";
+    /// Motion events (`output.events_topic`).
+    pub const EVENTS_TOPIC: &str = "frames.events";
+    /// Dead letters (`output.dlq_topic`).
+    pub const DLQ_TOPIC: &str = "frames.dlq";
+    /// The workers' consumer group (`consumer.group_id`).
+    pub const WORKER_GROUP: &str = "framelink-workers";
+}
+
 pub mod header {
     /// Contract version, `1`.
     pub const VERSION: &str = "framelink-version";

@@ -52,7 +52,7 @@ pub struct ForwarderConfig {
 }
 
 fn default_topic() -> String {
-    "frames".into()
+    framelink_common::wire::defaults::FRAMES_TOPIC.into()
 }
 fn default_max_message() -> ByteSize {
     ByteSize::mib(1)

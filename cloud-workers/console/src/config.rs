@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use framelink_common::config_file;
+use framelink_common::wire;
 use framelink_common::kafka_config::KafkaConfig;
 use serde::Deserialize;
 
@@ -131,19 +132,19 @@ fn default_recent() -> usize {
     50
 }
 fn default_results() -> String {
-    "frames.processed".into()
+    wire::defaults::RESULTS_TOPIC.into()
 }
 fn default_events() -> String {
-    "frames.events".into()
+    wire::defaults::EVENTS_TOPIC.into()
 }
 fn default_dlq() -> String {
-    "frames.dlq".into()
+    wire::defaults::DLQ_TOPIC.into()
 }
 fn default_group() -> String {
-    "framelink-workers".into()
+    wire::defaults::WORKER_GROUP.into()
 }
 fn default_frames() -> Vec<String> {
-    vec!["frames".into()]
+    vec![wire::defaults::FRAMES_TOPIC.into()]
 }
 fn default_lag_interval() -> u64 {
     5

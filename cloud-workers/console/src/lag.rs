@@ -62,14 +62,24 @@ impl LagSampler {
 
     pub fn run(self, shutdown: Shutdown) {
         let interval = Duration::from_secs(self.cfg.interval_s);
+        let mut last_error: Option<String> = None;
         loop {
             let sample = self.sample();
             {
                 let mut fleet = self.fleet.lock().expect("fleet lock");
                 match sample {
-                    Ok(points) => fleet.lag_sample(now_ms(), points),
+                    Ok(points) => {
+                        if last_error.take().is_some() {
+                            tracing::info!("Measuring the workers' lag again.");
+                        }
+                        fleet.lag_sample(now_ms(), points)
+                    }
                     Err(e) => {
-                        tracing::warn!(error = %e, "Cannot measure the workers' lag.");
+                        // Logged when it changes (the page and /api/lag show it meanwhile).
+                        if last_error.as_ref() != Some(&e) {
+                            tracing::warn!(error = %e, "Cannot measure the workers' lag.");
+                            last_error = Some(e.clone());
+                        }
                         fleet.lag_failed(e);
                     }
                 }

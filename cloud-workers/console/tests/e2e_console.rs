@@ -218,7 +218,28 @@ fn c1_the_dashboard_shows_the_fleet_live_in_a_browser() {
     assert!(metrics.get("framelink_console_heartbeats_total").is_some_and(|n| *n >= 10.0), "{metrics:?}");
     let errors = page.errors.lock().unwrap().clone();
     assert!(errors.is_empty(), "the page logged errors: {errors:?}");
+    drop(page);
+
+    // A restarted console knows the fleet at once: the last beats, from the compacted topic
+    // (the agent is stopped: nothing new arrives).
+    console.stop();
     worker.stop();
+    console.start();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let fleet = console.get_json("/api/fleet");
+        let device = fleet["devices"].as_array().unwrap().iter().find(|d| d["id"] == "site-9").cloned();
+        let worker_known = fleet["workers"].as_array().unwrap().iter().any(|w| w["id"] == "w-console");
+        if let Some(d) = device
+            && worker_known
+        {
+            assert_ne!(d["status"], "live", "a stopped agent's last beat is not live: {d}");
+            assert_eq!(fleet["cameras"].as_array().unwrap().len(), 2, "{fleet}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the restarted console did not rebuild the fleet from the heartbeats topic: {fleet}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
     console.stop();
 }
 
