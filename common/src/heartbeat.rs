@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::shutdown::Shutdown;
 
-/// The version of the heartbeat JSON; a console ignores beats of a newer major version.
+/// The version of the heartbeat JSON; a console refuses (and counts) beats of a newer one.
 pub const VERSION: u32 = 1;
 
 /// `[heartbeat]` of the agent and the worker.

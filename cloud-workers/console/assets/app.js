@@ -22,7 +22,7 @@ function el(tag, attrs, ...children) {
 // A path segment encoded as the server encodes it (RFC 3986 unreserved characters kept), so a
 // thumbnail's URL is the same whichever side made it (and the browser's cache hits).
 function enc(s) {
-  return encodeURIComponent(s).replace(/[!'()*]/g, (ch) => "%" + ch.charCodeAt(0).toString(16).toUpperCase());
+  return encodeURIComponent(s).replace(/[!'()*.]/g, (ch) => "%" + ch.charCodeAt(0).toString(16).toUpperCase());
 }
 
 function age(ms) {
@@ -50,6 +50,13 @@ function apply(msg) {
     fleet.devices.clear(); fleet.cameras.clear(); fleet.workers.clear();
     fleet.lag = []; fleet.deadLetters = []; fleet.events = [];
   }
+  // Removals first: an entity removed and back within one push is in both lists.
+  for (const r of msg.removed) {
+    if (r.kind === "device") fleet.devices.delete(r.id);
+    else if (r.kind === "worker") fleet.workers.delete(r.id);
+    else if (r.kind === "camera") fleet.cameras.delete(r.id);
+  }
+  if (msg.lag_window_ms) fleet.windowMs = msg.lag_window_ms;
   for (const d of msg.devices) fleet.devices.set(d.id, d);
   for (const w of msg.workers) fleet.workers.set(w.id, w);
   for (const c of msg.cameras) fleet.cameras.set(c.id, c);
@@ -65,11 +72,6 @@ function apply(msg) {
     const [seq, capture_ms, received_ms, latency_ms, width, height] = r;
     c.result = Object.assign({}, c.result, { seq, capture_ms, received_ms, latency_ms, width, height });
     c.thumbnail = "/thumbs/" + enc(c.device) + "/" + enc(c.camera) + "?seq=" + seq;
-  }
-  for (const r of msg.removed) {
-    if (r.kind === "device") fleet.devices.delete(r.id);
-    else if (r.kind === "worker") fleet.workers.delete(r.id);
-    else if (r.kind === "camera") fleet.cameras.delete(r.id);
   }
   fleet.lag.push(...msg.lag);
   const cutoff = now() - fleet.windowMs;
@@ -176,7 +178,7 @@ function renderLag() {
   const svg = $("lag-chart");
   const W = 600, H = 200, pts = fleet.lag;
   svg.setAttribute("data-points", pts.length);
-  $("lag-note").textContent = fleet.lagError ? "(" + fleet.lagError + ")" : "last 15 minutes";
+  $("lag-note").textContent = fleet.lagError ? "(" + fleet.lagError + ")" : "last " + Math.round(fleet.windowMs / 60000) + " minutes";
   const ns = "http://www.w3.org/2000/svg";
   const mk = (tag, attrs) => { const e = document.createElementNS(ns, tag); for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v); return e; };
   const children = [];

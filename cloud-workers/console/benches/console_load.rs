@@ -72,7 +72,7 @@ fn main() {
     println!("| result size | ingest (beats + results) ms/s | tick + delta ms/s | thumbnails ms/s | total CPU ms per second | share of one core | stream bytes/s per page |");
     println!("|---|---|---|---|---|---|---|");
     for (name, jpeg) in [("1280x720", &results[0]), ("1920x1080", &results[1])] {
-        let rules = Rules { stale_after_beats: 3, offline_after_ms: 60_000, forget_after_ms: 7 * 86_400_000, recent: 50, thumb_refresh_ms: 2000, lag_window_ms: 900_000 };
+        let rules = Rules { stale_after_beats: 3, offline_after_ms: 60_000, forget_after_ms: 7 * 86_400_000, recent: 50, thumb_refresh_ms: 2000, lag_window_ms: 900_000, lag_interval_ms: 5000 };
         let mut fleet = Fleet::new(rules);
         let cache = thumbs::Cache::default();
         let t0 = 1_800_000_000_000u64;

@@ -133,7 +133,8 @@ impl Ingest {
             };
             let kind = self.topics.iter().find(|(t, _)| t == msg.topic()).map(|(_, k)| *k);
             let now = now_ms();
-            // Everything is parsed and copied before the fleet is locked (pages read it too).
+            // Headers are read and payloads copied before the fleet is locked (pages read it
+            // too); a heartbeat's JSON is parsed under the lock (it is small).
             match kind {
                 Some(Kind::Heartbeats) => {
                     let result = msg.payload().map(|v| self.fleet.lock().expect("fleet lock").heartbeat(v, now));

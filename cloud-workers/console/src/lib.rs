@@ -71,6 +71,11 @@ pub fn run(v: Validated, shutdown: Shutdown, bound: impl FnOnce(std::net::Socket
     let result = rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(v.addr).await.with_context(|| format!("binding {} (console.listen)", v.addr))?;
         let addr = listener.local_addr()?;
+        // TLS files are read before anything says the console is up.
+        let tls = match (&cfg.console.tls_certificate, &cfg.console.tls_key) {
+            (Some(cert), Some(key)) => Some(tls::server_config(cert, key)?),
+            _ => None,
+        };
         bound(addr);
         // systemd (Type=notify): ready once the page can be served.
         framelink_common::systemd::ready();
@@ -93,12 +98,9 @@ pub fn run(v: Validated, shutdown: Shutdown, bound: impl FnOnce(std::net::Socket
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         };
-        match (&cfg.console.tls_certificate, &cfg.console.tls_key) {
-            (Some(cert), Some(key)) => {
-                let tls = tls::Listener::new(listener, cert, key)?;
-                axum::serve(tls, router).with_graceful_shutdown(stopped).await?
-            }
-            _ => axum::serve(listener, router).with_graceful_shutdown(stopped).await?,
+        match tls {
+            Some(config) => axum::serve(tls::Listener::new(listener, config), router).with_graceful_shutdown(stopped).await?,
+            None => axum::serve(listener, router).with_graceful_shutdown(stopped).await?,
         }
         anyhow::Ok(())
     });

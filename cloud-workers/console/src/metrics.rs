@@ -106,7 +106,7 @@ impl ConsoleMetrics {
             self.worker_age.get_or_create(&labels(&[("worker", &w)])).set(age);
         }
         self.lag.clear();
-        if let Some(p) = fleet.latest_lag() {
+        if let Some(p) = fleet.latest_lag(now_ms) {
             for (tp, lag) in &p.partitions {
                 let (topic, partition) = tp.rsplit_once('[').map(|(t, p)| (t, p.trim_end_matches(']'))).unwrap_or((tp, ""));
                 self.lag.get_or_create(&labels(&[("topic", topic), ("partition", partition)])).set(*lag);

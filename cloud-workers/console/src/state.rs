@@ -12,7 +12,7 @@
 //! live. A camera is `live` when its device is live, its state is `up` and it delivered a frame
 //! within the same window; `offline` with its device; otherwise `stale`.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use bytes::Bytes;
 use framelink_common::heartbeat::{AgentBeat, CameraBeat, Heartbeat, WorkerBeat};
@@ -28,6 +28,8 @@ pub struct Rules {
     pub recent: usize,
     pub thumb_refresh_ms: u64,
     pub lag_window_ms: u64,
+    /// Samples further apart than 3 of these leave the lag gauges empty (not frozen).
+    pub lag_interval_ms: u64,
 }
 
 impl Rules {
@@ -39,13 +41,14 @@ impl Rules {
             recent: c.console.recent,
             thumb_refresh_ms: c.console.thumbnail_refresh_s * 1000,
             lag_window_ms: c.lag.window_s * 1000,
+            lag_interval_ms: c.lag.interval_s * 1000,
         }
     }
 
     fn status(&self, now_ms: u64, seen_ms: u64, interval_s: u64) -> Status {
         let age = now_ms.saturating_sub(seen_ms);
         // One second of slack: a beat is made, sent and read within it.
-        let stale_after = self.stale_after_beats as u64 * interval_s.max(1) * 1000 + 1000;
+        let stale_after = (self.stale_after_beats as u64).saturating_mul(interval_s.clamp(1, MAX_INTERVAL_S) * 1000).saturating_add(1000);
         if age <= stale_after {
             Status::Live
         } else if age <= self.offline_after_ms.max(stale_after) {
@@ -55,6 +58,13 @@ impl Rules {
         }
     }
 }
+
+/// Longest heartbeat interval a beat may claim (the agents' and workers' own limit): a larger
+/// one would keep a dead device live for days.
+pub const MAX_INTERVAL_S: u64 = 3600;
+
+/// Tombstones kept for pages that were told about an entity before it left the view.
+const MAX_TOMBSTONES: usize = 10_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -193,8 +203,9 @@ pub struct Fleet {
     devices: BTreeMap<String, Device>,
     workers: BTreeMap<String, Worker>,
     cameras: BTreeMap<(String, String), Camera>,
-    /// Entities that left the view: (version, kind, id).
-    removed: VecDeque<(u64, &'static str, String)>,
+    /// Entities that left the view: (kind, id) → the version they left at. An entity that
+    /// comes back loses its tombstone.
+    removed: HashMap<(&'static str, String), u64>,
     dlq_by_reason: BTreeMap<String, u64>,
     dlq_changed: u64,
     dead_letters: VecDeque<DeadLetter>,
@@ -212,7 +223,7 @@ impl Fleet {
             devices: BTreeMap::new(),
             workers: BTreeMap::new(),
             cameras: BTreeMap::new(),
-            removed: VecDeque::new(),
+            removed: HashMap::new(),
             dlq_by_reason: BTreeMap::new(),
             dlq_changed: 0,
             dead_letters: VecDeque::new(),
@@ -236,6 +247,22 @@ impl Fleet {
         self.version
     }
 
+    fn tombstone(&mut self, kind: &'static str, id: String, v: u64) {
+        self.removed.insert((kind, id), v);
+        if self.removed.len() > MAX_TOMBSTONES
+            && let Some(oldest) = self.removed.iter().min_by_key(|(_, v)| **v).map(|(k, _)| k.clone())
+        {
+            // A page that missed this one reconnects to a full snapshot sooner or later.
+            self.removed.remove(&oldest);
+        }
+    }
+
+    fn revive(&mut self, kind: &'static str, id: &str) {
+        if !self.removed.is_empty() {
+            self.removed.remove(&(kind, id.to_owned()));
+        }
+    }
+
     /// A heartbeat record's value; `now_ms` is the console's clock. A beat that does not parse
     /// is counted (`heartbeats_invalid`) and returns the error.
     pub fn heartbeat(&mut self, value: &[u8], now_ms: u64) -> Result<(), String> {
@@ -246,19 +273,33 @@ impl Fleet {
                 return Err(e.to_string());
             }
         };
+        let v_beat = match &beat {
+            Heartbeat::Agent(a) => a.v,
+            Heartbeat::Worker(w) => w.v,
+        };
+        if v_beat > framelink_common::heartbeat::VERSION {
+            self.counts.heartbeats_invalid += 1;
+            return Err(format!("heartbeat version {v_beat} is newer than this console reads ({}): upgrade the console", framelink_common::heartbeat::VERSION));
+        }
         self.counts.heartbeats += 1;
         let v = self.next();
         match beat {
             Heartbeat::Agent(mut a) => {
                 // A device clock ahead of ours must not make a device look live forever.
                 a.at_ms = a.at_ms.min(now_ms);
+                a.interval_s = a.interval_s.clamp(1, MAX_INTERVAL_S);
                 // An older beat read after a newer one (never within a partition) is ignored.
                 if self.devices.get(&a.device).is_some_and(|d| d.beat.at_ms > a.at_ms) {
                     return Ok(());
                 }
                 let status = self.rules.status(now_ms, a.at_ms, a.interval_s);
-                for c in &a.cameras {
-                    let cam = self.cameras.entry((a.device.clone(), c.id.clone())).or_default();
+                for c in &mut a.cameras {
+                    c.last_frame_ms = c.last_frame_ms.min(now_ms);
+                    let key = (a.device.clone(), c.id.clone());
+                    if !self.cameras.contains_key(&key) {
+                        self.revive("camera", &format!("{}/{}", key.0, key.1));
+                    }
+                    let cam = self.cameras.entry(key).or_default();
                     // A new state or new drops change the card; fps and frame times alone go
                     // compactly.
                     match &cam.beat {
@@ -267,10 +308,28 @@ impl Fleet {
                     }
                     cam.beat = Some(c.clone());
                 }
+                // Cameras the agent no longer has (taken out of its config) leave the view.
+                let gone: Vec<(String, String)> = self
+                    .cameras
+                    .iter()
+                    .filter(|((d, c), cam)| *d == a.device && cam.beat.is_some() && !a.cameras.iter().any(|b| b.id == *c))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in gone {
+                    self.cameras.remove(&k);
+                    self.tombstone("camera", format!("{}/{}", k.0, k.1), v);
+                }
+                if !self.devices.contains_key(&a.device) {
+                    self.revive("device", &a.device);
+                }
                 self.devices.insert(a.device.clone(), Device { beat: a, status, changed: v });
             }
             Heartbeat::Worker(mut w) => {
                 w.at_ms = w.at_ms.min(now_ms);
+                w.interval_s = w.interval_s.clamp(1, MAX_INTERVAL_S);
+                if !self.workers.contains_key(&w.id) {
+                    self.revive("worker", &w.id);
+                }
                 if self.workers.get(&w.id).is_some_and(|x| x.beat.at_ms > w.at_ms) {
                     return Ok(());
                 }
@@ -288,6 +347,9 @@ impl Fleet {
         let refresh = self.rules.thumb_refresh_ms;
         let key = (meta.device, meta.camera);
         let known = self.cameras.contains_key(&key);
+        if !known {
+            self.revive("camera", &format!("{}/{}", key.0, key.1));
+        }
         self.version += 1;
         let v = self.version;
         let cam = self.cameras.entry(key).or_default();
@@ -369,8 +431,11 @@ impl Fleet {
         }
     }
 
-    pub fn latest_lag(&self) -> Option<&LagPoint> {
-        self.lag.back()
+    /// The latest lag sample if it is current: none while sampling fails or its newest sample
+    /// is older than three intervals (so gauges and alerts never run on a frozen value).
+    pub fn latest_lag(&self, now_ms: u64) -> Option<&LagPoint> {
+        let p = self.lag.back()?;
+        (self.lag_error.is_none() && now_ms.saturating_sub(p.at_ms) <= 3 * self.rules.lag_interval_ms.max(1000)).then_some(p)
     }
 
     /// Recomputes statuses at `now_ms`, bumps what changed, announces held-back results and
@@ -414,12 +479,24 @@ impl Fleet {
                 let cams: Vec<_> = self.cameras.keys().filter(|(d, _)| *d == id).cloned().collect();
                 for k in cams {
                     self.cameras.remove(&k);
-                    self.removed.push_back((v, "camera", format!("{}/{}", k.0, k.1)));
+                    self.tombstone("camera", format!("{}/{}", k.0, k.1), v);
                 }
             } else {
                 self.workers.remove(&id);
             }
-            self.removed.push_back((v, kind, id));
+            self.tombstone(kind, id, v);
+        }
+        // Cameras known from results only (no device beats for them), silent that long, too.
+        let stale: Vec<(String, String)> = self
+            .cameras
+            .iter()
+            .filter(|((d, _), c)| !self.devices.contains_key(d) && c.latest.as_ref().is_none_or(|l| now_ms.saturating_sub(l.received_ms) > rules.forget_after_ms))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in stale {
+            let v = self.next();
+            self.cameras.remove(&k);
+            self.tombstone("camera", format!("{}/{}", k.0, k.1), v);
         }
         // Cameras: status changes and results held back by the refresh interval.
         let keys: Vec<(String, String)> = self.cameras.keys().cloned().collect();
@@ -441,10 +518,6 @@ impl Fleet {
                     cam.announced_v = v;
                 }
             }
-        }
-        // Tombstones are kept 10 minutes: a client away longer gets a fresh snapshot anyway.
-        while self.removed.len() > 10_000 {
-            self.removed.pop_front();
         }
     }
 
@@ -472,7 +545,7 @@ impl Fleet {
     fn device_json(&self, d: &Device, now_ms: u64) -> Value {
         let b = &d.beat;
         let cap = if b.spool.cap_bytes > 0 { b.spool.cap_bytes } else { b.spool.max_bytes };
-        let dropped: u64 = b.cameras.iter().flat_map(|c| c.dropped.values()).sum();
+        let dropped: u64 = b.cameras.iter().flat_map(|c| c.dropped.values()).fold(0u64, |a, n| a.saturating_add(*n));
         json!({
             "id": b.device,
             "status": self.rules.status(now_ms, b.at_ms, b.interval_s),
@@ -530,7 +603,7 @@ impl Fleet {
             "fps_sent": b.map(|b| b.fps_sent),
             "last_seq": b.and_then(|b| b.last_seq),
             "last_frame_ms": b.map(|b| b.last_frame_ms),
-            "dropped": b.map(|b| b.dropped.values().sum::<u64>()).unwrap_or(0),
+            "dropped": b.map(|b| b.dropped.values().fold(0u64, |a, n| a.saturating_add(*n))).unwrap_or(0),
             "dropped_by_reason": b.map(|b| b.dropped.clone()).unwrap_or_default(),
             "result": cam.announced.as_ref().map(|a| json!({
                 "seq": a.seq, "capture_ms": a.capture_ms, "received_ms": a.received_ms,
@@ -568,7 +641,8 @@ impl Fleet {
                 Some((format!("{d}/{c}"), json!([b.fps_captured, b.fps_sent, b.last_seq, b.last_frame_ms])))
             })
             .collect();
-        let removed: Vec<Value> = self.removed.iter().filter(|(v, ..)| *v > since).map(|(_, kind, id)| json!({"kind": kind, "id": id})).collect();
+        // A snapshot has no tombstones: it lists what exists.
+        let removed: Vec<Value> = if since == 0 { Vec::new() } else { self.removed.iter().filter(|(_, v)| **v > since).map(|((kind, id), _)| json!({"kind": kind, "id": id})).collect() };
         let lag: Vec<&LagPoint> = self.lag.iter().filter(|p| p.v > since).collect();
         let dead_letters: Vec<&DeadLetter> = self.dead_letters.iter().filter(|d| d.v > since).collect();
         let events: Vec<&MotionEvent> = self.events.iter().filter(|e| e.v > since).collect();
@@ -583,6 +657,7 @@ impl Fleet {
             "beats": beats,
             "removed": removed,
             "lag": lag,
+            "lag_window_ms": self.rules.lag_window_ms,
             "lag_error": if since == 0 || self.dlq_changed > since { json!(self.lag_error) } else { Value::Null },
             "dead_letters_by_reason": if since == 0 || self.dlq_changed > since { json!(self.dlq_by_reason) } else { Value::Null },
             "dead_letters": dead_letters,
@@ -636,7 +711,8 @@ impl Fleet {
                 let mut drops: BTreeMap<String, u64> = BTreeMap::new();
                 for c in &b.cameras {
                     for (r, n) in &c.dropped {
-                        *drops.entry(r.clone()).or_default() += n;
+                        let e = drops.entry(r.clone()).or_default();
+                        *e = e.saturating_add(*n);
                     }
                 }
                 (b.device.clone(), now_ms.saturating_sub(b.at_ms) as f64 / 1000.0, if cap > 0 { b.spool.bytes as f64 / cap as f64 } else { 0.0 }, drops)
@@ -655,11 +731,13 @@ impl Fleet {
     }
 }
 
-/// Percent-encodes an id for a URL path segment (ids may hold any printable character but `/`).
+/// Percent-encodes an id for a URL path segment (ids may hold any printable character but `/`);
+/// the page's `enc()` encodes the same way, so both make the same thumbnail URL.
 pub fn urlencode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+        // `.` is encoded too: a camera named `..` must not become a path step.
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'~') {
             out.push(b as char);
         } else {
             out.push_str(&format!("%{b:02X}"));
@@ -674,7 +752,7 @@ mod tests {
     use framelink_common::heartbeat::{ProcessBeat, SpoolBeat};
 
     fn rules() -> Rules {
-        Rules { stale_after_beats: 3, offline_after_ms: 60_000, forget_after_ms: 3_600_000, recent: 3, thumb_refresh_ms: 2000, lag_window_ms: 900_000 }
+        Rules { stale_after_beats: 3, offline_after_ms: 60_000, forget_after_ms: 3_600_000, recent: 3, thumb_refresh_ms: 2000, lag_window_ms: 900_000, lag_interval_ms: 5000 }
     }
 
     fn agent(device: &str, at_ms: u64, cams: &[(&str, &str, u64)]) -> Vec<u8> {
@@ -828,11 +906,63 @@ mod tests {
     }
 
     #[test]
+    fn an_entity_that_comes_back_is_not_removed_again() {
+        let mut f = Fleet::new(rules());
+        f.heartbeat(&agent("d1", 1000, &[("c1", "up", 1000), ("c2", "up", 1000)]), 1000).unwrap();
+        let v = f.version();
+        // c2 taken out of the agent's config: it leaves the view.
+        f.heartbeat(&agent("d1", 2000, &[("c1", "up", 2000)]), 2000).unwrap();
+        let d = f.delta(v, 2000);
+        assert_eq!(d["removed"], json!([{"kind": "camera", "id": "d1/c2"}]), "{d}");
+        assert_eq!(f.cameras_json(2000).as_array().unwrap().len(), 1);
+        // Silent past forget_after: gone with its cameras; a snapshot lists no tombstones.
+        f.tick(2000 + 3_600_001);
+        assert_eq!(f.delta(0, 2000 + 3_600_001)["removed"], json!([]));
+        // Back: its tombstones go, and it reaches a page in full.
+        let v = f.version();
+        let t = 2000 + 3_700_000;
+        f.heartbeat(&agent("d1", t, &[("c1", "up", t)]), t).unwrap();
+        let d = f.delta(v, t);
+        assert_eq!(d["removed"], json!([]), "{d}");
+        assert_eq!(d["devices"][0]["id"], "d1");
+        assert_eq!(d["cameras"][0]["id"], "d1/c1");
+    }
+
+    #[test]
+    fn absurd_intervals_and_future_frames_are_bounded() {
+        let mut f = Fleet::new(rules());
+        let mut beat: Heartbeat = serde_json::from_slice(&agent("d1", 1000, &[("c1", "up", 99_999_999)])).unwrap();
+        if let Heartbeat::Agent(a) = &mut beat {
+            a.interval_s = u64::MAX;
+        }
+        f.heartbeat(&serde_json::to_vec(&beat).unwrap(), 1000).unwrap();
+        // At most an hour's interval: offline after 3 hours + 1 s, not never.
+        assert_eq!(f.devices_json(1000 + 3 * 3_600_000 + 1001)[0]["status"], "offline");
+        assert_eq!(f.cameras_json(1000)[0]["last_frame_ms"], 1000, "a frame time ahead of the console is clamped");
+    }
+
+    #[test]
+    fn lag_gauges_go_empty_when_sampling_stops() {
+        let mut f = Fleet::new(rules());
+        f.lag_sample(10_000, BTreeMap::from([("frames[0]".to_string(), 7)]));
+        assert_eq!(f.latest_lag(12_000).map(|p| p.total), Some(7));
+        assert!(f.latest_lag(10_000 + 15_001).is_none(), "three 5 s intervals without a sample");
+        f.lag_sample(30_000, BTreeMap::from([("frames[0]".to_string(), 8)]));
+        f.lag_failed("the group coordinator is unreachable".into());
+        assert!(f.latest_lag(30_000).is_none());
+    }
+
+    #[test]
     fn bad_beats_are_counted() {
         let mut f = Fleet::new(rules());
         assert!(f.heartbeat(b"{not json", 0).is_err());
         assert!(f.heartbeat(br#"{"kind":"toaster"}"#, 0).is_err());
         assert_eq!(f.counts.heartbeats_invalid, 2);
         assert_eq!(urlencode("cam 1/ä"), "cam%201%2F%C3%A4");
+        assert_eq!(urlencode(".."), "%2E%2E");
+        // A beat of a newer format is refused, not misread.
+        let newer = br#"{"kind":"worker","v":2,"id":"w","version":"9","at_ms":0,"interval_s":5,"uptime_s":0,"status":"ok","group":"g","backend":"cpu","pipeline":"","delivery":"at-least-once","partitions":[],"fps_in":0,"fps_out":0,"in_flight":0,"lag":0,"process":{"cpu_percent":0,"rss_bytes":0}}"#;
+        assert!(f.heartbeat(newer, 0).unwrap_err().contains("version 2"));
+        assert_eq!(f.counts.heartbeats_invalid, 3);
     }
 }

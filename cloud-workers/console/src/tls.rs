@@ -1,6 +1,7 @@
 //! HTTPS for the console (rustls): a listener for `axum::serve` that accepts TCP connections
 //! and hands over those whose TLS handshake completed. Handshakes run on tasks of their own (10 s
-//! limit), so a slow or hostile client never holds up the next connection.
+//! limit, at most [`MAX_HANDSHAKES`] at once), so a slow or hostile client never holds up the
+//! next connection nor piles up tasks.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -14,6 +15,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
+
+/// Handshakes in progress at most; further connections wait to be accepted.
+pub const MAX_HANDSHAKES: usize = 128;
 
 pub struct Listener {
     ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
@@ -40,12 +44,14 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig> {
 }
 
 impl Listener {
-    pub fn new(tcp: TcpListener, cert: &Path, key: &Path) -> Result<Self> {
-        let acceptor = TlsAcceptor::from(Arc::new(server_config(cert, key)?));
-        let local = tcp.local_addr()?;
+    pub fn new(tcp: TcpListener, config: rustls::ServerConfig) -> Self {
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let local = tcp.local_addr().expect("a bound listener has an address");
         let (tx, ready) = mpsc::channel(64);
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         tokio::spawn(async move {
             loop {
+                let Ok(slot) = slots.clone().acquire_owned().await else { break };
                 let (stream, peer) = match tcp.accept().await {
                     Ok(x) => x,
                     Err(e) => {
@@ -56,6 +62,7 @@ impl Listener {
                 };
                 let (acceptor, ready) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
+                    let _slot = slot;
                     match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
                             let _ = ready.send((tls, peer)).await;
@@ -69,7 +76,7 @@ impl Listener {
                 }
             }
         });
-        Ok(Self { ready, local })
+        Self { ready, local }
     }
 }
 

@@ -9,14 +9,17 @@
 //! - `GET /api/stream` server-sent events: `snapshot` (everything) first, then `delta` (what
 //!   changed since) every `push_interval_ms` while something changes;
 //! - `GET /thumbs/{device}/{camera}?seq=N` the latest result as a small JPEG;
-//! - `GET /healthz` (never behind the token: probes need it; it reveals no fleet data),
+//! - `GET /healthz` (never behind the token: probes need it; it names no device, camera or
+//!   worker, only counts and the Kafka diagnosis),
 //!   `GET /metrics`;
 //! - `GET|POST /login` a form that puts the bearer token in an HttpOnly cookie, for browsers
 //!   (they cannot send an `Authorization` header on a page load or an EventSource).
 //!
 //! With a token configured every route but `/healthz`, `/login` and `/assets/…` needs
-//! `Authorization: Bearer <token>` or the cookie. Nothing here exposes secrets: the config's
-//! passwords and the token never appear in any answer.
+//! `Authorization: Bearer <token>` or the cookie. Without one (the console then binds loopback
+//! only) requests must name a loopback host (`Host: localhost`, `127.0.0.1`, `[::1]`), so a web
+//! page a browser on that machine visits cannot read the API through DNS rebinding. Nothing
+//! here exposes secrets: the config's passwords and the token never appear in any answer.
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -114,8 +117,22 @@ fn presented(headers: &HeaderMap) -> Option<String> {
         .find_map(|c| c.trim().strip_prefix(COOKIE).and_then(|r| r.strip_prefix('=')).map(str::to_owned))
 }
 
+/// The host part of a `Host` header (`[::1]:9470` → `[::1]`).
+fn host_name(h: &str) -> &str {
+    if h.starts_with('[') {
+        return h.split_once(']').map(|(a, _)| &h[..a.len() + 1]).unwrap_or(h);
+    }
+    h.rsplit_once(':').map(|(a, _)| a).unwrap_or(h)
+}
+
 async fn authorize(State(app): State<App>, req: Request, next: Next) -> Response {
-    let Some(token) = &app.token else { return next.run(req).await };
+    let Some(token) = &app.token else {
+        let host = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).map(host_name);
+        if matches!(host, Some("localhost" | "127.0.0.1" | "[::1]")) {
+            return next.run(req).await;
+        }
+        return (StatusCode::FORBIDDEN, "without a token the console answers only requests for localhost; configure console.token_file to serve other names\n").into_response();
+    };
     if presented(req.headers()).is_some_and(|t| same(&t, token)) {
         return next.run(req).await;
     }
@@ -188,10 +205,11 @@ async fn stream(State(app): State<App>) -> Sse<impl Stream<Item = Result<Event, 
     let guard = Connected(app.metrics.clone());
     let mut interval = tokio::time::interval(app.push_interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let state = (app, 0u64, interval, guard);
+    // `since`: the version the page has; `None` until the snapshot went out.
+    let state = (app, None::<u64>, interval, guard);
     let s = futures_util::stream::unfold(state, |(app, since, mut interval, guard)| async move {
         loop {
-            if since > 0 {
+            if since.is_some() {
                 interval.tick().await;
             }
             if app.shutdown.is_set() {
@@ -199,14 +217,14 @@ async fn stream(State(app): State<App>) -> Sse<impl Stream<Item = Result<Event, 
             }
             let (data, version) = {
                 let fleet = app.fleet.lock().expect("fleet lock");
-                if since > 0 && fleet.version() == since {
+                if since == Some(fleet.version()) {
                     continue;
                 }
-                (fleet.delta(since, now_ms()), fleet.version())
+                (fleet.delta(since.unwrap_or(0), now_ms()), fleet.version())
             };
-            let kind = if since == 0 { "snapshot" } else { "delta" };
+            let kind = if since.is_none() { "snapshot" } else { "delta" };
             let event = Event::default().event(kind).data(data.to_string());
-            return Some((Ok(event), (app, version.max(1), interval, guard)));
+            return Some((Ok(event), (app, Some(version), interval, guard)));
         }
     });
     Sse::new(s).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
@@ -278,5 +296,9 @@ mod tests {
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer secret-2"));
         assert_eq!(presented(&h).as_deref(), Some("secret-2"));
         assert!(same("abc", "abc") && !same("abc", "abd") && !same("abc", "abcd"));
+        assert_eq!(host_name("localhost:9470"), "localhost");
+        assert_eq!(host_name("[::1]:9470"), "[::1]");
+        assert_eq!(host_name("127.0.0.1"), "127.0.0.1");
+        assert_eq!(host_name("evil.example:9470"), "evil.example");
     }
 }
