@@ -34,6 +34,8 @@ pub fn health_json(m: &Metrics) -> serde_json::Value {
             "error": h.spool_error,
         },
         "cameras": h.cameras,
+        // Beats for framelink-console that Kafka acknowledged / did not take in time.
+        "heartbeats": {"sent": m.beats.sent.get(), "failed": m.beats.failed.get()},
     })
 }
 

@@ -164,6 +164,8 @@ impl Metrics {
             "stalled": stalled,
             "output_limits": h.limits.as_ref().map(|l| l.snapshot()),
             "processing_panics": self.panics.get(),
+            // Beats for framelink-console that Kafka acknowledged / did not take in time.
+            "heartbeats": {"sent": self.beats.sent.get(), "failed": self.beats.failed.get()},
             // Clients replaced in place (see docs/worker.md): work in flight was processed again.
             "replaced": {"producer": self.producer_recreated.get(), "consumer": self.consumer_recreated.get()},
             "seconds_since_last_output": (last > 0).then(|| now_ns().saturating_sub(last) as f64 / 1e9),
