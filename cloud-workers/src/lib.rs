@@ -17,6 +17,7 @@ pub mod pool;
 pub mod process;
 pub mod publish;
 pub mod run;
+pub mod tile;
 pub mod topic_partition;
 pub mod tracker;
 pub mod txn;

@@ -57,150 +57,46 @@ impl Img {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Op {
-    Grayscale,
-    Blur { sigma: f32 },
-    Sobel,
-    Sharpen,
-    Rotate { degrees: u16 },
-    Resize { width: u32, height: u32 },
-    Crop { x: u32, y: u32, width: u32, height: u32 },
+pub use framelink_common::pipeline::{Op, OpError, Pipeline};
+
+/// Running ops on images: the CPU backend's implementation of the shared pipeline syntax
+/// (`framelink_common::pipeline`).
+pub trait Apply {
+    fn apply(&self, img: Img) -> Result<Img, OpError>;
 }
 
-impl fmt::Display for Op {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Op::Grayscale => write!(f, "grayscale"),
-            Op::Blur { sigma } => write!(f, "blur:{sigma}"),
-            Op::Sobel => write!(f, "sobel"),
-            Op::Sharpen => write!(f, "sharpen"),
-            Op::Rotate { degrees } => write!(f, "rotate:{degrees}"),
-            Op::Resize { width, height } => write!(f, "resize:{width}x{height}"),
-            Op::Crop { x, y, width, height } => write!(f, "crop:{width}x{height}+{x}+{y}"),
-        }
+impl Apply for Op {
+    fn apply(&self, img: Img) -> Result<Img, OpError> {
+        apply_op(self, &img)
     }
 }
 
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum OpError {
-    #[error("pipeline op {index} `{text}`: {reason}")]
-    Parse { index: usize, text: String, reason: String },
-    #[error("{op} on a {width}x{height} image: {reason}")]
-    Apply { op: String, width: u32, height: u32, reason: String },
+impl Apply for Pipeline {
+    fn apply(&self, img: Img) -> Result<Img, OpError> {
+        self.0.iter().try_fold(img, |img, op| apply_op(op, &img))
+    }
 }
 
-fn parse_size(s: &str) -> Option<(u32, u32)> {
-    let (w, h) = s.split_once('x')?;
-    let (w, h) = (w.parse().ok()?, h.parse().ok()?);
-    (w > 0 && h > 0).then_some((w, h))
+fn apply_err(op: &Op, img: &Img, reason: String) -> OpError {
+    OpError::Apply { op: op.to_string(), width: img.width, height: img.height, reason }
 }
 
-impl Op {
-    fn parse(index: usize, text: &str) -> Result<Op, OpError> {
-        let err = |reason: &str| OpError::Parse { index, text: text.to_owned(), reason: reason.to_owned() };
-        let (name, arg) = match text.split_once(':') {
-            Some((n, a)) => (n, Some(a)),
-            None => (text, None),
-        };
-        let no_arg = |op: Op| if arg.is_some() { Err(err("takes no argument")) } else { Ok(op) };
-        match name {
-            "grayscale" | "gray" => no_arg(Op::Grayscale),
-            "sobel" => no_arg(Op::Sobel),
-            "sharpen" => no_arg(Op::Sharpen),
-            "blur" => {
-                let sigma: f32 = arg.ok_or_else(|| err("needs a sigma, e.g. blur:1.5"))?.parse().map_err(|_| err("sigma must be a number"))?;
-                if !(sigma > 0.0 && sigma <= 50.0) {
-                    return Err(err("sigma must be above 0 and at most 50"));
-                }
-                Ok(Op::Blur { sigma })
+/// One op on `img`.
+pub fn apply_op(op: &Op, img: &Img) -> Result<Img, OpError> {
+    Ok(match *op {
+        Op::Grayscale => grayscale(img),
+        Op::Blur { sigma } => blur(img, sigma),
+        Op::Sobel => sobel(img),
+        Op::Sharpen => sharpen(img),
+        Op::Rotate { degrees } => rotate(img, degrees),
+        Op::Resize { width, height } => resize(img, width, height).map_err(|reason| apply_err(op, img, reason))?,
+        Op::Crop { x, y, width, height } => {
+            if x as u64 + width as u64 > img.width as u64 || y as u64 + height as u64 > img.height as u64 {
+                return Err(apply_err(op, img, "the rectangle is outside the image".into()));
             }
-            "rotate" => match arg {
-                Some("90") => Ok(Op::Rotate { degrees: 90 }),
-                Some("180") => Ok(Op::Rotate { degrees: 180 }),
-                Some("270") => Ok(Op::Rotate { degrees: 270 }),
-                _ => Err(err("needs 90, 180 or 270, e.g. rotate:90")),
-            },
-            "resize" => {
-                let (width, height) = arg.and_then(parse_size).ok_or_else(|| err("needs a size, e.g. resize:1280x720"))?;
-                Ok(Op::Resize { width, height })
-            }
-            "crop" => {
-                let bad = || err("needs WxH+X+Y, e.g. crop:640x480+100+50");
-                let mut parts = arg.ok_or_else(bad)?.split('+');
-                let size = parts.next().and_then(parse_size);
-                let x = parts.next().and_then(|v| v.parse().ok());
-                let y = parts.next().and_then(|v| v.parse().ok());
-                match (size, x, y, parts.next()) {
-                    (Some((width, height)), Some(x), Some(y), None) => Ok(Op::Crop { x, y, width, height }),
-                    _ => Err(bad()),
-                }
-            }
-            "" => Err(err("empty op")),
-            _ => Err(err("unknown op (grayscale, blur, sobel, sharpen, rotate, resize, crop)")),
+            crop(img, x, y, width, height)
         }
-    }
-
-    /// The output size for an input of `w`×`h`.
-    pub fn output_size(&self, w: u32, h: u32) -> (u32, u32) {
-        match *self {
-            Op::Rotate { degrees: 90 | 270 } => (h, w),
-            Op::Resize { width, height } | Op::Crop { width, height, .. } => (width, height),
-            _ => (w, h),
-        }
-    }
-
-    pub fn apply(&self, img: &Img) -> Result<Img, OpError> {
-        Ok(match *self {
-            Op::Grayscale => grayscale(img),
-            Op::Blur { sigma } => blur(img, sigma),
-            Op::Sobel => sobel(img),
-            Op::Sharpen => sharpen(img),
-            Op::Rotate { degrees } => rotate(img, degrees),
-            Op::Resize { width, height } => resize(img, width, height).map_err(|reason| self.apply_err(img, reason))?,
-            Op::Crop { x, y, width, height } => {
-                if x as u64 + width as u64 > img.width as u64 || y as u64 + height as u64 > img.height as u64 {
-                    return Err(self.apply_err(img, "the rectangle is outside the image".into()));
-                }
-                crop(img, x, y, width, height)
-            }
-        })
-    }
-
-    fn apply_err(&self, img: &Img, reason: String) -> OpError {
-        OpError::Apply { op: self.to_string(), width: img.width, height: img.height, reason }
-    }
-}
-
-/// Ops applied in order.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Pipeline(pub Vec<Op>);
-
-impl Pipeline {
-    /// Parses `op[:arg],op[:arg],...`; an empty string is the empty pipeline.
-    pub fn parse(spec: &str) -> Result<Self, OpError> {
-        let spec = spec.trim();
-        if spec.is_empty() {
-            return Ok(Self(Vec::new()));
-        }
-        spec.split(',').enumerate().map(|(i, t)| Op::parse(i + 1, t.trim())).collect::<Result<_, _>>().map(Self)
-    }
-
-    pub fn apply(&self, img: Img) -> Result<Img, OpError> {
-        self.0.iter().try_fold(img, |img, op| op.apply(&img))
-    }
-
-    /// The final size for an input of `w`×`h`.
-    pub fn output_size(&self, w: u32, h: u32) -> (u32, u32) {
-        self.0.iter().fold((w, h), |(w, h), op| op.output_size(w, h))
-    }
-}
-
-impl fmt::Display for Pipeline {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let parts: Vec<String> = self.0.iter().map(Op::to_string).collect();
-        f.write_str(&parts.join(","))
-    }
+    })
 }
 
 pub fn grayscale(img: &Img) -> Img {
@@ -217,7 +113,7 @@ pub fn grayscale(img: &Img) -> Img {
 
 /// Gaussian weights for `sigma`, radius ⌈3σ⌉, as integers summing to exactly 65536.
 pub fn gaussian_kernel(sigma: f32) -> Vec<u32> {
-    let radius = (3.0 * sigma).ceil().max(1.0) as i32;
+    let radius = framelink_common::pipeline::blur_radius(sigma) as i32;
     let raw: Vec<f64> = (-radius..=radius).map(|i| (-(i as f64).powi(2) / (2.0 * sigma as f64 * sigma as f64)).exp()).collect();
     let total: f64 = raw.iter().sum();
     let mut k: Vec<u32> = raw.iter().map(|v| (v / total * 65536.0).round() as u32).collect();
@@ -446,27 +342,6 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn pipeline_syntax_and_errors_naming_the_op() {
-        let p = Pipeline::parse("resize:1280x720, grayscale,blur:1.5,sobel").unwrap();
-        assert_eq!(p.0, vec![Op::Resize { width: 1280, height: 720 }, Op::Grayscale, Op::Blur { sigma: 1.5 }, Op::Sobel]);
-        assert_eq!(p.to_string(), "resize:1280x720,grayscale,blur:1.5,sobel");
-        assert_eq!(Pipeline::parse("rotate:90,crop:30x40+10+20").unwrap().output_size(1920, 1080), (30, 40));
-        assert_eq!(Pipeline::parse("").unwrap().0.len(), 0);
-        for (spec, needle) in [
-            ("grayscale,blurr:2", "op 2 `blurr:2`: unknown op"),
-            ("blur", "needs a sigma"),
-            ("blur:-1", "above 0"),
-            ("rotate:45", "90, 180 or 270"),
-            ("resize:0x10", "needs a size"),
-            ("sobel:3", "takes no argument"),
-            ("crop:1,2", "WxH+X+Y"),
-        ] {
-            let e = Pipeline::parse(spec).unwrap_err().to_string();
-            assert!(e.contains(needle), "{spec}: {e}");
-        }
-    }
-
-    #[test]
     fn grayscale_matches_bt601_reference() {
         let g = grayscale(&coffee());
         assert_eq!((g.width, g.height, g.channels), (600, 400, 1));
@@ -594,11 +469,11 @@ pub(crate) mod tests {
         assert_eq!(at(&rotate(&img, 180), 0, 0), at(&img, 599, 399));
         let round = [90, 90, 90, 90].iter().fold(img.clone(), |i, d| rotate(&i, *d));
         assert_eq!(round, img);
-        let c = Op::Crop { x: 100, y: 50, width: 20, height: 10 }.apply(&img).unwrap();
+        let c = Op::Crop { x: 100, y: 50, width: 20, height: 10 }.apply(img.clone()).unwrap();
         assert_eq!((c.width, c.height), (20, 10));
         assert_eq!(at(&c, 0, 0), at(&img, 100, 50));
         assert_eq!(at(&c, 19, 9), at(&img, 119, 59));
-        let e = Op::Crop { x: 590, y: 0, width: 20, height: 10 }.apply(&img).unwrap_err().to_string();
+        let e = Op::Crop { x: 590, y: 0, width: 20, height: 10 }.apply(img.clone()).unwrap_err().to_string();
         assert!(e.contains("crop:20x10+590+0 on a 600x400 image"), "{e}");
     }
 }

@@ -101,7 +101,7 @@ impl Processor {
     fn cpu_ops(&self, mut img: Img, op_times: &mut Vec<(String, Duration)>) -> Result<Img, Rejected> {
         for op in &self.pipeline.0 {
             let t = Instant::now();
-            img = op.apply(&img).map_err(|e| reject(DeadLetterReason::OpFailed, e.to_string()))?;
+            img = crate::ops::apply_op(op, &img).map_err(|e| reject(DeadLetterReason::OpFailed, e.to_string()))?;
             op_times.push((op.to_string(), t.elapsed()));
         }
         Ok(img)

@@ -310,7 +310,7 @@ async fn w8_gpu_backend_results_equal_the_cpu_backend() {
     // The CPU backend on the same input.
     let jpeg = std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/images/rocket.jpg")).unwrap();
     let img = framelink_worker::decode::Decoder::new().decode(&jpeg, 50_000_000, Some((320, 240))).unwrap();
-    let cpu = framelink_worker::ops::Pipeline::parse(pipeline).unwrap().apply(img).unwrap();
+    let cpu = framelink_worker::ops::Apply::apply(&framelink_worker::ops::Pipeline::parse(pipeline).unwrap(), img).unwrap();
     let expected = framelink_worker::decode::encode(&cpu, 85).unwrap();
     let results = consume_all(&b.plaintext(), &t.results, Duration::from_secs(5)).await.unwrap();
     assert_eq!(results.len(), 80);

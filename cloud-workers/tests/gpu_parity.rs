@@ -10,7 +10,7 @@ use std::sync::Arc;
 use framelink_worker::decode::Decoder;
 use framelink_worker::gpu::{BackendChoice, Gpu, Runner};
 use framelink_worker::motion::small_luma;
-use framelink_worker::ops::{Img, Pipeline};
+use framelink_worker::ops::{Apply, Img, Pipeline};
 
 fn images() -> Vec<(String, Img)> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/images");

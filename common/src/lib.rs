@@ -23,8 +23,11 @@ pub mod http;
 pub mod kafka_config;
 pub mod link;
 pub mod metrics;
+pub mod pipeline;
 pub mod shutdown;
 pub mod systemd;
+pub mod tile_wire;
+pub mod tiling;
 pub mod tls_files;
 pub mod wire;
 

@@ -36,6 +36,12 @@ pub mod defaults {
     pub const DLQ_TOPIC: &str = "frames.dlq";
     /// The workers' consumer group (`consumer.group_id`).
     pub const WORKER_GROUP: &str = "framelink-workers";
+    /// Large-image jobs: tiles to process (console → workers).
+    pub const TILES_TOPIC: &str = "framelink.tiles";
+    /// Large-image jobs: processed tiles (workers → console).
+    pub const TILE_RESULTS_TOPIC: &str = "framelink.tiles.results";
+    /// Large-image jobs: each job's state, compacted (console → console after a restart, workers).
+    pub const JOBS_TOPIC: &str = "framelink.jobs";
 }
 
 pub mod header {

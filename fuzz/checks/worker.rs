@@ -12,7 +12,7 @@ use std::sync::LazyLock;
 use framelink_common::config_file;
 use framelink_worker::config::{ProcessingConfig, WorkerConfig};
 use framelink_worker::decode::{DecodeError, Decoder};
-use framelink_worker::ops::{Img, Op, OpError, Pipeline};
+use framelink_worker::ops::{Apply, Img, Op, OpError, Pipeline};
 
 #[path = "kafka_files.rs"]
 mod kafka_files;

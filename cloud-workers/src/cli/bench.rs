@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use framelink_worker::decode::{Decoder, encode};
 use framelink_worker::gpu::{BackendChoice, Gpu, Runner};
-use framelink_worker::ops::{Img, Pipeline, resize};
+use framelink_worker::ops::{Apply, Img, Pipeline, resize};
 
 pub struct BenchOptions {
     pub backend: BackendChoice,
