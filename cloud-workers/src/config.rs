@@ -37,6 +37,9 @@ pub struct WorkerConfig {
     /// The beat `framelink-console` shows this worker by (`heartbeat_s`, `topic`).
     #[serde(default)]
     pub heartbeat: framelink_common::heartbeat::HeartbeatConfig,
+    /// Large-image jobs' tiles (`enabled`, `topic`, `results_topic`, `jobs_topic`).
+    #[serde(default)]
+    pub tiles: crate::tile::TilesConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -247,6 +250,20 @@ impl WorkerConfig {
         }
         if !(6_000..=300_000).contains(&self.consumer.session_timeout_ms) {
             bail!("config key `consumer.session_timeout_ms`: {} is not from 6000 to 300000 (the broker's group.min/max.session.timeout.ms defaults)", self.consumer.session_timeout_ms);
+        }
+        let t = &self.tiles;
+        if t.enabled {
+            for (key, topic) in [("tiles.topic", &t.topic), ("tiles.results_topic", &t.results_topic), ("tiles.jobs_topic", &t.jobs_topic)] {
+                if topic.is_empty() {
+                    bail!("config key `{key}`: must not be empty");
+                }
+            }
+            if t.results_topic == t.topic || self.consumer.topics.contains(&t.results_topic) {
+                bail!("config key `tiles.results_topic`: {:?} is also an input topic (the worker would consume its own output)", t.results_topic);
+            }
+            if [&o.results_topic, &o.events_topic, &o.dlq_topic].contains(&&t.topic) {
+                bail!("config key `tiles.topic`: {:?} is also an output topic (the worker would consume its own output)", t.topic);
+            }
         }
         self.worker.pipeline_ops()?;
         if !(1..=100).contains(&self.worker.jpeg_quality) {

@@ -47,6 +47,10 @@ pub struct Metrics {
     pub last_output_ns: AtomicU64,
     /// Heartbeats to framelink-console sent and failed.
     pub beats: framelink_common::heartbeat::BeatCounts,
+    /// Large-image tiles processed, failed (also dead-lettered) and skipped (job over).
+    pub tiles_processed: Counter,
+    pub tiles_failed: Counter,
+    pub tiles_skipped: Family<Labels, Counter>,
 }
 
 /// State `/healthz` reports besides counters.
@@ -107,6 +111,9 @@ impl Metrics {
             health: Mutex::default(),
             last_output_ns: AtomicU64::new(0),
             beats: Default::default(),
+            tiles_processed: Counter::default(),
+            tiles_failed: Counter::default(),
+            tiles_skipped: Family::default(),
         };
         registry.register("frames_in", "Records consumed", m.frames_in.clone());
         registry.register("frames_out", "Frames processed", m.frames_out.clone());
@@ -129,6 +136,9 @@ impl Metrics {
         registry.register("gpu_batches", "Batches the GPU stage ran", m.gpu.batches.clone());
         registry.register("gpu_frames", "Frames the GPU stage ran", m.gpu.frames.clone());
         registry.register("gpu_fallbacks", "Frames processed on the CPU because their GPU batch failed", m.gpu.errors.clone());
+        registry.register("tiles_processed", "Large-image tiles processed and published", m.tiles_processed.clone());
+        registry.register("tiles_failed", "Large-image tiles that failed (dead-lettered, and reported to the console)", m.tiles_failed.clone());
+        registry.register("tiles_skipped", "Large-image tiles not processed because their job is over, by reason (job_cancelled, job_expired, job_done, job_failed)", m.tiles_skipped.clone());
         m.beats.register(&mut registry);
         Arc::new(Self { registry, ..m })
     }
@@ -164,6 +174,12 @@ impl Metrics {
             "stalled": stalled,
             "output_limits": h.limits.as_ref().map(|l| l.snapshot()),
             "processing_panics": self.panics.get(),
+            // Large-image tiles; skipped = tiles of jobs that were over (cancelled, expired…).
+            "tiles": {
+                "processed": self.tiles_processed.get(),
+                "failed": self.tiles_failed.get(),
+                "skipped": crate::jobs_watch::SKIP_REASONS.iter().map(|r| (r.to_string(), serde_json::Value::from(self.tiles_skipped.get_or_create(&vec![("reason", r.to_string())]).get()))).collect::<serde_json::Map<_, _>>(),
+            },
             // Beats for framelink-console that Kafka acknowledged / did not take in time.
             "heartbeats": {"sent": self.beats.sent.get(), "failed": self.beats.failed.get()},
             // Clients replaced in place (see docs/worker.md): work in flight was processed again.

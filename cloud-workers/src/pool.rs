@@ -41,6 +41,8 @@ pub struct Shared {
     pub publishing: Publishing,
     pub gpu: Option<GpuClient>,
     pub revocations: Arc<Revocations>,
+    /// Large-image jobs that are over (their tiles are skipped); `None` without `[tiles]`.
+    pub jobs: Option<Arc<crate::jobs_watch::JobsWatch>>,
 }
 
 pub struct Pool {
@@ -92,7 +94,7 @@ fn run_one(job: &Arc<Job>, processor: &mut Processor, s: &Shared) {
     // Exactly-once: an input whose result or event Kafka refused in an aborted transaction is
     // dead-lettered as it comes again (its dead letter, if that was refused, is simply
     // produced again).
-    let mut records = process(job, processor, &s.metrics, &s.publishing);
+    let mut records = if crate::tile::is_tile(&job.headers) { tile(job, processor.max_pixels, s) } else { process(job, processor, &s.metrics, &s.publishing) };
     if let Some(p) = s.poisoned.get(&job.tp, job.offset)
         && p.kind != OutputKind::DeadLetter
     {
@@ -107,6 +109,47 @@ fn run_one(job: &Arc<Job>, processor: &mut Processor, s: &Shared) {
     let Some(_guard) = t.produce_guard(job.epoch) else { return }; // aborted meanwhile: rewound
     for (job, records) in t.order.complete(&job.tp, job.offset, (job.clone(), records)) {
         send(&job, records, &s.producers.get(), &s.offsets, &s.metrics, None);
+    }
+}
+
+/// A large-image tile: its result (or its failure, reported to the console and dead-lettered);
+/// nothing for a tile of a job that is over (counted).
+fn tile(job: &Job, max_pixels: u64, s: &Shared) -> Vec<OutRecord> {
+    let (metrics, p) = (&s.metrics, &s.publishing);
+    if let Some(why) = crate::tile::job_of(&job.headers).and_then(|j| s.jobs.as_ref()?.over(j)) {
+        metrics.tiles_skipped.get_or_create(&vec![("reason", format!("job_{why}"))]).inc();
+        tracing::debug!(topic = job.tp.topic, partition = job.tp.partition, offset = job.offset, why, "Tile of a job that is over: skipped.");
+        return Vec::new();
+    }
+    let info = RecordInfo {
+        key: job.key.as_deref(),
+        headers: job.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect(),
+        topic: &job.tp.topic,
+        partition: job.tp.partition,
+        offset: job.offset,
+        timestamp_ms: job.timestamp_ms,
+    };
+    let result = std::panic::catch_unwind(|| crate::tile::process_tile(&info, job.payload.as_deref(), max_pixels)).unwrap_or_else(|panic| {
+        let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_else(|| "unknown panic".into());
+        metrics.panics.inc();
+        Err(Rejected { reason: DeadLetterReason::Panic, detail: format!("processing panicked: {what}") })
+    });
+    let records = result.map(|done| {
+        metrics.op_seconds.get_or_create(&vec![("op", "tile".to_owned())]).observe(done.took.as_secs_f64());
+        let headers = crate::tile::result_headers(&job.headers, &done, &p.worker);
+        vec![OutRecord { topic: p.tiles.results_topic.clone(), kind: OutputKind::Result, key: job.key.clone(), payload: done.core.data, headers }]
+    });
+    match records.and_then(|r| check_sizes(r, &p.limits)) {
+        Ok(records) => {
+            metrics.tiles_processed.inc();
+            records
+        }
+        Err(rej) => {
+            count_dead_letter(metrics, job, rej.reason, &rej.detail);
+            metrics.tiles_failed.inc();
+            let failure = OutRecord { topic: p.tiles.results_topic.clone(), kind: OutputKind::Result, key: job.key.clone(), payload: Vec::new(), headers: crate::tile::failure_headers(&job.headers, rej.reason, &rej.detail, &p.worker) };
+            vec![dead_letter(job, &p.out.dlq_topic, rej.reason, &rej.detail, &p.worker), failure]
+        }
     }
 }
 
@@ -161,7 +204,7 @@ mod tests {
     }
 
     fn publishing() -> Publishing {
-        Publishing { out: crate::config::OutputConfig::default(), worker: "w".into(), spec: "grayscale".into(), limits: Arc::new(crate::publish::TopicLimits::new(crate::publish::PRODUCER_MAX_BYTES)) }
+        Publishing { out: crate::config::OutputConfig::default(), worker: "w".into(), spec: "grayscale".into(), limits: Arc::new(crate::publish::TopicLimits::new(crate::publish::PRODUCER_MAX_BYTES)), tiles: Default::default() }
     }
 
     #[test]

@@ -56,7 +56,7 @@ pub fn run(v: Validated, shutdown: Shutdown, metrics: Arc<Metrics>) -> Result<()
     let offsets = Arc::new(Offsets::new(tracker.clone(), !exactly_once));
     let stalls = Arc::new(Stalls::default());
     let limits = Arc::new(TopicLimits::new(PRODUCER_MAX_BYTES));
-    let publishing = Publishing { out: cfg.output.clone(), worker: id.clone(), spec: cfg.worker.pipeline.clone(), limits: limits.clone() };
+    let publishing = Publishing { out: cfg.output.clone(), worker: id.clone(), spec: cfg.worker.pipeline.clone(), limits: limits.clone(), tiles: cfg.tiles.clone() };
     {
         let mut h = metrics.health.lock().unwrap();
         h.stalls = Some(stalls.clone());
@@ -87,7 +87,10 @@ pub fn run(v: Validated, shutdown: Shutdown, metrics: Arc<Metrics>) -> Result<()
         spawn_refusals(refusals_rx, handler)?;
     }
     // Each output topic's record-size limit, before the first frame (and kept fresh).
-    let output_topics = vec![cfg.output.results_topic.clone(), cfg.output.events_topic.clone(), cfg.output.dlq_topic.clone()];
+    let mut output_topics = vec![cfg.output.results_topic.clone(), cfg.output.events_topic.clone(), cfg.output.dlq_topic.clone()];
+    if cfg.tiles.enabled {
+        output_topics.push(cfg.tiles.results_topic.clone());
+    }
     let admin_config = v.kafka.client_config(&format!("framelink-worker-{id}-admin"));
     match limits.learn(&admin_config, &output_topics) {
         Ok(()) => tracing::info!(limits = ?limits.snapshot(), "Output topics' record-size limits (max.message.bytes)."),
@@ -109,7 +112,10 @@ pub fn run(v: Validated, shutdown: Shutdown, metrics: Arc<Metrics>) -> Result<()
     let make_consumer = {
         let cc = consumer_config(&v, &id);
         let revocations = Arc::new(crate::motion::Revocations::default());
-        let topics = cfg.consumer.topics.clone();
+        let mut topics = cfg.consumer.topics.clone();
+        if cfg.tiles.enabled {
+            topics.push(cfg.tiles.topic.clone());
+        }
         let (link, tracker, metrics, stalls, poisoned, offsets, txn) = (link.clone(), tracker.clone(), metrics.clone(), stalls.clone(), poisoned.clone(), offsets.clone(), txn.clone());
         move || -> Result<Arc<WorkerConsumer>> {
             let context = ConsumeContext::new(LinkContext::new(link.clone()), tracker.clone(), metrics.clone(), stalls.clone(), poisoned.clone(), refresh_limits.clone(), revocations.clone());
@@ -125,7 +131,15 @@ pub fn run(v: Validated, shutdown: Shutdown, metrics: Arc<Metrics>) -> Result<()
     };
     let consumer = make_consumer()?;
     let topics = &cfg.consumer.topics;
-    tracing::info!(worker = id, group = cfg.consumer.group_id, topics = ?topics, pipeline = %cfg.worker.pipeline, delivery = cfg.worker.delivery.as_str(), kafka = v.kafka.describe(), "Worker running.");
+    // Large-image jobs: which are over, so their queued tiles are skipped.
+    let jobs = if cfg.tiles.enabled {
+        let watch = Arc::new(crate::jobs_watch::JobsWatch::default());
+        watch.spawn(&v.kafka, &cfg.tiles.jobs_topic, &id, shutdown.clone()).context("starting the jobs reader")?;
+        Some(watch)
+    } else {
+        None
+    };
+    tracing::info!(worker = id, group = cfg.consumer.group_id, topics = ?topics, tiles = cfg.tiles.enabled.then_some(cfg.tiles.topic.as_str()), pipeline = %cfg.worker.pipeline, delivery = cfg.worker.delivery.as_str(), kafka = v.kafka.describe(), "Worker running.");
 
     // systemd (Type=notify): ready once subscribed; the watchdog is fed while the poll loop runs.
     let heartbeat = Arc::new(framelink_common::systemd::Heartbeat::default());
@@ -134,7 +148,7 @@ pub fn run(v: Validated, shutdown: Shutdown, metrics: Arc<Metrics>) -> Result<()
     framelink_common::systemd::spawn_watchdog(heartbeat.clone(), shutdown.clone(), "consumer poll");
 
     let beats = start_heartbeats(&v, &id, &metrics, &shutdown);
-    let shared = Shared { producers: producers.clone(), offsets: offsets.clone(), metrics: metrics.clone(), txn: txn.clone(), refusals, poisoned: poisoned.clone(), publishing, gpu, revocations: consumer.context().revocations.clone() };
+    let shared = Shared { producers: producers.clone(), offsets: offsets.clone(), metrics: metrics.clone(), txn: txn.clone(), refusals, poisoned: poisoned.clone(), publishing, gpu, revocations: consumer.context().revocations.clone(), jobs };
     let pool = Pool::spawn(cfg, &shared)?;
     drop(shared);
     let poll = PollLoop {

@@ -23,6 +23,9 @@ pub struct ConsoleConfig {
     pub topics: Topics,
     #[serde(default)]
     pub lag: LagConfig,
+    /// Large-image jobs (`/api/jobs`).
+    #[serde(default)]
+    pub jobs: crate::jobs::JobsConfig,
 }
 
 /// `[console]`: the web listener and what the page shows.
@@ -245,6 +248,9 @@ impl ConsoleConfig {
         }
         if !self.lag.group.is_empty() && (self.lag.topics.is_empty() || self.lag.interval_s == 0 || self.lag.window_s < self.lag.interval_s) {
             bail!("config keys `lag.topics`, `lag.interval_s`, `lag.window_s`: need at least one topic, interval_s ≥ 1 and window_s ≥ interval_s (or lag.group = \"\" to turn lag off)");
+        }
+        if self.jobs.enabled {
+            self.jobs.validate()?;
         }
         let kafka = self.kafka.validate("kafka")?;
         Ok(Validated { config: self, kafka, addr, token })

@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod ingest;
+pub mod jobs;
 pub mod lag;
 pub mod metrics;
 pub mod state;
@@ -50,6 +51,17 @@ pub fn run(v: Validated, shutdown: Shutdown, bound: impl FnOnce(std::net::Socket
         let s = shutdown.clone();
         threads.push(guarded("ingest", Box::new(move || ingest.run(s)))?);
     }
+    let metrics = Arc::new(metrics::ConsoleMetrics::new());
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("web").enable_all().build()?;
+    let jobs_api = if cfg.jobs.enabled {
+        let kafka = Arc::new(jobs::kafka::JobsKafka::new(&v.kafka, &cfg.jobs, link.clone()).context("creating the jobs' Kafka producer")?);
+        let state = Arc::new(Mutex::new(jobs::state::Jobs::new(metrics.job_counters.clone())));
+        let (k, j, s, h) = (kafka.clone(), state.clone(), shutdown.clone(), rt.handle().clone());
+        threads.push(guarded("jobs", Box::new(move || jobs::run_reader(k, j, s, h)))?);
+        Some(jobs::api::JobsApi { jobs: state, kafka })
+    } else {
+        None
+    };
     if !cfg.lag.group.is_empty() {
         let sampler = lag::LagSampler::new(&v.kafka, &cfg.lag, fleet.clone()).context("creating the lag reader")?;
         let s = shutdown.clone();
@@ -58,7 +70,7 @@ pub fn run(v: Validated, shutdown: Shutdown, bound: impl FnOnce(std::net::Socket
     let app = web::App {
         fleet: fleet.clone(),
         thumbs: Arc::default(),
-        metrics: Arc::new(metrics::ConsoleMetrics::new()),
+        metrics,
         token: v.token.as_deref().map(Arc::from),
         link,
         push_interval: Duration::from_millis(cfg.console.push_interval_ms),
@@ -66,8 +78,8 @@ pub fn run(v: Validated, shutdown: Shutdown, bound: impl FnOnce(std::net::Socket
         started: Instant::now(),
         tls: cfg.console.tls_certificate.is_some(),
         shutdown: shutdown.clone(),
+        jobs: jobs_api.clone(),
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("web").enable_all().build()?;
     let result = rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(v.addr).await.with_context(|| format!("binding {} (console.listen)", v.addr))?;
         let addr = listener.local_addr()?;
@@ -91,6 +103,25 @@ pub fn run(v: Validated, shutdown: Shutdown, bound: impl FnOnce(std::net::Socket
                 t.retain(|d, c| fleet.latest(d, c).is_some());
             }
         });
+        // Jobs expire `expire_after_s` after they were created: memory freed, a tombstone
+        // written (workers skip what is left of their tiles).
+        if let Some(api) = jobs_api.clone() {
+            let s = shutdown.clone();
+            tokio::spawn(async move {
+                let after_ms = api.kafka.cfg.expire_after_s * 1000;
+                let mut every = tokio::time::interval(Duration::from_secs(10));
+                while !s.is_set() {
+                    every.tick().await;
+                    let expired = api.jobs.lock().expect("jobs lock").expire(framelink_common::heartbeat::now_ms(), after_ms);
+                    for id in expired {
+                        tracing::info!(job = id, "Job expired.");
+                        if let Err(e) = api.kafka.write_record(&id, None).await {
+                            tracing::warn!(job = id, error = e, "Cannot write the expired job's tombstone.");
+                        }
+                    }
+                }
+            });
+        }
         let router = web::router(app);
         let stop = shutdown.clone();
         let stopped = async move {

@@ -34,6 +34,10 @@ pub struct ConsoleMetrics {
     results_invalid: Counter,
     events: Counter,
     pub sse_clients: Gauge,
+    /// Large-image jobs: counted by the results reader, by status and memory held at scrape.
+    pub job_counters: crate::jobs::state::JobCounters,
+    jobs: Family<Labels, Gauge>,
+    jobs_held_bytes: Gauge,
     last: Mutex<(Counts, std::collections::BTreeMap<String, u64>)>,
 }
 
@@ -58,6 +62,9 @@ impl ConsoleMetrics {
             results_invalid: Counter::default(),
             events: Counter::default(),
             sse_clients: Gauge::default(),
+            job_counters: Default::default(),
+            jobs: Family::default(),
+            jobs_held_bytes: Gauge::default(),
             last: Mutex::default(),
         };
         r.register("devices", "Devices by status (live, stale, offline)", m.devices.clone());
@@ -76,7 +83,21 @@ impl ConsoleMetrics {
         r.register("results_invalid", "Result records without device/camera headers (ignored)", m.results_invalid.clone());
         r.register("events", "Motion events read", m.events.clone());
         r.register("sse_clients", "Pages connected to the live stream", m.sse_clients.clone());
+        r.register("jobs", "Large-image jobs held, by status (queuing, running, done, failed, cancelled)", m.jobs.clone());
+        r.register("jobs_held_bytes", "Memory of the stitched images of the jobs held", m.jobs_held_bytes.clone());
+        r.register("job_tiles_stitched", "Tile results stitched into their job's image", m.job_counters.stitched.clone());
+        r.register("job_tiles_failed", "Tiles a worker reported failed (their job fails, naming them)", m.job_counters.failed.clone());
+        r.register("job_tile_duplicates", "Tile results seen before (redelivered), ignored", m.job_counters.duplicates.clone());
+        r.register("job_results_ignored", "Tile results ignored, by reason (unknown_job: expired or another console's; job_over: cancelled; bad_result: does not fit its job)", m.job_counters.ignored.clone());
         Self { registry: r, ..m }
+    }
+
+    /// Refreshes the jobs' gauges (before `render`).
+    pub fn set_jobs(&self, jobs: &crate::jobs::state::Jobs) {
+        for (status, n) in jobs.status_counts() {
+            self.jobs.get_or_create(&labels(&[("status", status)])).set(n as i64);
+        }
+        self.jobs_held_bytes.set(jobs.held_bytes() as i64);
     }
 
     /// The text exposition, refreshed from `fleet` at `now_ms`.

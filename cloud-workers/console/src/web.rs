@@ -61,9 +61,25 @@ pub struct App {
     pub tls: bool,
     /// Ends the live streams at shutdown (a graceful stop waits for every connection).
     pub shutdown: framelink_common::shutdown::Shutdown,
+    /// Large-image jobs; `None` with `jobs.enabled = false`.
+    pub jobs: Option<crate::jobs::api::JobsApi>,
+}
+
+/// `/api/jobs…` (see [`crate::jobs::api`]).
+fn jobs_router(api: crate::jobs::api::JobsApi) -> Router<App> {
+    use crate::jobs::api;
+    use axum::routing::post;
+    let upload_limit = api.kafka.cfg.max_upload_bytes.saturating_add(1 << 20).min(usize::MAX as u64) as usize;
+    Router::new()
+        .route("/api/jobs", get(api::list).post(api::create).layer(axum::extract::DefaultBodyLimit::max(upload_limit)))
+        .route("/api/jobs/{id}", get(api::get_one).delete(api::cancel))
+        .route("/api/jobs/{id}/result", get(api::result))
+        .route("/api/jobs/{id}/cancel", post(api::cancel))
+        .with_state(api)
 }
 
 pub fn router(app: App) -> Router {
+    let jobs = app.jobs.clone().map(jobs_router).unwrap_or_default();
     let protected = Router::new()
         .route("/", get(index))
         .route("/api/fleet", get(fleet))
@@ -76,6 +92,7 @@ pub fn router(app: App) -> Router {
         .route("/api/stream", get(stream))
         .route("/thumbs/{device}/{camera}", get(thumbnail))
         .route("/metrics", get(metrics))
+        .merge(jobs)
         .route_layer(axum::middleware::from_fn_with_state(app.clone(), authorize));
     Router::new()
         .route("/healthz", get(healthz))
@@ -257,6 +274,9 @@ async fn thumbnail(State(app): State<App>, Path((device, camera)): Path<(String,
 }
 
 async fn metrics(State(app): State<App>) -> Response {
+    if let Some(j) = &app.jobs {
+        app.metrics.set_jobs(&j.jobs.lock().expect("jobs lock"));
+    }
     let text = {
         let fleet = app.fleet.lock().expect("fleet lock");
         app.metrics.render(&fleet, now_ms())
@@ -279,8 +299,25 @@ async fn healthz(State(app): State<App>) -> Response {
         "cameras": {"live": c[2][0], "stale": c[2][1], "offline": c[2][2]},
         "read": fleet.counts,
         "sse_clients": app.metrics.sse_clients.get(),
+        "jobs": app.jobs.as_ref().map(|j| {
+            let jobs = j.jobs.lock().expect("jobs lock");
+            let c = &jobs.counters;
+            json!({
+                "restored": jobs.restored,
+                "by_status": jobs.status_counts(),
+                "held_bytes": jobs.held_bytes(),
+                "tiles_stitched": c.stitched.get(),
+                "tiles_failed": c.failed.get(),
+                "duplicates": c.duplicates.get(),
+                "ignored": ignored_counts(c),
+            })
+        }),
     });
     axum::Json(body).into_response()
+}
+
+fn ignored_counts(c: &crate::jobs::state::JobCounters) -> serde_json::Map<String, serde_json::Value> {
+    ["unknown_job", "job_over", "bad_result"].iter().map(|r| (r.to_string(), json!(c.ignored.get_or_create(&vec![("reason", r.to_string())]).get()))).collect()
 }
 
 #[cfg(test)]

@@ -96,6 +96,8 @@ pub struct Publishing {
     pub worker: String,
     pub spec: String,
     pub limits: Arc<TopicLimits>,
+    /// Large-image tiles: where their results go.
+    pub tiles: crate::tile::TilesConfig,
 }
 
 
@@ -222,7 +224,7 @@ mod tests {
     }
 
     fn publishing() -> Publishing {
-        Publishing { out: crate::config::OutputConfig::default(), worker: "w-2".into(), spec: "grayscale".into(), limits: Arc::new(TopicLimits::new(crate::publish::PRODUCER_MAX_BYTES)) }
+        Publishing { out: crate::config::OutputConfig::default(), worker: "w-2".into(), spec: "grayscale".into(), limits: Arc::new(TopicLimits::new(crate::publish::PRODUCER_MAX_BYTES)), tiles: Default::default() }
     }
 
     fn all<'a>(h: &'a OwnedHeaders, name: &str) -> Vec<&'a [u8]> {

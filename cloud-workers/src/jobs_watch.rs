@@ -1,0 +1,132 @@
+//! Which large-image jobs are over (cancelled, failed, done or expired), read from the console's
+//! compacted jobs topic, so that their tiles still queued are skipped instead of processed.
+//!
+//! One thread with a consumer of its own that assigns every partition of the jobs topic from the
+//! beginning (no group, nothing committed), so a worker that starts mid-job knows at once. A
+//! job the worker has not heard of is processed: the console writes a job's record before its
+//! first tile, but this reader may be behind, and processing a tile too many is harmless.
+//! A skipped tile is counted (`tiles_skipped{reason}`) and its offset committed: skipping the
+//! tiles of a job that is over is the documented behaviour, not a loss.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use framelink_common::shutdown::Shutdown;
+use framelink_common::tile_wire::JobStatus;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+/// Ids of jobs are forgotten this long after the worker learned they are over.
+const FORGET_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+/// The `reason` labels of `tiles_skipped`.
+pub const SKIP_REASONS: [&str; 4] = ["job_cancelled", "job_expired", "job_done", "job_failed"];
+
+#[derive(Default)]
+pub struct JobsWatch {
+    over: Mutex<HashMap<String, (&'static str, Instant)>>,
+}
+
+#[derive(serde::Deserialize)]
+struct StatusOnly {
+    status: JobStatus,
+}
+
+impl JobsWatch {
+    /// Why tiles of `job` are not wanted any more (`cancelled`, `failed`, `done`, `expired`).
+    pub fn over(&self, job: &str) -> Option<&'static str> {
+        self.over.lock().unwrap().get(job).map(|(why, _)| *why)
+    }
+
+    /// One record of the jobs topic: a job's state, or a tombstone (`None`) when it expired.
+    pub fn record(&self, job: &str, value: Option<&[u8]>) {
+        let why = match value {
+            None => Some("expired"),
+            Some(v) => match serde_json::from_slice::<StatusOnly>(v) {
+                Ok(s) if s.status.wants_tiles() => None,
+                Ok(s) => Some(s.status.as_str()),
+                Err(e) => {
+                    tracing::debug!(job, error = %e, "A jobs record that does not parse; ignored.");
+                    return;
+                }
+            },
+        };
+        let mut over = self.over.lock().unwrap();
+        match why {
+            Some(why) => {
+                over.insert(job.to_owned(), (why, Instant::now()));
+            }
+            None => {
+                over.remove(job);
+            }
+        }
+        over.retain(|_, (_, at)| at.elapsed() < FORGET_AFTER);
+    }
+
+    /// Starts the reader thread.
+    pub fn spawn(self: &Arc<Self>, kafka: &framelink_common::KafkaSettings, topic: &str, id: &str, shutdown: Shutdown) -> anyhow::Result<std::thread::JoinHandle<()>> {
+        let mut c = kafka.client_config(&format!("framelink-worker-{id}-jobs"));
+        c.set("group.id", "framelink-worker-jobs-reader").set("enable.auto.commit", "false").set("enable.auto.offset.store", "false");
+        let consumer: BaseConsumer = c.create()?;
+        let (me, topic) = (self.clone(), topic.to_owned());
+        Ok(std::thread::Builder::new().name("jobs-watch".into()).spawn(move || me.run(consumer, &topic, shutdown))?)
+    }
+
+    fn run(&self, consumer: BaseConsumer, topic: &str, shutdown: Shutdown) {
+        let mut assigned = 0usize;
+        let mut last_check: Option<Instant> = None;
+        while !shutdown.is_set() {
+            // New partitions (or the topic itself, created by the console) are looked for every
+            // 30 s, every 2 s while there are none.
+            let every = if assigned == 0 { Duration::from_secs(2) } else { Duration::from_secs(30) };
+            if last_check.is_none_or(|t| t.elapsed() > every) {
+                last_check = Some(Instant::now());
+                if let Ok(m) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))
+                    && let Some(t) = m.topics().iter().find(|t| t.name() == topic && t.error().is_none())
+                    && t.partitions().len() > assigned
+                {
+                    let mut tpl = TopicPartitionList::new();
+                    for p in t.partitions().iter().filter(|p| p.id() as usize >= assigned) {
+                        let _ = tpl.add_partition_offset(topic, p.id(), Offset::Beginning);
+                    }
+                    if consumer.incremental_assign(&tpl).is_ok() {
+                        assigned = t.partitions().len();
+                        tracing::info!(topic, partitions = assigned, "Watching the large-image jobs' state.");
+                    }
+                }
+            }
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => {
+                    if let Some(job) = m.key().and_then(|k| std::str::from_utf8(k).ok()) {
+                        self.record(job, m.payload());
+                    }
+                }
+                Some(Err(e)) => tracing::debug!(error = %e, "Jobs topic."),
+                None => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cancelled_failed_done_and_expired_jobs_are_over() {
+        let w = JobsWatch::default();
+        w.record("a", Some(br#"{"status":"running","id":"a"}"#));
+        assert_eq!(w.over("a"), None);
+        w.record("a", Some(br#"{"status":"cancelled"}"#));
+        assert_eq!(w.over("a"), Some("cancelled"));
+        w.record("b", None);
+        assert_eq!(w.over("b"), Some("expired"));
+        w.record("c", Some(b"not json"));
+        assert_eq!(w.over("c"), None, "a record that does not parse changes nothing");
+        w.record("c", Some(br#"{"status":"done"}"#));
+        assert_eq!(w.over("c"), Some("done"));
+        assert_eq!(w.over("unknown"), None, "an unknown job's tiles are processed");
+    }
+}
