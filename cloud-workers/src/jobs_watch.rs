@@ -27,6 +27,8 @@ pub const SKIP_REASONS: [&str; 4] = ["job_cancelled", "job_expired", "job_done",
 #[derive(Default)]
 pub struct JobsWatch {
     over: Mutex<HashMap<String, (&'static str, Instant)>>,
+    /// Set once the topic was read to the end it had at start (or found missing).
+    caught_up: (Mutex<bool>, std::sync::Condvar),
 }
 
 #[derive(serde::Deserialize)]
@@ -38,6 +40,21 @@ impl JobsWatch {
     /// Why tiles of `job` are not wanted any more (`cancelled`, `failed`, `done`, `expired`).
     pub fn over(&self, job: &str) -> Option<&'static str> {
         self.over.lock().unwrap().get(job).map(|(why, _)| *why)
+    }
+
+    /// Waits (up to `limit`) until the jobs topic was read to where it ended at start, so a
+    /// worker that starts does not process the tiles of jobs cancelled while it was away.
+    pub fn wait_caught_up(&self, limit: Duration) -> bool {
+        let (m, cv) = &self.caught_up;
+        let guard = m.lock().unwrap();
+        let (guard, _) = cv.wait_timeout_while(guard, limit, |c| !*c).unwrap();
+        *guard
+    }
+
+    fn set_caught_up(&self) {
+        let (m, cv) = &self.caught_up;
+        *m.lock().unwrap() = true;
+        cv.notify_all();
     }
 
     /// One record of the jobs topic: a job's state, or a tombstone (`None`) when it expired.
@@ -77,22 +94,45 @@ impl JobsWatch {
     fn run(&self, consumer: BaseConsumer, topic: &str, shutdown: Shutdown) {
         let mut assigned = 0usize;
         let mut last_check: Option<Instant> = None;
+        // Partition → the end it had when first assigned; emptied as it is reached.
+        let mut ends: HashMap<i32, i64> = HashMap::new();
+        let started = Instant::now();
         while !shutdown.is_set() {
             // New partitions (or the topic itself, created by the console) are looked for every
             // 30 s, every 2 s while there are none.
             let every = if assigned == 0 { Duration::from_secs(2) } else { Duration::from_secs(30) };
             if last_check.is_none_or(|t| t.elapsed() > every) {
                 last_check = Some(Instant::now());
-                if let Ok(m) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))
-                    && let Some(t) = m.topics().iter().find(|t| t.name() == topic && t.error().is_none())
-                    && t.partitions().len() > assigned
+                let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5));
+                let found = md.as_ref().ok().and_then(|m| m.topics().iter().find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty()).map(|t| t.partitions().iter().map(|p| p.id()).collect::<Vec<_>>()));
+                // No jobs topic (yet): there is nothing to know; an unreachable cluster for
+                // 30 s: the tiles are processed rather than held.
+                if (md.is_ok() && found.is_none()) || started.elapsed() > Duration::from_secs(30) {
+                    self.set_caught_up();
+                }
+                if let Some(parts) = found
+                    && parts.len() > assigned
                 {
                     let mut tpl = TopicPartitionList::new();
-                    for p in t.partitions().iter().filter(|p| p.id() as usize >= assigned) {
-                        let _ = tpl.add_partition_offset(topic, p.id(), Offset::Beginning);
+                    for &p in parts.iter().filter(|p| **p as usize >= assigned) {
+                        let _ = tpl.add_partition_offset(topic, p, Offset::Beginning);
+                        if assigned == 0 {
+                            match consumer.fetch_watermarks(topic, p, Duration::from_secs(5)) {
+                                Ok((low, high)) if high > low => {
+                                    ends.insert(p, high);
+                                }
+                                Ok(_) => {}
+                                Err(_) => {
+                                    ends.insert(p, i64::MAX);
+                                }
+                            }
+                        }
                     }
                     if consumer.incremental_assign(&tpl).is_ok() {
-                        assigned = t.partitions().len();
+                        assigned = parts.len();
+                        if ends.is_empty() {
+                            self.set_caught_up();
+                        }
                         tracing::info!(topic, partitions = assigned, "Watching the large-image jobs' state.");
                     }
                 }
@@ -101,6 +141,12 @@ impl JobsWatch {
                 Some(Ok(m)) => {
                     if let Some(job) = m.key().and_then(|k| std::str::from_utf8(k).ok()) {
                         self.record(job, m.payload());
+                    }
+                    if ends.get(&m.partition()).is_some_and(|&end| m.offset() + 1 >= end) {
+                        ends.remove(&m.partition());
+                        if ends.is_empty() {
+                            self.set_caught_up();
+                        }
                     }
                 }
                 Some(Err(e)) => tracing::debug!(error = %e, "Jobs topic."),

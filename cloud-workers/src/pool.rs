@@ -116,6 +116,11 @@ fn run_one(job: &Arc<Job>, processor: &mut Processor, s: &Shared) {
 /// nothing for a tile of a job that is over (counted).
 fn tile(job: &Job, max_pixels: u64, s: &Shared) -> Vec<OutRecord> {
     let (metrics, p) = (&s.metrics, &s.publishing);
+    if let Some(w) = &s.jobs
+        && !w.wait_caught_up(std::time::Duration::from_secs(30))
+    {
+        tracing::warn!("The jobs topic is not read yet after 30 s; processing tiles without knowing which jobs are over.");
+    }
     if let Some(why) = crate::tile::job_of(&job.headers).and_then(|j| s.jobs.as_ref()?.over(j)) {
         metrics.tiles_skipped.get_or_create(&vec![("reason", format!("job_{why}"))]).inc();
         tracing::debug!(topic = job.tp.topic, partition = job.tp.partition, offset = job.offset, why, "Tile of a job that is over: skipped.");

@@ -85,6 +85,7 @@ pub async fn create(State(api): State<JobsApi>, headers: HeaderMap, mut form: Mu
         if field.file_name().is_some() || field_name == "image" {
             name = field.file_name().map(|n| n.chars().filter(|c| !c.is_control()).take(200).collect());
             match field.bytes().await {
+                Ok(b) if b.len() as u64 > cfg.max_upload_bytes => return refuse(StatusCode::PAYLOAD_TOO_LARGE, format!("the upload is {} bytes, larger than jobs.max_upload_bytes = {}", b.len(), cfg.max_upload_bytes)),
                 Ok(b) => file = Some(b),
                 Err(e) => return upload_error(e, cfg.max_upload_bytes),
             }
