@@ -244,7 +244,55 @@ function connect() {
   es.onerror = () => { $("conn").textContent = "reconnecting…"; $("conn").dataset.state = "reconnecting"; };
 }
 
+// Large-image jobs: polled (they change little and only while someone waits for one).
+let jobsEnabled = true;
+
+function renderJobs(list) {
+  const rows = list.map((j) => {
+    const pct = j.total ? Math.round(100 * (j.done + j.failed) / j.total) : 0;
+    const bar = el("progress", { max: 100, value: pct, title: j.done + " done, " + j.failed + " failed of " + j.total });
+    const actions = el("td", {});
+    if (j.status === "done") actions.append(el("a", { href: "/api/jobs/" + enc(j.job_id) + "/result", download: j.job_id + ".png" }, "result"));
+    if (j.status === "queuing" || j.status === "running") {
+      const b = el("button", { type: "button", class: "link" }, "cancel");
+      b.addEventListener("click", () => fetch("/api/jobs/" + enc(j.job_id), { method: "DELETE" }).then(pollJobs));
+      actions.append(b);
+    }
+    const why = j.reason || (j.errors && j.errors.length ? j.errors.map((e) => "tile " + e.tile + ": " + e.reason).join("; ") : "");
+    return el("tr", { "data-id": j.job_id, "data-status": j.status },
+      el("td", {}, j.job_id), el("td", {}, (j.name || "") + " " + j.width + "×" + j.height),
+      el("td", {}, j.pipeline), el("td", { title: why }, j.status), el("td", {}, bar, " " + pct + " %"),
+      el("td", {}, j.done + "/" + j.total + (j.failed ? " (" + j.failed + " failed)" : "")),
+      el("td", {}, j.seconds.toFixed(1) + " s"), actions);
+  });
+  $("jobs").replaceChildren(...(rows.length ? rows : [el("tr", {}, el("td", { colSpan: 8, class: "empty" }, "No job yet: upload an image above, or POST it to /api/jobs."))]));
+}
+
+function pollJobs() {
+  if (!jobsEnabled) return Promise.resolve();
+  return fetch("/api/jobs").then((r) => {
+    if (r.status === 404) { jobsEnabled = false; $("jobs-section").hidden = true; return null; }
+    return r.ok ? r.json() : null; // 503 while the console reads its jobs back: next time
+  }).then((list) => { if (list) renderJobs(list); }).catch(() => {});
+}
+
+function submitJob(ev) {
+  ev.preventDefault();
+  const form = new FormData();
+  form.append("pipeline", $("job-pipeline").value);
+  if ($("job-tile").value) form.append("tile", $("job-tile").value);
+  form.append("image", $("job-file").files[0]);
+  $("job-message").textContent = "uploading…";
+  fetch("/api/jobs", { method: "POST", body: form }).then((r) => r.json().then((b) => {
+    $("job-message").textContent = r.ok ? "job " + b.job_id + ": " + b.tiles + " tiles" : (b.error || "refused: HTTP " + r.status);
+    pollJobs();
+  })).catch((e) => { $("job-message").textContent = "upload failed: " + e; });
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  $("job-form").addEventListener("submit", submitJob);
+  pollJobs();
+  setInterval(pollJobs, 1000);
   $("filter").addEventListener("input", () => { dirty = true; });
   connect();
   setInterval(render, 250);

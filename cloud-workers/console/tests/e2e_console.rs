@@ -134,11 +134,12 @@ fn c1_the_dashboard_shows_the_fleet_live_in_a_browser() {
     }
     let group = rand_topic("c1-group");
     let heartbeat = format!("[heartbeat]\nheartbeat_s = 1\ntopic = {beats:?}\n");
+    let (tiles, tile_results, jobs) = (rand_topic("c1-tiles"), rand_topic("c1-tres"), rand_topic("c1-jobs"));
 
     // The console first: it creates the heartbeats topic, compacted.
     let cdir = tempfile::tempdir().unwrap();
     let console_body = format!(
-        "{}\n[topics]\nheartbeats = {beats:?}\nresults = {results:?}\nevents = {events:?}\ndlq = {dlq:?}\n[lag]\ngroup = {group:?}\ntopics = [{frames:?}]\ninterval_s = 1\n",
+        "{}\n[topics]\nheartbeats = {beats:?}\nresults = {results:?}\nevents = {events:?}\ndlq = {dlq:?}\n[lag]\ngroup = {group:?}\ntopics = [{frames:?}]\ninterval_s = 1\n[jobs]\ntiles_topic = {tiles:?}\nresults_topic = {tile_results:?}\njobs_topic = {jobs:?}\npartitions = 2\n",
         kafka_toml(&b.plaintext())
     );
     let mut console = Daemon::console(CONSOLE, cdir.path(), &console_body, "stale_after_beats = 2\nthumbnail_refresh_s = 1\npush_interval_ms = 500\n");
@@ -146,7 +147,7 @@ fn c1_the_dashboard_shows_the_fleet_live_in_a_browser() {
 
     let wdir = tempfile::tempdir().unwrap();
     let worker_body = format!(
-        "{}\n[consumer]\ngroup_id = {group:?}\ntopics = [{frames:?}]\nsession_timeout_ms = 6000\n[output]\nresults_topic = {results:?}\nevents_topic = {events:?}\ndlq_topic = {dlq:?}\n[worker]\nid = \"w-console\"\npipeline = \"resize:320x180\"\nthreads = 2\n[motion]\nenabled = true\n{heartbeat}",
+        "{}\n[consumer]\ngroup_id = {group:?}\ntopics = [{frames:?}]\nsession_timeout_ms = 6000\n[output]\nresults_topic = {results:?}\nevents_topic = {events:?}\ndlq_topic = {dlq:?}\n[worker]\nid = \"w-console\"\npipeline = \"resize:320x180\"\nthreads = 2\n[motion]\nenabled = true\n{heartbeat}[tiles]\nenabled = true\ntopic = {tiles:?}\nresults_topic = {tile_results:?}\njobs_topic = {jobs:?}\n",
         kafka_toml(&b.plaintext())
     );
     let mut worker = Daemon::worker(&sibling_binary("framelink-worker"), wdir.path(), &worker_body);
@@ -206,6 +207,21 @@ fn c1_the_dashboard_shows_the_fleet_live_in_a_browser() {
     page.wait("the lag recovered", Duration::from_secs(60), &format!("{LAG} <= 16"));
     page.wait("the worker live again", Duration::from_secs(15), &format!("{} === 'live'", row_status("workers", "w-console")));
     page.screenshot("3-worker-back.png");
+
+    // A large-image job through the page's form: its row shows the progress, then the result.
+    // (The file goes into the form's input as a user's pick would; Chromium's DevTools file
+    // chooser is refused reading files in this sandbox-less setup, so the page makes the File.)
+    let coffee = std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/images/coffee.png")).unwrap();
+    let hex: String = coffee.iter().map(|b| format!("{b:02x}")).collect();
+    page.eval(&format!("(() => {{ const h = '{hex}'; const b = new Uint8Array(h.length / 2); for (let i = 0; i < b.length; i++) b[i] = parseInt(h.substr(2 * i, 2), 16); const dt = new DataTransfer(); dt.items.add(new File([b], 'coffee.png', {{ type: 'image/png' }})); document.getElementById('job-file').files = dt.files; return true; }})()"));
+    page.eval("document.getElementById('job-pipeline').value = 'blur:1.5,sobel'; document.getElementById('job-tile').value = '128'; document.querySelector('#job-form button').click(); true");
+    let message = page.wait("the job accepted", Duration::from_secs(20), "(document.getElementById('job-message').textContent.match(/^job \\S+: 20 tiles$/) || [null])[0]");
+    let id = message.as_str().unwrap().split(' ').nth(1).unwrap().trim_end_matches(':').to_owned();
+    page.wait("the job done on the page", Duration::from_secs(60), &format!("{} === 'done'", row_status("jobs", &id)));
+    assert_eq!(page.eval(&format!("document.querySelector('#jobs tr[data-id=\"{id}\"] progress').value")), 100);
+    assert_eq!(page.eval(&format!("document.querySelector('#jobs tr[data-id=\"{id}\"] a').getAttribute('href')")), format!("/api/jobs/{id}/result"));
+    assert_eq!(console.get_json(&format!("/api/jobs/{id}"))["done"], 20);
+    page.screenshot("3b-job-done.png");
 
     // A stopped agent: its cameras and the device go stale.
     agent.stop();
