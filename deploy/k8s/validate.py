@@ -90,6 +90,9 @@ def main():
         ("console bound beyond loopback has a token file in a mounted Secret", con_cfg["console"]["listen"].startswith("127.") or any(
             con_cfg["console"].get("token_file", "").startswith(m["mountPath"] + "/") for m in con_pod["spec"]["containers"][0]["volumeMounts"])),
         ("console's lag chart watches the workers' group and topics", con_cfg["lag"]["group"] == cfg["consumer"]["group_id"] and con_cfg["lag"]["topics"] == cfg["consumer"]["topics"]),
+        ("workers process the console's large-image tiles on its topics", cfg.get("tiles", {}).get("enabled") is True and all(
+            cfg["tiles"].get(k, d) == con_cfg.get("jobs", {}).get(j, d) for k, j, d in
+            (("topic", "tiles_topic", "framelink.tiles"), ("results_topic", "results_topic", "framelink.tiles.results"), ("jobs_topic", "jobs_topic", "framelink.jobs")))),
         ("console's Service targets its port", by_kind[("Service", "framelink-console")]["spec"]["ports"][0]["targetPort"] == con_pod["spec"]["containers"][0]["ports"][0]["name"]),
     ]
     for name, ok in checks:
