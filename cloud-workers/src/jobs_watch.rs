@@ -98,6 +98,10 @@ impl JobsWatch {
         let mut ends: HashMap<i32, i64> = HashMap::new();
         let started = Instant::now();
         while !shutdown.is_set() {
+            // An unreachable cluster for 30 s: the tiles are processed rather than held.
+            if started.elapsed() > Duration::from_secs(30) {
+                self.set_caught_up();
+            }
             // New partitions (or the topic itself, created by the console) are looked for every
             // 30 s, every 2 s while there are none.
             let every = if assigned == 0 { Duration::from_secs(2) } else { Duration::from_secs(30) };
@@ -105,9 +109,8 @@ impl JobsWatch {
                 last_check = Some(Instant::now());
                 let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5));
                 let found = md.as_ref().ok().and_then(|m| m.topics().iter().find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty()).map(|t| t.partitions().iter().map(|p| p.id()).collect::<Vec<_>>()));
-                // No jobs topic (yet): there is nothing to know; an unreachable cluster for
-                // 30 s: the tiles are processed rather than held.
-                if (md.is_ok() && found.is_none()) || started.elapsed() > Duration::from_secs(30) {
+                // No jobs topic (yet): there is nothing to know.
+                if md.is_ok() && found.is_none() {
                     self.set_caught_up();
                 }
                 if let Some(parts) = found

@@ -94,7 +94,9 @@ fn run_one(job: &Arc<Job>, processor: &mut Processor, s: &Shared) {
     // Exactly-once: an input whose result or event Kafka refused in an aborted transaction is
     // dead-lettered as it comes again (its dead letter, if that was refused, is simply
     // produced again).
-    let mut records = if crate::tile::is_tile(&job.headers) { tile(job, processor.max_pixels, s) } else { process(job, processor, &s.metrics, &s.publishing) };
+    // Tiles come from the tiles topic only: a frame topic's record is a frame whatever its headers.
+    let tiles = &s.publishing.tiles;
+    let mut records = if tiles.enabled && job.tp.topic == tiles.topic { tile(job, processor.max_pixels, s) } else { process(job, processor, &s.metrics, &s.publishing) };
     if let Some(p) = s.poisoned.get(&job.tp, job.offset)
         && p.kind != OutputKind::DeadLetter
     {

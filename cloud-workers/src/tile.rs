@@ -6,8 +6,8 @@
 //! (empty payload, `framelink-error` headers), so the job's status names the tile and reason.
 //!
 //! Tiles come through the same consumer group, processing threads, at-least-once /
-//! exactly-once machinery and dead-letter rules as frames; a record is a tile when it carries a
-//! `framelink-job` header. Tiles run on the CPU backend.
+//! exactly-once machinery and dead-letter rules as frames; a record is a tile when it comes from
+//! `tiles.topic`. Tiles run on the CPU backend.
 
 use std::time::{Duration, Instant};
 
@@ -84,6 +84,8 @@ pub fn process_tile(r: &RecordInfo<'_>, payload: Option<&[u8]>, max_pixels: u64)
         return Err(reject(DeadLetterReason::BadHeaders, format!("the tile is {} bytes; {} {} x {} channels is {}", payload.len(), tile_header::REGION, meta.region, meta.channels, meta.payload_len())));
     }
     let pipeline = Pipeline::parse(&meta.pipeline).map_err(|e| reject(DeadLetterReason::BadHeaders, e.to_string()))?;
+    // Only what the console plans: no resize (it could ask for any size), crops inside.
+    framelink_common::tiling::check(&pipeline, meta.region.w, meta.region.h).map_err(|e| reject(DeadLetterReason::BadHeaders, format!("{}: {e}", tile_header::PIPELINE)))?;
     let img = Img::new(meta.region.w, meta.region.h, meta.channels, payload.to_vec());
     let out = pipeline.apply(img).map_err(|e| reject(DeadLetterReason::OpFailed, e.to_string()))?;
     let core = cut_core(&out, meta.core_offset, meta.core).map_err(|e| reject(DeadLetterReason::BadHeaders, e))?;
@@ -140,9 +142,21 @@ pub fn failure_headers(headers: &[(String, Option<Vec<u8>>)], reason: DeadLetter
     h
 }
 
-/// Whether the record's headers make it a tile.
-pub fn is_tile(headers: &[(String, Option<Vec<u8>>)]) -> bool {
-    headers.iter().any(|(k, _)| k == tile_header::JOB)
+/// The failure report (empty value, `output_refused`) of a tile whose result Kafka refused.
+pub fn failure_report(job: &crate::publish::Job, error: &str, p: &crate::publish::Publishing) -> crate::publish::OutRecord {
+    let detail = format!("topic {} refused the tile's result: {error}", p.tiles.results_topic);
+    crate::publish::OutRecord {
+        topic: p.tiles.results_topic.clone(),
+        kind: crate::publish::OutputKind::Result,
+        key: job.key.clone(),
+        payload: Vec::new(),
+        headers: failure_headers(&job.headers, DeadLetterReason::OutputRefused, &detail, &p.worker),
+    }
+}
+
+/// Whether `r` is a tile result (`Some(true)` a processed core, `Some(false)` a failure report).
+pub fn tile_result_kind(r: &crate::publish::OutRecord, p: &crate::publish::Publishing) -> Option<bool> {
+    (p.tiles.enabled && r.topic == p.tiles.results_topic).then_some(!r.payload.is_empty())
 }
 
 /// The job a tile belongs to, from its headers.

@@ -268,12 +268,21 @@ function renderJobs(list) {
   $("jobs").replaceChildren(...(rows.length ? rows : [el("tr", {}, el("td", { colSpan: 8, class: "empty" }, "No job yet: upload an image above, or POST it to /api/jobs."))]));
 }
 
+// Polls can overlap (the timer and an upload's own refresh): an answer older than the one
+// shown is dropped, so the table never steps back to a job's earlier state.
+let jobsAsked = 0, jobsShown = 0;
+
 function pollJobs() {
   if (!jobsEnabled) return Promise.resolve();
+  const asked = ++jobsAsked;
   return fetch("/api/jobs").then((r) => {
     if (r.status === 404) { jobsEnabled = false; $("jobs-section").hidden = true; return null; }
     return r.ok ? r.json() : null; // 503 while the console reads its jobs back: next time
-  }).then((list) => { if (list) renderJobs(list); }).catch(() => {});
+  }).then((list) => {
+    if (!list || asked < jobsShown) return;
+    jobsShown = asked;
+    renderJobs(list);
+  }).catch(() => {});
 }
 
 function submitJob(ev) {

@@ -58,7 +58,7 @@ pub fn run(v: Validated, shutdown: Shutdown, bound: impl FnOnce(std::net::Socket
         let state = Arc::new(Mutex::new(jobs::state::Jobs::new(metrics.job_counters.clone())));
         let (k, j, s, h) = (kafka.clone(), state.clone(), shutdown.clone(), rt.handle().clone());
         threads.push(guarded("jobs", Box::new(move || jobs::run_reader(k, j, s, h)))?);
-        Some(jobs::api::JobsApi { jobs: state, kafka })
+        Some(jobs::api::JobsApi::new(state, kafka))
     } else {
         None
     };
@@ -115,7 +115,7 @@ pub fn run(v: Validated, shutdown: Shutdown, bound: impl FnOnce(std::net::Socket
                     let expired = api.jobs.lock().expect("jobs lock").expire(framelink_common::heartbeat::now_ms(), after_ms);
                     for id in expired {
                         tracing::info!(job = id, "Job expired.");
-                        if let Err(e) = api.kafka.write_record(&id, None).await {
+                        if let Err(e) = api.kafka.write_current(&api.jobs, &id).await {
                             tracing::warn!(job = id, error = e, "Cannot write the expired job's tombstone.");
                         }
                     }

@@ -218,7 +218,8 @@ fn c1_the_dashboard_shows_the_fleet_live_in_a_browser() {
     let message = page.wait("the job accepted", Duration::from_secs(20), "(document.getElementById('job-message').textContent.match(/^job \\S+: 20 tiles$/) || [null])[0]");
     let id = message.as_str().unwrap().split(' ').nth(1).unwrap().trim_end_matches(':').to_owned();
     page.wait("the job done on the page", Duration::from_secs(60), &format!("{} === 'done'", row_status("jobs", &id)));
-    assert_eq!(page.eval(&format!("document.querySelector('#jobs tr[data-id=\"{id}\"] progress').value")), 100);
+    page.wait("the job's progress bar full", Duration::from_secs(10), &format!("(document.querySelector('#jobs tr[data-id=\"{id}\"] progress') || {{}}).value === 100"));
+    assert_eq!(page.eval(&format!("document.querySelector('#jobs tr[data-id=\"{id}\"] td:nth-child(6)').textContent")), "20/20");
     assert_eq!(page.eval(&format!("document.querySelector('#jobs tr[data-id=\"{id}\"] a').getAttribute('href')")), format!("/api/jobs/{id}/result"));
     assert_eq!(console.get_json(&format!("/api/jobs/{id}"))["done"], 20);
     page.screenshot("3b-job-done.png");

@@ -247,6 +247,10 @@ fn j2_bad_uploads_are_refused_naming_the_cause_and_a_cancelled_jobs_tiles_are_sk
     let (status, body) = upload(console.port, &good, "x.png", &[("pipeline", "blur:2"), ("tile", "1024")]);
     assert_eq!(status, 400, "{body}");
     assert!(body["error"].as_str().unwrap().contains("jobs.max_record_bytes"), "{body}");
+    // ... and tiles so small for their halo that they would carry the image many times over.
+    let (status, body) = upload(console.port, &good, "x.png", &[("pipeline", "blur:5"), ("tile", "16")]);
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("use tile ≥"), "{body}");
 
     // Nothing else broke. A job cancelled before any worker runs: its tiles are skipped.
     let (status, cancelled) = upload(console.port, &good, "x.png", &[("pipeline", "sharpen"), ("tile", "128")]);

@@ -187,33 +187,52 @@ pub struct RefusalHandler {
 const RESEND_AFTER: Duration = Duration::from_millis(500);
 
 impl RefusalHandler {
-    /// Produces `record` for `job`; `None` when handed over, else when to look at it again.
-    fn try_produce(&self, job: &Arc<Job>, record: OutRecord, attempt: u32) -> Option<(Instant, Refusal)> {
+    /// Produces `record` for `job`; nothing when handed over, else when to look at it again.
+    fn try_produce(&self, job: &Arc<Job>, record: OutRecord, attempt: u32) -> Vec<(Instant, Refusal)> {
         let opaque = Box::new(Output { job: job.clone(), epoch: job.epoch, kind: record.kind, attempt });
-        let (_, e) = produce(&self.producers.get(), &record, opaque).err()?;
+        let Some((_, e)) = produce(&self.producers.get(), &record, opaque).err() else { return Vec::new() };
         let r = Refusal { job: job.clone(), record, error: e.to_string(), attempt, resend: false };
         if producer_failure(&e) {
-            return Some((Instant::now() + RESEND_AFTER, Refusal { resend: true, ..r }));
+            return vec![(Instant::now() + RESEND_AFTER, Refusal { resend: true, ..r })];
         }
         self.refused(r)
     }
 
     /// A record Kafka (or the producer, synchronously) refused for good.
-    fn refused(&self, r: Refusal) -> Option<(Instant, Refusal)> {
+    fn refused(&self, r: Refusal) -> Vec<(Instant, Refusal)> {
         if r.record.kind == OutputKind::DeadLetter {
-            return Some(stall(r, &self.offsets, &self.metrics, &self.stalls));
+            return vec![stall(r, &self.offsets, &self.metrics, &self.stalls)];
+        }
+        let mut later = Vec::new();
+        match crate::tile::tile_result_kind(&r.record, &self.publishing) {
+            // A tile's failure report refused: the tile is dead-lettered already (this report
+            // went out with its dead letter); logged and counted, nothing more.
+            Some(false) => {
+                tracing::error!(topic = r.record.topic, input_offset = r.job.offset, error = r.error, "A tile's failure report was refused; its job waits for the tile until it expires.");
+                self.metrics.outputs_refused.get_or_create(&vec![("kind", "tile_failure_report".to_owned())]).inc();
+                self.offsets.output_done(&r.job.tp, r.job.offset, r.job.epoch);
+                return later;
+            }
+            // A tile's result refused: the console is told the tile failed (one more output for
+            // the input), so its job does not wait for it.
+            Some(true) => {
+                self.offsets.tracker().add_outputs(&r.job.tp, r.job.offset, 1);
+                later.extend(self.try_produce(&r.job, crate::tile::failure_report(&r.job, &r.error, &self.publishing), 0));
+            }
+            None => {}
         }
         let dl = refused_dead_letter(&r.job, r.record.kind, &r.record.topic, &r.error, &self.publishing, &self.metrics, true);
-        self.try_produce(&r.job, dl, 0)
+        later.extend(self.try_produce(&r.job, dl, 0));
+        later
     }
 
     /// A refusal reported by a delivery callback or a failed send.
-    fn handle(&self, r: Refusal) -> Option<(Instant, Refusal)> {
-        if r.resend { Some((Instant::now(), r)) } else { self.refused(r) }
+    fn handle(&self, r: Refusal) -> Vec<(Instant, Refusal)> {
+        if r.resend { vec![(Instant::now(), r)] } else { self.refused(r) }
     }
 
     /// Its time came: send again as it is, or try a refused dead letter once more.
-    fn due(&self, r: Refusal) -> Option<(Instant, Refusal)> {
+    fn due(&self, r: Refusal) -> Vec<(Instant, Refusal)> {
         let attempt = if r.resend { r.attempt } else { r.attempt + 1 };
         self.try_produce(&r.job, r.record, attempt)
     }

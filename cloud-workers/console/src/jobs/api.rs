@@ -37,10 +37,24 @@ use super::state::{Job, Jobs};
 /// Bytes a tile record carries besides its pixels (key, headers, batch framing), at most.
 const RECORD_OVERHEAD: u64 = 2048;
 
+/// Most tiles a job may have.
+pub const MAX_TILES: u64 = 65_536;
+/// Most bytes a job's tiles may carry, as a multiple of the image's (their halos overlap).
+pub const MAX_AMPLIFICATION: f64 = 4.0;
+
 #[derive(Clone)]
 pub struct JobsApi {
     pub jobs: Arc<Mutex<Jobs>>,
     pub kafka: Arc<JobsKafka>,
+    /// One upload at a time is decoded and queued (its source image is held until its tiles
+    /// are queued); others wait before their bodies are read.
+    pub uploads: Arc<tokio::sync::Semaphore>,
+}
+
+impl JobsApi {
+    pub fn new(jobs: Arc<Mutex<Jobs>>, kafka: Arc<JobsKafka>) -> Self {
+        JobsApi { jobs, kafka, uploads: Arc::new(tokio::sync::Semaphore::new(1)) }
+    }
 }
 
 fn refuse(status: StatusCode, msg: impl std::fmt::Display) -> Response {
@@ -73,6 +87,7 @@ pub async fn create(State(api): State<JobsApi>, headers: HeaderMap, mut form: Mu
     if let Some(r) = api.restoring() {
         return r;
     }
+    let Ok(permit) = api.uploads.clone().acquire_owned().await else { return refuse(StatusCode::SERVICE_UNAVAILABLE, "shutting down") };
     let cfg = api.kafka.cfg.clone();
     let (mut file, mut name, mut spec, mut tile) = (None::<Bytes>, None::<String>, None::<String>, None::<String>);
     loop {
@@ -118,22 +133,41 @@ pub async fn create(State(api): State<JobsApi>, headers: HeaderMap, mut form: Mu
     if let Err(e @ tiling::TilingError::NotTileable { .. }) = tiling::check(&pipeline, u32::MAX, u32::MAX) {
         return refuse(StatusCode::BAD_REQUEST, format!("pipeline: {e}"));
     }
+    // Small tiles under a wide halo would carry the image many times over.
+    let halo: u64 = pipeline.0.iter().filter_map(|op| op.radius()).map(u64::from).sum();
+    let amplification = ((tile as u64 + 2 * halo) as f64 / tile as f64).powi(2);
+    if amplification > MAX_AMPLIFICATION {
+        let smallest = (2 * halo) as f64 / (MAX_AMPLIFICATION.sqrt() - 1.0);
+        return refuse(StatusCode::BAD_REQUEST, format!("tile {tile} with this pipeline's halo of {halo} px would carry {amplification:.1}x the image's pixels (at most {MAX_AMPLIFICATION}x): use tile ≥ {}", smallest.ceil()));
+    }
+    // The result's size from the file's header, before decoding: tiles and memory.
+    let (w, h) = match image_io::dimensions(&file) {
+        Ok(d) => d,
+        Err(e) => return upload_refused(e),
+    };
+    if w as u64 * h as u64 <= cfg.max_pixels {
+        let (ow, oh) = pipeline.output_size(w, h);
+        let tiles = ow.div_ceil(tile) as u64 * oh.div_ceil(tile) as u64;
+        if tiles > MAX_TILES {
+            return refuse(StatusCode::BAD_REQUEST, format!("tile {tile} makes {tiles} tiles of a {ow}x{oh} result, more than {MAX_TILES}: use a larger tile"));
+        }
+        let need = ow as u64 * oh as u64 * 3;
+        let held = api.jobs.lock().expect("jobs lock").held_bytes();
+        if held + need > cfg.max_held_bytes {
+            return refuse(StatusCode::SERVICE_UNAVAILABLE, format!("this result needs up to {need} bytes; the jobs held use {held} of jobs.max_held_bytes = {}: wait for jobs to expire, or cancel some", cfg.max_held_bytes));
+        }
+    }
     let max_pixels = cfg.max_pixels;
     let decoded = match tokio::task::spawn_blocking(move || image_io::decode(&file, max_pixels)).await {
         Ok(Ok(d)) => d,
-        Ok(Err(e)) => {
-            let status = match e {
-                UploadError::Unsupported(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                UploadError::TooManyPixels { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-                UploadError::Corrupt { .. } => StatusCode::BAD_REQUEST,
-            };
-            return refuse(status, e);
-        }
+        Ok(Err(e)) => return upload_refused(e),
         Err(e) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, format!("decoding failed: {e}")),
     };
-    let plan = match tiling::plan(&pipeline, decoded.width, decoded.height, decoded.channels, tile) {
-        Ok(p) => p,
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("pipeline: {e}")),
+    let (p2, (dw, dh, dc)) = (pipeline.clone(), (decoded.width, decoded.height, decoded.channels));
+    let plan = match tokio::task::spawn_blocking(move || tiling::plan(&p2, dw, dh, dc, tile)).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => return refuse(StatusCode::BAD_REQUEST, format!("pipeline: {e}")),
+        Err(e) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, format!("planning failed: {e}")),
     };
     let record_bytes = plan.max_region_pixels() * decoded.channels as u64 + RECORD_OVERHEAD;
     if record_bytes > cfg.max_record_bytes {
@@ -180,41 +214,54 @@ pub async fn create(State(api): State<JobsApi>, headers: HeaderMap, mut form: Mu
         }
         jobs.insert(Job::new(record.clone()));
     }
-    if let Err(e) = api.kafka.write_record(&id, Some(&record)).await {
-        api.jobs.lock().expect("jobs lock").remove(&id);
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, format!("cannot record the job: {e}"));
-    }
     tracing::info!(job = id, width = plan.width, height = plan.height, tiles = plan.tiles.len(), pipeline = %pipeline, halo = plan.max_halo(), "Job created; queuing its tiles.");
     let body = json!({
         "job_id": id, "width": plan.width, "height": plan.height, "tiles": plan.tiles.len(), "tile": tile,
         "pipeline": pipeline.to_string(), "status": "queuing", "out_width": plan.out_width, "out_height": plan.out_height,
         "status_url": format!("/api/jobs/{id}"), "result_url": format!("/api/jobs/{id}/result"),
     });
+    // The job's record, its tiles and its `running` record are written by a task of its own:
+    // a client that goes away after this answer (or before it) cannot leave a job half-made.
     let task = api.clone();
     tokio::spawn(async move {
+        let _permit = permit; // the next upload is decoded once these tiles are queued
+        if let Err(e) = task.kafka.write_current(&task.jobs, &id).await {
+            tracing::error!(job = id, error = e, "Cannot record the job; it failed.");
+            task.jobs.lock().expect("jobs lock").end(&id, JobStatus::Failed, format!("could not record the job: {e}"), now_ms());
+            return;
+        }
         let queued = task.kafka.queue_tiles(&id, &decoded, &plan, &task.jobs).await;
         drop(decoded);
         let now = now_ms();
-        let record = match queued {
-            Ok(()) => task.jobs.lock().expect("jobs lock").running(&id, now),
+        let changed = match queued {
+            Ok(()) => task.jobs.lock().expect("jobs lock").running(&id, now).is_some(),
             Err(why) => {
                 tracing::error!(job = id, why, "A tile could not be queued; the job failed.");
-                task.jobs.lock().expect("jobs lock").end(&id, JobStatus::Failed, format!("could not queue every tile: {why}"), now)
+                task.jobs.lock().expect("jobs lock").end(&id, JobStatus::Failed, format!("could not queue every tile: {why}"), now).is_some()
             }
         };
-        if let Some(r) = record {
-            write_logged(&task.kafka, &r).await;
+        if changed {
+            write_logged(&task.kafka, &task.jobs, &id).await;
         }
     });
     (StatusCode::ACCEPTED, axum::Json(body)).into_response()
 }
 
-/// Writes a job's record; a failure is logged (the job's state in memory is right; a restart
-/// would see the previous record).
-pub async fn write_logged(kafka: &JobsKafka, r: &JobRecord) {
-    if let Err(e) = kafka.write_record(&r.id, Some(r)).await {
-        tracing::error!(job = r.id, status = r.status.as_str(), error = e, "Cannot write the job's record.");
+/// Writes a job's current record; a failure is logged (the job's state in memory is right; a
+/// restart would see the previous record).
+pub async fn write_logged(kafka: &JobsKafka, jobs: &Mutex<Jobs>, id: &str) {
+    if let Err(e) = kafka.write_current(jobs, id).await {
+        tracing::error!(job = id, error = e, "Cannot write the job's record.");
     }
+}
+
+fn upload_refused(e: UploadError) -> Response {
+    let status = match e {
+        UploadError::Unsupported(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        UploadError::TooManyPixels { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        UploadError::Corrupt { .. } => StatusCode::BAD_REQUEST,
+    };
+    refuse(status, e)
 }
 
 fn upload_error(e: axum::extract::multipart::MultipartError, limit: u64) -> Response {
@@ -288,16 +335,15 @@ pub async fn cancel(State(api): State<JobsApi>, Path(id): Path<String>, headers:
     if let Some(r) = api.restoring() {
         return r;
     }
-    let ended = {
+    {
         let mut jobs = api.jobs.lock().expect("jobs lock");
         let Some(j) = jobs.get(&id) else { return refuse(StatusCode::NOT_FOUND, format!("no job {id:?} (it may have expired)")) };
         let status = j.record.status;
-        match jobs.end(&id, JobStatus::Cancelled, "cancelled by DELETE /api/jobs".into(), now_ms()) {
-            Some(r) => r,
-            None => return refuse(StatusCode::CONFLICT, format!("job {id} is {} already", status.as_str())),
+        if jobs.end(&id, JobStatus::Cancelled, "cancelled by DELETE /api/jobs".into(), now_ms()).is_none() {
+            return refuse(StatusCode::CONFLICT, format!("job {id} is {} already", status.as_str()));
         }
-    };
-    write_logged(&api.kafka, &ended).await;
+    }
+    write_logged(&api.kafka, &api.jobs, &id).await;
     tracing::info!(job = id, "Job cancelled.");
     let body = api.jobs.lock().expect("jobs lock").get(&id).map(|j| j.json(now_ms()));
     axum::Json(body).into_response()

@@ -49,6 +49,13 @@ pub fn sniff(bytes: &[u8]) -> Result<(ImageFormat, &'static str), UploadError> {
     Err(UploadError::Unsupported(what))
 }
 
+/// The image's size from its header (nothing decoded).
+pub fn dimensions(bytes: &[u8]) -> Result<(u32, u32), UploadError> {
+    let (format, name) = sniff(bytes)?;
+    let decoder = ImageReader::with_format(Cursor::new(bytes), format).into_decoder().map_err(|e| UploadError::Corrupt { format: name, detail: e.to_string() })?;
+    Ok(decoder.dimensions())
+}
+
 /// Decodes an upload within `max_pixels`. Alpha is dropped (the ops work on gray or RGB);
 /// 16-bit samples are scaled to 8 bits; gray stays one channel.
 pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<Decoded, UploadError> {

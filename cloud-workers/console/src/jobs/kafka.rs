@@ -36,6 +36,9 @@ pub struct JobsKafka {
     pub cfg: JobsConfig,
     producer: FutureProducer<LinkContext>,
     settings: framelink_common::KafkaSettings,
+    /// Job records are written one at a time, each the job's state at the time of writing, so
+    /// the topic's last record of a job is its latest state (a cancel is never overtaken).
+    records: tokio::sync::Mutex<()>,
 }
 
 impl JobsKafka {
@@ -48,7 +51,7 @@ impl JobsKafka {
             .set("queue.buffering.max.kbytes", "262144")
             .set("message.timeout.ms", "120000");
         let producer = c.create_with_context(LinkContext::new(link))?;
-        Ok(Self { cfg: cfg.clone(), producer, settings: settings.clone() })
+        Ok(Self { cfg: cfg.clone(), producer, settings: settings.clone(), records: tokio::sync::Mutex::new(()) })
     }
 
     /// Creates the tiles and tile-results topics (`partitions` each; kept a little longer
@@ -96,14 +99,23 @@ impl JobsKafka {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
+            // A job's results_from below the log's start (retention) reads from the start.
+            .set("auto.offset.reset", "earliest")
             .set("fetch.max.bytes", "52428800")
             .set("queued.max.messages.kbytes", "131072")
             .set("isolation.level", "read_committed");
         c
     }
 
+    /// Writes job `id`'s current state (its tombstone once it is gone) and waits for Kafka.
+    pub async fn write_current(&self, jobs: &Mutex<Jobs>, id: &str) -> Result<(), String> {
+        let _one_at_a_time = self.records.lock().await;
+        let record = jobs.lock().expect("jobs lock").get(id).map(|j| j.record.clone());
+        self.write_record(id, record.as_ref()).await
+    }
+
     /// Writes a job's record (or, with `None`, its tombstone) and waits for Kafka.
-    pub async fn write_record(&self, id: &str, record: Option<&JobRecord>) -> Result<(), String> {
+    async fn write_record(&self, id: &str, record: Option<&JobRecord>) -> Result<(), String> {
         let value = record.map(|r| serde_json::to_vec(r).expect("a job record serializes"));
         let mut rec: FutureRecord<'_, str, [u8]> = FutureRecord::to(&self.cfg.jobs_topic).key(id);
         if let Some(v) = &value {
@@ -143,8 +155,10 @@ impl JobsKafka {
                 delivered(*i, r, &self.cfg.tiles_topic)?;
                 pending.pop_front();
             }
-            if let Some(j) = jobs.lock().expect("jobs lock").get_mut(id) {
-                j.queued = tile.index + 1 - pending.len() as u32;
+            match jobs.lock().expect("jobs lock").get_mut(id) {
+                Some(j) if j.record.status.wants_tiles() => j.queued = tile.index + 1 - pending.len() as u32,
+                // Cancelled (or expired) while queuing: the rest is not queued.
+                _ => return Ok(()),
             }
         }
         for (i, f) in pending {
@@ -192,7 +206,9 @@ impl JobsKafka {
 
     /// Reads tile results (from where the jobs held need them) and stitches, until `shutdown`.
     /// Finished jobs' records are written by `finish` (which the caller runs on its runtime).
-    pub fn read_results(&self, jobs: &Arc<Mutex<Jobs>>, shutdown: &Shutdown, finish: &dyn Fn(JobRecord)) -> anyhow::Result<()> {
+    /// `ready` runs once every partition known at start is assigned at an explicit offset: from
+    /// then on a new job's `results_from` (the ends at its creation) cannot be behind the reader.
+    pub fn read_results(&self, jobs: &Arc<Mutex<Jobs>>, shutdown: &Shutdown, finish: &dyn Fn(String), ready: &dyn Fn()) -> anyhow::Result<()> {
         let consumer: BaseConsumer = self.reader_config("framelink-console-tile-results").create()?;
         let topic = &self.cfg.results_topic;
         let mut assigned = 0usize;
@@ -207,19 +223,33 @@ impl JobsKafka {
                     && t.partitions().len() > assigned
                 {
                     let mut tpl = TopicPartitionList::new();
+                    let mut ok = true;
                     for p in t.partitions().iter().filter(|p| p.id() as usize >= assigned) {
-                        // Partitions known at start: from where a held job's results begin (or
-                        // the end); partitions added later: from their beginning.
+                        // Partitions known at start: from where a held job's results begin, or
+                        // their end now (an explicit offset: a job created after this point has
+                        // its results after it); partitions added later: from their beginning.
                         let offset = match (assigned, from.get(&p.id())) {
                             (0, Some(&o)) => Offset::Offset(o),
-                            (0, None) => Offset::End,
+                            (0, None) => match consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10)) {
+                                Ok((_, high)) => Offset::Offset(high),
+                                Err(e) => {
+                                    tracing::warn!(topic, partition = p.id(), error = %e, "Cannot read a tile-results partition's end yet; retrying.");
+                                    ok = false;
+                                    break;
+                                }
+                            },
                             _ => Offset::Beginning,
                         };
                         tpl.add_partition_offset(topic, p.id(), offset)?;
                     }
-                    consumer.incremental_assign(&tpl)?;
-                    assigned = t.partitions().len();
-                    tracing::info!(topic, partitions = assigned, "Reading tile results.");
+                    if ok {
+                        consumer.incremental_assign(&tpl)?;
+                        if assigned == 0 {
+                            ready();
+                        }
+                        assigned = t.partitions().len();
+                        tracing::info!(topic, partitions = assigned, "Reading tile results.");
+                    }
                 }
             }
             let Some(m) = consumer.poll(Duration::from_millis(200)) else { continue };
@@ -242,7 +272,7 @@ impl JobsKafka {
             let outcome = jobs.lock().expect("jobs lock").result(&meta, m.payload().unwrap_or_default(), now_ms());
             if let Outcome::Finished(record) = outcome {
                 tracing::info!(job = record.id, status = record.status.as_str(), "Job finished.");
-                finish(record);
+                finish(record.id);
             }
         }
         Ok(())

@@ -162,22 +162,29 @@ pub fn run_reader(kafka: Arc<kafka::JobsKafka>, jobs: Arc<Mutex<state::Jobs>>, s
         }
     }
     let now = framelink_common::heartbeat::now_ms();
-    let lost: Vec<_> = {
+    // Jobs that expired while the console was away go first (their results are not re-read).
+    let expired = jobs.lock().expect("jobs lock").expire(now, kafka.cfg.expire_after_s * 1000);
+    for id in &expired {
+        tracing::info!(job = id, "Job expired.");
+        rt.block_on(api::write_logged(&kafka, &jobs, id));
+    }
+    let lost: Vec<String> = {
         let mut j = jobs.lock().expect("jobs lock");
         let ids: Vec<String> = j.list_ids().into_iter().filter(|id| j.get(id).is_some_and(|x| x.record.status == JobStatus::Queuing)).collect();
-        ids.iter().filter_map(|id| j.end(id, JobStatus::Failed, "the console stopped before every tile was queued; upload the image again".into(), now)).collect()
+        ids.into_iter().filter(|id| j.end(id, JobStatus::Failed, "the console stopped before every tile was queued; upload the image again".into(), now).is_some()).collect()
     };
-    for r in &lost {
-        tracing::warn!(job = r.id, "A job the console was still queuing when it stopped: failed.");
-        rt.block_on(api::write_logged(&kafka, r));
+    for id in &lost {
+        tracing::warn!(job = id, "A job the console was still queuing when it stopped: failed.");
+        rt.block_on(api::write_logged(&kafka, &jobs, id));
     }
-    jobs.lock().expect("jobs lock").restored = true;
-    let (k, h) = (kafka.clone(), rt.clone());
-    let finish = move |r: framelink_common::tile_wire::JobRecord| {
-        let k = k.clone();
-        h.spawn(async move { api::write_logged(&k, &r).await });
+    let (k, j, h) = (kafka.clone(), jobs.clone(), rt.clone());
+    let finish = move |id: String| {
+        let (k, j) = (k.clone(), j.clone());
+        h.spawn(async move { api::write_logged(&k, &j, &id).await });
     };
-    if let Err(e) = kafka.read_results(&jobs, &shutdown, &finish) {
+    let j = jobs.clone();
+    let ready = move || j.lock().expect("jobs lock").restored = true;
+    if let Err(e) = kafka.read_results(&jobs, &shutdown, &finish, &ready) {
         panic!("reading tile results failed: {e:#}");
     }
 }

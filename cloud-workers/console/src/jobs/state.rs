@@ -54,8 +54,9 @@ impl Job {
         Job { received: vec![false; record.tiles as usize], done: 0, failed: BTreeMap::new(), duplicates: 0, queued: 0, output: std::sync::Arc::new(vec![0; bytes]), encoded: HashMap::new(), record }
     }
 
+    /// Memory held: the stitched image and its encoded downloads.
     pub fn bytes(&self) -> u64 {
-        self.output.len() as u64
+        self.output.len() as u64 + self.encoded.values().map(|b| b.len() as u64).sum::<u64>()
     }
 
     fn cols(&self) -> u32 {
@@ -252,13 +253,19 @@ impl Jobs {
         }
     }
 
-    /// A running job whose tiles all came back is done (or failed, naming its failed tiles).
+    /// A running job whose tiles all came back is done (or failed, naming its failed tiles); a
+    /// job failed by its tiles becomes done when a retried tile came through after all.
     fn finish_if_complete(job: &mut Job, now_ms: u64) -> Option<JobRecord> {
-        if job.record.status != JobStatus::Running || !job.complete() {
+        let open = job.record.status == JobStatus::Running || (job.record.status == JobStatus::Failed && job.record.reason.is_none());
+        if !open || !job.complete() {
             return None;
         }
-        job.record.status = if job.failed.is_empty() { JobStatus::Done } else { JobStatus::Failed };
-        job.record.finished_ms.get_or_insert(now_ms);
+        let status = if job.failed.is_empty() { JobStatus::Done } else { JobStatus::Failed };
+        if status == job.record.status {
+            return None;
+        }
+        job.record.status = status;
+        job.record.finished_ms = Some(now_ms);
         Some(job.record.clone())
     }
 
@@ -291,6 +298,10 @@ impl Jobs {
                 self.jobs.remove(id);
             }
             Some(mut r) => {
+                if let Err(why) = plausible(&r) {
+                    tracing::warn!(job = id, why, "A job record that cannot be right; ignored.");
+                    return;
+                }
                 // A done job is running again until its results are read back and stitched.
                 if r.status == JobStatus::Done {
                     r.status = JobStatus::Running;
@@ -311,6 +322,25 @@ impl Jobs {
         }
         old
     }
+}
+
+/// A record read back must describe a job this console could have made (a bad one must not
+/// crash the console at every start).
+fn plausible(r: &JobRecord) -> Result<(), String> {
+    if r.tile == 0 || r.tile > 8192 {
+        return Err(format!("tile {}", r.tile));
+    }
+    if r.out_width == 0 || r.out_height == 0 || !matches!(r.out_channels, 1 | 3) {
+        return Err(format!("result {}x{}x{}", r.out_width, r.out_height, r.out_channels));
+    }
+    let tiles = r.out_width.div_ceil(r.tile) as u64 * r.out_height.div_ceil(r.tile) as u64;
+    if tiles != r.tiles as u64 || tiles > crate::jobs::api::MAX_TILES {
+        return Err(format!("{} tiles for a {}x{} result in tiles of {}", r.tiles, r.out_width, r.out_height, r.tile));
+    }
+    if r.out_width as u64 * r.out_height as u64 > 1 << 32 {
+        return Err("a result over 4 Gpx".into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -363,6 +393,25 @@ mod tests {
         assert_eq!(json["errors"][0]["reason"], "op_failed");
         assert_eq!(json["errors"][0]["worker"], "w2");
         assert!(json["result"].is_null());
+    }
+
+    #[test]
+    fn a_retried_tile_turns_a_failed_job_done_and_bad_records_are_not_restored() {
+        let mut jobs = Jobs::default();
+        jobs.insert(Job::new(record("r", 4, 4, 4)));
+        jobs.running("r", 1);
+        let failed = TileResultMeta { job: "r".into(), index: 0, core: Rect::default(), channels: 0, error: Some(("panic".into(), "x".into())), worker: None };
+        let Outcome::Finished(rec) = jobs.result(&failed, &[], 2) else { panic!("finished") };
+        assert_eq!(rec.status, JobStatus::Failed);
+        let Outcome::Finished(rec) = jobs.result(&ok("r", 0, Rect::new(0, 0, 4, 4)), &[7; 16], 3) else { panic!("done after the retry") };
+        assert_eq!((rec.status, rec.finished_ms), (JobStatus::Done, Some(3)));
+        let mut bad = record("bad", 8, 4, 4);
+        bad.tile = 0;
+        jobs.restore("bad", Some(bad));
+        let mut bad = record("bad2", 8, 4, 4);
+        bad.tiles = 99;
+        jobs.restore("bad2", Some(bad));
+        assert!(jobs.get("bad").is_none() && jobs.get("bad2").is_none());
     }
 
     #[test]
