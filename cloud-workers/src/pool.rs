@@ -128,16 +128,9 @@ fn tile(job: &Job, max_pixels: u64, s: &Shared) -> Vec<OutRecord> {
         tracing::debug!(topic = job.tp.topic, partition = job.tp.partition, offset = job.offset, why, "Tile of a job that is over: skipped.");
         return Vec::new();
     }
-    let info = RecordInfo {
-        key: job.key.as_deref(),
-        headers: job.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect(),
-        topic: &job.tp.topic,
-        partition: job.tp.partition,
-        offset: job.offset,
-        timestamp_ms: job.timestamp_ms,
-    };
+    let info = record_info(job);
     let result = std::panic::catch_unwind(|| crate::tile::process_tile(&info, job.payload.as_deref(), max_pixels)).unwrap_or_else(|panic| {
-        let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_else(|| "unknown panic".into());
+        let what = panic_text(&*panic);
         metrics.panics.inc();
         Err(Rejected { reason: DeadLetterReason::Panic, detail: format!("processing panicked: {what}") })
     });
@@ -160,22 +153,32 @@ fn tile(job: &Job, max_pixels: u64, s: &Shared) -> Vec<OutRecord> {
     }
 }
 
-fn process(job: &Job, processor: &mut Processor, metrics: &Metrics, p: &Publishing) -> Vec<OutRecord> {
-    let info = RecordInfo {
+/// What the processor knows about a consumed record besides its bytes.
+fn record_info(job: &Job) -> RecordInfo<'_> {
+    RecordInfo {
         key: job.key.as_deref(),
         headers: job.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect(),
         topic: &job.tp.topic,
         partition: job.tp.partition,
         offset: job.offset,
         timestamp_ms: job.timestamp_ms,
-    };
+    }
+}
+
+/// A panic's message.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_else(|| "unknown panic".into())
+}
+
+fn process(job: &Job, processor: &mut Processor, metrics: &Metrics, p: &Publishing) -> Vec<OutRecord> {
+    let info = record_info(job);
     // A panic in an op or the codec must not take the thread (and its cameras) down: the frame
     // is dead-lettered and the processor's state (decoder, motion) is started afresh.
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| processor.process(&info, job.payload.as_deref())));
     let result = match result {
         Ok(r) => r,
         Err(panic) => {
-            let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_else(|| "unknown panic".into());
+            let what = panic_text(&*panic);
             metrics.panics.inc();
             processor.reset();
             tracing::error!(topic = job.tp.topic, partition = job.tp.partition, offset = job.offset, panic = what, "Processing panicked; the frame is dead-lettered and the processor restarted.");
