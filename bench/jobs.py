@@ -175,9 +175,9 @@ def large_image_jobs(bootstrap, out_dir, quick):
     lo, hi = PUBLISHED
     lines = [
         "Large-image jobs end to end: POST /api/jobs (a PNG of the test photographs) -> tiles with a halo on Kafka -> "
-        f"framelink-worker processes (release, CPU backend, 1 processing thread each) -> tile results -> stitched by framelink-console -> "
+        f"framelink-worker processes ({profile()} build, CPU backend, 1 processing thread each) -> tile results -> stitched by framelink-console -> "
         f"result downloaded as PNG; {TILE}x{TILE} tiles; one job at a time; seconds from the upload's first byte to the result's last, "
-        f"the median of {REPEATS} runs. "
+        f"the median of {1 if quick else REPEATS} run(s). "
         f"The Python tile pipeline this replaces published {lo}-{hi} tiles/s with 1-2 workers (512x512 tiles). "
         f"Broker, console and workers all on one machine: {machine()}; build: {profile()}.",
         "",
