@@ -178,6 +178,8 @@ impl Metrics {
             "tiles": {
                 "processed": self.tiles_processed.get(),
                 "failed": self.tiles_failed.get(),
+                // Reports of refused tile results that Kafka refused too (their jobs wait).
+                "failure_reports_refused": self.outputs_refused.get_or_create(&vec![("kind", "tile_failure_report".to_owned())]).get(),
                 "skipped": crate::jobs_watch::SKIP_REASONS.iter().map(|r| (r.to_string(), serde_json::Value::from(self.tiles_skipped.get_or_create(&vec![("reason", r.to_string())]).get()))).collect::<serde_json::Map<_, _>>(),
             },
             // Beats for framelink-console that Kafka acknowledged / did not take in time.

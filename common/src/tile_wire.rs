@@ -120,11 +120,6 @@ impl TileMeta {
         ]
     }
 
-    /// True when the headers say this record is a tile (it carries a `framelink-job` header).
-    pub fn is_tile<'a>(mut pairs: impl Iterator<Item = (&'a str, Option<&'a [u8]>)>) -> bool {
-        pairs.any(|(k, _)| k == tile_header::JOB)
-    }
-
     /// Parses and checks a tile record's headers; every error names the header.
     pub fn from_header_pairs<'a>(pairs: impl Iterator<Item = (&'a str, Option<&'a [u8]>)>) -> Result<Self, TileHeaderError> {
         use tile_header::*;
@@ -294,7 +289,6 @@ mod tests {
         assert_eq!(back, m);
         assert_eq!(m.key(), "j-1/1");
         assert_eq!(m.payload_len(), m.region.w as u64 * m.region.h as u64 * 3);
-        assert!(TileMeta::is_tile(pairs.iter().map(|(k, v)| (*k, Some(v.as_bytes())))));
     }
 
     #[test]

@@ -115,9 +115,7 @@ pub fn run(v: Validated, shutdown: Shutdown, bound: impl FnOnce(std::net::Socket
                     let expired = api.jobs.lock().expect("jobs lock").expire(framelink_common::heartbeat::now_ms(), after_ms);
                     for id in expired {
                         tracing::info!(job = id, "Job expired.");
-                        if let Err(e) = api.kafka.write_current(&api.jobs, &id).await {
-                            tracing::warn!(job = id, error = e, "Cannot write the expired job's tombstone.");
-                        }
+                        jobs::api::write_logged(&api.kafka, &api.jobs, &id).await;
                     }
                 }
             });

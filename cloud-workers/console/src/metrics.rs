@@ -88,6 +88,8 @@ impl ConsoleMetrics {
         r.register("job_tiles_stitched", "Tile results stitched into their job's image", m.job_counters.stitched.clone());
         r.register("job_tiles_failed", "Tiles a worker reported failed (their job fails, naming them)", m.job_counters.failed.clone());
         r.register("job_tile_duplicates", "Tile results seen before (redelivered), ignored", m.job_counters.duplicates.clone());
+        r.register("job_record_writes_failed", "Job records (state, tombstones) Kafka did not take; a restart would read the job's previous state", m.job_counters.record_writes_failed.clone());
+        r.register("job_records_ignored", "Job records read back at start that do not parse or cannot be right (those jobs are not restored)", m.job_counters.records_ignored.clone());
         r.register("job_results_ignored", "Tile results ignored, by reason (unknown_job: expired or another console's; job_over: cancelled; bad_result: does not fit its job)", m.job_counters.ignored.clone());
         Self { registry: r, ..m }
     }

@@ -309,6 +309,8 @@ async fn healthz(State(app): State<App>) -> Response {
                 "tiles_stitched": c.stitched.get(),
                 "tiles_failed": c.failed.get(),
                 "duplicates": c.duplicates.get(),
+                "record_writes_failed": c.record_writes_failed.get(),
+                "records_ignored": c.records_ignored.get(),
                 "ignored": ignored_counts(c),
             })
         }),

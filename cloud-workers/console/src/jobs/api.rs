@@ -247,11 +247,12 @@ pub async fn create(State(api): State<JobsApi>, headers: HeaderMap, mut form: Mu
     (StatusCode::ACCEPTED, axum::Json(body)).into_response()
 }
 
-/// Writes a job's current record; a failure is logged (the job's state in memory is right; a
-/// restart would see the previous record).
+/// Writes a job's current record (its tombstone once it is gone); a failure is logged and
+/// counted (the job's state in memory is right; a restart would see the previous record).
 pub async fn write_logged(kafka: &JobsKafka, jobs: &Mutex<Jobs>, id: &str) {
     if let Err(e) = kafka.write_current(jobs, id).await {
-        tracing::error!(job = id, error = e, "Cannot write the job's record.");
+        tracing::error!(job = id, error = e, "Cannot write the job's record (counted in job_record_writes_failed).");
+        jobs.lock().expect("jobs lock").counters.record_writes_failed.inc();
     }
 }
 

@@ -192,9 +192,12 @@ impl JobsKafka {
             let m = m?;
             read += 1;
             if let Some(id) = m.key().and_then(|k| std::str::from_utf8(k).ok()) {
-                let record = m.payload().and_then(|v| serde_json::from_slice::<JobRecord>(v).map_err(|e| tracing::warn!(job = id, error = %e, "A job record that does not parse; ignored.")).ok());
+                let record = m.payload().and_then(|v| serde_json::from_slice::<JobRecord>(v).map_err(|e| tracing::warn!(job = id, error = %e, "A job record that does not parse; ignored (counted in job_records_ignored).")).ok());
+                let mut j = jobs.lock().expect("jobs lock");
                 if m.payload().is_none() || record.is_some() {
-                    jobs.lock().expect("jobs lock").restore(id, record);
+                    j.restore(id, record);
+                } else {
+                    j.counters.records_ignored.inc();
                 }
             }
             if ends.get(&m.partition()).is_some_and(|&end| m.offset() + 1 >= end) {

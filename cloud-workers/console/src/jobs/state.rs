@@ -26,6 +26,12 @@ pub struct JobCounters {
     pub ignored: Family<Labels, Counter>,
     /// Tiles reported failed by a worker.
     pub failed: Counter,
+    /// Job records Kafka did not take (the state in memory is right; a restart would read the
+    /// job's previous record).
+    pub record_writes_failed: Counter,
+    /// Job records read back at start that do not parse or cannot be right (those jobs are
+    /// not restored).
+    pub records_ignored: Counter,
 }
 
 impl JobCounters {
@@ -299,7 +305,8 @@ impl Jobs {
             }
             Some(mut r) => {
                 if let Err(why) = plausible(&r) {
-                    tracing::warn!(job = id, why, "A job record that cannot be right; ignored.");
+                    tracing::warn!(job = id, why, "A job record that cannot be right; ignored (counted in job_records_ignored).");
+                    self.counters.records_ignored.inc();
                     return;
                 }
                 // A done job is running again until its results are read back and stitched.
