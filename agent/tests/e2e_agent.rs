@@ -114,20 +114,37 @@ async fn t4_a_long_outage_fills_the_spool_to_its_cap_and_drops_are_counted() {
     let disk = framelink_agent::spool::sled_spool::disk_usage(&dir.path().join("spool"));
     let slack = 2 * 1024 * 1024;
     assert!(disk <= cap + slack, "spool uses {disk} bytes on disk, cap {cap} + slack {slack}");
-    let dropped_x = agent.metric("frames_dropped_total", &["camera=\"x\""]);
-    let dropped_y = agent.metric("frames_dropped_total", &["camera=\"y\""]);
-    assert!(dropped_x + dropped_y > 0.0, "the cap was reached");
-    assert_eq!(agent.metric("frames_dropped_total", &["reason=\"spool_full_oldest\""]), dropped_x + dropped_y, "all drops by policy");
+    // Drops by camera and reason. Besides the policy's evictions, a busy machine may make the
+    // capture stage drop a frame while the encoder waits on the spool (`encoder_behind`): also
+    // counted, and the only other reason allowed here.
+    let drops = |cam: &str, reason: &str| agent.metric("frames_dropped_total", &[&format!("camera=\"{cam}\""), &format!("reason=\"{reason}\"")]);
+    let mut by_cam = Vec::new();
+    for cam in ["x", "y"] {
+        let all = agent.metric("frames_dropped_total", &[&format!("camera=\"{cam}\"")]);
+        let (policy, behind) = (drops(cam, "spool_full_oldest"), drops(cam, "encoder_behind"));
+        assert_eq!(policy + behind, all, "{cam}: every drop by policy or encoder_behind; metrics:\n{:?}", agent.metrics());
+        by_cam.push((cam, all, policy, behind));
+    }
+    assert!(by_cam.iter().map(|c| c.2).sum::<f64>() > 0.0, "the cap was reached");
 
     broker.start().unwrap();
     agent.wait_for("spool drained", Duration::from_secs(90), |a| a.metric("spool_records", &[]) == 0.0 && a.healthz()["link"] == "up");
     agent.stop();
     let got = arrived(&broker.mtls(), &topic).await;
-    for (cam, dropped) in [("x", dropped_x), ("y", dropped_y)] {
+    for (cam, all, policy, behind) in by_cam {
         let seqs = got.seqs(cam);
-        assert_eq!(seqs.len() as f64 + dropped, 200.0, "{cam}: arrived + counted drops = captured");
-        // drop_oldest: what is missing is the oldest frames; the rest is a contiguous tail.
-        assert_contiguous(seqs, 200 - seqs.len() as u64, cam);
+        assert_eq!(seqs.len() as f64 + all, 200.0, "{cam}: arrived + counted drops = captured");
+        if behind == 0.0 {
+            // drop_oldest: what is missing is the oldest frames; the rest is a contiguous tail.
+            assert_contiguous(seqs, 200 - seqs.len() as u64, cam);
+        } else {
+            // The evicted frames are the oldest: the tail starts after them, and the only gaps
+            // in it are the frames the capture stage dropped.
+            let (first, policy, behind) = (seqs[0], policy as u64, behind as u64);
+            assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{cam}: every frame once, in order");
+            assert!(first >= policy && first <= policy + behind, "{cam}: tail starts at {first}, {policy} evicted, {behind} behind");
+            assert!(200 - first - seqs.len() as u64 <= behind, "{cam}: gaps in the tail beyond the {behind} encoder_behind drops");
+        }
     }
 }
 
