@@ -16,6 +16,14 @@ use crate::metrics::Metrics;
 pub fn open_backend(cfg: &WorkerConfig, metrics: &Metrics) -> Result<Option<GpuClient>> {
     use crate::gpu::{BackendChoice, Gpu, adapters, stage};
     let g = &cfg.gpu;
+    // Models run on their own provider (crate::infer); the ops of a pipeline with a model run
+    // on the CPU backend, frame by frame around the model.
+    if !cfg.worker.pipeline_ops()?.models().is_empty() && g.backend != BackendChoice::Cpu {
+        tracing::info!(requested = g.backend.as_str(), "The pipeline runs a model (detect:): its ops run on the CPU backend; the model runs on inference.provider.");
+        metrics.backend.get_or_create(&vec![("backend", "cpu".to_owned()), ("adapter", String::new()), ("device_type", String::new())]).set(1);
+        metrics.health.lock().unwrap().backend = "cpu (the pipeline runs a model)".into();
+        return Ok(None);
+    }
     let gpu = Gpu::open(g.backend, g.adapter.as_deref()).with_context(|| format!("config key `gpu.backend` = {:?}", g.backend.as_str()))?;
     let (label, adapter, device_type) = match &gpu {
         Some(gpu) => ("gpu", gpu.desc.name.clone(), gpu.desc.device_type.clone()),

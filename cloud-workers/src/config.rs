@@ -40,6 +40,12 @@ pub struct WorkerConfig {
     /// Large-image jobs' tiles (`enabled`, `topic`, `results_topic`, `jobs_topic`).
     #[serde(default)]
     pub tiles: crate::tile::TilesConfig,
+    /// The ONNX Runtime library, execution provider and batching of `detect:` ops.
+    #[serde(default)]
+    pub inference: crate::infer::InferenceConfig,
+    /// The models `detect:NAME` runs, one `[models.NAME]` table each.
+    #[serde(default)]
+    pub models: std::collections::BTreeMap<String, crate::infer::ModelConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -265,7 +271,9 @@ impl WorkerConfig {
                 bail!("config key `tiles.topic`: {:?} is also an output topic (the worker would consume its own output)", t.topic);
             }
         }
-        self.worker.pipeline_ops()?;
+        let pipeline = self.worker.pipeline_ops()?;
+        self.inference.validate().map_err(anyhow::Error::msg)?;
+        crate::infer::config::validate_models(&pipeline, &self.models).map_err(anyhow::Error::msg)?;
         if !(1..=100).contains(&self.worker.jpeg_quality) {
             bail!("config key `worker.jpeg_quality`: {} is not from 1 to 100", self.worker.jpeg_quality);
         }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod consume;
 pub mod decode;
 pub mod gpu;
+pub mod infer;
 pub mod jobs_watch;
 pub mod metrics;
 pub mod motion;

@@ -181,6 +181,11 @@ fn run(command: Command) -> anyhow::Result<()> {
                 v.config.output.dlq_topic,
                 v.kafka.describe()
             );
+            // Models: the runtime library is found and loaded, each model opened (a missing or
+            // incompatible ONNX Runtime is named here, not at the first frame).
+            for line in framelink_worker::infer::check(&v.config.worker.pipeline_ops()?, &v.config.inference, &v.config.models)? {
+                println!("{line}");
+            }
             if connect {
                 println!("{}", report_connection(&v.kafka, CHECK_CONNECT_TIMEOUT)?);
                 // The backend too: a GPU worker without a usable GPU fails here, not at start.

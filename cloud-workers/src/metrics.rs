@@ -25,6 +25,7 @@ pub struct Metrics {
     pub frames_in: Counter,
     pub frames_out: Counter,
     pub events: Counter,
+    pub detection_events: Counter,
     pub outputs: Family<Labels, Counter>,
     pub outputs_refused: Family<Labels, Counter>,
     pub dead_letters_refused: Counter,
@@ -51,6 +52,8 @@ pub struct Metrics {
     pub tiles_processed: Counter,
     pub tiles_failed: Counter,
     pub tiles_skipped: Family<Labels, Counter>,
+    /// Models (`detect:` ops): runs, frames, failures, time, detections.
+    pub infer: crate::infer::InferMetrics,
 }
 
 /// State `/healthz` reports besides counters.
@@ -73,6 +76,8 @@ pub struct Health {
     pub stalls: Option<Arc<crate::publish::refusals::Stalls>>,
     /// Each output topic's record-size limit as learned from the cluster.
     pub limits: Option<Arc<crate::publish::TopicLimits>>,
+    /// The runtime and models, when the pipeline runs any.
+    pub inference: Option<serde_json::Value>,
 }
 
 impl Metrics {
@@ -92,6 +97,7 @@ impl Metrics {
             frames_in: Counter::default(),
             frames_out: Counter::default(),
             events: Counter::default(),
+            detection_events: Counter::default(),
             outputs: Family::default(),
             outputs_refused: Family::default(),
             dead_letters_refused: Counter::default(),
@@ -114,6 +120,7 @@ impl Metrics {
             tiles_processed: Counter::default(),
             tiles_failed: Counter::default(),
             tiles_skipped: Family::default(),
+            infer: crate::infer::InferMetrics::new(),
         };
         registry.register("frames_in", "Records consumed", m.frames_in.clone());
         registry.register("frames_out", "Frames processed", m.frames_out.clone());
@@ -139,6 +146,8 @@ impl Metrics {
         registry.register("tiles_processed", "Large-image tiles processed and published", m.tiles_processed.clone());
         registry.register("tiles_failed", "Large-image tiles that failed (dead-lettered, and reported to the console)", m.tiles_failed.clone());
         registry.register("tiles_skipped", "Large-image tiles not processed because their job is over, by reason (job_cancelled, job_expired, job_done, job_failed)", m.tiles_skipped.clone());
+        registry.register("detection_events", "Detection events published (frames with at least one detection left after min_score and only_labels)", m.detection_events.clone());
+        m.infer.register(&mut registry);
         m.beats.register(&mut registry);
         Arc::new(Self { registry, ..m })
     }
@@ -174,6 +183,19 @@ impl Metrics {
             "stalled": stalled,
             "output_limits": h.limits.as_ref().map(|l| l.snapshot()),
             "processing_panics": self.panics.get(),
+            // The ONNX Runtime library and models (`detect:` ops); null when none run.
+            "inference": h.inference.as_ref().map(|i| {
+                // Per model: frames run and frames whose run failed (dead-lettered).
+                let mut i = i.clone();
+                if let Some(models) = i.get_mut("models").and_then(|m| m.as_object_mut()) {
+                    for (name, m) in models.iter_mut() {
+                        let l = vec![("model", name.clone())];
+                        m["frames"] = self.infer.frames.get_or_create(&l).get().into();
+                        m["frames_failed"] = self.infer.failed.get_or_create(&l).get().into();
+                    }
+                }
+                i
+            }),
             // Large-image tiles; skipped = tiles of jobs that were over (cancelled, expired…).
             "tiles": {
                 "processed": self.tiles_processed.get(),

@@ -96,6 +96,8 @@ pub fn apply_op(op: &Op, img: &Img) -> Result<Img, OpError> {
             }
             crop(img, x, y, width, height)
         }
+        // The frame processor runs models (crate::infer); anywhere else (a tile) there is none.
+        Op::Detect { .. } => return Err(apply_err(op, img, "models run only in the worker's frame pipeline (worker.pipeline with its [models.NAME] table)".into())),
     })
 }
 
@@ -312,6 +314,20 @@ pub fn resize(img: &Img, width: u32, height: u32) -> Result<Img, String> {
     let mut dst = Image::new(width, height, pt);
     Resizer::new()
         .resize(&src, &mut dst, &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3)))
+        .map_err(|e| e.to_string())?;
+    Ok(Img::new(width, height, img.channels, dst.into_vec()))
+}
+
+/// Bilinear resampling (fast_image_resize's convolution, so shrinking averages every source
+/// pixel): how frames are scaled into a model's input.
+pub fn resize_bilinear(img: &Img, width: u32, height: u32) -> Result<Img, String> {
+    use fast_image_resize::images::{Image, ImageRef};
+    use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+    let pt = if img.channels == 3 { PixelType::U8x3 } else { PixelType::U8 };
+    let src = ImageRef::new(img.width, img.height, &img.data, pt).map_err(|e| e.to_string())?;
+    let mut dst = Image::new(width, height, pt);
+    Resizer::new()
+        .resize(&src, &mut dst, &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear)))
         .map_err(|e| e.to_string())?;
     Ok(Img::new(width, height, img.channels, dst.into_vec()))
 }

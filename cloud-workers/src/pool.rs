@@ -40,6 +40,8 @@ pub struct Shared {
     pub poisoned: Arc<Poisoned>,
     pub publishing: Publishing,
     pub gpu: Option<GpuClient>,
+    /// The models `detect:` ops run; `None` when the pipeline has none.
+    pub inference: Option<Arc<crate::infer::Inference>>,
     pub revocations: Arc<Revocations>,
     /// Large-image jobs that are over (their tiles are skipped); `None` without `[tiles]`.
     pub jobs: Option<Arc<crate::jobs_watch::JobsWatch>>,
@@ -60,6 +62,9 @@ impl Pool {
             let mut processor = Processor::new(cfg.worker.pipeline_ops()?, cfg.worker.max_pixels, cfg.worker.jpeg_quality, cfg.worker.events_only, cfg.motion.clone());
             if let Some(g) = &shared.gpu {
                 processor = processor.with_gpu(g.clone());
+            }
+            if let Some(i) = &shared.inference {
+                processor = processor.with_inference(i.clone());
             }
             processor = processor.with_revocations(shared.revocations.clone());
             let s = shared.clone();

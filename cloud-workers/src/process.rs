@@ -34,6 +34,21 @@ pub struct Processed {
     pub took: Duration,
     /// Time spent in each op, in pipeline order.
     pub op_times: Vec<(String, Duration)>,
+    /// What each `detect:` op's model found, in pipeline order.
+    pub models: Vec<ModelRun>,
+}
+
+/// One model's result on a frame; boxes in the source frame's pixels.
+#[derive(Debug, Clone)]
+pub struct ModelRun {
+    pub model: String,
+    pub version: String,
+    pub family: &'static str,
+    pub provider: &'static str,
+    /// The model run's wall time (its whole batch's) and the batch's size.
+    pub took: Duration,
+    pub batch: usize,
+    pub detections: Vec<crate::infer::Detection>,
 }
 
 /// What the processor knows about a record besides its bytes.
@@ -57,6 +72,8 @@ pub struct Processor {
     detector: MotionDetector,
     /// The GPU stage, when the GPU backend runs the ops.
     gpu: Option<GpuClient>,
+    /// The models of `detect:` ops.
+    inference: Option<std::sync::Arc<crate::infer::Inference>>,
     /// Partitions the worker gave up: their cameras' motion state is dropped.
     revocations: Option<std::sync::Arc<crate::motion::Revocations>>,
     /// Tests: the next `process` panics, as a bug in an op would.
@@ -72,6 +89,7 @@ impl Processor {
     pub fn new(pipeline: Pipeline, max_pixels: u64, quality: u8, events_only: bool, motion: MotionConfig) -> Self {
         Self { pipeline, max_pixels, quality, events_only, motion, decoder: Decoder::new(), detector: MotionDetector::default(),
             gpu: None,
+            inference: None,
             revocations: None,
             #[cfg(test)]
             panic_next: false,
@@ -98,10 +116,39 @@ impl Processor {
         self
     }
 
-    fn cpu_ops(&self, mut img: Img, op_times: &mut Vec<(String, Duration)>) -> Result<Img, Rejected> {
-        for op in &self.pipeline.0 {
+    /// Runs `detect:` ops on their models.
+    pub fn with_inference(mut self, inference: std::sync::Arc<crate::infer::Inference>) -> Self {
+        self.inference = Some(inference);
+        self
+    }
+
+    /// The ops on the CPU, and the models of `detect:` ops (`frame`: the source frame's size,
+    /// which boxes are mapped back to).
+    fn cpu_ops(&self, mut img: Img, frame: (u32, u32), op_times: &mut Vec<(String, Duration)>, runs: &mut Vec<ModelRun>) -> Result<Img, Rejected> {
+        let decoded = (img.width, img.height);
+        for (k, op) in self.pipeline.0.iter().enumerate() {
             let t = Instant::now();
-            img = crate::ops::apply_op(op, &img).map_err(|e| reject(DeadLetterReason::OpFailed, e.to_string()))?;
+            if let crate::ops::Op::Detect { model } = op {
+                let failed = |e: String| reject(DeadLetterReason::ModelFailed, format!("detect:{model}: {e}"));
+                let client = self.inference.as_ref().and_then(|i| i.client(model)).ok_or_else(|| failed("the model is not loaded".into()))?;
+                let r = client.detect(&img).map_err(failed)?;
+                if client.spec.cfg.draw {
+                    crate::infer::draw::draw(&mut img, &r.detections);
+                }
+                let ops_before = &self.pipeline.0[..k];
+                let detections = r
+                    .detections
+                    .into_iter()
+                    .map(|mut d| {
+                        d.bbox = d.bbox.map(|b| crate::infer::geometry::to_source(ops_before, decoded, frame, b));
+                        d
+                    })
+                    .collect();
+                let s = &client.spec;
+                runs.push(ModelRun { model: s.name.clone(), version: s.version.clone(), family: s.cfg.family.as_str(), provider: s.provider.provider.as_str(), took: r.took, batch: r.batch, detections });
+            } else {
+                img = crate::ops::apply_op(op, &img).map_err(|e| reject(DeadLetterReason::OpFailed, e.to_string()))?;
+            }
             op_times.push((op.to_string(), t.elapsed()));
         }
         Ok(img)
@@ -157,8 +204,10 @@ impl Processor {
         };
         let img = self.decoder.decode(payload, self.max_pixels, at_least).map_err(|e| reject(e.reason(), e.to_string()))?;
         let mut op_times = Vec::with_capacity(self.pipeline.0.len());
+        let mut runs = Vec::new();
+        let frame = turbojpeg::read_header(payload).map(|h| (h.width as u32, h.height as u32)).unwrap_or((img.width, img.height));
         let (img, small) = match &self.gpu {
-            None => (self.cpu_ops(img, &mut op_times)?, None),
+            None => (self.cpu_ops(img, frame, &mut op_times, &mut runs)?, None),
             Some(gpu) => {
                 let t = Instant::now();
                 match gpu.process(img) {
@@ -171,7 +220,7 @@ impl Processor {
                         // frame is not at fault, so it is processed on the CPU.
                         tracing::debug!(why, "GPU fallback");
                         let img = self.decoder.decode(payload, self.max_pixels, at_least).map_err(|e| reject(e.reason(), e.to_string()))?;
-                        (self.cpu_ops(img, &mut op_times)?, None)
+                        (self.cpu_ops(img, frame, &mut op_times, &mut runs)?, None)
                     }
                 }
             }
@@ -190,7 +239,7 @@ impl Processor {
             }
         };
         let jpeg = if self.events_only { None } else { Some(encode(&img, self.quality).map_err(|e| reject(DeadLetterReason::EncodeFailed, e.to_string()))?) };
-        Ok(Processed { meta, jpeg, width: img.width, height: img.height, event, took: started.elapsed(), op_times })
+        Ok(Processed { meta, jpeg, width: img.width, height: img.height, event, took: started.elapsed(), op_times, models: runs })
     }
 }
 

@@ -67,6 +67,8 @@ pub fn run(v: Validated, shutdown: Shutdown, metrics: Arc<Metrics>) -> Result<()
         h.link = Some(link.clone());
     }
     let gpu = open_backend(cfg, &metrics)?;
+    let inference = crate::infer::open(&cfg.worker.pipeline_ops()?, &cfg.inference, &cfg.models, &metrics)?;
+    metrics.health.lock().unwrap().inference = inference.as_ref().map(|i| i.health());
 
     // At-least-once: refused outputs are dead-lettered (and refused dead letters retried) by
     // the refusals thread. Exactly-once: a refusal aborts the transaction.
@@ -148,7 +150,7 @@ pub fn run(v: Validated, shutdown: Shutdown, metrics: Arc<Metrics>) -> Result<()
     framelink_common::systemd::spawn_watchdog(heartbeat.clone(), shutdown.clone(), "consumer poll");
 
     let beats = start_heartbeats(&v, &id, &metrics, &shutdown);
-    let shared = Shared { producers: producers.clone(), offsets: offsets.clone(), metrics: metrics.clone(), txn: txn.clone(), refusals, poisoned: poisoned.clone(), publishing, gpu, revocations: consumer.context().revocations.clone(), jobs };
+    let shared = Shared { producers: producers.clone(), offsets: offsets.clone(), metrics: metrics.clone(), txn: txn.clone(), refusals, poisoned: poisoned.clone(), publishing, gpu, inference, revocations: consumer.context().revocations.clone(), jobs };
     let pool = Pool::spawn(cfg, &shared)?;
     drop(shared);
     let poll = PollLoop {

@@ -4,8 +4,49 @@
 //! pipeline to plan its tiles ([`crate::tiling`]). What each op computes is defined, and
 //! implemented, by the worker's `ops` module; this module knows only the syntax and the
 //! geometry (output size, channels, how far each output pixel reaches into its input).
+//!
+//! `detect:NAME` runs the worker's `[models.NAME]` on the image as it is at that point of the
+//! pipeline; to the pixels it is the identity (or draws its boxes, with `draw = true`).
 
 use std::fmt;
+
+/// The name of a model in `detect:NAME` (the worker's `[models.NAME]` table): 1 to
+/// [`ModelName::MAX_LEN`] of `A-Z a-z 0-9 _ -`. Stored inline so that ops stay `Copy`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ModelName {
+    len: u8,
+    bytes: [u8; ModelName::MAX_LEN],
+}
+
+impl ModelName {
+    pub const MAX_LEN: usize = 32;
+
+    /// `None` unless `s` is a valid model name.
+    pub fn new(s: &str) -> Option<Self> {
+        let ok = !s.is_empty() && s.len() <= Self::MAX_LEN && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        ok.then(|| {
+            let mut bytes = [0u8; Self::MAX_LEN];
+            bytes[..s.len()].copy_from_slice(s.as_bytes());
+            Self { len: s.len() as u8, bytes }
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..self.len as usize]).expect("ASCII by construction")
+    }
+}
+
+impl fmt::Display for ModelName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for ModelName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Op {
@@ -16,6 +57,8 @@ pub enum Op {
     Rotate { degrees: u16 },
     Resize { width: u32, height: u32 },
     Crop { x: u32, y: u32, width: u32, height: u32 },
+    /// Runs the model `[models.NAME]` (the worker's inference); the image passes unchanged.
+    Detect { model: ModelName },
 }
 
 impl fmt::Display for Op {
@@ -28,6 +71,7 @@ impl fmt::Display for Op {
             Op::Rotate { degrees } => write!(f, "rotate:{degrees}"),
             Op::Resize { width, height } => write!(f, "resize:{width}x{height}"),
             Op::Crop { x, y, width, height } => write!(f, "crop:{width}x{height}+{x}+{y}"),
+            Op::Detect { model } => write!(f, "detect:{model}"),
         }
     }
 }
@@ -92,8 +136,13 @@ impl Op {
                     _ => Err(bad()),
                 }
             }
+            "detect" => {
+                let name = arg.ok_or_else(|| err("needs a model name, e.g. detect:people (the [models.people] table)"))?;
+                let model = ModelName::new(name).ok_or_else(|| err(&format!("model names are 1 to {} of A-Z a-z 0-9 _ -", ModelName::MAX_LEN)))?;
+                Ok(Op::Detect { model })
+            }
             "" => Err(err("empty op")),
-            _ => Err(err("unknown op (grayscale, blur, sobel, sharpen, rotate, resize, crop)")),
+            _ => Err(err("unknown op (grayscale, blur, sobel, sharpen, rotate, resize, crop, detect)")),
         }
     }
 
@@ -122,7 +171,7 @@ impl Op {
             Op::Grayscale => Some(0),
             Op::Blur { sigma } => Some(blur_radius(sigma)),
             Op::Sobel | Op::Sharpen => Some(1),
-            Op::Rotate { .. } | Op::Resize { .. } | Op::Crop { .. } => None,
+            Op::Rotate { .. } | Op::Resize { .. } | Op::Crop { .. } | Op::Detect { .. } => None,
         }
     }
 }
@@ -144,6 +193,19 @@ impl Pipeline {
     /// The final size for an input of `w`×`h`.
     pub fn output_size(&self, w: u32, h: u32) -> (u32, u32) {
         self.0.iter().fold((w, h), |(w, h), op| op.output_size(w, h))
+    }
+
+    /// The models the pipeline runs (`detect:NAME`), in order, each once.
+    pub fn models(&self) -> Vec<ModelName> {
+        let mut out: Vec<ModelName> = Vec::new();
+        for op in &self.0 {
+            if let Op::Detect { model } = op
+                && !out.contains(model)
+            {
+                out.push(*model);
+            }
+        }
+        out
     }
 
     /// The final channel count for an input of `channels`.
@@ -180,6 +242,9 @@ mod tests {
             ("resize:0x10", "needs a size"),
             ("sobel:3", "takes no argument"),
             ("crop:1,2", "WxH+X+Y"),
+            ("detect", "needs a model name"),
+            ("detect:a b", "model names are"),
+            ("detect:abcdefghijabcdefghijabcdefghijabc", "model names are"),
         ] {
             let e = Pipeline::parse(spec).unwrap_err().to_string();
             assert!(e.contains(needle), "{spec}: {e}");
@@ -193,5 +258,15 @@ mod tests {
         assert_eq!(Op::Sobel.radius(), Some(1));
         assert_eq!(Op::Grayscale.radius(), Some(0));
         assert_eq!(Op::Rotate { degrees: 90 }.radius(), None);
+    }
+
+    #[test]
+    fn detect_names_a_model_and_keeps_the_image() {
+        let p = Pipeline::parse("resize:640x360,detect:people,grayscale,detect:text-v4,detect:people").unwrap();
+        assert_eq!(p.to_string(), "resize:640x360,detect:people,grayscale,detect:text-v4,detect:people");
+        assert_eq!(p.models().iter().map(|m| m.as_str()).collect::<Vec<_>>(), ["people", "text-v4"]);
+        assert_eq!(p.output_size(1920, 1080), (640, 360));
+        assert_eq!(Op::Detect { model: ModelName::new("x").unwrap() }.output_channels(3), 3);
+        assert_eq!(Op::Detect { model: ModelName::new("x").unwrap() }.radius(), None);
     }
 }

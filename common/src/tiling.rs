@@ -92,6 +92,8 @@ impl std::str::FromStr for Rect {
 pub enum TilingError {
     #[error("{op} cannot be tiled exactly (a resampling filter depends on the whole image): resize the result instead, or run it as a frame pipeline")]
     NotTileable { op: String },
+    #[error("{op} runs a model on whole frames; large-image jobs do not run models: leave it out of the job's pipeline")]
+    ModelOp { op: String },
     #[error("{op} on a {width}x{height} image: the rectangle is outside the image")]
     CropOutside { op: String, width: u32, height: u32 },
     #[error("tile size {0} is out of range (16 to 8192)")]
@@ -150,6 +152,7 @@ pub fn check(pipeline: &Pipeline, width: u32, height: u32) -> Result<(), TilingE
     for op in &pipeline.0 {
         match *op {
             Op::Resize { .. } => return Err(TilingError::NotTileable { op: op.to_string() }),
+            Op::Detect { .. } => return Err(TilingError::ModelOp { op: op.to_string() }),
             Op::Crop { x, y, width: cw, height: ch } if x as u64 + cw as u64 > w as u64 || y as u64 + ch as u64 > h as u64 => {
                 return Err(TilingError::CropOutside { op: op.to_string(), width: w, height: h });
             }

@@ -152,10 +152,12 @@ pub enum DeadLetterReason {
     OutputRefused,
     /// Processing panicked.
     Panic,
+    /// A `detect:` op's model could not run on the frame (the detail says why).
+    ModelFailed,
 }
 
 impl DeadLetterReason {
-    pub const ALL: [DeadLetterReason; 11] = [
+    pub const ALL: [DeadLetterReason; 12] = [
         Self::Empty,
         Self::NotJpeg,
         Self::CorruptJpeg,
@@ -167,6 +169,7 @@ impl DeadLetterReason {
         Self::ResultTooLarge,
         Self::OutputRefused,
         Self::Panic,
+        Self::ModelFailed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -182,6 +185,7 @@ impl DeadLetterReason {
             Self::ResultTooLarge => "result_too_large",
             Self::OutputRefused => "output_refused",
             Self::Panic => "panic",
+            Self::ModelFailed => "model_failed",
         }
     }
 }

@@ -29,6 +29,7 @@ use rand::RngExt;
 
 pub mod cluster;
 pub mod daemon;
+pub mod inference;
 pub mod latency;
 pub mod netfault;
 pub mod smallfs;

@@ -12,7 +12,8 @@
 //! top finds every key, including those behind custom deserializers (`kafka.brokers` takes a
 //! string or a list through an untagged enum, which reflection-based tracers such as
 //! serde-reflection cannot follow). A free-form map (`kafka.librdkafka`) takes any key, so it
-//! counts as one key.
+//! counts as one key; a map of tables (`[models.NAME]`) is probed as `a = { __name = { __probe
+//! = 0 } }` and its keys are written `models.*.path` (any name in the example stands for `*`).
 //!
 //! The documented keys are read from the example config's text, commented-out lines included
 //! (`# client_ca = "..."` documents `kafka.tls.client_ca`): table headers (`[kafka.tls]`,
@@ -22,12 +23,15 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 const PROBE: &str = "__probe";
+/// The entry name used to probe a map of tables.
+const NAME: &str = "__name";
 
 /// How a key path is written: tables joined by `.`, an array of tables as `name[]`.
 fn render(path: &[String], inner: &str) -> String {
     // `a.b[].c` with `inner` at the end, as TOML: a = { b = [{ c = inner }] }
     let mut out = inner.to_owned();
     for seg in path.iter().rev() {
+        let seg = if seg == "*" { NAME } else { seg.as_str() };
         out = match seg.strip_suffix("[]") {
             Some(name) => format!("{{ {name} = [{out}] }}"),
             None => format!("{{ {seg} = {out} }}"),
@@ -70,14 +74,19 @@ pub fn code_keys(parse: &dyn Fn(&str) -> Result<(), String>) -> (BTreeSet<String
         let mut as_array = path.clone();
         let last = as_array.last_mut().unwrap();
         *last = format!("{last}[]");
+        let mut as_map = path.clone();
+        as_map.push("*".to_owned());
         let (table, keys) = match table_keys(parse, &path) {
             Some(keys) => (path, keys),
             None => match table_keys(parse, &as_array) {
                 Some(keys) => (as_array, keys),
-                None => {
-                    leaves.insert(path.join("."));
-                    continue;
-                }
+                None => match table_keys(parse, &as_map).filter(|k| !k.is_empty()) {
+                    Some(keys) => (as_map, keys),
+                    None => {
+                        leaves.insert(path.join("."));
+                        continue;
+                    }
+                },
             },
         };
         assert!(!keys.is_empty(), "table `{}` has no keys", table.join("."));
@@ -163,7 +172,22 @@ pub fn check(parse: &dyn Fn(&str) -> Result<(), String>, example: &str) -> usize
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let text = std::fs::read_to_string(format!("{root}/{example}")).unwrap_or_else(|e| panic!("{example}: {e}"));
     let (leaves, tables) = code_keys(parse);
-    let documented = documented_keys(&text);
+    // A map of tables (`models.*`): the example's entry names stand for `*`.
+    let maps: Vec<&str> = tables.iter().filter_map(|t| t.strip_suffix(".*")).collect();
+    let mut documented = BTreeMap::new();
+    for (k, n) in documented_keys(&text) {
+        let k = match maps.iter().find(|m| k.starts_with(&format!("{m}."))) {
+            Some(m) => {
+                let rest = &k[m.len() + 1..];
+                match rest.split_once('.') {
+                    Some((_, key)) => format!("{m}.*.{key}"),
+                    None => format!("{m}.*"),
+                }
+            }
+            None => k,
+        };
+        *documented.entry(k).or_insert(0) += n;
+    }
     let mut problems = Vec::new();
     for k in &leaves {
         if !documented.contains_key(k) {
@@ -174,7 +198,7 @@ pub fn check(parse: &dyn Fn(&str) -> Result<(), String>, example: &str) -> usize
         if !leaves.contains(k) && !tables.contains(k) {
             problems.push(format!("`{k}` is documented in {example} but the code has no such key"));
         }
-        if *n > 1 && !k.contains("[]") {
+        if *n > 1 && !k.contains("[]") && !k.contains(".*.") {
             problems.push(format!("`{k}` is documented {n} times in {example}; document it once"));
         }
     }

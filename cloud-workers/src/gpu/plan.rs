@@ -81,6 +81,7 @@ pub fn plan(pipeline: &Pipeline, input: Size, motion: bool) -> Result<(Vec<Pass>
                 }
                 add!("crop", Size { w: width, h: height, ch: cur.ch }, [x, y, 0, 0], vec![]);
             }
+            Op::Detect { .. } => return Err(err("models run on the CPU backend's frame path, not in the GPU stage")),
             Op::Resize { width, height } => {
                 if height != cur.h {
                     let (precision, stride, table) = resize_table(cur.h, height);

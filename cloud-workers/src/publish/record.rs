@@ -169,6 +169,7 @@ pub fn outputs_of(job: &Job, p: Processed, metrics: &Metrics, publishing: &Publi
     if let Some(ev) = &p.event {
         metrics.events.inc();
         let body = serde_json::json!({
+            "type": "motion",
             "device": meta.device_id, "camera": meta.camera_id, "seq": meta.seq,
             "capture_ns": meta.capture_ns, "changed_fraction": ev.changed_fraction,
             "bbox": {"x": ev.bbox[0], "y": ev.bbox[1], "width": ev.bbox[2], "height": ev.bbox[3]},
@@ -176,10 +177,44 @@ pub fn outputs_of(job: &Job, p: Processed, metrics: &Metrics, publishing: &Publi
         });
         records.push(OutRecord { topic: out.events_topic.clone(), kind: OutputKind::Event, key: Some(key.clone()), payload: body.to_string().into_bytes(), headers: headers.clone() });
     }
+    if let Some(body) = detection_event(&meta, (src_w, src_h), &p.models, publishing, metrics) {
+        records.push(OutRecord { topic: out.events_topic.clone(), kind: OutputKind::Event, key: Some(key.clone()), payload: body.to_string().into_bytes(), headers: headers.clone() });
+    }
     if let Some(jpeg) = p.jpeg {
         records.push(OutRecord { topic: out.results_topic.clone(), kind: OutputKind::Result, key: Some(key), payload: jpeg, headers });
     }
     records
+}
+
+/// The detection event of a frame (JSON, see docs/inference.md): every model's detections in
+/// the source frame's pixels; `None` when no model found anything (after `min_score` and
+/// `only_labels`), so such frames make no event.
+pub fn detection_event(meta: &framelink_common::FrameMeta, source: (u32, u32), runs: &[crate::process::ModelRun], publishing: &Publishing, metrics: &Metrics) -> Option<serde_json::Value> {
+    let mut detections = Vec::new();
+    for r in runs {
+        for d in &r.detections {
+            metrics.infer.detections.get_or_create(&vec![("model", r.model.clone()), ("label", d.label.clone())]).inc();
+            let mut v = serde_json::to_value(d).expect("plain data");
+            v["model"] = r.model.clone().into();
+            detections.push(v);
+        }
+    }
+    if detections.is_empty() {
+        return None;
+    }
+    metrics.detection_events.inc();
+    let models: Vec<serde_json::Value> = runs
+        .iter()
+        .map(|r| serde_json::json!({"name": r.model, "version": r.version, "family": r.family, "provider": r.provider, "inference_ms": r.took.as_secs_f64() * 1000.0, "batch": r.batch}))
+        .collect();
+    Some(serde_json::json!({
+        "type": "detections",
+        "device": meta.device_id, "camera": meta.camera_id, "seq": meta.seq, "capture_ns": meta.capture_ns,
+        "frame_width": source.0, "frame_height": source.1,
+        "pipeline": publishing.spec, "worker": publishing.worker,
+        "models": models,
+        "detections": detections,
+    }))
 }
 
 #[cfg(test)]
@@ -244,7 +279,7 @@ mod tests {
         j.headers.push((header::CLOCK.into(), Some(b"camera".to_vec())));
         let pairs = [("framelink-version", "1"), ("framelink-device", "dev"), ("framelink-camera", "cam"), ("framelink-seq", "7"), ("framelink-capture-ns", "1"), ("framelink-width", "8"), ("framelink-height", "4"), ("framelink-pixel-format", "RGB24"), ("content-type", "image/jpeg"), ("framelink-clock", "camera")];
         let meta = framelink_common::FrameMeta::from_header_pairs(pairs.iter().map(|(k, v)| (*k, Some(v.as_bytes())))).unwrap();
-        let processed = Processed { meta, jpeg: Some(vec![0xff, 0xd8]), width: 4, height: 2, event: None, took: std::time::Duration::from_micros(5), op_times: vec![] };
+        let processed = Processed { meta, jpeg: Some(vec![0xff, 0xd8]), width: 4, height: 2, event: None, took: std::time::Duration::from_micros(5), op_times: vec![], models: vec![] };
         let out = outputs_of(&j, processed, &Metrics::new(), &publishing());
         assert_eq!(out.len(), 1);
         let h = &out[0].headers;

@@ -130,7 +130,7 @@ pub async fn create(State(api): State<JobsApi>, headers: HeaderMap, mut form: Mu
         },
     };
     // Cheap checks first: an op that cannot be tiled is refused before the image is decoded.
-    if let Err(e @ tiling::TilingError::NotTileable { .. }) = tiling::check(&pipeline, u32::MAX, u32::MAX) {
+    if let Err(e @ (tiling::TilingError::NotTileable { .. } | tiling::TilingError::ModelOp { .. })) = tiling::check(&pipeline, u32::MAX, u32::MAX) {
         return refuse(StatusCode::BAD_REQUEST, format!("pipeline: {e}"));
     }
     // Small tiles under a wide halo would carry the image many times over.

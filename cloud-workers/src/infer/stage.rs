@@ -1,0 +1,123 @@
+//! A model's stage: one thread owns the model's ONNX Runtime session; processing threads
+//! prepare their frame's input themselves (in parallel), hand it over and wait for the
+//! outputs, then decode them themselves. The stage gathers what arrives into a batch — frames
+//! from every camera, of one input size, up to `inference.batch`, waiting at most
+//! `inference.batch_wait_ms` after the first — and runs it as one call, as the GPU stage does.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
+
+use super::model::{Detection, Model, Output, Spec};
+use super::tensor::Input;
+use crate::ops::Img;
+
+/// What one frame's run gave.
+pub struct Ran {
+    pub outputs: Vec<Output>,
+    /// The run's wall time (the whole batch's).
+    pub took: Duration,
+    /// Frames in that run.
+    pub batch: usize,
+}
+
+type Reply = Sender<Result<Ran, String>>;
+
+struct Request {
+    input: Input,
+    reply: Reply,
+}
+
+/// A model's result for one frame.
+#[derive(Clone, Debug)]
+pub struct ModelResult {
+    pub detections: Vec<Detection>,
+    pub took: Duration,
+    pub batch: usize,
+}
+
+/// A processing thread's handle on a model.
+#[derive(Clone)]
+pub struct ModelClient {
+    pub spec: Arc<Spec>,
+    tx: Sender<Request>,
+}
+
+impl ModelClient {
+    /// Runs the model on `img`: detections in `img`'s pixels.
+    pub fn detect(&self, img: &Img) -> Result<ModelResult, String> {
+        let input = self.spec.prepare(img)?;
+        let at = input.placement;
+        let (reply, rx) = bounded(1);
+        self.tx.send(Request { input, reply }).map_err(|_| format!("model {}: its stage has stopped", self.spec.name))?;
+        let ran = rx.recv().map_err(|_| format!("model {}: its stage has stopped", self.spec.name))??;
+        let detections = self.spec.finish(&at, &ran.outputs)?;
+        Ok(ModelResult { detections, took: ran.took, batch: ran.batch })
+    }
+}
+
+/// Per-model counters (exported as metrics by the caller).
+pub trait StageObserver: Send + 'static {
+    fn ran(&self, frames: usize, took: Duration);
+    fn failed(&self, frames: usize, why: &str);
+}
+
+/// Starts the model's thread; it ends when every [`ModelClient`] is dropped.
+pub fn spawn(model: Model, batch: usize, batch_wait: Duration, observer: impl StageObserver) -> std::io::Result<ModelClient> {
+    let batch = if model.spec.batchable { batch.max(1) } else { 1 };
+    let (tx, rx) = bounded::<Request>(batch * 2);
+    let spec = model.spec.clone();
+    std::thread::Builder::new().name(format!("model-{}", spec.name)).spawn(move || run(model, rx, batch, batch_wait, observer))?;
+    Ok(ModelClient { spec, tx })
+}
+
+fn run(mut model: Model, rx: Receiver<Request>, batch: usize, batch_wait: Duration, observer: impl StageObserver) {
+    // Requests of another input size wait here for the next batch.
+    let mut held: VecDeque<Request> = VecDeque::new();
+    loop {
+        let first = match held.pop_front() {
+            Some(r) => r,
+            None => match rx.recv() {
+                Ok(r) => r,
+                Err(_) => return,
+            },
+        };
+        let size = (first.input.width, first.input.height);
+        let mut reqs = vec![first];
+        // Held requests of this size first, then new ones until full or the wait is over.
+        let mut i = 0;
+        while i < held.len() && reqs.len() < batch {
+            if (held[i].input.width, held[i].input.height) == size {
+                reqs.push(held.remove(i).expect("index in range"));
+            } else {
+                i += 1;
+            }
+        }
+        let deadline = Instant::now() + batch_wait;
+        while reqs.len() < batch {
+            match rx.recv_deadline(deadline) {
+                Ok(r) if (r.input.width, r.input.height) == size => reqs.push(r),
+                Ok(r) => held.push_back(r),
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        let inputs: Vec<&Input> = reqs.iter().map(|r| &r.input).collect();
+        match model.run(&inputs) {
+            Ok((outs, took)) => {
+                observer.ran(reqs.len(), took);
+                let n = reqs.len();
+                for (r, outputs) in reqs.into_iter().zip(outs) {
+                    let _ = r.reply.send(Ok(Ran { outputs, took, batch: n }));
+                }
+            }
+            Err(why) => {
+                observer.failed(reqs.len(), &why);
+                for r in reqs {
+                    let _ = r.reply.send(Err(why.clone()));
+                }
+            }
+        }
+    }
+}
