@@ -172,6 +172,9 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::CheckConfig { config, connect } => {
             let v = config::WorkerConfig::load(&config)?;
+            // Models: the runtime library is found and loaded, each model opened (a missing or
+            // incompatible ONNX Runtime is named here, not at the first frame).
+            let models = framelink_worker::infer::check(&v.config.worker.pipeline_ops()?, &v.config.inference, &v.config.models)?;
             println!(
                 "config OK: group {:?} reading {:?} -> results {:?}, events {:?}, dead letters {:?}; Kafka {}",
                 v.config.consumer.group_id,
@@ -181,9 +184,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 v.config.output.dlq_topic,
                 v.kafka.describe()
             );
-            // Models: the runtime library is found and loaded, each model opened (a missing or
-            // incompatible ONNX Runtime is named here, not at the first frame).
-            for line in framelink_worker::infer::check(&v.config.worker.pipeline_ops()?, &v.config.inference, &v.config.models)? {
+            for line in models {
                 println!("{line}");
             }
             if connect {

@@ -139,3 +139,47 @@ fn a_bad_gpu_key_is_named() {
     let o = worker(&["check-config", "--config", p.to_str().unwrap()], &[]);
     assert!(text(&o).contains("config key `gpu.batch`: 0 is not from 1 to 256"), "{}", text(&o));
 }
+
+fn model_config(dir: &std::path::Path, library: &str) -> std::path::PathBuf {
+    let model = framelink_testkit::inference::model("ch_PP-OCRv4_det_infer.onnx");
+    let p = dir.join("w.toml");
+    std::fs::write(
+        &p,
+        format!("[kafka]\nbrokers = \"h:1\"\n[worker]\npipeline = \"resize:1280x720,detect:text\"\n[inference]\nlibrary = {library:?}\n[models.text]\npath = {:?}\nfamily = \"dbnet\"\n", model.display().to_string()),
+    )
+    .unwrap();
+    p
+}
+
+#[test]
+fn check_config_loads_the_runtime_and_opens_the_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = framelink_testkit::inference::onnxruntime_library();
+    let p = model_config(dir.path(), &lib.display().to_string());
+    let o = worker(&["check-config", "--config", p.to_str().unwrap()], &[]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains(&format!("from {}", lib.display())), "{out}");
+    assert!(out.contains("model text: dbnet ch_PP-OCRv4_det_infer.onnx (unversioned), input dynamic, 0 labels, provider cpu"), "{out}");
+}
+
+#[test]
+fn a_missing_onnx_runtime_is_named_at_check_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = model_config(dir.path(), "/nonexistent/libonnxruntime.so.1.32.0");
+    let o = worker(&["check-config", "--config", p.to_str().unwrap()], &[]);
+    let out = text(&o);
+    assert!(!o.status.success(), "{out}");
+    assert!(out.contains("ONNX Runtime not found: tried /nonexistent/libonnxruntime.so.1.32.0 (no such file)"), "{out}");
+    // Not a library at all: named as such.
+    let p = model_config(dir.path(), p.to_str().unwrap());
+    let o = worker(&["check-config", "--config", p.to_str().unwrap()], &[]);
+    let out = text(&o);
+    assert!(!o.status.success(), "{out}");
+    assert!(out.contains(&format!("ONNX Runtime at {}: failed to load", p.display())), "{out}");
+    // A detect: op without its [models.NAME] table is refused before anything loads.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[kafka]\nbrokers = \"h:1\"\n[worker]\npipeline = \"detect:people\"\n").unwrap();
+    let o = worker(&["check-config", "--config", bad.to_str().unwrap()], &[]);
+    assert!(text(&o).contains("detect:people needs a [models.people] table"), "{}", text(&o));
+}

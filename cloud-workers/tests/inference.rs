@@ -223,3 +223,64 @@ fn text_direction_classifier_tells_upright_from_upside_down() {
     }
     assert_eq!(checked, 5);
 }
+
+/// A processor running `spec` with `models` (name → model), on JPEG bytes without headers.
+fn processor(spec: &str, models: Vec<(&str, ModelConfig)>) -> framelink_worker::process::Processor {
+    use framelink_worker::infer::Inference;
+    let icfg = runtime_cfg();
+    let library = runtime::load(&icfg).unwrap();
+    let mut clients = std::collections::HashMap::new();
+    for (name, cfg) in models {
+        let m = Model::open(&library, &icfg, name, &cfg).unwrap();
+        let client = stage::spawn(m, 1, Duration::ZERO, Counting).unwrap();
+        clients.insert(framelink_common::pipeline::ModelName::new(name).unwrap(), client);
+    }
+    let p = framelink_worker::ops::Pipeline::parse(spec).unwrap();
+    framelink_worker::process::Processor::new(p, 50_000_000, 85, false, Default::default()).with_inference(std::sync::Arc::new(Inference { models: clients, library }))
+}
+
+struct Counting;
+impl stage::StageObserver for Counting {
+    fn ran(&self, _: usize, _: Duration) {}
+    fn failed(&self, _: usize, _: &str) {}
+}
+
+fn jpeg_of(img: &Img) -> Vec<u8> {
+    framelink_worker::decode::encode(img, 95).unwrap()
+}
+
+fn info() -> framelink_worker::process::RecordInfo<'static> {
+    framelink_worker::process::RecordInfo { key: Some(b"d/c"), headers: vec![], topic: "frames", partition: 0, offset: 1, timestamp_ms: Some(1) }
+}
+
+#[test]
+fn boxes_come_back_in_the_source_frames_pixels_through_the_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fixtures(&["text", d.to_str().unwrap()]);
+    let boxes: BTreeMap<String, Vec<[f32; 4]>> = serde_json::from_slice(&std::fs::read(d.join("boxes.json")).unwrap()).unwrap();
+    let img = load_png(&d.join("text-rocket.png"));
+    let jpeg = jpeg_of(&img);
+    // The model sees the frame rotated and shrunk; the event still speaks of the frame.
+    let mut p = processor("rotate:90,resize:240x320,detect:text,grayscale", vec![("text", text_detector())]);
+    let out = p.process(&info(), Some(&jpeg)).unwrap();
+    assert_eq!((out.width, out.height), (240, 320), "the pipeline's ops ran around the model");
+    let dets = &out.models[0].detections;
+    let w = boxes["text-rocket.png"][0];
+    let best = dets.iter().map(|g| iou(g.bbox.unwrap().corners(), [w[0], w[1], w[0] + w[2], w[1] + w[3]])).fold(0f32, f32::max);
+    assert!(best >= 0.5, "{dets:?} vs {w:?} (IoU {best})");
+}
+
+#[test]
+fn a_model_that_fails_on_a_frame_dead_letters_it_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fixtures(&["models", d.to_str().unwrap(), "64", "64"]);
+    // A classifier's [N, 10] output read as a yolo head: the frame cannot be decoded.
+    let wrong = model_cfg(&d.join("classify.onnx"), "yolo", "input_size = [64, 64]");
+    let mut p = processor("detect:boxes", vec![("boxes", wrong)]);
+    let jpeg = jpeg_of(&Img::new(64, 64, 3, vec![128; 64 * 64 * 3]));
+    let e = p.process(&info(), Some(&jpeg)).unwrap_err();
+    assert_eq!(e.reason.as_str(), "model_failed");
+    assert!(e.detail.contains("detect:boxes") && e.detail.contains("yolo output"), "{}", e.detail);
+}

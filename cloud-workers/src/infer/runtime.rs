@@ -87,6 +87,9 @@ pub fn load(cfg: &InferenceConfig) -> Result<Loaded, RuntimeError> {
             Err(e @ (ort::LoadDynamicError::BadVersion { .. } | ort::LoadDynamicError::MissingApi { .. } | ort::LoadDynamicError::InvalidVersionString)) => {
                 return Err(RuntimeError::Load { path: path.display().to_string(), reason: e.to_string() });
             }
+            // A file that is there but does not load (wrong architecture, missing dependencies,
+            // not a library): that is the answer too.
+            Err(e) if path.components().count() > 1 => return Err(RuntimeError::Load { path: path.display().to_string(), reason: e.to_string() }),
             Err(e) => failures.push(format!("{} ({e})", path.display())),
         }
     }
