@@ -20,6 +20,8 @@ Experiments (--only picks some):
   7. large-image jobs: framelink-console's /api/jobs with 1 and 2 workers on 1024², 2048² and
      4096² images (grayscale, blur, sobel), tiles/s and seconds per job end to end, and a
      16384² job with the console's and workers' peak memory (bench/jobs.py).
+  8. inference: a text detector (PP-OCRv4) on 1080p frames, framelink-worker against Python
+     onnxruntime + OpenCV pre/post-processing, ONNX Runtime threads 1 and 2 (bench/inference.py).
 Writes bench/results/*.md and .png (or bench/results/quick/ with --quick, which runs a tiny
 grid as a smoke test and asserts no speed).
 """
@@ -36,6 +38,7 @@ import uuid
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import QUIET_BROKER_LOGS, ROOT, broker, create_topics, delete_topics, frames, machine, plot_bars, write_table  # noqa: E402
 import edge  # noqa: E402
+import inference  # noqa: E402
 import fleet  # noqa: E402
 import jobs  # noqa: E402
 import rtsp  # noqa: E402
@@ -256,7 +259,7 @@ def e2e_latency(bootstrap, out_dir, quick):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny grid, smoke test only (CI); results in bench/results/quick/")
-    ap.add_argument("--only", default="1,2,3,4,5,6,7", help="experiments to run, e.g. 2,3 (default all)")
+    ap.add_argument("--only", default="1,2,3,4,5,6,7,8", help="experiments to run, e.g. 2,3 (default all)")
     ap.add_argument("--repeats", type=int, default=None, help="runs per cell (median); default 3, 1 with --quick")
     args = ap.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
@@ -271,7 +274,8 @@ def main():
         print(f"written {os.path.relpath(md, ROOT)} and .png in {time.time() - t0:.0f} s")
     for key, title, fn in (("2", "lag over time", fleet.lag_over_time), ("3", "throughput vs workers", fleet.throughput_vs_workers),
                            ("4", "edge path", edge.edge_path), ("5", "end-to-end latency", e2e_latency),
-                           ("6", "RTSP ingest", rtsp.rtsp_ingest), ("7", "large-image jobs", jobs.large_image_jobs)):
+                           ("6", "RTSP ingest", rtsp.rtsp_ingest), ("7", "large-image jobs", jobs.large_image_jobs),
+                           ("8", "inference", inference.inference)):
         if key in only:
             t0 = time.time()
             print(f"{key}. {title} ({'quick' if args.quick else 'full'})", flush=True)

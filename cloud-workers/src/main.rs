@@ -74,6 +74,25 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Frames/s of a `[models.NAME]` on this host, as the worker runs it (decode, prepare, run,
+    /// decode the outputs), one frame at a time, per ONNX Runtime thread count; JSON lines.
+    BenchDetect {
+        /// worker.toml with the [inference] and [models.NAME] tables.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The model (its [models.NAME] table).
+        #[arg(long)]
+        model: String,
+        /// A JPEG frame to run on.
+        #[arg(long)]
+        image: PathBuf,
+        /// ONNX Runtime thread counts to measure.
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        threads: Vec<usize>,
+        /// Seconds per thread count.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
     /// Watch the fleet's output: print results (with their latency) and motion events from the
     /// config's results and events topics, and optionally save the result JPEGs to a folder.
     Tail {
@@ -144,6 +163,12 @@ fn run(command: Command) -> anyhow::Result<()> {
             let opts = cli::tail::TailOptions { out, duration: seconds.map(Duration::from_secs_f64), count, print_every, from_beginning };
             let summary = cli::tail::run(&v, &opts, stop)?;
             println!("tail: {}", summary.describe());
+            Ok(())
+        }
+        Command::BenchDetect { config, model, image, threads, seconds } => {
+            for row in cli::bench_detect::run(&cli::bench_detect::Options { config, model, image, threads, seconds })? {
+                println!("{row}");
+            }
             Ok(())
         }
         Command::Adapters => {
