@@ -197,9 +197,14 @@ impl Processor {
         if meta.content_type != wire::CONTENT_TYPE_JPEG {
             return Err(reject(DeadLetterReason::UnsupportedContentType, format!("{} is {:?}, not image/jpeg", header::CONTENT_TYPE, meta.content_type)));
         }
-        // Decode at a DCT scale when the pipeline starts by shrinking anyway.
+        // Decode at a DCT scale when the pipeline starts by shrinking anyway — or, with no result
+        // image to publish (events_only), by a model that needs less than the frame.
         let at_least = match self.pipeline.0.first() {
             Some(crate::ops::Op::Resize { width, height }) => Some((*width, *height)),
+            Some(crate::ops::Op::Detect { model }) if self.events_only && !self.motion.enabled => match (self.inference.as_ref().and_then(|i| i.client(model)), turbojpeg::read_header(payload)) {
+                (Some(c), Ok(h)) => Some(c.spec.needs(h.width as u32, h.height as u32)),
+                _ => None,
+            },
             _ => None,
         };
         let img = self.decoder.decode(payload, self.max_pixels, at_least).map_err(|e| reject(e.reason(), e.to_string()))?;

@@ -226,6 +226,10 @@ fn text_direction_classifier_tells_upright_from_upside_down() {
 
 /// A processor running `spec` with `models` (name → model), on JPEG bytes without headers.
 fn processor(spec: &str, models: Vec<(&str, ModelConfig)>) -> framelink_worker::process::Processor {
+    processor_with(spec, models, false)
+}
+
+fn processor_with(spec: &str, models: Vec<(&str, ModelConfig)>, events_only: bool) -> framelink_worker::process::Processor {
     use framelink_worker::infer::Inference;
     let icfg = runtime_cfg();
     let library = runtime::load(&icfg).unwrap();
@@ -236,7 +240,7 @@ fn processor(spec: &str, models: Vec<(&str, ModelConfig)>) -> framelink_worker::
         clients.insert(framelink_common::pipeline::ModelName::new(name).unwrap(), client);
     }
     let p = framelink_worker::ops::Pipeline::parse(spec).unwrap();
-    framelink_worker::process::Processor::new(p, 50_000_000, 85, false, Default::default()).with_inference(std::sync::Arc::new(Inference { models: clients, library }))
+    framelink_worker::process::Processor::new(p, 50_000_000, 85, events_only, Default::default()).with_inference(std::sync::Arc::new(Inference { models: clients, library }))
 }
 
 struct Counting;
@@ -283,4 +287,35 @@ fn a_model_that_fails_on_a_frame_dead_letters_it_with_the_reason() {
     let e = p.process(&info(), Some(&jpeg)).unwrap_err();
     assert_eq!(e.reason.as_str(), "model_failed");
     assert!(e.detail.contains("detect:boxes") && e.detail.contains("yolo output"), "{}", e.detail);
+}
+
+#[test]
+fn an_events_only_worker_decodes_at_the_models_scale_and_reports_full_frame_boxes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fixtures(&["text", d.to_str().unwrap()]);
+    let boxes: BTreeMap<String, Vec<[f32; 4]>> = serde_json::from_slice(&std::fs::read(d.join("boxes.json")).unwrap()).unwrap();
+    // The photograph at twice its size: a model limited to 600 pixels needs only half of it.
+    let small = image::open(d.join("text-coffee.png")).unwrap().into_rgb8();
+    let big = image::imageops::resize(&small, small.width() * 2, small.height() * 2, image::imageops::FilterType::Triangle);
+    let frame = Img::new(big.width(), big.height(), 3, big.into_raw());
+    let jpeg = jpeg_of(&frame);
+    let cfg = model_cfg(&model("ch_PP-OCRv4_det_infer.onnx"), "dbnet", "channels = \"bgr\"\nmean = [0.5, 0.5, 0.5]\nstd = [0.5, 0.5, 0.5]\nmax_side = 600\nunclip_ratio = 1.6");
+    let mut full = processor_with("detect:text", vec![("text", cfg.clone())], false);
+    let mut scaled = processor_with("detect:text", vec![("text", cfg)], true);
+    let a = full.process(&info(), Some(&jpeg)).unwrap();
+    let b = scaled.process(&info(), Some(&jpeg)).unwrap();
+    assert!(b.jpeg.is_none() && a.jpeg.is_some());
+    for out in [&a, &b] {
+        let dets = &out.models[0].detections;
+        for w in &boxes["text-coffee.png"] {
+            let want = [w[0] * 2.0, w[1] * 2.0, (w[0] + w[2]) * 2.0, (w[1] + w[3]) * 2.0];
+            let best = dets.iter().map(|g| iou(g.bbox.unwrap().corners(), want)).fold(0f32, f32::max);
+            assert!(best >= 0.5, "{want:?} not covered (IoU {best}): {dets:?}");
+        }
+    }
+    // The scaled decode really happened: the op saw a half-size image (its time is lower too,
+    // but that is for the benchmark); the processed size is what the model saw.
+    assert_eq!((a.width, a.height), (frame.width, frame.height));
+    assert_eq!((b.width, b.height), (frame.width / 2, frame.height / 2));
 }

@@ -10,7 +10,7 @@ use ort::value::{Tensor, TensorElementType};
 
 use super::config::{Family, InferenceConfig, ModelConfig};
 use super::runtime::{Chosen, Loaded, RuntimeError, open_session};
-use super::tensor::{Fit, Input, Placement, dbnet_size, prepare};
+use super::tensor::{Fit, Input, Placement, dbnet_ratio, dbnet_size, prepare};
 use super::{classify, dbnet, yolo};
 use crate::ops::Img;
 
@@ -70,6 +70,24 @@ impl Spec {
             Some(l) => l.clone(),
             None if self.cfg.family == Family::Dbnet => "text".into(),
             None => format!("class_{class}"),
+        }
+    }
+
+    /// The smallest image of a `w`×`h` frame that loses nothing for this model: what its input
+    /// is made from (a decoder may decode at a DCT scale down to it).
+    pub fn needs(&self, w: u32, h: u32) -> (u32, u32) {
+        match (self.cfg.family, self.input_size) {
+            (Family::Dbnet, None) => {
+                // The size before rounding to multiples of 32.
+                let r = dbnet_ratio(w, h, self.cfg.max_side, self.cfg.min_side).min(1.0);
+                (((w as f32 * r).floor() as u32).max(1), ((h as f32 * r).floor() as u32).max(1))
+            }
+            (Family::Yolo, Some((iw, ih))) => {
+                let s = (iw as f32 / w as f32).min(ih as f32 / h as f32).min(1.0);
+                (((w as f32 * s).round() as u32).max(1), ((h as f32 * s).round() as u32).max(1))
+            }
+            (_, Some((iw, ih))) => (iw.min(w), ih.min(h)),
+            (_, None) => (w, h),
         }
     }
 

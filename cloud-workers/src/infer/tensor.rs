@@ -113,12 +113,18 @@ fn gray_to_rgb(img: &Img) -> Img {
 /// (0: never), the longer side then shrunk to at most `max_side`, both sides rounded to a
 /// multiple of 32 (at least 32), as PaddleOCR and RapidOCR do.
 pub fn dbnet_size(w: u32, h: u32, max_side: u32, min_side: u32) -> (u32, u32) {
+    let ratio = dbnet_ratio(w, h, max_side, min_side);
+    let round = |v: u32| (((v as f32 * ratio) / 32.0).round() as u32 * 32).max(32);
+    (round(w), round(h))
+}
+
+/// The scale [`dbnet_size`] applies before rounding.
+pub fn dbnet_ratio(w: u32, h: u32, max_side: u32, min_side: u32) -> f32 {
     let mut ratio = if min_side > 0 && w.min(h) < min_side { min_side as f32 / w.min(h) as f32 } else { 1.0 };
     if w.max(h) as f32 * ratio > max_side as f32 {
         ratio = max_side as f32 / w.max(h) as f32;
     }
-    let round = |v: u32| (((v as f32 * ratio) / 32.0).round() as u32 * 32).max(32);
-    (round(w), round(h))
+    ratio
 }
 
 #[cfg(test)]
