@@ -45,6 +45,8 @@ pub struct ModelRun {
     pub version: String,
     pub family: &'static str,
     pub provider: &'static str,
+    /// The source frame's size (what the boxes are in).
+    pub frame: (u32, u32),
     /// The model run's wall time (its whole batch's) and the batch's size.
     pub took: Duration,
     pub batch: usize,
@@ -122,6 +124,19 @@ impl Processor {
         self
     }
 
+    /// For a pipeline of `detect:` ops only: the smallest decode every model is content with.
+    fn models_need(&self, payload: &[u8]) -> Option<(u32, u32)> {
+        let inference = self.inference.as_ref()?;
+        let h = turbojpeg::read_header(payload).ok()?;
+        let mut need = (0u32, 0u32);
+        for op in &self.pipeline.0 {
+            let crate::ops::Op::Detect { model } = op else { return None };
+            let (w, h) = inference.client(model)?.spec.needs(h.width as u32, h.height as u32);
+            need = (need.0.max(w), need.1.max(h));
+        }
+        Some(need)
+    }
+
     /// The ops on the CPU, and the models of `detect:` ops (`frame`: the source frame's size,
     /// which boxes are mapped back to).
     fn cpu_ops(&self, mut img: Img, frame: (u32, u32), op_times: &mut Vec<(String, Duration)>, runs: &mut Vec<ModelRun>) -> Result<Img, Rejected> {
@@ -145,7 +160,7 @@ impl Processor {
                     })
                     .collect();
                 let s = &client.spec;
-                runs.push(ModelRun { model: s.name.clone(), version: s.version.clone(), family: s.cfg.family.as_str(), provider: s.provider.provider.as_str(), took: r.took, batch: r.batch, detections });
+                runs.push(ModelRun { model: s.name.clone(), version: s.version.clone(), family: s.cfg.family.as_str(), provider: s.provider.provider.as_str(), frame, took: r.took, batch: r.batch, detections });
             } else {
                 img = crate::ops::apply_op(op, &img).map_err(|e| reject(DeadLetterReason::OpFailed, e.to_string()))?;
             }
@@ -197,14 +212,12 @@ impl Processor {
         if meta.content_type != wire::CONTENT_TYPE_JPEG {
             return Err(reject(DeadLetterReason::UnsupportedContentType, format!("{} is {:?}, not image/jpeg", header::CONTENT_TYPE, meta.content_type)));
         }
-        // Decode at a DCT scale when the pipeline starts by shrinking anyway — or, with no result
-        // image to publish (events_only), by a model that needs less than the frame.
+        // Decode at a DCT scale when the pipeline starts by shrinking anyway — or when it only
+        // runs models and publishes no image (events_only, no motion): at the largest size one
+        // of its models needs.
         let at_least = match self.pipeline.0.first() {
             Some(crate::ops::Op::Resize { width, height }) => Some((*width, *height)),
-            Some(crate::ops::Op::Detect { model }) if self.events_only && !self.motion.enabled => match (self.inference.as_ref().and_then(|i| i.client(model)), turbojpeg::read_header(payload)) {
-                (Some(c), Ok(h)) => Some(c.spec.needs(h.width as u32, h.height as u32)),
-                _ => None,
-            },
+            Some(crate::ops::Op::Detect { .. }) if self.events_only && !self.motion.enabled => self.models_need(payload),
             _ => None,
         };
         let img = self.decoder.decode(payload, self.max_pixels, at_least).map_err(|e| reject(e.reason(), e.to_string()))?;

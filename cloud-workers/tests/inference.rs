@@ -100,6 +100,7 @@ fn yolo_and_classify_post_processing_equal_numpy() {
     let cfg = model_cfg(&d.join("yolo_v8.onnx"), "yolo", "only_labels = [\"dog\"]");
     let dogs = detect("yolo_v8", &cfg, &frame);
     let want_dogs = expected["yolo_v8"].iter().filter(|e| e["class_id"] == 2).count();
+    assert!(want_dogs > 0, "the fixture has dogs");
     assert_eq!(dogs.len(), want_dogs);
     assert!(dogs.iter().all(|d| d.label == "dog"));
 }
@@ -130,6 +131,13 @@ fn every_family_gives_onnxruntime_pythons_numbers() {
     fixtures(&["models", d.to_str().unwrap(), "200", "100"]);
     fixtures(&["text", d.to_str().unwrap()]);
     let text = load_png(&d.join("text-coffee.png"));
+    // The second frame of the batch differs from the first (mirrored), so a batch that gave
+    // every frame the first one's outputs would fail.
+    let mut mirrored = text.clone();
+    for row in mirrored.data.chunks_exact_mut(text.width as usize * 3) {
+        let px: Vec<[u8; 3]> = row.chunks_exact(3).rev().map(|p| [p[0], p[1], p[2]]).collect();
+        row.copy_from_slice(&px.concat());
+    }
     let det = model("ch_PP-OCRv4_det_infer.onnx");
     let cls = model("ch_ppocr_mobile_v2.0_cls_infer.onnx");
     let cases = [
@@ -142,10 +150,11 @@ fn every_family_gives_onnxruntime_pythons_numbers() {
     for (path, cfg) in cases {
         let mut m = open("m", &cfg);
         let input = m.spec.prepare(&text).unwrap();
+        let second = m.spec.prepare(&mirrored).unwrap();
         // Two frames in one batch: the batch dimension is handled too.
-        let (ours, _) = m.run(&[&input, &input]).unwrap();
+        let (ours, _) = m.run(&[&input, &second]).unwrap();
         let shape = [2, 3, input.height as usize, input.width as usize];
-        let both: Vec<f32> = input.data.iter().chain(&input.data).copied().collect();
+        let both: Vec<f32> = input.data.iter().chain(&second.data).copied().collect();
         let theirs = python_outputs(d, &path, &shape, &both);
         assert_eq!(ours[0].len(), theirs.len(), "{}: output count", path.display());
         for (k, (ts, tv)) in theirs.iter().enumerate() {
@@ -230,23 +239,31 @@ fn processor(spec: &str, models: Vec<(&str, ModelConfig)>) -> framelink_worker::
 }
 
 fn processor_with(spec: &str, models: Vec<(&str, ModelConfig)>, events_only: bool) -> framelink_worker::process::Processor {
+    processor_counting(spec, models, events_only, Counting::default())
+}
+
+fn processor_counting(spec: &str, models: Vec<(&str, ModelConfig)>, events_only: bool, failures: Counting) -> framelink_worker::process::Processor {
     use framelink_worker::infer::Inference;
     let icfg = runtime_cfg();
     let library = runtime::load(&icfg).unwrap();
     let mut clients = std::collections::HashMap::new();
     for (name, cfg) in models {
         let m = Model::open(&library, &icfg, name, &cfg).unwrap();
-        let client = stage::spawn(m, 1, Duration::ZERO, Counting).unwrap();
+        let client = stage::spawn(m, 1, Duration::ZERO, failures.clone()).unwrap();
         clients.insert(framelink_common::pipeline::ModelName::new(name).unwrap(), client);
     }
     let p = framelink_worker::ops::Pipeline::parse(spec).unwrap();
     framelink_worker::process::Processor::new(p, 50_000_000, 85, events_only, Default::default()).with_inference(std::sync::Arc::new(Inference { models: clients, library }))
 }
 
-struct Counting;
+/// Counts failed frames.
+#[derive(Clone, Default)]
+struct Counting(std::sync::Arc<std::sync::atomic::AtomicUsize>);
 impl stage::StageObserver for Counting {
     fn ran(&self, _: usize, _: Duration) {}
-    fn failed(&self, _: usize, _: &str) {}
+    fn failed(&self, n: usize, _: &str) {
+        self.0.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 fn jpeg_of(img: &Img) -> Vec<u8> {
@@ -282,11 +299,15 @@ fn a_model_that_fails_on_a_frame_dead_letters_it_with_the_reason() {
     fixtures(&["models", d.to_str().unwrap(), "64", "64"]);
     // A classifier's [N, 10] output read as a yolo head: the frame cannot be decoded.
     let wrong = model_cfg(&d.join("classify.onnx"), "yolo", "input_size = [64, 64]");
-    let mut p = processor("detect:boxes", vec![("boxes", wrong)]);
+    let failures = Counting::default();
+    let mut p = processor_counting("detect:boxes", vec![("boxes", wrong)], false, failures.clone());
     let jpeg = jpeg_of(&Img::new(64, 64, 3, vec![128; 64 * 64 * 3]));
-    let e = p.process(&info(), Some(&jpeg)).unwrap_err();
-    assert_eq!(e.reason.as_str(), "model_failed");
-    assert!(e.detail.contains("detect:boxes") && e.detail.contains("yolo output"), "{}", e.detail);
+    for n in 1..=2 {
+        let e = p.process(&info(), Some(&jpeg)).unwrap_err();
+        assert_eq!(e.reason.as_str(), "model_failed");
+        assert!(e.detail.contains("detect:boxes") && e.detail.contains("yolo output"), "{}", e.detail);
+        assert_eq!(failures.0.load(std::sync::atomic::Ordering::SeqCst), n, "every failed frame counted once");
+    }
 }
 
 #[test]
@@ -318,4 +339,45 @@ fn an_events_only_worker_decodes_at_the_models_scale_and_reports_full_frame_boxe
     // but that is for the benchmark); the processed size is what the model saw.
     assert_eq!((a.width, a.height), (frame.width, frame.height));
     assert_eq!((b.width, b.height), (frame.width / 2, frame.height / 2));
+    // Not when an op follows that speaks of full-frame pixels: the crop still fits.
+    let cfg = model_cfg(&model("ch_PP-OCRv4_det_infer.onnx"), "dbnet", "max_side = 600");
+    let mut cropping = processor_with("detect:text,crop:200x100+900+650", vec![("text", cfg)], true);
+    let c = cropping.process(&info(), Some(&jpeg)).unwrap();
+    assert_eq!((c.width, c.height), (200, 100));
+}
+
+#[test]
+fn the_stage_batches_frames_of_one_size_and_answers_each_with_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fixtures(&["text", d.to_str().unwrap()]);
+    let cfg = text_detector();
+    let frames: Vec<Img> = ["text-coffee.png", "plain-coffee.png", "text-rocket.png", "text-astronaut.png"].iter().map(|f| load_png(&d.join(f))).collect();
+    // One frame at a time: the reference.
+    let single = stage::spawn(open("text", &cfg), 1, Duration::ZERO, Quiet).unwrap();
+    let want: Vec<Vec<Detection>> = frames.iter().map(|f| single.detect(f).unwrap().detections).collect();
+    // Four threads at once into a stage that batches up to 4 and waits 300 ms: the two coffee
+    // frames (one size) share a run, the others (other sizes) are held for runs of their own.
+    let batched = stage::spawn(open("text", &cfg), 4, Duration::from_millis(300), Quiet).unwrap();
+    let got: Vec<(Vec<Detection>, usize)> = std::thread::scope(|s| {
+        let handles: Vec<_> = frames
+            .iter()
+            .map(|f| {
+                let c = batched.clone();
+                s.spawn(move || {
+                    let r = c.detect(f).unwrap();
+                    (r.detections, r.batch)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (k, ((dets, _), want)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(dets.len(), want.len(), "frame {k}: {dets:?} vs {want:?}");
+        for (a, b) in dets.iter().zip(want) {
+            assert!((a.score - b.score).abs() < 1e-4, "frame {k}: {a:?} vs {b:?}");
+        }
+    }
+    assert_eq!(got[0].1, 2, "the two coffee frames ran as one batch");
+    assert_eq!(got[1].1, 2);
 }

@@ -264,6 +264,14 @@ impl ModelConfig {
         {
             return Err(format!("{}: {s:?} has a zero or non-finite value", key("std")));
         }
+        if let Some(m) = self.mean
+            && m.iter().any(|v| !v.is_finite())
+        {
+            return Err(format!("{}: {m:?} has a non-finite value", key("mean")));
+        }
+        if self.family == Family::Dbnet && self.input_size.is_some() {
+            return Err(format!("{}: dbnet models take the frame's aspect (max_side, min_side), not a fixed size", key("input_size")));
+        }
         for (k, v) in [("min_score", self.min_score()), ("nms_iou", self.nms_iou), ("pixel_threshold", self.pixel_threshold)] {
             if !(0.0..=1.0).contains(&v) {
                 return Err(format!("{}: {v} is not from 0 to 1", key(k)));
@@ -289,6 +297,9 @@ impl InferenceConfig {
         }
         if self.batch_wait_ms > 1000 {
             return Err(format!("config key `inference.batch_wait_ms`: {} is above 1000", self.batch_wait_ms));
+        }
+        if self.device_id < 0 {
+            return Err(format!("config key `inference.device_id`: {} is negative", self.device_id));
         }
         if !(1..=256).contains(&self.threads) {
             return Err(format!("config key `inference.threads`: {} is not from 1 to 256", self.threads));

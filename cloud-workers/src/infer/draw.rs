@@ -73,16 +73,17 @@ mod tests {
 
     #[test]
     fn boxes_and_tags_land_where_the_detection_is() {
-        let mut img = Img::new(100, 80, 3, vec![0; 100 * 80 * 3]);
+        let mut img = Img::new(100, 80, 3, vec![100; 100 * 80 * 3]);
         let d = Detection { label: "car".into(), class_id: 0, score: 0.9, bbox: Some(BoxPx { x: 20.0, y: 30.0, width: 40.0, height: 20.0 }) };
         draw(&mut img, &[d]);
         let px = |x: usize, y: usize| &img.data[(y * 100 + x) * 3..][..3];
         assert_eq!(px(20, 40), PALETTE[0], "left edge");
         assert_eq!(px(59, 40), PALETTE[0], "right edge");
         assert_eq!(px(40, 49), PALETTE[0], "bottom edge");
-        assert_eq!(px(40, 40), [0, 0, 0], "inside untouched");
-        assert_eq!(px(10, 10), [0, 0, 0], "outside untouched");
-        // The tag sits above the box and carries dark glyph pixels.
+        assert_eq!(px(40, 40), [100, 100, 100], "inside untouched");
+        assert_eq!(px(10, 10), [100, 100, 100], "outside untouched");
+        // The tag sits above the box: filled with the class colour, with black glyph pixels.
         assert!((20..20 + 8 * 8).any(|x| (20..30).any(|y| px(x, y) == PALETTE[0])));
+        assert!((20..20 + 8 * 8).any(|x| (20..30).any(|y| px(x, y) == [0, 0, 0])), "glyphs drawn");
     }
 }

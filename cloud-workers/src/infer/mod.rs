@@ -116,7 +116,7 @@ impl stage::StageObserver for Observer {
         self.m.infer.seconds.get_or_create(&l).observe(took.as_secs_f64());
     }
     fn failed(&self, frames: usize, why: &str) {
-        tracing::warn!(model = self.model, frames, why, "Model run failed; its frames are dead-lettered (model_failed).");
+        tracing::warn!(model = self.model, frames, why, "Model failed on a frame; it is dead-lettered (model_failed).");
         self.m.infer.failed.get_or_create(&vec![("model", self.model.clone())]).inc_by(frames as u64);
     }
 }

@@ -118,9 +118,10 @@ impl Spec {
                     [a, b] => (a, b),
                     _ => return Err(format!("a yolo output is [N, a, b]; got [N, {:?}]", out.shape)),
                 };
-                let found = yolo::decode(&out.data, a, b, min_score)?;
-                // NMS before the label filter: an unwanted class can still not suppress a wanted
-                // one (NMS is per class), and the cap counts only reported boxes.
+                let layout = yolo::layout(a, b, self.labels.len())?;
+                let found = yolo::decode(&out.data, a, b, layout, min_score)?;
+                // The label filter before NMS (which is per class, so unwanted classes could not
+                // suppress wanted ones anyway), so that the cap counts only reported boxes.
                 let found = yolo::nms(found.into_iter().filter(|k| self.wanted(&self.label(k.class))).collect(), c.nms_iou, c.max_detections);
                 found.into_iter().map(|k| self.detection(k.class, k.score, Some(at.to_frame(k.bbox)))).collect()
             }
@@ -136,10 +137,15 @@ impl Spec {
             }
             Family::Classify => {
                 let n: usize = out.shape.iter().product();
-                classify::top_k(&out.data[..n], c.softmax, c.top_k, min_score).into_iter().map(|(k, s)| self.detection(k, s, None)).collect::<Vec<_>>()
+                // All classes ranked, the label filter, then the top k of what is left.
+                let mut ranked: Vec<Detection> = classify::top_k(&out.data[..n], c.softmax, n, min_score).into_iter().map(|(k, s)| self.detection(k, s, None)).filter(|d| self.wanted(&d.label)).collect();
+                ranked.truncate(c.top_k);
+                ranked
             }
         };
-        dets.retain(|d| self.wanted(&d.label));
+        // A box squeezed to nothing (wholly in the letterbox padding, or off the frame) is no
+        // detection.
+        dets.retain(|d| d.bbox.is_none_or(|b| b.width > 0.0 && b.height > 0.0));
         Ok(dets)
     }
 
@@ -177,16 +183,21 @@ impl Model {
         if shape.len() != 4 || (shape[1] != 3 && shape[1] != -1) {
             return Err(err(format!("input {input_name:?} has shape {shape:?}; expected [N, 3, H, W]")));
         }
-        let fixed = (shape[3] > 0 && shape[2] > 0).then(|| (shape[3] as u32, shape[2] as u32));
-        let input_size = match (cfg.family, cfg.input_size, fixed) {
-            (_, Some([w, h]), Some(f)) if (w, h) != f => {
-                return Err(err(format!("config key `models.{name}.input_size` = [{w}, {h}], but the model's input is fixed at {}x{}", f.0, f.1)));
-            }
-            (_, Some([w, h]), _) => Some((w, h)),
-            (_, None, Some(f)) => Some(f),
-            (Family::Dbnet, None, None) => None,
-            (Family::Yolo, None, None) => Some((640, 640)),
-            (Family::Classify, None, None) => return Err(err(format!("the input size is dynamic: set `models.{name}.input_size = [W, H]`"))),
+        if shape[0] > 1 {
+            return Err(err(format!("input {input_name:?} has a fixed batch of {} frames; the worker runs a model on 1 frame or a dynamic batch (export it with a dynamic or 1-frame batch)", shape[0])));
+        }
+        let (fixed_w, fixed_h) = ((shape[3] > 0).then_some(shape[3] as u32), (shape[2] > 0).then_some(shape[2] as u32));
+        if let Some([w, h]) = cfg.input_size
+            && (fixed_w.is_some_and(|f| f != w) || fixed_h.is_some_and(|f| f != h))
+        {
+            return Err(err(format!("config key `models.{name}.input_size` = [{w}, {h}], but the model's input is fixed at {}x{} (W x H, -1 = dynamic)", shape[3], shape[2])));
+        }
+        let input_size = match (cfg.family, cfg.input_size, fixed_w, fixed_h) {
+            (_, Some([w, h]), _, _) => Some((w, h)),
+            (_, None, Some(w), Some(h)) => Some((w, h)),
+            (Family::Dbnet, None, None, None) => None,
+            (Family::Yolo, None, None, None) => Some((640, 640)),
+            _ => return Err(err(format!("the input size is dynamic or partly fixed ({}x{}, W x H): set `models.{name}.input_size = [W, H]`", shape[3], shape[2]))),
         };
         let (names, model_version) = match session.metadata() {
             Ok(m) => (m.custom("names"), m.version()),
@@ -196,6 +207,15 @@ impl Model {
         // ONNX's model_version is unset as 0 or i64::MAX (converters differ).
         let version = cfg.version.clone().or_else(|| model_version.filter(|v| *v > 0 && *v < i64::MAX).map(|v| v.to_string())).unwrap_or_else(|| "unversioned".into());
         let spec = Spec { name: name.to_owned(), cfg: cfg.clone(), version, input_size, input_name, labels, batchable: shape[0] < 0, provider };
+        // A label filter naming no label of the model would silence it for good.
+        let known: Vec<String> = match (cfg.family, spec.labels.is_empty()) {
+            (Family::Dbnet, true) => vec!["text".into()],
+            (_, true) => Vec::new(), // class_<id> names: the class count is not known before a run
+            (_, false) => spec.labels.clone(),
+        };
+        if let Some(unknown) = cfg.only_labels.iter().find(|l| !known.is_empty() && !known.contains(l)) {
+            return Err(err(format!("config key `models.{name}.only_labels`: {unknown:?} is not a label of this model ({} labels: {})", known.len(), known.iter().take(10).cloned().collect::<Vec<_>>().join(", "))));
+        }
         Ok(Model { spec: std::sync::Arc::new(spec), session })
     }
 

@@ -62,7 +62,7 @@ pub fn load(cfg: &InferenceConfig) -> Result<Loaded, RuntimeError> {
     let _g = LOADING.lock().unwrap_or_else(|e| e.into_inner());
     let tried = candidates(cfg);
     if let Some(l) = LOADED.get() {
-        let explicit = cfg.library.is_some() || std::env::var_os("ORT_DYLIB_PATH").is_some();
+        let explicit = cfg.library.is_some() || std::env::var_os("ORT_DYLIB_PATH").is_some_and(|p| !p.is_empty());
         if explicit && tried[0] != l.path {
             return Err(RuntimeError::Conflict { loaded: l.path.display().to_string(), asked: tried[0].display().to_string() });
         }

@@ -43,11 +43,21 @@ pub struct ModelResult {
 pub struct ModelClient {
     pub spec: Arc<Spec>,
     tx: Sender<Request>,
+    observer: Arc<dyn StageObserver>,
 }
 
 impl ModelClient {
-    /// Runs the model on `img`: detections in `img`'s pixels.
+    /// Runs the model on `img`: detections in `img`'s pixels. Every frame that fails — its
+    /// input, the run, or its outputs — is counted as failed once, here.
     pub fn detect(&self, img: &Img) -> Result<ModelResult, String> {
+        let r = self.detect_once(img);
+        if let Err(why) = &r {
+            self.observer.failed(1, why);
+        }
+        r
+    }
+
+    fn detect_once(&self, img: &Img) -> Result<ModelResult, String> {
         let input = self.spec.prepare(img)?;
         let at = input.placement;
         let (reply, rx) = bounded(1);
@@ -58,8 +68,9 @@ impl ModelClient {
     }
 }
 
-/// Per-model counters (exported as metrics by the caller).
-pub trait StageObserver: Send + 'static {
+/// Per-model counters (exported as metrics by the caller): runs by the stage, failed frames by
+/// the clients.
+pub trait StageObserver: Send + Sync + 'static {
     fn ran(&self, frames: usize, took: Duration);
     fn failed(&self, frames: usize, why: &str);
 }
@@ -69,11 +80,13 @@ pub fn spawn(model: Model, batch: usize, batch_wait: Duration, observer: impl St
     let batch = if model.spec.batchable { batch.max(1) } else { 1 };
     let (tx, rx) = bounded::<Request>(batch * 2);
     let spec = model.spec.clone();
-    std::thread::Builder::new().name(format!("model-{}", spec.name)).spawn(move || run(model, rx, batch, batch_wait, observer))?;
-    Ok(ModelClient { spec, tx })
+    let observer: Arc<dyn StageObserver> = Arc::new(observer);
+    let o = observer.clone();
+    std::thread::Builder::new().name(format!("model-{}", spec.name)).spawn(move || run(model, rx, batch, batch_wait, o))?;
+    Ok(ModelClient { spec, tx, observer })
 }
 
-fn run(mut model: Model, rx: Receiver<Request>, batch: usize, batch_wait: Duration, observer: impl StageObserver) {
+fn run(mut model: Model, rx: Receiver<Request>, batch: usize, batch_wait: Duration, observer: Arc<dyn StageObserver>) {
     // Requests of another input size wait here for the next batch.
     let mut held: VecDeque<Request> = VecDeque::new();
     loop {
@@ -104,7 +117,10 @@ fn run(mut model: Model, rx: Receiver<Request>, batch: usize, batch_wait: Durati
             }
         }
         let inputs: Vec<&Input> = reqs.iter().map(|r| &r.input).collect();
-        match model.run(&inputs) {
+        // A panic in the runtime fails this batch's frames, not the stage (which would fail
+        // every later frame of the model).
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.run(&inputs))).unwrap_or_else(|p| Err(format!("model {} panicked: {}", model.spec.name, panic_text(&p))));
+        match ran {
             Ok((outs, took)) => {
                 observer.ran(reqs.len(), took);
                 let n = reqs.len();
@@ -112,12 +128,16 @@ fn run(mut model: Model, rx: Receiver<Request>, batch: usize, batch_wait: Durati
                     let _ = r.reply.send(Ok(Ran { outputs, took, batch: n }));
                 }
             }
+            // Counted per frame by the clients that get the error.
             Err(why) => {
-                observer.failed(reqs.len(), &why);
                 for r in reqs {
                     let _ = r.reply.send(Err(why.clone()));
                 }
             }
         }
     }
+}
+
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "(no message)".into())
 }

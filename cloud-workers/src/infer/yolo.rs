@@ -22,19 +22,34 @@ pub enum Layout {
     V8,
 }
 
-/// Guesses the layout of one frame's `[a, b]` output: v8 heads put the (many) boxes last.
-pub fn layout(a: usize, b: usize) -> Layout {
-    if b > a { Layout::V8 } else { Layout::V5 }
+/// The layout of one frame's `[a, b]` output: from the class count when the labels are known
+/// (`a = 4 + classes`: v8; `b = 5 + classes`: v5), else by shape — v8 heads put the (many)
+/// boxes last, v5 heads first; a square output cannot be told and is refused.
+pub fn layout(a: usize, b: usize, classes: usize) -> Result<Layout, String> {
+    if classes > 0 {
+        if a == 4 + classes {
+            return Ok(Layout::V8);
+        }
+        if b == 5 + classes {
+            return Ok(Layout::V5);
+        }
+        return Err(format!("output [{a}, {b}] fits neither [4 + {classes} classes, boxes] (v8) nor [boxes, 5 + {classes} classes] (v5)"));
+    }
+    match b.cmp(&a) {
+        std::cmp::Ordering::Greater => Ok(Layout::V8),
+        std::cmp::Ordering::Less => Ok(Layout::V5),
+        std::cmp::Ordering::Equal => Err(format!("output [{a}, {b}] is square: set the model's labels so its class count tells v5 from v8")),
+    }
 }
 
-/// Decodes one frame's output `out` (`[a, b]`, row-major) into candidates scoring at least
-/// `min_score`, each with its best class.
-pub fn decode(out: &[f32], a: usize, b: usize, min_score: f32) -> Result<Vec<Candidate>, String> {
+/// Decodes one frame's output `out` (`[a, b]`, row-major, in `layout`) into candidates scoring
+/// at least `min_score`, each with its best class.
+pub fn decode(out: &[f32], a: usize, b: usize, layout: Layout, min_score: f32) -> Result<Vec<Candidate>, String> {
     if out.len() != a * b {
         return Err(format!("output has {} values, not {a}x{b}", out.len()));
     }
     let mut found = Vec::new();
-    match layout(a, b) {
+    match layout {
         Layout::V5 => {
             if b < 6 {
                 return Err(format!("a v5-style output needs at least 6 values per box, has {b}"));
@@ -43,7 +58,7 @@ pub fn decode(out: &[f32], a: usize, b: usize, min_score: f32) -> Result<Vec<Can
                 let obj = row[4];
                 let (class, cls) = best(&row[5..]);
                 let score = obj * cls;
-                if score >= min_score {
+                if score > 0.0 && score >= min_score {
                     found.push(Candidate { class, score, bbox: corners(row[0], row[1], row[2], row[3]) });
                 }
             }
@@ -59,7 +74,7 @@ pub fn decode(out: &[f32], a: usize, b: usize, min_score: f32) -> Result<Vec<Can
                     *s = row(4 + c)[i];
                 }
                 let (class, score) = best(&scores);
-                if score >= min_score {
+                if score > 0.0 && score >= min_score {
                     found.push(Candidate { class, score, bbox: corners(row(0)[i], row(1)[i], row(2)[i], row(3)[i]) });
                 }
             }
@@ -119,7 +134,8 @@ mod tests {
         // Two boxes, two classes (and six empty rows: v5 heads have more boxes than values).
         let mut v5 = vec![10.0, 10.0, 4.0, 4.0, 0.9, 0.1, 0.8, 50.0, 50.0, 10.0, 20.0, 0.5, 0.6, 0.2];
         v5.resize(8 * 7, 0.0);
-        let d5 = decode(&v5, 8, 7, 0.1).unwrap();
+        let d5 = decode(&v5, 8, 7, layout(8, 7, 0).unwrap(), 0.1).unwrap();
+        assert_eq!(layout(8, 7, 2).unwrap(), Layout::V5, "5 + 2 classes");
         assert_eq!(d5.len(), 2);
         assert_eq!(d5[0].class, 1);
         assert!((d5[0].score - 0.72).abs() < 1e-6);
@@ -133,9 +149,11 @@ mod tests {
         for (k, v) in [50.0, 50.0, 10.0, 20.0, 0.3, 0.0].iter().enumerate() {
             v8[k * 8 + 5] = *v;
         }
-        let d8 = decode(&v8, 6, 8, 0.25).unwrap();
+        let d8 = decode(&v8, 6, 8, layout(6, 8, 0).unwrap(), 0.25).unwrap();
+        assert_eq!(layout(6, 8, 2).unwrap(), Layout::V8, "4 + 2 classes");
+        assert!(layout(7, 7, 0).is_err() && layout(6, 8, 5).is_err());
         assert_eq!(d8.iter().map(|c| (c.class, c.bbox)).collect::<Vec<_>>(), vec![(1, [8.0, 8.0, 12.0, 12.0]), (0, [45.0, 40.0, 55.0, 60.0])]);
-        assert!(decode(&v8, 6, 9, 0.1).is_err());
+        assert!(decode(&v8, 6, 9, Layout::V8, 0.1).is_err());
     }
 
     #[test]

@@ -177,7 +177,7 @@ pub fn outputs_of(job: &Job, p: Processed, metrics: &Metrics, publishing: &Publi
         });
         records.push(OutRecord { topic: out.events_topic.clone(), kind: OutputKind::Event, key: Some(key.clone()), payload: body.to_string().into_bytes(), headers: headers.clone() });
     }
-    if let Some(body) = detection_event(&meta, (src_w, src_h), &p.models, publishing, metrics) {
+    if let Some(body) = detection_event(&meta, &p.models, publishing, metrics) {
         records.push(OutRecord { topic: out.events_topic.clone(), kind: OutputKind::Event, key: Some(key.clone()), payload: body.to_string().into_bytes(), headers: headers.clone() });
     }
     if let Some(jpeg) = p.jpeg {
@@ -189,7 +189,7 @@ pub fn outputs_of(job: &Job, p: Processed, metrics: &Metrics, publishing: &Publi
 /// The detection event of a frame (JSON, see docs/inference.md): every model's detections in
 /// the source frame's pixels; `None` when no model found anything (after `min_score` and
 /// `only_labels`), so such frames make no event.
-pub fn detection_event(meta: &framelink_common::FrameMeta, source: (u32, u32), runs: &[crate::process::ModelRun], publishing: &Publishing, metrics: &Metrics) -> Option<serde_json::Value> {
+pub fn detection_event(meta: &framelink_common::FrameMeta, runs: &[crate::process::ModelRun], publishing: &Publishing, metrics: &Metrics) -> Option<serde_json::Value> {
     let mut detections = Vec::new();
     for r in runs {
         for d in &r.detections {
@@ -203,6 +203,8 @@ pub fn detection_event(meta: &framelink_common::FrameMeta, source: (u32, u32), r
         return None;
     }
     metrics.detection_events.inc();
+    // The size the boxes are in: the JPEG's own (the same for every model of the frame).
+    let source = runs[0].frame;
     let models: Vec<serde_json::Value> = runs
         .iter()
         .map(|r| serde_json::json!({"name": r.model, "version": r.version, "family": r.family, "provider": r.provider, "inference_ms": r.took.as_secs_f64() * 1000.0, "batch": r.batch}))
