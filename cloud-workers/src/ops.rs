@@ -318,8 +318,9 @@ pub fn resize(img: &Img, width: u32, height: u32) -> Result<Img, String> {
     Ok(Img::new(width, height, img.channels, dst.into_vec()))
 }
 
-/// Bilinear resampling (fast_image_resize's convolution, so shrinking averages every source
-/// pixel): how frames are scaled into a model's input.
+/// Bilinear interpolation (each output pixel from its 2x2 source neighbours, as OpenCV's
+/// `INTER_LINEAR`, which most vision models were trained with): how frames are scaled into a
+/// model's input. Not for ops: shrinking by more than 2x skips source pixels (aliasing).
 pub fn resize_bilinear(img: &Img, width: u32, height: u32) -> Result<Img, String> {
     use fast_image_resize::images::{Image, ImageRef};
     use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
@@ -327,7 +328,7 @@ pub fn resize_bilinear(img: &Img, width: u32, height: u32) -> Result<Img, String
     let src = ImageRef::new(img.width, img.height, &img.data, pt).map_err(|e| e.to_string())?;
     let mut dst = Image::new(width, height, pt);
     Resizer::new()
-        .resize(&src, &mut dst, &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear)))
+        .resize(&src, &mut dst, &ResizeOptions::new().resize_alg(ResizeAlg::Interpolation(FilterType::Bilinear)))
         .map_err(|e| e.to_string())?;
     Ok(Img::new(width, height, img.channels, dst.into_vec()))
 }

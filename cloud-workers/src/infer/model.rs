@@ -221,14 +221,22 @@ impl Model {
 
     /// Runs inputs of one size as one batch; per frame, its outputs. Also how long it took.
     pub fn run(&mut self, inputs: &[&Input]) -> Result<(Vec<Vec<Output>>, Duration), String> {
-        let n = inputs.len();
         let (w, h) = (inputs[0].width as usize, inputs[0].height as usize);
-        let mut data = Vec::with_capacity(n * 3 * w * h);
+        let mut data = Vec::with_capacity(inputs.len() * 3 * w * h);
         for i in inputs {
             if (i.width as usize, i.height as usize) != (w, h) {
                 return Err("inputs of one batch differ in size".into());
             }
             data.extend_from_slice(&i.data);
+        }
+        self.run_batch(inputs.len(), w, h, data)
+    }
+
+    /// Runs `n` frames of `w`×`h` laid out one after the other in `data` (moved into the
+    /// tensor, not copied).
+    pub fn run_batch(&mut self, n: usize, w: usize, h: usize, data: Vec<f32>) -> Result<(Vec<Vec<Output>>, Duration), String> {
+        if data.len() != n * 3 * w * h {
+            return Err(format!("{} values for {n} frames of 3x{h}x{w}", data.len()));
         }
         let tensor = Tensor::from_array(([n, 3, h, w], data)).map_err(|e| e.to_string())?;
         let t = Instant::now();

@@ -125,7 +125,7 @@ impl Chosen {
 pub fn open_session(lib: &Loaded, cfg: &InferenceConfig, name: &str, path: &Path) -> Result<(Session, Chosen), RuntimeError> {
     let err = |reason: String| RuntimeError::Model { name: name.to_owned(), path: path.display().to_string(), reason };
     let builder = || -> ort::Result<ort::session::builder::SessionBuilder> {
-        Ok(Session::builder(&lib.env)?.with_optimization_level(GraphOptimizationLevel::Level3)?.with_intra_threads(cfg.threads)?.with_inter_threads(1)?)
+        Ok(Session::builder(&lib.env)?.with_optimization_level(GraphOptimizationLevel::All)?.with_intra_threads(cfg.threads)?.with_inter_threads(1)?)
     };
     let mut fallback = None;
     if cfg.provider != Provider::Cpu {

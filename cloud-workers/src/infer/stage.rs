@@ -116,10 +116,17 @@ fn run(mut model: Model, rx: Receiver<Request>, batch: usize, batch_wait: Durati
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
             }
         }
-        let inputs: Vec<&Input> = reqs.iter().map(|r| &r.input).collect();
+        // One frame: its input moves into the tensor as it is; a batch is laid out end to end.
+        let (w, h) = (size.0 as usize, size.1 as usize);
+        let data = if reqs.len() == 1 {
+            std::mem::take(&mut reqs[0].input.data)
+        } else {
+            reqs.iter().flat_map(|r| r.input.data.iter().copied()).collect()
+        };
+        let n = reqs.len();
         // A panic in the runtime fails this batch's frames, not the stage (which would fail
         // every later frame of the model).
-        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.run(&inputs))).unwrap_or_else(|p| Err(format!("model {} panicked: {}", model.spec.name, panic_text(&p))));
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.run_batch(n, w, h, data))).unwrap_or_else(|p| Err(format!("model {} panicked: {}", model.spec.name, panic_text(&p))));
         match ran {
             Ok((outs, took)) => {
                 observer.ran(reqs.len(), took);
