@@ -307,14 +307,18 @@ pub fn crop(img: &Img, x: u32, y: u32, width: u32, height: u32) -> Img {
 }
 
 pub fn resize(img: &Img, width: u32, height: u32) -> Result<Img, String> {
+    use fast_image_resize::{FilterType, ResizeAlg};
+    resize_with(img, width, height, ResizeAlg::Convolution(FilterType::Lanczos3))
+}
+
+/// `img` resampled to `width`×`height` with fast_image_resize's `alg`.
+fn resize_with(img: &Img, width: u32, height: u32, alg: fast_image_resize::ResizeAlg) -> Result<Img, String> {
     use fast_image_resize::images::{Image, ImageRef};
-    use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+    use fast_image_resize::{PixelType, ResizeOptions, Resizer};
     let pt = if img.channels == 3 { PixelType::U8x3 } else { PixelType::U8 };
     let src = ImageRef::new(img.width, img.height, &img.data, pt).map_err(|e| e.to_string())?;
     let mut dst = Image::new(width, height, pt);
-    Resizer::new()
-        .resize(&src, &mut dst, &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3)))
-        .map_err(|e| e.to_string())?;
+    Resizer::new().resize(&src, &mut dst, &ResizeOptions::new().resize_alg(alg)).map_err(|e| e.to_string())?;
     Ok(Img::new(width, height, img.channels, dst.into_vec()))
 }
 
@@ -322,15 +326,8 @@ pub fn resize(img: &Img, width: u32, height: u32) -> Result<Img, String> {
 /// `INTER_LINEAR`, which most vision models were trained with): how frames are scaled into a
 /// model's input. Not for ops: shrinking by more than 2x skips source pixels (aliasing).
 pub fn resize_bilinear(img: &Img, width: u32, height: u32) -> Result<Img, String> {
-    use fast_image_resize::images::{Image, ImageRef};
-    use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
-    let pt = if img.channels == 3 { PixelType::U8x3 } else { PixelType::U8 };
-    let src = ImageRef::new(img.width, img.height, &img.data, pt).map_err(|e| e.to_string())?;
-    let mut dst = Image::new(width, height, pt);
-    Resizer::new()
-        .resize(&src, &mut dst, &ResizeOptions::new().resize_alg(ResizeAlg::Interpolation(FilterType::Bilinear)))
-        .map_err(|e| e.to_string())?;
-    Ok(Img::new(width, height, img.channels, dst.into_vec()))
+    use fast_image_resize::{FilterType, ResizeAlg};
+    resize_with(img, width, height, ResizeAlg::Interpolation(FilterType::Bilinear))
 }
 
 #[cfg(test)]
