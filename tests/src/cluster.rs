@@ -10,14 +10,12 @@
 //! is killed and its state removed when the [`Cluster`] is dropped.
 
 use std::collections::HashMap;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use framelink_common::KafkaConfig;
-use rand::RngExt;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
@@ -40,22 +38,48 @@ pub struct Cluster {
 impl Cluster {
     /// A cluster of this test's own: a temporary state directory and a free port base (node N
     /// on base + 10·(N−1) … +2). Returns once all three nodes answer and are live brokers.
+    ///
+    /// A node that could not bind its ports (taken by another process between the choice of
+    /// the base and the node's start) is not the cluster failing: the whole cluster is then
+    /// started again once, on another base in another directory. Any other failure is returned.
     pub fn private() -> Result<Cluster> {
-        let dir = tempfile::Builder::new().prefix("framelink-kafka-cluster-").tempdir()?;
-        let mut c = Cluster {
-            bootstrap: String::new(),
-            bootstrap_tls: String::new(),
-            tls_dir: PathBuf::new(),
-            dir,
-            port: free_cluster_base()?,
-        };
-        c.script(&["up"])?;
+        let mut c = Cluster::new_private()?;
+        if let Err(e) = c.script(&["up"]) {
+            if !c.bind_failed() {
+                return Err(e);
+            }
+            eprintln!("kafka cluster: a node could not bind its ports on base {}; starting again on another", c.port);
+            drop(c);
+            c = Cluster::new_private()?;
+            c.script(&["up"])?;
+        }
         let out = c.script_output(&["env"])?;
         let vars: HashMap<_, _> = out.lines().filter_map(|l| l.split_once('=')).collect();
         c.bootstrap = vars.get("FRAMELINK_CLUSTER_BOOTSTRAP").context("FRAMELINK_CLUSTER_BOOTSTRAP")?.to_string();
         c.bootstrap_tls = vars.get("FRAMELINK_CLUSTER_BOOTSTRAP_TLS").context("FRAMELINK_CLUSTER_BOOTSTRAP_TLS")?.to_string();
         c.tls_dir = PathBuf::from(vars.get("FRAMELINK_TLS_DIR").context("FRAMELINK_TLS_DIR")?);
         Ok(c)
+    }
+
+    fn new_private() -> Result<Cluster> {
+        Ok(Cluster {
+            bootstrap: String::new(),
+            bootstrap_tls: String::new(),
+            tls_dir: PathBuf::new(),
+            dir: tempfile::Builder::new().prefix("framelink-kafka-cluster-").tempdir()?,
+            port: free_cluster_base()?,
+        })
+    }
+
+    /// Whether a node's log says it could not bind a listener.
+    fn bind_failed(&self) -> bool {
+        NODES.iter().any(|n| {
+            let logs = self.dir.path().join(format!("node-{n}/logs"));
+            ["server.log", "stdout.log"].iter().any(|f| {
+                std::fs::read_to_string(logs.join(f))
+                    .is_ok_and(|t| t.contains("BindException") || t.contains("Address already in use"))
+            })
+        })
     }
 
     /// All three PLAINTEXT `host:port`s, comma-separated.
@@ -227,13 +251,5 @@ fn node(n: i32) -> Result<String> {
 
 /// A base port p such that p…p+2, p+10…p+12 and p+20…p+22 are free on 127.0.0.1.
 fn free_cluster_base() -> Result<u16> {
-    let mut rng = rand::rng();
-    for _ in 0..200 {
-        let base: u16 = rng.random_range(20000..60000);
-        let all_free = [0, 10, 20].iter().all(|n| (0..3).all(|i| TcpListener::bind(("127.0.0.1", base + n + i)).is_ok()));
-        if all_free {
-            return Ok(base);
-        }
-    }
-    bail!("no free port base for a cluster found")
+    crate::free_port_base(&[0, 1, 2, 10, 11, 12, 20, 21, 22])
 }

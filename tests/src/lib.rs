@@ -278,15 +278,36 @@ impl Drop for Broker {
 
 /// A base port p such that p, p+1 and p+2 are free on 127.0.0.1.
 fn free_port_triple() -> Result<u16> {
+    free_port_base(&[0, 1, 2])
+}
+
+/// A base port p such that p + each of `offsets` is free on 127.0.0.1, below the kernel's
+/// ephemeral range: a broker's ports inside that range can be taken, between this check and
+/// the broker's bind, as the source port of any outgoing connection on the machine (the nodes
+/// of a cluster connecting to each other's controllers, the clients of other tests).
+pub(crate) fn free_port_base(offsets: &[u16]) -> Result<u16> {
+    let span = offsets.iter().copied().max().unwrap_or(0);
+    let (lo, hi) = below_ephemeral_range(span);
     let mut rng = rand::rng();
     for _ in 0..200 {
-        let base: u16 = rng.random_range(20000..60000);
-        let all_free = (0..3).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok());
-        if all_free {
+        let base: u16 = rng.random_range(lo..hi);
+        if offsets.iter().all(|o| TcpListener::bind(("127.0.0.1", base + o)).is_ok()) {
             return Ok(base);
         }
     }
-    bail!("no three consecutive free ports found")
+    bail!("no free port base in {lo}..{hi} found for offsets {offsets:?}")
+}
+
+/// Bases from 20000 up to the start of `/proc/sys/net/ipv4/ip_local_port_range` less `span`
+/// (20000..60000 where that cannot be read or leaves too little room).
+fn below_ephemeral_range(span: u16) -> (u16, u16) {
+    let first_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<u16>().ok()));
+    match first_ephemeral {
+        Some(first) if first > 20000 + span + 1000 => (20000, first - span - 1),
+        _ => (20000, 60000),
+    }
 }
 
 /// A fresh topic name: `fl-test-<what>-<random>`.
