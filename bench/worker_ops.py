@@ -24,7 +24,7 @@ from PIL import Image, ImageFilter, ImageChops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Same list and order as cloud-workers/benches/worker_ops.rs.
-PIPELINES = ["", "grayscale", "blur:1.5", "sobel", "sharpen", "rotate:90", "resize:1280x720", "resize:640x360", "crop:1280x720+320+180"]
+PIPELINES = ["", "grayscale", "blur:1.5", "sobel", "sharpen", "rotate:90", "rotate:180", "rotate:270", "rotate:90,grayscale", "resize:1280x720", "resize:640x360", "crop:1280x720+320+180", "crop:1280x720+320+176"]
 QUALITY = 85
 SHARPEN = np.array([[0, -1, 0], [-1, 5, -1], [0, -1, 0]], dtype=np.float32)
 
@@ -129,8 +129,8 @@ def main():
     with open(tsv) as f:
         next(f)
         for line in f:
-            spec, ms, _ = line.rstrip("\n").split("\t")
-            rust[spec] = float(ms)
+            spec, ms, _, pixel_ms, path = line.rstrip("\n").split("\t")
+            rust[spec] = (float(ms), float(pixel_ms), path)
     jpeg = open(frame, "rb").read()
     cv2.setNumThreads(1)  # one core, like the Rust side
 
@@ -138,8 +138,9 @@ def main():
     for spec in PIPELINES:
         cv_ms = median_ms(run_cv, jpeg, spec, args.seconds)
         pil_ms = median_ms(run_pil, jpeg, spec, args.seconds)
-        rows.append((spec or "(re-encode only)", rust[spec], cv_ms, pil_ms))
-        print(f"{spec or '(re-encode only)':<24} framelink {1e3 / rust[spec]:7.1f} fps  opencv {1e3 / cv_ms:7.1f} fps  pillow {1e3 / pil_ms:7.1f} fps", flush=True)
+        ms, pixel_ms, path = rust[spec]
+        rows.append((spec or "(re-encode only)", ms, pixel_ms, path, cv_ms, pil_ms))
+        print(f"{spec or '(re-encode only)':<28} framelink {1e3 / ms:7.1f} fps ({path})  pixel path {1e3 / pixel_ms:7.1f} fps  opencv {1e3 / cv_ms:7.1f} fps  pillow {1e3 / pil_ms:7.1f} fps", flush=True)
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -153,11 +154,14 @@ def main():
         "glibc malloc, both sides: " + ("defaults (FRAMELINK_MALLOC_DEFAULTS=1)." if os.environ.get("FRAMELINK_MALLOC_DEFAULTS") else
                                        f"mmap threshold {os.environ.get('MALLOC_MMAP_THRESHOLD_', 'default')}, trim threshold {os.environ.get('MALLOC_TRIM_THRESHOLD_', 'default')} (framelink-worker's setting)."),
         "",
-        "| pipeline | framelink fps | OpenCV fps | Pillow fps | framelink / OpenCV | framelink / Pillow |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "framelink's path: `dct` = lossless transform in the DCT domain (no decode, no encode), `luma` = the Y plane decoded",
+        "alone, `pixels` = decode to RGB, ops, encode. \"pixel path\" = framelink with those fast paths off, same run (the before).",
+        "",
+        "| pipeline | path | framelink fps | pixel path fps | OpenCV fps | Pillow fps | framelink / OpenCV | framelink / Pillow | fast / pixel path |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name, r, c, p in rows:
-        lines.append(f"| `{name}` | {1e3 / r:.1f} | {1e3 / c:.1f} | {1e3 / p:.1f} | {c / r:.2f}x | {p / r:.2f}x |")
+    for name, r, b, path, c, p in rows:
+        lines.append(f"| `{name}` | {path} | {1e3 / r:.1f} | {1e3 / b:.1f} | {1e3 / c:.1f} | {1e3 / p:.1f} | {c / r:.2f}x | {p / r:.2f}x | {b / r:.2f}x |")
     table = "\n".join(lines) + "\n"
     with open(args.out, "w") as f:
         f.write(table)

@@ -7,7 +7,10 @@
 //! Without `--input` the 1080p frame is made from testdata/images/retina.jpg
 //! (Lanczos3 to 1920×1080, quality 85); `--write-input` saves it so that `bench/worker_ops.py`
 //! runs OpenCV and Pillow on the very same bytes. Each op runs for `--seconds` (default 2)
-//! after a warm-up; the table gives the median time per frame and frames/s on one thread.
+//! after a warm-up; the table gives the median time per frame and frames/s on one thread, for
+//! the worker's path (with its fast paths: DCT-domain transforms, luma-only decode; `path`
+//! says which one a pipeline took) and for the plain decode → ops → encode path measured in
+//! the same run (`pixels`), the "before" of the fast paths.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -18,7 +21,7 @@ use framelink_worker::ops::{Img, Pipeline, resize};
 use framelink_worker::process::{Processor, RecordInfo};
 
 /// The pipelines measured, in the order of the table (same list in bench/worker_ops.py).
-const PIPELINES: &[&str] = &["", "grayscale", "blur:1.5", "sobel", "sharpen", "rotate:90", "resize:1280x720", "resize:640x360", "crop:1280x720+320+180"];
+const PIPELINES: &[&str] = &["", "grayscale", "blur:1.5", "sobel", "sharpen", "rotate:90", "rotate:180", "rotate:270", "rotate:90,grayscale", "resize:1280x720", "resize:640x360", "crop:1280x720+320+180", "crop:1280x720+320+176"];
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
@@ -51,36 +54,49 @@ fn main() {
     }
     let h = turbojpeg::read_header(&frame).expect("input is a JPEG");
     println!("framelink-worker ops, one thread, decode -> op -> encode (q85) of a {}x{} JPEG ({} KiB), {seconds} s per op", h.width, h.height, frame.len() / 1024);
-    println!("{:<24} {:>12} {:>10} {:>12}", "pipeline", "median ms", "frames/s", "output");
-    let mut tsv = String::from("pipeline\tmedian_ms\tfps\n");
+    println!("{:<28} {:>10} {:>10} {:>10} {:>10} {:>8} {:>12}", "pipeline", "median ms", "frames/s", "pixels ms", "pixels f/s", "path", "output");
+    let mut tsv = String::from("pipeline\tmedian_ms\tfps\tpixel_path_ms\tpath\n");
     for spec in PIPELINES {
         let pipeline = Pipeline::parse(spec).expect("pipeline");
-        let mut p = Processor::new(pipeline, 50_000_000, 85, false, MotionConfig::default());
-        let info = RecordInfo { key: Some(b"bench/cam"), headers: Vec::new(), topic: "frames", partition: 0, offset: 0, timestamp_ms: None };
-        let mut run = || {
-            let t = Instant::now();
-            let out = p.process(&info, Some(&frame)).expect("process");
-            (t.elapsed(), (out.width, out.height))
+        let fast = Processor::new(pipeline.clone(), 50_000_000, 85, false, MotionConfig::default());
+        let luma = fast.decodes_luma_only();
+        let pixels = Processor::new(pipeline, 50_000_000, 85, false, MotionConfig::default()).without_fast_paths();
+        let ((m, size, dct), (base, _, _)) = (measure(fast, &frame, seconds), measure(pixels, &frame, seconds));
+        // How the worker's own path handled the frame.
+        let path = match dct {
+            Some(framelink_worker::lossless::Outcome::Transformed) => "dct",
+            _ if luma => "luma",
+            _ => "pixels",
         };
-        let warm = Instant::now();
-        while warm.elapsed() < Duration::from_millis(300) {
-            run();
-        }
-        let mut times = Vec::new();
-        let mut size = (0, 0);
-        let start = Instant::now();
-        while start.elapsed().as_secs_f64() < seconds || times.len() < 5 {
-            let (t, s) = run();
-            times.push(t);
-            size = s;
-        }
-        let m = median(times);
         let fps = 1.0 / m.as_secs_f64();
         let name = if spec.is_empty() { "(re-encode only)" } else { spec };
-        println!("{name:<24} {:>12.2} {fps:>10.1} {:>12}", m.as_secs_f64() * 1e3, format!("{}x{}", size.0, size.1));
-        tsv.push_str(&format!("{spec}\t{:.3}\t{fps:.2}\n", m.as_secs_f64() * 1e3));
+        println!("{name:<28} {:>10.2} {fps:>10.1} {:>10.2} {:>10.1} {path:>8} {:>12}", m.as_secs_f64() * 1e3, base.as_secs_f64() * 1e3, 1.0 / base.as_secs_f64(), format!("{}x{}", size.0, size.1));
+        tsv.push_str(&format!("{spec}\t{:.3}\t{fps:.2}\t{:.3}\t{path}\n", m.as_secs_f64() * 1e3, base.as_secs_f64() * 1e3));
     }
     if let Some(p) = arg("--tsv") {
         std::fs::write(&p, tsv).unwrap_or_else(|e| panic!("{p}: {e}"));
     }
+}
+
+/// The median time per frame of `p` on `frame`, the result's size and its DCT outcome.
+fn measure(mut p: Processor, frame: &[u8], seconds: f64) -> (Duration, (u32, u32), Option<framelink_worker::lossless::Outcome>) {
+    let info = RecordInfo { key: Some(b"bench/cam"), headers: Vec::new(), topic: "frames", partition: 0, offset: 0, timestamp_ms: None };
+    let mut run = || {
+        let t = Instant::now();
+        let out = p.process(&info, Some(frame)).expect("process");
+        (t.elapsed(), (out.width, out.height), out.dct)
+    };
+    let warm = Instant::now();
+    while warm.elapsed() < Duration::from_millis(300) {
+        run();
+    }
+    let mut times = Vec::new();
+    let (mut size, mut dct) = ((0, 0), None);
+    let start = Instant::now();
+    while start.elapsed().as_secs_f64() < seconds || times.len() < 5 {
+        let (t, s, d) = run();
+        times.push(t);
+        (size, dct) = (s, d);
+    }
+    (median(times), size, dct)
 }

@@ -68,6 +68,11 @@ pub struct ProcessingConfig {
     /// Publish motion events only, no result images. Default false.
     #[serde(default)]
     pub events_only: bool,
+    /// A pipeline of only `rotate`, `crop` and `grayscale` transforms frames in the DCT domain
+    /// where that is exact (lossless: no decode, no encode, the source's quality; see
+    /// docs/worker.md). `false` always decodes and encodes. Default true.
+    #[serde(default = "default_true")]
+    pub dct_transforms: bool,
     /// `at-least-once` (default) or `exactly-once` (Kafka transactions; see docs/worker.md).
     #[serde(default)]
     pub delivery: Delivery,

@@ -9,7 +9,7 @@
 //! buffer and a file of thousands of tiny scans would hold a thread for minutes.
 
 use framelink_common::wire::DeadLetterReason;
-use turbojpeg::{Decompressor, Image, PixelFormat, ScalingFactor};
+use turbojpeg::{DecompressHeader, Decompressor, Image, PixelFormat, ScalingFactor};
 
 use crate::ops::Img;
 
@@ -56,7 +56,13 @@ impl Decoder {
     /// Decodes to RGB. With `at_least = Some((w, h))` the smallest DCT scale whose result is
     /// still ≥ w×h is used.
     pub fn decode(&mut self, jpeg: &[u8], max_pixels: u64, at_least: Option<(u32, u32)>) -> Result<Img, DecodeError> {
-        let result = self.decode_once(jpeg, max_pixels, at_least);
+        self.decode_as(jpeg, max_pixels, at_least, false)
+    }
+
+    /// As [`Decoder::decode`]; with `luma_only`, to the frame's luma (Y) plane, one channel:
+    /// libjpeg-turbo then skips the chroma's IDCT, upsampling and the colour conversion.
+    pub fn decode_as(&mut self, jpeg: &[u8], max_pixels: u64, at_least: Option<(u32, u32)>, luma_only: bool) -> Result<Img, DecodeError> {
+        let result = self.decode_once(jpeg, max_pixels, at_least, luma_only);
         if matches!(result, Err(DecodeError::Corrupt(_))) {
             // libjpeg-turbo stopped by an error may leave the handle part-way through a header
             // (tj3DecompressHeader does not abort it) and would read the next frame's header on
@@ -66,7 +72,17 @@ impl Decoder {
         result
     }
 
-    fn decode_once(&mut self, jpeg: &[u8], max_pixels: u64, at_least: Option<(u32, u32)>) -> Result<Img, DecodeError> {
+    /// The frame's header, refused as [`Decoder::decode`] would refuse the frame before
+    /// decoding it (empty, not a JPEG, unreadable header, above `max_pixels`).
+    pub fn header(&mut self, jpeg: &[u8], max_pixels: u64) -> Result<DecompressHeader, DecodeError> {
+        let result = self.header_once(jpeg, max_pixels);
+        if matches!(result, Err(DecodeError::Corrupt(_))) {
+            *self = Self::new(); // as in decode
+        }
+        result
+    }
+
+    fn header_once(&mut self, jpeg: &[u8], max_pixels: u64) -> Result<DecompressHeader, DecodeError> {
         if jpeg.is_empty() {
             return Err(DecodeError::Empty);
         }
@@ -78,6 +94,11 @@ impl Decoder {
         if pixels > max_pixels || header.width == 0 || header.height == 0 {
             return Err(DecodeError::TooLarge { width: header.width, height: header.height, pixels, limit: max_pixels });
         }
+        Ok(header)
+    }
+
+    fn decode_once(&mut self, jpeg: &[u8], max_pixels: u64, at_least: Option<(u32, u32)>, luma_only: bool) -> Result<Img, DecodeError> {
+        let header = self.header_once(jpeg, max_pixels)?;
         let mut scale = ScalingFactor::ONE;
         if let Some((tw, th)) = at_least {
             for num in [1usize, 2, 4] {
@@ -91,12 +112,13 @@ impl Decoder {
         }
         self.d.set_scaling_factor(scale).map_err(|e| DecodeError::Corrupt(e.to_string()))?;
         let s = header.scaled(scale);
-        let mut data = vec![0u8; s.width * s.height * 3];
-        let image = Image { pixels: &mut data[..], width: s.width, pitch: s.width * 3, height: s.height, format: PixelFormat::RGB };
+        let (format, ch) = if luma_only { (PixelFormat::GRAY, 1) } else { (PixelFormat::RGB, 3) };
+        let mut data = vec![0u8; s.width * s.height * ch];
+        let image = Image { pixels: &mut data[..], width: s.width, pitch: s.width * ch, height: s.height, format };
         let result = self.d.decompress(jpeg, image).map_err(|e| DecodeError::Corrupt(e.to_string()));
         let _ = self.d.set_scaling_factor(ScalingFactor::ONE);
         result?;
-        Ok(Img::new(s.width as u32, s.height as u32, 3, data))
+        Ok(Img::new(s.width as u32, s.height as u32, ch as u8, data))
     }
 }
 

@@ -35,6 +35,9 @@ pub struct Metrics {
     pub consumer_recreated: Counter,
     pub dead_letters: Family<Labels, Counter>,
     pub op_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    /// Frames of a `rotate`/`crop`/`grayscale` pipeline, by outcome (transformed in the DCT
+    /// domain, or why not: crate::lossless::Outcome).
+    pub dct_transforms: Family<Labels, Counter>,
     pub latency: Histogram,
     pub lag: Family<Labels, Gauge>,
     pub in_flight: Gauge,
@@ -107,6 +110,7 @@ impl Metrics {
             consumer_recreated: Counter::default(),
             dead_letters: Family::default(),
             op_seconds: Family::new_with_constructor(seconds),
+            dct_transforms: Family::default(),
             latency: seconds(),
             lag: Family::default(),
             in_flight: Gauge::default(),
@@ -134,6 +138,7 @@ impl Metrics {
         registry.register("processing_panics", "Frames whose processing panicked (dead-lettered with reason `panic`)", m.panics.clone());
         registry.register("dead_letters", "Records sent to the dead-letter topic, by reason", m.dead_letters.clone());
         registry.register("op_seconds", "Time per operation", m.op_seconds.clone());
+        registry.register("dct_transforms", "Frames of a rotate/crop/grayscale pipeline: transformed in the DCT domain (outcome=transformed), or why they were decoded and encoded instead (off_mcu_grid, partial_mcu, unsupported_jpeg, crop_outside, failed)", m.dct_transforms.clone());
         registry.register("latency_seconds", "Capture to processed (end-to-end latency)", m.latency.clone());
         registry.register("consumer_lag", "Records behind the partition's end", m.lag.clone());
         registry.register("in_flight", "Records consumed but not yet committed", m.in_flight.clone());

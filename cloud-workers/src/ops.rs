@@ -13,6 +13,10 @@
 //! | `crop:WxH+X+Y` | a rectangle (ImageMagick geometry) | exact |
 //!
 //! "Exact" means a GPU backend can reproduce the result bit for bit with integer arithmetic.
+//! A JPEG frame whose pipeline starts with luma (`grayscale`, `sobel`) is decoded to its own
+//! Y plane instead ([`crate::process::luma_first`]), and a pipeline of only `rotate`, `crop`
+//! and `grayscale` may be done in the DCT domain ([`crate::lossless`]); both are defined and
+//! tested there.
 //! Motion detection is stateful per camera and lives in [`crate::motion`].
 
 use std::fmt;

@@ -36,6 +36,9 @@ pub struct Processed {
     pub op_times: Vec<(String, Duration)>,
     /// What each `detect:` op's model found, in pipeline order.
     pub models: Vec<ModelRun>,
+    /// For a pipeline the DCT domain can do (`rotate`, `crop`, `grayscale`): whether this frame
+    /// was transformed there, or why it took the pixel path.
+    pub dct: Option<crate::lossless::Outcome>,
 }
 
 /// One model's result on a frame; boxes in the source frame's pixels.
@@ -76,6 +79,10 @@ pub struct Processor {
     gpu: Option<GpuClient>,
     /// The models of `detect:` ops.
     inference: Option<std::sync::Arc<crate::infer::Inference>>,
+    /// The pipeline needs only the frame's luma: decode the Y plane alone ([`luma_first`]).
+    luma_only: bool,
+    /// The DCT-domain transform, for a pipeline of `rotate`, `crop` and `grayscale` only.
+    lossless: Option<crate::lossless::Lossless>,
     /// Partitions the worker gave up: their cameras' motion state is dropped.
     revocations: Option<std::sync::Arc<crate::motion::Revocations>>,
     /// Tests: the next `process` panics, as a bug in an op would.
@@ -89,8 +96,12 @@ fn reject(reason: DeadLetterReason, detail: impl Into<String>) -> Rejected {
 
 impl Processor {
     pub fn new(pipeline: Pipeline, max_pixels: u64, quality: u8, events_only: bool, motion: MotionConfig) -> Self {
+        let lossless = crate::lossless::Lossless::new(&pipeline);
+        let luma_only = luma_first(&pipeline);
         Self { pipeline, max_pixels, quality, events_only, motion, decoder: Decoder::new(), detector: MotionDetector::default(),
             gpu: None,
+            lossless,
+            luma_only,
             inference: None,
             revocations: None,
             #[cfg(test)]
@@ -103,6 +114,26 @@ impl Processor {
     pub fn reset(&mut self) {
         self.decoder = Decoder::new();
         self.detector = MotionDetector::default();
+    }
+
+    /// Always decodes, runs the ops on pixels and encodes, also where the DCT domain could
+    /// transform the frame (`worker.dct_transforms = false`).
+    pub fn without_dct_transforms(mut self) -> Self {
+        self.lossless = None;
+        self
+    }
+
+    /// Decode → ops → encode for every frame: no DCT-domain transform, no luma-only decode.
+    /// What the fast paths are measured against (`cargo bench --bench worker_ops`).
+    pub fn without_fast_paths(mut self) -> Self {
+        self.lossless = None;
+        self.luma_only = false;
+        self
+    }
+
+    /// Whether frames are decoded to their luma plane only ([`luma_first`]).
+    pub fn decodes_luma_only(&self) -> bool {
+        self.luma_only
     }
 
     /// Drops the motion state of cameras whose partition is revoked.
@@ -212,6 +243,21 @@ impl Processor {
         if meta.content_type != wire::CONTENT_TYPE_JPEG {
             return Err(reject(DeadLetterReason::UnsupportedContentType, format!("{} is {:?}, not image/jpeg", header::CONTENT_TYPE, meta.content_type)));
         }
+        // Rotations, crops and grayscale in the DCT domain: no decode, no encode. Motion needs
+        // the decoded image, and events-only publishes no image.
+        let mut dct = None;
+        if let Some(l) = self.lossless.as_mut().filter(|_| !self.motion.enabled && !self.events_only) {
+            let header = self.decoder.header(payload, self.max_pixels).map_err(|e| reject(e.reason(), e.to_string()))?;
+            let t = Instant::now();
+            match l.apply(payload, &header) {
+                Ok((jpeg, (width, height))) => {
+                    let op_times = vec![("dct_transform".to_owned(), t.elapsed())];
+                    let dct = Some(crate::lossless::Outcome::Transformed);
+                    return Ok(Processed { meta, jpeg: Some(jpeg), width, height, event: None, took: started.elapsed(), op_times, models: Vec::new(), dct });
+                }
+                Err(why) => dct = Some(why),
+            }
+        }
         // Decode at a DCT scale when the pipeline starts by shrinking anyway — or when it only
         // runs models and publishes no image (events_only, no motion): at the largest size one
         // of its models needs.
@@ -220,7 +266,7 @@ impl Processor {
             Some(crate::ops::Op::Detect { .. }) if self.events_only && !self.motion.enabled => self.models_need(payload),
             _ => None,
         };
-        let img = self.decoder.decode(payload, self.max_pixels, at_least).map_err(|e| reject(e.reason(), e.to_string()))?;
+        let img = self.decoder.decode_as(payload, self.max_pixels, at_least, self.luma_only).map_err(|e| reject(e.reason(), e.to_string()))?;
         let mut op_times = Vec::with_capacity(self.pipeline.0.len());
         let mut runs = Vec::new();
         let frame = turbojpeg::read_header(payload).map(|h| (h.width as u32, h.height as u32)).unwrap_or((img.width, img.height));
@@ -237,7 +283,7 @@ impl Processor {
                         // The GPU stage failed this batch (and said why in the log): the
                         // frame is not at fault, so it is processed on the CPU.
                         tracing::debug!(why, "GPU fallback");
-                        let img = self.decoder.decode(payload, self.max_pixels, at_least).map_err(|e| reject(e.reason(), e.to_string()))?;
+                        let img = self.decoder.decode_as(payload, self.max_pixels, at_least, self.luma_only).map_err(|e| reject(e.reason(), e.to_string()))?;
                         (self.cpu_ops(img, frame, &mut op_times, &mut runs)?, None)
                     }
                 }
@@ -257,8 +303,26 @@ impl Processor {
             }
         };
         let jpeg = if self.events_only { None } else { Some(encode(&img, self.quality).map_err(|e| reject(DeadLetterReason::EncodeFailed, e.to_string()))?) };
-        Ok(Processed { meta, jpeg, width: img.width, height: img.height, event, took: started.elapsed(), op_times, models: runs })
+        Ok(Processed { meta, jpeg, width: img.width, height: img.height, event, took: started.elapsed(), op_times, models: runs, dct })
     }
+}
+
+/// Whether the pipeline turns the frame into luma (`grayscale`, `sobel`) before anything that
+/// needs colour: only `rotate`, `crop` and `resize` come first, which act on every channel
+/// alike. Such a pipeline decodes the JPEG's own luma (Y) plane, so for JPEG frames
+/// `grayscale` *is* the encoder's luma, not BT.601 recomputed from the decoded RGB (they differ
+/// by rounding; docs/worker.md) — on the CPU and the GPU backend alike, which get the same
+/// one-channel image.
+pub fn luma_first(pipeline: &Pipeline) -> bool {
+    use crate::ops::Op;
+    for op in &pipeline.0 {
+        match op {
+            Op::Grayscale | Op::Sobel => return true,
+            Op::Rotate { .. } | Op::Crop { .. } | Op::Resize { .. } => {}
+            _ => return false,
+        }
+    }
+    false
 }
 
 /// Key parts from foreign producers, made acceptable as ids.
@@ -326,6 +390,48 @@ mod tests {
     }
 
     #[test]
+    fn rotations_crops_and_grayscale_skip_the_codec_where_exact() {
+        let jpeg = rocket();
+        let h = turbojpeg::read_header(&jpeg).unwrap();
+        let (w, hh) = (h.width as u32, h.height as u32);
+        let (mw, mh) = (h.subsamp.mcu_width() as u32, h.subsamp.mcu_height() as u32);
+        // A crop on the MCU grid, then a quarter turn of a height made of whole MCUs.
+        let spec = format!("crop:{}x{}+{mw}+{mh},rotate:90,grayscale", w - 2 * mw, (hh / mh - 2) * mh);
+        let out = processor(&spec).process(&info(&[]), Some(&jpeg)).unwrap();
+        assert_eq!(out.dct, Some(crate::lossless::Outcome::Transformed));
+        assert_eq!(out.op_times.iter().map(|(op, _)| op.as_str()).collect::<Vec<_>>(), ["dct_transform"]);
+        let got = turbojpeg::read_header(out.jpeg.as_ref().unwrap()).unwrap();
+        assert_eq!((got.width as u32, got.height as u32), ((hh / mh - 2) * mh, w - 2 * mw));
+        assert_eq!((out.width, out.height), ((hh / mh - 2) * mh, w - 2 * mw));
+        assert_eq!(got.subsamp, turbojpeg::Subsamp::Gray);
+        // The same pipeline on pixels gives the same size; its luma agrees within one level
+        // (lossless.rs tests the pixels in depth).
+        let pixels = processor(&spec).without_dct_transforms().process(&info(&[]), Some(&jpeg)).unwrap();
+        assert_eq!(pixels.dct, None);
+        assert_eq!((pixels.width, pixels.height), (out.width, out.height));
+        // Off the grid: decoded, with the reason.
+        let off = processor(&format!("crop:100x100+{}+0", mw + 1)).process(&info(&[]), Some(&jpeg)).unwrap();
+        assert_eq!(off.dct, Some(crate::lossless::Outcome::OffGrid));
+        assert_eq!((off.width, off.height), (100, 100));
+        // Motion needs the decoded frame.
+        let mut p = Processor::new(Pipeline::parse("grayscale").unwrap(), 50_000_000, 85, false, MotionConfig { enabled: true, ..Default::default() });
+        assert_eq!(p.process(&info(&[]), Some(&jpeg)).unwrap().dct, None);
+    }
+
+    #[test]
+    fn luma_pipelines_decode_the_luma_plane_only() {
+        let yes = |spec: &str| luma_first(&Pipeline::parse(spec).unwrap());
+        assert!(yes("grayscale") && yes("sobel") && yes("resize:640x360,crop:100x100+3+5,rotate:90,sobel,blur:1"));
+        assert!(!yes("blur:1,grayscale") && !yes("rotate:90") && !yes("sharpen,sobel") && !yes(""));
+        // sobel on the decoded Y plane, encoded: the same bytes as the worker's result.
+        let jpeg = rocket();
+        let y = turbojpeg::decompress(&jpeg, turbojpeg::PixelFormat::GRAY).unwrap();
+        let y = Img::new(y.width as u32, y.height as u32, 1, y.pixels);
+        let out = processor("sobel").process(&info(&[]), Some(&jpeg)).unwrap();
+        assert_eq!(out.jpeg.unwrap(), encode(&crate::ops::sobel(&y), 85).unwrap());
+    }
+
+    #[test]
     fn bad_records_are_rejected_with_a_reason() {
         let jpeg = rocket();
         let good = meta(100, 100).to_header_pairs();
@@ -339,10 +445,14 @@ mod tests {
             ("bad_headers", jpeg.clone(), good.iter().map(|(k, v)| (*k, if *k == header::SEQ { "x".into() } else { v.clone() })).collect()),
             ("bad_headers", jpeg.clone(), good.iter().filter(|(k, _)| *k != header::CAMERA).cloned().collect()),
         ];
+        // The same reasons whether the pipeline transforms in the DCT domain or on pixels.
+        let mut pixels = processor("blur:1");
         for (reason, payload, headers) in cases {
-            let e = p.process(&info(&headers), Some(&payload)).unwrap_err();
-            assert_eq!(e.reason.as_str(), reason, "{}", e.detail);
-            assert!(!e.detail.is_empty());
+            for p in [&mut p, &mut pixels] {
+                let e = p.process(&info(&headers), Some(&payload)).unwrap_err();
+                assert_eq!(e.reason.as_str(), reason, "{}", e.detail);
+                assert!(!e.detail.is_empty());
+            }
         }
     }
 }

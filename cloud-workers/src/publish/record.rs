@@ -136,6 +136,9 @@ pub fn check_sizes(records: Vec<OutRecord>, limits: &TopicLimits) -> Result<Vec<
 pub fn outputs_of(job: &Job, p: Processed, metrics: &Metrics, publishing: &Publishing) -> Vec<OutRecord> {
     let (out, worker) = (&publishing.out, publishing.worker.as_str());
     let mut records = Vec::new();
+    if let Some(o) = p.dct {
+        metrics.dct_transforms.get_or_create(&vec![("outcome", o.as_str().to_owned())]).inc();
+    }
     for (op, t) in &p.op_times {
         metrics.op_seconds.get_or_create(&vec![("op", op.split(':').next().unwrap_or(op).to_owned())]).observe(t.as_secs_f64());
     }
@@ -281,7 +284,7 @@ mod tests {
         j.headers.push((header::CLOCK.into(), Some(b"camera".to_vec())));
         let pairs = [("framelink-version", "1"), ("framelink-device", "dev"), ("framelink-camera", "cam"), ("framelink-seq", "7"), ("framelink-capture-ns", "1"), ("framelink-width", "8"), ("framelink-height", "4"), ("framelink-pixel-format", "RGB24"), ("content-type", "image/jpeg"), ("framelink-clock", "camera")];
         let meta = framelink_common::FrameMeta::from_header_pairs(pairs.iter().map(|(k, v)| (*k, Some(v.as_bytes())))).unwrap();
-        let processed = Processed { meta, jpeg: Some(vec![0xff, 0xd8]), width: 4, height: 2, event: None, took: std::time::Duration::from_micros(5), op_times: vec![], models: vec![] };
+        let processed = Processed { meta, jpeg: Some(vec![0xff, 0xd8]), width: 4, height: 2, event: None, took: std::time::Duration::from_micros(5), op_times: vec![], models: vec![], dct: None };
         let out = outputs_of(&j, processed, &Metrics::new(), &publishing());
         assert_eq!(out.len(), 1);
         let h = &out[0].headers;
