@@ -124,6 +124,31 @@ impl Plan {
         Some(s)
     }
 
+    /// Which edges of the kept rectangle end up at the left or top of the result: (bottom, right).
+    fn moved_edges(&self) -> (bool, bool) {
+        match self.rotate {
+            0 => (false, false),
+            90 => (true, false),
+            180 => (true, true),
+            _ => (false, true),
+        }
+    }
+
+    /// Whether the plan moves whole cells of a `grid` (MCUs; for planes, chroma samples) when
+    /// it keeps `s`: its left and top edges on the grid, and no partial cell moved to the left
+    /// or top of the result.
+    pub fn fits(&self, s: Rect, grid: (u32, u32)) -> Result<(), Outcome> {
+        let (gw, gh) = grid;
+        if s.x % gw != 0 || s.y % gh != 0 {
+            return Err(Outcome::OffGrid);
+        }
+        let (bottom_moves, right_moves) = self.moved_edges();
+        if (bottom_moves && s.height % gh != 0) || (right_moves && s.width % gw != 0) {
+            return Err(Outcome::PartialMcu);
+        }
+        Ok(())
+    }
+
     /// The transform that does `pipeline` (of which this is the plan) exactly on a frame with
     /// `header`, and the size of its result; or why there is none.
     pub fn transform_for(&self, pipeline: &Pipeline, header: &DecompressHeader) -> Result<(Transform, (u32, u32)), Outcome> {
@@ -141,19 +166,8 @@ impl Plan {
             // Outside the image: the pixel path names the op that fails.
             true => Plan::source_rect(pipeline, w, h).ok_or(Outcome::Outside)?,
         };
-        if s.x % mw != 0 || s.y % mh != 0 {
-            return Err(Outcome::OffGrid);
-        }
-        // Which edges of the kept rectangle end up at the left or top of the result.
-        let (bottom_moves, right_moves) = match self.rotate {
-            0 => (false, false),
-            90 => (true, false),
-            180 => (true, true),
-            _ => (false, true),
-        };
-        if (bottom_moves && s.height % mh != 0) || (right_moves && s.width % mw != 0) {
-            return Err(Outcome::PartialMcu);
-        }
+        self.fits(s, (mw, mh))?;
+        let (bottom_moves, right_moves) = self.moved_edges();
         // libjpeg-turbo rotates the whole frame, less the partial MCUs it would have to move
         // (`trim`), and crops in the rotated frame's pixels.
         let tw = if right_moves { w - w % mw } else { w };

@@ -83,6 +83,8 @@ pub struct Processor {
     luma_only: bool,
     /// The DCT-domain transform, for a pipeline of `rotate`, `crop` and `grayscale` only.
     lossless: Option<crate::lossless::Lossless>,
+    /// Rotations and crops on the YUV planes, where the DCT domain cannot do them exactly.
+    planes: Option<crate::planes::PlaneGeometry>,
     /// Partitions the worker gave up: their cameras' motion state is dropped.
     revocations: Option<std::sync::Arc<crate::motion::Revocations>>,
     /// Tests: the next `process` panics, as a bug in an op would.
@@ -98,10 +100,12 @@ impl Processor {
     pub fn new(pipeline: Pipeline, max_pixels: u64, quality: u8, events_only: bool, motion: MotionConfig) -> Self {
         let lossless = crate::lossless::Lossless::new(&pipeline);
         let luma_only = luma_first(&pipeline);
+        let planes = crate::planes::PlaneGeometry::new(&pipeline, quality);
         Self { pipeline, max_pixels, quality, events_only, motion, decoder: Decoder::new(), detector: MotionDetector::default(),
             gpu: None,
             lossless,
             luma_only,
+            planes,
             inference: None,
             revocations: None,
             #[cfg(test)]
@@ -128,6 +132,7 @@ impl Processor {
     pub fn without_fast_paths(mut self) -> Self {
         self.lossless = None;
         self.luma_only = false;
+        self.planes = None;
         self
     }
 
@@ -245,17 +250,26 @@ impl Processor {
         }
         // Rotations, crops and grayscale in the DCT domain: no decode, no encode. Motion needs
         // the decoded image, and events-only publishes no image.
+        // Where that is not exact, rotations and crops of a colour frame on its YUV planes.
         let mut dct = None;
-        if let Some(l) = self.lossless.as_mut().filter(|_| !self.motion.enabled && !self.events_only) {
+        if (self.lossless.is_some() || self.planes.is_some()) && !self.motion.enabled && !self.events_only {
             let header = self.decoder.header(payload, self.max_pixels).map_err(|e| reject(e.reason(), e.to_string()))?;
-            let t = Instant::now();
-            match l.apply(payload, &header) {
-                Ok((jpeg, (width, height))) => {
-                    let op_times = vec![("dct_transform".to_owned(), t.elapsed())];
-                    let dct = Some(crate::lossless::Outcome::Transformed);
-                    return Ok(Processed { meta, jpeg: Some(jpeg), width, height, event: None, took: started.elapsed(), op_times, models: Vec::new(), dct });
+            let geometry = |jpeg: Vec<u8>, (width, height): (u32, u32), op: &str, t: Instant, dct| {
+                let op_times = vec![(op.to_owned(), t.elapsed())];
+                Processed { meta: meta.clone(), jpeg: Some(jpeg), width, height, event: None, took: started.elapsed(), op_times, models: Vec::new(), dct }
+            };
+            if let Some(l) = self.lossless.as_mut() {
+                let t = Instant::now();
+                match l.apply(payload, &header) {
+                    Ok((jpeg, size)) => return Ok(geometry(jpeg, size, "dct_transform", t, Some(crate::lossless::Outcome::Transformed))),
+                    Err(why) => dct = Some(why),
                 }
-                Err(why) => dct = Some(why),
+            }
+            if let Some(g) = self.planes.as_mut() {
+                let t = Instant::now();
+                if let Some((jpeg, size)) = g.apply(payload, &header) {
+                    return Ok(geometry(jpeg, size, "yuv_geometry", t, dct));
+                }
             }
         }
         // Decode at a DCT scale when the pipeline starts by shrinking anyway — or when it only
@@ -413,6 +427,13 @@ mod tests {
         let off = processor(&format!("crop:100x100+{}+0", mw + 1)).process(&info(&[]), Some(&jpeg)).unwrap();
         assert_eq!(off.dct, Some(crate::lossless::Outcome::OffGrid));
         assert_eq!((off.width, off.height), (100, 100));
+        // An odd offset splits subsampled chroma samples: RGB pixels then.
+        assert_eq!(off.op_times[0].0 == "yuv_geometry", h.subsamp.width() == 1, "{:?}", h.subsamp);
+        // Off the MCU grid but on the chroma grid: the YUV planes.
+        let planes = processor(&format!("crop:100x100+{}+2", mw + 2)).process(&info(&[]), Some(&jpeg)).unwrap();
+        assert_eq!(planes.dct, Some(crate::lossless::Outcome::OffGrid));
+        assert_eq!(planes.op_times.iter().map(|(op, _)| op.as_str()).collect::<Vec<_>>(), ["yuv_geometry"]);
+        assert_eq!((planes.width, planes.height), (100, 100));
         // Motion needs the decoded frame.
         let mut p = Processor::new(Pipeline::parse("grayscale").unwrap(), 50_000_000, 85, false, MotionConfig { enabled: true, ..Default::default() });
         assert_eq!(p.process(&info(&[]), Some(&jpeg)).unwrap().dct, None);

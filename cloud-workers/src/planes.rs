@@ -1,0 +1,300 @@
+//! Rotations and crops of colour frames on the JPEG's own YUV planes, where the DCT domain
+//! cannot do them exactly (a 1080-row 4:2:0 frame turned by 90° or 180°, a crop off the MCU
+//! grid): decode to planar Y, Cb, Cr (libjpeg-turbo skips chroma upsampling and the colour
+//! conversion), move the samples of each plane, encode from the planes (no colour conversion
+//! and no chroma downsampling either). At 4:2:0 the chroma planes are a quarter of the pixels.
+//!
+//! Geometry moves samples; it never computes new ones — so on the planes it is exact when every
+//! chroma sample keeps covering the same luma pixels: the kept rectangle's left and top edges on
+//! the chroma grid (even coordinates at 4:2:0) and no partial chroma cell moved to the left or
+//! top (the same rule as for MCUs in [`crate::lossless`], on a 2×2 grid instead of 16×16). The
+//! result keeps the frame's chroma subsampling (turned with the frame: 4:2:2 becomes 4:4:0).
+//! Frames that do not fit take the RGB pixel path.
+//!
+//! Compared with the RGB pixel path, the result differs only by what the codec does: the planes
+//! are the source's decoded planes moved (tested sample for sample), where the pixel path
+//! upsamples chroma, converts to RGB, rotates, converts back and downsamples.
+
+use turbojpeg::{Compressor, DecompressHeader, Decompressor, Subsamp, YuvImage};
+
+use crate::lossless::{Plan, Rect};
+use crate::ops::{Img, Pipeline};
+
+/// A pipeline of `rotate` and `crop` (no `grayscale`: that one decodes the luma alone) on YUV
+/// planes; one per processing thread.
+pub struct PlaneGeometry {
+    pipeline: Pipeline,
+    plan: Plan,
+    quality: u8,
+    d: Decompressor,
+    c: Compressor,
+}
+
+/// Horizontal and vertical subsampling factors of a JPEG's chroma.
+fn factors(s: Subsamp) -> Option<(u32, u32)> {
+    Some(match s {
+        Subsamp::None | Subsamp::Gray => (1, 1),
+        Subsamp::Sub2x1 => (2, 1),
+        Subsamp::Sub2x2 => (2, 2),
+        Subsamp::Sub1x2 => (1, 2),
+        Subsamp::Sub4x1 => (4, 1),
+        Subsamp::Sub1x4 => (1, 4),
+        _ => return None,
+    })
+}
+
+/// The subsampling of a frame turned by a quarter.
+fn turned(s: Subsamp) -> Subsamp {
+    match s {
+        Subsamp::Sub2x1 => Subsamp::Sub1x2,
+        Subsamp::Sub1x2 => Subsamp::Sub2x1,
+        Subsamp::Sub4x1 => Subsamp::Sub1x4,
+        Subsamp::Sub1x4 => Subsamp::Sub4x1,
+        other => other,
+    }
+}
+
+/// Bytes of each plane of a `width`×`height` YUV image with `subsamp`, rows unpadded
+/// (align 1): Y is padded to whole subsampling cells, chroma rounded up.
+fn plane_sizes(width: usize, height: usize, subsamp: Subsamp) -> Vec<(usize, usize)> {
+    let probe = YuvImage { pixels: (), width, align: 1, height, subsamp };
+    let mut sizes = vec![probe.y_size()];
+    if subsamp != Subsamp::Gray {
+        sizes.push(probe.uv_size());
+        sizes.push(probe.uv_size());
+    }
+    sizes
+}
+
+/// `rect` of a plane `pw` samples wide, turned clockwise by `rotate`, padded to `pad` by
+/// repeating the last column and row (what libjpeg-turbo does at an image's edge).
+fn move_samples(plane: &[u8], pw: usize, ph: usize, rect: Rect, rotate: u16, pad: (usize, usize)) -> Vec<u8> {
+    let img = Img::new(pw as u32, ph as u32, 1, plane.to_vec());
+    let kept = crate::ops::crop(&img, rect.x, rect.y, rect.width, rect.height);
+    let out = if rotate == 0 { kept } else { crate::ops::rotate(&kept, rotate) };
+    let (w, h) = (out.width as usize, out.height as usize);
+    if (w, h) == pad {
+        return out.data;
+    }
+    let mut padded = Vec::with_capacity(pad.0 * pad.1);
+    for row in out.data.chunks_exact(w) {
+        padded.extend_from_slice(row);
+        padded.resize(padded.len() + pad.0 - w, row[w - 1]);
+    }
+    let last = padded[(h - 1) * pad.0..h * pad.0].to_vec();
+    for _ in h..pad.1 {
+        padded.extend_from_slice(&last);
+    }
+    padded
+}
+
+/// Planes ready for the encoder (rows unpadded, Y padded to whole cells).
+struct Moved {
+    planes: Vec<u8>,
+    width: u32,
+    height: u32,
+    subsamp: Subsamp,
+}
+
+/// The part of plane `k` (0 = Y) that holds the pixels of `s`.
+fn plane_rect(s: Rect, k: usize, (fw, fh): (u32, u32)) -> Rect {
+    if k == 0 { s } else { Rect { x: s.x / fw, y: s.y / fh, width: s.width.div_ceil(fw), height: s.height.div_ceil(fh) } }
+}
+
+impl PlaneGeometry {
+    /// `None` unless the pipeline is only `rotate` and `crop`.
+    pub fn new(pipeline: &Pipeline, quality: u8) -> Option<PlaneGeometry> {
+        let plan = Plan::of(pipeline).filter(|p| !p.gray)?;
+        let mut d = Decompressor::new().expect("libjpeg-turbo decompressor");
+        d.set_scan_limit(crate::decode::MAX_SCANS).expect("libjpeg-turbo scan limit");
+        let mut c = Compressor::new().expect("libjpeg-turbo compressor");
+        c.set_quality(quality as i32).expect("JPEG quality");
+        Some(PlaneGeometry { pipeline: pipeline.clone(), plan, quality, d, c })
+    }
+
+    /// The result JPEG and its size, or `None` where the frame takes the RGB pixel path (its
+    /// geometry does not fit the chroma grid, or libjpeg-turbo refused it: the pixel path then
+    /// names the cause).
+    pub fn apply(&mut self, jpeg: &[u8], header: &DecompressHeader) -> Option<(Vec<u8>, (u32, u32))> {
+        let moved = self.moved_planes(jpeg, header)?;
+        let image = YuvImage { pixels: &moved.planes[..], width: moved.width as usize, align: 1, height: moved.height as usize, subsamp: moved.subsamp };
+        match self.c.compress_yuv_to_vec(image) {
+            Ok(jpeg) => Some((jpeg, (moved.width, moved.height))),
+            Err(e) => {
+                tracing::debug!(error = %e, "encoding from YUV planes failed; the pixel path takes the frame");
+                self.reset();
+                None
+            }
+        }
+    }
+
+    /// The frame's planes with the pipeline's geometry done, ready for the encoder.
+    fn moved_planes(&mut self, jpeg: &[u8], header: &DecompressHeader) -> Option<Moved> {
+        if !matches!(header.colorspace, turbojpeg::Colorspace::YCbCr | turbojpeg::Colorspace::Gray) || header.is_lossless {
+            return None;
+        }
+        let (fw, fh) = factors(header.subsamp)?;
+        let (w, h) = (header.width as u32, header.height as u32);
+        let s = Plan::source_rect(&self.pipeline, w, h)?;
+        self.plan.fits(s, (fw, fh)).ok()?;
+        let Some(planes) = self.decode(jpeg, header) else {
+            self.reset();
+            return None;
+        };
+        let quarter = self.plan.rotate % 180 == 90;
+        let (ow, oh) = if quarter { (s.height, s.width) } else { (s.width, s.height) };
+        let subsamp = if quarter { turned(header.subsamp) } else { header.subsamp };
+        let in_sizes = plane_sizes(w as usize, h as usize, header.subsamp);
+        let out_sizes = plane_sizes(ow as usize, oh as usize, subsamp);
+        let mut out = Vec::with_capacity(out_sizes.iter().map(|(a, b)| a * b).sum());
+        let mut at = 0;
+        for (k, (&(pw, ph), &pad)) in in_sizes.iter().zip(&out_sizes).enumerate() {
+            let plane = &planes[at..at + pw * ph];
+            at += pw * ph;
+            out.extend_from_slice(&move_samples(plane, pw, ph, plane_rect(s, k, (fw, fh)), self.plan.rotate, pad));
+        }
+        Some(Moved { planes: out, width: ow, height: oh, subsamp })
+    }
+
+    /// The frame's planes, Y then Cb and Cr, rows unpadded.
+    fn decode(&mut self, jpeg: &[u8], header: &DecompressHeader) -> Option<Vec<u8>> {
+        let len = plane_sizes(header.width, header.height, header.subsamp).iter().map(|(a, b)| a * b).sum();
+        let mut buf = vec![0u8; len];
+        let image = YuvImage { pixels: &mut buf[..], width: header.width, align: 1, height: header.height, subsamp: header.subsamp };
+        match self.d.decompress_to_yuv(jpeg, image) {
+            Ok(()) => Some(buf),
+            Err(e) => {
+                tracing::debug!(error = %e, "decoding to YUV planes failed; the pixel path takes the frame");
+                None
+            }
+        }
+    }
+
+    /// Fresh handles after an error (a stopped libjpeg-turbo handle may keep its state).
+    fn reset(&mut self) {
+        if let Some(fresh) = PlaneGeometry::new(&self.pipeline, self.quality) {
+            *self = fresh;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::Apply;
+
+    fn photo() -> Img {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/images/retina.jpg");
+        crate::decode::Decoder::new().decode(&std::fs::read(&p).unwrap(), u64::MAX, None).unwrap()
+    }
+
+    fn jpeg_of(img: &Img, w: u32, h: u32, subsamp: Subsamp) -> Vec<u8> {
+        let img = crate::ops::crop(img, 0, 0, w, h);
+        let image = turbojpeg::Image { pixels: &img.data[..], width: w as usize, pitch: w as usize * 3, height: h as usize, format: turbojpeg::PixelFormat::RGB };
+        turbojpeg::compress(image, 90, subsamp).unwrap().to_vec()
+    }
+
+    /// The visible samples of each plane of a padded planar buffer: (width, height, samples).
+    fn visible(buf: &[u8], width: usize, height: usize, subsamp: Subsamp) -> Vec<(usize, usize, Vec<u8>)> {
+        let (fw, fh) = factors(subsamp).unwrap();
+        let (mut at, mut out) = (0, Vec::new());
+        for (k, (pw, ph)) in plane_sizes(width, height, subsamp).into_iter().enumerate() {
+            let (vw, vh) = if k == 0 { (width, height) } else { (width.div_ceil(fw as usize), height.div_ceil(fh as usize)) };
+            let mut v = Vec::with_capacity(vw * vh);
+            for y in 0..vh {
+                v.extend_from_slice(&buf[at + y * pw..at + y * pw + vw]);
+            }
+            at += pw * ph;
+            out.push((vw, vh, v));
+        }
+        out
+    }
+
+    /// The samples of `rect` of a plane turned clockwise by `rotate`, by the rotation's
+    /// definition (90°: out(x, y) = in(y, H-1-x)), written independently of ops::rotate.
+    fn expected(plane: &(usize, usize, Vec<u8>), rect: Rect, rotate: u16) -> (usize, usize, Vec<u8>) {
+        let (sw, _, data) = plane;
+        let (rw, rh) = (rect.width as usize, rect.height as usize);
+        let at = |x: usize, y: usize| data[(rect.y as usize + y) * sw + rect.x as usize + x];
+        let (ow, oh) = if rotate % 180 == 90 { (rh, rw) } else { (rw, rh) };
+        let mut out = Vec::with_capacity(ow * oh);
+        for y in 0..oh {
+            for x in 0..ow {
+                out.push(match rotate {
+                    0 => at(x, y),
+                    90 => at(y, rh - 1 - x),
+                    180 => at(rw - 1 - x, rh - 1 - y),
+                    _ => at(rw - 1 - y, x),
+                });
+            }
+        }
+        (ow, oh, out)
+    }
+
+    /// On every subsampling and on sizes with and without partial chroma cells: where the planes
+    /// path is taken, what the encoder gets is the source's decoded planes moved, sample for
+    /// sample, and the JPEG decodes close to the RGB pixel path's result (both re-encode);
+    /// where it is not taken, the chroma grid says so.
+    #[test]
+    fn planes_are_the_sources_samples_moved() {
+        let src = photo();
+        let mut taken = 0;
+        for (w, h) in [(640u32, 480u32), (642, 482), (645, 363)] {
+            for subsamp in [Subsamp::Sub2x2, Subsamp::Sub2x1, Subsamp::None, Subsamp::Gray] {
+                let jpeg = jpeg_of(&src, w, h, subsamp);
+                let header = turbojpeg::read_header(&jpeg).unwrap();
+                let (fw, fh) = factors(subsamp).unwrap();
+                let len = plane_sizes(w as usize, h as usize, subsamp).iter().map(|(a, b)| a * b).sum();
+                let mut buf = vec![0u8; len];
+                let image = YuvImage { pixels: &mut buf[..], width: w as usize, align: 1, height: h as usize, subsamp };
+                turbojpeg::Decompressor::new().unwrap().decompress_to_yuv(&jpeg, image).unwrap();
+                let source = visible(&buf, w as usize, h as usize, subsamp);
+                for spec in ["rotate:90", "rotate:180", "rotate:270", "crop:300x200+2+4", "crop:301x201+10+6,rotate:90", "rotate:270,crop:100x90+4+2,rotate:180", "crop:300x200+3+4"] {
+                    let pipeline = Pipeline::parse(spec).unwrap();
+                    let plan = Plan::of(&pipeline).unwrap();
+                    let s = Plan::source_rect(&pipeline, w, h).unwrap();
+                    let what = format!("{w}x{h} {subsamp:?} {spec}");
+                    // The chroma grid's verdict, written out: left/top edges on it, and the
+                    // edges a rotation moves to the left or top made of whole cells.
+                    let (bottom, right) = match plan.rotate { 0 => (false, false), 90 => (true, false), 180 => (true, true), _ => (false, true) };
+                    let fits = s.x % fw == 0 && s.y % fh == 0 && !(bottom && s.height % fh != 0) && !(right && s.width % fw != 0);
+                    let mut g = PlaneGeometry::new(&pipeline, 90).unwrap();
+                    let Some(moved) = g.moved_planes(&jpeg, &header) else {
+                        assert!(!fits, "{what}: fits the chroma grid but was refused");
+                        continue;
+                    };
+                    assert!(fits, "{what}: taken off the chroma grid");
+                    taken += 1;
+                    let got = visible(&moved.planes, moved.width as usize, moved.height as usize, moved.subsamp);
+                    for (k, plane) in source.iter().enumerate() {
+                        let want = expected(plane, plane_rect(s, k, (fw, fh)), plan.rotate);
+                        assert_eq!((got[k].0, got[k].1), (want.0, want.1), "{what}: plane {k} size");
+                        let first = got[k].2.iter().zip(&want.2).position(|(a, b)| a != b);
+                        assert_eq!(first, None, "{what}: plane {k} differs from the moved source at sample {first:?}");
+                    }
+                    let (out, size) = g.apply(&jpeg, &header).unwrap();
+                    let decoded = turbojpeg::decompress(&out, turbojpeg::PixelFormat::RGB).unwrap();
+                    let reference = pipeline.apply(crate::decode::Decoder::new().decode(&jpeg, u64::MAX, None).unwrap()).unwrap();
+                    assert_eq!((decoded.width as u32, decoded.height as u32), size, "{what}");
+                    assert_eq!(size, (reference.width, reference.height), "{what}");
+                    let mean = decoded.pixels.iter().zip(&reference.data).map(|(a, b)| a.abs_diff(*b) as f64).sum::<f64>() / reference.data.len() as f64;
+                    assert!(mean < 2.0, "{what}: decodes {mean:.2} levels from the pixel path on average");
+                }
+            }
+        }
+        assert!(taken >= 50, "only {taken} cases took the planes path");
+    }
+
+    #[test]
+    fn a_1080p_frame_turns_on_its_planes() {
+        let img = crate::ops::resize(&photo(), 1920, 1080).unwrap();
+        let jpeg = jpeg_of(&img, 1920, 1080, Subsamp::Sub2x2);
+        let header = turbojpeg::read_header(&jpeg).unwrap();
+        for (spec, want) in [("rotate:90", Some((1080, 1920))), ("rotate:180", Some((1920, 1080))), ("crop:1280x720+320+180", Some((1280, 720))), ("crop:1280x720+321+180", None)] {
+            let got = PlaneGeometry::new(&Pipeline::parse(spec).unwrap(), 85).unwrap().apply(&jpeg, &header).map(|(_, s)| s);
+            assert_eq!(got, want, "{spec}");
+        }
+        assert!(PlaneGeometry::new(&Pipeline::parse("rotate:90,grayscale").unwrap(), 85).is_none(), "luma pipelines decode the luma");
+        assert!(PlaneGeometry::new(&Pipeline::parse("rotate:90,blur:1").unwrap(), 85).is_none());
+    }
+}
