@@ -154,8 +154,9 @@ def main():
         "glibc malloc, both sides: " + ("defaults (FRAMELINK_MALLOC_DEFAULTS=1)." if os.environ.get("FRAMELINK_MALLOC_DEFAULTS") else
                                        f"mmap threshold {os.environ.get('MALLOC_MMAP_THRESHOLD_', 'default')}, trim threshold {os.environ.get('MALLOC_TRIM_THRESHOLD_', 'default')} (framelink-worker's setting)."),
         "",
-        "framelink's path: `dct` = lossless transform in the DCT domain (no decode, no encode), `luma` = the Y plane decoded",
-        "alone, `pixels` = decode to RGB, ops, encode. \"pixel path\" = framelink with those fast paths off, same run (the before).",
+        "framelink's path: `dct` = lossless transform in the DCT domain (no decode, no encode), `planes` = geometry on the",
+        "decoded YUV planes, encoded from them, `luma` = the Y plane decoded alone, `pixels` = decode to RGB, ops, encode.",
+        "\"pixel path\" = framelink with those fast paths off, same run (the before).",
         "",
         "| pipeline | path | framelink fps | pixel path fps | OpenCV fps | Pillow fps | framelink / OpenCV | framelink / Pillow | fast / pixel path |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",

@@ -8,7 +8,8 @@
 //! (Lanczos3 to 1920×1080, quality 85); `--write-input` saves it so that `bench/worker_ops.py`
 //! runs OpenCV and Pillow on the very same bytes. Each op runs for `--seconds` (default 2)
 //! after a warm-up; the table gives the median time per frame and frames/s on one thread, for
-//! the worker's path (with its fast paths: DCT-domain transforms, luma-only decode; `path`
+//! the worker's path (with its fast paths: DCT-domain transforms, geometry on YUV planes,
+//! luma-only decode; `path`
 //! says which one a pipeline took) and for the plain decode → ops → encode path measured in
 //! the same run (`pixels`), the "before" of the fast paths.
 
@@ -61,10 +62,11 @@ fn main() {
         let fast = Processor::new(pipeline.clone(), 50_000_000, 85, false, MotionConfig::default());
         let luma = fast.decodes_luma_only();
         let pixels = Processor::new(pipeline, 50_000_000, 85, false, MotionConfig::default()).without_fast_paths();
-        let ((m, size, dct), (base, _, _)) = (measure(fast, &frame, seconds), measure(pixels, &frame, seconds));
+        let ((m, size, first_op), (base, _, _)) = (measure(fast, &frame, seconds), measure(pixels, &frame, seconds));
         // How the worker's own path handled the frame.
-        let path = match dct {
-            Some(framelink_worker::lossless::Outcome::Transformed) => "dct",
+        let path = match first_op.as_deref() {
+            Some("dct_transform") => "dct",
+            Some("yuv_geometry") => "planes",
             _ if luma => "luma",
             _ => "pixels",
         };
@@ -78,25 +80,26 @@ fn main() {
     }
 }
 
-/// The median time per frame of `p` on `frame`, the result's size and its DCT outcome.
-fn measure(mut p: Processor, frame: &[u8], seconds: f64) -> (Duration, (u32, u32), Option<framelink_worker::lossless::Outcome>) {
+/// The median time per frame of `p` on `frame`, the result's size and the name of its first
+/// timed step (`dct_transform` and `yuv_geometry` name the geometry fast paths).
+fn measure(mut p: Processor, frame: &[u8], seconds: f64) -> (Duration, (u32, u32), Option<String>) {
     let info = RecordInfo { key: Some(b"bench/cam"), headers: Vec::new(), topic: "frames", partition: 0, offset: 0, timestamp_ms: None };
     let mut run = || {
         let t = Instant::now();
         let out = p.process(&info, Some(frame)).expect("process");
-        (t.elapsed(), (out.width, out.height), out.dct)
+        (t.elapsed(), (out.width, out.height), out.op_times.first().map(|(op, _)| op.clone()))
     };
     let warm = Instant::now();
     while warm.elapsed() < Duration::from_millis(300) {
         run();
     }
     let mut times = Vec::new();
-    let (mut size, mut dct) = ((0, 0), None);
+    let (mut size, mut first) = ((0, 0), None);
     let start = Instant::now();
     while start.elapsed().as_secs_f64() < seconds || times.len() < 5 {
         let (t, s, d) = run();
         times.push(t);
-        (size, dct) = (s, d);
+        (size, first) = (s, d);
     }
-    (median(times), size, dct)
+    (median(times), size, first)
 }

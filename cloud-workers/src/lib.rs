@@ -18,6 +18,7 @@ pub mod ops;
 pub mod poll;
 pub mod planes;
 pub mod pool;
+pub mod region;
 pub mod process;
 pub mod publish;
 pub mod run;

@@ -85,6 +85,8 @@ pub struct Processor {
     lossless: Option<crate::lossless::Lossless>,
     /// Rotations and crops on the YUV planes, where the DCT domain cannot do them exactly.
     planes: Option<crate::planes::PlaneGeometry>,
+    /// Partial decodes of the region a leading `crop` keeps (CPU backend, no models).
+    region: Option<crate::region::RegionDecoder>,
     /// Partitions the worker gave up: their cameras' motion state is dropped.
     revocations: Option<std::sync::Arc<crate::motion::Revocations>>,
     /// Tests: the next `process` panics, as a bug in an op would.
@@ -100,12 +102,16 @@ impl Processor {
     pub fn new(pipeline: Pipeline, max_pixels: u64, quality: u8, events_only: bool, motion: MotionConfig) -> Self {
         let lossless = crate::lossless::Lossless::new(&pipeline);
         let luma_only = luma_first(&pipeline);
-        let planes = crate::planes::PlaneGeometry::new(&pipeline, quality);
+        // Geometry on the planes pays where something turns; a crop alone decodes its region.
+        let planes = crate::planes::PlaneGeometry::new(&pipeline, quality).filter(|_| pipeline.0.iter().any(|op| matches!(op, crate::ops::Op::Rotate { .. })));
+        let region = matches!(pipeline.0.first(), Some(crate::ops::Op::Crop { .. })) && pipeline.models().is_empty();
+        let region = region.then(crate::region::RegionDecoder::new);
         Self { pipeline, max_pixels, quality, events_only, motion, decoder: Decoder::new(), detector: MotionDetector::default(),
             gpu: None,
             lossless,
             luma_only,
             planes,
+            region,
             inference: None,
             revocations: None,
             #[cfg(test)]
@@ -133,6 +139,7 @@ impl Processor {
         self.lossless = None;
         self.luma_only = false;
         self.planes = None;
+        self.region = None;
         self
     }
 
@@ -175,9 +182,10 @@ impl Processor {
 
     /// The ops on the CPU, and the models of `detect:` ops (`frame`: the source frame's size,
     /// which boxes are mapped back to).
-    fn cpu_ops(&self, mut img: Img, frame: (u32, u32), op_times: &mut Vec<(String, Duration)>, runs: &mut Vec<ModelRun>) -> Result<Img, Rejected> {
+    /// `start`: the ops before it are done already (a leading crop by the partial decode).
+    fn cpu_ops(&self, mut img: Img, frame: (u32, u32), start: usize, op_times: &mut Vec<(String, Duration)>, runs: &mut Vec<ModelRun>) -> Result<Img, Rejected> {
         let decoded = (img.width, img.height);
-        for (k, op) in self.pipeline.0.iter().enumerate() {
+        for (k, op) in self.pipeline.0.iter().enumerate().skip(start) {
             let t = Instant::now();
             if let crate::ops::Op::Detect { model } = op {
                 let failed = |e: String| reject(DeadLetterReason::ModelFailed, format!("detect:{model}: {e}"));
@@ -280,12 +288,30 @@ impl Processor {
             Some(crate::ops::Op::Detect { .. }) if self.events_only && !self.motion.enabled => self.models_need(payload),
             _ => None,
         };
-        let img = self.decoder.decode_as(payload, self.max_pixels, at_least, self.luma_only).map_err(|e| reject(e.reason(), e.to_string()))?;
         let mut op_times = Vec::with_capacity(self.pipeline.0.len());
         let mut runs = Vec::new();
+        // A leading crop on the CPU backend: decode only its region (the crop is then done).
+        let mut start = 0;
+        let mut region_img = None;
+        if let (Some(r), None, Some(&crate::ops::Op::Crop { x, y, width, height })) = (self.region.as_mut(), &self.gpu, self.pipeline.0.first()) {
+            self.decoder.header(payload, self.max_pixels).map_err(|e| reject(e.reason(), e.to_string()))?;
+            let t = Instant::now();
+            match r.decode(payload, crate::lossless::Rect { x, y, width, height }, self.luma_only) {
+                Ok(img) => {
+                    op_times.push(("crop".to_owned(), t.elapsed()));
+                    (start, region_img) = (1, Some(img));
+                }
+                // The whole decode below names what is wrong (or the crop does).
+                Err(why) => tracing::debug!(why, "partial decode refused; decoding the whole frame"),
+            }
+        }
+        let img = match region_img {
+            Some(img) => img,
+            None => self.decoder.decode_as(payload, self.max_pixels, at_least, self.luma_only).map_err(|e| reject(e.reason(), e.to_string()))?,
+        };
         let frame = turbojpeg::read_header(payload).map(|h| (h.width as u32, h.height as u32)).unwrap_or((img.width, img.height));
         let (img, small) = match &self.gpu {
-            None => (self.cpu_ops(img, frame, &mut op_times, &mut runs)?, None),
+            None => (self.cpu_ops(img, frame, start, &mut op_times, &mut runs)?, None),
             Some(gpu) => {
                 let t = Instant::now();
                 match gpu.process(img) {
@@ -298,7 +324,7 @@ impl Processor {
                         // frame is not at fault, so it is processed on the CPU.
                         tracing::debug!(why, "GPU fallback");
                         let img = self.decoder.decode_as(payload, self.max_pixels, at_least, self.luma_only).map_err(|e| reject(e.reason(), e.to_string()))?;
-                        (self.cpu_ops(img, frame, &mut op_times, &mut runs)?, None)
+                        (self.cpu_ops(img, frame, 0, &mut op_times, &mut runs)?, None)
                     }
                 }
             }
@@ -427,16 +453,34 @@ mod tests {
         let off = processor(&format!("crop:100x100+{}+0", mw + 1)).process(&info(&[]), Some(&jpeg)).unwrap();
         assert_eq!(off.dct, Some(crate::lossless::Outcome::OffGrid));
         assert_eq!((off.width, off.height), (100, 100));
-        // An odd offset splits subsampled chroma samples: RGB pixels then.
-        assert_eq!(off.op_times[0].0 == "yuv_geometry", h.subsamp.width() == 1, "{:?}", h.subsamp);
-        // Off the MCU grid but on the chroma grid: the YUV planes.
-        let planes = processor(&format!("crop:100x100+{}+2", mw + 2)).process(&info(&[]), Some(&jpeg)).unwrap();
+        assert_eq!(off.op_times[0].0, "crop", "a crop alone decodes its region");
+        // Turned, off the MCU grid but on the chroma grid: the YUV planes.
+        let planes = processor(&format!("crop:100x100+{}+2,rotate:90", mw + 2)).process(&info(&[]), Some(&jpeg)).unwrap();
         assert_eq!(planes.dct, Some(crate::lossless::Outcome::OffGrid));
         assert_eq!(planes.op_times.iter().map(|(op, _)| op.as_str()).collect::<Vec<_>>(), ["yuv_geometry"]);
         assert_eq!((planes.width, planes.height), (100, 100));
         // Motion needs the decoded frame.
         let mut p = Processor::new(Pipeline::parse("grayscale").unwrap(), 50_000_000, 85, false, MotionConfig { enabled: true, ..Default::default() });
         assert_eq!(p.process(&info(&[]), Some(&jpeg)).unwrap().dct, None);
+    }
+
+    #[test]
+    fn a_leading_crop_decodes_its_region_only_with_the_same_result() {
+        let jpeg = rocket();
+        for spec in ["crop:301x203+37+11,blur:1", "crop:300x200+5+7", "crop:64x64+16+16,sharpen"] {
+            let fast = processor(spec).process(&info(&[]), Some(&jpeg)).unwrap();
+            assert_eq!(fast.op_times[0].0, "crop", "{spec}");
+            let pixels = processor(spec).without_fast_paths().process(&info(&[]), Some(&jpeg)).unwrap();
+            assert!(fast.jpeg == pixels.jpeg, "{spec}: the partial decode gives the very same bytes");
+        }
+        // With luma: the region of the luma plane.
+        let y = turbojpeg::decompress(&jpeg, turbojpeg::PixelFormat::GRAY).unwrap();
+        let y = Img::new(y.width as u32, y.height as u32, 1, y.pixels);
+        let fast = processor("crop:64x64+19+16,sobel").process(&info(&[]), Some(&jpeg)).unwrap();
+        assert_eq!(fast.jpeg.unwrap(), encode(&crate::ops::sobel(&crate::ops::crop(&y, 19, 16, 64, 64)), 85).unwrap());
+        // Outside the frame: the op names it, as before.
+        let e = processor("crop:100x100+100000+0,blur:1").process(&info(&[]), Some(&jpeg)).unwrap_err();
+        assert_eq!(e.reason, DeadLetterReason::OpFailed, "{}", e.detail);
     }
 
     #[test]

@@ -1,0 +1,162 @@
+//! Decoding only the part of a frame that a leading `crop` keeps (libjpeg-turbo's partial
+//! decompression: rows above and below the crop are entropy-decoded and skipped, columns left
+//! and right of it are never inverse-transformed, upsampled or converted). A 1280×720 crop of
+//! a 1080p frame then costs about half a full decode.
+//!
+//! The region's left edge must lie on the MCU grid, so the decoded part starts at the crop's
+//! left edge rounded down to it, less one MCU, and ends one MCU right of the crop (the
+//! upsampled chroma at the crop's edges then sees its real neighbours, as in a whole decode);
+//! the extra columns are cut off in pixels.
+//! The `turbojpeg` crate does not expose the cropping region, so this holds a TurboJPEG handle
+//! of its own through `turbojpeg-sys` (the same library build).
+
+use std::ffi::CStr;
+
+use turbojpeg_sys as tj;
+
+use crate::lossless::Rect;
+use crate::ops::Img;
+
+/// A TurboJPEG decompression handle for partial decodes, one per processing thread.
+pub struct RegionDecoder {
+    handle: tj::tjhandle,
+}
+
+// SAFETY: a TurboJPEG handle holds no thread-affine state; `&mut self` keeps it to one thread
+// at a time (the turbojpeg crate's Decompressor is `Send` on the same grounds).
+unsafe impl Send for RegionDecoder {}
+
+impl Drop for RegionDecoder {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from tj3Init and is destroyed once.
+        unsafe { tj::tj3Destroy(self.handle) }
+    }
+}
+
+/// MCU width in pixels of a `TJPARAM_SUBSAMP` value (tjMCUWidth), `None` if unknown.
+fn mcu_width(subsamp: i32) -> Option<u32> {
+    Some(match subsamp {
+        tj::TJSAMP_TJSAMP_444 | tj::TJSAMP_TJSAMP_GRAY | tj::TJSAMP_TJSAMP_440 | tj::TJSAMP_TJSAMP_441 => 8,
+        tj::TJSAMP_TJSAMP_422 | tj::TJSAMP_TJSAMP_420 => 16,
+        tj::TJSAMP_TJSAMP_411 => 32,
+        _ => return None,
+    })
+}
+
+impl RegionDecoder {
+    pub fn new() -> RegionDecoder {
+        // SAFETY: tj3Init returns a valid handle or null.
+        let handle = unsafe { tj::tj3Init(tj::TJINIT_TJINIT_DECOMPRESS as i32) };
+        assert!(!handle.is_null(), "libjpeg-turbo decompressor");
+        let d = RegionDecoder { handle };
+        // SAFETY: a valid handle; a parameter TurboJPEG defines.
+        let rc = unsafe { tj::tj3Set(d.handle, tj::TJPARAM_TJPARAM_SCANLIMIT as i32, crate::decode::MAX_SCANS as i32) };
+        assert_eq!(rc, 0, "libjpeg-turbo scan limit");
+        d
+    }
+
+    fn error(&self) -> String {
+        // SAFETY: tj3GetErrorStr returns a NUL-terminated string owned by the handle.
+        unsafe { CStr::from_ptr(tj::tj3GetErrorStr(self.handle)) }.to_string_lossy().into_owned()
+    }
+
+    /// The pixels of `rect` (RGB, or the luma plane with `luma_only`) of a frame whose header
+    /// the caller has checked (size limits). An error (a corrupt frame, a lossless JPEG, a
+    /// rectangle outside the frame) says why; the caller then decodes the whole frame, which
+    /// names the cause for the dead letter.
+    pub fn decode(&mut self, jpeg: &[u8], rect: Rect, luma_only: bool) -> Result<Img, String> {
+        // SAFETY: a valid handle and a buffer of `jpeg.len()` bytes.
+        if unsafe { tj::tj3DecompressHeader(self.handle, jpeg.as_ptr(), jpeg.len() as tj::size_t) } != 0 {
+            return Err(self.error());
+        }
+        // SAFETY: a valid handle; parameters TurboJPEG defines.
+        let (width, height, subsamp, lossless) = unsafe {
+            (
+                tj::tj3Get(self.handle, tj::TJPARAM_TJPARAM_JPEGWIDTH as i32),
+                tj::tj3Get(self.handle, tj::TJPARAM_TJPARAM_JPEGHEIGHT as i32),
+                tj::tj3Get(self.handle, tj::TJPARAM_TJPARAM_SUBSAMP as i32),
+                tj::tj3Get(self.handle, tj::TJPARAM_TJPARAM_LOSSLESS as i32),
+            )
+        };
+        if lossless != 0 {
+            return Err("a lossless JPEG is decoded whole".into());
+        }
+        let mw = mcu_width(subsamp).ok_or("unknown chroma subsampling")?;
+        if rect.width == 0 || rect.height == 0 || rect.x as u64 + rect.width as u64 > width.max(0) as u64 || rect.y as u64 + rect.height as u64 > height.max(0) as u64 {
+            return Err(format!("{rect:?} is not inside the {width}x{height} frame"));
+        }
+        // One MCU more on each side where the frame has it: subsampled chroma is upsampled from
+        // its neighbours, which at the region's own edges would be replicated instead.
+        let x0 = (rect.x - rect.x % mw).saturating_sub(mw);
+        let x1 = (rect.x + rect.width + mw).min(width as u32);
+        let (rw, rh) = (x1 - x0, rect.height);
+        let region = tj::tjregion { x: x0 as i32, y: rect.y as i32, w: rw as i32, h: rh as i32 };
+        // SAFETY: a valid handle whose header was just read.
+        if unsafe { tj::tj3SetCroppingRegion(self.handle, region) } != 0 {
+            return Err(self.error());
+        }
+        let (format, ch) = if luma_only { (tj::TJPF_TJPF_GRAY, 1usize) } else { (tj::TJPF_TJPF_RGB, 3) };
+        let mut data = vec![0u8; rw as usize * rh as usize * ch];
+        let pitch = rw as usize * ch;
+        // SAFETY: `data` holds rh rows of `pitch` bytes, what a region of rw×rh decodes to.
+        let rc = unsafe { tj::tj3Decompress8(self.handle, jpeg.as_ptr(), jpeg.len() as tj::size_t, data.as_mut_ptr(), pitch as i32, format as i32) };
+        let failed = (rc != 0).then(|| self.error());
+        // SAFETY: as above; TJUNCROPPED (all zero) turns cropping off for the next header.
+        unsafe { tj::tj3SetCroppingRegion(self.handle, tj::tjregion { x: 0, y: 0, w: 0, h: 0 }) };
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let img = Img::new(rw, rh, ch as u8, data);
+        Ok(if (x0, rw) == (rect.x, rect.width) { img } else { crate::ops::crop(&img, rect.x - x0, 0, rect.width, rect.height) })
+    }
+}
+
+impl Default for RegionDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use turbojpeg::Subsamp;
+
+    fn photo() -> Img {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/images/retina.jpg");
+        crate::decode::Decoder::new().decode(&std::fs::read(&p).unwrap(), u64::MAX, None).unwrap()
+    }
+
+    /// The region decode gives the pixels of the whole decode, cropped — bit for bit, on every
+    /// subsampling, on and off the MCU grid, RGB and luma.
+    #[test]
+    fn a_region_is_the_whole_decode_cropped() {
+        let src = photo();
+        let mut r = RegionDecoder::new();
+        for subsamp in [Subsamp::Sub2x2, Subsamp::Sub2x1, Subsamp::None, Subsamp::Gray, Subsamp::Sub4x1] {
+            let img = crate::ops::crop(&src, 0, 0, 653, 491);
+            let image = turbojpeg::Image { pixels: &img.data[..], width: 653, pitch: 653 * 3, height: 491, format: turbojpeg::PixelFormat::RGB };
+            let jpeg = turbojpeg::compress(image, 85, subsamp).unwrap();
+            for luma in [false, true] {
+                let whole = crate::decode::Decoder::new().decode_as(&jpeg, u64::MAX, None, luma).unwrap();
+                for rect in [Rect { x: 0, y: 0, width: 653, height: 491 }, Rect { x: 32, y: 16, width: 300, height: 200 }, Rect { x: 37, y: 11, width: 301, height: 199 }, Rect { x: 600, y: 480, width: 53, height: 11 }, Rect { x: 1, y: 1, width: 1, height: 1 }] {
+                    let got = r.decode(&jpeg, rect, luma).unwrap();
+                    let want = crate::ops::crop(&whole, rect.x, rect.y, rect.width, rect.height);
+                    assert!(got == want, "{subsamp:?} luma {luma} {rect:?}: {} samples differ", got.data.iter().zip(&want.data).filter(|(a, b)| a != b).count());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_input_and_bad_rectangles_are_errors() {
+        let src = crate::ops::crop(&photo(), 0, 0, 64, 48);
+        let jpeg = crate::decode::encode(&src, 85).unwrap();
+        let mut r = RegionDecoder::new();
+        assert!(r.decode(&jpeg, Rect { x: 60, y: 0, width: 8, height: 8 }, false).is_err());
+        assert!(r.decode(&jpeg[..jpeg.len() / 2], Rect { x: 0, y: 0, width: 8, height: 8 }, false).is_err());
+        assert!(r.decode(b"not a jpeg", Rect { x: 0, y: 0, width: 8, height: 8 }, false).is_err());
+        // The handle is fine afterwards.
+        assert_eq!(r.decode(&jpeg, Rect { x: 16, y: 8, width: 8, height: 8 }, false).unwrap(), crate::ops::crop(&crate::decode::Decoder::new().decode(&jpeg, u64::MAX, None).unwrap(), 16, 8, 8, 8));
+    }
+}
