@@ -60,16 +60,10 @@ fn main() {
     for spec in PIPELINES {
         let pipeline = Pipeline::parse(spec).expect("pipeline");
         let fast = Processor::new(pipeline.clone(), 50_000_000, 85, false, MotionConfig::default());
-        let luma = fast.decodes_luma_only();
         let pixels = Processor::new(pipeline, 50_000_000, 85, false, MotionConfig::default()).without_fast_paths();
         let ((m, size, first_op), (base, _, _)) = (measure(fast, &frame, seconds), measure(pixels, &frame, seconds));
         // How the worker's own path handled the frame.
-        let path = match first_op.as_deref() {
-            Some("dct_transform") => "dct",
-            Some("yuv_geometry") => "planes",
-            _ if luma => "luma",
-            _ => "pixels",
-        };
+        let path = first_op;
         let fps = 1.0 / m.as_secs_f64();
         let name = if spec.is_empty() { "(re-encode only)" } else { spec };
         println!("{name:<28} {:>10.2} {fps:>10.1} {:>10.2} {:>10.1} {path:>8} {:>12}", m.as_secs_f64() * 1e3, base.as_secs_f64() * 1e3, 1.0 / base.as_secs_f64(), format!("{}x{}", size.0, size.1));
@@ -80,21 +74,21 @@ fn main() {
     }
 }
 
-/// The median time per frame of `p` on `frame`, the result's size and the name of its first
-/// timed step (`dct_transform` and `yuv_geometry` name the geometry fast paths).
-fn measure(mut p: Processor, frame: &[u8], seconds: f64) -> (Duration, (u32, u32), Option<String>) {
+/// The median time per frame of `p` on `frame`, the result's size and how it was processed
+/// (`Processed::path`).
+fn measure(mut p: Processor, frame: &[u8], seconds: f64) -> (Duration, (u32, u32), &'static str) {
     let info = RecordInfo { key: Some(b"bench/cam"), headers: Vec::new(), topic: "frames", partition: 0, offset: 0, timestamp_ms: None };
     let mut run = || {
         let t = Instant::now();
         let out = p.process(&info, Some(frame)).expect("process");
-        (t.elapsed(), (out.width, out.height), out.op_times.first().map(|(op, _)| op.clone()))
+        (t.elapsed(), (out.width, out.height), out.path)
     };
     let warm = Instant::now();
     while warm.elapsed() < Duration::from_millis(300) {
         run();
     }
     let mut times = Vec::new();
-    let (mut size, mut first) = ((0, 0), None);
+    let (mut size, mut first) = ((0, 0), "");
     let start = Instant::now();
     while start.elapsed().as_secs_f64() < seconds || times.len() < 5 {
         let (t, s, d) = run();

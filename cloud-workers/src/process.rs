@@ -39,6 +39,10 @@ pub struct Processed {
     /// For a pipeline the DCT domain can do (`rotate`, `crop`, `grayscale`): whether this frame
     /// was transformed there, or why it took the pixel path.
     pub dct: Option<crate::lossless::Outcome>,
+    /// How the frame was processed: `dct` (lossless transform), `planes` (geometry on the YUV
+    /// planes), `region` (a leading crop's region decoded), `luma` (the Y plane decoded),
+    /// `pixels` (decoded to RGB), `gpu` (the GPU backend ran the ops).
+    pub path: &'static str,
 }
 
 /// One model's result on a frame; boxes in the source frame's pixels.
@@ -141,11 +145,6 @@ impl Processor {
         self.planes = None;
         self.region = None;
         self
-    }
-
-    /// Whether frames are decoded to their luma plane only ([`luma_first`]).
-    pub fn decodes_luma_only(&self) -> bool {
-        self.luma_only
     }
 
     /// Drops the motion state of cameras whose partition is revoked.
@@ -264,7 +263,8 @@ impl Processor {
             let header = self.decoder.header(payload, self.max_pixels).map_err(|e| reject(e.reason(), e.to_string()))?;
             let geometry = |jpeg: Vec<u8>, (width, height): (u32, u32), op: &str, t: Instant, dct| {
                 let op_times = vec![(op.to_owned(), t.elapsed())];
-                Processed { meta: meta.clone(), jpeg: Some(jpeg), width, height, event: None, took: started.elapsed(), op_times, models: Vec::new(), dct }
+                let path = if op == "dct_transform" { "dct" } else { "planes" };
+                Processed { meta: meta.clone(), jpeg: Some(jpeg), width, height, event: None, took: started.elapsed(), op_times, models: Vec::new(), dct, path }
             };
             if let Some(l) = self.lossless.as_mut() {
                 let t = Instant::now();
@@ -305,6 +305,11 @@ impl Processor {
                 Err(why) => tracing::debug!(why, "partial decode refused; decoding the whole frame"),
             }
         }
+        let mut path = match (&region_img, self.luma_only) {
+            (Some(_), _) => "region",
+            (None, true) => "luma",
+            (None, false) => "pixels",
+        };
         let img = match region_img {
             Some(img) => img,
             None => self.decoder.decode_as(payload, self.max_pixels, at_least, self.luma_only).map_err(|e| reject(e.reason(), e.to_string()))?,
@@ -317,6 +322,7 @@ impl Processor {
                 match gpu.process(img) {
                     Ok(out) => {
                         op_times.push(("gpu".to_owned(), t.elapsed()));
+                        path = "gpu";
                         (out.img, out.small)
                     }
                     Err(why) => {
@@ -343,7 +349,7 @@ impl Processor {
             }
         };
         let jpeg = if self.events_only { None } else { Some(encode(&img, self.quality).map_err(|e| reject(DeadLetterReason::EncodeFailed, e.to_string()))?) };
-        Ok(Processed { meta, jpeg, width: img.width, height: img.height, event, took: started.elapsed(), op_times, models: runs, dct })
+        Ok(Processed { meta, jpeg, width: img.width, height: img.height, event, took: started.elapsed(), op_times, models: runs, dct, path })
     }
 }
 
@@ -438,7 +444,7 @@ mod tests {
         // A crop on the MCU grid, then a quarter turn of a height made of whole MCUs.
         let spec = format!("crop:{}x{}+{mw}+{mh},rotate:90,grayscale", w - 2 * mw, (hh / mh - 2) * mh);
         let out = processor(&spec).process(&info(&[]), Some(&jpeg)).unwrap();
-        assert_eq!(out.dct, Some(crate::lossless::Outcome::Transformed));
+        assert_eq!((out.dct, out.path), (Some(crate::lossless::Outcome::Transformed), "dct"));
         assert_eq!(out.op_times.iter().map(|(op, _)| op.as_str()).collect::<Vec<_>>(), ["dct_transform"]);
         let got = turbojpeg::read_header(out.jpeg.as_ref().unwrap()).unwrap();
         assert_eq!((got.width as u32, got.height as u32), ((hh / mh - 2) * mh, w - 2 * mw));
@@ -458,6 +464,7 @@ mod tests {
         let planes = processor(&format!("crop:100x100+{}+2,rotate:90", mw + 2)).process(&info(&[]), Some(&jpeg)).unwrap();
         assert_eq!(planes.dct, Some(crate::lossless::Outcome::OffGrid));
         assert_eq!(planes.op_times.iter().map(|(op, _)| op.as_str()).collect::<Vec<_>>(), ["yuv_geometry"]);
+        assert_eq!(planes.path, "planes");
         assert_eq!((planes.width, planes.height), (100, 100));
         // Motion needs the decoded frame.
         let mut p = Processor::new(Pipeline::parse("grayscale").unwrap(), 50_000_000, 85, false, MotionConfig { enabled: true, ..Default::default() });
@@ -469,7 +476,7 @@ mod tests {
         let jpeg = rocket();
         for spec in ["crop:301x203+37+11,blur:1", "crop:300x200+5+7", "crop:64x64+16+16,sharpen"] {
             let fast = processor(spec).process(&info(&[]), Some(&jpeg)).unwrap();
-            assert_eq!(fast.op_times[0].0, "crop", "{spec}");
+            assert_eq!((fast.op_times[0].0.as_str(), fast.path), ("crop", "region"), "{spec}");
             let pixels = processor(spec).without_fast_paths().process(&info(&[]), Some(&jpeg)).unwrap();
             assert!(fast.jpeg == pixels.jpeg, "{spec}: the partial decode gives the very same bytes");
         }
@@ -493,6 +500,7 @@ mod tests {
         let y = turbojpeg::decompress(&jpeg, turbojpeg::PixelFormat::GRAY).unwrap();
         let y = Img::new(y.width as u32, y.height as u32, 1, y.pixels);
         let out = processor("sobel").process(&info(&[]), Some(&jpeg)).unwrap();
+        assert_eq!(out.path, "luma");
         assert_eq!(out.jpeg.unwrap(), encode(&crate::ops::sobel(&y), 85).unwrap());
     }
 

@@ -284,7 +284,7 @@ mod tests {
         j.headers.push((header::CLOCK.into(), Some(b"camera".to_vec())));
         let pairs = [("framelink-version", "1"), ("framelink-device", "dev"), ("framelink-camera", "cam"), ("framelink-seq", "7"), ("framelink-capture-ns", "1"), ("framelink-width", "8"), ("framelink-height", "4"), ("framelink-pixel-format", "RGB24"), ("content-type", "image/jpeg"), ("framelink-clock", "camera")];
         let meta = framelink_common::FrameMeta::from_header_pairs(pairs.iter().map(|(k, v)| (*k, Some(v.as_bytes())))).unwrap();
-        let processed = Processed { meta, jpeg: Some(vec![0xff, 0xd8]), width: 4, height: 2, event: None, took: std::time::Duration::from_micros(5), op_times: vec![], models: vec![], dct: None };
+        let processed = Processed { meta, jpeg: Some(vec![0xff, 0xd8]), width: 4, height: 2, event: None, took: std::time::Duration::from_micros(5), op_times: vec![], models: vec![], dct: None, path: "pixels" };
         let out = outputs_of(&j, processed, &Metrics::new(), &publishing());
         assert_eq!(out.len(), 1);
         let h = &out[0].headers;
