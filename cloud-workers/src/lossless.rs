@@ -17,8 +17,11 @@
 //!
 //! A chain of these ops is folded into one rotation of one source rectangle ([`Plan`]), which is
 //! one transform. Frames it does not fit exactly (off the grid, partial MCUs that would move,
-//! progressive, lossless or arithmetic-coded JPEGs, CMYK) take the pixel path — decode, ops,
-//! encode — and are counted by reason ([`Outcome`]), so an operator sees why a pipeline is slow.
+//! progressive, lossless, arithmetic-coded, 12-bit or CMYK JPEGs, sampling factors other than
+//! the standard ones, more than [`crate::decode::MAX_SCANS`] scans) are decoded instead — on
+//! their YUV planes ([`crate::planes`]) or to RGB — and counted by reason ([`Outcome`]), so an
+//! operator sees why a pipeline is slow. Results carry no EXIF or ICC markers, like every other
+//! path's.
 
 use turbojpeg::{DecompressHeader, Subsamp, Transform, TransformCrop, TransformOp, Transformer};
 
@@ -53,7 +56,8 @@ pub enum Outcome {
     OffGrid,
     /// A rotation would move a partial MCU to the left or top edge.
     PartialMcu,
-    /// Progressive, lossless, arithmetic-coded or CMYK JPEG, or an unknown subsampling.
+    /// Progressive, lossless, arithmetic-coded, 12-bit or CMYK JPEG, non-standard sampling
+    /// factors, or more scans than the decoder's limit.
     Unsupported,
     /// A crop falls outside the frame (the pixel path dead-letters it, naming the op).
     Outside,
@@ -73,6 +77,72 @@ impl Outcome {
             Outcome::Outside => "crop_outside",
             Outcome::Failed => "failed",
         }
+    }
+}
+
+/// What a frame's markers say about its layout, beyond TurboJPEG's header: the sample
+/// precision, each component's sampling factors, and the number of scans.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    pub precision: u8,
+    pub factors: Vec<(u8, u8)>,
+    pub scans: usize,
+}
+
+/// Reads the frame's frame header (SOFn) and counts its scans (SOS markers: `FF DA` cannot
+/// occur inside entropy-coded data, where every `FF` is followed by `00` or a restart marker).
+/// `None` when the markers cannot be walked to the first scan.
+pub fn layout(jpeg: &[u8]) -> Option<Layout> {
+    if jpeg.get(..2)? != [0xFF, 0xD8] {
+        return None;
+    }
+    let (mut i, mut sof) = (2, None);
+    while i + 4 <= jpeg.len() {
+        if jpeg[i] != 0xFF {
+            return None;
+        }
+        let marker = jpeg[i + 1];
+        if marker == 0xFF {
+            i += 1; // fill byte
+            continue;
+        }
+        if marker == 0x01 || (0xD0..=0xD8).contains(&marker) {
+            i += 2; // markers without a length
+            continue;
+        }
+        let len = u16::from_be_bytes([jpeg[i + 2], jpeg[i + 3]]) as usize;
+        let seg = jpeg.get(i + 4..i + 2 + len.max(2))?;
+        if matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC) {
+            let n = *seg.get(5)? as usize;
+            let factors = (0..n).map(|k| seg.get(7 + 3 * k).map(|hv| (hv >> 4, hv & 15))).collect::<Option<Vec<_>>>()?;
+            sof = Some((seg[0], factors));
+        }
+        if marker == 0xDA {
+            let (precision, factors) = sof?;
+            let scans = 1 + memchr::memmem::find_iter(&jpeg[i + 2 + len..], &[0xFF, 0xDA]).count();
+            return Some(Layout { precision, factors, scans });
+        }
+        i += 2 + len;
+    }
+    None
+}
+
+impl Layout {
+    /// Whether the frame is what TurboJPEG's subsampling label says: 8-bit samples, at most
+    /// [`crate::decode::MAX_SCANS`] scans, and the label's own sampling factors (luma
+    /// (h, v), chroma 1×1; one component of any factors is gray). TurboJPEG names some other
+    /// factor sets by the nearest label (e.g. luma 2×2 with chroma 1×2 as "4:2:2"), whose real
+    /// MCU differs from the label's: the lossless transform and the plane geometry would then
+    /// work on the wrong grid.
+    pub fn is_plain(&self, subsamp: Subsamp) -> bool {
+        let standard = match (self.factors.as_slice(), subsamp) {
+            ([_], Subsamp::Gray) => true,
+            ([y, cb, cr], s) if s != Subsamp::Gray && s != Subsamp::Unknown => {
+                *y == (s.width() as u8, s.height() as u8) && *cb == (1, 1) && *cr == (1, 1)
+            }
+            _ => false,
+        };
+        self.precision == 8 && self.scans <= crate::decode::MAX_SCANS as usize && standard
     }
 }
 
@@ -151,8 +221,8 @@ impl Plan {
 
     /// The transform that does `pipeline` (of which this is the plan) exactly on a frame with
     /// `header`, and the size of its result; or why there is none.
-    pub fn transform_for(&self, pipeline: &Pipeline, header: &DecompressHeader) -> Result<(Transform, (u32, u32)), Outcome> {
-        if header.is_progressive || header.is_lossless || header.is_arithmetic {
+    pub fn transform_for(&self, pipeline: &Pipeline, header: &DecompressHeader, layout: &Layout) -> Result<(Transform, (u32, u32)), Outcome> {
+        if header.is_progressive || header.is_lossless || header.is_arithmetic || !layout.is_plain(header.subsamp) {
             return Err(Outcome::Unsupported);
         }
         if !matches!(header.colorspace, turbojpeg::Colorspace::YCbCr | turbojpeg::Colorspace::Gray) || header.subsamp == Subsamp::Unknown {
@@ -180,6 +250,9 @@ impl Plan {
         };
         let mut t = Transform::op(op);
         t.trim = true;
+        // Like every other path's result: no EXIF (an Orientation tag would turn the turned
+        // result again in viewers; GPS), no ICC profile (an RGB profile on a gray result).
+        t.copy_none = true;
         t.gray = self.gray;
         let (rw, rh) = if self.rotate % 180 == 0 { (tw, th) } else { (th, tw) };
         if out != (Rect { x: 0, y: 0, width: rw, height: rh }) {
@@ -217,7 +290,8 @@ impl Lossless {
 
     /// The transformed JPEG and its size, or why the frame takes the pixel path.
     pub fn apply(&mut self, jpeg: &[u8], header: &DecompressHeader) -> Result<(Vec<u8>, (u32, u32)), Outcome> {
-        let (t, size) = self.plan.transform_for(&self.pipeline, header)?;
+        let layout = layout(jpeg).ok_or(Outcome::Unsupported)?;
+        let (t, size) = self.plan.transform_for(&self.pipeline, header, &layout)?;
         match self.transformer.0.transform_to_vec(&t, jpeg) {
             Ok(out) => Ok((out, size)),
             Err(e) => {
@@ -340,6 +414,45 @@ mod tests {
         }
         assert!(Lossless::new(&Pipeline::parse("rotate:90,blur:1").unwrap()).is_none());
         assert!(Lossless::new(&Pipeline::parse("").unwrap()).is_none());
+    }
+
+    #[test]
+    fn the_layout_is_read_from_the_markers_and_only_plain_frames_are_transformed() {
+        let img = crate::ops::crop(&photo("retina.jpg"), 0, 0, 320, 240);
+        let jpeg = jpeg_of(&img, 320, 240, Subsamp::Sub2x2);
+        let header = turbojpeg::read_header(&jpeg).unwrap();
+        let l = layout(&jpeg).unwrap();
+        assert_eq!(l, Layout { precision: 8, factors: vec![(2, 2), (1, 1), (1, 1)], scans: 1 });
+        assert!(l.is_plain(Subsamp::Sub2x2));
+        // Factor sets TurboJPEG names by a nearby label are not plain.
+        for (factors, label) in [(vec![(2, 2), (1, 2), (1, 2)], Subsamp::Sub2x1), (vec![(2, 1), (2, 1), (2, 1)], Subsamp::None), (vec![(2, 2), (2, 1), (2, 1)], Subsamp::Sub1x2)] {
+            assert!(!Layout { precision: 8, factors, scans: 1 }.is_plain(label), "{label:?}");
+        }
+        assert!(Layout { precision: 8, factors: vec![(2, 2)], scans: 1 }.is_plain(Subsamp::Gray));
+        let mut l = Lossless::new(&Pipeline::parse("rotate:270").unwrap()).unwrap();
+        // 12-bit samples (the SOF's precision byte): refused before the transform.
+        let sof = jpeg.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+        let mut twelve = jpeg.clone();
+        twelve[sof + 4] = 12;
+        assert_eq!(layout(&twelve).unwrap().precision, 12);
+        assert_eq!(l.apply(&twelve, &header).unwrap_err(), Outcome::Unsupported);
+        // More scans than the decoder allows: refused without walking them.
+        let mut scans = jpeg[..jpeg.len() - 2].to_vec();
+        for _ in 0..crate::decode::MAX_SCANS {
+            scans.extend_from_slice(&[0xFF, 0xDA, 0x00, 0x08, 0x01, 0x01, 0x00, 0x00, 0x3F, 0x00]);
+        }
+        scans.extend_from_slice(&[0xFF, 0xD9]);
+        assert_eq!(layout(&scans).unwrap().scans, 1 + crate::decode::MAX_SCANS as usize);
+        assert_eq!(l.apply(&scans, &header).unwrap_err(), Outcome::Unsupported);
+        // No metadata travels: a comment (as EXIF would) is not in the result.
+        let mut commented = jpeg[..2].to_vec();
+        commented.extend_from_slice(&[0xFF, 0xFE, 0x00, 0x0C]);
+        commented.extend_from_slice(b"GPS 48.85N");
+        commented.extend_from_slice(&jpeg[2..]);
+        assert_eq!(layout(&commented).unwrap().scans, 1);
+        let (out, _) = l.apply(&commented, &turbojpeg::read_header(&commented).unwrap()).unwrap();
+        assert!(!out.windows(10).any(|w| w == b"GPS 48.85N"), "the comment was copied");
+        assert!(layout(b"not a jpeg").is_none() && layout(&jpeg[..20]).is_none());
     }
 
     #[test]

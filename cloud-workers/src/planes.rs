@@ -133,6 +133,11 @@ impl PlaneGeometry {
         if !matches!(header.colorspace, turbojpeg::Colorspace::YCbCr | turbojpeg::Colorspace::Gray) || header.is_lossless {
             return None;
         }
+        // The planes must be what the label says (8-bit, standard factors); the scan limit
+        // is the decompressor's own.
+        if !crate::lossless::layout(jpeg).is_some_and(|l| crate::lossless::Layout { scans: 0, ..l }.is_plain(header.subsamp)) {
+            return None;
+        }
         let (fw, fh) = factors(header.subsamp)?;
         let (w, h) = (header.width as u32, header.height as u32);
         let s = Plan::source_rect(&self.pipeline, w, h)?;

@@ -130,8 +130,8 @@ impl Processor {
         self.detector = MotionDetector::default();
     }
 
-    /// Always decodes, runs the ops on pixels and encodes, also where the DCT domain could
-    /// transform the frame (`worker.dct_transforms = false`).
+    /// Decodes and encodes also where the DCT domain could transform the frame
+    /// (`worker.dct_transforms = false`; the planes, region and luma paths stay).
     pub fn without_dct_transforms(mut self) -> Self {
         self.lossless = None;
         self
@@ -453,8 +453,7 @@ mod tests {
         // The same pipeline on pixels gives the same size; its luma agrees within one level
         // (lossless.rs tests the pixels in depth).
         let pixels = processor(&spec).without_dct_transforms().process(&info(&[]), Some(&jpeg)).unwrap();
-        assert_eq!(pixels.dct, None);
-        assert_eq!((pixels.width, pixels.height), (out.width, out.height));
+        assert_eq!((pixels.width, pixels.height, pixels.path), (out.width, out.height, "region"));
         // Off the grid: decoded, with the reason.
         let off = processor(&format!("crop:100x100+{}+0", mw + 1)).process(&info(&[]), Some(&jpeg)).unwrap();
         assert_eq!(off.dct, Some(crate::lossless::Outcome::OffGrid));

@@ -70,12 +70,13 @@ impl RegionDecoder {
             return Err(self.error());
         }
         // SAFETY: a valid handle; parameters TurboJPEG defines.
-        let (width, height, subsamp, lossless) = unsafe {
+        let (width, height, subsamp, lossless, progressive) = unsafe {
             (
                 tj::tj3Get(self.handle, tj::TJPARAM_TJPARAM_JPEGWIDTH as i32),
                 tj::tj3Get(self.handle, tj::TJPARAM_TJPARAM_JPEGHEIGHT as i32),
                 tj::tj3Get(self.handle, tj::TJPARAM_TJPARAM_SUBSAMP as i32),
                 tj::tj3Get(self.handle, tj::TJPARAM_TJPARAM_LOSSLESS as i32),
+                tj::tj3Get(self.handle, tj::TJPARAM_TJPARAM_PROGRESSIVE as i32),
             )
         };
         if lossless != 0 {
@@ -86,9 +87,11 @@ impl RegionDecoder {
             return Err(format!("{rect:?} is not inside the {width}x{height} frame"));
         }
         // One MCU more on each side where the frame has it: subsampled chroma is upsampled from
-        // its neighbours, which at the region's own edges would be replicated instead.
-        let x0 = (rect.x - rect.x % mw).saturating_sub(mw);
-        let x1 = (rect.x + rect.width + mw).min(width as u32);
+        // its neighbours, which at the region's own edges would be replicated instead. Two for a
+        // progressive frame, whose block smoothing reads two blocks each side.
+        let context = if progressive != 0 { 2 * mw } else { mw };
+        let x0 = (rect.x - rect.x % mw).saturating_sub(context);
+        let x1 = (rect.x + rect.width + context).min(width as u32);
         let (rw, rh) = (x1 - x0, rect.height);
         let region = tj::tjregion { x: x0 as i32, y: rect.y as i32, w: rw as i32, h: rh as i32 };
         // SAFETY: a valid handle whose header was just read.
