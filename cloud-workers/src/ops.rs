@@ -301,13 +301,18 @@ fn rotate_quarter<const C: usize>(src: &[u8], w: usize, h: usize, cw: bool) -> V
 }
 
 pub fn crop(img: &Img, x: u32, y: u32, width: u32, height: u32) -> Img {
-    let ch = img.channels as usize;
+    Img::new(width, height, img.channels, crop_samples(&img.data, img.w(), img.channels as usize, x, y, width, height))
+}
+
+/// The samples of a rectangle of a `stride`-pixels-wide image of `ch` channels, rows packed
+/// (what [`crop`] keeps, also for planes that are not an [`Img`]).
+pub fn crop_samples(data: &[u8], stride: usize, ch: usize, x: u32, y: u32, width: u32, height: u32) -> Vec<u8> {
     let mut out = Vec::with_capacity(width as usize * height as usize * ch);
     for row in y..y + height {
-        let start = (row as usize * img.w() + x as usize) * ch;
-        out.extend_from_slice(&img.data[start..start + width as usize * ch]);
+        let start = (row as usize * stride + x as usize) * ch;
+        out.extend_from_slice(&data[start..start + width as usize * ch]);
     }
-    Img::new(width, height, img.channels, out)
+    out
 }
 
 pub fn resize(img: &Img, width: u32, height: u32) -> Result<Img, String> {

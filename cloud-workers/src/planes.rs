@@ -68,9 +68,8 @@ fn plane_sizes(width: usize, height: usize, subsamp: Subsamp) -> Vec<(usize, usi
 
 /// `rect` of a plane `pw` samples wide, turned clockwise by `rotate`, padded to `pad` by
 /// repeating the last column and row (what libjpeg-turbo does at an image's edge).
-fn move_samples(plane: &[u8], pw: usize, ph: usize, rect: Rect, rotate: u16, pad: (usize, usize)) -> Vec<u8> {
-    let img = Img::new(pw as u32, ph as u32, 1, plane.to_vec());
-    let kept = crate::ops::crop(&img, rect.x, rect.y, rect.width, rect.height);
+fn move_samples(plane: &[u8], pw: usize, rect: Rect, rotate: u16, pad: (usize, usize)) -> Vec<u8> {
+    let kept = Img::new(rect.width, rect.height, 1, crate::ops::crop_samples(plane, pw, 1, rect.x, rect.y, rect.width, rect.height));
     let out = if rotate == 0 { kept } else { crate::ops::rotate(&kept, rotate) };
     let (w, h) = (out.width as usize, out.height as usize);
     if (w, h) == pad {
@@ -156,7 +155,7 @@ impl PlaneGeometry {
         for (k, (&(pw, ph), &pad)) in in_sizes.iter().zip(&out_sizes).enumerate() {
             let plane = &planes[at..at + pw * ph];
             at += pw * ph;
-            out.extend_from_slice(&move_samples(plane, pw, ph, plane_rect(s, k, (fw, fh)), self.plan.rotate, pad));
+            out.extend_from_slice(&move_samples(plane, pw, plane_rect(s, k, (fw, fh)), self.plan.rotate, pad));
         }
         Some(Moved { planes: out, width: ow, height: oh, subsamp })
     }

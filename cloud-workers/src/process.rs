@@ -167,9 +167,8 @@ impl Processor {
     }
 
     /// For a pipeline of `detect:` ops only: the smallest decode every model is content with.
-    fn models_need(&self, payload: &[u8]) -> Option<(u32, u32)> {
+    fn models_need(&self, h: &turbojpeg::DecompressHeader) -> Option<(u32, u32)> {
         let inference = self.inference.as_ref()?;
-        let h = turbojpeg::read_header(payload).ok()?;
         let mut need = (0u32, 0u32);
         for op in &self.pipeline.0 {
             let crate::ops::Op::Detect { model } = op else { return None };
@@ -258,9 +257,10 @@ impl Processor {
         // Rotations, crops and grayscale in the DCT domain: no decode, no encode. Motion needs
         // the decoded image, and events-only publishes no image.
         // Where that is not exact, rotations and crops of a colour frame on its YUV planes.
+        // The header once for every path below (the decode refuses a frame by it first anyway).
+        let header = self.decoder.header(payload, self.max_pixels).map_err(|e| reject(e.reason(), e.to_string()))?;
         let mut dct = None;
         if (self.lossless.is_some() || self.planes.is_some()) && !self.motion.enabled && !self.events_only {
-            let header = self.decoder.header(payload, self.max_pixels).map_err(|e| reject(e.reason(), e.to_string()))?;
             let geometry = |jpeg: Vec<u8>, (width, height): (u32, u32), op: &str, t: Instant, dct| {
                 let op_times = vec![(op.to_owned(), t.elapsed())];
                 let path = if op == "dct_transform" { "dct" } else { "planes" };
@@ -285,7 +285,7 @@ impl Processor {
         // of its models needs.
         let at_least = match self.pipeline.0.first() {
             Some(crate::ops::Op::Resize { width, height }) => Some((*width, *height)),
-            Some(crate::ops::Op::Detect { .. }) if self.events_only && !self.motion.enabled => self.models_need(payload),
+            Some(crate::ops::Op::Detect { .. }) if self.events_only && !self.motion.enabled => self.models_need(&header),
             _ => None,
         };
         let mut op_times = Vec::with_capacity(self.pipeline.0.len());
@@ -294,7 +294,6 @@ impl Processor {
         let mut start = 0;
         let mut region_img = None;
         if let (Some(r), None, Some(&crate::ops::Op::Crop { x, y, width, height })) = (self.region.as_mut(), &self.gpu, self.pipeline.0.first()) {
-            self.decoder.header(payload, self.max_pixels).map_err(|e| reject(e.reason(), e.to_string()))?;
             let t = Instant::now();
             match r.decode(payload, crate::lossless::Rect { x, y, width, height }, self.luma_only) {
                 Ok(img) => {
@@ -314,7 +313,7 @@ impl Processor {
             Some(img) => img,
             None => self.decoder.decode_as(payload, self.max_pixels, at_least, self.luma_only).map_err(|e| reject(e.reason(), e.to_string()))?,
         };
-        let frame = turbojpeg::read_header(payload).map(|h| (h.width as u32, h.height as u32)).unwrap_or((img.width, img.height));
+        let frame = (header.width as u32, header.height as u32);
         let (img, small) = match &self.gpu {
             None => (self.cpu_ops(img, frame, start, &mut op_times, &mut runs)?, None),
             Some(gpu) => {
