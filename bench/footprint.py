@@ -53,40 +53,53 @@ def main():
     a = ap.parse_args()
 
     topic = f"bench-footprint-{uuid.uuid4().hex[:8]}"
-    create_topics(a.bootstrap, [topic], 1)
     port = free_port()
-    with tempfile.TemporaryDirectory() as d:
-        with open(f"{d}/agent.toml", "w") as f:
-            f.write(f'[device]\nid = "bench-footprint"\n[kafka]\nbrokers = "{a.bootstrap}"\nsecurity_protocol = "PLAINTEXT"\n'
-                    f'[[cameras]]\nid = "cam0"\nsynthetic = {{ width = 1920, height = 1080, fps = 30 }}\n'
-                    f'[spool]\ndir = "{d}/spool"\n[forwarder]\ntopic = "{topic}"\n[http]\nlisten = "127.0.0.1:{port}"\n')
-        cmd = shlex.split(a.runner) + [a.binary, "run", "--config", f"{d}/agent.toml"]
-        log = open(f"{d}/agent.log", "w")
-        p = subprocess.Popen(cmd, env=dict(os.environ, FRAMELINK_LOG="warn"), stdout=subprocess.DEVNULL, stderr=log)
+    p = None
+    with tempfile.TemporaryDirectory() as d, open(f"{d}/agent.log", "w") as log:
         try:
+            create_topics(a.bootstrap, [topic], 1)
+            with open(f"{d}/agent.toml", "w") as f:
+                f.write(f'[device]\nid = "bench-footprint"\n[kafka]\nbrokers = "{a.bootstrap}"\nsecurity_protocol = "PLAINTEXT"\n'
+                        f'[[cameras]]\nid = "cam0"\nsynthetic = {{ width = 1920, height = 1080, fps = 30 }}\n'
+                        f'[spool]\ndir = "{d}/spool"\n[forwarder]\ntopic = "{topic}"\n[http]\nlisten = "127.0.0.1:{port}"\n')
+            cmd = shlex.split(a.runner) + [a.binary, "run", "--config", f"{d}/agent.toml"]
+            p = subprocess.Popen(cmd, env=dict(os.environ, FRAMELINK_LOG="warn"), stdout=subprocess.DEVNULL, stderr=log)
+
+            def agent_log():
+                log.flush()
+                with open(f"{d}/agent.log") as f:
+                    return f.read()[-3000:]
+
+            def alive():
+                if p.poll() is not None:
+                    raise SystemExit(f"footprint: the agent exited ({p.returncode}):\n{agent_log()}")
+
             def sent():
+                alive()
                 try:
                     return metric(get_metrics(port), "framelink_agent_frames_sent_total")
                 except OSError:
                     return 0
             if not wait_until(lambda: sent() > 0, 120, 0.5):
-                raise SystemExit(f"footprint: the agent sent nothing in 120 s:\n{open(f'{d}/agent.log').read()[-3000:]}")
+                raise SystemExit(f"footprint: the agent sent nothing in 120 s:\n{agent_log()}")
             time.sleep(a.warmup)
             c0, t0, s0 = cpu_seconds(p.pid), time.time(), sent()
             rss = []
             while time.time() - t0 < a.seconds:
                 time.sleep(0.5)
+                alive()
                 rss.append(rss_mib(p.pid))
             cpu = (cpu_seconds(p.pid) - c0) / (time.time() - t0) * 100
             rate = (sent() - s0) / (time.time() - t0)
-            m = get_metrics(port)
-            dropped = metric(m, "framelink_agent_frames_dropped_total")
+            dropped = metric(get_metrics(port), "framelink_agent_frames_dropped_total")
         finally:
-            p.terminate()
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            if p is not None:
+                p.terminate()
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
             delete_topics(a.bootstrap, [topic])
     size = os.path.getsize(a.binary)
     label = a.label or os.path.relpath(a.binary)

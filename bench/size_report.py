@@ -36,7 +36,7 @@ def rust_crate(demangled):
     # "<T as core::fmt::Debug>::fmt" -> the trait impl's type's crate; "tokio::runtime::..." -> tokio
     s = demangled.lstrip("<&*")
     s = re.sub(r"^(dyn |mut |const )", "", s)
-    m = re.match(r"([A-Za-z_][A-Za-z0-9_]*)::", s)
+    m = re.match(r"([A-Za-z_][A-Za-z0-9_]*)(?:\[[0-9a-f]+\])?::", s)
     return m.group(1) if m else "rust (other)"
 
 
@@ -53,19 +53,23 @@ def main():
     for name, size, *_ in sorted(rows, key=lambda r: -int(r[1]))[:10]:
         print(f"| {name} | {int(size):,} |")
 
-    nm = subprocess.run([f"{a.tools}nm", "-S", "--size-sort", "-C", a.binary], capture_output=True, text=True, check=True).stdout
-    raw = subprocess.run([f"{a.tools}nm", "-S", "--size-sort", a.binary], capture_output=True, text=True, check=True).stdout
+    raw = subprocess.run([f"{a.tools}nm", "-S", "--size-sort", a.binary], capture_output=True, text=True).stdout
+    syms = [l.split(None, 3) for l in raw.splitlines()]
+    syms = [(int(m[1], 16), m[3]) for m in syms if len(m) == 4]
+    if not syms:
+        raise SystemExit(f"size_report: {a.binary} has no symbols (stripped?): run it on an unstripped build")
+    # Demangled names from one c++filt pass over the same list (one line in, one line out).
+    dem = subprocess.run([f"{a.tools}c++filt"], input="\n".join(n for _, n in syms), capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    if len(dem) != len(syms):
+        raise SystemExit("size_report: c++filt returned a different number of names")
     sizes = collections.Counter()
-    for dem, mang in zip(nm.splitlines(), raw.splitlines()):
-        d, m = dem.split(None, 3), mang.split(None, 3)
-        if len(d) < 4 or len(m) < 4:
-            continue
-        size, name = int(m[1], 16), m[3]
+    for (size, name), demangled in zip(syms, dem):
         for group, pat in GROUPS:
             if re.search(pat, name):
                 break
         else:
-            group = rust_crate(d[3]) if RUST.search(name) else "other C / data"
+            group = rust_crate(demangled) if RUST.search(name) else "other C / data"
         sizes[group] += size
     total = sum(sizes.values())
     print(f"\n| from | bytes | share |\n| --- | ---: | ---: |")
