@@ -20,6 +20,14 @@ pub enum PixelFormat {
     /// Planar YUV 4:2:0, studio range (what H.264 decoders give): the Y plane (`stride` =
     /// width), then U and V, each `width.div_ceil(2)` × `height.div_ceil(2)`, no padding.
     I420,
+    /// [`Self::I420`]'s layout in JPEG's own full-range YCbCr (BT.601, 0–255; FFmpeg's
+    /// `yuvj420p`): at 4:2:0 with even sizes the encoder compresses these planes as they are,
+    /// with no conversion and no copy (the synthetic test pattern draws this).
+    J420,
+    /// Semi-planar YUV 4:2:0, studio range (V4L2 `NV12`: Jetson and many MIPI/USB cameras,
+    /// hardware decoders): `height` rows of Y, then `height.div_ceil(2)` rows of interleaved
+    /// U, V pairs, both planes with rows `stride` bytes apart (≥ width rounded up to even).
+    Nv12,
 }
 
 impl PixelFormat {
@@ -30,6 +38,8 @@ impl PixelFormat {
             Self::Yuyv => "YUYV",
             Self::Jpeg => "MJPG",
             Self::I420 => "I420",
+            Self::J420 => "J420",
+            Self::Nv12 => "NV12",
         }
     }
 }

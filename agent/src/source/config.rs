@@ -277,8 +277,8 @@ pub struct V4l2Config {
     /// Requested frame rate. Default 10.
     #[serde(default = "default_fps")]
     pub fps: f64,
-    /// `YUYV` (encoded straight from YUV) or `MJPG` (forwarded as the camera gives it).
-    /// Default `MJPG`.
+    /// `YUYV` or `NV12` (encoded straight from YUV) or `MJPG` (forwarded as the camera gives
+    /// it). Default `MJPG`.
     #[serde(default = "default_fourcc")]
     pub format: String,
 }
@@ -392,8 +392,8 @@ impl CameraConfig {
         if let Some(s) = &self.v4l2 {
             check_size(&format!("{key}.v4l2"), s.width, s.height)?;
             check_fps(&format!("{key}.v4l2.fps"), s.fps)?;
-            if !matches!(s.format.as_str(), "YUYV" | "MJPG") {
-                bail!("config key `{key}.v4l2.format`: {:?} is not `YUYV` or `MJPG`", s.format);
+            if !matches!(s.format.as_str(), "YUYV" | "NV12" | "MJPG") {
+                bail!("config key `{key}.v4l2.format`: {:?} is not `YUYV`, `NV12` or `MJPG`", s.format);
             }
             if !cfg!(all(target_os = "linux", feature = "v4l2")) {
                 bail!("config key `{key}.v4l2`: this build has no V4L2 support (cargo feature `v4l2`, Linux only)");

@@ -1,13 +1,22 @@
 //! A synthetic test pattern: diagonal colour bars that move every frame, with the frame
 //! counter and the capture time (UTC, HH:MM:SS.mmm) burned in. It needs no hardware, so the
 //! agent runs anywhere, and every frame differs (JPEG sizes and motion look like a camera's).
+//!
+//! It draws straight into JPEG's full-range 4:2:0 planes ([`PixelFormat::J420`]): half the
+//! bytes of RGB, and the encoder compresses them with no conversion. Each row is one copy out
+//! of a precomputed strip of bar colours. The frame buffers are recycled: once the encoder has
+//! dropped a frame, its buffer draws a later one, so the agent does not allocate and free a
+//! frame-sized block 30 times a second (which left glibc's arenas holding tens of MiB).
 
-use bytes::Bytes;
+use std::collections::VecDeque;
+
+use bytes::{Bytes, BytesMut};
 
 use super::{Pacer, Source, SourceError};
+use crate::encoder::yuv420::rgb_to_full_range;
 use crate::frame::{Captured, PixelFormat, now_ns};
 
-/// Width of one colour bar, pixels.
+/// Width of one colour bar, pixels (even: a chroma sample never straddles two bars' starts).
 const BAR: usize = 64;
 const COLOURS: [[u8; 3]; 8] = [
     [235, 235, 235],
@@ -19,6 +28,8 @@ const COLOURS: [[u8; 3]; 8] = [
     [16, 16, 235],
     [16, 16, 16],
 ];
+/// Buffers kept for reuse: one being encoded, one queued, one being drawn.
+const POOL: usize = 3;
 
 pub struct Synthetic {
     width: usize,
@@ -26,20 +37,26 @@ pub struct Synthetic {
     pacer: Pacer,
     counter: u64,
     limit: Option<u64>,
-    /// One long row of bar colours; row y of frame t is a window into it.
-    strip: Vec<u8>,
+    /// One long row of bar luma; row y of frame t is a window into it.
+    strip_y: Vec<u8>,
+    /// The bars' chroma at half resolution (sample k = the colour at luma column 2k).
+    strip_u: Vec<u8>,
+    strip_v: Vec<u8>,
+    /// Frames handed out, oldest first; a buffer is reused once only this handle is left.
+    recycled: VecDeque<Bytes>,
 }
 
 impl Synthetic {
     pub fn new(width: u32, height: u32, fps: f64) -> Self {
         let (width, height) = (width as usize, height as usize);
         let period = BAR * COLOURS.len();
-        let len = width + period;
-        let mut strip = Vec::with_capacity(len * 3);
-        for x in 0..len {
-            strip.extend_from_slice(&COLOURS[(x / BAR) % COLOURS.len()]);
-        }
-        Self { width, height, pacer: Pacer::new(fps), counter: 0, limit: None, strip }
+        let ycc = COLOURS.map(rgb_to_full_range);
+        let bar = |x: usize| ycc[(x / BAR) % COLOURS.len()];
+        let strip_y = (0..width + period).map(|x| bar(x)[0]).collect();
+        let chroma_len = width.div_ceil(2) + period / 2;
+        let strip_u = (0..chroma_len).map(|k| bar(2 * k)[1]).collect();
+        let strip_v = (0..chroma_len).map(|k| bar(2 * k)[2]).collect();
+        Self { width, height, pacer: Pacer::new(fps), counter: 0, limit: None, strip_y, strip_u, strip_v, recycled: VecDeque::new() }
     }
 
     /// Stops (`SourceError::Exhausted`) after `count` frames.
@@ -48,14 +65,37 @@ impl Synthetic {
         self
     }
 
-    /// Renders frame `n` captured at `capture_ns` (RGB24, stride = width × 3).
-    pub fn render(&self, n: u64, capture_ns: u64) -> Vec<u8> {
+    /// Bytes of one frame: the Y plane, then U and V at half width and height (rounded up).
+    pub fn frame_len(&self) -> usize {
         let (w, h) = (self.width, self.height);
+        w * h + 2 * w.div_ceil(2) * h.div_ceil(2)
+    }
+
+    /// Renders frame `n` captured at `capture_ns` into a new buffer (J420, see [`Self::draw`]).
+    pub fn render(&self, n: u64, capture_ns: u64) -> Vec<u8> {
+        let mut img = vec![0u8; self.frame_len()];
+        self.draw(n, capture_ns, &mut img);
+        img
+    }
+
+    /// Draws frame `n` into `img` ([`Self::frame_len`] bytes, J420: full-range Y, U, V planes).
+    pub fn draw(&self, n: u64, capture_ns: u64, img: &mut [u8]) {
+        let (w, h) = (self.width, self.height);
+        let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
         let period = BAR * COLOURS.len();
-        let mut img = vec![0u8; w * h * 3];
-        for (y, row) in img.chunks_exact_mut(w * 3).enumerate() {
-            let off = (y + n as usize * 4) % period;
-            row.copy_from_slice(&self.strip[off * 3..(off + w) * 3]);
+        let (y_plane, chroma) = img.split_at_mut(w * h);
+        let (u_plane, v_plane) = chroma.split_at_mut(cw * ch);
+        let shift = (n as usize % period) * 4;
+        for (y, row) in y_plane.chunks_exact_mut(w).enumerate() {
+            let off = (y + shift) % period;
+            row.copy_from_slice(&self.strip_y[off..off + w]);
+        }
+        // Chroma row r covers luma rows 2r and 2r + 1 and takes the upper one's colours; its
+        // offset is even (period and shift are), so it is a window into the half-width strips.
+        for (r, (u, v)) in u_plane.chunks_exact_mut(cw).zip(v_plane.chunks_exact_mut(cw)).enumerate() {
+            let off = ((2 * r + shift) % period) / 2;
+            u.copy_from_slice(&self.strip_u[off..off + cw]);
+            v.copy_from_slice(&self.strip_v[off..off + cw]);
         }
         let secs = capture_ns / 1_000_000_000;
         let text = format!(
@@ -66,8 +106,29 @@ impl Synthetic {
             (capture_ns / 1_000_000) % 1000
         );
         let scale = (h / 60).clamp(1, 12);
-        draw_text(&mut img, w, h, &text, scale, scale * 2, scale * 2);
-        img
+        let (x0, y0) = (scale * 2, scale * 2);
+        let (box_w, box_h) = draw_text(y_plane, w, h, &text, scale, x0, y0);
+        // The text box is white and black: neutral chroma under it.
+        for r in y0 / 2..(y0 + box_h).div_ceil(2).min(ch) {
+            let cols = x0 / 2..(x0 + box_w).div_ceil(2).min(cw);
+            u_plane[r * cw..][cols.clone()].fill(128);
+            v_plane[r * cw..][cols].fill(128);
+        }
+    }
+
+    /// A buffer for the next frame: the oldest recycled one whose frame the encoder has
+    /// dropped, or a new one.
+    fn buffer(&mut self) -> BytesMut {
+        let len = self.frame_len();
+        for _ in 0..self.recycled.len() {
+            let oldest = self.recycled.pop_front().expect("counted");
+            match oldest.try_into_mut() {
+                Ok(free) if free.len() == len => return free,
+                Ok(_) => {}
+                Err(in_use) => self.recycled.push_back(in_use),
+            }
+        }
+        BytesMut::zeroed(len)
     }
 }
 
@@ -82,16 +143,21 @@ impl Source for Synthetic {
         }
         self.pacer.wait();
         let capture_ns = now_ns();
-        let data = self.render(self.counter, capture_ns);
+        let mut buf = self.buffer();
+        self.draw(self.counter, capture_ns, &mut buf);
+        let data = buf.freeze();
+        if self.recycled.len() < POOL {
+            self.recycled.push_back(data.clone());
+        }
         self.counter += 1;
         Ok(Captured {
             capture_ns,
             width: self.width as u32,
             height: self.height as u32,
-            stride: self.width * 3,
-            format: PixelFormat::Rgb24,
-            source_format: "RGB24",
-            data: Bytes::from(data),
+            stride: self.width,
+            format: PixelFormat::J420,
+            source_format: "J420",
+            data,
             clock: Default::default(),
         })
     }
@@ -120,13 +186,14 @@ fn glyph(c: char) -> [u8; 5] {
     }
 }
 
-/// Draws `text` in black on a white box at (x0, y0), each glyph cell `scale` pixels.
-fn draw_text(img: &mut [u8], w: usize, h: usize, text: &str, scale: usize, x0: usize, y0: usize) {
+/// Draws `text` in black on a white box at (x0, y0) of a luma plane `w` wide, each glyph cell
+/// `scale` pixels; returns the box's width and height.
+fn draw_text(luma: &mut [u8], w: usize, h: usize, text: &str, scale: usize, x0: usize, y0: usize) -> (usize, usize) {
     let cell_w = 4 * scale;
     let box_w = (text.chars().count() * cell_w + scale).min(w.saturating_sub(x0));
     let box_h = (7 * scale).min(h.saturating_sub(y0));
     for y in y0..y0 + box_h {
-        img[(y * w + x0) * 3..(y * w + x0 + box_w) * 3].fill(255);
+        luma[y * w + x0..y * w + x0 + box_w].fill(255);
     }
     for (i, c) in text.chars().enumerate() {
         for (gy, bits) in glyph(c).iter().enumerate() {
@@ -138,41 +205,87 @@ fn draw_text(img: &mut [u8], w: usize, h: usize, text: &str, scale: usize, x0: u
                     let y = y0 + scale + gy * scale + dy;
                     let x = x0 + scale + i * cell_w + gx * scale;
                     if y < h && x + scale <= w {
-                        img[(y * w + x) * 3..(y * w + x + scale) * 3].fill(0);
+                        luma[y * w + x..y * w + x + scale].fill(0);
                     }
                 }
             }
         }
     }
+    (box_w, box_h)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::encoder::{Encoder, EncoderConfig};
 
     #[test]
     fn frames_move_and_carry_their_counter() {
         let s = Synthetic::new(320, 240, 30.0);
         let a = s.render(0, 0);
         let b = s.render(1, 0);
-        assert_eq!(a.len(), 320 * 240 * 3);
+        assert_eq!(a.len(), 320 * 240 + 2 * 160 * 120);
         assert_ne!(a, b, "the pattern moves");
-        // Outside the text box, the bars move 4 rows a frame.
-        let row = |img: &[u8], y: usize| img[y * 960..(y + 1) * 960].to_vec();
+        // Outside the text box, the bars move 4 rows a frame, in luma and chroma.
+        let row = |img: &[u8], y: usize| img[y * 320..(y + 1) * 320].to_vec();
         assert_eq!(row(&b, 200), row(&a, 204));
         assert_ne!(row(&a, 200), row(&a, 204));
-        // The text box starts white and holds black glyph pixels.
-        let px = |img: &[u8], x: usize, y: usize| img[(y * 320 + x) * 3..(y * 320 + x) * 3 + 3].to_vec();
-        assert_eq!(px(&a, 8, 8), vec![255u8, 255, 255]);
-        assert!(a.chunks(3).take(320 * 40).any(|p| p == [0, 0, 0]));
+        let u_row = |img: &[u8], r: usize| img[320 * 240 + r * 160..][..160].to_vec();
+        assert_eq!(u_row(&b, 100), u_row(&a, 102));
+        // The text box is white with neutral chroma and holds black glyph pixels.
+        assert_eq!(a[8 * 320 + 8], 255);
+        assert_eq!((a[320 * 240 + 4 * 160 + 4], a[320 * 240 + 160 * 120 + 4 * 160 + 4]), (128, 128));
+        assert!(a[..320 * 40].contains(&0));
         // Different counters draw different digits.
-        assert_ne!(s.render(1, 0)[..320 * 40 * 3], s.render(2, 0)[..320 * 40 * 3]);
+        assert_ne!(s.render(1, 0)[..320 * 40], s.render(2, 0)[..320 * 40]);
+    }
+
+    #[test]
+    fn the_bars_encode_to_their_colours() {
+        let s = Synthetic::new(640, 360, 30.0);
+        let (w, h) = (640, 360);
+        let f = Captured { capture_ns: 0, width: w, height: h, stride: w as usize, format: PixelFormat::J420, source_format: "J420", data: Bytes::from(s.render(0, 0)), clock: Default::default() };
+        let jpeg = Encoder::new(EncoderConfig::default()).unwrap().encode(&f).unwrap().jpeg;
+        let rgb = turbojpeg::decompress(&jpeg, turbojpeg::PixelFormat::RGB).unwrap();
+        // Row y of frame 0 starts at strip position y; sample the middle of bars, clear of edges.
+        for (x, y) in [(88usize, 200usize), (152, 200), (216, 250), (620, 300), (30, 330)] {
+            let colour = COLOURS[((x + y) / BAR) % COLOURS.len()];
+            let got = &rgb.pixels[(y * w as usize + x) * 3..][..3];
+            for c in 0..3 {
+                assert!((got[c] as i32 - colour[c] as i32).abs() <= 8, "({x}, {y}): {got:?}, drawn {colour:?}");
+            }
+        }
     }
 
     #[test]
     fn odd_sizes_render() {
         for (w, h) in [(1, 1), (17, 9), (641, 361)] {
-            assert_eq!(Synthetic::new(w, h, 5.0).render(3, 0).len(), (w * h * 3) as usize);
+            let s = Synthetic::new(w, h, 5.0);
+            let (cw, ch) = ((w as usize).div_ceil(2), (h as usize).div_ceil(2));
+            assert_eq!(s.render(3, 0).len(), (w * h) as usize + 2 * cw * ch);
+            // And encode (odd sizes take the padded-copy path).
+            let f = Captured { capture_ns: 0, width: w, height: h, stride: w as usize, format: PixelFormat::J420, source_format: "J420", data: Bytes::from(s.render(3, 0)), clock: Default::default() };
+            assert!(Encoder::new(EncoderConfig::default()).unwrap().encode(&f).is_ok(), "{w}x{h}");
         }
+    }
+
+    #[test]
+    fn buffers_are_reused_once_the_encoder_drops_its_frame() {
+        let mut s = Synthetic::new(64, 48, 10_000.0);
+        let a = s.next_frame().unwrap();
+        let b = s.next_frame().unwrap();
+        assert_ne!(a.data.as_ptr(), b.data.as_ptr(), "a frame still held is not drawn over");
+        let (pa, a_bytes) = (a.data.as_ptr(), a.data.to_vec());
+        drop(a);
+        let c = s.next_frame().unwrap();
+        assert_eq!(c.data.as_ptr(), pa, "the dropped frame's buffer draws the next one");
+        assert_ne!(c.data.to_vec(), a_bytes, "with the next frame's content");
+        assert_eq!(b.data.len(), s.frame_len());
+        // Frames held past the pool's size are new buffers, not tracked; nothing is drawn twice.
+        let held: Vec<_> = (0..2 * POOL).map(|_| s.next_frame().unwrap()).collect();
+        let mut ptrs: Vec<_> = held.iter().chain([&b, &c]).map(|f| f.data.as_ptr()).collect();
+        ptrs.sort();
+        ptrs.dedup();
+        assert_eq!(ptrs.len(), 2 * POOL + 2);
     }
 }

@@ -1,10 +1,10 @@
 //! V4L2 cameras (Linux): USB webcams, CSI cameras with V4L2 drivers, capture cards.
 //!
-//! The requested format (`YUYV` or `MJPG`), size and frame rate are negotiated with the
-//! driver; what it grants is logged (drivers pick the nearest size they support) and used.
+//! The requested format (`YUYV`, `NV12` or `MJPG`), size and frame rate are negotiated with
+//! the driver; what it grants is logged (drivers pick the nearest size they support) and used.
 //! Frames come through four memory-mapped buffers and are copied out once. MJPEG frames are
-//! forwarded exactly as the camera produced them; YUYV frames keep the driver's row stride,
-//! which the encoder honours.
+//! forwarded exactly as the camera produced them; YUYV and NV12 frames keep the driver's row
+//! stride, which the encoder honours.
 
 use bytes::Bytes;
 use v4l::buffer::Type;
@@ -37,11 +37,13 @@ fn unavailable(what: &str, path: &std::path::Path, e: impl std::fmt::Display) ->
 }
 
 /// Turns one dequeued buffer into a frame: MJPEG keeps only the bytes used, YUYV needs
-/// `stride × height` bytes.
+/// `stride × height` bytes, NV12 `stride × (height + ⌈height / 2⌉)` (its UV plane follows the
+/// Y plane with the same stride).
 pub fn captured_from_buffer(format: &Format, buf: &[u8], bytes_used: usize) -> Result<Captured, String> {
     let (kind, name) = match &format.fourcc.repr {
         b"MJPG" => (PixelFormat::Jpeg, "MJPG"),
         b"YUYV" => (PixelFormat::Yuyv, "YUYV"),
+        b"NV12" => (PixelFormat::Nv12, "NV12"),
         other => return Err(format!("unsupported pixel format {}", String::from_utf8_lossy(other))),
     };
     let used = if bytes_used == 0 { buf.len() } else { bytes_used.min(buf.len()) };
@@ -53,9 +55,10 @@ pub fn captured_from_buffer(format: &Format, buf: &[u8], bytes_used: usize) -> R
             &buf[..used]
         }
         _ => {
-            let need = format.stride as usize * format.height as usize;
+            let rows = format.height as usize + if kind == PixelFormat::Nv12 { (format.height as usize).div_ceil(2) } else { 0 };
+            let need = format.stride as usize * rows;
             if used < need {
-                return Err(format!("YUYV buffer has {used} bytes, {}x{} with stride {} needs {need}", format.width, format.height, format.stride));
+                return Err(format!("{name} buffer has {used} bytes, {}x{} with stride {} needs {need}", format.width, format.height, format.stride));
             }
             &buf[..need]
         }
@@ -78,7 +81,11 @@ impl Source for V4l2Source {
         self.device = None;
         let path = &self.cfg.device;
         let dev = Device::with_path(path).map_err(|e| unavailable("open", path, e))?;
-        let fourcc = FourCC::new(if self.cfg.format == "YUYV" { b"YUYV" } else { b"MJPG" });
+        let fourcc = FourCC::new(match self.cfg.format.as_str() {
+            "YUYV" => b"YUYV",
+            "NV12" => b"NV12",
+            _ => b"MJPG",
+        });
         let granted = dev
             .set_format(&Format::new(self.cfg.width, self.cfg.height, fourcc))
             .map_err(|e| unavailable("set format", path, e))?;
@@ -148,7 +155,7 @@ pub fn list_cameras() -> String {
                     }
                 })
                 .collect();
-            let usable = matches!(&f.fourcc.repr, b"YUYV" | b"MJPG");
+            let usable = matches!(&f.fourcc.repr, b"YUYV" | b"NV12" | b"MJPG");
             out.push_str(&format!(
                 "  {} ({}){}: {}\n",
                 f.fourcc,
@@ -191,6 +198,20 @@ mod tests {
         assert_eq!(c.format, PixelFormat::Yuyv);
         let short = captured_from_buffer(&fmt(b"YUYV", w, h, stride), &buf[..40], 40).unwrap_err();
         assert!(short.contains("needs 64"), "{short}");
-        assert!(captured_from_buffer(&fmt(b"NV12", w, h, w), &buf, 0).unwrap_err().contains("NV12"));
+        assert!(captured_from_buffer(&fmt(b"RGB3", w, h, w * 3), &buf, 0).unwrap_err().contains("unsupported pixel format RGB3"));
+    }
+
+    #[test]
+    fn nv12_takes_its_uv_rows_after_the_y_rows_with_the_same_stride() {
+        // 6x5: 5 luma rows and 3 chroma rows of 16 bytes.
+        let (w, h, stride) = (6u32, 5u32, 16u32);
+        let buf: Vec<u8> = (0..stride * 8 + 32).map(|i| i as u8).collect();
+        let c = captured_from_buffer(&fmt(b"NV12", w, h, stride), &buf, 0).unwrap();
+        assert_eq!((c.format, c.source_format, c.stride, c.data.len()), (PixelFormat::Nv12, "NV12", 16, 128));
+        let short = captured_from_buffer(&fmt(b"NV12", w, h, stride), &buf[..120], 120).unwrap_err();
+        assert!(short.contains("NV12 buffer has 120 bytes") && short.contains("needs 128"), "{short}");
+        // And the encoder takes it as it comes.
+        let mut e = crate::encoder::Encoder::new(crate::encoder::EncoderConfig::default()).unwrap();
+        assert_eq!(e.encode(&c).unwrap().width, 6);
     }
 }

@@ -5,6 +5,9 @@
 //!   `tj3CompressFromYUVPlanes8` — no RGB round trip. Studio-range camera values are stretched
 //!   to JPEG's full range on the way (a lookup table). 4:2:0 output averages each pair of chroma
 //!   rows; 4:2:2 keeps them. (4:4:4 goes through RGB; gray uses the Y plane only.)
+//! - 4:2:0 sources ([`yuv420`]: I420 and NV12 in studio range, J420 in full range) are
+//!   compressed from their planes the same way; a J420 frame of even size at 4:2:0 (or gray)
+//!   is handed to libjpeg-turbo as it is, with no pass over its pixels.
 //! - JPEG/MJPEG input is forwarded untouched unless it must be downscaled; then it is decoded
 //!   with DCT-domain scaling to the nearest size ≥ the target and resized.
 //! - Rows may be padded (`stride` > width × bytes per pixel), as V4L2 drivers do.
@@ -16,6 +19,9 @@ use serde::Deserialize;
 use turbojpeg::{Compressor, Decompressor, Image, OutputBuf, PixelFormat as TjFormat, Subsamp, YuvPlanesImage};
 
 use crate::frame::{Captured, PixelFormat};
+
+pub mod yuv420;
+use yuv420::{CHROMA_TO_FULL, LUMA_TO_FULL, Yuv420};
 
 /// `[encoder]`.
 #[derive(Clone, Debug, Deserialize)]
@@ -151,17 +157,13 @@ impl Encoder {
                 check_len(f, 3)?;
                 self.compress_rgb(&f.data, f.width, f.height, f.stride, resize.then_some((tw, th)))
             }
-            PixelFormat::I420 => {
-                let (w, h) = (f.width as usize, f.height as usize);
-                let need = w * h + 2 * w.div_ceil(2) * h.div_ceil(2);
-                if f.stride != w || f.data.len() < need {
-                    return Err(EncodeError::ShortBuffer { len: f.data.len(), width: f.width, height: f.height, stride: f.stride, format: f.format });
-                }
+            PixelFormat::I420 | PixelFormat::J420 | PixelFormat::Nv12 => {
+                let planes = Yuv420::of(f)?;
                 if resize || matches!(self.cfg.subsampling, Subsampling::S444) {
-                    let rgb = i420_to_rgb(&f.data, f.width, f.height);
+                    let rgb = planes.to_rgb();
                     self.compress_rgb(&rgb, f.width, f.height, f.width as usize * 3, resize.then_some((tw, th)))
                 } else {
-                    self.compress_i420(f)
+                    self.compress_yuv420(&planes)
                 }
             }
             PixelFormat::Yuyv => {
@@ -237,36 +239,36 @@ impl Encoder {
         self.compress_planes(w, h, w, cw)
     }
 
-    /// I420 (studio range) → full-range Y, U, V planes (4:2:0 as they are, 4:2:2 by repeating
-    /// chroma rows, or luma alone) → JPEG: no RGB round trip.
-    fn compress_i420(&mut self, f: &Captured) -> Result<Encoded, EncodeError> {
-        let (w, h) = (f.width as usize, f.height as usize);
-        let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
-        let (src_y, rest) = f.data.split_at(w * h);
-        let (src_u, src_v) = rest.split_at(cw * ch);
+    /// A 4:2:0 frame → full-range Y, U, V planes (4:2:0 as they are, 4:2:2 by repeating
+    /// chroma rows, or luma alone) → JPEG: no RGB round trip. Full-range planar input that
+    /// needs no padding goes to libjpeg-turbo straight from the frame's buffer.
+    fn compress_yuv420(&mut self, p: &Yuv420) -> Result<Encoded, EncodeError> {
+        let (w, h, cw, ch) = (p.w, p.h, p.cw, p.ch);
         let gray = self.cfg.subsampling == Subsampling::Gray;
         let s420 = self.cfg.subsampling == Subsampling::S420;
+        if let (true, Some((u, v))) = (p.full_range && (gray || (s420 && w % 2 == 0 && h % 2 == 0)), p.uv_planes()) {
+            return self.compress_yuv(p.y_plane(), u, v, w, h, w, cw);
+        }
         let out_ch = if s420 { ch } else { h };
         // libjpeg-turbo wants the luma plane padded to whole chroma blocks (odd sizes): the
         // last column and row are repeated.
         let pw = if gray { w } else { cw * 2 };
         let ph = if s420 { ch * 2 } else { h };
+        let ly = p.luma_lut();
         let [y, u, v] = &mut self.planes;
         y.clear();
         for r in 0..ph {
-            let row = &src_y[r.min(h - 1) * w..][..w];
-            y.extend(row.iter().map(|&p| LUMA_TO_FULL[p as usize]));
+            let row = p.y_row(r.min(h - 1));
+            y.extend(row.iter().map(|&px| ly[px as usize]));
             if pw > w {
-                y.push(LUMA_TO_FULL[row[w - 1] as usize]);
+                y.push(ly[row[w - 1] as usize]);
             }
         }
         u.clear();
         v.clear();
         if !gray {
             for r in 0..out_ch {
-                let sr = if s420 { r } else { r / 2 };
-                u.extend(src_u[sr * cw..(sr + 1) * cw].iter().map(|&p| CHROMA_TO_FULL[p as usize]));
-                v.extend(src_v[sr * cw..(sr + 1) * cw].iter().map(|&p| CHROMA_TO_FULL[p as usize]));
+                p.extend_chroma_row(if s420 { r } else { r / 2 }, u, v);
             }
         }
         self.compress_planes(w, h, pw, cw)
@@ -275,33 +277,36 @@ impl Encoder {
     /// Compresses the planes in `self.planes` — luma rows `y_stride` apart, chroma `cw` wide,
     /// full range, laid out for the configured subsampling — into a `w`×`h` JPEG.
     fn compress_planes(&mut self, w: usize, h: usize, y_stride: usize, cw: usize) -> Result<Encoded, EncodeError> {
-        let gray = self.cfg.subsampling == Subsampling::Gray;
-        let subsamp = match self.cfg.subsampling {
-            Subsampling::S420 => Subsamp::Sub2x2,
-            Subsampling::Gray => Subsamp::Gray,
-            _ => Subsamp::Sub2x1,
-        };
         // libjpeg-turbo wants luma rows for whole chroma blocks (an odd height at 4:2:0): the
         // last row is repeated.
-        let rows = if subsamp == Subsamp::Sub2x2 { h.div_ceil(2) * 2 } else { h };
+        let rows = if self.cfg.subsampling == Subsampling::S420 { h.div_ceil(2) * 2 } else { h };
         let [y, u, v] = &mut self.planes;
         while y.len() < y_stride * rows {
             let last = y[y.len() - y_stride..].to_vec();
             y.extend_from_slice(&last);
         }
-        let planes = YuvPlanesImage {
-            y_plane: &y[..],
-            u_plane: if gray { &[][..] } else { &u[..] },
-            v_plane: if gray { &[][..] } else { &v[..] },
-            width: w,
-            height: h,
-            y_stride,
-            u_stride: if gray { 0 } else { cw },
-            v_stride: if gray { 0 } else { cw },
-            subsamp,
-        };
+        let (y, u, v) = (std::mem::take(y), std::mem::take(u), std::mem::take(v));
+        let out = self.compress_yuv(&y, &u, &v, w, h, y_stride, cw);
+        self.planes = [y, u, v];
+        out
+    }
+
+    /// Compresses full-range planes laid out for the configured subsampling (luma padded to
+    /// whole chroma blocks) into a `w`×`h` JPEG.
+    #[allow(clippy::too_many_arguments)]
+    fn compress_yuv(&mut self, y: &[u8], u: &[u8], v: &[u8], w: usize, h: usize, y_stride: usize, cw: usize) -> Result<Encoded, EncodeError> {
         let mut out = OutputBuf::new_owned();
-        self.compressor.compress_yuv_planes(&planes, &mut out)?;
+        if self.cfg.subsampling == Subsampling::Gray {
+            // The luma plane is the gray image (the crate's YUV-planes call refuses a gray
+            // layout without chroma planes).
+            self.compressor.set_subsamp(Subsamp::Gray)?;
+            let image = Image { pixels: y, width: w, pitch: y_stride, height: h, format: TjFormat::GRAY };
+            self.compressor.compress(image, &mut out)?;
+        } else {
+            let subsamp = if self.cfg.subsampling == Subsampling::S420 { Subsamp::Sub2x2 } else { Subsamp::Sub2x1 };
+            let planes = YuvPlanesImage { y_plane: y, u_plane: u, v_plane: v, width: w, height: h, y_stride, u_stride: cw, v_stride: cw, subsamp };
+            self.compressor.compress_yuv_planes(&planes, &mut out)?;
+        }
         Ok(Encoded { jpeg: Bytes::copy_from_slice(&out), width: w as u32, height: h as u32 })
     }
 
@@ -331,22 +336,6 @@ impl Encoder {
     }
 }
 
-/// Cameras send studio-range YUV (Y 16–235, Cb/Cr 16–240, BT.601); JPEG (JFIF) planes are
-/// full range (0–255). These tables stretch the values while deinterleaving.
-static LUMA_TO_FULL: [u8; 256] = range_lut(16, 219);
-static CHROMA_TO_FULL: [u8; 256] = range_lut(128 - 112, 224);
-
-const fn range_lut(lo: i32, span: i32) -> [u8; 256] {
-    let mut t = [0u8; 256];
-    let mut i = 0;
-    while i < 256 {
-        let v = ((i as i32 - lo) * 255 + span / 2) / span;
-        t[i] = if v < 0 { 0 } else if v > 255 { 255 } else { v as u8 };
-        i += 1;
-    }
-    t
-}
-
 fn check_len(f: &Captured, bpp: usize) -> Result<(), EncodeError> {
     let row = f.width as usize * bpp;
     let need = if f.height == 0 { 0 } else { f.stride * (f.height as usize - 1) + row };
@@ -373,22 +362,6 @@ pub fn yuyv_to_rgb(data: &[u8], width: u32, height: u32, stride: usize) -> Vec<u
         for px in row[..w * 2].chunks_exact(4) {
             out.extend_from_slice(&yuv_to_rgb(px[0], px[1], px[3]));
             out.extend_from_slice(&yuv_to_rgb(px[2], px[1], px[3]));
-        }
-    }
-    out
-}
-
-/// BT.601 (studio range) I420 (see [`PixelFormat::I420`]) → RGB, for resize and 4:4:4.
-pub fn i420_to_rgb(data: &[u8], width: u32, height: u32) -> Vec<u8> {
-    let (w, h) = (width as usize, height as usize);
-    let cw = w.div_ceil(2);
-    let (y, rest) = data.split_at(w * h);
-    let (u, v) = rest.split_at(cw * h.div_ceil(2));
-    let mut out = Vec::with_capacity(w * h * 3);
-    for r in 0..h {
-        for c in 0..w {
-            let ci = (r / 2) * cw + c / 2;
-            out.extend_from_slice(&yuv_to_rgb(y[r * w + c], u[ci], v[ci]));
         }
     }
     out
@@ -498,6 +471,77 @@ mod tests {
         assert!(err.contains("too small"), "{err}");
     }
 
+    /// RGB → J420 (full range, chroma of each 2x2 block averaged).
+    fn rgb_to_j420(rgb: &[u8], w: usize, h: usize) -> Vec<u8> {
+        let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
+        let mut out = vec![0u8; w * h + 2 * cw * ch];
+        let mut sums = vec![(0u32, 0u32, 0u32); cw * ch];
+        for y in 0..h {
+            for x in 0..w {
+                let [l, u, v] = yuv420::rgb_to_full_range(rgb[(y * w + x) * 3..][..3].try_into().unwrap());
+                out[y * w + x] = l;
+                let s = &mut sums[(y / 2) * cw + x / 2];
+                *s = (s.0 + u as u32, s.1 + v as u32, s.2 + 1);
+            }
+        }
+        for (i, (u, v, n)) in sums.into_iter().enumerate() {
+            out[w * h + i] = ((u + n / 2) / n) as u8;
+            out[w * h + cw * ch + i] = ((v + n / 2) / n) as u8;
+        }
+        out
+    }
+
+    /// I420 → NV12 with rows `stride` bytes apart (padding bytes 0xEE).
+    fn i420_to_nv12(i420: &[u8], w: usize, h: usize, stride: usize) -> Vec<u8> {
+        let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
+        let mut out = vec![0xEE; stride * (h + ch)];
+        for r in 0..h {
+            out[r * stride..][..w].copy_from_slice(&i420[r * w..][..w]);
+        }
+        for r in 0..ch {
+            for c in 0..cw {
+                out[stride * (h + r) + 2 * c] = i420[w * h + r * cw + c];
+                out[stride * (h + r) + 2 * c + 1] = i420[w * h + cw * ch + r * cw + c];
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn nv12_and_full_range_j420_encode_close_to_the_photo_at_every_subsampling() {
+        let (photo, pw, _) = photo_rgb();
+        let pw = pw as usize;
+        // Even sizes (J420 goes to libjpeg-turbo without a copy at 4:2:0) and odd ones.
+        for (w, h) in [(pw & !1, 200), (pw - 1, 201)] {
+            let rgb: Vec<u8> = photo.chunks(pw * 3).take(h).flat_map(|r| r[..w * 3].to_vec()).collect();
+            let luma: Vec<u8> = rgb.chunks(3).map(|p| yuv420::rgb_to_full_range([p[0], p[1], p[2]])[0]).collect();
+            let stride = w.div_ceil(2) * 2 + 16;
+            let nv12 = i420_to_nv12(&rgb_to_i420(&rgb, w, h), w, h, stride);
+            let j420 = rgb_to_j420(&rgb, w, h);
+            for sub in [Subsampling::S420, Subsampling::S422, Subsampling::S444, Subsampling::Gray] {
+                let mut e = Encoder::new(EncoderConfig { subsampling: sub, ..EncoderConfig::default() }).unwrap();
+                for (format, data, stride) in [(PixelFormat::Nv12, &nv12, stride), (PixelFormat::J420, &j420, w)] {
+                    let out = e.encode(&raw(format, w as u32, h as u32, stride, data.clone())).unwrap();
+                    assert_eq!(turbojpeg::read_header(&out.jpeg).unwrap().subsamp, sub.tj(), "{format:?} {sub:?}");
+                    let back = decode(&out.jpeg);
+                    assert_eq!((back.width, back.height), (w, h));
+                    let d = if sub == Subsampling::Gray {
+                        mean_abs_diff(&back.pixels.iter().step_by(3).copied().collect::<Vec<_>>(), &luma)
+                    } else {
+                        mean_abs_diff(&back.pixels, &rgb)
+                    };
+                    assert!(d < 6.0, "{format:?} {w}x{h} {sub:?}: mean abs error {d}");
+                }
+            }
+            // Resizing goes through RGB from either layout.
+            let mut small = Encoder::new(EncoderConfig { max_width: Some(w as u32 / 2), ..EncoderConfig::default() }).unwrap();
+            for (format, data, stride) in [(PixelFormat::Nv12, &nv12, stride), (PixelFormat::J420, &j420, w)] {
+                let out = small.encode(&raw(format, w as u32, h as u32, stride, data.clone())).unwrap();
+                assert_eq!(out.width, w as u32 / 2, "{format:?}");
+            }
+        }
+    }
+
     #[test]
     fn yuyv_with_padded_rows_encodes_from_yuv_for_422_and_420() {
         let (rgb, w, h) = photo_rgb();
@@ -521,12 +565,6 @@ mod tests {
             let d = mean_abs_diff(&back.pixels, &rgb[..w2 * 3 * (h2 - 1)]);
             assert!(d < 4.0, "{sub:?}, odd height: mean abs error {d}");
         }
-    }
-
-    #[test]
-    fn studio_range_is_stretched_to_full_range() {
-        assert_eq!((LUMA_TO_FULL[16], LUMA_TO_FULL[235], LUMA_TO_FULL[0], LUMA_TO_FULL[255]), (0, 255, 0, 255));
-        assert_eq!((CHROMA_TO_FULL[16], CHROMA_TO_FULL[128], CHROMA_TO_FULL[240]), (0, 128, 255));
     }
 
     #[test]
