@@ -3,16 +3,21 @@
 a. raw libjpeg-turbo encode vs the agent (source -> encode -> Kafka acknowledgement), frames/s,
    from the agent's own release bench (`cargo bench -p framelink-agent --bench edge_pipeline`;
    full run only: it needs a release build of the bench);
+   then the agent fed YUYV and NV12 camera buffers on one core (taskset -c 0) next to the usual
+   Python loop on the same buffers and core (bench/pillow_producer.py: OpenCV colour conversion,
+   Pillow JPEG, confluent-kafka), frames/s acknowledged (issue #19 item 3);
 b. the real `framelink-agent` with one synthetic 1920x1080 camera at 30 fps: CPU and RSS while
    live, then the broker stopped for an outage (60 s; 5 s with --quick) and started again —
    frames spooled meanwhile, reconnection time, and the backlog's drain rate against the live
    rate, from the agent's /metrics sampled every half second.
 """
 
+import json
 import os
 import re
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -34,24 +39,41 @@ def _rss_mib(pid):
         return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) / 1024
 
 
-def _encode_vs_agent():
-    out = subprocess.run(["cargo", "bench", "--locked", "-q", "-p", "framelink-agent", "--bench", "edge_pipeline"], cwd=ROOT, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"edge_pipeline bench failed:\n{out.stderr[-3000:]}")
-    text = out.stdout
-    grab = lambda pat: re.search(pat, text).group(1)
-    return {
-        "raw": float(grab(r"raw turbojpeg encode[^|]*\| ([\d.]+)")),
-        "agent": float(grab(r"agent: source[^|]*\| ([\d.]+)")),
-        "rss": float(grab(r"agent peak RSS: ([\d.]+) MiB")),
-        "jpeg": grab(r"JPEG (q\d+ 4:2:0 \(avg \d+ KB\))"),
-    }
+def _encode_vs_agent(bootstrap):
+    with tempfile.TemporaryDirectory() as dump:
+        out = subprocess.run(["cargo", "bench", "--locked", "-q", "-p", "framelink-agent", "--bench", "edge_pipeline"], cwd=ROOT, capture_output=True,
+                             text=True, env=dict(os.environ, FRAMELINK_BENCH_DUMP=dump))
+        if out.returncode != 0:
+            raise SystemExit(f"edge_pipeline bench failed:\n{out.stderr[-3000:]}")
+        text = out.stdout
+        grab = lambda pat: re.search(pat, text).group(1)
+        res = {
+            "raw": float(grab(r"raw turbojpeg encode[^|]*\| ([\d.]+)")),
+            "agent": float(grab(r"agent: source[^|]*\| ([\d.]+)")),
+            "rss": float(grab(r"agent peak RSS: ([\d.]+) MiB")),
+            "jpeg": grab(r"JPEG (q\d+ 4:2:0 \(avg \d+ KB\))"),
+            "per_core": {},
+        }
+        for fmt in ("yuyv", "nv12"):
+            agent = float(grab(rf"agent one core {fmt} \| ([\d.]+)"))
+            topic = f"bench-pillow-{fmt}-{uuid.uuid4().hex[:8]}"
+            create_topics(bootstrap, [topic], 1)
+            py = subprocess.run(["taskset", "-c", "0", sys.executable, os.path.join(ROOT, "bench", "pillow_producer.py"), "--bootstrap", bootstrap,
+                                 "--topic", topic, "--format", fmt, "--dir", dump], capture_output=True, text=True)
+            if py.returncode != 0:
+                raise SystemExit(f"pillow_producer failed:\n{py.stderr[-3000:]}")
+            py = json.loads(py.stdout.strip().splitlines()[-1])
+            python = py["frames_per_s"]
+            res["per_core"][fmt] = (agent, python, py["avg_jpeg_bytes"] / 1000)
+            print(f"  {fmt} on one core: agent {agent:.1f} frames/s, Pillow + confluent-kafka {python:.1f} = {agent / python:.2f}x "
+                  f"(Pillow's JPEGs avg {py['avg_jpeg_bytes'] / 1000:.0f} KB)", flush=True)
+    return res
 
 
 def edge_path(bootstrap, out_dir, quick):
     live_s, outage_s, drain_limit = (3, 5, 60) if quick else (15, 60, 180)
     kafka = os.path.join(ROOT, "scripts", "kafka")
-    res = {} if quick else _encode_vs_agent()
+    res = {} if quick else _encode_vs_agent(bootstrap)
     run = uuid.uuid4().hex[:8]
     topic = f"bench-edge-{run}"
     create_topics(bootstrap, [topic], 1)
@@ -130,9 +152,12 @@ def edge_path(bootstrap, out_dir, quick):
              f"disk; machine: {machine()}. Plot: edge-outage.png.", "", "| measurement | value |", "| --- | ---: |"]
     if "raw" in res:
         lines += [f"| raw turbojpeg encode, 1 thread, 1080p {res['jpeg']} (frames/s) | {res['raw']:.1f} |",
-                  f"| agent: source → encode → Kafka ack, 1 unpaced camera, mTLS (frames/s) | {res['agent']:.1f} |",
+                  f"| agent: source → encode → Kafka ack, 1 camera offering 1000 frames/s, mTLS (frames/s) | {res['agent']:.1f} |",
                   f"| **agent / raw encode** | **{res['agent'] / res['raw']:.2f}** |",
                   f"| agent peak RSS in that run (MiB) | {res['rss']:.1f} |"]
+        for fmt, (agent, python, kb) in res["per_core"].items():
+            lines += [f"| {fmt.upper()} 1080p buffers, one core, PLAINTEXT: agent / Pillow + confluent-kafka, q80 4:2:0 (Pillow avg {kb:.0f} KB) "
+                      f"(frames/s) | {agent:.1f} / {python:.1f} = **{agent / python:.2f}x** |"]
     lines += [f"| live rate at 1080p30 (frames/s sent) | {live_rate:.1f} |",
               f"| agent CPU at 1080p30 (% of one core, over {live_s} s) | {cpu:.0f} |",
               f"| agent RSS at 1080p30 (MiB, median / max) | {res['rss_med']:.0f} / {res['rss_max']:.0f} |",

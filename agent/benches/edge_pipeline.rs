@@ -2,11 +2,19 @@
 //! to raw libjpeg-turbo encode frames/s measured in the same run, and the agent's peak RSS.
 //!
 //! Frames: the photographs in testdata/images, resized to 1920x1080 RGB and kept in
-//! memory (so the source costs nothing), replayed by one camera at up to 240 fps. The agent
+//! memory (so the source costs nothing), offered by one camera at up to 1000 fps (what the
+//! encoder cannot take is dropped at the source and counted, as with a real camera). The agent
 //! part runs the same pipeline, forwarder and spool code as `framelink-agent run`, against
 //! the local broker's mTLS listener (started if needed), in a child process so its peak RSS
 //! is its own. Run: `cargo bench -p framelink-agent --bench edge_pipeline` (release build).
 //! Absolute numbers drift on a shared machine; the ratio is the headline.
+//!
+//! Then, as a camera delivers them, the same photographs as YUYV (packed 4:2:2) and NV12
+//! (semi-planar 4:2:0) buffers, BT.601 studio range: the agent on **one core** (`taskset -c
+//! 0`: its capture, encoder, forwarder and librdkafka threads share it), PLAINTEXT, unpaced.
+//! With `FRAMELINK_BENCH_DUMP=DIR` those buffers are also written to DIR (`frame-N.yuyv`,
+//! `frame-N.nv12`), so bench/edge.py can run Pillow + confluent-kafka on the very same bytes
+//! on the same core (issue #19 item 3).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -45,6 +53,52 @@ fn frames() -> Vec<Bytes> {
         .collect()
 }
 
+/// One BT.601 studio-range YUV pixel from RGB, as camera ISPs produce.
+fn studio_yuv(p: &[u8]) -> [i32; 3] {
+    let (r, g, b) = (p[0] as i32, p[1] as i32, p[2] as i32);
+    [((66 * r + 129 * g + 25 * b + 128) >> 8) + 16, ((-38 * r - 74 * g + 112 * b + 128) >> 8) + 128, ((112 * r - 94 * g - 18 * b + 128) >> 8) + 128]
+}
+
+/// Packed YUYV 4:2:2 (each pixel pair's chroma averaged), stride = width × 2.
+fn to_yuyv(rgb: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(W as usize * H as usize * 2);
+    for pair in rgb.chunks_exact(6) {
+        let (a, b) = (studio_yuv(&pair[..3]), studio_yuv(&pair[3..]));
+        out.extend_from_slice(&[a[0] as u8, ((a[1] + b[1] + 1) / 2) as u8, b[0] as u8, ((a[2] + b[2] + 1) / 2) as u8]);
+    }
+    Bytes::from(out)
+}
+
+/// NV12: the Y plane, then U,V pairs for each 2x2 block (averaged), stride = width.
+fn to_nv12(rgb: &[u8]) -> Bytes {
+    let (w, h) = (W as usize, H as usize);
+    let mut out = vec![0u8; w * h * 3 / 2];
+    let (y_plane, uv) = out.split_at_mut(w * h);
+    for r in (0..h).step_by(2) {
+        for c in (0..w).step_by(2) {
+            let (mut u, mut v) = (0, 0);
+            for (dr, dc) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+                let p = studio_yuv(&rgb[((r + dr) * w + c + dc) * 3..]);
+                y_plane[(r + dr) * w + c + dc] = p[0] as u8;
+                (u, v) = (u + p[1], v + p[2]);
+            }
+            uv[(r / 2) * w + c] = ((u + 2) / 4) as u8;
+            uv[(r / 2) * w + c + 1] = ((v + 2) / 4) as u8;
+        }
+    }
+    Bytes::from(out)
+}
+
+/// The frames in the camera layout `format` (`rgb`, `yuyv`, `nv12`): (format, stride, buffers).
+fn frames_as(format: &str) -> (PixelFormat, usize, &'static str, Vec<Bytes>) {
+    let rgb = frames();
+    match format {
+        "yuyv" => (PixelFormat::Yuyv, W as usize * 2, "YUYV", rgb.iter().map(|f| to_yuyv(f)).collect()),
+        "nv12" => (PixelFormat::Nv12, W as usize, "NV12", rgb.iter().map(|f| to_nv12(f)).collect()),
+        _ => (PixelFormat::Rgb24, W as usize * 3, "RGB24", rgb),
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -73,6 +127,9 @@ fn raw_encode(frames: &[Bytes]) -> (f64, f64) {
 
 struct Memory {
     frames: Vec<Bytes>,
+    format: PixelFormat,
+    stride: usize,
+    name: &'static str,
     i: usize,
     pacer: Pacer,
 }
@@ -84,7 +141,7 @@ impl Source for Memory {
     fn next_frame(&mut self) -> Result<Captured, SourceError> {
         self.pacer.wait();
         self.i += 1;
-        Ok(Captured { capture_ns: now_ns(), width: W, height: H, stride: W as usize * 3, format: PixelFormat::Rgb24, source_format: "RGB24", data: self.frames[self.i % self.frames.len()].clone(), clock: Default::default() })
+        Ok(Captured { capture_ns: now_ns(), width: W, height: H, stride: self.stride, format: self.format, source_format: self.name, data: self.frames[self.i % self.frames.len()].clone(), clock: Default::default() })
     }
     fn describe(&self) -> String {
         "in-memory 1080p photos".into()
@@ -103,14 +160,15 @@ fn vm_hwm_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// The agent phase (child process): prints `sent_fps drops hwm_kib`.
+/// The agent phase (child process): prints `sent_fps drops hwm_kib spooled_bytes`. Frames in
+/// `FRAMELINK_BENCH_FORMAT` (default rgb), over mTLS unless `FRAMELINK_BENCH_PLAINTEXT` is set.
 fn agent_phase() {
-    let frames = frames();
+    let (format, stride, name, frames) = frames_as(&std::env::var("FRAMELINK_BENCH_FORMAT").unwrap_or_default());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let broker = framelink_testkit::Broker::shared();
     let topic = framelink_testkit::rand_topic("bench-edge");
     rt.block_on(broker.create_topic(&topic, 1)).unwrap();
-    let kafka = broker.mtls().validate("kafka").unwrap();
+    let kafka = if std::env::var_os("FRAMELINK_BENCH_PLAINTEXT").is_some() { broker.plaintext() } else { broker.mtls() }.validate("kafka").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let spool_cfg = SpoolConfig { dir: dir.path().join("spool"), ..SpoolConfig::default() };
     let spool: Arc<dyn Spool> = Arc::new(SledSpool::open(spool_cfg).unwrap());
@@ -120,7 +178,7 @@ fn agent_phase() {
     let forwarder = Forwarder::new(fwd_cfg, &kafka, spool, metrics.clone(), Duration::from_millis(200)).unwrap();
     let shutdown = Shutdown::new();
     let (tx, rx) = crossbeam_channel::bounded(64);
-    let source: Box<dyn Source> = Box::new(Memory { frames, i: 0, pacer: Pacer::new(240.0) });
+    let source: Box<dyn Source> = Box::new(Memory { frames, format, stride, name, i: 0, pacer: Pacer::new(1000.0) });
     let threads = framelink_agent::capture::start_with_sources("bench", vec![("bench".into(), source)], &EncoderConfig::default(), seqs, metrics.clone(), shutdown.clone(), tx).unwrap();
     let sd = shutdown.clone();
     let fwd = std::thread::spawn(move || forwarder.run(rx, &sd, Duration::from_secs(10)).unwrap());
@@ -147,11 +205,7 @@ fn main() {
     }
     let frames = frames();
     let (raw_fps, avg_jpeg) = raw_encode(&frames);
-    let out = Command::new(std::env::current_exe().unwrap()).env("FRAMELINK_BENCH_PHASE", "agent").output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().last().unwrap_or_default();
-    let v: Vec<f64> = line.split_whitespace().filter_map(|x| x.parse().ok()).collect();
-    assert!(v.len() == 4, "agent phase failed: {}\n{}", text, String::from_utf8_lossy(&out.stderr));
+    let v = run_phase(Command::new(std::env::current_exe().unwrap()));
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default().lines().find_map(|l| l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())).unwrap_or_default();
     println!("framelink edge pipeline, 1920x1080 RGB from testdata/images, JPEG q80 4:2:0 (avg {:.0} KB)", avg_jpeg / 1000.0);
@@ -164,4 +218,31 @@ fn main() {
     println!("| ratio agent / raw encode | {:.2} |", v[0] / raw_fps);
     println!();
     println!("agent peak RSS: {:.1} MiB; frames dropped at the source (encoder busy): {}; frame bytes written to the spool: {}", v[2] / 1024.0, v[1], v[3]);
+    println!();
+    // As a camera delivers them, one core.
+    let dump = std::env::var_os("FRAMELINK_BENCH_DUMP").map(PathBuf::from);
+    println!("| camera buffers, agent on one core (taskset -c 0), PLAINTEXT | frames/s |");
+    println!("| --- | ---: |");
+    for format in ["yuyv", "nv12"] {
+        if let Some(dir) = &dump {
+            std::fs::create_dir_all(dir).unwrap();
+            for (i, f) in frames_as(format).3.iter().enumerate() {
+                std::fs::write(dir.join(format!("frame-{i}.{format}")), f).unwrap();
+            }
+        }
+        let mut cmd = Command::new("taskset");
+        cmd.args(["-c", "0"]).arg(std::env::current_exe().unwrap()).env("FRAMELINK_BENCH_FORMAT", format).env("FRAMELINK_BENCH_PLAINTEXT", "1");
+        let v = run_phase(cmd);
+        println!("| agent one core {format} | {:.1} |", v[0]);
+    }
+}
+
+/// Runs the agent phase in a child (`cmd` runs this executable) and returns its four figures.
+fn run_phase(mut cmd: Command) -> Vec<f64> {
+    let out = cmd.env("FRAMELINK_BENCH_PHASE", "agent").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().unwrap_or_default();
+    let v: Vec<f64> = line.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    assert!(v.len() == 4, "agent phase failed: {}\n{}", text, String::from_utf8_lossy(&out.stderr));
+    v
 }

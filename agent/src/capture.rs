@@ -23,7 +23,7 @@ use crate::source::config::CameraConfig;
 use crate::source::{Source, SourceError};
 
 /// Frames waiting for each encoder thread.
-const ENCODER_QUEUE: usize = 2;
+pub(crate) const ENCODER_QUEUE: usize = 2;
 
 /// Starts encoder threads and one capture thread per camera. Frames come out of `out` in
 /// per-camera order; `out` closes once `shutdown` is set and every thread has finished.

@@ -120,7 +120,7 @@ pub fn spool_record_seeds() -> Vec<(String, Vec<u8>)> {
     let capture_ns = 1_763_776_929_123_456_789;
     let jpeg = |n: u64, encoder: &mut Encoder| {
         let data = Synthetic::new(w, h, 10.0).render(n, capture_ns);
-        let captured = Captured { capture_ns, width: w, height: h, stride: w as usize * 3, format: PixelFormat::Rgb24, source_format: "RGB24", data: Bytes::from(data), clock: Default::default() };
+        let captured = Captured { capture_ns, width: w, height: h, stride: w as usize, format: PixelFormat::J420, source_format: "J420", data: Bytes::from(data), clock: Default::default() };
         encoder.encode(&captured).expect("encode").jpeg
     };
     let frame = |camera: &str, seq: u64, fmt: &str, payload: Bytes| Frame {

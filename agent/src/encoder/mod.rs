@@ -568,6 +568,23 @@ mod tests {
     }
 
     #[test]
+    fn gray_output_from_yuyv_and_i420_is_their_luma() {
+        let (rgb, pw, ph) = photo_rgb();
+        let (w, h) = (pw as usize & !1, ph as usize);
+        let rgb: Vec<u8> = rgb.chunks(pw as usize * 3).flat_map(|r| r[..w * 3].to_vec()).collect();
+        let studio_luma = |p: &[u8]| ((66 * p[0] as i32 + 129 * p[1] as i32 + 25 * p[2] as i32 + 128) >> 8) + 16;
+        let luma: Vec<u8> = rgb.chunks(3).map(|p| LUMA_TO_FULL[studio_luma(p) as usize]).collect();
+        let mut e = Encoder::new(EncoderConfig { subsampling: Subsampling::Gray, ..EncoderConfig::default() }).unwrap();
+        for (format, data, stride) in [(PixelFormat::Yuyv, rgb_to_yuyv(&rgb, w, h, 8), w * 2 + 8), (PixelFormat::I420, rgb_to_i420(&rgb, w, h), w)] {
+            let out = e.encode(&raw(format, w as u32, h as u32, stride, data)).unwrap();
+            assert_eq!(turbojpeg::read_header(&out.jpeg).unwrap().subsamp, Subsamp::Gray, "{format:?}");
+            let back = turbojpeg::decompress(&out.jpeg, TjFormat::GRAY).unwrap();
+            let d = mean_abs_diff(&back.pixels, &luma);
+            assert!(d < 4.0, "{format:?}: mean abs error {d} against the photo's luma");
+        }
+    }
+
+    #[test]
     fn yuyv_errors_are_clear() {
         let mut e = Encoder::new(EncoderConfig::default()).unwrap();
         let err = e.encode(&raw(PixelFormat::Yuyv, 4, 4, 8, vec![0; 20])).unwrap_err().to_string();

@@ -402,3 +402,23 @@ impl CameraConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[cfg(all(target_os = "linux", feature = "v4l2"))]
+    fn v4l2_formats_are_checked_by_name() {
+        for (format, ok) in [("NV12", true), ("YUYV", true), ("MJPG", true), ("RGB3", false), ("nv12", false)] {
+            let cam: CameraConfig = serde_json::from_value(serde_json::json!({"id": "c", "v4l2": {"format": format}})).unwrap();
+            match cam.validate(0) {
+                Ok(()) => assert!(ok, "{format} accepted"),
+                Err(e) => {
+                    assert!(!ok, "{format} refused: {e}");
+                    assert!(e.to_string().contains("cameras[0].v4l2.format") && e.to_string().contains("`NV12`"), "{e}");
+                }
+            }
+        }
+    }
+}

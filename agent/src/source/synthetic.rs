@@ -28,8 +28,13 @@ const COLOURS: [[u8; 3]; 8] = [
     [16, 16, 235],
     [16, 16, 16],
 ];
-/// Buffers kept for reuse: one being encoded, one queued, one being drawn.
-const POOL: usize = 3;
+/// Buffers tracked for reuse: the encoder's queue, the frame being encoded, and the frame just
+/// handed out (dropped at the source when the encoder is behind, then reused).
+const POOL: usize = crate::capture::ENCODER_QUEUE + 2;
+/// Calls in a row with a spare free buffer before the spares are released: a camera whose
+/// frames in flight swing between one and two keeps its second buffer instead of allocating
+/// and freeing 3 MB at every swing.
+const SPARE_GRACE: u32 = 30;
 
 pub struct Synthetic {
     width: usize,
@@ -44,6 +49,8 @@ pub struct Synthetic {
     strip_v: Vec<u8>,
     /// Frames handed out, oldest first; a buffer is reused once only this handle is left.
     recycled: VecDeque<Bytes>,
+    /// Consecutive [`Self::buffer`] calls that found more than one free buffer.
+    spare_calls: u32,
 }
 
 impl Synthetic {
@@ -56,7 +63,7 @@ impl Synthetic {
         let chroma_len = width.div_ceil(2) + period / 2;
         let strip_u = (0..chroma_len).map(|k| bar(2 * k)[1]).collect();
         let strip_v = (0..chroma_len).map(|k| bar(2 * k)[2]).collect();
-        Self { width, height, pacer: Pacer::new(fps), counter: 0, limit: None, strip_y, strip_u, strip_v, recycled: VecDeque::new() }
+        Self { width, height, pacer: Pacer::new(fps), counter: 0, limit: None, strip_y, strip_u, strip_v, recycled: VecDeque::new(), spare_calls: 0 }
     }
 
     /// Stops (`SourceError::Exhausted`) after `count` frames.
@@ -108,27 +115,44 @@ impl Synthetic {
         let scale = (h / 60).clamp(1, 12);
         let (x0, y0) = (scale * 2, scale * 2);
         let (box_w, box_h) = draw_text(y_plane, w, h, &text, scale, x0, y0);
-        // The text box is white and black: neutral chroma under it.
-        for r in y0 / 2..(y0 + box_h).div_ceil(2).min(ch) {
-            let cols = x0 / 2..(x0 + box_w).div_ceil(2).min(cw);
-            u_plane[r * cw..][cols.clone()].fill(128);
-            v_plane[r * cw..][cols].fill(128);
+        // The text box is white and black: neutral chroma under it (a box is drawn only inside
+        // the frame, so its chroma rows and columns are too).
+        if box_w > 0 && box_h > 0 {
+            for r in y0 / 2..(y0 + box_h).div_ceil(2).min(ch) {
+                let cols = x0 / 2..(x0 + box_w).div_ceil(2).min(cw);
+                u_plane[r * cw..][cols.clone()].fill(128);
+                v_plane[r * cw..][cols].fill(128);
+            }
         }
     }
 
-    /// A buffer for the next frame: the oldest recycled one whose frame the encoder has
-    /// dropped, or a new one.
+    /// A buffer for the next frame: a recycled one whose frame the encoder has dropped, or a
+    /// new one. Spare free buffers that stay unused for [`SPARE_GRACE`] frames are released,
+    /// so the pool shrinks back to the frames in flight after a burst (every buffer kept would
+    /// be drawn in turn and stay resident).
     fn buffer(&mut self) -> BytesMut {
-        let len = self.frame_len();
+        let mut found = None;
+        let mut spares = Vec::new();
         for _ in 0..self.recycled.len() {
             let oldest = self.recycled.pop_front().expect("counted");
-            match oldest.try_into_mut() {
-                Ok(free) if free.len() == len => return free,
-                Ok(_) => {}
-                Err(in_use) => self.recycled.push_back(in_use),
+            if !oldest.is_unique() {
+                self.recycled.push_back(oldest);
+            } else if found.is_none() {
+                found = Some(oldest);
+            } else {
+                spares.push(oldest);
             }
         }
-        BytesMut::zeroed(len)
+        self.spare_calls = if spares.is_empty() { 0 } else { self.spare_calls + 1 };
+        if self.spare_calls <= SPARE_GRACE {
+            self.recycled.extend(spares);
+        } else {
+            self.spare_calls = 0; // dropped: released
+        }
+        match found.map(Bytes::try_into_mut) {
+            Some(Ok(free)) => free,
+            _ => BytesMut::zeroed(self.frame_len()),
+        }
     }
 }
 
@@ -192,6 +216,9 @@ fn draw_text(luma: &mut [u8], w: usize, h: usize, text: &str, scale: usize, x0: 
     let cell_w = 4 * scale;
     let box_w = (text.chars().count() * cell_w + scale).min(w.saturating_sub(x0));
     let box_h = (7 * scale).min(h.saturating_sub(y0));
+    if box_w == 0 || box_h == 0 {
+        return (0, 0); // a frame too small for any of the box
+    }
     for y in y0..y0 + box_h {
         luma[y * w + x0..y * w + x0 + box_w].fill(255);
     }
@@ -259,7 +286,7 @@ mod tests {
 
     #[test]
     fn odd_sizes_render() {
-        for (w, h) in [(1, 1), (17, 9), (641, 361)] {
+        for (w, h) in [(1, 1), (1, 5), (2, 120), (16, 1080), (17, 9), (641, 361)] {
             let s = Synthetic::new(w, h, 5.0);
             let (cw, ch) = ((w as usize).div_ceil(2), (h as usize).div_ceil(2));
             assert_eq!(s.render(3, 0).len(), (w * h) as usize + 2 * cw * ch);
@@ -287,5 +314,30 @@ mod tests {
         ptrs.sort();
         ptrs.dedup();
         assert_eq!(ptrs.len(), 2 * POOL + 2);
+        // Once all are dropped, one buffer is reused; the spares are kept for SPARE_GRACE
+        // frames, then let go.
+        drop((held, b, c));
+        for i in 0..SPARE_GRACE {
+            s.next_frame().unwrap();
+            assert_eq!(s.recycled.len(), POOL, "frame {i}: spares kept within the grace");
+        }
+        s.next_frame().unwrap();
+        assert_eq!(s.recycled.len(), 1, "only the frame just handed out is kept");
+    }
+
+    #[test]
+    fn the_pool_outlasts_an_encoder_that_is_behind() {
+        // The encoder's queue full and one frame being encoded: the frame handed out next is
+        // dropped at the source; its buffer must be reused, not a new one allocated each time.
+        let mut s = Synthetic::new(64, 48, 10_000.0);
+        let in_flight: Vec<_> = (0..crate::capture::ENCODER_QUEUE + 1).map(|_| s.next_frame().unwrap()).collect();
+        let dropped = s.next_frame().unwrap();
+        let p = dropped.data.as_ptr();
+        drop(dropped);
+        for _ in 0..5 {
+            let f = s.next_frame().unwrap();
+            assert_eq!(f.data.as_ptr(), p, "the dropped frame's buffer is reused");
+        }
+        drop(in_flight);
     }
 }
