@@ -11,7 +11,7 @@
 //!
 //! Then, as a camera delivers them, the same photographs as YUYV (packed 4:2:2) and NV12
 //! (semi-planar 4:2:0) buffers, BT.601 studio range: the agent on **one core** (`taskset -c
-//! 0`: its capture, encoder, forwarder and librdkafka threads share it), PLAINTEXT, unpaced.
+//! 0`: its capture, encoder, forwarder and librdkafka threads share it), PLAINTEXT, the camera offering 1000 frames/s.
 //! With `FRAMELINK_BENCH_DUMP=DIR` those buffers are also written to DIR (`frame-N.yuyv`,
 //! `frame-N.nv12`), so bench/edge.py can run Pillow + confluent-kafka on the very same bytes
 //! on the same core (issue #19 item 3).
