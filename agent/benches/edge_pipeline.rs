@@ -32,62 +32,11 @@ use framelink_agent::spool::sled_spool::SledSpool;
 use framelink_agent::spool::{Spool, SpoolConfig};
 use framelink_common::shutdown::Shutdown;
 
-const W: u32 = 1920;
-const H: u32 = 1080;
+mod support;
+use support::{photos as frames, to_nv12, to_yuyv};
 
-fn frames() -> Vec<Bytes> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata/images");
-    let mut paths: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "png" || e == "jpg")).collect();
-    paths.sort();
-    paths
-        .iter()
-        .map(|p| {
-            let img = if p.extension().is_some_and(|e| e == "jpg") {
-                let d = turbojpeg::decompress(&std::fs::read(p).unwrap(), turbojpeg::PixelFormat::RGB).unwrap();
-                image::RgbImage::from_raw(d.width as u32, d.height as u32, d.pixels).unwrap()
-            } else {
-                image::open(p).unwrap().into_rgb8()
-            };
-            Bytes::from(image::imageops::resize(&img, W, H, image::imageops::FilterType::Triangle).into_raw())
-        })
-        .collect()
-}
-
-/// One BT.601 studio-range YUV pixel from RGB, as camera ISPs produce.
-fn studio_yuv(p: &[u8]) -> [i32; 3] {
-    let (r, g, b) = (p[0] as i32, p[1] as i32, p[2] as i32);
-    [((66 * r + 129 * g + 25 * b + 128) >> 8) + 16, ((-38 * r - 74 * g + 112 * b + 128) >> 8) + 128, ((112 * r - 94 * g - 18 * b + 128) >> 8) + 128]
-}
-
-/// Packed YUYV 4:2:2 (each pixel pair's chroma averaged), stride = width × 2.
-fn to_yuyv(rgb: &[u8]) -> Bytes {
-    let mut out = Vec::with_capacity(W as usize * H as usize * 2);
-    for pair in rgb.chunks_exact(6) {
-        let (a, b) = (studio_yuv(&pair[..3]), studio_yuv(&pair[3..]));
-        out.extend_from_slice(&[a[0] as u8, ((a[1] + b[1] + 1) / 2) as u8, b[0] as u8, ((a[2] + b[2] + 1) / 2) as u8]);
-    }
-    Bytes::from(out)
-}
-
-/// NV12: the Y plane, then U,V pairs for each 2x2 block (averaged), stride = width.
-fn to_nv12(rgb: &[u8]) -> Bytes {
-    let (w, h) = (W as usize, H as usize);
-    let mut out = vec![0u8; w * h * 3 / 2];
-    let (y_plane, uv) = out.split_at_mut(w * h);
-    for r in (0..h).step_by(2) {
-        for c in (0..w).step_by(2) {
-            let (mut u, mut v) = (0, 0);
-            for (dr, dc) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
-                let p = studio_yuv(&rgb[((r + dr) * w + c + dc) * 3..]);
-                y_plane[(r + dr) * w + c + dc] = p[0] as u8;
-                (u, v) = (u + p[1], v + p[2]);
-            }
-            uv[(r / 2) * w + c] = ((u + 2) / 4) as u8;
-            uv[(r / 2) * w + c + 1] = ((v + 2) / 4) as u8;
-        }
-    }
-    Bytes::from(out)
-}
+const W: u32 = support::W as u32;
+const H: u32 = support::H as u32;
 
 /// The frames in the camera layout `format` (`rgb`, `yuyv`, `nv12`): (format, stride, buffers).
 fn frames_as(format: &str) -> (PixelFormat, usize, &'static str, Vec<Bytes>) {
