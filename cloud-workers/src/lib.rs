@@ -16,6 +16,7 @@ pub mod motion;
 pub mod offsets;
 pub mod ops;
 pub mod poll;
+pub mod plane_ops;
 pub mod planes;
 pub mod pool;
 pub mod region;

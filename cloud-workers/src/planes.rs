@@ -25,13 +25,95 @@ use crate::ops::{Img, Pipeline};
 pub struct PlaneGeometry {
     pipeline: Pipeline,
     plan: Plan,
+    codec: PlaneCodec,
+}
+
+/// libjpeg-turbo's handles for decoding to and encoding from planes (one per processing
+/// thread); shared with the colour ops on planes ([`crate::plane_ops`]).
+pub(crate) struct PlaneCodec {
     quality: u8,
     d: Decompressor,
     c: Compressor,
 }
 
+impl PlaneCodec {
+    pub(crate) fn new(quality: u8) -> PlaneCodec {
+        let mut d = Decompressor::new().expect("libjpeg-turbo decompressor");
+        d.set_scan_limit(crate::decode::MAX_SCANS).expect("libjpeg-turbo scan limit");
+        let mut c = Compressor::new().expect("libjpeg-turbo compressor");
+        c.set_quality(quality as i32).expect("JPEG quality");
+        PlaneCodec { quality, d, c }
+    }
+
+    /// The chroma factors of a frame whose planes are what its header says (YCbCr or gray,
+    /// 8-bit, not lossless, standard sampling factors), or `None`: such a frame takes the RGB
+    /// pixel path.
+    pub(crate) fn plain_factors(jpeg: &[u8], header: &DecompressHeader) -> Option<(u32, u32)> {
+        if !matches!(header.colorspace, turbojpeg::Colorspace::YCbCr | turbojpeg::Colorspace::Gray) || header.is_lossless {
+            return None;
+        }
+        // The scan limit is the decompressor's own.
+        if !crate::lossless::layout(jpeg).is_some_and(|l| crate::lossless::Layout { scans: 0, ..l }.is_plain(header.subsamp)) {
+            return None;
+        }
+        factors(header.subsamp)
+    }
+
+    /// The frame's planes, Y then Cb and Cr, rows unpadded (Y padded to whole cells).
+    pub(crate) fn decode(&mut self, jpeg: &[u8], header: &DecompressHeader) -> Option<Vec<u8>> {
+        let len = plane_sizes(header.width, header.height, header.subsamp).iter().map(|(a, b)| a * b).sum();
+        let mut buf = vec![0u8; len];
+        let image = YuvImage { pixels: &mut buf[..], width: header.width, align: 1, height: header.height, subsamp: header.subsamp };
+        match self.d.decompress_to_yuv(jpeg, image) {
+            Ok(()) => Some(buf),
+            Err(e) => {
+                tracing::debug!(error = %e, "decoding to YUV planes failed; the pixel path takes the frame");
+                self.reset();
+                None
+            }
+        }
+    }
+
+    /// A JPEG from planes laid out as [`PlaneCodec::decode`] gives them.
+    pub(crate) fn encode(&mut self, planes: &[u8], (width, height): (u32, u32), subsamp: Subsamp) -> Option<Vec<u8>> {
+        let image = YuvImage { pixels: planes, width: width as usize, align: 1, height: height as usize, subsamp };
+        match self.c.compress_yuv_to_vec(image) {
+            Ok(jpeg) => Some(jpeg),
+            Err(e) => {
+                tracing::debug!(error = %e, "encoding from YUV planes failed; the pixel path takes the frame");
+                self.reset();
+                None
+            }
+        }
+    }
+
+    /// A JPEG from separate planes: Y padded to whole cells (`plane_sizes`), then Cb and Cr
+    /// (none for a gray frame), rows unpadded.
+    pub(crate) fn encode_planes(&mut self, planes: &[Vec<u8>], (width, height): (u32, u32), subsamp: Subsamp) -> Option<Vec<u8>> {
+        let [y, u, v] = planes else {
+            return self.encode(&planes[0], (width, height), subsamp);
+        };
+        let sizes = plane_sizes(width as usize, height as usize, subsamp);
+        let image = turbojpeg::YuvPlanesImage { y_plane: &y[..], u_plane: &u[..], v_plane: &v[..], width: width as usize, height: height as usize, y_stride: sizes[0].0, u_stride: sizes[1].0, v_stride: sizes[2].0, subsamp };
+        let mut out = turbojpeg::OutputBuf::new_owned();
+        match self.c.compress_yuv_planes(&image, &mut out) {
+            Ok(()) => Some(out.to_vec()),
+            Err(e) => {
+                tracing::debug!(error = %e, "encoding from YUV planes failed; the pixel path takes the frame");
+                self.reset();
+                None
+            }
+        }
+    }
+
+    /// Fresh handles after an error (a stopped libjpeg-turbo handle may keep its state).
+    fn reset(&mut self) {
+        *self = PlaneCodec::new(self.quality);
+    }
+}
+
 /// Horizontal and vertical subsampling factors of a JPEG's chroma.
-fn factors(s: Subsamp) -> Option<(u32, u32)> {
+pub(crate) fn factors(s: Subsamp) -> Option<(u32, u32)> {
     Some(match s {
         Subsamp::None | Subsamp::Gray => (1, 1),
         Subsamp::Sub2x1 => (2, 1),
@@ -44,7 +126,7 @@ fn factors(s: Subsamp) -> Option<(u32, u32)> {
 }
 
 /// The subsampling of a frame turned by a quarter.
-fn turned(s: Subsamp) -> Subsamp {
+pub(crate) fn turned(s: Subsamp) -> Subsamp {
     match s {
         Subsamp::Sub2x1 => Subsamp::Sub1x2,
         Subsamp::Sub1x2 => Subsamp::Sub2x1,
@@ -56,7 +138,7 @@ fn turned(s: Subsamp) -> Subsamp {
 
 /// Bytes of each plane of a `width`×`height` YUV image with `subsamp`, rows unpadded
 /// (align 1): Y is padded to whole subsampling cells, chroma rounded up.
-fn plane_sizes(width: usize, height: usize, subsamp: Subsamp) -> Vec<(usize, usize)> {
+pub(crate) fn plane_sizes(width: usize, height: usize, subsamp: Subsamp) -> Vec<(usize, usize)> {
     let probe = YuvImage { pixels: (), width, align: 1, height, subsamp };
     let mut sizes = vec![probe.y_size()];
     if subsamp != Subsamp::Gray {
@@ -71,12 +153,17 @@ fn plane_sizes(width: usize, height: usize, subsamp: Subsamp) -> Vec<(usize, usi
 fn move_samples(plane: &[u8], pw: usize, rect: Rect, rotate: u16, pad: (usize, usize)) -> Vec<u8> {
     let kept = Img::new(rect.width, rect.height, 1, crate::ops::crop_samples(plane, pw, 1, rect.x, rect.y, rect.width, rect.height));
     let out = if rotate == 0 { kept } else { crate::ops::rotate(&kept, rotate) };
-    let (w, h) = (out.width as usize, out.height as usize);
+    pad_plane(out.data, (out.width as usize, out.height as usize), pad)
+}
+
+/// A `w`×`h` plane padded to `pad` by repeating its last column and row (what libjpeg-turbo
+/// does at an image's edge).
+pub(crate) fn pad_plane(data: Vec<u8>, (w, h): (usize, usize), pad: (usize, usize)) -> Vec<u8> {
     if (w, h) == pad {
-        return out.data;
+        return data;
     }
     let mut padded = Vec::with_capacity(pad.0 * pad.1);
-    for row in out.data.chunks_exact(w) {
+    for row in data.chunks_exact(w) {
         padded.extend_from_slice(row);
         padded.resize(padded.len() + pad.0 - w, row[w - 1]);
     }
@@ -96,7 +183,7 @@ struct Moved {
 }
 
 /// The part of plane `k` (0 = Y) that holds the pixels of `s`.
-fn plane_rect(s: Rect, k: usize, (fw, fh): (u32, u32)) -> Rect {
+pub(crate) fn plane_rect(s: Rect, k: usize, (fw, fh): (u32, u32)) -> Rect {
     if k == 0 { s } else { Rect { x: s.x / fw, y: s.y / fh, width: s.width.div_ceil(fw), height: s.height.div_ceil(fh) } }
 }
 
@@ -104,11 +191,7 @@ impl PlaneGeometry {
     /// `None` unless the pipeline is only `rotate` and `crop`.
     pub fn new(pipeline: &Pipeline, quality: u8) -> Option<PlaneGeometry> {
         let plan = Plan::of(pipeline).filter(|p| !p.gray)?;
-        let mut d = Decompressor::new().expect("libjpeg-turbo decompressor");
-        d.set_scan_limit(crate::decode::MAX_SCANS).expect("libjpeg-turbo scan limit");
-        let mut c = Compressor::new().expect("libjpeg-turbo compressor");
-        c.set_quality(quality as i32).expect("JPEG quality");
-        Some(PlaneGeometry { pipeline: pipeline.clone(), plan, quality, d, c })
+        Some(PlaneGeometry { pipeline: pipeline.clone(), plan, codec: PlaneCodec::new(quality) })
     }
 
     /// The result JPEG and its size, or `None` where the frame takes the RGB pixel path (its
@@ -116,35 +199,17 @@ impl PlaneGeometry {
     /// names the cause).
     pub fn apply(&mut self, jpeg: &[u8], header: &DecompressHeader) -> Option<(Vec<u8>, (u32, u32))> {
         let moved = self.moved_planes(jpeg, header)?;
-        let image = YuvImage { pixels: &moved.planes[..], width: moved.width as usize, align: 1, height: moved.height as usize, subsamp: moved.subsamp };
-        match self.c.compress_yuv_to_vec(image) {
-            Ok(jpeg) => Some((jpeg, (moved.width, moved.height))),
-            Err(e) => {
-                tracing::debug!(error = %e, "encoding from YUV planes failed; the pixel path takes the frame");
-                self.reset();
-                None
-            }
-        }
+        let size = (moved.width, moved.height);
+        Some((self.codec.encode(&moved.planes, size, moved.subsamp)?, size))
     }
 
     /// The frame's planes with the pipeline's geometry done, ready for the encoder.
     fn moved_planes(&mut self, jpeg: &[u8], header: &DecompressHeader) -> Option<Moved> {
-        if !matches!(header.colorspace, turbojpeg::Colorspace::YCbCr | turbojpeg::Colorspace::Gray) || header.is_lossless {
-            return None;
-        }
-        // The planes must be what the label says (8-bit, standard factors); the scan limit
-        // is the decompressor's own.
-        if !crate::lossless::layout(jpeg).is_some_and(|l| crate::lossless::Layout { scans: 0, ..l }.is_plain(header.subsamp)) {
-            return None;
-        }
-        let (fw, fh) = factors(header.subsamp)?;
+        let (fw, fh) = PlaneCodec::plain_factors(jpeg, header)?;
         let (w, h) = (header.width as u32, header.height as u32);
         let s = Plan::source_rect(&self.pipeline, w, h)?;
         self.plan.fits(s, (fw, fh)).ok()?;
-        let Some(planes) = self.decode(jpeg, header) else {
-            self.reset();
-            return None;
-        };
+        let planes = self.codec.decode(jpeg, header)?;
         let quarter = self.plan.rotate % 180 == 90;
         let (ow, oh) = if quarter { (s.height, s.width) } else { (s.width, s.height) };
         let subsamp = if quarter { turned(header.subsamp) } else { header.subsamp };
@@ -158,27 +223,6 @@ impl PlaneGeometry {
             out.extend_from_slice(&move_samples(plane, pw, plane_rect(s, k, (fw, fh)), self.plan.rotate, pad));
         }
         Some(Moved { planes: out, width: ow, height: oh, subsamp })
-    }
-
-    /// The frame's planes, Y then Cb and Cr, rows unpadded.
-    fn decode(&mut self, jpeg: &[u8], header: &DecompressHeader) -> Option<Vec<u8>> {
-        let len = plane_sizes(header.width, header.height, header.subsamp).iter().map(|(a, b)| a * b).sum();
-        let mut buf = vec![0u8; len];
-        let image = YuvImage { pixels: &mut buf[..], width: header.width, align: 1, height: header.height, subsamp: header.subsamp };
-        match self.d.decompress_to_yuv(jpeg, image) {
-            Ok(()) => Some(buf),
-            Err(e) => {
-                tracing::debug!(error = %e, "decoding to YUV planes failed; the pixel path takes the frame");
-                None
-            }
-        }
-    }
-
-    /// Fresh handles after an error (a stopped libjpeg-turbo handle may keep its state).
-    fn reset(&mut self) {
-        if let Some(fresh) = PlaneGeometry::new(&self.pipeline, self.quality) {
-            *self = fresh;
-        }
     }
 }
 

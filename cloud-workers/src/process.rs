@@ -39,8 +39,8 @@ pub struct Processed {
     /// For a pipeline the DCT domain can do (`rotate`, `crop`, `grayscale`): whether this frame
     /// was transformed there, or why it took the pixel path.
     pub dct: Option<crate::lossless::Outcome>,
-    /// How the frame was processed: `dct` (lossless transform), `planes` (geometry on the YUV
-    /// planes), `region` (a leading crop's region decoded), `luma` (the Y plane decoded),
+    /// How the frame was processed: `dct` (lossless transform), `planes` (geometry or colour
+    /// ops on the YUV planes), `region` (a leading crop's region decoded), `luma` (the Y plane decoded),
     /// `pixels` (decoded to RGB), `gpu` (the GPU backend ran the ops).
     pub path: &'static str,
 }
@@ -89,6 +89,8 @@ pub struct Processor {
     lossless: Option<crate::lossless::Lossless>,
     /// Rotations and crops on the YUV planes, where the DCT domain cannot do them exactly.
     planes: Option<crate::planes::PlaneGeometry>,
+    /// Colour ops (and a plain re-encode) on the YUV planes (CPU backend).
+    plane_ops: Option<crate::plane_ops::PlaneOps>,
     /// Partial decodes of the region a leading `crop` keeps (CPU backend, no models).
     region: Option<crate::region::RegionDecoder>,
     /// Partitions the worker gave up: their cameras' motion state is dropped.
@@ -110,11 +112,13 @@ impl Processor {
         let planes = crate::planes::PlaneGeometry::new(&pipeline, quality).filter(|_| pipeline.0.iter().any(|op| matches!(op, crate::ops::Op::Rotate { .. })));
         let region = matches!(pipeline.0.first(), Some(crate::ops::Op::Crop { .. })) && pipeline.models().is_empty();
         let region = region.then(crate::region::RegionDecoder::new);
+        let plane_ops = crate::plane_ops::PlaneOps::new(&pipeline, quality);
         Self { pipeline, max_pixels, quality, events_only, motion, decoder: Decoder::new(), detector: MotionDetector::default(),
             gpu: None,
             lossless,
             luma_only,
             planes,
+            plane_ops,
             region,
             inference: None,
             revocations: None,
@@ -143,6 +147,7 @@ impl Processor {
         self.lossless = None;
         self.luma_only = false;
         self.planes = None;
+        self.plane_ops = None;
         self.region = None;
         self
     }
@@ -278,6 +283,14 @@ impl Processor {
                 if let Some((jpeg, size)) = g.apply(payload, &header) {
                     return Ok(geometry(jpeg, size, "yuv_geometry", t, dct));
                 }
+            }
+        }
+        // Colour ops on the planes (the CPU backend's; the GPU backend runs the RGB
+        // definitions). Models run on RGB, motion on the decoded frame.
+        if let (Some(p), None, false, false) = (self.plane_ops.as_mut(), &self.gpu, self.motion.enabled, self.events_only) {
+            let mut op_times = Vec::with_capacity(self.pipeline.0.len());
+            if let Some((jpeg, (width, height))) = p.apply(payload, &header, &mut op_times) {
+                return Ok(Processed { meta, jpeg: Some(jpeg), width, height, event: None, took: started.elapsed(), op_times, models: Vec::new(), dct, path: "planes" });
             }
         }
         // Decode at a DCT scale when the pipeline starts by shrinking anyway — or when it only
@@ -486,6 +499,45 @@ mod tests {
         // Outside the frame: the op names it, as before.
         let e = processor("crop:100x100+100000+0,blur:1").process(&info(&[]), Some(&jpeg)).unwrap_err();
         assert_eq!(e.reason, DeadLetterReason::OpFailed, "{}", e.detail);
+    }
+
+    #[test]
+    fn colour_ops_run_on_the_yuv_planes_on_the_cpu_backend() {
+        let jpeg = rocket();
+        for spec in ["blur:1.5", "sharpen", "", "rotate:270,blur:1"] {
+            let out = processor(spec).process(&info(&[]), Some(&jpeg)).unwrap();
+            assert_eq!(out.path, "planes", "`{spec}`");
+            let ops: Vec<String> = Pipeline::parse(spec).unwrap().0.iter().map(|op| op.to_string()).collect();
+            assert_eq!(out.op_times.iter().map(|(op, _)| op.clone()).collect::<Vec<_>>(), ops, "`{spec}`: a time per op");
+            let pixels = processor(spec).without_fast_paths().process(&info(&[]), Some(&jpeg)).unwrap();
+            assert_eq!((pixels.path, pixels.width, pixels.height), ("pixels", out.width, out.height), "`{spec}`");
+            // plane_ops.rs tests the planes against their definitions; here the results agree:
+            // closely in luma, less where `sharpen` keeps the chroma that RGB sharpens.
+            if spec.is_empty() {
+                // A re-encode: the planes path skips a chroma upsampling, two colour conversions
+                // and a downsampling, so it stays closer to the source than the RGB path.
+                let src = turbojpeg::decompress(&jpeg, turbojpeg::PixelFormat::RGB).unwrap();
+                let off = |out: &Processed| {
+                    let d = turbojpeg::decompress(out.jpeg.as_ref().unwrap(), turbojpeg::PixelFormat::RGB).unwrap();
+                    d.pixels.iter().zip(&src.pixels).map(|(x, y)| x.abs_diff(*y) as f64).sum::<f64>() / d.pixels.len() as f64
+                };
+                let (planes, rgb) = (off(&out), off(&pixels));
+                assert!(planes < rgb && planes < 3.0, "re-encoded: {planes:.2} levels from the source on the planes, {rgb:.2} through RGB");
+                continue;
+            }
+            let sharpen = spec == "sharpen";
+            for (format, bound) in [(turbojpeg::PixelFormat::GRAY, if sharpen { 2.0 } else { 1.0 }), (turbojpeg::PixelFormat::RGB, if sharpen { 5.0 } else { 2.0 })] {
+                let a = turbojpeg::decompress(out.jpeg.as_ref().unwrap(), format).unwrap();
+                let b = turbojpeg::decompress(pixels.jpeg.as_ref().unwrap(), format).unwrap();
+                let mean = a.pixels.iter().zip(&b.pixels).map(|(x, y)| x.abs_diff(*y) as f64).sum::<f64>() / a.pixels.len() as f64;
+                assert!(mean < bound, "`{spec}` {format:?}: {mean:.2} levels apart on average");
+            }
+        }
+        // Motion needs the decoded frame; events-only publishes no image.
+        let mut p = Processor::new(Pipeline::parse("blur:1").unwrap(), 50_000_000, 85, false, MotionConfig { enabled: true, ..Default::default() });
+        assert_eq!(p.process(&info(&[]), Some(&jpeg)).unwrap().path, "pixels");
+        let mut p = Processor::new(Pipeline::parse("blur:1").unwrap(), 50_000_000, 85, true, MotionConfig::default());
+        assert_eq!(p.process(&info(&[]), Some(&jpeg)).unwrap().path, "pixels");
     }
 
     #[test]

@@ -1,0 +1,342 @@
+//! Colour ops on the JPEG's own YUV planes: `blur` and `sharpen`, with `rotate` and `crop`
+//! anywhere among them — or no op at all (a re-encode). Decode to planar Y, Cb, Cr (no chroma
+//! upsampling, no colour conversion), run each op on the planes (at 4:2:0 the two chroma planes
+//! together are half the luma's samples, so a frame is 1.5 bytes a pixel instead of RGB's 3),
+//! encode from the planes (no colour conversion, no chroma downsampling). Most of a colour op's
+//! frame on the RGB pixel path is that codec work and the doubled samples, not the op.
+//!
+//! ## Definitions on the planes
+//!
+//! These are not the RGB-domain definitions of [`crate::ops`] (which tiles, the GPU backend and
+//! frames that are not plain YCbCr JPEGs keep); both are exact integer arithmetic and tested
+//! against references written independently of the code:
+//!
+//! - `blur:σ` — every plane through the same separable Gaussian as on RGB (16-bit fixed-point
+//!   weights summing to 65536, radius ⌈3σ⌉, edges clamped, rounded after each pass): the Y plane
+//!   with σ, each chroma plane with σ divided by its subsampling factor along each axis (σ/2 at
+//!   4:2:0, σ/2 across and σ down at 4:2:2), the same blur measured in the frame's pixels.
+//!   Blurring is linear and the colour conversion is affine, so this is the RGB blur up to
+//!   rounding and the chroma's coarser grid.
+//! - `sharpen` — the 3×3 kernel [0 −1 0; −1 5 −1; 0 −1 0] on the Y plane; chroma unchanged.
+//!   Sharpening is for detail, and detail is luminance; the chroma planes are at half resolution
+//!   at 4:2:0, where the same kernel would reach twice as far and ring colour fringes around
+//!   edges (photo editors sharpen luminance only for the same reason). The RGB definition
+//!   sharpens all three channels.
+//! - `rotate` and `crop` — samples moved, exact, under the chroma-grid rule of
+//!   [`crate::planes`] (a crop's left and top edges on the chroma grid; a rotation moves no
+//!   partial chroma cell to the left or top), checked for the whole pipeline before anything
+//!   is decoded. A frame that breaks it takes the RGB pixel path.
+//!
+//! On a frame whose chroma is not subsampled (4:4:4) the blur is the RGB blur up to rounding.
+
+use std::time::{Duration, Instant};
+
+use turbojpeg::{DecompressHeader, Subsamp};
+
+use crate::lossless::Rect;
+use crate::ops::{Img, Op, Pipeline};
+use crate::planes::{PlaneCodec, factors, pad_plane, plane_rect, plane_sizes, turned};
+
+/// A pipeline of `blur`, `sharpen`, `rotate` and `crop` (at least one `blur` or `sharpen`), or
+/// an empty one, run on YUV planes; one per processing thread.
+pub struct PlaneOps {
+    ops: Vec<Op>,
+    codec: PlaneCodec,
+}
+
+/// A frame's planes: Y (`width`×`height`) then, unless gray, Cb and Cr at the chroma
+/// resolution — each an unpadded one-channel [`Img`].
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Planes {
+    pub(crate) planes: Vec<Img>,
+    pub(crate) subsamp: Subsamp,
+}
+
+impl Planes {
+    fn size(&self) -> (u32, u32) {
+        (self.planes[0].width, self.planes[0].height)
+    }
+}
+
+impl PlaneOps {
+    /// `None` unless every op of the pipeline has a definition on the planes, and it has a
+    /// colour op or no op (geometry alone is [`crate::planes::PlaneGeometry`]'s, a leading crop
+    /// the partial decode's).
+    pub fn new(pipeline: &Pipeline, quality: u8) -> Option<PlaneOps> {
+        let ops = &pipeline.0;
+        let on_planes = ops.iter().all(|op| matches!(op, Op::Blur { .. } | Op::Sharpen | Op::Rotate { .. } | Op::Crop { .. }));
+        let colour = ops.iter().any(|op| matches!(op, Op::Blur { .. } | Op::Sharpen));
+        let leading_crop = matches!(ops.first(), Some(Op::Crop { .. }));
+        (on_planes && (colour || ops.is_empty()) && !leading_crop).then(|| PlaneOps { ops: ops.clone(), codec: PlaneCodec::new(quality) })
+    }
+
+    /// The result JPEG and its size, with the time of each op in `op_times` (decoding and
+    /// encoding are not an op's), or `None` where the frame takes the RGB pixel path (not plain
+    /// YCbCr, its geometry off the chroma grid, or libjpeg-turbo refused it: the pixel path then
+    /// names the cause).
+    pub fn apply(&mut self, jpeg: &[u8], header: &DecompressHeader, op_times: &mut Vec<(String, Duration)>) -> Option<(Vec<u8>, (u32, u32))> {
+        let f = PlaneCodec::plain_factors(jpeg, header)?;
+        if !fits(&self.ops, (header.width as u32, header.height as u32), f) {
+            return None;
+        }
+        let mut planes = self.decode(jpeg, header)?;
+        for op in &self.ops {
+            let t = Instant::now();
+            planes = apply(op, planes);
+            op_times.push((op.to_string(), t.elapsed()));
+        }
+        let size = planes.size();
+        let jpeg = self.encode(planes)?;
+        Some((jpeg, size))
+    }
+
+    /// The frame's planes as decoded, unpadded.
+    pub(crate) fn decode(&mut self, jpeg: &[u8], header: &DecompressHeader) -> Option<Planes> {
+        let (w, h) = (header.width, header.height);
+        let mut buf = self.codec.decode(jpeg, header)?;
+        let sizes = plane_sizes(w, h, header.subsamp);
+        let (yw, yh) = sizes[0];
+        let mut chroma = Vec::new();
+        if let [_, (cw, ch), _] = sizes[..] {
+            let cr = buf.split_off(yw * yh + cw * ch);
+            let cb = buf.split_off(yw * yh);
+            chroma = vec![Img::new(cw as u32, ch as u32, 1, cb), Img::new(cw as u32, ch as u32, 1, cr)];
+        }
+        // Y comes padded to whole chroma cells; the ops see the frame's own pixels.
+        let y = if (yw, yh) == (w, h) { buf } else { crate::ops::crop_samples(&buf, yw, 1, 0, 0, w as u32, h as u32) };
+        let mut planes = vec![Img::new(w as u32, h as u32, 1, y)];
+        planes.extend(chroma);
+        Some(Planes { planes, subsamp: header.subsamp })
+    }
+
+    fn encode(&mut self, p: Planes) -> Option<Vec<u8>> {
+        let (w, h) = p.size();
+        let pad = plane_sizes(w as usize, h as usize, p.subsamp)[0];
+        let mut planes: Vec<Vec<u8>> = p.planes.into_iter().map(|img| img.data).collect();
+        planes[0] = pad_plane(std::mem::take(&mut planes[0]), (w as usize, h as usize), pad);
+        self.codec.encode_planes(&planes, (w, h), p.subsamp)
+    }
+}
+
+/// Whether every op of `ops` keeps chroma cells whole on a `w`×`h` frame with chroma factors
+/// `f`, and every crop is inside the frame it is applied to.
+pub(crate) fn fits(ops: &[Op], (mut w, mut h): (u32, u32), (mut fw, mut fh): (u32, u32)) -> bool {
+    for op in ops {
+        match *op {
+            Op::Crop { x, y, width, height } => {
+                let inside = x as u64 + width as u64 <= w as u64 && y as u64 + height as u64 <= h as u64;
+                if !inside || x % fw != 0 || y % fh != 0 {
+                    return false;
+                }
+                (w, h) = (width, height);
+            }
+            Op::Rotate { degrees } => {
+                // What ends up on the left or top: the bottom rows at 90°, the right columns
+                // at 270°, both at 180°.
+                let (bottom, right) = match degrees { 90 => (true, false), 180 => (true, true), _ => (false, true) };
+                if (bottom && h % fh != 0) || (right && w % fw != 0) {
+                    return false;
+                }
+                if degrees != 180 {
+                    (w, h, fw, fh) = (h, w, fh, fw);
+                }
+            }
+            Op::Blur { .. } | Op::Sharpen => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// One op on the planes (the frame fits: [`fits`]).
+pub(crate) fn apply(op: &Op, p: Planes) -> Planes {
+    let (fw, fh) = factors(p.subsamp).expect("plain subsampling");
+    match *op {
+        Op::Blur { sigma } => {
+            let ky = crate::ops::gaussian_kernel(sigma);
+            let kc = (crate::ops::gaussian_kernel(sigma / fw as f32), crate::ops::gaussian_kernel(sigma / fh as f32));
+            let planes = p.planes.iter().enumerate().map(|(k, plane)| if k == 0 { crate::ops::blur_xy(plane, &ky, &ky) } else { crate::ops::blur_xy(plane, &kc.0, &kc.1) }).collect();
+            Planes { planes, ..p }
+        }
+        Op::Sharpen => {
+            let mut planes = p.planes;
+            planes[0] = crate::ops::sharpen(&planes[0]);
+            Planes { planes, ..p }
+        }
+        Op::Crop { x, y, width, height } => {
+            let s = Rect { x, y, width, height };
+            let planes = p.planes.iter().enumerate().map(|(k, plane)| {
+                let r = plane_rect(s, k, (fw, fh));
+                crate::ops::crop(plane, r.x, r.y, r.width, r.height)
+            });
+            Planes { planes: planes.collect(), ..p }
+        }
+        Op::Rotate { degrees } => {
+            let planes = p.planes.iter().map(|plane| crate::ops::rotate(plane, degrees)).collect();
+            let subsamp = if degrees == 180 { p.subsamp } else { turned(p.subsamp) };
+            Planes { planes, subsamp }
+        }
+        _ => unreachable!("{op} has no definition on the planes"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::Apply;
+
+    /// testdata/images/coffee.png: texture and saturated colour everywhere.
+    fn photo() -> Img {
+        crate::ops::tests::coffee()
+    }
+
+    /// A `w`×`h` JPEG of the photo's middle.
+    fn jpeg_of(img: &Img, w: u32, h: u32, subsamp: Subsamp) -> Vec<u8> {
+        let img = crate::ops::crop(img, (img.width - w) / 2, (img.height - h) / 2, w, h);
+        let image = turbojpeg::Image { pixels: &img.data[..], width: w as usize, pitch: w as usize * 3, height: h as usize, format: turbojpeg::PixelFormat::RGB };
+        turbojpeg::compress(image, 90, subsamp).unwrap().to_vec()
+    }
+
+    /// The source's planes as libjpeg-turbo decodes them, each as (width, height, samples),
+    /// read out of TurboJPEG's own padded layout (independently of `PlaneOps::decode`).
+    fn source_planes(jpeg: &[u8]) -> Vec<(usize, usize, Vec<u8>)> {
+        let yuv = turbojpeg::decompress_to_yuv(jpeg).unwrap();
+        let (w, h) = (yuv.width, yuv.height);
+        let (yw, yh, cw, ch) = (yuv.y_width(), yuv.y_height(), yuv.uv_width(), yuv.uv_height());
+        let mut out = vec![(w, h, (0..h).flat_map(|r| yuv.pixels[r * yw..r * yw + w].to_vec()).collect())];
+        if yuv.subsamp != Subsamp::Gray {
+            for k in 0..2 {
+                let at = yw * yh + k * cw * ch;
+                let (vw, vh) = (w.div_ceil(yuv.subsamp.width()), h.div_ceil(yuv.subsamp.height()));
+                out.push((vw, vh, (0..vh).flat_map(|r| yuv.pixels[at + r * cw..at + r * cw + vw].to_vec()).collect()));
+            }
+        }
+        out
+    }
+
+    /// The Gaussian by its definition, one sample at a time: clamped taps, the weights of
+    /// `gaussian_kernel` (tested against SciPy in ops.rs), rounding after each pass.
+    fn blur_by_definition((w, h, data): &(usize, usize, Vec<u8>), sx: f32, sy: f32) -> Vec<u8> {
+        let pass = |src: &[u8], sigma: f32, horizontal: bool| -> Vec<u8> {
+            let k = crate::ops::gaussian_kernel(sigma);
+            let r = (k.len() / 2) as isize;
+            let mut out = vec![0u8; src.len()];
+            for y in 0..*h as isize {
+                for x in 0..*w as isize {
+                    let mut acc = 32768u32;
+                    for (i, wt) in k.iter().enumerate() {
+                        let d = i as isize - r;
+                        let (px, py) = if horizontal { ((x + d).clamp(0, *w as isize - 1), y) } else { (x, (y + d).clamp(0, *h as isize - 1)) };
+                        acc += wt * src[(py * *w as isize + px) as usize] as u32;
+                    }
+                    out[(y * *w as isize + x) as usize] = (acc >> 16) as u8;
+                }
+            }
+            out
+        };
+        pass(&pass(data, sx, true), sy, false)
+    }
+
+    /// The sharpen kernel by its definition, one sample at a time.
+    fn sharpen_by_definition((w, h, data): &(usize, usize, Vec<u8>)) -> Vec<u8> {
+        let (w, h) = (*w as isize, *h as isize);
+        let at = |x: isize, y: isize| data[(y.clamp(0, h - 1) * w + x.clamp(0, w - 1)) as usize] as i32;
+        let mut out = Vec::with_capacity(data.len());
+        for y in 0..h {
+            for x in 0..w {
+                out.push((5 * at(x, y) - at(x - 1, y) - at(x + 1, y) - at(x, y - 1) - at(x, y + 1)).clamp(0, 255) as u8);
+            }
+        }
+        out
+    }
+
+    fn decoded_planes(jpeg: &[u8]) -> Planes {
+        let header = turbojpeg::read_header(jpeg).unwrap();
+        PlaneOps::new(&Pipeline::parse("").unwrap(), 90).unwrap().decode(jpeg, &header).unwrap()
+    }
+
+    /// Blur and sharpen on every subsampling, odd sizes included: each plane is its source
+    /// plane through the definition above, sample for sample.
+    #[test]
+    fn colour_ops_on_planes_follow_their_definitions() {
+        let src = photo();
+        for (w, h) in [(96u32, 64u32), (97, 63)] {
+            for subsamp in [Subsamp::Sub2x2, Subsamp::Sub2x1, Subsamp::None, Subsamp::Gray] {
+                let jpeg = jpeg_of(&src, w, h, subsamp);
+                let source = source_planes(&jpeg);
+                let (fw, fh) = factors(subsamp).unwrap();
+                let planes = decoded_planes(&jpeg);
+                for (k, want) in source.iter().enumerate() {
+                    let got = &planes.planes[k];
+                    assert_eq!(((got.width as usize, got.height as usize), &got.data), ((want.0, want.1), &want.2), "{w}x{h} {subsamp:?}: plane {k} as decoded");
+                }
+                for sigma in [0.6f32, 1.5, 3.0] {
+                    let got = apply(&Op::Blur { sigma }, planes.clone());
+                    for (k, plane) in source.iter().enumerate() {
+                        let (sx, sy) = if k == 0 { (sigma, sigma) } else { (sigma / fw as f32, sigma / fh as f32) };
+                        assert_eq!(got.planes[k].data, blur_by_definition(plane, sx, sy), "{w}x{h} {subsamp:?} blur:{sigma}: plane {k}");
+                    }
+                }
+                let got = apply(&Op::Sharpen, planes.clone());
+                assert_eq!(got.planes[0].data, sharpen_by_definition(&source[0]), "{w}x{h} {subsamp:?} sharpen: Y");
+                for k in 1..source.len() {
+                    assert_eq!(got.planes[k].data, source[k].2, "{w}x{h} {subsamp:?} sharpen: chroma plane {k} unchanged");
+                }
+            }
+        }
+    }
+
+    /// Whole pipelines: where the planes path is taken, the JPEG decodes close to the RGB
+    /// pixel path's result (the definitions differ by rounding and the chroma grid); where the
+    /// chroma grid does not allow it, it is not taken.
+    #[test]
+    fn pipelines_on_planes_decode_close_to_the_pixel_path() {
+        let src = photo();
+        for (w, h) in [(320u32, 240u32), (321, 241)] {
+            for subsamp in [Subsamp::Sub2x2, Subsamp::Sub2x1, Subsamp::None] {
+                let jpeg = jpeg_of(&src, w, h, subsamp);
+                let header = turbojpeg::read_header(&jpeg).unwrap();
+                let (fw, fh) = factors(subsamp).unwrap();
+                for spec in ["", "blur:1.5", "sharpen", "blur:0.8,sharpen", "rotate:90,blur:2", "blur:1,crop:200x100+10+20,rotate:270", "sharpen,rotate:180"] {
+                    let pipeline = Pipeline::parse(spec).unwrap();
+                    let what = format!("{w}x{h} {subsamp:?} `{spec}`");
+                    let mut p = PlaneOps::new(&pipeline, 90).unwrap();
+                    let mut times = Vec::new();
+                    let got = p.apply(&jpeg, &header, &mut times);
+                    // The chroma grid's verdict, written out for these pipelines.
+                    let fits = match spec {
+                        "rotate:90,blur:2" => h % fh == 0,
+                        "sharpen,rotate:180" => h % fh == 0 && w % fw == 0,
+                        "blur:1,crop:200x100+10+20,rotate:270" => 10 % fw == 0 && 20 % fh == 0,
+                        _ => true,
+                    };
+                    let Some((out, size)) = got else {
+                        assert!(!fits, "{what}: fits the chroma grid but was refused");
+                        continue;
+                    };
+                    assert!(fits, "{what}: taken off the chroma grid");
+                    assert_eq!(times.len(), pipeline.0.len(), "{what}: a time per op");
+                    let decoded = turbojpeg::decompress(&out, turbojpeg::PixelFormat::RGB).unwrap();
+                    let reference = pipeline.apply(crate::decode::Decoder::new().decode(&jpeg, u64::MAX, None).unwrap()).unwrap();
+                    assert_eq!((decoded.width as u32, decoded.height as u32), size, "{what}");
+                    assert_eq!(size, (reference.width, reference.height), "{what}");
+                    let mean = decoded.pixels.iter().zip(&reference.data).map(|(a, b)| a.abs_diff(*b) as f64).sum::<f64>() / reference.data.len() as f64;
+                    // `sharpen` keeps the chroma that the RGB definition sharpens.
+                    let bound = if spec.contains("sharpen") { 5.0 } else { 2.0 };
+                    assert!(mean < bound, "{what}: decodes {mean:.2} levels from the pixel path on average");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn only_pipelines_with_a_definition_on_the_planes_take_them() {
+        let yes = |spec: &str| PlaneOps::new(&Pipeline::parse(spec).unwrap(), 85).is_some();
+        assert!(yes("") && yes("blur:1") && yes("sharpen") && yes("rotate:90,sharpen,crop:10x10+2+2"));
+        assert!(!yes("rotate:90") && !yes("crop:10x10+0+0,blur:1") && !yes("blur:1,grayscale") && !yes("resize:64x64,blur:1") && !yes("sobel"));
+        // A crop outside the frame it meets: the pixel path names it.
+        assert!(!fits(&Pipeline::parse("blur:1,crop:100x100+0+0").unwrap().0, (64, 64), (2, 2)));
+        assert!(fits(&Pipeline::parse("rotate:90,crop:10x20+2+4").unwrap().0, (64, 62), (2, 1)));
+        assert!(!fits(&Pipeline::parse("rotate:90,crop:10x20+2+3").unwrap().0, (64, 62), (2, 1)), "4:4:0 after the turn: rows in pairs");
+    }
+}
