@@ -20,8 +20,9 @@ use turbojpeg::{Compressor, Decompressor, Image, OutputBuf, PixelFormat as TjFor
 
 use crate::frame::{Captured, PixelFormat};
 
+pub mod stretch;
 pub mod yuv420;
-use yuv420::{CHROMA_TO_FULL, LUMA_TO_FULL, Yuv420};
+use yuv420::{LUMA_TO_FULL, Yuv420};
 
 /// `[encoder]`.
 #[derive(Clone, Debug, Deserialize)]
@@ -212,28 +213,24 @@ impl Encoder {
         y.resize(w * h, 0);
         u.resize(cw * ch, 0);
         v.resize(cw * ch, 0);
-        let (ly, lc) = (&LUMA_TO_FULL, &CHROMA_TO_FULL);
+        // The second row of a 4:2:0 pair lands here and is averaged into the first.
+        let (mut u2, mut v2) = (vec![0u8; cw], vec![0u8; cw]);
         for (r, row) in f.data.chunks(f.stride).take(h).enumerate() {
-            let yrow = &mut y[r * w..(r + 1) * w];
-            for (i, px) in row[..w * 2].chunks_exact(4).enumerate() {
-                yrow[2 * i] = ly[px[0] as usize];
-                yrow[2 * i + 1] = ly[px[2] as usize];
-            }
+            let (row, yrow) = (&row[..w * 2], &mut y[r * w..(r + 1) * w]);
             if gray {
+                for (d, px) in yrow.chunks_exact_mut(2).zip(row.chunks_exact(4)) {
+                    (d[0], d[1]) = (LUMA_TO_FULL[px[0] as usize], LUMA_TO_FULL[px[2] as usize]);
+                }
                 continue;
             }
             let cr = if s420 { r / 2 } else { r };
             let (urow, vrow) = (&mut u[cr * cw..(cr + 1) * cw], &mut v[cr * cw..(cr + 1) * cw]);
-            let second_of_pair = s420 && r % 2 == 1;
-            for (i, px) in row[..w * 2].chunks_exact(4).enumerate() {
-                let (cu, cv) = (lc[px[1] as usize], lc[px[3] as usize]);
-                if second_of_pair {
-                    urow[i] = (urow[i] as u16 + cu as u16).div_ceil(2) as u8;
-                    vrow[i] = (vrow[i] as u16 + cv as u16).div_ceil(2) as u8;
-                } else {
-                    urow[i] = cu;
-                    vrow[i] = cv;
-                }
+            if s420 && r % 2 == 1 {
+                stretch::yuyv_row(row, yrow, &mut u2, &mut v2);
+                stretch::average_into(urow, &u2);
+                stretch::average_into(vrow, &v2);
+            } else {
+                stretch::yuyv_row(row, yrow, urow, vrow);
             }
         }
         self.compress_planes(w, h, w, cw)
@@ -254,14 +251,19 @@ impl Encoder {
         // last column and row are repeated.
         let pw = if gray { w } else { cw * 2 };
         let ph = if s420 { ch * 2 } else { h };
-        let ly = p.luma_lut();
         let [y, u, v] = &mut self.planes;
         y.clear();
         for r in 0..ph {
             let row = p.y_row(r.min(h - 1));
-            y.extend(row.iter().map(|&px| ly[px as usize]));
+            let at = y.len();
+            if p.full_range {
+                y.extend_from_slice(row);
+            } else {
+                y.resize(at + w, 0);
+                stretch::luma_row(row, &mut y[at..]);
+            }
             if pw > w {
-                y.push(ly[row[w - 1] as usize]);
+                y.push(y[at + w - 1]);
             }
         }
         u.clear();

@@ -84,30 +84,28 @@ impl<'a> Yuv420<'a> {
 
     /// Appends chroma row `r` (`cw` samples each) to `u` and `v`, stretched to full range.
     pub fn extend_chroma_row(&self, r: usize, u: &mut Vec<u8>, v: &mut Vec<u8>) {
-        let lut = self.chroma_lut();
+        let (at, cw) = (u.len(), self.cw);
+        u.resize(at + cw, 0);
+        v.resize(at + cw, 0);
+        let (u, v) = (&mut u[at..], &mut v[at..]);
         match self.chroma {
             Chroma::Planar { u: pu, v: pv } => {
-                let row = r * self.cw..(r + 1) * self.cw;
-                u.extend(pu[row.clone()].iter().map(|&p| lut[p as usize]));
-                v.extend(pv[row].iter().map(|&p| lut[p as usize]));
-            }
-            Chroma::Interleaved { uv, stride } => {
-                let pairs = &uv[r * stride..][..2 * self.cw];
-                for pair in pairs.chunks_exact(2) {
-                    u.push(lut[pair[0] as usize]);
-                    v.push(lut[pair[1] as usize]);
+                let row = r * cw..(r + 1) * cw;
+                if self.full_range {
+                    u.copy_from_slice(&pu[row.clone()]);
+                    v.copy_from_slice(&pv[row]);
+                } else {
+                    super::stretch::chroma_row(&pu[row.clone()], u);
+                    super::stretch::chroma_row(&pv[row], v);
                 }
             }
+            Chroma::Interleaved { uv, stride } => super::stretch::uv_pairs_row(&uv[r * stride..][..2 * cw], u, v),
         }
     }
 
     /// The table taking stored luma to JPEG's full range.
     pub fn luma_lut(&self) -> &'static [u8; 256] {
         if self.full_range { &IDENTITY } else { &LUMA_TO_FULL }
-    }
-
-    fn chroma_lut(&self) -> &'static [u8; 256] {
-        if self.full_range { &IDENTITY } else { &CHROMA_TO_FULL }
     }
 
     /// Packed RGB, `w` × `h` × 3 (BT.601, each chroma sample shared by its 2×2 block).

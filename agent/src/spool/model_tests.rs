@@ -157,14 +157,14 @@ struct Harness {
 }
 
 /// Opens the spool again in the same process. sled's flusher thread may still hold the dropped
-/// database (and its file lock) for a moment; a new process never meets this, since the lock
-/// goes with the old one's exit.
+/// database (and its file lock), and with it the spool's own directory lock, for a moment; a
+/// new process never meets this, since the locks go with the old one's exit.
 pub(in crate::spool) fn reopen(cfg: &SpoolConfig) -> SledSpool {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         match SledSpool::open(cfg.clone()) {
             Ok(s) => return s,
-            Err(e) if format!("{e:#}").contains("in use by another process") && std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(20)),
+            Err(e) if format!("{e:#}").contains("in use by another") && std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(20)),
             Err(e) => panic!("reopening the spool: {e:#}"),
         }
     }
