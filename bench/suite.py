@@ -22,6 +22,9 @@ Experiments (--only picks some):
      16384² job with the console's and workers' peak memory (bench/jobs.py).
   8. inference: a text detector (PP-OCRv4) on 1080p frames, framelink-worker against Python
      onnxruntime + OpenCV pre/post-processing, ONNX Runtime threads 1 and 2 (bench/inference.py).
+  9. worker backlog: a 1080p backlog drained through Kafka by one framelink-worker thread and by
+     the usual Python worker (confluent-kafka + OpenCV), each pinned to one core
+     (bench/worker_backlog.py, bench/python_worker.py).
 Writes bench/results/*.md and .png (or bench/results/quick/ with --quick, which runs a tiny
 grid as a smoke test and asserts no speed).
 """
@@ -42,6 +45,7 @@ import inference  # noqa: E402
 import fleet  # noqa: E402
 import jobs  # noqa: E402
 import rtsp  # noqa: E402
+import worker_backlog  # noqa: E402
 
 
 def settings_args(s):
@@ -259,7 +263,7 @@ def e2e_latency(bootstrap, out_dir, quick):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny grid, smoke test only (CI); results in bench/results/quick/")
-    ap.add_argument("--only", default="1,2,3,4,5,6,7,8", help="experiments to run, e.g. 2,3 (default all)")
+    ap.add_argument("--only", default="1,2,3,4,5,6,7,8,9", help="experiments to run, e.g. 2,3 (default all)")
     ap.add_argument("--repeats", type=int, default=None, help="runs per cell (median); default 3, 1 with --quick")
     args = ap.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
@@ -275,7 +279,7 @@ def main():
     for key, title, fn in (("2", "lag over time", fleet.lag_over_time), ("3", "throughput vs workers", fleet.throughput_vs_workers),
                            ("4", "edge path", edge.edge_path), ("5", "end-to-end latency", e2e_latency),
                            ("6", "RTSP ingest", rtsp.rtsp_ingest), ("7", "large-image jobs", jobs.large_image_jobs),
-                           ("8", "inference", inference.inference)):
+                           ("8", "inference", inference.inference), ("9", "worker backlog", worker_backlog.worker_backlog)):
         if key in only:
             t0 = time.time()
             print(f"{key}. {title} ({'quick' if args.quick else 'full'})", flush=True)

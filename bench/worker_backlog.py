@@ -1,0 +1,100 @@
+"""Experiment 9 of the benchmark suite (run by bench/suite.py): a worker draining a backlog
+through Kafka, framelink against the usual Python worker (issue #19).
+
+For each pipeline, one input topic (1 partition) is filled with the same 1080p JPEGs made
+from the test photographs before any worker starts: a backlog. Then, in alternating rounds
+(framelink, Python, framelink, Python…), each side drains it with a fresh consumer group into
+its own results topic: the real `framelink-worker` (release, CPU backend, `threads = 1`) or
+bench/python_worker.py (confluent-kafka + OpenCV, one thread), each pinned to core 0 with
+`taskset -c 0` (its librdkafka threads too). The broker and this script share the machine.
+Rate: results from the first one to the last, per second (the group join and the first fetch
+are not in it); the median over the rounds per side.
+"""
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+from benchlib import ROOT, QUIET_BROKER_LOGS, Watermarks, binary, create_topics, frames, machine, profile, start, stop, worker_toml, write_table
+
+PIPELINES = ["", "grayscale", "blur:1.5", "sobel", "sharpen", "rotate:90"]
+
+
+def _fill(bootstrap, topic, payloads, k):
+    from confluent_kafka import Producer
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "message.max.bytes": 16777216, **QUIET_BROKER_LOGS})
+    for i in range(k):
+        p.produce(topic, payloads[i % len(payloads)], key=b"bench/cam0")
+        p.poll(0)
+    if p.flush(120):
+        raise SystemExit(f"worker backlog: could not fill {topic}")
+
+
+def _drain(bootstrap, d, side, topic, k, pipeline):
+    """One side drains the k-frame backlog of `topic`; results per second, first to last."""
+    run = uuid.uuid4().hex[:8]
+    results = f"bench-backlog-out-{run}"
+    create_topics(bootstrap, [results, results + ".events", results + ".dlq"], 1)
+    group = f"bench-backlog-{run}"
+    if side == "framelink":
+        worker_toml(f"{d}/{run}.toml", bootstrap, group, topic, results, pipeline, threads=1)
+        cmd = ["taskset", "-c", "0", binary("framelink-worker"), "run", "--config", f"{d}/{run}.toml"]
+    else:
+        cmd = ["taskset", "-c", "0", sys.executable, os.path.join(ROOT, "bench", "python_worker.py"), bootstrap, group, topic, results, pipeline]
+    wm = Watermarks(bootstrap)
+    proc = start(cmd, f"{d}/{side}-{run}.log")
+    first, deadline = None, time.time() + 300
+    try:
+        while time.time() < deadline:
+            c = wm.total(results, 1)
+            if c and first is None:
+                first = (time.time(), c)
+            if c >= k:
+                break
+            if proc.poll() is not None:
+                raise SystemExit(f"worker backlog: {side} exited ({proc.returncode}); log {d}/{side}-{run}.log:\n" + open(f"{d}/{side}-{run}.log").read()[-2000:])
+            time.sleep(0.02)
+        end, done = time.time(), wm.total(results, 1)
+    finally:
+        stop([proc])
+        wm.close()
+    if done < k or first is None or k - first[1] < 2:
+        raise SystemExit(f"worker backlog `{pipeline}`, {side}: {done} of {k} results in 300 s")
+    return (k - first[1]) / (end - first[0])
+
+
+def worker_backlog(bootstrap, out_dir, quick):
+    k, rounds = (20, 1) if quick else (300, 2)
+    pipelines = ["grayscale", "blur:1.5"] if quick else PIPELINES
+    payloads = [open(f, "rb").read() for f in frames(os.path.join(ROOT, "target", "bench", "frames"), 1920, 1080)]
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for pipeline in pipelines:
+            topic = f"bench-backlog-in-{uuid.uuid4().hex[:8]}"
+            create_topics(bootstrap, [topic], 1)
+            _fill(bootstrap, topic, payloads, k)
+            rates = {"framelink": [], "python": []}
+            for _ in range(rounds):
+                for side in rates:
+                    rates[side].append(_drain(bootstrap, d, side, topic, k, pipeline))
+            fl, py = statistics.median(rates["framelink"]), statistics.median(rates["python"])
+            name = f"`{pipeline}`" if pipeline else "(re-encode only)"
+            print(f"  {name}: framelink {fl:.1f} frames/s, Python {py:.1f} ({fl / py:.2f}x)", flush=True)
+            runs = lambda v: " / ".join(f"{x:.1f}" for x in v)
+            rows.append(f"| {name} | {fl:.1f} | {py:.1f} | **{fl / py:.2f}x** | {runs(rates['framelink'])} | {runs(rates['python'])} |")
+    lines = [
+        f"Worker backlog through Kafka, one core: {k} 1080p JPEGs (q85, from the test photographs) already on a 1-partition topic, "
+        f"drained by one framelink-worker (CPU backend, threads = 1) and by the usual Python worker (confluent-kafka poll -> OpenCV "
+        f"decode -> op -> encode q85 -> produce, bench/python_worker.py), each pinned to core 0 (taskset) in alternating rounds; "
+        f"results/s from the first result to the last, the median of {rounds} round(s) per side. "
+        f"Machine: {machine()}; build: {profile()}.",
+        "",
+        "| pipeline | framelink frames/s | Python frames/s | framelink / Python | framelink rounds | Python rounds |",
+        "| --- | ---: | ---: | ---: | --- | --- |",
+        *rows,
+    ]
+    return write_table(out_dir, "worker-backlog.md", lines)
