@@ -156,6 +156,15 @@ fn mac_row(acc: &mut [u32], src: &[u8], wt: u32) {
     }
 }
 
+/// `acc += wt · (a + b)`: the two taps of a symmetric kernel that share a weight, with one
+/// multiply (the same integers as two [`mac_row`] calls).
+#[multiversion::multiversion(targets = "simd")]
+fn mac2_row(acc: &mut [u32], a: &[u8], b: &[u8], wt: u32) {
+    for ((x, &p), &q) in acc.iter_mut().zip(a).zip(b) {
+        *x += wt * (p as u32 + q as u32);
+    }
+}
+
 #[multiversion::multiversion(targets = "simd")]
 fn shift_row(dst: &mut [u8], acc: &[u32]) {
     for (d, &a) in dst.iter_mut().zip(acc) {
@@ -186,6 +195,23 @@ fn sharpen_row(u: &[u8], m: &[u8], d: &[u8], out: &mut [u8], ch: usize) {
     }
 }
 
+/// `acc` = the taps of `kernel` over the rows `row(0)…row(len − 1)`; a symmetric kernel (the
+/// Gaussian's) pairs its taps, one multiply for two.
+fn mac_taps<'a>(acc: &mut [u32], kernel: &[u32], row: impl Fn(usize) -> &'a [u8]) {
+    acc.fill(32768);
+    let last = kernel.len() - 1;
+    if kernel.iter().eq(kernel.iter().rev()) {
+        for k in 0..kernel.len() / 2 {
+            mac2_row(acc, row(k), row(last - k), kernel[k]);
+        }
+        mac_row(acc, row(last / 2), kernel[last / 2]);
+    } else {
+        for (k, &wt) in kernel.iter().enumerate() {
+            mac_row(acc, row(k), wt);
+        }
+    }
+}
+
 /// Separable pass along rows: each tap is a whole-row multiply-add (vectorised by the
 /// compiler); rounding `(acc + 2^15) >> 16` per pass.
 fn convolve_rows(img: &Img, kernel: &[u32]) -> Img {
@@ -196,10 +222,7 @@ fn convolve_rows(img: &Img, kernel: &[u32]) -> Img {
     let (mut pad, mut acc) = (Vec::with_capacity((w + 2 * r) * ch), vec![0u32; n]);
     for (src, dst) in img.data.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
         padded_row(src, ch, r, &mut pad);
-        acc.fill(32768);
-        for (k, &wt) in kernel.iter().enumerate() {
-            mac_row(&mut acc, &pad[k * ch..k * ch + n], wt);
-        }
+        mac_taps(&mut acc, kernel, |k| &pad[k * ch..k * ch + n]);
         shift_row(dst, &acc);
     }
     Img::new(img.width, img.height, img.channels, out)
@@ -213,11 +236,10 @@ fn convolve_cols(img: &Img, kernel: &[u32]) -> Img {
     let mut out = vec![0u8; img.data.len()];
     let mut acc = vec![0u32; n];
     for (y, dst) in out.chunks_exact_mut(n).enumerate() {
-        acc.fill(32768);
-        for (k, &wt) in kernel.iter().enumerate() {
+        mac_taps(&mut acc, kernel, |k| {
             let sy = (y as isize + k as isize - r).clamp(0, h as isize - 1) as usize;
-            mac_row(&mut acc, &img.data[sy * n..sy * n + n], wt);
-        }
+            &img.data[sy * n..sy * n + n]
+        });
         shift_row(dst, &acc);
     }
     Img::new(img.width, img.height, img.channels, out)
@@ -271,6 +293,9 @@ pub fn sharpen(img: &Img) -> Img {
 pub fn rotate(img: &Img, degrees: u16) -> Img {
     let (w, h, ch) = (img.w(), img.h(), img.channels as usize);
     if degrees == 180 {
+        if ch == 1 {
+            return Img::new(img.width, img.height, 1, img.data.iter().rev().copied().collect());
+        }
         let mut out = img.data.clone();
         out.reverse(); // reverses pixel order and, within each pixel, the channels...
         for px in out.chunks_exact_mut(ch) {
