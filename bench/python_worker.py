@@ -40,6 +40,8 @@ def main():
         for op in ops:
             img = cv_op(img, op)
         ok, jpeg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, QUALITY])
+        if not ok:
+            raise SystemExit(f"python_worker: OpenCV could not encode the result of offset {m.offset()}")
         p.produce(results, jpeg.tobytes(), key=m.key(), headers=m.headers())
         p.poll(0)
     p.flush(30)

@@ -46,11 +46,21 @@ def _drain(bootstrap, d, side, topic, k, pipeline):
     else:
         cmd = ["taskset", "-c", "0", sys.executable, os.path.join(ROOT, "bench", "python_worker.py"), bootstrap, group, topic, results, pipeline]
     wm = Watermarks(bootstrap)
+
+    def count():
+        """Results so far; 0 while the new topic's leader is not known yet (a just-created
+        topic, or a broker restarted by experiment 4, answers NOT_LEADER for a moment)."""
+        from confluent_kafka import KafkaException
+        try:
+            return wm.total(results, 1)
+        except KafkaException:
+            return 0
+
     proc = start(cmd, f"{d}/{side}-{run}.log")
     first, deadline = None, time.time() + 300
     try:
         while time.time() < deadline:
-            c = wm.total(results, 1)
+            c = count()
             if c and first is None:
                 first = (time.time(), c)
             if c >= k:
@@ -58,7 +68,7 @@ def _drain(bootstrap, d, side, topic, k, pipeline):
             if proc.poll() is not None:
                 raise SystemExit(f"worker backlog: {side} exited ({proc.returncode}); log {d}/{side}-{run}.log:\n" + open(f"{d}/{side}-{run}.log").read()[-2000:])
             time.sleep(0.02)
-        end, done = time.time(), wm.total(results, 1)
+        end, done = time.time(), count()
     finally:
         stop([proc])
         wm.close()

@@ -154,9 +154,10 @@ def main():
         "glibc malloc, both sides: " + ("defaults (FRAMELINK_MALLOC_DEFAULTS=1)." if os.environ.get("FRAMELINK_MALLOC_DEFAULTS") else
                                        f"mmap threshold {os.environ.get('MALLOC_MMAP_THRESHOLD_', 'default')}, trim threshold {os.environ.get('MALLOC_TRIM_THRESHOLD_', 'default')} (framelink-worker's setting)."),
         "",
-        "framelink's path: `dct` = lossless transform in the DCT domain (no decode, no encode), `planes` = geometry on the",
-        "decoded YUV planes, encoded from them, `region` = only the region of a leading crop decoded, `luma` = the Y plane",
-        "decoded alone, `pixels` = decode to RGB, ops, encode.",
+        "framelink's path: `dct` = lossless transform in the DCT domain (no decode, no encode), `planes` = geometry or colour",
+        "ops on the decoded YUV planes, encoded from them (`sharpen` there sharpens the luma only: less work than RGB's three",
+        "channels), `region` = only the region of a leading crop decoded, `luma` = the Y plane decoded alone, `pixels` = decode",
+        "to RGB, ops, encode.",
         "\"pixel path\" = framelink with those fast paths off, same run (the before).",
         "",
         "| pipeline | path | framelink fps | pixel path fps | OpenCV fps | Pillow fps | framelink / OpenCV | framelink / Pillow | fast / pixel path |",

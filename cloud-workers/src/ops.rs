@@ -195,12 +195,12 @@ fn sharpen_row(u: &[u8], m: &[u8], d: &[u8], out: &mut [u8], ch: usize) {
     }
 }
 
-/// `acc` = the taps of `kernel` over the rows `row(0)…row(len − 1)`; a symmetric kernel (the
-/// Gaussian's) pairs its taps, one multiply for two.
+/// `acc` = the taps of `kernel` over the rows `row(0)…row(len − 1)`; a symmetric kernel of odd
+/// length (the Gaussian's) pairs its taps, one multiply for two.
 fn mac_taps<'a>(acc: &mut [u32], kernel: &[u32], row: impl Fn(usize) -> &'a [u8]) {
     acc.fill(32768);
     let last = kernel.len() - 1;
-    if kernel.iter().eq(kernel.iter().rev()) {
+    if kernel.len() % 2 == 1 && kernel.iter().eq(kernel.iter().rev()) {
         for k in 0..kernel.len() / 2 {
             mac2_row(acc, row(k), row(last - k), kernel[k]);
         }

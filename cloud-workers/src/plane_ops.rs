@@ -1,4 +1,4 @@
-//! Colour ops on the JPEG's own YUV planes: `blur` and `sharpen`, with `rotate` and `crop`
+//! Colour ops on a 4:2:0 JPEG's own YUV planes: `blur` and `sharpen`, with `rotate` and `crop`
 //! anywhere among them — or no op at all (a re-encode). Decode to planar Y, Cb, Cr (no chroma
 //! upsampling, no colour conversion), run each op on the planes (at 4:2:0 the two chroma planes
 //! together are half the luma's samples, so a frame is 1.5 bytes a pixel instead of RGB's 3),
@@ -27,7 +27,8 @@
 //!   partial chroma cell to the left or top), checked for the whole pipeline before anything
 //!   is decoded. A frame that breaks it takes the RGB pixel path.
 //!
-//! On a frame whose chroma is not subsampled (4:4:4) the blur is the RGB blur up to rounding.
+//! The definitions are written (and tested) for any subsampling, but only 4:2:0 frames take
+//! this path, so that results stay 4:2:0 colour JPEGs as on the RGB path.
 
 use std::time::{Duration, Instant};
 
@@ -75,6 +76,12 @@ impl PlaneOps {
     /// YCbCr, its geometry off the chroma grid, or libjpeg-turbo refused it: the pixel path then
     /// names the cause).
     pub fn apply(&mut self, jpeg: &[u8], header: &DecompressHeader, op_times: &mut Vec<(String, Duration)>) -> Option<(Vec<u8>, (u32, u32))> {
+        // 4:2:0 frames only: their result is a 4:2:0 JPEG, as the RGB path's is. Other
+        // subsamplings would keep theirs (a 4:2:2 camera's results turned into 4:4:0, 4:4:4
+        // ones three times the chroma), so they take the RGB path.
+        if header.subsamp != Subsamp::Sub2x2 {
+            return None;
+        }
         let f = PlaneCodec::plain_factors(jpeg, header)?;
         if !fits(&self.ops, (header.width as u32, header.height as u32), f) {
             return None;
@@ -277,6 +284,33 @@ mod tests {
                         assert_eq!(got.planes[k].data, blur_by_definition(plane, sx, sy), "{w}x{h} {subsamp:?} blur:{sigma}: plane {k}");
                     }
                 }
+                // Rotations and a crop by their index formulas (90°: out(x, y) = in(y, H-1-x)).
+                let turns: &[u16] = if subsamp == Subsamp::Gray || (h % fh == 0 && w % fw == 0) { &[90, 180, 270] } else { &[] };
+                for &degrees in turns {
+                    let got = apply(&Op::Rotate { degrees }, planes.clone());
+                    let turned_subsamp = if degrees == 180 { subsamp } else { turned(subsamp) };
+                    assert_eq!(got.subsamp, turned_subsamp);
+                    for (k, (sw, sh, data)) in source.iter().enumerate() {
+                        let at = |x: usize, y: usize| data[y * sw + x];
+                        let (ow, oh) = if degrees == 180 { (*sw, *sh) } else { (*sh, *sw) };
+                        let want: Vec<u8> = (0..oh).flat_map(|y| (0..ow).map(move |x| (x, y))).map(|(x, y)| match degrees {
+                            90 => at(y, sh - 1 - x),
+                            180 => at(sw - 1 - x, sh - 1 - y),
+                            _ => at(sw - 1 - y, x),
+                        }).collect();
+                        assert_eq!((got.planes[k].width as usize, got.planes[k].height as usize), (ow, oh), "{w}x{h} {subsamp:?} rotate:{degrees}: plane {k} size");
+                        assert_eq!(got.planes[k].data, want, "{w}x{h} {subsamp:?} rotate:{degrees}: plane {k}");
+                    }
+                }
+                let (cx, cy, cw, ch) = (4 * fw, 2 * fh, 33, 21);
+                assert!(fits(&[Op::Crop { x: cx, y: cy, width: cw, height: ch }], (w, h), (fw, fh)));
+                let got = apply(&Op::Crop { x: cx, y: cy, width: cw, height: ch }, planes.clone());
+                for (k, (sw, _, data)) in source.iter().enumerate() {
+                    let (f, g) = if k == 0 { (1, 1) } else { (fw, fh) };
+                    let (x0, y0, pw, ph) = ((cx / f) as usize, (cy / g) as usize, cw.div_ceil(f) as usize, ch.div_ceil(g) as usize);
+                    let want: Vec<u8> = (y0..y0 + ph).flat_map(|y| data[y * sw + x0..y * sw + x0 + pw].to_vec()).collect();
+                    assert_eq!(got.planes[k].data, want, "{w}x{h} {subsamp:?} crop: plane {k}");
+                }
                 let got = apply(&Op::Sharpen, planes.clone());
                 assert_eq!(got.planes[0].data, sharpen_by_definition(&source[0]), "{w}x{h} {subsamp:?} sharpen: Y");
                 for k in 1..source.len() {
@@ -297,17 +331,18 @@ mod tests {
                 let jpeg = jpeg_of(&src, w, h, subsamp);
                 let header = turbojpeg::read_header(&jpeg).unwrap();
                 let (fw, fh) = factors(subsamp).unwrap();
-                for spec in ["", "blur:1.5", "sharpen", "blur:0.8,sharpen", "rotate:90,blur:2", "blur:1,crop:200x100+10+20,rotate:270", "sharpen,rotate:180"] {
+                for spec in ["", "blur:1.5", "sharpen", "blur:0.8,sharpen", "rotate:90,blur:2", "blur:1,crop:200x100+10+20,rotate:270", "sharpen,rotate:180", "blur:1,crop:200x100+11+20"] {
                     let pipeline = Pipeline::parse(spec).unwrap();
                     let what = format!("{w}x{h} {subsamp:?} `{spec}`");
                     let mut p = PlaneOps::new(&pipeline, 90).unwrap();
                     let mut times = Vec::new();
                     let got = p.apply(&jpeg, &header, &mut times);
-                    // The chroma grid's verdict, written out for these pipelines.
-                    let fits = match spec {
+                    // The chroma grid's verdict, written out for these pipelines; frames that
+                    // are not 4:2:0 always take the RGB path.
+                    let fits = subsamp == Subsamp::Sub2x2 && match spec {
                         "rotate:90,blur:2" => h % fh == 0,
                         "sharpen,rotate:180" => h % fh == 0 && w % fw == 0,
-                        "blur:1,crop:200x100+10+20,rotate:270" => 10 % fw == 0 && 20 % fh == 0,
+                        "blur:1,crop:200x100+11+20" => false,
                         _ => true,
                     };
                     let Some((out, size)) = got else {

@@ -503,7 +503,13 @@ mod tests {
 
     #[test]
     fn colour_ops_run_on_the_yuv_planes_on_the_cpu_backend() {
-        let jpeg = rocket();
+        // rocket.jpg is 4:4:4: such frames take the RGB path (their results stay 4:2:0)...
+        let out = processor("blur:1").process(&info(&[]), Some(&rocket())).unwrap();
+        assert_eq!(out.path, "pixels");
+        assert_eq!(turbojpeg::read_header(out.jpeg.as_ref().unwrap()).unwrap().subsamp, turbojpeg::Subsamp::Sub2x2);
+        // ...4:2:0 ones the planes.
+        let rgb = turbojpeg::decompress(&rocket(), turbojpeg::PixelFormat::RGB).unwrap();
+        let jpeg = turbojpeg::compress(rgb.as_deref(), 90, turbojpeg::Subsamp::Sub2x2).unwrap().to_vec();
         for spec in ["blur:1.5", "sharpen", "", "rotate:270,blur:1"] {
             let out = processor(spec).process(&info(&[]), Some(&jpeg)).unwrap();
             assert_eq!(out.path, "planes", "`{spec}`");

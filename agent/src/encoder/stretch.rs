@@ -98,6 +98,7 @@ mod simd {
 
     /// One plane's row, luma or chroma (a constant, so each is its own inlined loop).
     fn plane_row<const LUMA: bool>(src: &[u8], dst: &mut [u8]) -> usize {
+        assert_eq!(src.len(), dst.len());
         let n = src.len() / 16;
         for i in 0..n {
             // SAFETY: 16 bytes at 16·i are inside both slices (i < len / 16, equal lengths);
@@ -122,6 +123,7 @@ mod simd {
     }
 
     pub fn uv_pairs_row(src: &[u8], u: &mut [u8], v: &mut [u8]) -> usize {
+        assert!(src.len() == 2 * u.len() && u.len() == v.len());
         let n = src.len() / 16;
         for i in 0..n {
             // SAFETY: 16 source bytes at 16·i and 8 output bytes at 8·i are in bounds
@@ -137,6 +139,7 @@ mod simd {
     }
 
     pub fn yuyv_row(src: &[u8], y: &mut [u8], u: &mut [u8], v: &mut [u8]) -> usize {
+        assert!(src.len() == 2 * y.len() && y.len() == 2 * u.len() && u.len() == v.len());
         let n = src.len() / 32;
         for i in 0..n {
             // SAFETY: 32 source bytes at 32·i, 16 luma bytes at 16·i and 8 chroma bytes at
@@ -219,6 +222,15 @@ mod tests {
             chroma_row(&src, &mut c);
             assert!(src.iter().zip(&y).all(|(&s, &d)| d == LUMA_TO_FULL[s as usize]), "luma row of {}", 2 * n);
             assert!(src.iter().zip(&c).all(|(&s, &d)| d == CHROMA_TO_FULL[s as usize]), "chroma row of {}", 2 * n);
+        }
+        // Planar rows of odd lengths (I420's odd widths and chroma widths).
+        for n in [1usize, 15, 17, 33, 255, 961] {
+            let src = bytes(n, 7 * n as u32);
+            let (mut y, mut c) = (vec![0; n], vec![0; n]);
+            luma_row(&src, &mut y);
+            chroma_row(&src, &mut c);
+            assert!(src.iter().zip(&y).all(|(&s, &d)| d == LUMA_TO_FULL[s as usize]), "luma row of {n}");
+            assert!(src.iter().zip(&c).all(|(&s, &d)| d == CHROMA_TO_FULL[s as usize]), "chroma row of {n}");
         }
         let mut a = vec![0u8, 1, 255, 254, 100];
         average_into(&mut a, &[1, 1, 255, 255, 103]);
