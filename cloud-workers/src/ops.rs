@@ -290,12 +290,24 @@ pub fn sharpen(img: &Img) -> Img {
     rows3(img, |u, m, d, out| sharpen_row(u, m, d, out, ch))
 }
 
+/// A `w`×`h` one-byte plane turned clockwise by `degrees` (what [`rotate`] does to a
+/// one-channel image), read from a borrowed slice: planes need no copy before turning.
+pub fn rotate_plane(data: &[u8], w: usize, h: usize, degrees: u16) -> Vec<u8> {
+    assert_eq!(data.len(), w * h, "plane size");
+    match degrees {
+        180 => data.iter().rev().copied().collect(),
+        90 | 270 => rotate_quarter_plane(data, w, h, degrees == 90),
+        d => unreachable!("rotations are 90, 180 or 270 degrees, not {d}"),
+    }
+}
+
 pub fn rotate(img: &Img, degrees: u16) -> Img {
     let (w, h, ch) = (img.w(), img.h(), img.channels as usize);
+    if ch == 1 {
+        let (ow, oh) = if degrees == 180 { (img.width, img.height) } else { (img.height, img.width) };
+        return Img::new(ow, oh, 1, rotate_plane(&img.data, w, h, degrees));
+    }
     if degrees == 180 {
-        if ch == 1 {
-            return Img::new(img.width, img.height, 1, img.data.iter().rev().copied().collect());
-        }
         let mut out = img.data.clone();
         out.reverse(); // reverses pixel order and, within each pixel, the channels...
         for px in out.chunks_exact_mut(ch) {
@@ -305,7 +317,6 @@ pub fn rotate(img: &Img, degrees: u16) -> Img {
     }
     // 90 / 270: a transpose, walked in tiles so that both sides stay in cache.
     let out = match ch {
-        1 => rotate_quarter_plane(&img.data, w, h, degrees == 90),
         3 => rotate_quarter::<3>(&img.data, w, h, degrees == 90),
         c => unreachable!("images have 1 or 3 channels, not {c}"),
     };

@@ -151,9 +151,16 @@ pub(crate) fn plane_sizes(width: usize, height: usize, subsamp: Subsamp) -> Vec<
 /// `rect` of a plane `pw` samples wide, turned clockwise by `rotate`, padded to `pad` by
 /// repeating the last column and row (what libjpeg-turbo does at an image's edge).
 fn move_samples(plane: &[u8], pw: usize, rect: Rect, rotate: u16, pad: (usize, usize)) -> Vec<u8> {
-    let kept = Img::new(rect.width, rect.height, 1, crate::ops::crop_samples(plane, pw, 1, rect.x, rect.y, rect.width, rect.height));
-    let out = if rotate == 0 { kept } else { crate::ops::rotate(&kept, rotate) };
-    pad_plane(out.data, (out.width as usize, out.height as usize), pad)
+    let (rw, rh) = (rect.width as usize, rect.height as usize);
+    // The whole plane (a turn without a crop) is turned where it lies, without a copy first.
+    let whole = rect.x == 0 && rect.y == 0 && rw == pw && rw * rh == plane.len();
+    let out = match (rotate, whole) {
+        (0, _) => crate::ops::crop_samples(plane, pw, 1, rect.x, rect.y, rect.width, rect.height),
+        (r, true) => crate::ops::rotate_plane(plane, rw, rh, r),
+        (r, false) => crate::ops::rotate_plane(&crate::ops::crop_samples(plane, pw, 1, rect.x, rect.y, rect.width, rect.height), rw, rh, r),
+    };
+    let (ow, oh) = if rotate % 180 == 90 { (rh, rw) } else { (rw, rh) };
+    pad_plane(out, (ow, oh), pad)
 }
 
 /// A `w`×`h` plane padded to `pad` by repeating its last column and row (what libjpeg-turbo
