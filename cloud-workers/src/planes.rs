@@ -18,7 +18,7 @@
 use turbojpeg::{Compressor, DecompressHeader, Decompressor, Subsamp, YuvImage};
 
 use crate::lossless::{Plan, Rect};
-use crate::ops::{Img, Pipeline};
+use crate::ops::Pipeline;
 
 /// A pipeline of `rotate` and `crop` (no `grayscale`: that one decodes the luma alone) on YUV
 /// planes; one per processing thread.
@@ -236,6 +236,7 @@ impl PlaneGeometry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::Img;
     use crate::ops::Apply;
 
     fn photo() -> Img {

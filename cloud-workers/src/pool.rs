@@ -60,6 +60,9 @@ impl Pool {
             let (tx, rx) = crossbeam_channel::bounded::<Arc<Job>>(4);
             pool.queues.push(tx);
             let mut processor = Processor::new(cfg.worker.pipeline_ops()?, cfg.worker.max_pixels, cfg.worker.jpeg_quality, cfg.worker.events_only, cfg.motion.clone());
+            if !cfg.worker.plane_ops {
+                processor = processor.without_plane_ops();
+            }
             if !cfg.worker.dct_transforms {
                 processor = processor.without_dct_transforms();
             }

@@ -141,6 +141,13 @@ impl Processor {
         self
     }
 
+    /// Colour ops and re-encodes on RGB with the RGB definitions, as the GPU backend computes
+    /// them (`worker.plane_ops = false`).
+    pub fn without_plane_ops(mut self) -> Self {
+        self.plane_ops = None;
+        self
+    }
+
     /// Decode → ops → encode for every frame: no DCT-domain transform, no luma-only decode.
     /// What the fast paths are measured against (`cargo bench --bench worker_ops`).
     pub fn without_fast_paths(mut self) -> Self {
@@ -539,6 +546,8 @@ mod tests {
                 assert!(mean < bound, "`{spec}` {format:?}: {mean:.2} levels apart on average");
             }
         }
+        // `worker.plane_ops = false`: the RGB definitions.
+        assert_eq!(processor("blur:1").without_plane_ops().process(&info(&[]), Some(&jpeg)).unwrap().path, "pixels");
         // Motion needs the decoded frame; events-only publishes no image.
         let mut p = Processor::new(Pipeline::parse("blur:1").unwrap(), 50_000_000, 85, false, MotionConfig { enabled: true, ..Default::default() });
         assert_eq!(p.process(&info(&[]), Some(&jpeg)).unwrap().path, "pixels");

@@ -53,7 +53,10 @@ def main():
     for path, launch in [("/h264", h264), ("/mjpeg", mjpeg), ("/h265", h265)]:
         factory = GstRtspServer.RTSPMediaFactory()
         factory.set_launch(launch)
-        factory.set_shared(True)
+        # One pipeline per client: with a shared media, two clients sending PLAY together (the
+        # agent's cameras reconnecting after a server restart) could abort the server in
+        # gst_rtsp_media_get_rates ("assertion failed: (FALSE)", GStreamer 1.22).
+        factory.set_shared(False)
         mounts.add_factory(path, factory)
 
     if args.file:
