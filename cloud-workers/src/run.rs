@@ -99,7 +99,7 @@ pub fn run(v: Validated, shutdown: Shutdown, metrics: Arc<Metrics>) -> Result<()
         Err(e) => tracing::warn!(error = %e, "Cannot read the output topics' max.message.bytes yet; records over a topic's real limit are refused by Kafka and dead-lettered."),
     }
     let limits_stop = Arc::new(AtomicBool::new(false));
-    let refresh_limits = spawn_limits_refresher(limits.clone(), admin_config, output_topics, limits_stop.clone());
+    let (refresh_limits, limits_thread) = spawn_limits_refresher(limits.clone(), admin_config, output_topics, limits_stop.clone());
 
     let txn: Option<Arc<Txn>> = if exactly_once {
         let fresh = make_producer.clone();
@@ -169,6 +169,11 @@ pub fn run(v: Validated, shutdown: Shutdown, metrics: Arc<Metrics>) -> Result<()
     };
     let result = poll.run(&shutdown);
     limits_stop.store(true, Ordering::Relaxed);
+    // Before the consumer closes (its last revocation pokes the refresher) and the process
+    // exits: at most 0.5 s, or one DescribeConfigs call (10 s timeout) already under way.
+    if let Some(t) = limits_thread {
+        let _ = t.join();
+    }
     // The poll loop may also end on a fatal error: the heartbeat thread stops either way.
     shutdown.trigger();
     if let Some(t) = beats {

@@ -68,10 +68,12 @@ impl TopicLimits {
 }
 
 /// Keeps [`TopicLimits`] fresh (they were read once at start): reads them again every minute
-/// and whenever poked (after a rebalance). Runs until `stop` is set.
-pub fn spawn_limits_refresher(limits: Arc<TopicLimits>, client: ClientConfig, topics: Vec<String>, stop: Arc<AtomicBool>) -> crossbeam_channel::Sender<()> {
+/// and whenever poked (after a rebalance). Runs until `stop` is set; join the handle before the
+/// process exits: a Kafka client made while the process tears down (a poke from the consumer's
+/// last revocation) crashed the worker at exit (SIGSEGV in this thread).
+pub fn spawn_limits_refresher(limits: Arc<TopicLimits>, client: ClientConfig, topics: Vec<String>, stop: Arc<AtomicBool>) -> (crossbeam_channel::Sender<()>, Option<std::thread::JoinHandle<()>>) {
     let (poke, rx) = crossbeam_channel::bounded::<()>(1);
-    let _ = std::thread::Builder::new().name("topic-limits".into()).spawn(move || {
+    let handle = std::thread::Builder::new().name("topic-limits".into()).spawn(move || {
         let mut warned = false;
         while !stop.load(Ordering::Relaxed) {
             let deadline = Instant::now() + Duration::from_secs(60);
@@ -79,6 +81,9 @@ pub fn spawn_limits_refresher(limits: Arc<TopicLimits>, client: ClientConfig, to
                 if rx.recv_timeout(Duration::from_millis(500)).is_ok() {
                     break;
                 }
+            }
+            if stop.load(Ordering::Relaxed) {
+                break;
             }
             match limits.learn(&client, &topics) {
                 Ok(()) => warned = false,
@@ -90,7 +95,7 @@ pub fn spawn_limits_refresher(limits: Arc<TopicLimits>, client: ClientConfig, to
             }
         }
     });
-    poke
+    (poke, handle.ok())
 }
 
 #[cfg(test)]
