@@ -371,24 +371,42 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
         if !self.rewind.swap(false, Ordering::SeqCst) {
             return Ok(false);
         }
-        let committed = consumer.committed(REWIND_WITHIN)?;
-        let mut seek = TopicPartitionList::new();
-        for e in committed.elements() {
-            let to = match e.offset() {
-                Offset::Offset(o) => Offset::Offset(o),
-                _ if reset_to_end => Offset::End,
-                _ => Offset::Beginning,
-            };
-            seek.add_partition_offset(e.topic(), e.partition(), to)?;
-        }
-        for e in consumer.seek_partitions(seek, REWIND_WITHIN)?.elements() {
-            if let Err(err) = e.error() {
-                tracing::warn!(topic = e.topic(), partition = e.partition(), error = %err, "Rewind of a partition failed.");
-            }
-        }
-        tracing::warn!(partitions = committed.count(), "Rewound to the last committed offsets after an aborted transaction.");
+        let n = rewind_to_committed(consumer, reset_to_end)?;
+        tracing::warn!(partitions = n, "Rewound to the last committed offsets after an aborted transaction.");
         Ok(true)
     }
+}
+
+/// Seeks every partition assigned to `consumer` to its committed offset (no committed offset:
+/// the end or the beginning, as `auto.offset.reset` says); returns how many it sought.
+///
+/// Nothing assigned — the abort came from the commit on revocation, or the group's session
+/// timed out and the assignment was dropped — is nothing to rewind: whoever is assigned a
+/// partition next starts from its committed offset. (librdkafka refuses a seek of an empty
+/// list with `_INVALID_ARG`; the worker used to stop on it after a group coordinator's crash.)
+fn rewind_to_committed<X: ConsumerContext>(consumer: &BaseConsumer<X>, reset_to_end: bool) -> KafkaResult<usize> {
+    if consumer.assignment()?.count() == 0 {
+        return Ok(0);
+    }
+    let committed = consumer.committed(REWIND_WITHIN)?;
+    let mut seek = TopicPartitionList::new();
+    for e in committed.elements() {
+        let to = match e.offset() {
+            Offset::Offset(o) => Offset::Offset(o),
+            _ if reset_to_end => Offset::End,
+            _ => Offset::Beginning,
+        };
+        seek.add_partition_offset(e.topic(), e.partition(), to)?;
+    }
+    if seek.count() == 0 {
+        return Ok(0);
+    }
+    for e in consumer.seek_partitions(seek, REWIND_WITHIN)?.elements() {
+        if let Err(err) = e.error() {
+            tracing::warn!(topic = e.topic(), partition = e.partition(), error = %err, "Rewind of a partition failed.");
+        }
+    }
+    Ok(committed.count())
 }
 
 impl<C: ProducerContext + 'static, T> Transactions<C, T> {
@@ -615,6 +633,27 @@ mod tests {
 
     fn timed_out() -> KafkaResult<()> {
         Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut))
+    }
+
+    /// After the commit on revocation was aborted, or the session timed out, nothing is
+    /// assigned: the rewind is a no-op, not an error that stops the worker (a seek of the empty
+    /// list is `_INVALID_ARG` in librdkafka). No broker is needed: nothing is asked of one.
+    #[test]
+    fn a_rewind_with_nothing_assigned_seeks_nothing_and_succeeds() {
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:9")
+            .set("group.id", "fl-unit-rewind")
+            .set("log_level", "0")
+            .create()
+            .unwrap();
+        assert_eq!(consumer.assignment().unwrap().count(), 0);
+        let empty = consumer.seek_partitions(TopicPartitionList::new(), Duration::from_secs(1));
+        assert!(matches!(&empty, Err(KafkaError::Seek(m)) if m.contains("INVALID_ARG")), "librdkafka refuses an empty seek: {empty:?}");
+        let start = Instant::now();
+        for reset_to_end in [false, true] {
+            assert_eq!(rewind_to_committed(&consumer, reset_to_end).unwrap(), 0);
+        }
+        assert!(start.elapsed() < REWIND_WITHIN, "no wait for a coordinator");
     }
 
     #[test]
