@@ -75,9 +75,8 @@ pub struct ProcessingConfig {
     #[serde(default = "default_true")]
     pub dct_transforms: bool,
     /// `blur`, `sharpen` and a plain re-encode of 4:2:0 JPEG frames run on their YUV planes,
-    /// with the planes' own definitions (CPU backend; see docs/worker.md). `false`: the RGB
-    /// definitions, which the GPU backend and large-image tiles compute, bit for bit.
-    /// Default true.
+    /// with the planes' own definitions, on either backend (see docs/worker.md). `false`: the
+    /// RGB definitions, which large-image tiles compute. Default true.
     #[serde(default = "default_true")]
     pub plane_ops: bool,
     /// `at-least-once` (default) or `exactly-once` (Kafka transactions; see docs/worker.md).

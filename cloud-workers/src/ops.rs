@@ -15,10 +15,11 @@
 //! "Exact" means a GPU backend can reproduce the result bit for bit with integer arithmetic.
 //! A JPEG frame whose pipeline starts with luma (`grayscale`, `sobel`) is decoded to its own
 //! Y plane instead ([`crate::process::luma_first`]), and a pipeline of only `rotate`, `crop`
-//! and `grayscale` may be done in the DCT domain ([`crate::lossless`]), and on the CPU backend
-//! `blur` and `sharpen` of a JPEG frame run on its YUV planes with their own definitions
-//! ([`crate::plane_ops`]); each is defined and tested there. The definitions below are the
-//! RGB ones: the GPU backend's, large-image tiles', and any frame's that takes the pixel path.
+//! and `grayscale` may be done in the DCT domain ([`crate::lossless`]), and `blur` and
+//! `sharpen` of a 4:2:0 JPEG frame run on its YUV planes with their own definitions
+//! ([`crate::plane_ops`]; on both backends); each is defined and tested there. The definitions
+//! below are the RGB ones: large-image tiles', and any frame's that takes the pixel path (the
+//! GPU backend's shaders compute the same, bit for bit).
 //! Motion detection is stateful per camera and lives in [`crate::motion`].
 
 use std::fmt;

@@ -7,9 +7,10 @@
 //!
 //! ## Definitions on the planes
 //!
-//! These are not the RGB-domain definitions of [`crate::ops`] (which tiles, the GPU backend and
-//! frames that are not plain YCbCr JPEGs keep); both are exact integer arithmetic and tested
-//! against references written independently of the code:
+//! These are not the RGB-domain definitions of [`crate::ops`] (which tiles and frames that are
+//! not plain 4:2:0 YCbCr JPEGs keep); both are exact integer arithmetic and tested against
+//! references written independently of the code. The GPU backend runs these too, as one
+//! pipeline per plane ([`plane_pipelines`]), with the same results bit for bit:
 //!
 //! - `blur:σ` — every plane through the same separable Gaussian as on RGB (16-bit fixed-point
 //!   weights summing to 65536, radius ⌈3σ⌉, edges clamped, rounded after each pass): the Y plane
@@ -48,9 +49,9 @@ pub struct PlaneOps {
 /// A frame's planes: Y (`width`×`height`) then, unless gray, Cb and Cr at the chroma
 /// resolution — each an unpadded one-channel [`Img`].
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Planes {
-    pub(crate) planes: Vec<Img>,
-    pub(crate) subsamp: Subsamp,
+pub struct Planes {
+    pub planes: Vec<Img>,
+    pub subsamp: Subsamp,
 }
 
 impl Planes {
@@ -76,6 +77,13 @@ impl PlaneOps {
     /// YCbCr, its geometry off the chroma grid, or libjpeg-turbo refused it: the pixel path then
     /// names the cause).
     pub fn apply(&mut self, jpeg: &[u8], header: &DecompressHeader, op_times: &mut Vec<(String, Duration)>) -> Option<(Vec<u8>, (u32, u32))> {
+        let planes = self.prepare(jpeg, header)?;
+        let planes = self.run(planes, op_times);
+        self.finish(planes)
+    }
+
+    /// The frame's planes when it takes this path, else `None` (see [`PlaneOps::apply`]).
+    pub fn prepare(&mut self, jpeg: &[u8], header: &DecompressHeader) -> Option<Planes> {
         // 4:2:0 frames only: their result is a 4:2:0 JPEG, as the RGB path's is. Other
         // subsamplings would keep theirs (a 4:2:2 camera's results turned into 4:4:0, 4:4:4
         // ones three times the chroma), so they take the RGB path.
@@ -86,12 +94,21 @@ impl PlaneOps {
         if !fits(&self.ops, (header.width as u32, header.height as u32), f) {
             return None;
         }
-        let mut planes = self.decode(jpeg, header)?;
+        self.decode(jpeg, header)
+    }
+
+    /// The ops on the CPU, each timed into `op_times`.
+    pub fn run(&self, mut planes: Planes, op_times: &mut Vec<(String, Duration)>) -> Planes {
         for op in &self.ops {
             let t = Instant::now();
             planes = apply(op, planes);
             op_times.push((op.to_string(), t.elapsed()));
         }
+        planes
+    }
+
+    /// The result JPEG and its size.
+    pub fn finish(&mut self, planes: Planes) -> Option<(Vec<u8>, (u32, u32))> {
         let size = planes.size();
         let jpeg = self.encode(planes)?;
         Some((jpeg, size))
@@ -123,6 +140,31 @@ impl PlaneOps {
         planes[0] = pad_plane(std::mem::take(&mut planes[0]), (w as usize, h as usize), pad);
         self.codec.encode_planes(&planes, (w, h), p.subsamp)
     }
+}
+
+/// The definitions above for a 4:2:0 frame as one pipeline per plane, `(luma, chroma)`, each
+/// run on one-channel images by [`crate::ops`] (what the GPU backend runs, plane by plane):
+/// the luma plane takes the ops as they are; the chroma planes `blur` at σ/2, skip `sharpen`,
+/// turn alike and crop the chroma cells under the crop ([`plane_rect`]). 4:2:0 stays 4:2:0
+/// through a quarter turn, so the factors are 2 along both axes throughout. `None` unless the
+/// pipeline takes this path ([`PlaneOps::new`]).
+pub fn plane_pipelines(pipeline: &Pipeline) -> Option<(Pipeline, Pipeline)> {
+    PlaneOps::new(pipeline, 90)?;
+    let f = factors(Subsamp::Sub2x2).expect("4:2:0 has factors");
+    let chroma = pipeline
+        .0
+        .iter()
+        .filter_map(|op| match *op {
+            Op::Blur { sigma } => Some(Op::Blur { sigma: sigma / f.0 as f32 }),
+            Op::Sharpen => None,
+            Op::Crop { x, y, width, height } => {
+                let r = plane_rect(Rect { x, y, width, height }, 1, f);
+                Some(Op::Crop { x: r.x, y: r.y, width: r.width, height: r.height })
+            }
+            other => Some(other),
+        })
+        .collect();
+    Some((pipeline.clone(), Pipeline(chroma)))
 }
 
 /// Whether every op of `ops` keeps chroma cells whole on a `w`×`h` frame with chroma factors
@@ -317,6 +359,32 @@ mod tests {
                     assert_eq!(got.planes[k].data, source[k].2, "{w}x{h} {subsamp:?} sharpen: chroma plane {k} unchanged");
                 }
             }
+        }
+    }
+
+    /// The per-plane pipelines (what the GPU backend runs) are the definitions: each plane
+    /// through its pipeline by `crate::ops` equals the ops applied on the planes together.
+    #[test]
+    fn per_plane_pipelines_are_the_plane_definitions() {
+        let src = photo();
+        for (w, h) in [(96u32, 64u32), (97, 63)] {
+            let planes = decoded_planes(&jpeg_of(&src, w, h, Subsamp::Sub2x2));
+            for spec in ["", "blur:1.5", "sharpen", "blur:0.6,sharpen,blur:3", "rotate:90,blur:2,sharpen", "blur:1,rotate:270,crop:41x23+6+4,sharpen", "rotate:180,crop:33x21+2+8,blur:1"] {
+                let pipeline = Pipeline::parse(spec).unwrap();
+                let (luma, chroma) = plane_pipelines(&pipeline).unwrap();
+                if !fits(&pipeline.0, (w, h), (2, 2)) {
+                    assert!(w % 2 == 1 && spec.contains("rotate"), "{w}x{h} `{spec}` should fit");
+                    continue;
+                }
+                let want = PlaneOps::new(&pipeline, 90).unwrap().run(planes.clone(), &mut Vec::new());
+                for (k, plane) in planes.planes.iter().enumerate() {
+                    let got = if k == 0 { &luma } else { &chroma }.apply(plane.clone()).unwrap();
+                    assert_eq!(got, want.planes[k], "{w}x{h} `{spec}`: plane {k}");
+                }
+            }
+        }
+        for spec in ["blur:1,resize:10x10", "grayscale", "crop:10x10+0+0,blur:1", "rotate:90"] {
+            assert!(plane_pipelines(&Pipeline::parse(spec).unwrap()).is_none(), "`{spec}` does not run on the planes");
         }
     }
 

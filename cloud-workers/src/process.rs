@@ -41,7 +41,8 @@ pub struct Processed {
     pub dct: Option<crate::lossless::Outcome>,
     /// How the frame was processed: `dct` (lossless transform), `planes` (geometry or colour
     /// ops on the YUV planes), `region` (a leading crop's region decoded), `luma` (the Y plane decoded),
-    /// `pixels` (decoded to RGB), `gpu` (the GPU backend ran the ops).
+    /// `pixels` (decoded to RGB), `gpu` (the GPU backend ran the ops on RGB or luma),
+    /// `gpu_planes` (the GPU backend ran colour ops on the YUV planes).
     pub path: &'static str,
 }
 
@@ -141,8 +142,8 @@ impl Processor {
         self
     }
 
-    /// Colour ops and re-encodes on RGB with the RGB definitions, as the GPU backend computes
-    /// them (`worker.plane_ops = false`).
+    /// Colour ops and re-encodes on RGB with the RGB definitions, on either backend
+    /// (`worker.plane_ops = false`).
     pub fn without_plane_ops(mut self) -> Self {
         self.plane_ops = None;
         self
@@ -292,12 +293,34 @@ impl Processor {
                 }
             }
         }
-        // Colour ops on the planes (the CPU backend's; the GPU backend runs the RGB
-        // definitions). Models run on RGB, motion on the decoded frame.
-        if let (Some(p), None, false, false) = (self.plane_ops.as_mut(), &self.gpu, self.motion.enabled, self.events_only) {
+        // Colour ops on the planes, on the CPU or on the GPU stage (the same definitions, bit
+        // for bit). Models run on RGB, motion on the decoded frame.
+        if let (Some(p), false, false) = (self.plane_ops.as_mut(), self.motion.enabled, self.events_only)
+            && let Some(planes) = p.prepare(payload, &header)
+        {
             let mut op_times = Vec::with_capacity(self.pipeline.0.len());
-            if let Some((jpeg, (width, height))) = p.apply(payload, &header, &mut op_times) {
-                return Ok(Processed { meta, jpeg: Some(jpeg), width, height, event: None, took: started.elapsed(), op_times, models: Vec::new(), dct, path: "planes" });
+            let mut path = "planes";
+            let planes = match &self.gpu {
+                None => Some(p.run(planes, &mut op_times)),
+                Some(gpu) => {
+                    let (subsamp, t) = (planes.subsamp, Instant::now());
+                    match gpu.process_planes(planes.planes) {
+                        Ok(out) => {
+                            op_times.push(("gpu".to_owned(), t.elapsed()));
+                            path = "gpu_planes";
+                            Some(crate::plane_ops::Planes { planes: out, subsamp })
+                        }
+                        // As on the RGB path below: the frame is not at fault; decoded again
+                        // (its planes went to the stage) and processed on the CPU.
+                        Err(why) => {
+                            tracing::debug!(why, "GPU fallback");
+                            p.prepare(payload, &header).map(|planes| p.run(planes, &mut op_times))
+                        }
+                    }
+                }
+            };
+            if let Some((jpeg, (width, height))) = planes.and_then(|planes| p.finish(planes)) {
+                return Ok(Processed { meta, jpeg: Some(jpeg), width, height, event: None, took: started.elapsed(), op_times, models: Vec::new(), dct, path });
             }
         }
         // Decode at a DCT scale when the pipeline starts by shrinking anyway — or when it only

@@ -141,3 +141,59 @@ fn an_impossible_op_is_refused_with_the_same_error_as_on_the_cpu() {
     let gpu = Runner::new(gpu(), pipeline, false, 1).run(&[img]).unwrap_err().to_string();
     assert_eq!(cpu, gpu);
 }
+
+/// A 4:2:0 JPEG (quality 90) of the middle `w`×`h` of `img`.
+fn jpeg_420(img: &Img, w: u32, h: u32) -> Vec<u8> {
+    let (w, h) = (w.min(img.width), h.min(img.height));
+    let img = framelink_worker::ops::crop(img, (img.width - w) / 2, (img.height - h) / 2, w, h);
+    let rgb = if img.channels == 3 { img } else { Img::new(img.width, img.height, 3, img.data.iter().flat_map(|&v| [v, v, v]).collect()) };
+    let image = turbojpeg::Image { pixels: &rgb.data[..], width: w as usize, pitch: w as usize * 3, height: h as usize, format: turbojpeg::PixelFormat::RGB };
+    turbojpeg::compress(image, 90, turbojpeg::Subsamp::Sub2x2).unwrap().to_vec()
+}
+
+/// Colour ops and re-encodes of 4:2:0 frames run on their YUV planes on both backends: the GPU
+/// stage takes the three planes (1.5 bytes a pixel up and down, RGB's half) through the plane
+/// definitions of `plane_ops`, so a frame's result is the CPU backend's JPEG byte for byte.
+/// Three threads share the stage, so planes of different frames and sizes share batches.
+#[test]
+fn colour_ops_on_the_yuv_planes_give_the_cpu_backends_jpeg_byte_for_byte() {
+    use framelink_worker::motion::MotionConfig;
+    use framelink_worker::process::{Processor, RecordInfo};
+    let gpu = gpu();
+    // Even sizes (every op fits the chroma grid) and an odd one (a quarter turn does not).
+    let mut frames = Vec::new();
+    for (name, img) in images() {
+        frames.push((format!("{name} 640x360"), jpeg_420(&img, 640, 360)));
+        frames.push((format!("{name} 333x221"), jpeg_420(&img, 333, 221)));
+    }
+    let info = || RecordInfo { key: Some(b"d/c"), headers: Vec::new(), topic: "frames", partition: 0, offset: 1, timestamp_ms: None };
+    let new = |p: &Pipeline| Processor::new(p.clone(), 50_000_000, 85, false, MotionConfig::default());
+    let mut failures = Vec::new();
+    for spec in ["", "blur:1.5", "blur:4", "sharpen", "blur:0.7,sharpen", "rotate:90,blur:2,sharpen", "blur:1,rotate:270,crop:201x99+18+10,sharpen"] {
+        let pipeline = Pipeline::parse(spec).unwrap();
+        let mut cpu = new(&pipeline);
+        let want: Vec<_> = frames.iter().map(|(_, jpeg)| cpu.process(&info(), Some(jpeg)).unwrap()).collect();
+        let on_planes = want.iter().filter(|p| p.path == "planes").count();
+        assert!(on_planes >= frames.len() / 2, "`{spec}`: {on_planes} of {} frames on the planes", frames.len());
+        let client = framelink_worker::gpu::stage::spawn(gpu.clone(), pipeline.clone(), false, 4, std::time::Duration::from_millis(2), Default::default()).unwrap();
+        let got: Vec<Vec<_>> = std::thread::scope(|s| {
+            let runs: Vec<_> = (0..3)
+                .map(|_| {
+                    let mut p = new(&pipeline).with_gpu(client.clone());
+                    let frames = &frames;
+                    s.spawn(move || frames.iter().map(|(_, jpeg)| p.process(&info(), Some(jpeg)).unwrap()).collect::<Vec<_>>())
+                })
+                .collect();
+            runs.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        for (t, run) in got.iter().enumerate() {
+            for (((name, _), a), b) in frames.iter().zip(&want).zip(run) {
+                let path = if a.path == "planes" { "gpu_planes" } else { "gpu" };
+                if b.path != path || a.jpeg != b.jpeg {
+                    failures.push(format!("`{spec}` {name} (thread {t}): cpu {} {}x{}, gpu {} {}x{}, JPEGs equal: {}", a.path, a.width, a.height, b.path, b.width, b.height, a.jpeg == b.jpeg));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "GPU differs from CPU:\n{}", failures.join("\n"));
+}

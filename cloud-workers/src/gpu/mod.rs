@@ -5,7 +5,9 @@
 //! - **Same results as the CPU backend.** Every op is integer arithmetic mirroring
 //!   [`crate::ops`] — including resize, whose fixed-point Lanczos3 tables are computed on the
 //!   CPU exactly as the CPU backend's resizer computes them ([`plan`]) — so the two backends
-//!   agree bit for bit; the parity tests compare them pixel by pixel on real photographs.
+//!   agree bit for bit; the parity tests compare them pixel by pixel on real photographs. A
+//!   4:2:0 frame's colour ops run on its YUV planes on both backends (the stage's plane lanes,
+//!   [`stage`]; definitions in [`crate::plane_ops`]).
 //! - **Batches.** Frames of one size are uploaded into one buffer and every pass is a single
 //!   dispatch over the whole batch (`workgroup_id.z` = frame), so a GPU sees work large enough
 //!   to fill it; buffers, bind groups and pipelines are created once per input size and reused.

@@ -4,6 +4,12 @@
 //! submits the next one — two batches in flight at most, one per buffer set. Each frame's
 //! result goes back to the thread that sent it, which encodes and publishes as before, so
 //! ordering per camera and the exactly-once release are untouched.
+//!
+//! A 4:2:0 frame whose pipeline has a definition on the YUV planes ([`crate::plane_ops`]) is
+//! sent as its three planes instead of RGB — half the bytes up and down — on two more lanes:
+//! the luma plane through the luma pipeline, both chroma planes through the chroma pipeline
+//! ([`crate::plane_ops::plane_pipelines`]). Each lane has its own [`Runner`]; a batch holds
+//! images of one lane and one size.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -15,8 +21,22 @@ use super::{Gpu, GpuOutput, Runner, Ticket};
 use crate::ops::{Img, Pipeline};
 
 type Reply = Sender<Result<GpuOutput, String>>;
+/// Width, height, channels.
+type Shape = (u32, u32, u8);
+
+/// Which runner an image goes through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Lane {
+    /// A whole decoded frame (RGB or luma) through the pipeline.
+    Frame = 0,
+    /// A 4:2:0 frame's Y plane through the luma pipeline.
+    Luma = 1,
+    /// One of its chroma planes through the chroma pipeline.
+    Chroma = 2,
+}
 
 struct Request {
+    lane: Lane,
     img: Img,
     reply: Reply,
 }
@@ -40,29 +60,53 @@ impl GpuClient {
     /// Runs the pipeline on `img` on the GPU; `Err` says why it could not (the caller falls
     /// back to the CPU for this frame).
     pub fn process(&self, img: Img) -> Result<GpuOutput, String> {
-        let (reply, rx) = bounded(1);
-        self.tx.send(Request { img, reply }).map_err(|_| "the GPU stage has stopped".to_owned())?;
-        rx.recv().map_err(|_| "the GPU stage has stopped".to_owned())?
+        let rx = self.send(Lane::Frame, img)?;
+        rx.recv().map_err(|_| stopped())?
     }
+
+    /// Runs the pipeline's plane definitions on a 4:2:0 frame's planes (Y, Cb, Cr; see
+    /// [`crate::plane_ops`]) and returns them in that order; `Err` as for [`Self::process`].
+    pub fn process_planes(&self, planes: Vec<Img>) -> Result<Vec<Img>, String> {
+        if planes.len() != 3 {
+            return Err(format!("{} planes, not Y, Cb and Cr", planes.len()));
+        }
+        // All three are queued before waiting, so they can share batches with other frames'.
+        let waits: Vec<_> = planes.into_iter().enumerate().map(|(k, img)| self.send(if k == 0 { Lane::Luma } else { Lane::Chroma }, img)).collect::<Result<_, _>>()?;
+        waits.into_iter().map(|rx| rx.recv().map_err(|_| stopped())?.map(|o| o.img)).collect()
+    }
+
+    fn send(&self, lane: Lane, img: Img) -> Result<Receiver<Result<GpuOutput, String>>, String> {
+        let (reply, rx) = bounded(1);
+        self.tx.send(Request { lane, img, reply }).map_err(|_| stopped())?;
+        Ok(rx)
+    }
+}
+
+fn stopped() -> String {
+    "the GPU stage has stopped".to_owned()
 }
 
 /// Starts the stage's thread; it ends when every [`GpuClient`] is dropped.
 pub fn spawn(gpu: Arc<Gpu>, pipeline: Pipeline, motion: bool, batch: usize, batch_wait: Duration, stats: Arc<StageStats>) -> std::io::Result<GpuClient> {
-    let (tx, rx) = bounded::<Request>(batch.max(1) * 2);
+    // A frame is up to three requests (its planes).
+    let (tx, rx) = bounded::<Request>(batch.max(1) * 6);
     std::thread::Builder::new().name("gpu".into()).spawn(move || {
-        let runner = Runner::new(gpu, pipeline, motion, batch);
-        Stage { runner, rx, batch: batch.max(1), batch_wait, stats, inflight: VecDeque::new() }.run()
+        // Runners make nothing on the device before their first frame: unused lanes cost nothing.
+        let (luma, chroma) = crate::plane_ops::plane_pipelines(&pipeline).unwrap_or_default();
+        let runners = [Runner::new(gpu.clone(), pipeline, motion, batch), Runner::new(gpu.clone(), luma, false, batch), Runner::new(gpu, chroma, false, batch * 2)];
+        Stage { runners, rx, batch: batch.max(1), batch_wait, stats, inflight: VecDeque::new() }.run()
     })?;
     Ok(GpuClient { tx })
 }
 
 struct Stage {
-    runner: Runner,
+    /// One per [`Lane`], indexed by it.
+    runners: [Runner; 3],
     rx: Receiver<Request>,
     batch: usize,
     batch_wait: Duration,
     stats: Arc<StageStats>,
-    inflight: VecDeque<(Ticket, Vec<Reply>)>,
+    inflight: VecDeque<(Lane, Ticket, Vec<Reply>)>,
 }
 
 impl Stage {
@@ -92,7 +136,8 @@ impl Stage {
             };
             let mut reqs = vec![first];
             let deadline = Instant::now() + self.batch_wait;
-            while reqs.len() < self.batch {
+            // `batch` frames: a frame sent as planes is three requests.
+            while reqs.len() < self.batch * if reqs[0].lane == Lane::Frame { 1 } else { 3 } {
                 match self.rx.recv_deadline(deadline) {
                     Ok(r) => reqs.push(r),
                     Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
@@ -103,54 +148,62 @@ impl Stage {
     }
 
     fn submit(&mut self, reqs: Vec<Request>) {
-        let mut groups: HashMap<(u32, u32, u8), Vec<Request>> = HashMap::new();
+        let mut groups: HashMap<(Lane, Shape), Vec<Request>> = HashMap::new();
         for r in reqs {
-            groups.entry((r.img.width, r.img.height, r.img.channels)).or_default().push(r);
+            groups.entry((r.lane, (r.img.width, r.img.height, r.img.channels))).or_default().push(r);
         }
-        for (size, mut group) in groups {
-            let cap = match self.runner.capacity(size) {
+        // Luma before chroma: a frame's planes come back in the order its thread waits for them.
+        let mut groups: Vec<_> = groups.into_iter().collect();
+        groups.sort_by_key(|((lane, _), _)| *lane as u8);
+        for ((lane, size), mut group) in groups {
+            let cap = match self.runners[lane as usize].capacity(size) {
                 Ok(c) => c,
                 Err(e) => {
-                    self.fail(group.into_iter().map(|r| r.reply), &e.to_string());
+                    self.fail(lane, group.into_iter().map(|r| r.reply), &e.to_string());
                     continue;
                 }
             };
             while !group.is_empty() {
                 let rest = group.split_off(cap.min(group.len()));
                 let chunk = std::mem::replace(&mut group, rest);
-                // Two buffer sets per size: never more than two batches on the GPU.
-                while self.inflight.len() >= 2 {
+                // Two buffer sets per size: never more than two batches of a lane on the GPU.
+                while self.inflight.iter().filter(|(l, _, _)| *l == lane).count() >= 2 {
                     self.finish_oldest();
                 }
                 let frames: Vec<&Img> = chunk.iter().map(|r| &r.img).collect();
-                let submitted = self.runner.submit(&frames);
+                let submitted = self.runners[lane as usize].submit(&frames);
                 let replies: Vec<Reply> = chunk.into_iter().map(|r| r.reply).collect();
                 match submitted {
-                    Ok(t) => self.inflight.push_back((t, replies)),
-                    Err(e) => self.fail(replies.into_iter(), &e.to_string()),
+                    Ok(t) => self.inflight.push_back((lane, t, replies)),
+                    Err(e) => self.fail(lane, replies.into_iter(), &e.to_string()),
                 }
             }
         }
     }
 
     fn finish_oldest(&mut self) {
-        let Some((ticket, replies)) = self.inflight.pop_front() else { return };
-        match self.runner.finish(ticket) {
+        let Some((lane, ticket, replies)) = self.inflight.pop_front() else { return };
+        match self.runners[lane as usize].finish(ticket) {
             Ok(outs) => {
                 self.stats.batches.inc();
-                self.stats.frames.inc_by(outs.len() as u64);
+                // A frame's planes count once, with its luma plane.
+                if lane != Lane::Chroma {
+                    self.stats.frames.inc_by(outs.len() as u64);
+                }
                 for (reply, out) in replies.into_iter().zip(outs) {
                     let _ = reply.send(Ok(out));
                 }
             }
-            Err(e) => self.fail(replies.into_iter(), &e.to_string()),
+            Err(e) => self.fail(lane, replies.into_iter(), &e.to_string()),
         }
     }
 
-    fn fail(&self, replies: impl Iterator<Item = Reply>, why: &str) {
+    fn fail(&self, lane: Lane, replies: impl Iterator<Item = Reply>, why: &str) {
         tracing::warn!(error = why, "GPU batch failed; its frames are processed on the CPU");
         for r in replies {
-            self.stats.errors.inc();
+            if lane != Lane::Chroma {
+                self.stats.errors.inc();
+            }
             let _ = r.send(Err(why.to_owned()));
         }
     }
