@@ -99,17 +99,7 @@ impl Decoder {
 
     fn decode_once(&mut self, jpeg: &[u8], max_pixels: u64, at_least: Option<(u32, u32)>, luma_only: bool) -> Result<Img, DecodeError> {
         let header = self.header_once(jpeg, max_pixels)?;
-        let mut scale = ScalingFactor::ONE;
-        if let Some((tw, th)) = at_least {
-            for num in [1usize, 2, 4] {
-                let f = ScalingFactor::new(num, 8);
-                let s = header.scaled(f);
-                if s.width >= tw as usize && s.height >= th as usize {
-                    scale = f;
-                    break;
-                }
-            }
-        }
+        let scale = at_least.map_or(ScalingFactor::ONE, |t| dct_scale(&header, t));
         self.d.set_scaling_factor(scale).map_err(|e| DecodeError::Corrupt(e.to_string()))?;
         let s = header.scaled(scale);
         let (format, ch) = if luma_only { (PixelFormat::GRAY, 1) } else { (PixelFormat::RGB, 3) };
@@ -120,6 +110,19 @@ impl Decoder {
         result?;
         Ok(Img::new(s.width as u32, s.height as u32, ch as u8, data))
     }
+}
+
+/// The smallest DCT scale (1/8, 2/8, 4/8 or 1) at which the frame is still at least
+/// `tw`×`th`: decoding at it does part of a shrinking resize for free.
+pub fn dct_scale(header: &DecompressHeader, (tw, th): (u32, u32)) -> ScalingFactor {
+    for num in [1usize, 2, 4] {
+        let f = ScalingFactor::new(num, 8);
+        let s = header.scaled(f);
+        if s.width >= tw as usize && s.height >= th as usize {
+            return f;
+        }
+    }
+    ScalingFactor::ONE
 }
 
 impl Default for Decoder {

@@ -15,7 +15,7 @@
 //! are the source's decoded planes moved (tested sample for sample), where the pixel path
 //! upsamples chroma, converts to RGB, rotates, converts back and downsamples.
 
-use turbojpeg::{Compressor, DecompressHeader, Decompressor, Subsamp, YuvImage};
+use turbojpeg::{Compressor, DecompressHeader, Decompressor, ScalingFactor, Subsamp, YuvImage};
 
 use crate::lossless::{Plan, Rect};
 use crate::ops::Pipeline;
@@ -61,10 +61,20 @@ impl PlaneCodec {
 
     /// The frame's planes, Y then Cb and Cr, rows unpadded (Y padded to whole cells).
     pub(crate) fn decode(&mut self, jpeg: &[u8], header: &DecompressHeader) -> Option<Vec<u8>> {
-        let len = plane_sizes(header.width, header.height, header.subsamp).iter().map(|(a, b)| a * b).sum();
+        self.decode_scaled(jpeg, header, ScalingFactor::ONE)
+    }
+
+    /// [`PlaneCodec::decode`] at a DCT scale: the planes of `header.scaled(scale)`.
+    pub(crate) fn decode_scaled(&mut self, jpeg: &[u8], header: &DecompressHeader, scale: ScalingFactor) -> Option<Vec<u8>> {
+        let s = header.scaled(scale);
+        let len = plane_sizes(s.width, s.height, header.subsamp).iter().map(|(a, b)| a * b).sum();
         let mut buf = vec![0u8; len];
-        let image = YuvImage { pixels: &mut buf[..], width: header.width, align: 1, height: header.height, subsamp: header.subsamp };
-        match self.d.decompress_to_yuv(jpeg, image) {
+        let image = YuvImage { pixels: &mut buf[..], width: s.width, align: 1, height: s.height, subsamp: header.subsamp };
+        let decoded = self.d.set_scaling_factor(scale).and_then(|()| self.d.decompress_to_yuv(jpeg, image));
+        if scale != ScalingFactor::ONE {
+            let _ = self.d.set_scaling_factor(ScalingFactor::ONE);
+        }
+        match decoded {
             Ok(()) => Some(buf),
             Err(e) => {
                 tracing::debug!(error = %e, "decoding to YUV planes failed; the pixel path takes the frame");

@@ -90,7 +90,8 @@ pub struct Processor {
     lossless: Option<crate::lossless::Lossless>,
     /// Rotations and crops on the YUV planes, where the DCT domain cannot do them exactly.
     planes: Option<crate::planes::PlaneGeometry>,
-    /// Colour ops (and a plain re-encode) on the YUV planes (CPU backend).
+    /// Colour ops (and a plain re-encode) on the YUV planes (the ops on the GPU stage with
+    /// the GPU backend; a plain re-encode on the CPU on both).
     plane_ops: Option<crate::plane_ops::PlaneOps>,
     /// Partial decodes of the region a leading `crop` keeps (CPU backend, no models).
     region: Option<crate::region::RegionDecoder>,
@@ -301,8 +302,8 @@ impl Processor {
             let mut op_times = Vec::with_capacity(self.pipeline.0.len());
             let mut path = "planes";
             let planes = match &self.gpu {
-                None => Some(p.run(planes, &mut op_times)),
-                Some(gpu) => {
+                // A plain re-encode has nothing for the GPU to do.
+                Some(gpu) if !self.pipeline.0.is_empty() => {
                     let (subsamp, t) = (planes.subsamp, Instant::now());
                     match gpu.process_planes(planes.planes) {
                         Ok(out) => {
@@ -318,6 +319,7 @@ impl Processor {
                         }
                     }
                 }
+                _ => Some(p.run(planes, &mut op_times)),
             };
             if let Some((jpeg, (width, height))) = planes.and_then(|planes| p.finish(planes)) {
                 return Ok(Processed { meta, jpeg: Some(jpeg), width, height, event: None, took: started.elapsed(), op_times, models: Vec::new(), dct, path });

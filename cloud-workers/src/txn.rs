@@ -68,8 +68,11 @@ pub const COMMIT_WITHIN: Duration = Duration::from_secs(30);
 pub const COMMIT_AFTER_STOP: Duration = Duration::from_secs(10);
 /// How long an abort may take; past it the producer is replaced.
 pub const ABORT_WITHIN: Duration = Duration::from_secs(10);
-/// Reading the committed offsets and seeking to them after an abort; failing is fatal.
+/// Reading the committed offsets and seeking to them after an abort, one try.
 const REWIND_WITHIN: Duration = Duration::from_secs(20);
+/// A rewind that keeps failing (the group coordinator down) is tried again, records polled
+/// meanwhile dropped, until this long after its first failure; then the worker stops.
+const REWIND_GIVE_UP: Duration = Duration::from_secs(180);
 /// The longest a single librdkafka call waits before the deadlines are checked again.
 const SLICE: Duration = Duration::from_millis(500);
 /// How long past its own deadline a call on a helper thread may take before it is judged hung.
@@ -127,6 +130,8 @@ pub struct Transactions<C: ProducerContext + 'static, T> {
     dirty: AtomicBool,
     /// Set on abort: the poll loop must seek every assigned partition back to its committed offset.
     rewind: AtomicBool,
+    /// When the rewind owed first failed (it is tried again until [`REWIND_GIVE_UP`]).
+    rewind_failing_since: std::sync::Mutex<Option<Instant>>,
     last_commit: std::sync::Mutex<Instant>,
     /// The worker's stop request: shortens a commit under way.
     shutdown: Shutdown,
@@ -156,6 +161,7 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
             gate: RwLock::new(()),
             dirty: AtomicBool::new(false),
             rewind: AtomicBool::new(false),
+            rewind_failing_since: std::sync::Mutex::new(None),
             last_commit: std::sync::Mutex::new(Instant::now()),
             shutdown,
             timeouts_in_a_row: std::sync::atomic::AtomicU32::new(0),
@@ -366,15 +372,38 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
     }
 
     /// After an abort: seeks every assigned partition back to its committed offset (the poll
-    /// loop calls this, and drops the record it just polled). Returns whether it rewound.
+    /// loop calls this, and drops the record it just polled). Returns whether a rewind was
+    /// owed: then the polled record is dropped — also when the rewind failed and stays owed
+    /// (reading the committed offsets needs the group coordinator, which may be down: tried
+    /// again at the next poll, for up to [`REWIND_GIVE_UP`]; records polled meanwhile come
+    /// again after the rewind). `Err` once it has failed for that long.
     pub fn take_rewind<X: ConsumerContext>(&self, consumer: &BaseConsumer<X>, reset_to_end: bool) -> KafkaResult<bool> {
         if !self.rewind.swap(false, Ordering::SeqCst) {
             return Ok(false);
         }
-        let n = rewind_to_committed(consumer, reset_to_end)?;
-        tracing::warn!(partitions = n, "Rewound to the last committed offsets after an aborted transaction.");
-        Ok(true)
+        let mut since = self.rewind_failing_since.lock().unwrap();
+        match rewind_to_committed(consumer, reset_to_end, REWIND_WITHIN) {
+            Ok(n) => {
+                *since = None;
+                tracing::warn!(partitions = n, "Rewound to the last committed offsets after an aborted transaction.");
+                Ok(true)
+            }
+            Err(e) => {
+                let first = *since.get_or_insert_with(Instant::now);
+                if !keep_trying(first, Instant::now()) {
+                    return Err(e);
+                }
+                self.rewind.store(true, Ordering::SeqCst);
+                tracing::warn!(error = %e, failing_for_s = first.elapsed().as_secs(), "Rewind after an aborted transaction failed; trying again (records polled meanwhile come again).");
+                Ok(true)
+            }
+        }
     }
+}
+
+/// Whether a rewind failing since `first` is tried again at `now`.
+fn keep_trying(first: Instant, now: Instant) -> bool {
+    now.saturating_duration_since(first) < REWIND_GIVE_UP
 }
 
 /// Seeks every partition assigned to `consumer` to its committed offset (no committed offset:
@@ -384,13 +413,17 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
 /// timed out and the assignment was dropped — is nothing to rewind: whoever is assigned a
 /// partition next starts from its committed offset. (librdkafka refuses a seek of an empty
 /// list with `_INVALID_ARG`; the worker used to stop on it after a group coordinator's crash.)
-fn rewind_to_committed<X: ConsumerContext>(consumer: &BaseConsumer<X>, reset_to_end: bool) -> KafkaResult<usize> {
+///
+/// A partition whose committed offset could not be read fails the whole rewind (rather than
+/// being sought to the `auto.offset.reset` end, which would skip or repeat records).
+fn rewind_to_committed<X: ConsumerContext>(consumer: &BaseConsumer<X>, reset_to_end: bool, within: Duration) -> KafkaResult<usize> {
     if consumer.assignment()?.count() == 0 {
         return Ok(0);
     }
-    let committed = consumer.committed(REWIND_WITHIN)?;
+    let committed = consumer.committed(within)?;
     let mut seek = TopicPartitionList::new();
     for e in committed.elements() {
+        e.error()?;
         let to = match e.offset() {
             Offset::Offset(o) => Offset::Offset(o),
             _ if reset_to_end => Offset::End,
@@ -401,7 +434,7 @@ fn rewind_to_committed<X: ConsumerContext>(consumer: &BaseConsumer<X>, reset_to_
     if seek.count() == 0 {
         return Ok(0);
     }
-    for e in consumer.seek_partitions(seek, REWIND_WITHIN)?.elements() {
+    for e in consumer.seek_partitions(seek, within)?.elements() {
         if let Err(err) = e.error() {
             tracing::warn!(topic = e.topic(), partition = e.partition(), error = %err, "Rewind of a partition failed.");
         }
@@ -651,9 +684,31 @@ mod tests {
         assert!(matches!(&empty, Err(KafkaError::Seek(m)) if m.contains("INVALID_ARG")), "librdkafka refuses an empty seek: {empty:?}");
         let start = Instant::now();
         for reset_to_end in [false, true] {
-            assert_eq!(rewind_to_committed(&consumer, reset_to_end).unwrap(), 0);
+            assert_eq!(rewind_to_committed(&consumer, reset_to_end, REWIND_WITHIN).unwrap(), 0);
         }
         assert!(start.elapsed() < REWIND_WITHIN, "no wait for a coordinator");
+    }
+
+    /// With a partition assigned and no coordinator to answer, the rewind fails within its
+    /// time (and is then tried again by `take_rewind`, until `REWIND_GIVE_UP`).
+    #[test]
+    fn a_rewind_without_a_coordinator_fails_in_time_and_is_retried_for_a_while() {
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:9")
+            .set("group.id", "fl-unit-rewind")
+            .set("log_level", "0")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition("frames", 0);
+        consumer.assign(&tpl).unwrap();
+        let start = Instant::now();
+        assert!(rewind_to_committed(&consumer, false, Duration::from_secs(1)).is_err());
+        assert!(start.elapsed() < Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert!(keep_trying(t0, t0 + Duration::from_secs(60)));
+        assert!(keep_trying(t0, t0 + REWIND_GIVE_UP - Duration::from_millis(1)));
+        assert!(!keep_trying(t0, t0 + REWIND_GIVE_UP));
     }
 
     #[test]

@@ -44,6 +44,7 @@ struct Request {
 /// Counters of the stage (exported as metrics).
 #[derive(Default)]
 pub struct StageStats {
+    /// Batches submitted (a frame sent as planes is in a luma and, most often, a chroma batch).
     pub batches: prometheus_client::metrics::counter::Counter,
     pub frames: prometheus_client::metrics::counter::Counter,
     /// Frames whose batch failed (processed on the CPU instead).
@@ -54,6 +55,10 @@ pub struct StageStats {
 #[derive(Clone)]
 pub struct GpuClient {
     tx: Sender<Request>,
+    /// Whether the pipeline has plane definitions, and whether its chroma pipeline is empty
+    /// (`sharpen` alone: the chroma planes need no round trip).
+    planes: Option<bool>,
+    stats: Arc<StageStats>,
 }
 
 impl GpuClient {
@@ -66,13 +71,45 @@ impl GpuClient {
 
     /// Runs the pipeline's plane definitions on a 4:2:0 frame's planes (Y, Cb, Cr; see
     /// [`crate::plane_ops`]) and returns them in that order; `Err` as for [`Self::process`].
+    /// A frame counts once in `gpu_frames` or `gpu_fallbacks`, whichever lane failed.
     pub fn process_planes(&self, planes: Vec<Img>) -> Result<Vec<Img>, String> {
+        let r = self.planes_on_lanes(planes);
+        match &r {
+            Ok(_) => self.stats.frames.inc(),
+            Err(_) => self.stats.errors.inc(),
+        };
+        r
+    }
+
+    fn planes_on_lanes(&self, planes: Vec<Img>) -> Result<Vec<Img>, String> {
+        let chroma_unchanged = self.planes.ok_or("the pipeline has no definition on the YUV planes")?;
         if planes.len() != 3 {
             return Err(format!("{} planes, not Y, Cb and Cr", planes.len()));
         }
-        // All three are queued before waiting, so they can share batches with other frames'.
-        let waits: Vec<_> = planes.into_iter().enumerate().map(|(k, img)| self.send(if k == 0 { Lane::Luma } else { Lane::Chroma }, img)).collect::<Result<_, _>>()?;
-        waits.into_iter().map(|rx| rx.recv().map_err(|_| stopped())?.map(|o| o.img)).collect()
+        // All are queued before waiting, so they can share batches with other frames'.
+        let mut out = Vec::with_capacity(3);
+        let mut waits = Vec::with_capacity(3);
+        for (k, img) in planes.into_iter().enumerate() {
+            match k {
+                0 => waits.push(Some(self.send(Lane::Luma, img)?)),
+                _ if chroma_unchanged => {
+                    out.push(Some(img));
+                    waits.push(None);
+                    continue;
+                }
+                _ => waits.push(Some(self.send(Lane::Chroma, img)?)),
+            }
+            out.push(None);
+        }
+        let mut result = Vec::with_capacity(3);
+        for (kept, wait) in out.into_iter().zip(waits) {
+            result.push(match (kept, wait) {
+                (Some(img), _) => img,
+                (None, Some(rx)) => rx.recv().map_err(|_| stopped())??.img,
+                (None, None) => unreachable!("a plane either kept or sent"),
+            });
+        }
+        Ok(result)
     }
 
     fn send(&self, lane: Lane, img: Img) -> Result<Receiver<Result<GpuOutput, String>>, String> {
@@ -90,13 +127,17 @@ fn stopped() -> String {
 pub fn spawn(gpu: Arc<Gpu>, pipeline: Pipeline, motion: bool, batch: usize, batch_wait: Duration, stats: Arc<StageStats>) -> std::io::Result<GpuClient> {
     // A frame is up to three requests (its planes).
     let (tx, rx) = bounded::<Request>(batch.max(1) * 6);
+    let plane_pipelines = crate::plane_ops::plane_pipelines(&pipeline);
+    let planes = plane_pipelines.as_ref().map(|(_, chroma)| chroma.0.is_empty());
+    let client = GpuClient { tx, planes, stats: stats.clone() };
     std::thread::Builder::new().name("gpu".into()).spawn(move || {
-        // Runners make nothing on the device before their first frame: unused lanes cost nothing.
-        let (luma, chroma) = crate::plane_ops::plane_pipelines(&pipeline).unwrap_or_default();
+        // Runners make nothing on the device before their first frame: unused lanes cost nothing
+        // (without plane definitions the client sends nothing to theirs).
+        let (luma, chroma) = plane_pipelines.unwrap_or_default();
         let runners = [Runner::new(gpu.clone(), pipeline, motion, batch), Runner::new(gpu.clone(), luma, false, batch), Runner::new(gpu, chroma, false, batch * 2)];
         Stage { runners, rx, batch: batch.max(1), batch_wait, stats, inflight: VecDeque::new() }.run()
     })?;
-    Ok(GpuClient { tx })
+    Ok(client)
 }
 
 struct Stage {
@@ -186,8 +227,8 @@ impl Stage {
         match self.runners[lane as usize].finish(ticket) {
             Ok(outs) => {
                 self.stats.batches.inc();
-                // A frame's planes count once, with its luma plane.
-                if lane != Lane::Chroma {
+                // A frame sent as planes is counted once, by its client.
+                if lane == Lane::Frame {
                     self.stats.frames.inc_by(outs.len() as u64);
                 }
                 for (reply, out) in replies.into_iter().zip(outs) {
@@ -201,7 +242,7 @@ impl Stage {
     fn fail(&self, lane: Lane, replies: impl Iterator<Item = Reply>, why: &str) {
         tracing::warn!(error = why, "GPU batch failed; its frames are processed on the CPU");
         for r in replies {
-            if lane != Lane::Chroma {
+            if lane == Lane::Frame {
                 self.stats.errors.inc();
             }
             let _ = r.send(Err(why.to_owned()));
