@@ -668,17 +668,17 @@ mod tests {
         Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut))
     }
 
+    /// A group consumer whose bootstrap address answers nothing.
+    fn consumer_without_a_broker() -> BaseConsumer {
+        rdkafka::ClientConfig::new().set("bootstrap.servers", "127.0.0.1:9").set("group.id", "fl-unit-rewind").set("log_level", "0").create().unwrap()
+    }
+
     /// After the commit on revocation was aborted, or the session timed out, nothing is
     /// assigned: the rewind is a no-op, not an error that stops the worker (a seek of the empty
     /// list is `_INVALID_ARG` in librdkafka). No broker is needed: nothing is asked of one.
     #[test]
     fn a_rewind_with_nothing_assigned_seeks_nothing_and_succeeds() {
-        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", "127.0.0.1:9")
-            .set("group.id", "fl-unit-rewind")
-            .set("log_level", "0")
-            .create()
-            .unwrap();
+        let consumer = consumer_without_a_broker();
         assert_eq!(consumer.assignment().unwrap().count(), 0);
         let empty = consumer.seek_partitions(TopicPartitionList::new(), Duration::from_secs(1));
         assert!(matches!(&empty, Err(KafkaError::Seek(m)) if m.contains("INVALID_ARG")), "librdkafka refuses an empty seek: {empty:?}");
@@ -693,12 +693,7 @@ mod tests {
     /// time (and is then tried again by `take_rewind`, until `REWIND_GIVE_UP`).
     #[test]
     fn a_rewind_without_a_coordinator_fails_in_time_and_is_retried_for_a_while() {
-        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", "127.0.0.1:9")
-            .set("group.id", "fl-unit-rewind")
-            .set("log_level", "0")
-            .create()
-            .unwrap();
+        let consumer = consumer_without_a_broker();
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition("frames", 0);
         consumer.assign(&tpl).unwrap();

@@ -87,29 +87,22 @@ impl GpuClient {
             return Err(format!("{} planes, not Y, Cb and Cr", planes.len()));
         }
         // All are queued before waiting, so they can share batches with other frames'.
-        let mut out = Vec::with_capacity(3);
-        let mut waits = Vec::with_capacity(3);
-        for (k, img) in planes.into_iter().enumerate() {
-            match k {
-                0 => waits.push(Some(self.send(Lane::Luma, img)?)),
-                _ if chroma_unchanged => {
-                    out.push(Some(img));
-                    waits.push(None);
-                    continue;
-                }
-                _ => waits.push(Some(self.send(Lane::Chroma, img)?)),
-            }
-            out.push(None);
-        }
-        let mut result = Vec::with_capacity(3);
-        for (kept, wait) in out.into_iter().zip(waits) {
-            result.push(match (kept, wait) {
-                (Some(img), _) => img,
-                (None, Some(rx)) => rx.recv().map_err(|_| stopped())??.img,
-                (None, None) => unreachable!("a plane either kept or sent"),
-            });
-        }
-        Ok(result)
+        let pending = planes
+            .into_iter()
+            .enumerate()
+            .map(|(k, img)| match k {
+                0 => self.send(Lane::Luma, img).map(Plane::Sent),
+                _ if chroma_unchanged => Ok(Plane::Kept(img)),
+                _ => self.send(Lane::Chroma, img).map(Plane::Sent),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        pending
+            .into_iter()
+            .map(|p| match p {
+                Plane::Kept(img) => Ok(img),
+                Plane::Sent(rx) => Ok(rx.recv().map_err(|_| stopped())??.img),
+            })
+            .collect()
     }
 
     fn send(&self, lane: Lane, img: Img) -> Result<Receiver<Result<GpuOutput, String>>, String> {
@@ -117,6 +110,12 @@ impl GpuClient {
         self.tx.send(Request { lane, img, reply }).map_err(|_| stopped())?;
         Ok(rx)
     }
+}
+
+/// A plane of a frame on its way: kept as it is (an empty chroma pipeline) or on a lane.
+enum Plane {
+    Kept(Img),
+    Sent(Receiver<Result<GpuOutput, String>>),
 }
 
 fn stopped() -> String {
