@@ -142,6 +142,14 @@ def main():
         rows.append((spec or "(re-encode only)", ms, pixel_ms, path, cv_ms, pil_ms))
         print(f"{spec or '(re-encode only)':<28} framelink {1e3 / ms:7.1f} fps ({path})  pixel path {1e3 / pixel_ms:7.1f} fps  opencv {1e3 / cv_ms:7.1f} fps  pillow {1e3 / pil_ms:7.1f} fps", flush=True)
 
+    # The plain re-encode of the same picture encoded at q80 (the agent's default): the
+    # worker's DCT-domain re-encode then rescales every coefficient into q85's tables.
+    jpeg80 = open(frame + ".q80.jpg", "rb").read()
+    cv_ms, pil_ms = median_ms(run_cv, jpeg80, "", args.seconds), median_ms(run_pil, jpeg80, "", args.seconds)
+    ms, pixel_ms, path = rust["@q80"]
+    rows.insert(1, ("(re-encode of a q80 frame)", ms, pixel_ms, path, cv_ms, pil_ms))
+    print(f"{'(re-encode of a q80 frame)':<28} framelink {1e3 / ms:7.1f} fps ({path})  pixel path {1e3 / pixel_ms:7.1f} fps  opencv {1e3 / cv_ms:7.1f} fps  pillow {1e3 / pil_ms:7.1f} fps", flush=True)
+
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -154,7 +162,8 @@ def main():
         "glibc malloc, both sides: " + ("defaults (FRAMELINK_MALLOC_DEFAULTS=1)." if os.environ.get("FRAMELINK_MALLOC_DEFAULTS") else
                                        f"mmap threshold {os.environ.get('MALLOC_MMAP_THRESHOLD_', 'default')}, trim threshold {os.environ.get('MALLOC_TRIM_THRESHOLD_', 'default')} (framelink-worker's setting)."),
         "",
-        "framelink's path: `dct` = lossless transform in the DCT domain (no decode, no encode), `planes` = geometry or colour",
+        "framelink's path: `dct` = lossless transform in the DCT domain (no decode, no encode; for the re-encode: requantised there),",
+        "`planes` = geometry or colour",
         "ops on the decoded YUV planes, encoded from them (`sharpen` there sharpens the luma only: less work than RGB's three",
         "channels), `region` = only the region of a leading crop decoded, `luma` = the Y plane decoded alone, `pixels` = decode",
         "to RGB, ops, encode.",

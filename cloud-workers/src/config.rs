@@ -70,7 +70,8 @@ pub struct ProcessingConfig {
     pub events_only: bool,
     /// A pipeline of only `rotate`, `crop` and `grayscale` transforms frames in the DCT domain
     /// where that is exact (lossless: no decode, no encode, the source's quality; see
-    /// docs/worker.md). `false`: such frames are decoded and encoded (on their YUV planes, a
+    /// docs/worker.md), and the empty pipeline (a plain re-encode) requantises them there to
+    /// `jpeg_quality`. `false`: such frames are decoded and encoded (on their YUV planes, a
     /// leading crop's region, or RGB). Default true.
     #[serde(default = "default_true")]
     pub dct_transforms: bool,

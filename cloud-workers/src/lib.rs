@@ -20,6 +20,7 @@ pub mod plane_ops;
 pub mod planes;
 pub mod pool;
 pub mod region;
+pub mod requantize;
 pub mod process;
 pub mod publish;
 pub mod run;

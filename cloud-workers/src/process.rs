@@ -39,7 +39,8 @@ pub struct Processed {
     /// For a pipeline the DCT domain can do (`rotate`, `crop`, `grayscale`): whether this frame
     /// was transformed there, or why it took the pixel path.
     pub dct: Option<crate::lossless::Outcome>,
-    /// How the frame was processed: `dct` (lossless transform), `planes` (geometry or colour
+    /// How the frame was processed: `dct` (lossless transform, or the plain re-encode
+    /// requantised in the DCT domain), `planes` (geometry or colour
     /// ops on the YUV planes), `region` (a leading crop's region decoded), `luma` (the Y plane decoded),
     /// `pixels` (decoded to RGB), `gpu` (the GPU backend ran the ops on RGB or luma),
     /// `gpu_planes` (the GPU backend ran colour ops on the YUV planes).
@@ -90,6 +91,8 @@ pub struct Processor {
     lossless: Option<crate::lossless::Lossless>,
     /// Rotations and crops on the YUV planes, where the DCT domain cannot do them exactly.
     planes: Option<crate::planes::PlaneGeometry>,
+    /// The plain re-encode (empty pipeline) in the DCT domain ([`crate::requantize`]).
+    requantize: bool,
     /// Colour ops (and a plain re-encode) on the YUV planes (the ops on the GPU stage with
     /// the GPU backend; a plain re-encode on the CPU on both).
     plane_ops: Option<crate::plane_ops::PlaneOps>,
@@ -116,9 +119,11 @@ impl Processor {
         let region = matches!(pipeline.0.first(), Some(crate::ops::Op::Crop { .. })) && pipeline.models().is_empty();
         let region = region.then(crate::region::RegionDecoder::new);
         let plane_ops = crate::plane_ops::PlaneOps::new(&pipeline, quality);
+        let requantize = pipeline.0.is_empty();
         Self { pipeline, max_pixels, quality, events_only, motion, decoder: Decoder::new(), detector: MotionDetector::default(),
             gpu: None,
             lossless,
+            requantize,
             luma_only,
             planes,
             plane_ops,
@@ -137,10 +142,11 @@ impl Processor {
         self.detector = MotionDetector::default();
     }
 
-    /// Decodes and encodes also where the DCT domain could transform the frame
+    /// Decodes and encodes also where the DCT domain could transform or requantise the frame
     /// (`worker.dct_transforms = false`; the planes, region and luma paths stay).
     pub fn without_dct_transforms(mut self) -> Self {
         self.lossless = None;
+        self.requantize = false;
         self
     }
 
@@ -155,6 +161,7 @@ impl Processor {
     /// What the fast paths are measured against (`cargo bench --bench worker_ops`).
     pub fn without_fast_paths(mut self) -> Self {
         self.lossless = None;
+        self.requantize = false;
         self.luma_only = false;
         self.planes = None;
         self.plane_ops = None;
@@ -293,6 +300,19 @@ impl Processor {
                 if let Some((jpeg, size)) = g.apply(payload, &header) {
                     return Ok(geometry(jpeg, size, "yuv_geometry", t, dct));
                 }
+            }
+        }
+        // A plain re-encode in the DCT domain: no decode, no encode (its own definition,
+        // requantize.rs); frames it does not take go on to the planes.
+        if self.requantize && !self.motion.enabled && !self.events_only {
+            let t = Instant::now();
+            match crate::requantize::requantize(payload, self.quality) {
+                Ok(jpeg) => {
+                    let (width, height) = (header.width as u32, header.height as u32);
+                    let op_times = vec![("dct_requantize".to_owned(), t.elapsed())];
+                    return Ok(Processed { meta, jpeg: Some(jpeg), width, height, event: None, took: started.elapsed(), op_times, models: Vec::new(), dct: None, path: "dct" });
+                }
+                Err(why) => tracing::debug!(?why, "DCT-domain re-encode not taken; decoding the frame"),
             }
         }
         // Colour ops on the planes, on the CPU or on the GPU stage (the same definitions, bit
@@ -582,7 +602,8 @@ mod tests {
         let rgb = turbojpeg::decompress(&rocket(), turbojpeg::PixelFormat::RGB).unwrap();
         let jpeg = turbojpeg::compress(rgb.as_deref(), 90, turbojpeg::Subsamp::Sub2x2).unwrap().to_vec();
         for spec in ["blur:1.5", "sharpen", "", "rotate:270,blur:1"] {
-            let out = processor(spec).process(&info(&[]), Some(&jpeg)).unwrap();
+            // (The plain re-encode is requantised in the DCT domain unless that is off: below.)
+            let out = processor(spec).without_dct_transforms().process(&info(&[]), Some(&jpeg)).unwrap();
             assert_eq!(out.path, "planes", "`{spec}`");
             let ops: Vec<String> = Pipeline::parse(spec).unwrap().0.iter().map(|op| op.to_string()).collect();
             assert_eq!(out.op_times.iter().map(|(op, _)| op.clone()).collect::<Vec<_>>(), ops, "`{spec}`: a time per op");
@@ -598,8 +619,19 @@ mod tests {
                     let d = turbojpeg::decompress(out.jpeg.as_ref().unwrap(), turbojpeg::PixelFormat::RGB).unwrap();
                     d.pixels.iter().zip(&src.pixels).map(|(x, y)| x.abs_diff(*y) as f64).sum::<f64>() / d.pixels.len() as f64
                 };
-                let (planes, rgb) = (off(&out), off(&pixels));
-                assert!(planes < rgb && planes < 3.0, "re-encoded: {planes:.2} levels from the source on the planes, {rgb:.2} through RGB");
+                let (planes, through_rgb) = (off(&out), off(&pixels));
+                assert!(planes < through_rgb && planes < 3.0, "re-encoded: {planes:.2} levels from the source on the planes, {through_rgb:.2} through RGB");
+                // Requantised in the DCT domain (the default): as close to the source as the
+                // planes (within 5 %: a coarser table rounds either way), nothing decoded.
+                let dct = processor(spec).process(&info(&[]), Some(&jpeg)).unwrap();
+                assert_eq!((dct.path, dct.width, dct.height, dct.op_times[0].0.as_str()), ("dct", out.width, out.height, "dct_requantize"));
+                assert!(off(&dct) < planes * 1.05, "requantised: {:.2} levels from the source, {planes:.2} on the planes", off(&dct));
+                // A frame it does not take (progressive) goes to the planes.
+                let mut c = turbojpeg::Compressor::new().unwrap();
+                c.set_progressive(true).unwrap();
+                c.set_subsamp(turbojpeg::Subsamp::Sub2x2).unwrap();
+                let progressive = c.compress_to_vec(rgb.as_deref()).unwrap();
+                assert_eq!(processor(spec).process(&info(&[]), Some(&progressive)).unwrap().path, "planes");
                 continue;
             }
             let sharpen = spec == "sharpen";
