@@ -12,6 +12,14 @@
 #include <string.h>
 
 #include "jpeglib.h"
+#include "jerror.h"
+
+/* GCC's function multiversioning (resolved at load time by an ifunc: glibc x86-64 only). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__GLIBC__)
+#define FL_CLONES 1
+#else
+#define FL_CLONES 0
+#endif
 
 struct fl_error {
   struct jpeg_error_mgr pub;
@@ -31,11 +39,37 @@ static void fl_emit_message(j_common_ptr cinfo, int level) {
 
 static void fl_output_message(j_common_ptr cinfo) { (void)cinfo; }
 
-/* The encoder's output, kept off the stack: libjpeg updates it between setjmp and longjmp. */
+/* The encoder's destination: a buffer that grows, owned here at every moment (libjpeg's own
+ * jpeg_mem_dest keeps the grown buffer to itself until the end, so an error after a growth
+ * could neither free it nor avoid freeing the old one). Kept off the stack: libjpeg updates it
+ * between setjmp and longjmp. */
 struct fl_output {
+  struct jpeg_destination_mgr pub;
   unsigned char *buf;
-  unsigned long size;
+  size_t cap, size;
 };
+
+static void fl_init_destination(j_compress_ptr cinfo) {
+  struct fl_output *o = (struct fl_output *)cinfo->dest;
+  o->pub.next_output_byte = o->buf;
+  o->pub.free_in_buffer = o->cap;
+}
+
+static boolean fl_empty_output_buffer(j_compress_ptr cinfo) {
+  struct fl_output *o = (struct fl_output *)cinfo->dest;
+  unsigned char *grown = realloc(o->buf, o->cap * 2);
+  if (grown == NULL) ERREXIT1(cinfo, JERR_OUT_OF_MEMORY, 10);
+  o->buf = grown;
+  o->pub.next_output_byte = grown + o->cap;
+  o->pub.free_in_buffer = o->cap;
+  o->cap *= 2;
+  return TRUE;
+}
+
+static void fl_term_destination(j_compress_ptr cinfo) {
+  struct fl_output *o = (struct fl_output *)cinfo->dest;
+  o->size = o->cap - o->pub.free_in_buffer;
+}
 
 /* One component's rescaling: round(c * from / to), halves away from zero, for the 64
  * coefficients of a block in natural order, clamped to what an 8-bit baseline JPEG holds
@@ -60,7 +94,7 @@ static void fl_scale_init(struct fl_scale *s, const JQUANT_TBL *from, const JQUA
  * n is first capped at 2^20: the encoder's tables are baseline (to <= 255), so any larger n
  * gives more than 1023 and is clamped anyway; below it the float estimate is within one of
  * the quotient, which the two corrections make exact. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if FL_CLONES
 /* AVX2 where the CPU has it (8 lanes, a native 32-bit multiply), SSE2 elsewhere: 1.7 vs
  * 5.3 ms for the coefficients of a 2-megapixel 4:2:0 frame. */
 __attribute__((target_clones("avx2", "default")))
@@ -81,10 +115,24 @@ static void fl_rescale_block(JCOEF *b, const struct fl_scale *s) {
   }
 }
 
+/* Equal tables: each coefficient is kept, only clamped — libjpeg's decoder accepts values a
+ * baseline encoder cannot code (a custom Huffman table's long AC codes, a drifting DC), and
+ * libjpeg-turbo's SIMD Huffman encoder does not check them, so an unclamped one would be
+ * written as an invalid stream. */
+#if FL_CLONES
+__attribute__((target_clones("avx2", "default")))
+#endif
+static void fl_clamp_block(JCOEF *b) {
+  for (int k = 0; k < DCTSIZE2; k++) {
+    int c = b[k], lo = k == 0 ? -1024 : -1023;
+    b[k] = (JCOEF)(c < lo ? lo : c > 1023 ? 1023 : c);
+  }
+}
+
 /* Returns 0 and the new JPEG in *out (free it with fl_requantize_free), 1 when the frame is not
  * one this path takes (progressive, arithmetic-coded, not 8-bit, not YCbCr or gray, or libjpeg
  * warned while reading it), 2 on an error, described in msg. */
-int fl_requantize(const unsigned char *in, unsigned long in_len, int quality, unsigned char **out, unsigned long *out_len,
+int fl_requantize(const unsigned char *in, unsigned long in_len, int quality, unsigned char **out, size_t *out_len,
                   char *msg, size_t msg_len) {
   struct jpeg_decompress_struct src;
   struct jpeg_compress_struct dst;
@@ -148,12 +196,21 @@ int fl_requantize(const unsigned char *in, unsigned long in_len, int quality, un
     for (int k = 0; k < DCTSIZE2; k++) same &= from->quantval[k] == to->quantval[k];
     for (JDIMENSION row = 0; row < comp->height_in_blocks; row++) {
       JBLOCKARRAY blocks = (*src.mem->access_virt_barray)((j_common_ptr)&src, coefs[ci], row, 1, TRUE);
-      /* Equal tables: every coefficient stays (the clamp never bites on a decodable frame). */
-      if (same) continue;
-      for (JDIMENSION col = 0; col < comp->width_in_blocks; col++) fl_rescale_block(blocks[0][col], &scale);
+      for (JDIMENSION col = 0; col < comp->width_in_blocks; col++) {
+        if (same)
+          fl_clamp_block(blocks[0][col]);
+        else
+          fl_rescale_block(blocks[0][col], &scale);
+      }
     }
   }
-  jpeg_mem_dest(&dst, &o->buf, &o->size);
+  o->cap = in_len + in_len / 4 + 4096; /* usually enough: the result is about the source's size */
+  o->buf = malloc(o->cap);
+  if (o->buf == NULL) ERREXIT1(&dst, JERR_OUT_OF_MEMORY, 11);
+  o->pub.init_destination = fl_init_destination;
+  o->pub.empty_output_buffer = fl_empty_output_buffer;
+  o->pub.term_destination = fl_term_destination;
+  dst.dest = &o->pub;
   jpeg_write_coefficients(&dst, coefs);
   jpeg_finish_compress(&dst);
   jpeg_finish_decompress(&src);
@@ -170,7 +227,8 @@ done:
 
 void fl_requantize_free(unsigned char *buf) { free(buf); }
 
-/* Tests (src/requantize.rs): one block rescaled from table `from` to table `to`, in place. */
+/* Tests (src/requantize.rs): one block rescaled from table `from` to table `to` (clamped only,
+ * when they are equal), in place, as fl_requantize does it. */
 void fl_requantize_block(short *block, const unsigned short *from, const unsigned short *to) {
   JQUANT_TBL f, t;
   struct fl_scale scale;
@@ -179,5 +237,10 @@ void fl_requantize_block(short *block, const unsigned short *from, const unsigne
     t.quantval[k] = to[k];
   }
   fl_scale_init(&scale, &f, &t);
-  fl_rescale_block(block, &scale);
+  int same = 1;
+  for (int k = 0; k < DCTSIZE2; k++) same &= from[k] == to[k];
+  if (same)
+    fl_clamp_block(block);
+  else
+    fl_rescale_block(block, &scale);
 }

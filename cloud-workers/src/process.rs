@@ -303,8 +303,11 @@ impl Processor {
             }
         }
         // A plain re-encode in the DCT domain: no decode, no encode (its own definition,
-        // requantize.rs); frames it does not take go on to the planes.
-        if self.requantize && !self.motion.enabled && !self.events_only {
+        // requantize.rs); frames it does not take go on to the planes. 4:2:0 and gray frames
+        // only: their results keep that subsampling, which is what the other paths encode
+        // (a 4:4:4 frame would stay 4:4:4, larger than the 4:2:0 result it gets there).
+        let subsampled = matches!(header.subsamp, turbojpeg::Subsamp::Sub2x2 | turbojpeg::Subsamp::Gray);
+        if self.requantize && subsampled && !self.motion.enabled && !self.events_only {
             let t = Instant::now();
             match crate::requantize::requantize(payload, self.quality) {
                 Ok(jpeg) => {
@@ -597,6 +600,10 @@ mod tests {
         // rocket.jpg is 4:4:4: such frames take the RGB path (their results stay 4:2:0)...
         let out = processor("blur:1").process(&info(&[]), Some(&rocket())).unwrap();
         assert_eq!(out.path, "pixels");
+        // (Its plain re-encode too: the DCT domain would keep 4:4:4, larger than the 4:2:0
+        // result every other path gives it.)
+        let out = processor("").process(&info(&[]), Some(&rocket())).unwrap();
+        assert_eq!((out.path, turbojpeg::read_header(out.jpeg.as_ref().unwrap()).unwrap().subsamp), ("pixels", turbojpeg::Subsamp::Sub2x2));
         assert_eq!(turbojpeg::read_header(out.jpeg.as_ref().unwrap()).unwrap().subsamp, turbojpeg::Subsamp::Sub2x2);
         // ...4:2:0 ones the planes.
         let rgb = turbojpeg::decompress(&rocket(), turbojpeg::PixelFormat::RGB).unwrap();
