@@ -247,15 +247,26 @@ async fn t7_live_first_sends_new_frames_first_and_backfills_the_rest() {
     agent.wait_for("live frames flowing", Duration::from_secs(60), |a| a.healthz()["link"] != "down" && a.metric("frames_sent_total", &[]) >= 40.0);
     let backlog = agent.metric("spool_records", &[]);
     assert!(backlog >= 30.0, "the backlog drains slowly, beside live frames: {backlog} left");
-    agent.wait_for("everything delivered", Duration::from_secs(120), |a| {
-        a.metric("frames_sent_total", &[]) >= 400.0 && a.metric("spool_records", &[]) == 0.0
+    // A busy machine may make the live camera drop a frame while the encoder is behind
+    // (`encoder_behind`, counted — CI once timed out here waiting for all 400 sent): every
+    // frame is sent or counted so.
+    let behind = |a: &Agent| a.metric("frames_dropped_total", &["reason=\"encoder_behind\""]);
+    agent.wait_for("everything delivered or counted as dropped", Duration::from_secs(120), |a| {
+        a.metric("frames_sent_total", &[]) + behind(a) >= 400.0 && a.metric("spool_records", &[]) == 0.0
     });
+    let (dropped, behind) = (agent.metric("frames_dropped_total", &[]), behind(&agent) as usize);
+    assert_eq!(dropped as usize, behind, "no drop but encoder_behind; metrics:\n{:?}", agent.metrics());
     agent.stop();
     let got = arrived(&broker.mtls(), &topic).await;
     let mut seqs = got.seqs("cam").to_vec();
     assert_ne!(seqs, { let mut s = seqs.clone(); s.sort(); s }, "live frames overtook the backlog");
     seqs.sort();
-    assert_contiguous(&seqs, 0, "every frame exactly once (in some order)");
+    if behind == 0 {
+        assert_contiguous(&seqs, 0, "every frame exactly once (in some order)");
+    } else {
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]) && seqs.last() < Some(&400), "every frame at most once");
+        assert_eq!(seqs.len() + behind, 400, "arrived + encoder_behind drops = captured");
+    }
 }
 
 /// Frames handed to librdkafka just before the broker went away must not die with the agent:

@@ -139,7 +139,7 @@ int fl_requantize(const unsigned char *in, unsigned long in_len, int quality, un
   struct fl_error err;
   struct fl_output *o = calloc(1, sizeof *o);
   volatile int dst_made = 0;
-  int rc = 0;
+  volatile int rc = 0; /* set again after a longjmp, read after it */
   *out = NULL;
   *out_len = 0;
   if (o == NULL) {
