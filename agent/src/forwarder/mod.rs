@@ -262,7 +262,7 @@ impl Forwarder {
                 };
                 self.policy.on_spool_removed(&key, ok);
             }
-            Action::ReadSpool { after, max } => match self.spool.read_after(after.as_ref(), max) {
+            Action::ReadSpool { after, max } => match self.spool.read_after_skipping(after.as_ref(), max, &|k| self.policy.holds(k)) {
                 Ok(batch) => return self.policy.on_spool_batch(batch, self.spool.stats().records),
                 Err(e) => {
                     self.spool_failed("reading", &e);

@@ -127,8 +127,9 @@ pub enum Action {
     /// Delete a delivered (or refused, or damaged) spooled frame; report with
     /// [`LinkPolicy::on_spool_removed`].
     RemoveFromSpool(SpoolKey),
-    /// Read up to `max` spool records after `after`; report with
-    /// [`LinkPolicy::on_spool_batch`] or [`LinkPolicy::on_spool_read_failed`].
+    /// Read up to `max` spool records after `after`, passing over those
+    /// [`LinkPolicy::holds`]; report with [`LinkPolicy::on_spool_batch`] or
+    /// [`LinkPolicy::on_spool_read_failed`].
     ReadSpool { after: Option<SpoolKey>, max: usize },
     /// A spool record that cannot be read: count it (`spool_damaged`). Its removal follows.
     CountDamaged { key: SpoolKey, reason: String },
@@ -718,8 +719,14 @@ impl LinkPolicy {
             return Vec::new();
         }
         self.drain_room = room;
-        // Frames in flight or undeleted come back in the batch and are skipped: read past them.
-        vec![Action::ReadSpool { after: self.cursor.clone(), max: room + self.spool_in_flight.len() + self.undeleted.len() }]
+        vec![Action::ReadSpool { after: self.cursor.clone(), max: room }]
+    }
+
+    /// A spooled frame the drain must not read now: in flight, delivered but not yet deleted,
+    /// or the copy of a live frame still in flight. [`Action::ReadSpool`] passes over these
+    /// (without reading their files); [`LinkPolicy::on_spool_batch`] skips any that come back.
+    pub fn holds(&self, key: &SpoolKey) -> bool {
+        self.spool_in_flight.contains(key) || self.undeleted.contains(key) || self.copied.contains(key)
     }
 
     /// The records an [`Action::ReadSpool`] returned; `spool_records`: the frames in the spool.
@@ -742,7 +749,7 @@ impl LinkPolicy {
                 break;
             }
             self.cursor = Some(key.clone());
-            if self.spool_in_flight.contains(&key) || self.undeleted.contains(&key) || self.copied.contains(&key) {
+            if self.holds(&key) {
                 continue;
             }
             match frame {

@@ -205,7 +205,14 @@ pub trait Spool: Send + Sync {
     /// Up to `max` records with keys after `after` (all when `None`), in key order. A record
     /// whose file is damaged is returned as an error (its file moved to `damaged/`); the
     /// caller counts it with `note_damaged` and removes it.
-    fn read_after(&self, after: Option<&SpoolKey>, max: usize) -> anyhow::Result<Vec<SpoolRead>>;
+    fn read_after(&self, after: Option<&SpoolKey>, max: usize) -> anyhow::Result<Vec<SpoolRead>> {
+        self.read_after_skipping(after, max, &|_| false)
+    }
+    /// As [`Spool::read_after`], passing over the records `skip` names (frames the forwarder
+    /// already holds): their files are not read and they do not count toward `max`. The drain
+    /// reads one frame per acknowledgement while a window of others is in flight; without this
+    /// it read the whole window's files again each time (32 reads per frame sent).
+    fn read_after_skipping(&self, after: Option<&SpoolKey>, max: usize, skip: &dyn Fn(&SpoolKey) -> bool) -> anyhow::Result<Vec<SpoolRead>>;
     /// Deletes a delivered (or damaged) record; false if it was not there.
     fn remove(&self, key: &SpoolKey) -> anyhow::Result<bool>;
     /// Flushes to disk and re-measures disk use.

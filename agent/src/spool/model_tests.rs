@@ -51,7 +51,9 @@ enum Op {
     Push { camera: u8, seq: u64, len: usize },
     /// A frame larger than the whole cap.
     PushOversized { camera: u8, seq: u64 },
-    Read { after: Option<(u8, u64)>, max: usize },
+    /// `skip_odd`: passing over the records with odd sequence numbers (as the drain passes
+    /// over the frames it holds).
+    Read { after: Option<(u8, u64)>, max: usize, skip_odd: bool },
     /// Removes a spooled record (any, when the spool is empty: then absent).
     RemoveSpooled(Index),
     /// Removes a key that may or may not be spooled.
@@ -67,7 +69,7 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         20 => (0..CAMERAS, 0..SEQS, 1..MAX_PAYLOAD).prop_map(|(camera, seq, len)| Op::Push { camera, seq, len }),
         1 => (0..CAMERAS, 0..SEQS).prop_map(|(camera, seq)| Op::PushOversized { camera, seq }),
-        3 => (proptest::option::of((0..CAMERAS, 0..SEQS)), 1..8usize).prop_map(|(after, max)| Op::Read { after, max }),
+        3 => (proptest::option::of((0..CAMERAS, 0..SEQS)), 1..8usize, any::<bool>()).prop_map(|(after, max, skip_odd)| Op::Read { after, max, skip_odd }),
         3 => any::<Index>().prop_map(Op::RemoveSpooled),
         1 => (0..CAMERAS, 0..SEQS).prop_map(|(camera, seq)| Op::RemoveKey { camera, seq }),
         1 => (1..8usize).prop_map(Op::Drain),
@@ -193,9 +195,9 @@ impl Harness {
         match *op {
             Op::Push { camera, seq, len } => self.push(frame(camera, seq, len)),
             Op::PushOversized { camera, seq } => self.push(frame(camera, seq, MAX_BYTES as usize + 1)),
-            Op::Read { after, max } => {
+            Op::Read { after, max, skip_odd } => {
                 let after = after.map(|(c, s)| SpoolKey::new(&camera(c), s));
-                self.read(after.as_ref(), max);
+                self.read_skipping(after.as_ref(), max, skip_odd);
             }
             Op::RemoveSpooled(i) => {
                 let key = match self.model.frames.len() {
@@ -293,12 +295,17 @@ impl Harness {
 
     /// Reads as the forwarder does and compares with the model's records after `after`.
     fn read(&mut self, after: Option<&SpoolKey>, max: usize) -> Vec<SpoolKey> {
-        let got = self.spool().read_after(after, max).unwrap();
+        self.read_skipping(after, max, false)
+    }
+
+    fn read_skipping(&mut self, after: Option<&SpoolKey>, max: usize, skip_odd: bool) -> Vec<SpoolKey> {
+        let skip = |k: &SpoolKey| skip_odd && k.parts().is_some_and(|(_, seq)| seq % 2 == 1);
+        let got = self.spool().read_after_skipping(after, max, &skip).unwrap();
         let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
-        let want: Vec<(&SpoolKey, &Frame)> = self.model.frames.range((lower, Bound::Unbounded)).take(max).collect();
+        let want: Vec<(&SpoolKey, &Frame)> = self.model.frames.range((lower, Bound::Unbounded)).filter(|(k, _)| !skip(k)).take(max).collect();
         let got_keys: Vec<&SpoolKey> = got.iter().map(|(k, _)| k).collect();
         let want_keys: Vec<&SpoolKey> = want.iter().map(|(k, _)| *k).collect();
-        assert_eq!(got_keys, want_keys, "step {}: read_after({after:?}, {max})", self.step);
+        assert_eq!(got_keys, want_keys, "step {}: read_after({after:?}, {max}, skip_odd {skip_odd})", self.step);
         for ((key, frame), (_, model)) in got.iter().zip(&want) {
             assert_eq!(frame.as_ref().unwrap_or_else(|e| panic!("step {}: {key} damaged: {e}", self.step)), *model, "step {}: {key}", self.step);
         }

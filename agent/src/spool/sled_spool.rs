@@ -758,16 +758,25 @@ impl Spool for SledSpool {
         Ok(out)
     }
 
-    fn read_after(&self, after: Option<&SpoolKey>, max: usize) -> Result<Vec<SpoolRead>> {
+    fn read_after_skipping(&self, after: Option<&SpoolKey>, max: usize, skip: &dyn Fn(&SpoolKey) -> bool) -> Result<Vec<SpoolRead>> {
         let mut inner = self.inner.lock().expect("spool lock");
         let iter = match after {
             Some(k) => inner.index.frames.range::<&[u8], _>((std::ops::Bound::Excluded(k.0.as_slice()), std::ops::Bound::Unbounded)),
             None => inner.index.frames.iter(),
         };
-        let entries = iter.take(max).collect::<Result<Vec<_>, _>>().context("reading the spool index")?;
-        let mut out = Vec::with_capacity(entries.len());
-        for (k, v) in entries {
+        let mut entries = Vec::with_capacity(max.min(1024));
+        for entry in iter {
+            if entries.len() >= max {
+                break;
+            }
+            let (k, v) = entry.context("reading the spool index")?;
             let key = SpoolKey(k.to_vec());
+            if !skip(&key) {
+                entries.push((key, v));
+            }
+        }
+        let mut out = Vec::with_capacity(entries.len());
+        for (key, v) in entries {
             let frame = match parse_entry(&v) {
                 None => Err("malformed index entry".to_owned()),
                 Some((id, _)) => {
@@ -1017,6 +1026,34 @@ mod tests {
         let (got, bad) = drain_all(&s);
         assert_eq!((got.len(), bad), (2, 1));
         assert_eq!(std::fs::read(dir.path().join("damaged/f0000000000000001")).unwrap(), bytes, "kept in damaged/");
+    }
+
+
+    #[test]
+    fn a_read_skipping_passes_over_records_without_reading_their_files() {
+        let dir = tempfile::tempdir().unwrap();
+        push_and_close(dir.path(), 0..6);
+        // The file of a skipped record is damaged: a read that opened it would report it and
+        // move it aside.
+        let victim = dir.path().join("frames/f0000000000000001");
+        let mut bytes = std::fs::read(&victim).unwrap();
+        bytes[100] ^= 0xff;
+        std::fs::write(&victim, &bytes).unwrap();
+        let s = SledSpool::open(cfg(dir.path(), 16, FullPolicy::DropOldest)).unwrap();
+        let keys: Vec<SpoolKey> = (0..6).map(|seq| SpoolKey::new("a", seq)).collect();
+        let held = [keys[0].clone(), keys[1].clone(), keys[3].clone()];
+        let skip = |k: &SpoolKey| held.contains(k);
+        let got = s.read_after_skipping(None, 2, &skip).unwrap();
+        let got_keys: Vec<&SpoolKey> = got.iter().map(|(k, _)| k).collect();
+        assert_eq!(got_keys, [&keys[2], &keys[4]], "held records do not count toward max");
+        assert!(got.iter().all(|(_, f)| f.is_ok()));
+        assert!(victim.exists(), "a skipped record's file is not read (nor moved aside)");
+        let rest = s.read_after_skipping(Some(&keys[4]), 10, &skip).unwrap();
+        assert_eq!(rest.iter().map(|(k, _)| k).collect::<Vec<_>>(), [&keys[5]]);
+        assert!(s.read_after_skipping(Some(&keys[5]), 10, &skip).unwrap().is_empty());
+        // Not skipped, the damaged file is found (the check above can fail).
+        let all = s.read_after(None, 6).unwrap();
+        assert!(all[1].1.is_err() && !victim.exists());
     }
 
 

@@ -209,7 +209,9 @@ impl World {
                 }
                 let mut all: BTreeMap<SpoolKey, Result<Frame, String>> = self.spool.iter().map(|(k, f)| (k.clone(), Ok(f.clone()))).collect();
                 all.extend(self.damaged.iter().map(|(k, why)| (k.clone(), Err(why.clone()))));
-                let batch: Vec<SpoolRead> = all.into_iter().filter(|(k, _)| after.as_ref().is_none_or(|a| k > a)).take(max).collect();
+                // As the spool does: past `after`, passing over what the policy holds.
+                let batch: Vec<SpoolRead> =
+                    all.into_iter().filter(|(k, _)| after.as_ref().is_none_or(|a| k > a) && !self.policy.holds(k)).take(max).collect();
                 let records = (self.spool.len() + self.damaged.len()) as u64;
                 return self.policy.on_spool_batch(batch, records);
             }
