@@ -134,7 +134,12 @@ pub struct Forwarder {
     spool: Arc<dyn Spool>,
     metrics: Arc<Metrics>,
     link: Arc<LinkStatus>,
+    /// When the spool's disk figures were last exported (every [`STATS_EVERY`]).
+    stats_exported: Instant,
 }
+
+/// How often a busy forwarder exports the spool's disk figures (the record count: every turn).
+const STATS_EVERY: Duration = Duration::from_millis(100);
 
 impl Forwarder {
     pub fn new(
@@ -173,6 +178,7 @@ impl Forwarder {
             spool,
             metrics,
             link,
+            stats_exported: Instant::now() - STATS_EVERY,
         })
     }
 
@@ -262,8 +268,8 @@ impl Forwarder {
                 };
                 self.policy.on_spool_removed(&key, ok);
             }
-            Action::ReadSpool { after, max } => match self.spool.read_after_skipping(after.as_ref(), max, &|k| self.policy.holds(k)) {
-                Ok(batch) => return self.policy.on_spool_batch(batch, self.spool.stats().records),
+            Action::ReadSpool { after, limit } => match self.spool.read_after_skipping(after.as_ref(), limit, &|k| self.policy.holds(k)) {
+                Ok(batch) => return self.policy.on_spool_batch(batch, self.spool.records()),
                 Err(e) => {
                     self.spool_failed("reading", &e);
                     self.policy.on_spool_read_failed(now());
@@ -440,13 +446,10 @@ impl Forwarder {
         let actions = self.policy.on_tick(now(), outage.as_ref());
         self.carry_out(actions);
         self.metrics.link_stalls.inc_by(self.policy.stalls().saturating_sub(self.metrics.link_stalls.get()));
-        let stats = self.spool.stats();
-        self.metrics.spool_records.set(stats.records as i64);
-        self.metrics.spool_bytes.set(stats.disk_bytes as i64);
-        self.metrics.spool_damaged.set(stats.damaged as i64);
-        self.metrics.spool_damaged_pruned.set(stats.damaged_pruned as i64);
-        self.metrics.spool_cap_bytes.set(stats.cap_bytes as i64);
-        self.metrics.spool_index_rebuilt.set(stats.index_rebuilt as i64);
+        self.metrics.spool_records.set(self.spool.records() as i64);
+        if self.stats_exported.elapsed() >= STATS_EVERY {
+            self.export_spool_stats();
+        }
         self.metrics.frames_in_flight.set(self.policy.in_flight() as i64);
         let state = self.policy.link_state();
         let error = self.policy.last_failure().map(str::to_owned).or_else(|| {
@@ -455,10 +458,23 @@ impl Forwarder {
         self.metrics.set_link(state, error);
     }
 
+    /// The spool's disk figures (its cap asks the filesystem: not on every turn of a drain).
+    fn export_spool_stats(&mut self) {
+        let stats = self.spool.stats();
+        self.metrics.spool_records.set(stats.records as i64);
+        self.metrics.spool_bytes.set(stats.disk_bytes as i64);
+        self.metrics.spool_damaged.set(stats.damaged as i64);
+        self.metrics.spool_damaged_pruned.set(stats.damaged_pruned as i64);
+        self.metrics.spool_cap_bytes.set(stats.cap_bytes as i64);
+        self.metrics.spool_index_rebuilt.set(stats.index_rebuilt as i64);
+        self.stats_exported = Instant::now();
+    }
+
     fn shutdown(mut self, grace: Duration) -> Result<()> {
         let actions = self.policy.on_shutdown(grace);
         self.carry_out(actions);
         self.maintain();
+        self.export_spool_stats();
         tracing::info!(spooled = self.spool.stats().records, "Forwarder stopped.");
         Ok(())
     }

@@ -29,7 +29,7 @@ use framelink_common::link::{LinkError, LinkErrorKind};
 use super::config::ForwarderConfig;
 use crate::frame::Frame;
 use crate::metrics::LinkState;
-use crate::spool::{SpoolKey, SpoolRead};
+use crate::spool::{ReadLimit, SpoolKey, SpoolRead};
 
 /// A moment as the forwarder's clock reads it: monotonic time for every timer, wall time only
 /// to compare with the times librdkafka's errors carry.
@@ -130,7 +130,7 @@ pub enum Action {
     /// Read up to `max` spool records after `after`, passing over those
     /// [`LinkPolicy::holds`]; report with [`LinkPolicy::on_spool_batch`] or
     /// [`LinkPolicy::on_spool_read_failed`].
-    ReadSpool { after: Option<SpoolKey>, max: usize },
+    ReadSpool { after: Option<SpoolKey>, limit: ReadLimit },
     /// A spool record that cannot be read: count it (`spool_damaged`). Its removal follows.
     CountDamaged { key: SpoolKey, reason: String },
     /// A frame the spool evicted (`drop_oldest`) while it was being sent, whose every send
@@ -203,11 +203,13 @@ pub struct LinkPolicy {
     /// Live frames in librdkafka's hands, by id (ids increase, so this is arrival order).
     live: BTreeMap<u64, LiveFrame>,
     next_live_id: u64,
-    spool_in_flight: HashSet<SpoolKey>,
+    /// Spooled frames in flight, with their payload sizes (summed in `spool_in_flight_bytes`).
+    spool_in_flight: HashMap<SpoolKey, u64>,
+    spool_in_flight_bytes: u64,
     /// Where the drain goes on; `None`: from the start of the spool.
     cursor: Option<SpoolKey>,
-    /// The room the last [`Action::ReadSpool`] was asked for.
-    drain_room: usize,
+    /// The limit of the last [`Action::ReadSpool`].
+    drain_limit: ReadLimit,
     next_attempt: Instant,
     backoff: Duration,
     last_ok: SystemTime,
@@ -251,9 +253,10 @@ impl LinkPolicy {
             mode: if spool_records > 0 { Mode::Spooling } else { Mode::Direct },
             live: BTreeMap::new(),
             next_live_id: 0,
-            spool_in_flight: HashSet::new(),
+            spool_in_flight: HashMap::new(),
+            spool_in_flight_bytes: 0,
             cursor: None,
-            drain_room: 0,
+            drain_limit: ReadLimit::records(0),
             next_attempt: now.instant,
             backoff,
             last_ok: now.wall,
@@ -352,7 +355,7 @@ impl LinkPolicy {
             Origin::Spool(key) => {
                 // Stays in the spool; try again after the queue drains. The drain moved its
                 // cursor past the frame unless it was the last one read.
-                self.spool_in_flight.remove(&key);
+                self.untrack_spooled(&key);
                 if self.cursor.as_ref() == Some(&key) {
                     self.cursor = None;
                 }
@@ -376,7 +379,7 @@ impl LinkPolicy {
         let spooled_copy = match &origin {
             Origin::Live(id) => self.live.remove(id).is_some_and(|l| l.spooled).then(|| key.clone()).filter(|k| self.copied.remove(k)),
             Origin::Spool(key) => {
-                self.spool_in_flight.remove(key);
+                self.untrack_spooled(key);
                 None
             }
         };
@@ -384,7 +387,7 @@ impl LinkPolicy {
         // Its copy is not needed (delivered, or refused for good) unless being sent right now.
         let drop_copy = |this: &Self, actions: &mut Vec<Action>| {
             if let Some(key) = &spooled_copy
-                && !this.spool_in_flight.contains(key)
+                && !this.spool_in_flight.contains_key(key)
             {
                 actions.push(Action::RemoveFromSpool(key.clone()));
             }
@@ -470,7 +473,7 @@ impl LinkPolicy {
         }
         self.copied.remove(key);
         let live = key.parts().map_or(0, |(camera, seq)| self.live.values().filter(|l| l.frame.meta.seq == seq && l.frame.meta.camera_id == camera).count());
-        let sends = live as u32 + u32::from(self.spool_in_flight.contains(key));
+        let sends = live as u32 + u32::from(self.spool_in_flight.contains_key(key));
         if sends == 0 {
             return true;
         }
@@ -715,22 +718,37 @@ impl LinkPolicy {
             // Probe with one frame until a delivery succeeds.
             room = room.min(1).min(usize::from(self.spool_in_flight.is_empty()));
         }
-        if room == 0 {
+        // Bytes in flight stay under `drain_window_bytes` (see its doc); the first frame goes
+        // whatever its size.
+        let bytes = self.cfg.drain_window_bytes.as_u64().saturating_sub(self.spool_in_flight_bytes);
+        if room == 0 || (bytes == 0 && !self.spool_in_flight.is_empty()) {
             return Vec::new();
         }
-        self.drain_room = room;
-        vec![Action::ReadSpool { after: self.cursor.clone(), max: room }]
+        self.drain_limit = ReadLimit { records: room, bytes, at_least_one: self.spool_in_flight.is_empty() };
+        vec![Action::ReadSpool { after: self.cursor.clone(), limit: self.drain_limit }]
     }
 
     /// A spooled frame the drain must not read now: in flight, delivered but not yet deleted,
     /// or the copy of a live frame still in flight. [`Action::ReadSpool`] passes over these
     /// (without reading their files); [`LinkPolicy::on_spool_batch`] skips any that come back.
     pub fn holds(&self, key: &SpoolKey) -> bool {
-        self.spool_in_flight.contains(key) || self.undeleted.contains(key) || self.copied.contains(key)
+        self.spool_in_flight.contains_key(key) || self.undeleted.contains(key) || self.copied.contains(key)
+    }
+
+    /// A spooled frame's send ended (reported or refused).
+    fn untrack_spooled(&mut self, key: &SpoolKey) {
+        if let Some(bytes) = self.spool_in_flight.remove(key) {
+            self.spool_in_flight_bytes -= bytes;
+        }
     }
 
     /// The records an [`Action::ReadSpool`] returned; `spool_records`: the frames in the spool.
     pub fn on_spool_batch(&mut self, batch: Vec<SpoolRead>, spool_records: u64) -> Vec<Action> {
+        if batch.is_empty() && !self.drain_limit.at_least_one {
+            // Nothing fitted in the byte window beside the frames in flight (or nothing is
+            // left past the cursor: found out once they are reported).
+            return Vec::new();
+        }
         if batch.is_empty() {
             // Back to Direct only once the link is known to work: with the link down and an
             // empty spool, new frames keep going to the spool and serve as probes.
@@ -742,19 +760,26 @@ impl LinkPolicy {
             }
             return Vec::new();
         }
-        let mut room = self.drain_room;
+        let mut room = self.drain_limit.records;
         let mut actions = Vec::new();
         for (key, frame) in batch {
             if room == 0 {
                 break;
             }
-            self.cursor = Some(key.clone());
             if self.holds(&key) {
+                self.cursor = Some(key);
                 continue;
             }
             match frame {
                 Ok(frame) => {
-                    self.spool_in_flight.insert(key.clone());
+                    let bytes = frame.payload.len() as u64;
+                    if !self.spool_in_flight.is_empty() && self.spool_in_flight_bytes + bytes > self.cfg.drain_window_bytes.as_u64() {
+                        // Over the byte window (a spool that returned more than asked): next time.
+                        break;
+                    }
+                    self.cursor = Some(key.clone());
+                    self.spool_in_flight.insert(key.clone(), bytes);
+                    self.spool_in_flight_bytes += bytes;
                     room -= 1;
                     if self.cfg.live_first {
                         self.backfill_budget -= 1.0;
@@ -762,6 +787,7 @@ impl LinkPolicy {
                     actions.push(Action::Produce { origin: Origin::Spool(key), frame });
                 }
                 Err(reason) => {
+                    self.cursor = Some(key.clone());
                     actions.push(Action::CountDamaged { key: key.clone(), reason });
                     actions.push(Action::RemoveFromSpool(key));
                 }

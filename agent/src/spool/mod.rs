@@ -198,6 +198,27 @@ pub struct SpoolStats {
     pub index_rebuilt: u64,
 }
 
+/// How much one read may return: at most `records` records whose files add up to at most
+/// `bytes` — except that with `at_least_one` the first record comes whatever its size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadLimit {
+    pub records: usize,
+    pub bytes: u64,
+    pub at_least_one: bool,
+}
+
+impl ReadLimit {
+    /// At most `n` records, of any size.
+    pub fn records(n: usize) -> Self {
+        Self { records: n, bytes: u64::MAX, at_least_one: true }
+    }
+
+    /// Whether a record of `size` bytes still fits after `taken` records of `taken_bytes`.
+    pub fn fits(&self, taken: usize, taken_bytes: u64, size: u64) -> bool {
+        taken < self.records && ((taken == 0 && self.at_least_one) || taken_bytes.saturating_add(size) <= self.bytes)
+    }
+}
+
 /// A bounded, crash-safe store of undelivered frames.
 pub trait Spool: Send + Sync {
     /// Stores a frame, applying the full policy.
@@ -206,13 +227,13 @@ pub trait Spool: Send + Sync {
     /// whose file is damaged is returned as an error (its file moved to `damaged/`); the
     /// caller counts it with `note_damaged` and removes it.
     fn read_after(&self, after: Option<&SpoolKey>, max: usize) -> anyhow::Result<Vec<SpoolRead>> {
-        self.read_after_skipping(after, max, &|_| false)
+        self.read_after_skipping(after, ReadLimit::records(max), &|_| false)
     }
-    /// As [`Spool::read_after`], passing over the records `skip` names (frames the forwarder
-    /// already holds): their files are not read and they do not count toward `max`. The drain
-    /// reads one frame per acknowledgement while a window of others is in flight; without this
-    /// it read the whole window's files again each time (32 reads per frame sent).
-    fn read_after_skipping(&self, after: Option<&SpoolKey>, max: usize, skip: &dyn Fn(&SpoolKey) -> bool) -> anyhow::Result<Vec<SpoolRead>>;
+    /// As [`Spool::read_after`] within `limit`, passing over the records `skip` names (frames
+    /// the forwarder already holds): their files are not read and they count toward no limit.
+    /// The drain reads one frame per acknowledgement while a window of others is in flight;
+    /// without this it read the whole window's files again each time (32 reads per frame sent).
+    fn read_after_skipping(&self, after: Option<&SpoolKey>, limit: ReadLimit, skip: &dyn Fn(&SpoolKey) -> bool) -> anyhow::Result<Vec<SpoolRead>>;
     /// Deletes a delivered (or damaged) record; false if it was not there.
     fn remove(&self, key: &SpoolKey) -> anyhow::Result<bool>;
     /// Flushes to disk and re-measures disk use.
@@ -223,4 +244,6 @@ pub trait Spool: Send + Sync {
     /// Counts a damaged record found while reading (the caller removes it).
     fn note_damaged(&self);
     fn stats(&self) -> SpoolStats;
+    /// `stats().records` alone, without measuring the disk (the drain asks after every read).
+    fn records(&self) -> u64;
 }

@@ -32,6 +32,7 @@ use framelink_common::FrameMeta;
 use proptest::prelude::*;
 use proptest::sample::Index;
 
+use super::ReadLimit;
 use super::record::{self, SpoolKey};
 use super::sled_spool::{SledSpool, disk_usage};
 use super::{DropReason, FullPolicy, PushOutcome, Spool, SpoolConfig};
@@ -53,7 +54,8 @@ enum Op {
     PushOversized { camera: u8, seq: u64 },
     /// `skip_odd`: passing over the records with odd sequence numbers (as the drain passes
     /// over the frames it holds).
-    Read { after: Option<(u8, u64)>, max: usize, skip_odd: bool },
+    /// `bytes`: a byte limit on the files read, and whether the first record comes regardless.
+    Read { after: Option<(u8, u64)>, max: usize, skip_odd: bool, bytes: Option<(u64, bool)> },
     /// Removes a spooled record (any, when the spool is empty: then absent).
     RemoveSpooled(Index),
     /// Removes a key that may or may not be spooled.
@@ -69,7 +71,8 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         20 => (0..CAMERAS, 0..SEQS, 1..MAX_PAYLOAD).prop_map(|(camera, seq, len)| Op::Push { camera, seq, len }),
         1 => (0..CAMERAS, 0..SEQS).prop_map(|(camera, seq)| Op::PushOversized { camera, seq }),
-        3 => (proptest::option::of((0..CAMERAS, 0..SEQS)), 1..8usize, any::<bool>()).prop_map(|(after, max, skip_odd)| Op::Read { after, max, skip_odd }),
+        3 => (proptest::option::of((0..CAMERAS, 0..SEQS)), 1..8usize, any::<bool>(), proptest::option::of((0..4 * MAX_PAYLOAD as u64, any::<bool>())))
+            .prop_map(|(after, max, skip_odd, bytes)| Op::Read { after, max, skip_odd, bytes }),
         3 => any::<Index>().prop_map(Op::RemoveSpooled),
         1 => (0..CAMERAS, 0..SEQS).prop_map(|(camera, seq)| Op::RemoveKey { camera, seq }),
         1 => (1..8usize).prop_map(Op::Drain),
@@ -195,9 +198,13 @@ impl Harness {
         match *op {
             Op::Push { camera, seq, len } => self.push(frame(camera, seq, len)),
             Op::PushOversized { camera, seq } => self.push(frame(camera, seq, MAX_BYTES as usize + 1)),
-            Op::Read { after, max, skip_odd } => {
+            Op::Read { after, max, skip_odd, bytes } => {
                 let after = after.map(|(c, s)| SpoolKey::new(&camera(c), s));
-                self.read_skipping(after.as_ref(), max, skip_odd);
+                let limit = match bytes {
+                    Some((bytes, at_least_one)) => ReadLimit { records: max, bytes, at_least_one },
+                    None => ReadLimit::records(max),
+                };
+                self.read_skipping(after.as_ref(), limit, skip_odd);
             }
             Op::RemoveSpooled(i) => {
                 let key = match self.model.frames.len() {
@@ -295,17 +302,28 @@ impl Harness {
 
     /// Reads as the forwarder does and compares with the model's records after `after`.
     fn read(&mut self, after: Option<&SpoolKey>, max: usize) -> Vec<SpoolKey> {
-        self.read_skipping(after, max, false)
+        self.read_skipping(after, ReadLimit::records(max), false)
     }
 
-    fn read_skipping(&mut self, after: Option<&SpoolKey>, max: usize, skip_odd: bool) -> Vec<SpoolKey> {
+    fn read_skipping(&mut self, after: Option<&SpoolKey>, limit: ReadLimit, skip_odd: bool) -> Vec<SpoolKey> {
         let skip = |k: &SpoolKey| skip_odd && k.parts().is_some_and(|(_, seq)| seq % 2 == 1);
-        let got = self.spool().read_after_skipping(after, max, &skip).unwrap();
+        let got = self.spool().read_after_skipping(after, limit, &skip).unwrap();
         let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
-        let want: Vec<(&SpoolKey, &Frame)> = self.model.frames.range((lower, Bound::Unbounded)).filter(|(k, _)| !skip(k)).take(max).collect();
+        // The limit counts each record's file: the record as written.
+        let mut want: Vec<(&SpoolKey, &Frame)> = Vec::new();
+        let mut bytes = 0;
+        for (k, f) in self.model.frames.range((lower, Bound::Unbounded)).filter(|(k, _)| !skip(k)) {
+            let size = record::encode(f).len() as u64;
+            if !limit.fits(want.len(), bytes, size) {
+                break;
+            }
+            bytes += size;
+            want.push((k, f));
+        }
+        let max = limit.records;
         let got_keys: Vec<&SpoolKey> = got.iter().map(|(k, _)| k).collect();
         let want_keys: Vec<&SpoolKey> = want.iter().map(|(k, _)| *k).collect();
-        assert_eq!(got_keys, want_keys, "step {}: read_after({after:?}, {max}, skip_odd {skip_odd})", self.step);
+        assert_eq!(got_keys, want_keys, "step {}: read_after({after:?}, {limit:?} (max {max}), skip_odd {skip_odd})", self.step);
         for ((key, frame), (_, model)) in got.iter().zip(&want) {
             assert_eq!(frame.as_ref().unwrap_or_else(|e| panic!("step {}: {key} damaged: {e}", self.step)), *model, "step {}: {key}", self.step);
         }

@@ -98,7 +98,7 @@ use std::sync::Mutex;
 use anyhow::{Context, Result, bail};
 
 use super::record::{self, SpoolKey};
-use super::{DropReason, FullPolicy, PushOutcome, Spool, SpoolConfig, SpoolRead, SpoolStats};
+use super::{DropReason, FullPolicy, PushOutcome, ReadLimit, Spool, SpoolConfig, SpoolRead, SpoolStats};
 use crate::frame::Frame;
 
 /// `damaged/` may occupy at most `max_bytes / DAMAGED_SHARE`; past that its oldest files are
@@ -758,22 +758,30 @@ impl Spool for SledSpool {
         Ok(out)
     }
 
-    fn read_after_skipping(&self, after: Option<&SpoolKey>, max: usize, skip: &dyn Fn(&SpoolKey) -> bool) -> Result<Vec<SpoolRead>> {
+    fn read_after_skipping(&self, after: Option<&SpoolKey>, limit: ReadLimit, skip: &dyn Fn(&SpoolKey) -> bool) -> Result<Vec<SpoolRead>> {
         let mut inner = self.inner.lock().expect("spool lock");
         let iter = match after {
             Some(k) => inner.index.frames.range::<&[u8], _>((std::ops::Bound::Excluded(k.0.as_slice()), std::ops::Bound::Unbounded)),
             None => inner.index.frames.iter(),
         };
-        let mut entries = Vec::with_capacity(max.min(1024));
+        let mut entries = Vec::with_capacity(limit.records.min(1024));
+        let mut bytes = 0u64;
         for entry in iter {
-            if entries.len() >= max {
+            if entries.len() >= limit.records {
                 break;
             }
             let (k, v) = entry.context("reading the spool index")?;
             let key = SpoolKey(k.to_vec());
-            if !skip(&key) {
-                entries.push((key, v));
+            if skip(&key) {
+                continue;
             }
+            // A malformed entry (size unknown) is read to be reported as damaged.
+            let size = parse_entry(&v).map_or(0, |(_, size)| size);
+            if !limit.fits(entries.len(), bytes, size) {
+                break;
+            }
+            bytes += size;
+            entries.push((key, v));
         }
         let mut out = Vec::with_capacity(entries.len());
         for (key, v) in entries {
@@ -869,6 +877,10 @@ impl Spool for SledSpool {
             Err(e) if is_sled_error(&e) => self.rebuild_index(&e),
             Err(e) => Err(e),
         }
+    }
+
+    fn records(&self) -> u64 {
+        self.inner.lock().expect("spool lock").records
     }
 
     fn stats(&self) -> SpoolStats {
@@ -1043,14 +1055,14 @@ mod tests {
         let keys: Vec<SpoolKey> = (0..6).map(|seq| SpoolKey::new("a", seq)).collect();
         let held = [keys[0].clone(), keys[1].clone(), keys[3].clone()];
         let skip = |k: &SpoolKey| held.contains(k);
-        let got = s.read_after_skipping(None, 2, &skip).unwrap();
+        let got = s.read_after_skipping(None, ReadLimit::records(2), &skip).unwrap();
         let got_keys: Vec<&SpoolKey> = got.iter().map(|(k, _)| k).collect();
         assert_eq!(got_keys, [&keys[2], &keys[4]], "held records do not count toward max");
         assert!(got.iter().all(|(_, f)| f.is_ok()));
         assert!(victim.exists(), "a skipped record's file is not read (nor moved aside)");
-        let rest = s.read_after_skipping(Some(&keys[4]), 10, &skip).unwrap();
+        let rest = s.read_after_skipping(Some(&keys[4]), ReadLimit::records(10), &skip).unwrap();
         assert_eq!(rest.iter().map(|(k, _)| k).collect::<Vec<_>>(), [&keys[5]]);
-        assert!(s.read_after_skipping(Some(&keys[5]), 10, &skip).unwrap().is_empty());
+        assert!(s.read_after_skipping(Some(&keys[5]), ReadLimit::records(10), &skip).unwrap().is_empty());
         // Not skipped, the damaged file is found (the check above can fail).
         let all = s.read_after(None, 6).unwrap();
         assert!(all[1].1.is_err() && !victim.exists());

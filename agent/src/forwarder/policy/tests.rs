@@ -200,7 +200,7 @@ impl World {
                     self.policy.on_spool_removed(&k, true);
                 }
             }
-            Action::ReadSpool { after, max } => {
+            Action::ReadSpool { after, limit } => {
                 self.reads += 1;
                 if self.faults.read {
                     self.policy.spool_failed("reading: I/O error".into());
@@ -210,8 +210,16 @@ impl World {
                 let mut all: BTreeMap<SpoolKey, Result<Frame, String>> = self.spool.iter().map(|(k, f)| (k.clone(), Ok(f.clone()))).collect();
                 all.extend(self.damaged.iter().map(|(k, why)| (k.clone(), Err(why.clone()))));
                 // As the spool does: past `after`, passing over what the policy holds.
-                let batch: Vec<SpoolRead> =
-                    all.into_iter().filter(|(k, _)| after.as_ref().is_none_or(|a| k > a) && !self.policy.holds(k)).take(max).collect();
+                let mut batch: Vec<SpoolRead> = Vec::new();
+                let mut bytes = 0;
+                for (k, f) in all.into_iter().filter(|(k, _)| after.as_ref().is_none_or(|a| k > a) && !self.policy.holds(k)) {
+                    let size = f.as_ref().map_or(0, |f| f.payload.len() as u64);
+                    if !limit.fits(batch.len(), bytes, size) {
+                        break;
+                    }
+                    bytes += size;
+                    batch.push((k, f));
+                }
                 let records = (self.spool.len() + self.damaged.len()) as u64;
                 return self.policy.on_spool_batch(batch, records);
             }
@@ -624,7 +632,7 @@ fn a_spooled_frame_refused_mid_batch_is_sent_after_the_cursor_wraps() {
     let actions = w.policy.on_tick(w.clock.now(), None);
     assert_eq!(actions, [Action::Continue(Step::Drain)]);
     let actions = w.policy.continue_with(w.clock.now(), Step::Drain);
-    assert!(matches!(actions.as_slice(), [Action::ReadSpool { after: None, max: 4 }, Action::Continue(Step::Flush)]), "{actions:?}");
+    assert!(matches!(actions.as_slice(), [Action::ReadSpool { after: None, limit: ReadLimit { records: 4, at_least_one: true, .. } }, Action::Continue(Step::Flush)]), "{actions:?}");
     let batch: Vec<SpoolRead> = w.spool.iter().take(4).map(|(k, f)| (k.clone(), Ok(f.clone()))).collect();
     let produce = w.policy.on_spool_batch(batch, 6);
     assert_eq!(produce.len(), 4);
@@ -680,6 +688,38 @@ fn the_drain_window_bounds_spooled_frames_in_flight() {
     assert_eq!(spool_origins(&w), [0, 1, 2, 3, 4, 5], "oldest first, none twice");
     w.run_up(Duration::from_secs(2));
     w.assert_all_delivered_once(0..20);
+}
+
+#[test]
+fn the_byte_window_bounds_spooled_bytes_in_flight_and_a_larger_frame_goes_alone() {
+    // Backlog frames are 100 bytes; 250 bytes in flight at most.
+    let mut w = World::with_backlog(ForwarderConfig { drain_window: 32, drain_window_bytes: ByteSize::b(250), ..cfg() }, &(0..10).collect::<Vec<_>>());
+    w.spool.insert(key(10), frame("cam", 10, 1000));
+    w.clock.advance(TICK);
+    w.tick();
+    assert_eq!(w.in_flight.len(), 2, "drain_window_bytes");
+    w.clock.advance(TICK);
+    w.tick();
+    assert_eq!((w.in_flight.len(), spool_origins(&w).len()), (2, 2), "nothing more while the byte window is full");
+    w.ack_next();
+    w.tick();
+    assert_eq!(w.in_flight.len(), 2, "refilled");
+    assert_eq!(spool_origins(&w), [0, 1, 2], "oldest first, none twice");
+    // Frame 10 is larger than the whole window: it waits until nothing else is in flight.
+    while spool_origins(&w).len() < 10 {
+        w.ack_next();
+        w.tick();
+        assert!(w.in_flight.len() <= 2);
+    }
+    assert!(!spool_origins(&w).contains(&10));
+    w.ack_next();
+    w.tick();
+    assert_eq!(w.in_flight.len(), 1, "the last small frame is still in flight");
+    w.ack_next();
+    w.tick();
+    assert_eq!((w.in_flight.len(), spool_origins(&w).last()), (1, Some(&10)), "then the large one, alone");
+    w.run_up(Duration::from_secs(2));
+    w.assert_all_delivered_once(0..11);
 }
 
 #[test]
