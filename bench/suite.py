@@ -4,10 +4,12 @@
 Experiments (--only picks some):
   1. producer settings sweep: 1080p JPEG frames made from testdata/images, for each
      (batch.size, linger.ms, compression) setting: framelink's producer (rdkafka, the agent's
-     client: bench/src/bin/framelink-bench-producer.rs; as a ThreadedProducer and as a
-     BaseProducer polled inline), the seeds' approach (Python
+     client: bench/src/bin/framelink-bench-producer.rs; as a ThreadedProducer, as a
+     BaseProducer polled inline, and as the agent's drain drives it: a ThreadedProducer with at
+     most a window of bytes in flight), the seeds' approach (Python
      confluent-kafka with the same settings) and kcat (librdkafka's own CLI, the ceiling
-     without application code). Records/s, MB/s, p50 / p99 delivery latency (send -> ack).
+     without application code). Records/s, MB/s, p50 / p99 delivery latency (send -> ack),
+     the client's CPU per record.
   2. lag over time with 1, 2 and 4 workers (bench/fleet.py);
   3. throughput vs workers on 1024², 2048² and 4096² images (bench/fleet.py);
   4. edge path: raw encode vs agent, CPU / RSS at 1080p30, backlog drain after an outage
@@ -32,6 +34,7 @@ grid as a smoke test and asserts no speed).
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -52,13 +55,33 @@ def settings_args(s):
     return {"batch.size": str(s["batch"]), "linger.ms": str(s["linger"]), "compression.codec": s["compression"]}
 
 
-def run_framelink(bootstrap, topic, count, s, files, inline=False):
+def cpu_s(who):
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
+def window_bytes(s, files):
+    """4 requests' worth, as the agent's drain keeps (forwarder.drain_window_bytes, 2 MiB with
+    librdkafka's default batch.size of 1 MB and frames sent as acknowledgements free room):
+    librdkafka's idempotent producer carries 5 requests at a time, and a window below
+    batch.size would make every request wait out linger.ms."""
+    return 4 * max(s["batch"], max(os.path.getsize(f) for f in files))
+
+
+def run_framelink(bootstrap, topic, count, s, files, inline=False, window=False):
     exe = os.path.join(ROOT, "target", os.environ.get("FRAMELINK_BENCH_PROFILE", "release"), "framelink-bench-producer")
     cmd = [exe, "--brokers", bootstrap, "--topic", topic, "--count", str(count)] + (["--inline-poll"] if inline else [])
+    if window:
+        cmd += ["--window-bytes", str(window_bytes(s, files))]
     for k, v in settings_args(s).items():
         cmd += ["--set", f"{k}={v}"]
+    c0 = cpu_s(resource.RUSAGE_CHILDREN)
     out = subprocess.run(cmd + files, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    r = json.loads(out.strip().splitlines()[-1])
+    r["cpu_ms"] = (cpu_s(resource.RUSAGE_CHILDREN) - c0) / count * 1e3
+    if window:
+        r["impl"] = "framelink (rdkafka, in-flight window)"
+    return r
 
 
 def run_python(bootstrap, topic, count, s, files):
@@ -66,6 +89,7 @@ def run_python(bootstrap, topic, count, s, files):
     from confluent_kafka import Producer
 
     payloads = [open(f, "rb").read() for f in files]
+    c0 = cpu_s(resource.RUSAGE_SELF)
     conf = {"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True, "message.max.bytes": 16777216, **settings_args(s), **QUIET_BROKER_LOGS}
     p = Producer(conf)
     lat, failed = [], [0]
@@ -91,10 +115,11 @@ def run_python(bootstrap, topic, count, s, files):
         nbytes += len(payload)
     p.flush(120)
     secs = time.perf_counter() - t0
+    cpu_ms = (cpu_s(resource.RUSAGE_SELF) - c0) / count * 1e3
     lat.sort()
     pct = lambda q: lat[round((len(lat) - 1) * q)] * 1e3 if lat else float("nan")
     return {"impl": "Python confluent-kafka", "records": count, "acknowledged": len(lat), "failed": failed[0], "bytes": nbytes, "seconds": secs,
-            "records_per_s": len(lat) / secs, "mb_per_s": nbytes / secs / 1e6, "p50_ms": pct(0.5), "p99_ms": pct(0.99)}
+            "records_per_s": len(lat) / secs, "mb_per_s": nbytes / secs / 1e6, "p50_ms": pct(0.5), "p99_ms": pct(0.99), "cpu_ms": cpu_ms}
 
 
 def run_kcat(bootstrap, topic, count, s, files):
@@ -104,11 +129,13 @@ def run_kcat(bootstrap, topic, count, s, files):
         args += ["-X", f"{k}={v}"]
     record_files = [files[i % len(files)] for i in range(count)]
     nbytes = sum(os.path.getsize(f) for f in record_files)
+    c0 = cpu_s(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run(args + record_files, check=True, capture_output=True)
     secs = time.perf_counter() - t0
     return {"impl": "kcat (librdkafka CLI)", "records": count, "acknowledged": count, "failed": 0, "bytes": nbytes, "seconds": secs,
-            "records_per_s": count / secs, "mb_per_s": nbytes / secs / 1e6, "p50_ms": float("nan"), "p99_ms": float("nan")}
+            "records_per_s": count / secs, "mb_per_s": nbytes / secs / 1e6, "p50_ms": float("nan"), "p99_ms": float("nan"),
+            "cpu_ms": (cpu_s(resource.RUSAGE_CHILDREN) - c0) / count * 1e3}
 
 
 def grid(quick):
@@ -126,9 +153,10 @@ def grid(quick):
 def producer_sweep(bootstrap, out_dir, quick, repeats):
     files = frames(os.path.join(ROOT, "target", "bench", "frames"), 1920, 1080)
     avg_kb = statistics.mean(os.path.getsize(f) for f in files) / 1024
-    count = 40 if quick else 400
+    count = 40 if quick else 2000
     impls = [("framelink (rdkafka)", run_framelink),
              ("framelink (rdkafka, inline poll)", lambda *a: run_framelink(*a, inline=True)),
+             ("framelink (rdkafka, in-flight window)", lambda *a: run_framelink(*a, window=True)),
              ("Python confluent-kafka", run_python), ("kcat (librdkafka CLI)", run_kcat)]
     rows = []
     for s in grid(quick):
@@ -142,9 +170,10 @@ def producer_sweep(bootstrap, out_dir, quick, repeats):
                     raise SystemExit(f"{name} {s}: {r['failed']} failed, {r['acknowledged']} of {count} acknowledged")
                 runs.append(r)
             med = lambda k: statistics.median(x[k] for x in runs)
-            row = {"setting": s, "impl": name, **{k: med(k) for k in ("records_per_s", "mb_per_s", "p50_ms", "p99_ms")}}
+            row = {"setting": s, "impl": name, **{k: med(k) for k in ("records_per_s", "mb_per_s", "p50_ms", "p99_ms", "cpu_ms")}}
             rows.append(row)
-            print(f"  {s['batch'] // 1024:>5} KB linger {s['linger']:>2} {s['compression']:<6} {name:<24} {row['records_per_s']:8.1f} rec/s {row['mb_per_s']:7.1f} MB/s  p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms", flush=True)
+            print(f"  {s['batch'] // 1024:>5} KB linger {s['linger']:>2} {s['compression']:<6} {name:<38} {row['records_per_s']:8.1f} rec/s {row['mb_per_s']:7.1f} MB/s  "
+                  f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  CPU {row['cpu_ms']:.2f} ms/record", flush=True)
 
     kcat_v = subprocess.run(["kcat", "-V"], capture_output=True, text=True).stdout.split("Version ", 1)[-1].split(" (")[0]
     import confluent_kafka
@@ -154,8 +183,10 @@ def producer_sweep(bootstrap, out_dir, quick, repeats):
         f"Machine: {machine()}. librdkafka: framelink {rdkafka_version()} (rdkafka crate), confluent-kafka {confluent_kafka.version()} "
         f"(librdkafka {confluent_kafka.libversion()[0]}), kcat {kcat_v}.",
         "",
-        "| batch.size | linger.ms | compression | client | records/s | MB/s | p50 ms | p99 ms | vs Python |",
-        "| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "Client CPU: user + system seconds of the client's process (framelink, kcat) or of the Python process, per record.",
+        "",
+        "| batch.size | linger.ms | compression | client | records/s | MB/s | p50 ms | p99 ms | client CPU ms / record | vs Python (records/s) |",
+        "| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     n = len(impls)
     for i in range(0, len(rows), n):
@@ -164,7 +195,7 @@ def producer_sweep(bootstrap, out_dir, quick, repeats):
             s = r["setting"]
             fmt = lambda v: "-" if v != v else f"{v:.1f}"
             lines.append(f"| {s['batch'] // 1024} KB | {s['linger']} | {s['compression']} | {r['impl']} | {r['records_per_s']:.1f} | {r['mb_per_s']:.1f} | "
-                         f"{fmt(r['p50_ms'])} | {fmt(r['p99_ms'])} | {r['records_per_s'] / py:.2f}x |")
+                         f"{fmt(r['p50_ms'])} | {fmt(r['p99_ms'])} | {r['cpu_ms']:.2f} | {r['records_per_s'] / py:.2f}x |")
     plot_sweep(rows, os.path.join(out_dir, "producer-sweep.png"))
     return write_table(out_dir, "producer-sweep.md", lines)
 

@@ -246,9 +246,9 @@ impl PollLoop {
         let deadline = Instant::now() + Duration::from_secs(30);
         while tracker.in_flight() > 0 && Instant::now() < deadline {
             let _ = consumer.poll(Duration::from_millis(100));
-            let _ = self.producers.get().flush(Duration::from_millis(100));
+            let _ = framelink_common::flush::flush(&self.producers.get(), Duration::from_millis(100));
         }
-        let _ = self.producers.get().flush(Duration::from_secs(5));
+        let _ = framelink_common::flush::flush(&self.producers.get(), Duration::from_secs(5));
         match &self.txn {
             None => {
                 if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {

@@ -201,7 +201,7 @@ impl<C: ProducerContext + 'static, T> Transactions<C, T> {
         let deadline = Instant::now() + COMMIT_WITHIN;
         let producer = self.producers.get();
         // Deliver everything produced so far: delivery reports move the tracker's positions.
-        let flushed = self.patiently(deadline, |t| producer.flush(t));
+        let flushed = self.patiently(deadline, |t| framelink_common::flush::flush(&producer, t));
         steps.done("flush");
         if let Err(e) = flushed {
             steps.report_if_slow();

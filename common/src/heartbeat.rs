@@ -22,7 +22,7 @@ use prometheus_client::metrics::counter::Counter;
 use rdkafka::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
 use serde::{Deserialize, Serialize};
 
 use crate::shutdown::Shutdown;
@@ -314,7 +314,7 @@ impl Beater {
                     break;
                 }
             }
-            let _ = self.producer.flush(Duration::from_millis(500));
+            let _ = crate::flush::flush(&self.producer, Duration::from_millis(500));
         })
     }
 }

@@ -18,6 +18,7 @@ pub mod cli;
 pub mod clock;
 pub mod config_file;
 pub mod fault;
+pub mod flush;
 pub mod heartbeat;
 pub mod http;
 pub mod kafka_config;
