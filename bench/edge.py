@@ -177,8 +177,10 @@ def edge_path(bootstrap, out_dir, quick):
                     break
             drained_s = time.time() - t_up
             drain_rate = (timeline[-1][1] - sent_up) / drained_s
-            # From the first sample that saw frames sent (those sent before it not counted).
-            sending_rate = (timeline[-1][1] - sent_first) / max(1e-3, drained_s - first_send) if first_send is not None else float("nan")
+            # From the first sample that saw frames sent (those sent before it not counted); none
+            # when that sample already found the spool empty.
+            sending_rate = ((timeline[-1][1] - sent_first) / (drained_s - first_send)
+                            if first_send is not None and timeline[-1][1] > sent_first else float("nan"))
             spool_left = timeline[-1][2]
         finally:
             stop([a])
