@@ -178,7 +178,7 @@ impl Forwarder {
             spool,
             metrics,
             link,
-            stats_exported: Instant::now() - STATS_EVERY,
+            stats_exported: Instant::now().checked_sub(STATS_EVERY).unwrap_or_else(Instant::now),
         })
     }
 

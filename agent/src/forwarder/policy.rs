@@ -745,8 +745,10 @@ impl LinkPolicy {
     /// The records an [`Action::ReadSpool`] returned; `spool_records`: the frames in the spool.
     pub fn on_spool_batch(&mut self, batch: Vec<SpoolRead>, spool_records: u64) -> Vec<Action> {
         if batch.is_empty() && !self.drain_limit.at_least_one {
-            // Nothing fitted in the byte window beside the frames in flight (or nothing is
-            // left past the cursor: found out once they are reported).
+            // Nothing left past the cursor, or nothing that fits beside the frames in flight:
+            // from the start next time either way (frames behind the cursor — other cameras',
+            // a refused one's — wait for this), but no judgement on the spool being empty.
+            self.cursor = None;
             return Vec::new();
         }
         if batch.is_empty() {

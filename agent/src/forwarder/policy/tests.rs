@@ -723,6 +723,30 @@ fn the_byte_window_bounds_spooled_bytes_in_flight_and_a_larger_frame_goes_alone(
 }
 
 #[test]
+fn frames_behind_the_cursor_are_drained_while_newer_ones_keep_the_window_busy() {
+    // Review finding: with a frame always in flight (acknowledgements slower than new frames
+    // arrive), an empty read must still send the drain back to the start of the spool.
+    let mut w = World::with_backlog(ForwarderConfig { drain_window: 32, drain_window_bytes: ByteSize::b(250), ..cfg() }, &[5]);
+    w.clock.advance(TICK);
+    w.tick();
+    assert_eq!(spool_origins(&w), [5]);
+    // Behind the cursor (another camera's frame sorts there too).
+    w.spool.insert(key(1), frame("cam", 1, 100));
+    for i in 0..10 {
+        w.spool.insert(key(10 + i), frame("cam", 10 + i, 100));
+        w.clock.advance(TICK);
+        w.tick();
+        w.clock.advance(TICK);
+        w.tick();
+        assert!(!w.in_flight.is_empty());
+        w.ack_next();
+    }
+    assert!(spool_origins(&w).contains(&1), "frame 1 stranded behind the cursor: {:?}", spool_origins(&w));
+    w.run_up(Duration::from_secs(2));
+    w.assert_all_delivered_once([1, 5].into_iter().chain(10..20));
+}
+
+#[test]
 fn live_first_back_fills_at_backfill_fps_beside_live_frames() {
     let mut w = World::with_backlog(ForwarderConfig { live_first: true, backfill_fps: 10.0, drain_window: 32, ..cfg() }, &(0..200).collect::<Vec<_>>());
     let mut seq = 1000;
