@@ -973,6 +973,15 @@ mod tests {
         f
     }
 
+    /// Flips a byte inside frame file 1 (its CRC then fails); its path and new bytes.
+    fn damage_file_1(dir: &Path) -> (PathBuf, Vec<u8>) {
+        let victim = dir.join("frames/f0000000000000001");
+        let mut bytes = std::fs::read(&victim).unwrap();
+        bytes[100] ^= 0xff;
+        std::fs::write(&victim, &bytes).unwrap();
+        (victim, bytes)
+    }
+
     fn push_and_close(dir: &Path, seqs: std::ops::Range<u64>) {
         let s = SledSpool::open(cfg(dir, 16, FullPolicy::DropOldest)).unwrap();
         for seq in seqs {
@@ -1030,10 +1039,7 @@ mod tests {
     fn a_damaged_file_found_when_read_is_moved_aside_not_deleted() {
         let dir = tempfile::tempdir().unwrap();
         push_and_close(dir.path(), 0..3);
-        let victim = dir.path().join("frames/f0000000000000001");
-        let mut bytes = std::fs::read(&victim).unwrap();
-        bytes[100] ^= 0xff;
-        std::fs::write(&victim, &bytes).unwrap();
+        let (_, bytes) = damage_file_1(dir.path());
         let s = SledSpool::open(cfg(dir.path(), 16, FullPolicy::DropOldest)).unwrap();
         let (got, bad) = drain_all(&s);
         assert_eq!((got.len(), bad), (2, 1));
@@ -1047,10 +1053,7 @@ mod tests {
         push_and_close(dir.path(), 0..6);
         // The file of a skipped record is damaged: a read that opened it would report it and
         // move it aside.
-        let victim = dir.path().join("frames/f0000000000000001");
-        let mut bytes = std::fs::read(&victim).unwrap();
-        bytes[100] ^= 0xff;
-        std::fs::write(&victim, &bytes).unwrap();
+        let (victim, _) = damage_file_1(dir.path());
         let s = SledSpool::open(cfg(dir.path(), 16, FullPolicy::DropOldest)).unwrap();
         let keys: Vec<SpoolKey> = (0..6).map(|seq| SpoolKey::new("a", seq)).collect();
         let held = [keys[0].clone(), keys[1].clone(), keys[3].clone()];
