@@ -2,7 +2,7 @@
 //! worker's own per-frame path (`Processor::process`, the code a consumed record runs).
 //!
 //! `cargo bench -p framelink-worker --bench worker_ops -- [--seconds S] [--input F.jpg]
-//! [--write-input F.jpg] [--tsv OUT.tsv]`
+//! [--write-input F.jpg] [--tsv OUT.tsv] [--only 'SPEC;SPEC']`
 //!
 //! Without `--input` the 1080p frame is made from testdata/images/retina.jpg
 //! (Lanczos3 to 1920×1080, quality 85); `--write-input` saves it so that `bench/worker_ops.py`
@@ -57,7 +57,13 @@ fn main() {
     println!("framelink-worker ops, one thread, decode -> op -> encode (q85) of a {}x{} JPEG ({} KiB), {seconds} s per op", h.width, h.height, frame.len() / 1024);
     println!("{:<28} {:>10} {:>10} {:>10} {:>10} {:>8} {:>12}", "pipeline", "median ms", "frames/s", "pixels ms", "pixels f/s", "path", "output");
     let mut tsv = String::from("pipeline\tmedian_ms\tfps\tpixel_path_ms\tpath\n");
-    for spec in PIPELINES {
+    // `--only`: just these pipelines (a development loop), separated by `;`.
+    let only = arg("--only");
+    let pipelines: Vec<&str> = match &only {
+        Some(list) => list.split(';').collect(),
+        None => PIPELINES.to_vec(),
+    };
+    for spec in &pipelines {
         let pipeline = Pipeline::parse(spec).expect("pipeline");
         let fast = Processor::new(pipeline.clone(), 50_000_000, 85, false, MotionConfig::default());
         let pixels = Processor::new(pipeline, 50_000_000, 85, false, MotionConfig::default()).without_fast_paths();

@@ -6,13 +6,13 @@
  * which the TurboJPEG API (and so the Rust crate) does not expose; libjpeg-turbo itself is the
  * one turbojpeg-sys builds and links. */
 
-#include <setjmp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "jpeglib.h"
 #include "jerror.h"
+#include "fl_error.h"
 
 /* GCC's function multiversioning (resolved at load time by an ifunc: glibc x86-64 only). */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__GLIBC__)
@@ -20,24 +20,6 @@
 #else
 #define FL_CLONES 0
 #endif
-
-struct fl_error {
-  struct jpeg_error_mgr pub;
-  jmp_buf jump;
-  int warned;
-};
-
-static void fl_error_exit(j_common_ptr cinfo) {
-  longjmp(((struct fl_error *)cinfo->err)->jump, 1);
-}
-
-/* Warnings (corrupt data libjpeg would paper over) are remembered; the frame then takes the
- * decoding path, which names them. Nothing is printed. */
-static void fl_emit_message(j_common_ptr cinfo, int level) {
-  if (level < 0) ((struct fl_error *)cinfo->err)->warned = 1;
-}
-
-static void fl_output_message(j_common_ptr cinfo) { (void)cinfo; }
 
 /* The encoder's destination: a buffer that grows, owned here at every moment (libjpeg's own
  * jpeg_mem_dest keeps the grown buffer to itself until the end, so an error after a growth
@@ -148,11 +130,7 @@ int fl_requantize(const unsigned char *in, unsigned long in_len, int quality, un
   }
   memset(&src, 0, sizeof src);
   memset(&dst, 0, sizeof dst);
-  src.err = jpeg_std_error(&err.pub);
-  err.pub.error_exit = fl_error_exit;
-  err.pub.emit_message = fl_emit_message;
-  err.pub.output_message = fl_output_message;
-  err.warned = 0;
+  src.err = fl_error_init(&err);
   dst.err = &err.pub;
   if (setjmp(err.jump)) {
     char text[JMSG_LENGTH_MAX];

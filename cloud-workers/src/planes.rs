@@ -84,6 +84,48 @@ impl PlaneCodec {
         }
     }
 
+    /// The planes under the rectangle `s` of the frame (luma pixels): only the MCUs it covers
+    /// where that is less than the whole frame ([`crate::region::decode_planes`]: the blocks
+    /// outside them are not inverse-transformed), otherwise — and for frames the region decode
+    /// does not take (progressive ones) — the whole frame. `None` (logged) where libjpeg-turbo
+    /// refused the frame: the pixel path then names the cause.
+    fn decode_covering(&mut self, jpeg: &[u8], header: &DecompressHeader, s: Rect, (fw, fh): (u32, u32)) -> Option<Decoded> {
+        use crate::region::{Mcus, PlanesRefused, decode_planes};
+        let (w, h) = (header.width as u32, header.height as u32);
+        // The MCU of a standard subsampling: 8×8 chroma blocks under fw×fh luma blocks.
+        let (mw, mh) = (8 * fw, 8 * fh);
+        let m = Mcus { x0: s.x / mw, x1: (s.x + s.width - 1) / mw, y0: s.y / mh, y1: (s.y + s.height - 1) / mh };
+        if m != (Mcus { x0: 0, x1: (w - 1) / mw, y0: 0, y1: (h - 1) / mh }) {
+            let (cols, rows) = ((m.x1 - m.x0 + 1) as usize, (m.y1 - m.y0 + 1) as usize);
+            let components = if header.subsamp == Subsamp::Gray { 1 } else { 3 };
+            let dims: Vec<(usize, usize)> = (0..components).map(|k| if k == 0 { (cols * mw as usize, rows * mh as usize) } else { (cols * 8, rows * 8) }).collect();
+            let mut data = vec![0u8; dims.iter().map(|(a, b)| a * b).sum()];
+            let mut slices: Vec<&mut [u8]> = Vec::with_capacity(components);
+            let mut rest = &mut data[..];
+            for &(pw, ph) in &dims {
+                let (plane, tail) = rest.split_at_mut(pw * ph);
+                slices.push(plane);
+                rest = tail;
+            }
+            let strides: Vec<usize> = dims.iter().map(|d| d.0).collect();
+            match decode_planes(jpeg, m, &mut slices, &strides) {
+                Ok(()) => {
+                    return Some(Decoded { data, planes: one_after_another(dims), origin: (m.x0 * mw, m.y0 * mh) });
+                }
+                // A progressive frame: the whole frame's planes where the crop keeps more than
+                // half of it, otherwise the RGB partial decode (which crops those) takes it.
+                Err(PlanesRefused::NotTaken) if 2 * s.width as u64 * s.height as u64 <= w as u64 * h as u64 => return None,
+                Err(PlanesRefused::NotTaken) => {}
+                Err(PlanesRefused::Failed(e)) => {
+                    tracing::debug!(error = %e, "decoding a region to YUV planes failed; the pixel path takes the frame");
+                    return None;
+                }
+            }
+        }
+        let data = self.decode(jpeg, header)?;
+        Some(Decoded { data, planes: one_after_another(plane_sizes(w as usize, h as usize, header.subsamp)), origin: (0, 0) })
+    }
+
     /// A JPEG from planes laid out as [`PlaneCodec::decode`] gives them.
     pub(crate) fn encode(&mut self, planes: &[u8], (width, height): (u32, u32), subsamp: Subsamp) -> Option<Vec<u8>> {
         let image = YuvImage { pixels: planes, width: width as usize, align: 1, height: height as usize, subsamp };
@@ -120,6 +162,27 @@ impl PlaneCodec {
     fn reset(&mut self) {
         *self = PlaneCodec::new(self.quality);
     }
+}
+
+/// A frame's planes as decoded for a geometry: the whole frame, or the MCUs under the kept
+/// rectangle.
+struct Decoded {
+    data: Vec<u8>,
+    /// Where each plane starts in `data`, its row stride and its rows.
+    planes: Vec<(usize, usize, usize)>,
+    /// The frame's pixel at the planes' top-left corner.
+    origin: (u32, u32),
+}
+
+/// Where planes of these widths and heights start when they lie one after another.
+fn one_after_another(dims: Vec<(usize, usize)>) -> Vec<(usize, usize, usize)> {
+    let mut at = 0;
+    dims.into_iter()
+        .map(|(w, h)| {
+            at += w * h;
+            (at - w * h, w, h)
+        })
+        .collect()
 }
 
 /// Horizontal and vertical subsampling factors of a JPEG's chroma.
@@ -226,17 +289,17 @@ impl PlaneGeometry {
         let (w, h) = (header.width as u32, header.height as u32);
         let s = Plan::source_rect(&self.pipeline, w, h)?;
         self.plan.fits(s, (fw, fh)).ok()?;
-        let planes = self.codec.decode(jpeg, header)?;
+        let source = self.codec.decode_covering(jpeg, header, s, (fw, fh))?;
+        // The kept rectangle within the decoded planes (their origin is on the MCU grid, so on
+        // the chroma grid too).
+        let s = Rect { x: s.x - source.origin.0, y: s.y - source.origin.1, ..s };
         let quarter = self.plan.rotate % 180 == 90;
         let (ow, oh) = if quarter { (s.height, s.width) } else { (s.width, s.height) };
         let subsamp = if quarter { turned(header.subsamp) } else { header.subsamp };
-        let in_sizes = plane_sizes(w as usize, h as usize, header.subsamp);
         let out_sizes = plane_sizes(ow as usize, oh as usize, subsamp);
         let mut out = Vec::with_capacity(out_sizes.iter().map(|(a, b)| a * b).sum());
-        let mut at = 0;
-        for (k, (&(pw, ph), &pad)) in in_sizes.iter().zip(&out_sizes).enumerate() {
-            let plane = &planes[at..at + pw * ph];
-            at += pw * ph;
+        for (k, (&(at, pw, ph), &pad)) in source.planes.iter().zip(&out_sizes).enumerate() {
+            let plane = &source.data[at..at + pw * ph];
             out.extend_from_slice(&move_samples(plane, pw, plane_rect(s, k, (fw, fh)), self.plan.rotate, pad));
         }
         Some(Moved { planes: out, width: ow, height: oh, subsamp })
@@ -349,6 +412,74 @@ mod tests {
             }
         }
         assert!(taken >= 50, "only {taken} cases took the planes path");
+    }
+
+    /// The MCUs under a crop decode to the very samples the whole frame's planes hold there —
+    /// on every subsampling, crops inside the frame and at its right and bottom edges (partial
+    /// MCUs), arithmetic-coded too — and only those MCUs are decoded; a progressive frame is
+    /// decoded whole for a crop of more than half of it and left to the RGB partial decode
+    /// otherwise; a frame corrupt or cut short anywhere, below the crop too, is refused.
+    #[test]
+    fn a_crops_mcus_decode_to_the_whole_frames_samples() {
+        let src = photo();
+        let (w, h) = (653u32, 491u32);
+        let mut regions = 0;
+        for subsamp in [Subsamp::Sub2x2, Subsamp::Sub2x1, Subsamp::Sub1x2, Subsamp::None, Subsamp::Gray, Subsamp::Sub4x1] {
+            for (progressive, arithmetic) in [(false, false), (false, true), (true, false)] {
+                let img = crate::ops::crop(&src, 0, 0, w, h);
+                let mut c = turbojpeg::Compressor::new().unwrap();
+                c.set_quality(85).unwrap();
+                c.set_subsamp(subsamp).unwrap();
+                c.set_progressive(progressive).unwrap();
+                c.set_arithmetic(arithmetic).unwrap();
+                let jpeg = c.compress_to_vec(turbojpeg::Image { pixels: &img.data[..], width: w as usize, pitch: w as usize * 3, height: h as usize, format: turbojpeg::PixelFormat::RGB }).unwrap();
+                let header = turbojpeg::read_header(&jpeg).unwrap();
+                let (fw, fh) = factors(subsamp).unwrap();
+                let len = plane_sizes(w as usize, h as usize, subsamp).iter().map(|(a, b)| a * b).sum();
+                let mut buf = vec![0u8; len];
+                let image = YuvImage { pixels: &mut buf[..], width: w as usize, align: 1, height: h as usize, subsamp };
+                turbojpeg::Decompressor::new().unwrap().decompress_to_yuv(&jpeg, image).unwrap();
+                let whole = visible(&buf, w as usize, h as usize, subsamp);
+                let mut codec = PlaneCodec::new(85);
+                for s in [Rect { x: 64, y: 32, width: 300, height: 200 }, Rect { x: 36, y: 20, width: 17, height: 9 }, Rect { x: 600, y: 470, width: 53, height: 21 }, Rect { x: 0, y: 0, width: 653, height: 100 }, Rect { x: 4, y: 4, width: 1, height: 1 }, Rect { x: 0, y: 0, width: w, height: h }] {
+                    let what = format!("{subsamp:?} progressive {progressive} arithmetic {arithmetic} {s:?}");
+                    let small = 2 * s.width * s.height <= w * h;
+                    let Some(d) = codec.decode_covering(&jpeg, &header, s, (fw, fh)) else {
+                        assert!(progressive && small, "{what}: refused");
+                        continue;
+                    };
+                    let region = d.planes[0].1 < w as usize || d.planes[0].2 < h as usize;
+                    assert_eq!(region, !progressive && s.width * s.height < w * h, "{what}: region decode taken");
+                    regions += region as usize;
+                    for (k, (&(at, pw, ph), want)) in d.planes.iter().zip(&whole).enumerate() {
+                        let r = plane_rect(s, k, (fw, fh));
+                        let o = plane_rect(Rect { x: d.origin.0, y: d.origin.1, width: 1, height: 1 }, k, (fw, fh));
+                        assert!((r.x - o.x + r.width) as usize <= pw && (r.y - o.y + r.height) as usize <= ph, "{what}: plane {k} too small");
+                        for y in 0..r.height as usize {
+                            let got = &d.data[at + (r.y - o.y) as usize * pw + y * pw + (r.x - o.x) as usize..][..r.width as usize];
+                            let row = &want.2[(r.y as usize + y) * want.0 + r.x as usize..][..r.width as usize];
+                            assert_eq!(got, row, "{what}: plane {k} row {y}");
+                        }
+                    }
+                }
+                if !progressive {
+                    // Cut short, or a byte of the last rows' entropy-coded data changed: the
+                    // crop at the top is refused all the same.
+                    let top = Rect { x: 16, y: 16, width: 64, height: 32 };
+                    assert!(codec.decode_covering(&jpeg[..jpeg.len() * 3 / 4], &header, top, (fw, fh)).is_none(), "{subsamp:?}: cut short");
+                    let mut bad = jpeg.clone();
+                    let at = bad.len() - 40;
+                    bad[at..at + 8].fill(0xFF);
+                    assert!(codec.decode_covering(&bad, &header, top, (fw, fh)).is_none(), "{subsamp:?}: corrupt below the crop");
+                    for refused in [&jpeg[..jpeg.len() * 3 / 4], &bad[..]] {
+                        let image = YuvImage { pixels: &mut buf[..], width: w as usize, align: 1, height: h as usize, subsamp };
+                        assert!(turbojpeg::Decompressor::new().unwrap().decompress_to_yuv(refused, image).is_err(), "{subsamp:?}: the whole decode refuses it too");
+                    }
+                    assert!(codec.decode_covering(&jpeg, &header, top, (fw, fh)).is_some(), "{subsamp:?}: the codec works after a refusal");
+                }
+            }
+        }
+        assert_eq!(regions, 6 * 2 * 5, "every crop of a single-scan frame decoded its region");
     }
 
     #[test]

@@ -113,8 +113,8 @@ impl Processor {
     pub fn new(pipeline: Pipeline, max_pixels: u64, quality: u8, events_only: bool, motion: MotionConfig) -> Self {
         let lossless = crate::lossless::Lossless::new(&pipeline);
         let luma_only = luma_first(&pipeline);
-        // Geometry on the planes pays where something turns, or where a crop keeps most of the
-        // frame; a crop of at most half the frame decodes its region (see `region_first`).
+        // Geometry on the planes (where something turns or crops; a crop decodes only the MCUs
+        // under it); the RGB partial decode of a leading crop where the planes cannot take it.
         let planes = crate::planes::PlaneGeometry::new(&pipeline, quality).filter(|_| pipeline.0.iter().any(|op| matches!(op, crate::ops::Op::Rotate { .. } | crate::ops::Op::Crop { .. })));
         let region = matches!(pipeline.0.first(), Some(crate::ops::Op::Crop { .. })) && pipeline.models().is_empty();
         let region = region.then(crate::region::RegionDecoder::new);
@@ -295,7 +295,7 @@ impl Processor {
                     Err(why) => dct = Some(why),
                 }
             }
-            if let Some(g) = self.planes.as_mut().filter(|_| !region_first(&self.pipeline, &header, self.region.is_some() && self.gpu.is_none())) {
+            if let Some(g) = self.planes.as_mut() {
                 let t = Instant::now();
                 if let Some((jpeg, size)) = g.apply(payload, &header) {
                     return Ok(geometry(jpeg, size, "yuv_geometry", t, dct));
@@ -421,21 +421,6 @@ impl Processor {
     }
 }
 
-/// Whether a crop-only pipeline's leading crop is done by decoding its region rather than on
-/// the YUV planes: when it keeps at most half of the frame's pixels. The partial decode skips
-/// the rows below the crop and the inverse DCT outside it but converts the crop to RGB and back;
-/// the planes decode the whole frame without converting. Measured on a 1080p frame
-/// (`worker_ops`, one thread): 1280x720 (44 %) region 203 vs planes 194 frames/s, 960x540 310 vs
-/// 232, 1920x200 415 vs 242; 1900x1000 (92 %) region 119 vs planes 147.
-fn region_first(pipeline: &Pipeline, header: &turbojpeg::DecompressHeader, region: bool) -> bool {
-    use crate::ops::Op;
-    let rotates = pipeline.0.iter().any(|op| matches!(op, Op::Rotate { .. }));
-    match pipeline.0.first() {
-        Some(&Op::Crop { width, height, .. }) if region && !rotates => 2 * width as u64 * height as u64 <= header.width as u64 * header.height as u64,
-        _ => false,
-    }
-}
-
 /// Whether the pipeline turns the frame into luma (`grayscale`, `sobel`) before anything that
 /// needs colour: only `rotate`, `crop` and `resize` come first, which act on every channel
 /// alike. Such a pipeline decodes the JPEG's own luma (Y) plane, so for JPEG frames
@@ -537,11 +522,12 @@ mod tests {
         // (lossless.rs tests the pixels in depth).
         let pixels = processor(&spec).without_dct_transforms().process(&info(&[]), Some(&jpeg)).unwrap();
         assert_eq!((pixels.width, pixels.height, pixels.path), (out.width, out.height, "region"));
-        // Off the grid: decoded, with the reason.
+        // Off the MCU grid (on the chroma grid of this 4:4:4 frame): the planes of the MCUs
+        // under the crop, with the reason the DCT domain did not take it.
         let off = processor(&format!("crop:100x100+{}+0", mw + 1)).process(&info(&[]), Some(&jpeg)).unwrap();
         assert_eq!(off.dct, Some(crate::lossless::Outcome::OffGrid));
         assert_eq!((off.width, off.height), (100, 100));
-        assert_eq!(off.op_times[0].0, "crop", "a crop alone decodes its region");
+        assert_eq!((off.op_times[0].0.as_str(), off.path), ("yuv_geometry", "planes"));
         // Turned, off the MCU grid but on the chroma grid: the YUV planes.
         let planes = processor(&format!("crop:100x100+{}+2,rotate:90", mw + 2)).process(&info(&[]), Some(&jpeg)).unwrap();
         assert_eq!(planes.dct, Some(crate::lossless::Outcome::OffGrid));
@@ -556,10 +542,13 @@ mod tests {
     #[test]
     fn a_leading_crop_decodes_its_region_only_with_the_same_result() {
         let jpeg = rocket();
-        for spec in ["crop:301x203+37+11,blur:1", "crop:300x200+5+7", "crop:64x64+16+16,sharpen"] {
-            let fast = processor(spec).process(&info(&[]), Some(&jpeg)).unwrap();
+        // A 4:2:0 frame: a crop at an odd x is off its chroma grid, which the planes refuse.
+        let jpeg420 = encode(&Decoder::new().decode(&jpeg, u64::MAX, None).unwrap(), 85).unwrap();
+        assert_eq!(turbojpeg::read_header(&jpeg420).unwrap().subsamp, turbojpeg::Subsamp::Sub2x2);
+        for (jpeg, spec) in [(&jpeg, "crop:301x203+37+11,blur:1"), (&jpeg420, "crop:300x200+5+7"), (&jpeg, "crop:64x64+16+16,sharpen")] {
+            let fast = processor(spec).process(&info(&[]), Some(jpeg)).unwrap();
             assert_eq!((fast.op_times[0].0.as_str(), fast.path), ("crop", "region"), "{spec}");
-            let pixels = processor(spec).without_fast_paths().process(&info(&[]), Some(&jpeg)).unwrap();
+            let pixels = processor(spec).without_fast_paths().process(&info(&[]), Some(jpeg)).unwrap();
             assert!(fast.jpeg == pixels.jpeg, "{spec}: the partial decode gives the very same bytes");
         }
         // With luma: the region of the luma plane.
@@ -567,9 +556,9 @@ mod tests {
         let y = Img::new(y.width as u32, y.height as u32, 1, y.pixels);
         let fast = processor("crop:64x64+19+16,sobel").process(&info(&[]), Some(&jpeg)).unwrap();
         assert_eq!(fast.jpeg.unwrap(), encode(&crate::ops::sobel(&crate::ops::crop(&y, 19, 16, 64, 64)), 85).unwrap());
-        // A crop keeping more than half of the frame: the whole frame's YUV planes, the crop's
-        // samples moved (planes.rs tests them sample for sample); the same size as the partial
-        // decode's, and the same picture up to the codec's rounding.
+        // A crop on the chroma grid: the YUV planes of the MCUs under it, the crop's samples
+        // moved (planes.rs tests them sample for sample against the whole frame's planes); the
+        // same size as the RGB partial decode's, and the same picture up to the codec's rounding.
         let h = turbojpeg::read_header(&jpeg).unwrap();
         let big = format!("crop:{}x{}+2+3", h.width - 6, h.height - 5);
         let planes = processor(&big).process(&info(&[]), Some(&jpeg)).unwrap();
@@ -587,9 +576,10 @@ mod tests {
         // Both re-encode the source's crop; the planes (4:4:4 kept, no colour conversion) stay
         // closer to it than the RGB partial decode (encoded at 4:2:0).
         assert!(off(&planes) < off(&region) && off(&region) < 4.0, "planes {:.2} vs region {:.2} levels off", off(&planes), off(&region));
-        // Half the frame or less: the region.
+        // Half the frame or less too (the planes used to decode the whole frame, and such crops
+        // took the partial decode).
         let half = format!("crop:{}x{}+2+3", h.width / 2, h.height - 3);
-        assert_eq!(processor(&half).process(&info(&[]), Some(&jpeg)).unwrap().path, "region");
+        assert_eq!(processor(&half).process(&info(&[]), Some(&jpeg)).unwrap().path, "planes");
         // Outside the frame: the op names it, as before.
         let e = processor("crop:100x100+100000+0,blur:1").process(&info(&[]), Some(&jpeg)).unwrap_err();
         assert_eq!(e.reason, DeadLetterReason::OpFailed, "{}", e.detail);

@@ -9,8 +9,12 @@
 //! the extra columns are cut off in pixels.
 //! The `turbojpeg` crate does not expose the cropping region, so this holds a TurboJPEG handle
 //! of its own through `turbojpeg-sys` (the same library build).
+//!
+//! [`decode_planes`] is the same for the YUV planes path ([`crate::planes`]): the MCUs under a
+//! crop decoded to the JPEG's own planes, without upsampling or colour conversion (libjpeg's
+//! raw mode, which TurboJPEG cannot crop; csrc/region.c says how it is done).
 
-use std::ffi::CStr;
+use std::ffi::{CStr, c_char, c_int, c_uchar, c_uint, c_ulong};
 
 use turbojpeg_sys as tj;
 
@@ -111,6 +115,55 @@ impl RegionDecoder {
         }
         let img = Img::new(rw, rh, ch as u8, data);
         Ok(if (x0, rw) == (rect.x, rect.width) { img } else { crate::ops::crop(&img, rect.x - x0, 0, rect.width, rect.height) })
+    }
+}
+
+unsafe extern "C" {
+    fn fl_decode_region_planes(input: *const c_uchar, in_len: c_ulong, mcu_x0: c_uint, mcu_x1: c_uint, mcu_y0: c_uint, mcu_y1: c_uint, planes: *const *mut c_uchar, strides: *const usize, rows: *const usize, nplanes: c_int, msg: *mut c_char, msg_len: usize) -> c_int;
+}
+
+/// A rectangle of a JPEG's MCUs: columns `x0..=x1`, rows `y0..=y1`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Mcus {
+    pub x0: u32,
+    pub x1: u32,
+    pub y0: u32,
+    pub y1: u32,
+}
+
+/// Why [`decode_planes`] gave nothing.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum PlanesRefused {
+    /// Not a frame or a request it takes (progressive or multi-scan, lossless, 12-bit, other
+    /// components than planes, MCUs outside the frame, planes too small, a libjpeg-turbo of
+    /// another layout): decode the whole frame instead.
+    NotTaken,
+    /// libjpeg failed or warned (corrupt data), with its message.
+    Failed(String),
+}
+
+/// Decodes the MCUs `m` of `jpeg` into one plane per component: component k's samples from
+/// the region's top-left corner, rows `strides[k]` bytes apart in `planes[k]` (which holds
+/// `planes[k].len() / strides[k]` rows). A plane needs `(x1 - x0 + 1) · 8 · h_k` samples per
+/// row and `(y1 - y0 + 1) · 8 · v_k` rows (the component's sampling factors); the MCUs at the
+/// frame's right and bottom edges fill less. The samples are those the whole frame decoded to
+/// planes has at the same places.
+pub(crate) fn decode_planes(jpeg: &[u8], m: Mcus, planes: &mut [&mut [u8]], strides: &[usize]) -> Result<(), PlanesRefused> {
+    if planes.len() != strides.len() || strides.contains(&0) {
+        return Err(PlanesRefused::NotTaken);
+    }
+    let rows: Vec<usize> = planes.iter().zip(strides).map(|(p, s)| p.len() / s).collect();
+    let ptrs: Vec<*mut c_uchar> = planes.iter_mut().map(|p| p.as_mut_ptr()).collect();
+    let mut msg = [0 as c_char; 200];
+    // SAFETY: `jpeg` is only read, for `jpeg.len()` bytes; plane k is valid for writes of
+    // `rows[k]` rows of `strides[k]` bytes, which the C side checks its writes against; `msg`
+    // is NUL-terminated by snprintf within its length.
+    let rc = unsafe { fl_decode_region_planes(jpeg.as_ptr(), jpeg.len() as c_ulong, m.x0, m.x1, m.y0, m.y1, ptrs.as_ptr(), strides.as_ptr(), rows.as_ptr(), planes.len() as c_int, msg.as_mut_ptr(), msg.len()) };
+    match rc {
+        0 => Ok(()),
+        1 => Err(PlanesRefused::NotTaken),
+        // SAFETY: the C side wrote a NUL-terminated message into `msg`.
+        _ => Err(PlanesRefused::Failed(unsafe { CStr::from_ptr(msg.as_ptr()) }.to_string_lossy().into_owned())),
     }
 }
 
