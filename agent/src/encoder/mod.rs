@@ -21,6 +21,7 @@ use turbojpeg::{Compressor, Decompressor, Image, OutputBuf, PixelFormat as TjFor
 use crate::frame::{Captured, PixelFormat};
 
 pub mod stretch;
+pub mod strips;
 pub mod yuv420;
 use yuv420::{LUMA_TO_FULL, Yuv420};
 
@@ -119,6 +120,8 @@ pub enum EncodeError {
     OddYuyvWidth(u32),
     #[error("libjpeg-turbo: {0}")]
     Turbo(#[from] turbojpeg::Error),
+    #[error("libjpeg-turbo (strip encoder): {0}")]
+    Strips(String),
 }
 
 /// An encoded image and its size.
@@ -135,6 +138,7 @@ pub struct Encoder {
     compressor: Compressor,
     decompressor: Option<Decompressor>,
     planes: [Vec<u8>; 3],
+    strips: strips::StripEncoder,
 }
 
 impl Encoder {
@@ -142,7 +146,7 @@ impl Encoder {
         let mut compressor = Compressor::new()?;
         compressor.set_quality(cfg.quality as i32)?;
         compressor.set_subsamp(cfg.subsampling.tj())?;
-        Ok(Self { cfg, compressor, decompressor: None, planes: Default::default() })
+        Ok(Self { cfg, compressor, decompressor: None, planes: Default::default(), strips: Default::default() })
     }
 
     pub fn encode(&mut self, f: &Captured) -> Result<Encoded, EncodeError> {
@@ -202,38 +206,63 @@ impl Encoder {
         Ok(Encoded { jpeg: Bytes::from(jpeg), width: w, height: h })
     }
 
-    /// YUYV → Y, U, V planes (4:2:2, or 4:2:0 by averaging chroma row pairs) → JPEG.
+    /// YUYV → Y, U, V planes (4:2:2, or 4:2:0 by averaging chroma row pairs) → JPEG, one strip
+    /// at a time ([`strips`]); gray: the luma plane.
     fn compress_yuyv(&mut self, f: &Captured) -> Result<Encoded, EncodeError> {
         let (w, h) = (f.width as usize, f.height as usize);
         let cw = w / 2;
-        let gray = self.cfg.subsampling == Subsampling::Gray;
-        let s420 = self.cfg.subsampling == Subsampling::S420;
-        let ch = if s420 { h.div_ceil(2) } else { h };
-        let [y, u, v] = &mut self.planes;
-        y.resize(w * h, 0);
-        u.resize(cw * ch, 0);
-        v.resize(cw * ch, 0);
-        // The second row of a 4:2:0 pair lands here and is averaged into the first.
-        let (mut u2, mut v2) = (vec![0u8; cw], vec![0u8; cw]);
-        for (r, row) in f.data.chunks(f.stride).take(h).enumerate() {
-            let (row, yrow) = (&row[..w * 2], &mut y[r * w..(r + 1) * w]);
-            if gray {
-                for (d, px) in yrow.chunks_exact_mut(2).zip(row.chunks_exact(4)) {
+        if self.cfg.subsampling == Subsampling::Gray {
+            let y = &mut self.planes[0];
+            y.resize(w * h, 0);
+            for (row, yrow) in f.data.chunks(f.stride).take(h).zip(y.chunks_exact_mut(w)) {
+                for (d, px) in yrow.chunks_exact_mut(2).zip(row[..w * 2].chunks_exact(4)) {
                     (d[0], d[1]) = (LUMA_TO_FULL[px[0] as usize], LUMA_TO_FULL[px[2] as usize]);
                 }
-                continue;
             }
-            let cr = if s420 { r / 2 } else { r };
-            let (urow, vrow) = (&mut u[cr * cw..(cr + 1) * cw], &mut v[cr * cw..(cr + 1) * cw]);
-            if s420 && r % 2 == 1 {
-                stretch::yuyv_row(row, yrow, &mut u2, &mut v2);
-                stretch::average_into(urow, &u2);
-                stretch::average_into(vrow, &v2);
-            } else {
-                stretch::yuyv_row(row, yrow, urow, vrow);
-            }
+            return self.compress_planes(w, h, w, cw);
         }
-        self.compress_planes(w, h, w, cw)
+        let s420 = self.cfg.subsampling == Subsampling::S420;
+        let row = |r: usize| &f.data[r * f.stride..r * f.stride + w * 2];
+        // The second row of a 4:2:0 pair lands here and is averaged into the first.
+        let (mut u2, mut v2) = (vec![0u8; cw], vec![0u8; cw]);
+        let fill = |s: strips::Strip<'_>| {
+            let [y, u, v] = s.planes;
+            let [yw, cpw, _] = s.widths;
+            for j in 0..s.rows[0] {
+                let r = s.first_row + j;
+                let (c, second) = if s420 { (j / 2, j % 2 == 1) } else { (j, false) };
+                if r >= h {
+                    // Past the frame's last row (never a strip's first): it repeats, and so
+                    // does the last chroma row.
+                    y.copy_within((j - 1) * yw..j * yw, j * yw);
+                    if !second {
+                        u.copy_within((c - 1) * cpw..c * cpw, c * cpw);
+                        v.copy_within((c - 1) * cpw..c * cpw, c * cpw);
+                    }
+                    continue;
+                }
+                let yrow = &mut y[j * yw..j * yw + w];
+                let (urow, vrow) = (&mut u[c * cpw..c * cpw + cw], &mut v[c * cpw..c * cpw + cw]);
+                if second {
+                    stretch::yuyv_row(row(r), yrow, &mut u2, &mut v2);
+                    stretch::average_into(urow, &u2);
+                    stretch::average_into(vrow, &v2);
+                } else {
+                    stretch::yuyv_row(row(r), yrow, urow, vrow);
+                }
+            }
+            // Rows padded to whole blocks with their last sample.
+            for yrow in y.chunks_exact_mut(yw) {
+                pad_row(yrow, w);
+            }
+            for (urow, vrow) in u.chunks_exact_mut(cpw).zip(v.chunks_exact_mut(cpw)) {
+                pad_row(urow, cw);
+                pad_row(vrow, cw);
+            }
+        };
+        let samp = if s420 { (2, 2) } else { (2, 1) };
+        let jpeg = self.strips.encode(f.width, f.height, self.cfg.quality, samp, fill).map_err(EncodeError::Strips)?;
+        Ok(Encoded { jpeg: Bytes::from(jpeg), width: f.width, height: f.height })
     }
 
     /// A 4:2:0 frame → full-range Y, U, V planes (4:2:0 as they are, 4:2:2 by repeating
@@ -336,6 +365,12 @@ impl Encoder {
         d.set_scaling_factor(turbojpeg::ScalingFactor::ONE)?;
         Ok((rgb, scaled.width as u32, scaled.height as u32))
     }
+}
+
+/// `row[n..]` set to `row[n - 1]` (a row padded to whole blocks, as libjpeg-turbo pads).
+fn pad_row(row: &mut [u8], n: usize) {
+    let last = row[n - 1];
+    row[n..].fill(last);
 }
 
 fn check_len(f: &Captured, bpp: usize) -> Result<(), EncodeError> {
@@ -540,6 +575,55 @@ mod tests {
             for (format, data, stride) in [(PixelFormat::Nv12, &nv12, stride), (PixelFormat::J420, &j420, w)] {
                 let out = small.encode(&raw(format, w as u32, h as u32, stride, data.clone())).unwrap();
                 assert_eq!(out.width, w as u32 / 2, "{format:?}");
+            }
+        }
+    }
+
+    /// The strip encoder's JPEG of a YUYV frame is TurboJPEG's JPEG of the whole-frame planes
+    /// (converted here the plain way, with the tables: each row stretched, 4:2:0 chroma the
+    /// rounded-up mean of a row pair, the last row of an odd height alone, luma padded to whole
+    /// chroma rows), byte for byte: 4:2:0 and 4:2:2, sizes of partial blocks and MCUs, padded
+    /// rows, 1080p.
+    #[test]
+    fn yuyv_strips_are_turbojpegs_jpeg_of_the_whole_planes() {
+        use yuv420::CHROMA_TO_FULL;
+        let (rgb, w, h) = photo_rgb();
+        let (w, h) = (w as usize, h as usize);
+        let big: Vec<u8> = (0..1080).flat_map(|y| (0..1920).flat_map(move |x| [(x % 251) as u8, (y % 241) as u8, ((x + y) % 239) as u8])).collect();
+        let crop = |cw: usize, ch: usize| -> Vec<u8> { rgb.chunks(w * 3).take(ch).flat_map(|r| r[..cw * 3].to_vec()).collect() };
+        let mut cases: Vec<(usize, usize, usize, Vec<u8>)> = [(64, 48, 0), (66, 35, 8), (130, 17, 0), (18, 2, 4), (2, 1, 0), (2, 16, 0), (34, 33, 2)].into_iter().map(|(cw, ch, pad)| (cw, ch, pad, crop(cw.min(w & !1), ch.min(h)))).collect();
+        cases.push((1920, 1080, 0, big));
+        for (cw, ch, pad, rgb) in cases {
+            let yuyv = rgb_to_yuyv(&rgb, cw, ch, pad);
+            let stride = cw * 2 + pad;
+            for (sub, s420) in [(Subsampling::S420, true), (Subsampling::S422, false)] {
+                let rows = if s420 { ch.div_ceil(2) * 2 } else { ch };
+                let (mut y, mut u, mut v) = (Vec::new(), Vec::new(), Vec::new());
+                for r in 0..rows {
+                    let row = &yuyv[r.min(ch - 1) * stride..][..cw * 2];
+                    y.extend(row.iter().step_by(2).map(|&s| LUMA_TO_FULL[s as usize]));
+                    if r >= ch || (s420 && r % 2 == 1) {
+                        continue;
+                    }
+                    let next = (s420 && r + 1 < ch).then(|| &yuyv[(r + 1) * stride..][..cw * 2]);
+                    for (i, px) in row.chunks_exact(4).enumerate() {
+                        let mut c = [CHROMA_TO_FULL[px[1] as usize], CHROMA_TO_FULL[px[3] as usize]];
+                        if let Some(n) = next {
+                            let m = [CHROMA_TO_FULL[n[4 * i + 1] as usize], CHROMA_TO_FULL[n[4 * i + 3] as usize]];
+                            c = [(c[0] as u16 + m[0] as u16).div_ceil(2) as u8, (c[1] as u16 + m[1] as u16).div_ceil(2) as u8];
+                        }
+                        u.push(c[0]);
+                        v.push(c[1]);
+                    }
+                }
+                let mut c = Compressor::new().unwrap();
+                c.set_quality(EncoderConfig::default().quality as i32).unwrap();
+                let planes = YuvPlanesImage { y_plane: &y[..], u_plane: &u[..], v_plane: &v[..], width: cw, height: ch, y_stride: cw, u_stride: cw / 2, v_stride: cw / 2, subsamp: sub.tj() };
+                let mut want = OutputBuf::new_owned();
+                c.compress_yuv_planes(&planes, &mut want).unwrap();
+                let mut e = Encoder::new(EncoderConfig { subsampling: sub, ..EncoderConfig::default() }).unwrap();
+                let got = e.encode(&raw(PixelFormat::Yuyv, cw as u32, ch as u32, stride, yuyv.clone())).unwrap();
+                assert!(got.jpeg[..] == want[..], "{cw}x{ch} pad {pad} {sub:?}: {} bytes vs TurboJPEG's {}", got.jpeg.len(), want.len());
             }
         }
     }
