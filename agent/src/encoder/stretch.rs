@@ -138,7 +138,67 @@ mod simd {
         8 * n
     }
 
+    /// AVX2 where the CPU has it (32 pixels a step), SSE2 otherwise (16).
     pub fn yuyv_row(src: &[u8], y: &mut [u8], u: &mut [u8], v: &mut [u8]) -> usize {
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            let done = unsafe { yuyv_row_avx2(src, y, u, v) };
+            let rest = yuyv_row_sse2(&src[4 * done..], &mut y[2 * done..], &mut u[done..], &mut v[done..]);
+            return done + rest;
+        }
+        yuyv_row_sse2(src, y, u, v)
+    }
+
+    /// [`luma16`] on sixteen 16-bit lanes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn luma16x2(v: __m256i) -> __m256i {
+        let x = _mm256_add_epi16(_mm256_mullo_epi16(_mm256_subs_epu16(v, _mm256_set1_epi16(16)), _mm256_set1_epi16(255)), _mm256_set1_epi16(109));
+        _mm256_srli_epi16(_mm256_mulhi_epu16(x, _mm256_set1_epi16(38304u16 as i16)), 7)
+    }
+
+    /// [`chroma16`] on sixteen 16-bit lanes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn chroma16x2(v: __m256i) -> __m256i {
+        let x = _mm256_add_epi16(_mm256_mullo_epi16(_mm256_subs_epu16(v, _mm256_set1_epi16(16)), _mm256_set1_epi16(255)), _mm256_set1_epi16(112));
+        _mm256_mulhi_epu16(_mm256_srli_epi16(x, 5), _mm256_set1_epi16(9363))
+    }
+
+    /// Two vectors of 16-bit lanes packed to bytes in order (AVX2's pack works per 128-bit
+    /// half: the quarters are put back in order).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn pack_in_order(a: __m256i, b: __m256i) -> __m256i {
+        _mm256_permute4x64_epi64(_mm256_packus_epi16(a, b), 0b11_01_10_00)
+    }
+
+    /// [`yuyv_row_sse2`] 32 pixels at a time; returns the pixel pairs done.
+    #[target_feature(enable = "avx2")]
+    pub(super) fn yuyv_row_avx2(src: &[u8], y: &mut [u8], u: &mut [u8], v: &mut [u8]) -> usize {
+        assert!(src.len() == 2 * y.len() && y.len() == 2 * u.len() && u.len() == v.len());
+        let n = src.len() / 64;
+        let lo = _mm256_set1_epi16(0x00FF);
+        for i in 0..n {
+            // SAFETY: 64 source bytes at 64·i, 32 luma bytes at 32·i and 16 chroma bytes at
+            // 16·i are in bounds (src.len() == 2·y.len() == 4·u.len() == 4·v.len()).
+            unsafe {
+                let a = _mm256_loadu_si256(src.as_ptr().add(64 * i) as *const __m256i);
+                let b = _mm256_loadu_si256(src.as_ptr().add(64 * i + 32) as *const __m256i);
+                let ys = pack_in_order(luma16x2(_mm256_and_si256(a, lo)), luma16x2(_mm256_and_si256(b, lo)));
+                _mm256_storeu_si256(y.as_mut_ptr().add(32 * i) as *mut __m256i, ys);
+                // U, V pairs in order, then split.
+                let uv = pack_in_order(chroma16x2(_mm256_srli_epi16(a, 8)), chroma16x2(_mm256_srli_epi16(b, 8)));
+                let us = pack_in_order(_mm256_and_si256(uv, lo), _mm256_setzero_si256());
+                let vs = pack_in_order(_mm256_srli_epi16(uv, 8), _mm256_setzero_si256());
+                _mm_storeu_si128(u.as_mut_ptr().add(16 * i) as *mut __m128i, _mm256_castsi256_si128(us));
+                _mm_storeu_si128(v.as_mut_ptr().add(16 * i) as *mut __m128i, _mm256_castsi256_si128(vs));
+            }
+        }
+        16 * n
+    }
+
+    pub(super) fn yuyv_row_sse2(src: &[u8], y: &mut [u8], u: &mut [u8], v: &mut [u8]) -> usize {
         assert!(src.len() == 2 * y.len() && y.len() == 2 * u.len() && u.len() == v.len());
         let n = src.len() / 32;
         for i in 0..n {
@@ -197,6 +257,33 @@ mod tests {
         chroma_row(&all, &mut c);
         for i in 0..256 {
             assert_eq!((y[i], c[i]), (LUMA_TO_FULL[i], CHROMA_TO_FULL[i]), "value {i}");
+        }
+    }
+
+    /// Both x86-64 kernels of a YUYV row, called directly (the dispatcher picks AVX2 where the
+    /// CPU has it, so the SSE2 one is otherwise untested there): every sample they did is the
+    /// tables' value.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_sse2_and_avx2_yuyv_kernels_equal_the_tables() {
+        let check = |name: &str, n: usize, done: usize, src: &[u8], y: &[u8], u: &[u8], v: &[u8]| {
+            for (i, px) in src.chunks_exact(4).take(done).enumerate() {
+                assert_eq!([y[2 * i], y[2 * i + 1], u[i], v[i]], [LUMA_TO_FULL[px[0] as usize], LUMA_TO_FULL[px[2] as usize], CHROMA_TO_FULL[px[1] as usize], CHROMA_TO_FULL[px[3] as usize]], "{name}, {n} pixels, pair {i}");
+            }
+        };
+        for n in [16usize, 32, 48, 64, 96, 1920] {
+            let src = bytes(2 * n, 3 * n as u32);
+            let (mut y, mut u, mut v) = (vec![0; n], vec![0; n / 2], vec![0; n / 2]);
+            let done = simd::yuyv_row_sse2(&src, &mut y, &mut u, &mut v);
+            assert_eq!(done, n / 16 * 8, "SSE2 takes 16 pixels a step");
+            check("SSE2", n, done, &src, &y, &u, &v);
+            if is_x86_feature_detected!("avx2") {
+                let (mut y, mut u, mut v) = (vec![0; n], vec![0; n / 2], vec![0; n / 2]);
+                // SAFETY: the CPU has AVX2.
+                let done = unsafe { simd::yuyv_row_avx2(&src, &mut y, &mut u, &mut v) };
+                assert_eq!(done, n / 32 * 16, "AVX2 takes 32 pixels a step");
+                check("AVX2", n, done, &src, &y, &u, &v);
+            }
         }
     }
 
