@@ -6,7 +6,8 @@
  * settings are TurboJPEG's for a YUV-planes compress (turbojpeg.c: setCompDefaults, raw data
  * in), so the JPEG is the one TurboJPEG makes from the same planes, byte for byte (tested).
  * The output goes into the caller's buffer, sized for any JPEG of the frame (tj3JPEGBufSize):
- * libjpeg never has to grow it. */
+ * libjpeg never has to grow it (were it to, and then fail, jpeg_mem_dest's grown buffer would
+ * leak: libjpeg keeps it to itself until the end). */
 
 #include <setjmp.h>
 #include <stdio.h>
@@ -76,6 +77,10 @@ static int fl_strips_setup(struct fl_strips *s, unsigned int width, unsigned int
  * described in msg. */
 struct fl_strips *fl_strips_start(unsigned int width, unsigned int height, int quality, int h_samp, int v_samp,
                                   unsigned char *out, unsigned long cap, char *msg, size_t msg_len) {
+  if (h_samp < 1 || h_samp > 2 || v_samp < 1 || v_samp > 2) { /* fl_strips_write holds 16 rows */
+    snprintf(msg, msg_len, "sampling %dx%d is not strip-encoded", h_samp, v_samp);
+    return NULL;
+  }
   struct fl_strips *s = calloc(1, sizeof *s);
   if (s == NULL) {
     snprintf(msg, msg_len, "out of memory");
@@ -126,6 +131,10 @@ int fl_strips_finish(struct fl_strips *s, const unsigned char **jpeg, unsigned l
     return 2;
   }
   jpeg_finish_compress(&s->c);
+  if (s->pub.num_warnings > 0) { /* TurboJPEG fails a compress that warned: so does this */
+    fl_strips_message(s, msg, msg_len);
+    return 2;
+  }
   *jpeg = s->out;
   *len = s->out_len;
   return 0;

@@ -87,9 +87,11 @@ impl PlaneCodec {
     /// The planes under the rectangle `s` of the frame (luma pixels): only the MCUs it covers
     /// where that is less than the whole frame ([`crate::region::decode_planes`]: the blocks
     /// outside them are not inverse-transformed), otherwise — and for frames the region decode
-    /// does not take (progressive ones) — the whole frame. `None` (logged) where libjpeg-turbo
+    /// does not take (progressive or multi-scan ones) — the whole frame; but such a frame's
+    /// crop of at most half of it is left (`None`) to the RGB partial decode where
+    /// `rgb_region` says the caller has one for it. `None` (logged) where libjpeg-turbo
     /// refused the frame: the pixel path then names the cause.
-    fn decode_covering(&mut self, jpeg: &[u8], header: &DecompressHeader, s: Rect, (fw, fh): (u32, u32)) -> Option<Decoded> {
+    fn decode_covering(&mut self, jpeg: &[u8], header: &DecompressHeader, s: Rect, (fw, fh): (u32, u32), rgb_region: bool) -> Option<Decoded> {
         use crate::region::{Mcus, PlanesRefused, decode_planes};
         let (w, h) = (header.width as u32, header.height as u32);
         // The MCU of a standard subsampling: 8×8 chroma blocks under fw×fh luma blocks.
@@ -113,8 +115,8 @@ impl PlaneCodec {
                     return Some(Decoded { data, planes: one_after_another(dims), origin: (m.x0 * mw, m.y0 * mh) });
                 }
                 // A progressive frame: the whole frame's planes where the crop keeps more than
-                // half of it, otherwise the RGB partial decode (which crops those) takes it.
-                Err(PlanesRefused::NotTaken) if 2 * s.width as u64 * s.height as u64 <= w as u64 * h as u64 => return None,
+                // half of it or nothing else crops it, otherwise the RGB partial decode.
+                Err(PlanesRefused::NotTaken) if rgb_region && 2 * s.width as u64 * s.height as u64 <= w as u64 * h as u64 => return None,
                 Err(PlanesRefused::NotTaken) => {}
                 Err(PlanesRefused::Failed(e)) => {
                     tracing::debug!(error = %e, "decoding a region to YUV planes failed; the pixel path takes the frame");
@@ -277,19 +279,21 @@ impl PlaneGeometry {
     /// The result JPEG and its size, or `None` where the frame takes the RGB pixel path (its
     /// geometry does not fit the chroma grid, or libjpeg-turbo refused it: the pixel path then
     /// names the cause).
-    pub fn apply(&mut self, jpeg: &[u8], header: &DecompressHeader) -> Option<(Vec<u8>, (u32, u32))> {
-        let moved = self.moved_planes(jpeg, header)?;
+    /// `rgb_region`: the caller's RGB partial decode takes a crop-only pipeline this path
+    /// leaves (a progressive frame's small crop, see [`PlaneCodec::decode_covering`]).
+    pub fn apply(&mut self, jpeg: &[u8], header: &DecompressHeader, rgb_region: bool) -> Option<(Vec<u8>, (u32, u32))> {
+        let moved = self.moved_planes(jpeg, header, rgb_region)?;
         let size = (moved.width, moved.height);
         Some((self.codec.encode(&moved.planes, size, moved.subsamp)?, size))
     }
 
     /// The frame's planes with the pipeline's geometry done, ready for the encoder.
-    fn moved_planes(&mut self, jpeg: &[u8], header: &DecompressHeader) -> Option<Moved> {
+    fn moved_planes(&mut self, jpeg: &[u8], header: &DecompressHeader, rgb_region: bool) -> Option<Moved> {
         let (fw, fh) = PlaneCodec::plain_factors(jpeg, header)?;
         let (w, h) = (header.width as u32, header.height as u32);
         let s = Plan::source_rect(&self.pipeline, w, h)?;
         self.plan.fits(s, (fw, fh)).ok()?;
-        let source = self.codec.decode_covering(jpeg, header, s, (fw, fh))?;
+        let source = self.codec.decode_covering(jpeg, header, s, (fw, fh), rgb_region)?;
         // The kept rectangle within the decoded planes (their origin is on the MCU grid, so on
         // the chroma grid too).
         let s = Rect { x: s.x - source.origin.0, y: s.y - source.origin.1, ..s };
@@ -388,7 +392,7 @@ mod tests {
                     let (bottom, right) = match plan.rotate { 0 => (false, false), 90 => (true, false), 180 => (true, true), _ => (false, true) };
                     let fits = s.x % fw == 0 && s.y % fh == 0 && !(bottom && s.height % fh != 0) && !(right && s.width % fw != 0);
                     let mut g = PlaneGeometry::new(&pipeline, 90).unwrap();
-                    let Some(moved) = g.moved_planes(&jpeg, &header) else {
+                    let Some(moved) = g.moved_planes(&jpeg, &header, false) else {
                         assert!(!fits, "{what}: fits the chroma grid but was refused");
                         continue;
                     };
@@ -401,7 +405,7 @@ mod tests {
                         let first = got[k].2.iter().zip(&want.2).position(|(a, b)| a != b);
                         assert_eq!(first, None, "{what}: plane {k} differs from the moved source at sample {first:?}");
                     }
-                    let (out, size) = g.apply(&jpeg, &header).unwrap();
+                    let (out, size) = g.apply(&jpeg, &header, false).unwrap();
                     let decoded = turbojpeg::decompress(&out, turbojpeg::PixelFormat::RGB).unwrap();
                     let reference = pipeline.apply(crate::decode::Decoder::new().decode(&jpeg, u64::MAX, None).unwrap()).unwrap();
                     assert_eq!((decoded.width as u32, decoded.height as u32), size, "{what}");
@@ -416,15 +420,15 @@ mod tests {
 
     /// The MCUs under a crop decode to the very samples the whole frame's planes hold there —
     /// on every subsampling, crops inside the frame and at its right and bottom edges (partial
-    /// MCUs), arithmetic-coded too — and only those MCUs are decoded; a progressive frame is
-    /// decoded whole for a crop of more than half of it and left to the RGB partial decode
-    /// otherwise; a frame corrupt or cut short anywhere, below the crop too, is refused.
+    /// MCUs), arithmetic-coded too — and only those MCUs come back; a progressive frame is
+    /// decoded whole, or left to the RGB partial decode for a crop of at most half of it where
+    /// there is one; a frame corrupt or cut short anywhere, below the crop too, is refused.
     #[test]
     fn a_crops_mcus_decode_to_the_whole_frames_samples() {
         let src = photo();
         let (w, h) = (653u32, 491u32);
         let mut regions = 0;
-        for subsamp in [Subsamp::Sub2x2, Subsamp::Sub2x1, Subsamp::Sub1x2, Subsamp::None, Subsamp::Gray, Subsamp::Sub4x1] {
+        for subsamp in [Subsamp::Sub2x2, Subsamp::Sub2x1, Subsamp::Sub1x2, Subsamp::None, Subsamp::Gray, Subsamp::Sub4x1, Subsamp::Sub1x4] {
             for (progressive, arithmetic) in [(false, false), (false, true), (true, false)] {
                 let img = crate::ops::crop(&src, 0, 0, w, h);
                 let mut c = turbojpeg::Compressor::new().unwrap();
@@ -444,7 +448,9 @@ mod tests {
                 for s in [Rect { x: 64, y: 32, width: 300, height: 200 }, Rect { x: 36, y: 20, width: 17, height: 9 }, Rect { x: 600, y: 470, width: 53, height: 21 }, Rect { x: 0, y: 0, width: 653, height: 100 }, Rect { x: 4, y: 4, width: 1, height: 1 }, Rect { x: 0, y: 0, width: w, height: h }] {
                     let what = format!("{subsamp:?} progressive {progressive} arithmetic {arithmetic} {s:?}");
                     let small = 2 * s.width * s.height <= w * h;
-                    let Some(d) = codec.decode_covering(&jpeg, &header, s, (fw, fh)) else {
+                    // Without an RGB partial decode to fall back on, every crop gets planes.
+                    assert!(codec.decode_covering(&jpeg, &header, s, (fw, fh), false).is_some(), "{what}: no planes");
+                    let Some(d) = codec.decode_covering(&jpeg, &header, s, (fw, fh), true) else {
                         assert!(progressive && small, "{what}: refused");
                         continue;
                     };
@@ -466,20 +472,20 @@ mod tests {
                     // Cut short, or a byte of the last rows' entropy-coded data changed: the
                     // crop at the top is refused all the same.
                     let top = Rect { x: 16, y: 16, width: 64, height: 32 };
-                    assert!(codec.decode_covering(&jpeg[..jpeg.len() * 3 / 4], &header, top, (fw, fh)).is_none(), "{subsamp:?}: cut short");
+                    assert!(codec.decode_covering(&jpeg[..jpeg.len() * 3 / 4], &header, top, (fw, fh), true).is_none(), "{subsamp:?}: cut short");
                     let mut bad = jpeg.clone();
                     let at = bad.len() - 40;
                     bad[at..at + 8].fill(0xFF);
-                    assert!(codec.decode_covering(&bad, &header, top, (fw, fh)).is_none(), "{subsamp:?}: corrupt below the crop");
+                    assert!(codec.decode_covering(&bad, &header, top, (fw, fh), true).is_none(), "{subsamp:?}: corrupt below the crop");
                     for refused in [&jpeg[..jpeg.len() * 3 / 4], &bad[..]] {
                         let image = YuvImage { pixels: &mut buf[..], width: w as usize, align: 1, height: h as usize, subsamp };
                         assert!(turbojpeg::Decompressor::new().unwrap().decompress_to_yuv(refused, image).is_err(), "{subsamp:?}: the whole decode refuses it too");
                     }
-                    assert!(codec.decode_covering(&jpeg, &header, top, (fw, fh)).is_some(), "{subsamp:?}: the codec works after a refusal");
+                    assert!(codec.decode_covering(&jpeg, &header, top, (fw, fh), true).is_some(), "{subsamp:?}: the codec works after a refusal");
                 }
             }
         }
-        assert_eq!(regions, 6 * 2 * 5, "every crop of a single-scan frame decoded its region");
+        assert_eq!(regions, 7 * 2 * 5, "every crop of a single-scan frame decoded its region");
     }
 
     #[test]
@@ -488,7 +494,7 @@ mod tests {
         let jpeg = jpeg_of(&img, 1920, 1080, Subsamp::Sub2x2);
         let header = turbojpeg::read_header(&jpeg).unwrap();
         for (spec, want) in [("rotate:90", Some((1080, 1920))), ("rotate:180", Some((1920, 1080))), ("crop:1280x720+320+180", Some((1280, 720))), ("crop:1280x720+321+180", None)] {
-            let got = PlaneGeometry::new(&Pipeline::parse(spec).unwrap(), 85).unwrap().apply(&jpeg, &header).map(|(_, s)| s);
+            let got = PlaneGeometry::new(&Pipeline::parse(spec).unwrap(), 85).unwrap().apply(&jpeg, &header, false).map(|(_, s)| s);
             assert_eq!(got, want, "{spec}");
         }
         assert!(PlaneGeometry::new(&Pipeline::parse("rotate:90,grayscale").unwrap(), 85).is_none(), "luma pipelines decode the luma");

@@ -297,7 +297,9 @@ impl Processor {
             }
             if let Some(g) = self.planes.as_mut() {
                 let t = Instant::now();
-                if let Some((jpeg, size)) = g.apply(payload, &header) {
+                // A crop alone on the CPU: the RGB partial decode below takes what the planes leave.
+                let rgb_region = self.region.is_some() && self.gpu.is_none() && self.pipeline.0.iter().all(|op| matches!(op, crate::ops::Op::Crop { .. }));
+                if let Some((jpeg, size)) = g.apply(payload, &header, rgb_region) {
                     return Ok(geometry(jpeg, size, "yuv_geometry", t, dct));
                 }
             }
@@ -550,6 +552,14 @@ mod tests {
             assert_eq!((fast.op_times[0].0.as_str(), fast.path), ("crop", "region"), "{spec}");
             let pixels = processor(spec).without_fast_paths().process(&info(&[]), Some(jpeg)).unwrap();
             assert!(fast.jpeg == pixels.jpeg, "{spec}: the partial decode gives the very same bytes");
+        }
+        // A frame cut short below a crop at its top is refused (a dead letter naming it) on
+        // every path a crop takes: the DCT domain (+16+16), the planes (+18+16), the RGB
+        // partial decode (+17+16, and before a colour op).
+        let cut = &jpeg420[..jpeg420.len() * 3 / 4];
+        for spec in ["crop:64x32+16+16", "crop:64x32+18+16", "crop:64x32+17+16", "crop:64x32+18+16,blur:1"] {
+            assert!(processor(spec).process(&info(&[]), Some(&jpeg420)).is_ok(), "{spec}: the whole frame");
+            assert!(processor(spec).process(&info(&[]), Some(cut)).is_err(), "{spec}: a frame cut short below the crop");
         }
         // With luma: the region of the luma plane.
         let y = turbojpeg::decompress(&jpeg, turbojpeg::PixelFormat::GRAY).unwrap();

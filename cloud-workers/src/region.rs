@@ -1,7 +1,9 @@
 //! Decoding only the part of a frame that a leading `crop` keeps (libjpeg-turbo's partial
-//! decompression: rows above and below the crop are entropy-decoded and skipped, columns left
-//! and right of it are never inverse-transformed, upsampled or converted). A 1280×720 crop of
-//! a 1080p frame then costs about half a full decode.
+//! decompression: rows above the crop are entropy-decoded and skipped, columns left and right
+//! of it are never inverse-transformed, upsampled or converted). The rows below the crop are
+//! decoded too (in the crop's columns) and dropped: libjpeg-turbo skipping to the end of a
+//! frame reads nothing more, and a frame corrupt or cut short below the crop must be refused
+//! here as the whole decode refuses it (its dead letter names the cause).
 //!
 //! The region's left edge must lie on the MCU grid, so the decoded part starts at the crop's
 //! left edge rounded down to it, less one MCU, and ends one MCU right of the crop (the
@@ -96,7 +98,8 @@ impl RegionDecoder {
         let context = if progressive != 0 { 2 * mw } else { mw };
         let x0 = (rect.x - rect.x % mw).saturating_sub(context);
         let x1 = (rect.x + rect.width + context).min(width as u32);
-        let (rw, rh) = (x1 - x0, rect.height);
+        // Down to the frame's last row, so that libjpeg-turbo reads the whole frame.
+        let (rw, rh) = (x1 - x0, height as u32 - rect.y);
         let region = tj::tjregion { x: x0 as i32, y: rect.y as i32, w: rw as i32, h: rh as i32 };
         // SAFETY: a valid handle whose header was just read.
         if unsafe { tj::tj3SetCroppingRegion(self.handle, region) } != 0 {
@@ -114,7 +117,7 @@ impl RegionDecoder {
             return Err(e);
         }
         let img = Img::new(rw, rh, ch as u8, data);
-        Ok(if (x0, rw) == (rect.x, rect.width) { img } else { crate::ops::crop(&img, rect.x - x0, 0, rect.width, rect.height) })
+        Ok(if (x0, rw, rh) == (rect.x, rect.width, rect.height) { img } else { crate::ops::crop(&img, rect.x - x0, 0, rect.width, rect.height) })
     }
 }
 
@@ -212,6 +215,17 @@ mod tests {
         assert!(r.decode(&jpeg, Rect { x: 60, y: 0, width: 8, height: 8 }, false).is_err());
         assert!(r.decode(&jpeg[..jpeg.len() / 2], Rect { x: 0, y: 0, width: 8, height: 8 }, false).is_err());
         assert!(r.decode(b"not a jpeg", Rect { x: 0, y: 0, width: 8, height: 8 }, false).is_err());
+        // Cut short or corrupt below the crop: refused, as the whole decode refuses it.
+        let big = crate::decode::encode(&crate::ops::crop(&photo(), 0, 0, 320, 240), 85).unwrap();
+        let mut bad = big.clone();
+        let at = bad.len() - 40;
+        bad[at..at + 8].fill(0xFF);
+        for refused in [&big[..big.len() * 3 / 4], &bad[..]] {
+            assert!(crate::decode::Decoder::new().decode(refused, u64::MAX, None).is_err(), "the whole decode refuses it");
+            for luma in [false, true] {
+                assert!(r.decode(refused, Rect { x: 16, y: 16, width: 64, height: 32 }, luma).is_err(), "luma {luma}: the top crop of a frame damaged below it");
+            }
+        }
         // The handle is fine afterwards.
         assert_eq!(r.decode(&jpeg, Rect { x: 16, y: 8, width: 8, height: 8 }, false).unwrap(), crate::ops::crop(&crate::decode::Decoder::new().decode(&jpeg, u64::MAX, None).unwrap(), 16, 8, 8, 8));
     }
