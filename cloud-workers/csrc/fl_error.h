@@ -37,4 +37,11 @@ static struct jpeg_error_mgr *fl_error_init(struct fl_error *err) {
   return pub;
 }
 
+/* libjpeg's last message (error or warning) for `cinfo`, into msg. */
+static void fl_error_text(j_common_ptr cinfo, char *msg, size_t msg_len) {
+  char text[JMSG_LENGTH_MAX];
+  (*cinfo->err->format_message)(cinfo, text);
+  snprintf(msg, msg_len, "%s", text);
+}
+
 #endif

@@ -67,9 +67,7 @@ int fl_decode_region_planes(const unsigned char *in, unsigned long in_len, unsig
   memset(&d, 0, sizeof d);
   d.err = fl_error_init(&err);
   if (setjmp(err.jump)) {
-    char text[JMSG_LENGTH_MAX];
-    (*err.pub.format_message)((j_common_ptr)&d, text);
-    snprintf(msg, msg_len, "%s", text);
+    fl_error_text((j_common_ptr)&d, msg, msg_len);
     rc = 2;
     goto done;
   }
@@ -124,9 +122,7 @@ int fl_decode_region_planes(const unsigned char *in, unsigned long in_len, unsig
   }
   jpeg_finish_decompress(&d);
   if (err.warned) {
-    char text[JMSG_LENGTH_MAX];
-    (*err.pub.format_message)((j_common_ptr)&d, text);
-    snprintf(msg, msg_len, "%s", text);
+    fl_error_text((j_common_ptr)&d, msg, msg_len);
     rc = 2;
   }
 done:

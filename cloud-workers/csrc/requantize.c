@@ -133,9 +133,7 @@ int fl_requantize(const unsigned char *in, unsigned long in_len, int quality, un
   src.err = fl_error_init(&err);
   dst.err = &err.pub;
   if (setjmp(err.jump)) {
-    char text[JMSG_LENGTH_MAX];
-    (*err.pub.format_message)((j_common_ptr)&src, text);
-    snprintf(msg, msg_len, "%s", text);
+    fl_error_text((j_common_ptr)&src, msg, msg_len);
     rc = 2;
     goto done;
   }

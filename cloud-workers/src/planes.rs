@@ -343,6 +343,16 @@ mod tests {
         out
     }
 
+    /// The visible samples of each plane of `jpeg` (`w`×`h`, `subsamp`) decoded whole to planes
+    /// by TurboJPEG, or its error.
+    fn whole_planes(jpeg: &[u8], w: u32, h: u32, subsamp: Subsamp) -> Result<Vec<(usize, usize, Vec<u8>)>, turbojpeg::Error> {
+        let len = plane_sizes(w as usize, h as usize, subsamp).iter().map(|(a, b)| a * b).sum();
+        let mut buf = vec![0u8; len];
+        let image = YuvImage { pixels: &mut buf[..], width: w as usize, align: 1, height: h as usize, subsamp };
+        turbojpeg::Decompressor::new()?.decompress_to_yuv(jpeg, image)?;
+        Ok(visible(&buf, w as usize, h as usize, subsamp))
+    }
+
     /// The samples of `rect` of a plane turned clockwise by `rotate`, by the rotation's
     /// definition (90°: out(x, y) = in(y, H-1-x)), written independently of ops::rotate.
     fn expected(plane: &(usize, usize, Vec<u8>), rect: Rect, rotate: u16) -> (usize, usize, Vec<u8>) {
@@ -377,11 +387,7 @@ mod tests {
                 let jpeg = jpeg_of(&src, w, h, subsamp);
                 let header = turbojpeg::read_header(&jpeg).unwrap();
                 let (fw, fh) = factors(subsamp).unwrap();
-                let len = plane_sizes(w as usize, h as usize, subsamp).iter().map(|(a, b)| a * b).sum();
-                let mut buf = vec![0u8; len];
-                let image = YuvImage { pixels: &mut buf[..], width: w as usize, align: 1, height: h as usize, subsamp };
-                turbojpeg::Decompressor::new().unwrap().decompress_to_yuv(&jpeg, image).unwrap();
-                let source = visible(&buf, w as usize, h as usize, subsamp);
+                let source = whole_planes(&jpeg, w, h, subsamp).unwrap();
                 for spec in ["rotate:90", "rotate:180", "rotate:270", "crop:300x200+2+4", "crop:301x201+10+6,rotate:90", "rotate:270,crop:100x90+4+2,rotate:180", "crop:300x200+3+4"] {
                     let pipeline = Pipeline::parse(spec).unwrap();
                     let plan = Plan::of(&pipeline).unwrap();
@@ -439,11 +445,7 @@ mod tests {
                 let jpeg = c.compress_to_vec(turbojpeg::Image { pixels: &img.data[..], width: w as usize, pitch: w as usize * 3, height: h as usize, format: turbojpeg::PixelFormat::RGB }).unwrap();
                 let header = turbojpeg::read_header(&jpeg).unwrap();
                 let (fw, fh) = factors(subsamp).unwrap();
-                let len = plane_sizes(w as usize, h as usize, subsamp).iter().map(|(a, b)| a * b).sum();
-                let mut buf = vec![0u8; len];
-                let image = YuvImage { pixels: &mut buf[..], width: w as usize, align: 1, height: h as usize, subsamp };
-                turbojpeg::Decompressor::new().unwrap().decompress_to_yuv(&jpeg, image).unwrap();
-                let whole = visible(&buf, w as usize, h as usize, subsamp);
+                let whole = whole_planes(&jpeg, w, h, subsamp).unwrap();
                 let mut codec = PlaneCodec::new(85);
                 for s in [Rect { x: 64, y: 32, width: 300, height: 200 }, Rect { x: 36, y: 20, width: 17, height: 9 }, Rect { x: 600, y: 470, width: 53, height: 21 }, Rect { x: 0, y: 0, width: 653, height: 100 }, Rect { x: 4, y: 4, width: 1, height: 1 }, Rect { x: 0, y: 0, width: w, height: h }] {
                     let what = format!("{subsamp:?} progressive {progressive} arithmetic {arithmetic} {s:?}");
@@ -478,8 +480,7 @@ mod tests {
                     bad[at..at + 8].fill(0xFF);
                     assert!(codec.decode_covering(&bad, &header, top, (fw, fh), true).is_none(), "{subsamp:?}: corrupt below the crop");
                     for refused in [&jpeg[..jpeg.len() * 3 / 4], &bad[..]] {
-                        let image = YuvImage { pixels: &mut buf[..], width: w as usize, align: 1, height: h as usize, subsamp };
-                        assert!(turbojpeg::Decompressor::new().unwrap().decompress_to_yuv(refused, image).is_err(), "{subsamp:?}: the whole decode refuses it too");
+                        assert!(whole_planes(refused, w, h, subsamp).is_err(), "{subsamp:?}: the whole decode refuses it too");
                     }
                     assert!(codec.decode_covering(&jpeg, &header, top, (fw, fh), true).is_some(), "{subsamp:?}: the codec works after a refusal");
                 }

@@ -67,6 +67,7 @@ impl StripEncoder {
             self.out = vec![0u8; cap];
         }
         let mut msg = [0 as c_char; 200];
+        // SAFETY: the C side NUL-terminates `msg` (snprintf) before returning an error.
         let text = |m: &[c_char]| unsafe { CStr::from_ptr(m.as_ptr()) }.to_string_lossy().into_owned();
         // SAFETY: `out` is valid for `cap` bytes for as long as the job lives (it is not
         // touched until the job is dropped); `msg` is NUL-terminated within its length.
@@ -100,6 +101,7 @@ impl StripEncoder {
         if unsafe { fl_strips_finish(job.0, &mut jpeg, &mut len, msg.as_mut_ptr(), msg.len()) } != 0 {
             return Err(text(&msg));
         }
+        // SAFETY: as above — `len` bytes at `jpeg`, alive until the job is dropped below.
         let bytes = unsafe { std::slice::from_raw_parts(jpeg, len as usize) }.to_vec();
         drop(job);
         Ok(bytes)
