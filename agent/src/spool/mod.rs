@@ -18,7 +18,8 @@
 //! `max_bytes` bounds what the spool directory occupies on disk: the real allocation
 //! (`st_blocks × 512`) of every file in it — frame files, the index, `damaged/` (held to a
 //! share of the cap, [`sled_spool::DAMAGED_SHARE`]) and the agent's other files there — not
-//! the payload bytes. A frame file's space is given back as soon as it is deleted; the index
+//! the payload bytes. A frame file's space is given back as soon as it is deleted (a delivered frame's
+//! file on a thread of its own, which the cap waits for before it evicts); the index
 //! is replaced by a fresh one when the spool empties. When a new frame does not fit,
 //! `drop_oldest` evicts the frames that arrived first (arrival order in the spool, not capture
 //! time, so a clock step changes nothing), `drop_newest` refuses the new frame, and
@@ -43,6 +44,7 @@
 //! second agent on the same directory refuses to start with an error naming the directory and
 //! that pid, and changes nothing.
 
+mod deleter;
 #[cfg(test)]
 mod model_tests;
 pub mod record;

@@ -338,10 +338,11 @@ impl Harness {
         let file = self.model.remove(key);
         let alloc = file.map_or(0, |id| frame_files(&self.frames_dir)[&id]);
         assert_eq!(self.spool().remove(key).unwrap(), file.is_some(), "step {step}: remove {key}");
-        if let Some(id) = file {
-            assert!(!frame_files(&self.frames_dir).contains_key(&id), "step {step}: the file of {key} is deleted at once");
-        }
+        // `stats` waits for the deleting thread: the file is gone and its space given back.
         assert_eq!(self.spool().stats().disk_bytes, before - alloc, "step {step}: remove {key} gives its file's space back");
+        if let Some(id) = file {
+            assert!(!frame_files(&self.frames_dir).contains_key(&id), "step {step}: the file of {key} is deleted");
+        }
     }
 
     /// After every step: counts, no damage, one file per record.

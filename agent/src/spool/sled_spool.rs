@@ -87,6 +87,15 @@
 //! agent's sequence files (measured at open and at every flush). Directories themselves are
 //! not counted. Whether a new frame fits is judged before it is written, from its length
 //! rounded up to 4 KiB.
+//!
+//! # Deleting delivered frames
+//! `remove` (a frame Kafka acknowledged) takes the record out of the index at once and queues
+//! its file for the spool's deleting thread ([`super::deleter`]): an `unlink` costs hundreds of
+//! microseconds on some disks, time the forwarder's thread needs while it drains. The queued
+//! files stay counted until deleted; a push that would be refused, evict or be decimated, a
+//! flush, `stats` and an index rebuild first wait for the queue to empty, so no frame is
+//! evicted for space that is about to come back. Evicting (`drop_oldest`) deletes on the
+//! caller's thread.
 
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
@@ -97,6 +106,7 @@ use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
 
+use super::deleter::Deleter;
 use super::record::{self, SpoolKey};
 use super::{DropReason, FullPolicy, PushOutcome, ReadLimit, Spool, SpoolConfig, SpoolRead, SpoolStats};
 use crate::frame::Frame;
@@ -362,6 +372,8 @@ pub struct SledSpool {
     cfg: SpoolConfig,
     frames_dir: PathBuf,
     inner: Mutex<Inner>,
+    /// Deletes delivered frames' files off the caller's thread (see [`super::deleter`]).
+    deleter: Deleter,
     /// Dropped last: released only once the index is closed.
     _lock: DirLock,
 }
@@ -484,6 +496,7 @@ impl SledSpool {
                 cap: max_bytes,
                 index_rebuilt: 0,
             }),
+            deleter: Deleter::start().context("starting the spool's deleting thread")?,
             _lock: lock,
         })
     }
@@ -570,8 +583,9 @@ impl SledSpool {
         Ok(found)
     }
 
-    fn disk(inner: &Inner) -> u64 {
-        inner.file_bytes + inner.index_bytes + inner.other_bytes
+    /// Bytes on disk, files still queued for deletion included.
+    fn disk(&self, inner: &Inner) -> u64 {
+        inner.file_bytes + self.deleter.bytes() + inner.index_bytes + inner.other_bytes
     }
 
     /// The cap now: `max_bytes`, or what the spool occupies plus the filesystem's free space
@@ -581,9 +595,15 @@ impl SledSpool {
         let max = self.cfg.max_bytes.as_u64();
         match fs2::statvfs(&self.cfg.dir) {
             // A filesystem without a size (ramfs reports 0 blocks, 0 free) binds nothing.
-            Ok(fs) if fs.total_space() > 0 => max.min((Self::disk(inner) + fs.available_space()).saturating_sub(self.cfg.min_free_bytes.as_u64())),
+            Ok(fs) if fs.total_space() > 0 => max.min((self.disk(inner) + fs.available_space()).saturating_sub(self.cfg.min_free_bytes.as_u64())),
             _ => max,
         }
+    }
+
+    /// Whether a frame of `size` bytes would be refused, evict or be decimated now.
+    fn limits(&self, inner: &Inner, size: u64) -> bool {
+        let (max, disk) = (self.cap(inner), self.disk(inner));
+        disk + size > max || (self.cfg.when_full == FullPolicy::Decimate && disk as f64 >= self.cfg.decimate_from * max as f64)
     }
 
     /// Moves a frame file that failed to decode to `damaged/`, keeping the disk accounting.
@@ -598,17 +618,25 @@ impl SledSpool {
         }
     }
 
-    /// Removes one record by key from the index and deletes its file; false if absent.
-    fn delete(&self, inner: &mut Inner, key: &[u8]) -> Result<bool> {
+    /// Removes one record by key from the index and deletes its file — `now`, or on the
+    /// deleting thread; false if absent.
+    fn delete(&self, inner: &mut Inner, key: &[u8], now: bool) -> Result<bool> {
         let Some(v) = inner.index.frames.remove(key)? else { return Ok(false) };
         if let Some((id, _)) = parse_entry(&v) {
             inner.index.by_arrival.remove(id.to_be_bytes())?;
             let path = Self::file_path(&self.frames_dir, id);
             let bytes = allocation_at(&path);
-            match std::fs::remove_file(&path) {
-                Ok(()) => inner.file_bytes = inner.file_bytes.saturating_sub(bytes),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => tracing::error!(file = %path.display(), error = %e, "Cannot delete spool file."),
+            if !now {
+                // Its bytes move to the deleter's count; a flush has nothing to sync in it.
+                inner.file_bytes = inner.file_bytes.saturating_sub(bytes);
+                inner.unsynced.retain(|(p, _, _)| *p != path);
+                self.deleter.delete(path, bytes);
+            } else {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => inner.file_bytes = inner.file_bytes.saturating_sub(bytes),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => tracing::error!(file = %path.display(), error = %e, "Cannot delete spool file."),
+                }
             }
         }
         inner.records = inner.records.saturating_sub(1);
@@ -619,7 +647,8 @@ impl SledSpool {
     /// changes nothing); returns its camera.
     fn evict_oldest(&self, inner: &mut Inner) -> Result<Option<SpoolKey>> {
         let Some((id, key)) = inner.index.by_arrival.first()? else { return Ok(None) };
-        self.delete(inner, &key)?;
+        // Now: the space is wanted at once.
+        self.delete(inner, &key, true)?;
         // Gone with its record, or pointing at nothing: either way no longer the first.
         inner.index.by_arrival.remove(id)?;
         Ok(Some(SpoolKey(key.to_vec())))
@@ -637,6 +666,8 @@ impl SledSpool {
     /// deletions it had not flushed were deleted files already.
     fn rebuild_index(&self, why: &anyhow::Error) -> Result<()> {
         let mut inner = self.inner.lock().expect("spool lock");
+        // A file still queued for deletion would be indexed again (and sent twice).
+        self.deleter.settle();
         tracing::error!(error = %format!("{why:#}"), "The spool index refuses writes though the disk takes them again (sled keeps its first I/O error): rebuilding it from the frame files.");
         let new_gen = inner.index_gen + 1;
         let new_dir = self.index_dir(new_gen);
@@ -661,6 +692,7 @@ impl SledSpool {
         inner.damaged += found.damaged;
         inner.index_rebuilt += 1;
         inner.file_bytes = disk_usage(&self.frames_dir);
+        self.deleter.remeasured();
         inner.index_bytes = disk_usage(&new_dir);
         inner.other_bytes = usage_except(&self.cfg.dir, &[&self.frames_dir, &new_dir]);
         tracing::warn!(records = found.records, damaged = found.damaged, "Spool index rebuilt from the frame files.");
@@ -686,6 +718,10 @@ impl Spool for SledSpool {
         let camera = &frame.meta.camera_id;
         let mut out = PushOutcome::default();
         let mut inner = self.inner.lock().expect("spool lock");
+        if self.deleter.busy() && self.limits(&inner, size) {
+            // Judged on the space actually free: the queued deletions first.
+            self.deleter.settle();
+        }
         let max = self.cap(&inner);
         let disk_binds = max < self.cfg.max_bytes.as_u64();
         if disk_binds && inner.cap == self.cfg.max_bytes.as_u64() {
@@ -708,20 +744,20 @@ impl Spool for SledSpool {
             return Ok(out);
         }
         if self.cfg.when_full == FullPolicy::Decimate
-            && Self::disk(&inner) as f64 >= self.cfg.decimate_from * max as f64
+            && self.disk(&inner) as f64 >= self.cfg.decimate_from * max as f64
             && !frame.meta.seq.is_multiple_of(self.cfg.decimate_keep_one_in as u64)
         {
             out.refused = Some(DropReason::Decimated);
             return Ok(out);
         }
-        if Self::disk(&inner) + size > max {
+        if self.disk(&inner) + size > max {
             // Refused without evicting: by drop_newest, or a frame that would not fit even with
             // every frame evicted (the index and the other files stay).
             if self.cfg.when_full == FullPolicy::DropNewest || inner.index_bytes + inner.other_bytes + size > max {
                 out.refused = Some(full);
                 return Ok(out);
             }
-            while Self::disk(&inner) + size > max {
+            while self.disk(&inner) + size > max {
                 match self.evict_oldest(&mut inner)? {
                     Some(evicted) => out.evicted.push(evicted),
                     None => {
@@ -806,7 +842,7 @@ impl Spool for SledSpool {
 
     fn remove(&self, key: &SpoolKey) -> Result<bool> {
         let mut inner = self.inner.lock().expect("spool lock");
-        let removed = self.delete(&mut inner, &key.0)?;
+        let removed = self.delete(&mut inner, &key.0, false)?;
         if removed && inner.records == 0 && inner.index_bytes > 4 * 1024 * 1024 {
             // Empty: start a fresh index so sled gives its space back.
             let old_dir = self.index_dir(inner.index_gen);
@@ -824,6 +860,8 @@ impl Spool for SledSpool {
 
     fn flush(&self) -> Result<()> {
         let mut inner = self.inner.lock().expect("spool lock");
+        // Deletions done before the index that no longer names them is made durable.
+        self.deleter.settle();
         let files = std::mem::take(&mut inner.unsynced);
         let mut synced = Vec::with_capacity(files.len());
         for (path, counted, key) in &files {
@@ -885,9 +923,11 @@ impl Spool for SledSpool {
 
     fn stats(&self) -> SpoolStats {
         let inner = self.inner.lock().expect("spool lock");
+        // Exact figures: the queued deletions first (a few milliseconds at most).
+        self.deleter.settle();
         SpoolStats {
             records: inner.records,
-            disk_bytes: Self::disk(&inner),
+            disk_bytes: self.disk(&inner),
             damaged: inner.damaged,
             damaged_pruned: inner.damaged_pruned,
             cap_bytes: self.cap(&inner),
@@ -964,6 +1004,38 @@ mod tests {
         s.flush().unwrap();
         assert_eq!(s.stats().records, 0);
         assert_eq!(disk_usage(&dir.path().join("frames")), 0, "frame space returned at once");
+    }
+
+    #[test]
+    fn a_full_spool_waits_for_queued_deletions_before_it_evicts() {
+        // Room for about four 1 MiB frames beside the index; four delivered and queued for
+        // deletion on a stalled deleter, then four new ones pushed: none may be refused or
+        // evict another, since the space comes back as soon as the queue is worked off.
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledSpool::open(cfg(dir.path(), 6, FullPolicy::DropOldest)).unwrap();
+        for seq in 0..4 {
+            assert!(s.push(&frame("a", seq, 1 << 20)).unwrap().stored);
+        }
+        let gate = s.deleter.gate();
+        let (held_tx, held_rx) = crossbeam_channel::bounded(0);
+        let staller = std::thread::spawn(move || {
+            let _held = gate.lock().unwrap();
+            held_tx.send(()).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        });
+        held_rx.recv().unwrap();
+        for seq in 0..4 {
+            assert!(s.remove(&SpoolKey::new("a", seq)).unwrap());
+        }
+        assert!(s.deleter.busy(), "the deletions wait behind the stalled thread");
+        for seq in 4..8 {
+            let out = s.push(&frame("a", seq, 1 << 20)).unwrap();
+            assert!(out.stored && out.evicted.is_empty() && out.refused.is_none(), "frame {seq}: {out:?}");
+        }
+        staller.join().unwrap();
+        assert_eq!(s.stats().records, 4);
+        let frames: Vec<_> = std::fs::read_dir(dir.path().join("frames")).unwrap().flatten().collect();
+        assert_eq!(frames.len(), 4, "the delivered frames' files are gone");
     }
 
     /// A frame as `frame` makes it, with its own capture time.
