@@ -130,6 +130,9 @@ pub struct LinkStatus {
     /// librdkafka's last "all brokers are down" (kept apart: a single broker's refused
     /// connection, recorded as `Unreachable` too, replaces it in `recent`).
     all_down: Mutex<Option<LinkError>>,
+    /// When librdkafka last took a partition's leader to be a broker it does not know (leader
+    /// -1 in a metadata response: the partition has no leader at that moment).
+    leaderless: Mutex<Option<SystemTime>>,
 }
 
 impl LinkStatus {
@@ -154,6 +157,18 @@ impl LinkStatus {
         let mut recent = self.recent.lock().expect("link status lock");
         recent.retain(|x| x.kind != e.kind);
         recent.push(e);
+    }
+
+    /// librdkafka logged that a partition's new leader is not a broker it knows.
+    pub fn record_leaderless(&self) {
+        *self.leaderless.lock().expect("link status lock") = Some(SystemTime::now());
+    }
+
+    /// The last time a partition was seen without a leader (see [`LinkStatus::record_leaderless`]).
+    /// librdkafka 2.12 can keep such a partition without a leader for good
+    /// (confluentinc/librdkafka#5430): every record for it then times out.
+    pub fn leaderless(&self) -> Option<SystemTime> {
+        *self.leaderless.lock().expect("link status lock")
     }
 
     /// Forgets past errors (call when the link is known to work again).
@@ -225,6 +240,11 @@ impl ClientContext for LinkContext {
         // Connection failures are often only logged (facility FAIL), not raised as errors.
         if fac == "FAIL" {
             self.status.record(classify_text(log_message), log_message);
+        }
+        // "Partition t(id)[0]: new leader-1 not found in cache" (librdkafka 2.12): the partition
+        // lost its leader (a broker fenced, a leader election); see `LinkStatus::leaderless`.
+        if fac == "METADATAUPDATE" && log_message.contains("not found in cache") {
+            self.status.record_leaderless();
         }
     }
 
@@ -347,6 +367,17 @@ mod tests {
         inner: LinkContext,
     }
     crate::impl_link_client_context!(Plain, inner);
+
+    #[test]
+    fn a_partition_without_a_leader_is_recorded_from_librdkafkas_log() {
+        let c = LinkContext::default();
+        c.log(RDKafkaLogLevel::Warning, "METADATAUPDATE", "Partition other(x)[0]: leader 1 unchanged");
+        assert_eq!(c.status.leaderless(), None);
+        // The line librdkafka 2.12.1 logged when a paused broker came back fenced.
+        c.log(RDKafkaLogLevel::Warning, "METADATAUPDATE", "[thrd:main]: Partition bench-ab-1ae2e940(6MAVsf5JT72CXdTZr42qIw)[0]: new leader-1 not found in cache");
+        assert!(c.status.leaderless().is_some());
+        assert!(c.status.diagnosis().is_none(), "not an error of the link by itself");
+    }
 
     #[test]
     fn a_wrapping_context_reports_to_its_link() {

@@ -443,6 +443,9 @@ impl Forwarder {
     fn maintain(&mut self) {
         self.check_fatal_producer();
         let outage = self.link.outage();
+        if let Some(at) = self.link.leaderless() {
+            self.policy.on_leaderless(at);
+        }
         let actions = self.policy.on_tick(now(), outage.as_ref());
         self.carry_out(actions);
         self.metrics.link_stalls.inc_by(self.policy.stalls().saturating_sub(self.metrics.link_stalls.get()));

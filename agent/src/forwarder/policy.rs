@@ -191,6 +191,11 @@ const SPOOL_RETRY_EVERY: Duration = Duration::from_secs(1);
 /// producer is replaced; the factor doubles with each replacement up to the maximum.
 const QUIET_REPLACE_FIRST: u32 = 2;
 const QUIET_REPLACE_MAX: u32 = 16;
+/// With the link judged down, a partition reported without a leader after the last
+/// acknowledgement, and still no acknowledgement this long after the report, the producer is
+/// replaced at once (librdkafka refreshes a leaderless partition's metadata within a second or
+/// two when it does at all).
+const LEADERLESS_PATIENCE: Duration = Duration::from_secs(5);
 /// At shutdown, how long frames taken back from librdkafka may take to come back.
 const PURGE_WAIT: Duration = Duration::from_secs(5);
 
@@ -240,6 +245,10 @@ pub struct LinkPolicy {
     quiet_factor: u32,
     /// Producers replaced because the link stayed silent (see [`LinkPolicy::on_tick`]).
     quiet_replacements: u64,
+    /// The last report of a partition without a leader ([`LinkPolicy::on_leaderless`]), and
+    /// the last one that replaced the producer.
+    leaderless: Option<SystemTime>,
+    leaderless_acted: Option<SystemTime>,
 }
 
 impl LinkPolicy {
@@ -276,6 +285,8 @@ impl LinkPolicy {
             last_replaced: now.instant,
             quiet_factor: QUIET_REPLACE_FIRST,
             quiet_replacements: 0,
+            leaderless: None,
+            leaderless_acted: None,
         }
     }
 
@@ -295,6 +306,12 @@ impl LinkPolicy {
             (_, Some(_)) => LinkState::Down,
             (Mode::Spooling, None) => LinkState::Draining,
         }
+    }
+
+    /// librdkafka reported a partition without a leader at `at` (see
+    /// [`framelink_common::link::LinkStatus::leaderless`]); the same report may come again.
+    pub fn on_leaderless(&mut self, at: SystemTime) {
+        self.leaderless = self.leaderless.max(Some(at));
     }
 
     /// Times the link was judged stalled (for the `link_stalls` counter).
@@ -599,6 +616,23 @@ impl LinkPolicy {
     }
 
     fn check_quiet(&mut self, now: Now) -> Vec<Action> {
+        if let Some(at) = self.leaderless
+            && self.last_failure.is_some()
+            && at > self.last_ok
+            && self.leaderless_acted.is_none_or(|acted| at > acted)
+            && now.wall.duration_since(at).is_ok_and(|d| d >= LEADERLESS_PATIENCE)
+            && now.instant >= self.recreate_at
+        {
+            tracing::warn!(
+                "A partition has been without a leader for {:.0} s, with the link judged down and no acknowledgement since: replacing the Kafka producer (librdkafka can keep a partition without a leader for good, confluentinc/librdkafka#5430).",
+                now.wall.duration_since(at).unwrap_or_default().as_secs_f64()
+            );
+            self.leaderless_acted = Some(at);
+            self.quiet_replacements += 1;
+            let mut actions = self.enter_spooling("producer_quiet");
+            actions.push(Action::ReplaceProducer);
+            return actions;
+        }
         let quiet_for = Duration::from_millis(self.cfg.message_timeout_ms) * self.quiet_factor;
         let since = self.last_ack.max(self.last_replaced);
         if self.last_failure.is_none() || now.instant.saturating_duration_since(since) < quiet_for || now.instant < self.recreate_at {

@@ -1204,6 +1204,35 @@ fn a_producer_silent_for_twice_the_message_timeout_is_replaced_with_growing_pati
 }
 
 #[test]
+fn a_partition_reported_without_a_leader_gets_a_new_producer_after_5_s_not_a_minute() {
+    // Seen with the broker paused for 30 s (a dark link): on its return it had fenced itself
+    // for a moment, librdkafka took the partition's leader to be -1 and kept it so, and only
+    // the quiet rule (twice message_timeout_ms of silence) replaced the producer, 60 s later.
+    let mut w = World::new(cfg());
+    // A report while the link works, then an ack after it: nothing to do.
+    w.policy.on_leaderless(w.clock.now().wall);
+    w.send(0);
+    w.run_silent(Duration::from_secs(1));
+    w.ack_next();
+    w.send(1);
+    w.run_silent(Duration::from_secs(6));
+    assert_eq!((w.policy.link_state(), w.replaced), (LinkState::Down, 0), "stalled; the old report predates the last ack");
+    w.policy.on_leaderless(w.clock.now().wall);
+    w.run_silent(Duration::from_secs(4));
+    assert_eq!(w.replaced, 0, "librdkafka is given 5 s to find the leader itself");
+    w.run_silent(Duration::from_millis(1500));
+    assert_eq!(w.replaced, 1, "then a new producer, from fresh metadata");
+    // The same report, seen again at every tick, replaces nothing more.
+    w.run_silent(Duration::from_secs(20));
+    assert_eq!(w.replaced, 1);
+    w.settle(false);
+    w.broker_up = true;
+    w.run_up(Duration::from_secs(30));
+    assert_eq!(w.policy.link_state(), LinkState::Up);
+    w.assert_all_delivered_once(0..2);
+}
+
+#[test]
 fn a_link_that_dies_just_after_an_ack_is_judged_stalled_once_the_acks_stop() {
     // Seen in t8: the oldest frame was copied as "slow" (an ack 0.5 s before), then no ack
     // came at all — the link must still be judged down, not left draining.
