@@ -243,7 +243,7 @@ impl ClientContext for LinkContext {
         }
         // "Partition t(id)[0]: new leader-1 not found in cache" (librdkafka 2.12): the partition
         // lost its leader (a broker fenced, a leader election); see `LinkStatus::leaderless`.
-        if fac == "METADATAUPDATE" && log_message.contains("not found in cache") {
+        if fac == "METADATAUPDATE" && log_message.contains("new leader-1 not found in cache") {
             self.status.record_leaderless();
         }
     }
@@ -372,6 +372,8 @@ mod tests {
     fn a_partition_without_a_leader_is_recorded_from_librdkafkas_log() {
         let c = LinkContext::default();
         c.log(RDKafkaLogLevel::Warning, "METADATAUPDATE", "Partition other(x)[0]: leader 1 unchanged");
+        // A leader the client does not know yet is a leader, not a missing one.
+        c.log(RDKafkaLogLevel::Warning, "METADATAUPDATE", "Partition other(x)[0]: new leader2 not found in cache");
         assert_eq!(c.status.leaderless(), None);
         // The line librdkafka 2.12.1 logged when a paused broker came back fenced.
         c.log(RDKafkaLogLevel::Warning, "METADATAUPDATE", "[thrd:main]: Partition bench-ab-1ae2e940(6MAVsf5JT72CXdTZr42qIw)[0]: new leader-1 not found in cache");

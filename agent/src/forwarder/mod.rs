@@ -444,7 +444,7 @@ impl Forwarder {
         self.check_fatal_producer();
         let outage = self.link.outage();
         if let Some(at) = self.link.leaderless() {
-            self.policy.on_leaderless(at);
+            self.policy.on_leaderless(at, now());
         }
         let actions = self.policy.on_tick(now(), outage.as_ref());
         self.carry_out(actions);

@@ -245,9 +245,10 @@ pub struct LinkPolicy {
     quiet_factor: u32,
     /// Producers replaced because the link stayed silent (see [`LinkPolicy::on_tick`]).
     quiet_replacements: u64,
-    /// The last report of a partition without a leader ([`LinkPolicy::on_leaderless`]), and
-    /// the last one that replaced the producer.
-    leaderless: Option<SystemTime>,
+    /// The last report of a partition without a leader ([`LinkPolicy::on_leaderless`]; its
+    /// wall time, compared with acknowledgements', and when the policy first saw it, for the
+    /// wait), and the last one that replaced the producer.
+    leaderless: Option<(SystemTime, Instant)>,
     leaderless_acted: Option<SystemTime>,
 }
 
@@ -310,8 +311,11 @@ impl LinkPolicy {
 
     /// librdkafka reported a partition without a leader at `at` (see
     /// [`framelink_common::link::LinkStatus::leaderless`]); the same report may come again.
-    pub fn on_leaderless(&mut self, at: SystemTime) {
-        self.leaderless = self.leaderless.max(Some(at));
+    /// The wait before acting runs on the monotonic clock from the moment a new report is seen.
+    pub fn on_leaderless(&mut self, at: SystemTime, now: Now) {
+        if self.leaderless.is_none_or(|(last, _)| at != last) {
+            self.leaderless = Some((at, now.instant));
+        }
     }
 
     /// Times the link was judged stalled (for the `link_stalls` counter).
@@ -616,20 +620,23 @@ impl LinkPolicy {
     }
 
     fn check_quiet(&mut self, now: Now) -> Vec<Action> {
-        if let Some(at) = self.leaderless
+        // Once between two acknowledgements: a broker that keeps answering "no leader" would
+        // otherwise cost a new producer every few seconds; the quiet rule below, with its
+        // growing patience, goes on from there.
+        if let Some((at, seen)) = self.leaderless
             && self.last_failure.is_some()
             && at > self.last_ok
-            && self.leaderless_acted.is_none_or(|acted| at > acted)
-            && now.wall.duration_since(at).is_ok_and(|d| d >= LEADERLESS_PATIENCE)
+            && self.leaderless_acted.is_none_or(|acted| self.last_ok > acted)
+            && now.instant.saturating_duration_since(seen) >= LEADERLESS_PATIENCE
             && now.instant >= self.recreate_at
         {
             tracing::warn!(
                 "A partition has been without a leader for {:.0} s, with the link judged down and no acknowledgement since: replacing the Kafka producer (librdkafka can keep a partition without a leader for good, confluentinc/librdkafka#5430).",
-                now.wall.duration_since(at).unwrap_or_default().as_secs_f64()
+                now.instant.saturating_duration_since(seen).as_secs_f64()
             );
             self.leaderless_acted = Some(at);
             self.quiet_replacements += 1;
-            let mut actions = self.enter_spooling("producer_quiet");
+            let mut actions = self.enter_spooling("producer_leaderless");
             actions.push(Action::ReplaceProducer);
             return actions;
         }

@@ -923,7 +923,7 @@ impl Spool for SledSpool {
 
     fn stats(&self) -> SpoolStats {
         let inner = self.inner.lock().expect("spool lock");
-        // Exact figures: the queued deletions first (a few milliseconds at most).
+        // Exact figures: the queued deletions first (a short queue: under 0.1 s of work).
         self.deleter.settle();
         SpoolStats {
             records: inner.records,

@@ -1210,26 +1210,41 @@ fn a_partition_reported_without_a_leader_gets_a_new_producer_after_5_s_not_a_min
     // the quiet rule (twice message_timeout_ms of silence) replaced the producer, 60 s later.
     let mut w = World::new(cfg());
     // A report while the link works, then an ack after it: nothing to do.
-    w.policy.on_leaderless(w.clock.now().wall);
+    let report = |w: &mut World| {
+        let now = w.clock.now();
+        w.policy.on_leaderless(now.wall, now);
+    };
+    report(&mut w);
     w.send(0);
     w.run_silent(Duration::from_secs(1));
     w.ack_next();
     w.send(1);
     w.run_silent(Duration::from_secs(6));
     assert_eq!((w.policy.link_state(), w.replaced), (LinkState::Down, 0), "stalled; the old report predates the last ack");
-    w.policy.on_leaderless(w.clock.now().wall);
+    report(&mut w);
     w.run_silent(Duration::from_secs(4));
     assert_eq!(w.replaced, 0, "librdkafka is given 5 s to find the leader itself");
     w.run_silent(Duration::from_millis(1500));
     assert_eq!(w.replaced, 1, "then a new producer, from fresh metadata");
-    // The same report, seen again at every tick, replaces nothing more.
-    w.run_silent(Duration::from_secs(20));
-    assert_eq!(w.replaced, 1);
+    // The same report again, and newer ones (a broker answering "no leader" to every new
+    // producer): no second replacement before an acknowledgement.
+    for _ in 0..4 {
+        report(&mut w);
+        w.run_silent(Duration::from_secs(6));
+    }
+    assert_eq!(w.replaced, 1, "once between two acknowledgements");
     w.settle(false);
     w.broker_up = true;
     w.run_up(Duration::from_secs(30));
     assert_eq!(w.policy.link_state(), LinkState::Up);
     w.assert_all_delivered_once(0..2);
+    // After an acknowledgement, a new outage with a new report may replace it again.
+    w.send(2);
+    w.broker_up = false;
+    w.run_silent(Duration::from_secs(6));
+    report(&mut w);
+    w.run_silent(Duration::from_secs(6));
+    assert_eq!(w.replaced, 2);
 }
 
 #[test]
