@@ -267,14 +267,60 @@ impl Encoder {
 
     /// A 4:2:0 frame → full-range Y, U, V planes (4:2:0 as they are, 4:2:2 by repeating
     /// chroma rows, or luma alone) → JPEG: no RGB round trip. Full-range planar input that
-    /// needs no padding goes to libjpeg-turbo straight from the frame's buffer.
+    /// needs no padding goes to libjpeg-turbo straight from the frame's buffer; the rest
+    /// (NV12, studio-range I420, odd sizes) is converted one strip at a time, gray output
+    /// through the luma plane.
     fn compress_yuv420(&mut self, p: &Yuv420) -> Result<Encoded, EncodeError> {
-        let (w, h, cw, ch) = (p.w, p.h, p.cw, p.ch);
+        let (w, h, cw) = (p.w, p.h, p.cw);
         let gray = self.cfg.subsampling == Subsampling::Gray;
         let s420 = self.cfg.subsampling == Subsampling::S420;
         if let (true, Some((u, v))) = (p.full_range && (gray || (s420 && w % 2 == 0 && h % 2 == 0)), p.uv_planes()) {
             return self.compress_yuv(p.y_plane(), u, v, w, h, w, cw);
         }
+        if !gray {
+            return self.compress_yuv420_strips(p, s420);
+        }
+        self.compress_yuv420_planes(p)
+    }
+
+    /// [`Encoder::compress_yuv420`] one strip at a time ([`strips`]): each iMCU row's planes are
+    /// converted from the frame's buffer (NV12's chroma pairs split, studio range stretched)
+    /// into cache-sized strips and encoded at once — TurboJPEG's JPEG of the whole planes that
+    /// [`Encoder::compress_yuv420_planes`] makes, byte for byte.
+    fn compress_yuv420_strips(&mut self, p: &Yuv420, s420: bool) -> Result<Encoded, EncodeError> {
+        let (w, h, cw, ch) = (p.w, p.h, p.cw, p.ch);
+        let fill = |s: strips::Strip<'_>| {
+            let [y, u, v] = s.planes;
+            let [yw, cpw, _] = s.widths;
+            for (j, yrow) in y.chunks_exact_mut(yw).take(s.rows[0]).enumerate() {
+                // Rows past the frame's last repeat it; samples past a row's end its last one.
+                let src = p.y_row((s.first_row + j).min(h - 1));
+                if p.full_range {
+                    yrow[..w].copy_from_slice(src);
+                } else {
+                    stretch::luma_row(src, &mut yrow[..w]);
+                }
+                pad_row(yrow, w);
+            }
+            for (j, (urow, vrow)) in u.chunks_exact_mut(cpw).zip(v.chunks_exact_mut(cpw)).take(s.rows[1]).enumerate() {
+                // 4:2:0: the strip's chroma rows are the source's; 4:2:2: each source row twice.
+                let r = if s420 { (s.first_row / 2 + j).min(ch - 1) } else { (s.first_row + j).min(h - 1) / 2 };
+                p.chroma_row_into(r, &mut urow[..cw], &mut vrow[..cw]);
+                pad_row(urow, cw);
+                pad_row(vrow, cw);
+            }
+        };
+        let samp = if s420 { (2, 2) } else { (2, 1) };
+        let jpeg = self.strips.encode(w as u32, h as u32, self.cfg.quality, samp, fill).map_err(EncodeError::Strips)?;
+        Ok(Encoded { jpeg: Bytes::from(jpeg), width: w as u32, height: h as u32 })
+    }
+
+    /// [`Encoder::compress_yuv420`] through whole-frame planes: gray output (the luma plane),
+    /// and the reference the strips are tested against.
+    fn compress_yuv420_planes(&mut self, p: &Yuv420) -> Result<Encoded, EncodeError> {
+        let (w, h, cw, ch) = (p.w, p.h, p.cw, p.ch);
+        let gray = self.cfg.subsampling == Subsampling::Gray;
+        let s420 = self.cfg.subsampling == Subsampling::S420;
         let out_ch = if s420 { ch } else { h };
         // libjpeg-turbo wants the luma plane padded to whole chroma blocks (odd sizes): the
         // last column and row are repeated.
@@ -624,6 +670,34 @@ mod tests {
                 let mut e = Encoder::new(EncoderConfig { subsampling: sub, ..EncoderConfig::default() }).unwrap();
                 let got = e.encode(&raw(PixelFormat::Yuyv, cw as u32, ch as u32, stride, yuyv.clone())).unwrap();
                 assert!(got.jpeg[..] == want[..], "{cw}x{ch} pad {pad} {sub:?}: {} bytes vs TurboJPEG's {}", got.jpeg.len(), want.len());
+            }
+        }
+    }
+
+    /// 4:2:0 frames (NV12 with padded rows, I420, J420) strip by strip give TurboJPEG's JPEG
+    /// of the whole-frame planes the encoder made before, byte for byte: 4:2:0 and 4:2:2
+    /// output, odd sizes, partial blocks and MCUs, 1080p.
+    #[test]
+    fn yuv420_strips_are_turbojpegs_jpeg_of_the_whole_planes() {
+        let (photo, pw, ph) = photo_rgb();
+        let (pw, ph) = (pw as usize, ph as usize);
+        let big: Vec<u8> = (0..1080).flat_map(|y| (0..1920).flat_map(move |x| [(x % 251) as u8, (y % 241) as u8, ((x + y) % 239) as u8])).collect();
+        let crop = |w: usize, h: usize| -> Vec<u8> { photo.chunks(pw * 3).take(h).flat_map(|r| r[..w * 3].to_vec()).collect() };
+        let mut cases: Vec<(usize, usize, Vec<u8>)> = [(64, 48), (65, 35), (130, 17), (17, 2), (1, 1), (2, 16), (33, 33), (7, 9)].into_iter().map(|(w, h)| (w, h, crop(w.min(pw), h.min(ph)))).collect();
+        cases.push((1920, 1080, big));
+        for (w, h, rgb) in cases {
+            let i420 = rgb_to_i420(&rgb, w, h);
+            let stride = w.div_ceil(2) * 2 + 6;
+            let inputs = [(PixelFormat::Nv12, i420_to_nv12(&i420, w, h, stride), stride), (PixelFormat::I420, i420, w), (PixelFormat::J420, rgb_to_j420(&rgb, w, h), w)];
+            for sub in [Subsampling::S420, Subsampling::S422] {
+                let mut e = Encoder::new(EncoderConfig { subsampling: sub, ..EncoderConfig::default() }).unwrap();
+                for (format, data, stride) in &inputs {
+                    let f = raw(*format, w as u32, h as u32, *stride, data.clone());
+                    let p = Yuv420::of(&f).unwrap();
+                    let want = e.compress_yuv420_planes(&p).unwrap();
+                    let got = e.compress_yuv420_strips(&p, sub == Subsampling::S420).unwrap();
+                    assert!(got.jpeg == want.jpeg, "{format:?} {w}x{h} {sub:?}: {} bytes vs the planes' {}", got.jpeg.len(), want.jpeg.len());
+                }
             }
         }
     }

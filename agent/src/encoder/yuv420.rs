@@ -87,7 +87,12 @@ impl<'a> Yuv420<'a> {
         let (at, cw) = (u.len(), self.cw);
         u.resize(at + cw, 0);
         v.resize(at + cw, 0);
-        let (u, v) = (&mut u[at..], &mut v[at..]);
+        self.chroma_row_into(r, &mut u[at..], &mut v[at..]);
+    }
+
+    /// Chroma row `r` in full range into `u` and `v` (`cw` samples each).
+    pub fn chroma_row_into(&self, r: usize, u: &mut [u8], v: &mut [u8]) {
+        let cw = self.cw;
         match self.chroma {
             Chroma::Planar { u: pu, v: pv } => {
                 let row = r * cw..(r + 1) * cw;
