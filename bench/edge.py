@@ -8,8 +8,9 @@ a. raw libjpeg-turbo encode vs the agent (source -> encode -> Kafka acknowledgem
    Pillow JPEG, confluent-kafka), frames/s acknowledged, in 3 alternating rounds compared by
    their medians (issue #19 item 3);
 b. the real `framelink-agent` with one synthetic 1920x1080 camera at 30 fps: CPU and RSS while
-   live, then the broker stopped for an outage (60 s; 5 s with --quick) and started again —
-   frames spooled meanwhile, reconnection time, and the backlog's drain rate against the live
+   live, then two outages (60 s each; 5 s with --quick; see OUTAGES): the broker paused and
+   resumed (a dark uplink), then stopped and started again — for each, frames spooled
+   meanwhile, the time to the first frame sent, and the backlog's drain rate against the live
    rate, from the agent's /metrics sampled every half second (every 0.1 s while it drains).
 """
 
@@ -111,6 +112,49 @@ def _encode_vs_agent(bootstrap):
     return res
 
 
+# The two outages, in this order, each followed by its drain:
+# - `paused`: the broker frozen (SIGSTOP) and resumed (SIGCONT) — what an edge device sees when
+#   its uplink goes dark: connections stay open and nothing answers (the agent notices through
+#   its stall timeout), while the cloud broker stays warm (first, so that it is);
+# - `restart`: the broker stopped (SIGTERM) and started again — the agent's connections are
+#   refused, and the drain meets a broker JVM that is starting cold (JIT, GC, page cache) on the
+#   machine it shares with the agent.
+OUTAGES = {"paused": "link dark (broker paused)", "restart": "broker restarted"}
+
+
+def _outage(kind, kafka, sample, timeline, outage_s, drain_limit):
+    """One outage and the drain after it, from the agent's metrics sampled into `timeline`."""
+    t_down = time.time()
+    subprocess.run([kafka, "down" if kind == "restart" else "pause"], check=True, capture_output=True)
+    while time.time() - t_down < outage_s:
+        time.sleep(0.5)
+        try:
+            sample()
+        except OSError:
+            pass
+    backlog = timeline[-1][2]
+    subprocess.run([kafka, "up" if kind == "restart" else "resume"], check=True, capture_output=True)
+    t_up = time.time()
+    sent_up = timeline[-1][1]
+    first_send = sent_first = None
+    # Every 0.1 s: the drain of a 60 s backlog takes a few seconds.
+    while time.time() - t_up < drain_limit:
+        time.sleep(0.1)
+        sample()
+        if first_send is None and timeline[-1][1] > sent_up:
+            first_send = time.time() - t_up
+            sent_first = timeline[-1][1]
+        if timeline[-1][2] == 0 and first_send is not None:
+            break
+    drained_s = time.time() - t_up
+    # From the first sample that saw frames sent (those sent before it not counted); none
+    # when that sample already found the spool empty.
+    sending_rate = ((timeline[-1][1] - sent_first) / (drained_s - first_send)
+                    if first_send is not None and timeline[-1][1] > sent_first else float("nan"))
+    return dict(backlog=backlog, first_send=first_send, drained_s=drained_s, drain_rate=(timeline[-1][1] - sent_up) / drained_s,
+                sending_rate=sending_rate, spool_left=timeline[-1][2])
+
+
 def edge_path(bootstrap, out_dir, quick):
     live_s, outage_s, drain_limit = (3, 5, 60) if quick else (15, 60, 180)
     kafka = os.path.join(ROOT, "scripts", "kafka")
@@ -152,49 +196,23 @@ def edge_path(bootstrap, out_dir, quick):
                 rss.append(_rss_mib(a.pid))
             cpu = (_cpu_seconds(a.pid) - c0) / (time.time() - w0) * 100
             live_rate = (timeline[-1][1] - s0) / (timeline[-1][0] - timeline[-len(rss) - 1][0])
-            # Outage: the broker goes away.
-            t_down = time.time()
-            subprocess.run([kafka, "down"], check=True, capture_output=True)
-            while time.time() - t_down < outage_s:
-                time.sleep(0.5)
-                try:
-                    sample()
-                except OSError:
-                    pass
-            backlog = timeline[-1][2]
-            subprocess.run([kafka, "up"], check=True, capture_output=True)
-            t_up = time.time()
-            sent_up = timeline[-1][1]
-            first_send = None
-            # Every 0.1 s: the drain of a 60 s backlog takes under two seconds.
-            while time.time() - t_up < drain_limit:
-                time.sleep(0.1)
-                sample()
-                if first_send is None and timeline[-1][1] > sent_up:
-                    first_send = time.time() - t_up
-                    sent_first = timeline[-1][1]
-                if timeline[-1][2] == 0 and first_send is not None:
-                    break
-            drained_s = time.time() - t_up
-            drain_rate = (timeline[-1][1] - sent_up) / drained_s
-            # From the first sample that saw frames sent (those sent before it not counted); none
-            # when that sample already found the spool empty.
-            sending_rate = ((timeline[-1][1] - sent_first) / (drained_s - first_send)
-                            if first_send is not None and timeline[-1][1] > sent_first else float("nan"))
-            spool_left = timeline[-1][2]
+            outages = {kind: _outage(kind, kafka, sample, timeline, outage_s, drain_limit) for kind in OUTAGES}
         finally:
             stop([a])
-            subprocess.run([kafka, "up"], capture_output=True)  # whatever happened, leave the broker up
-    res.update(live_rate=live_rate, cpu=cpu, rss_med=statistics.median(rss), rss_max=max(rss), backlog=backlog, reconnect=first_send,
-               drained_s=drained_s, drain_rate=drain_rate, sending_rate=sending_rate, spool_left=spool_left)
-    print(f"  live {live_rate:.1f} fps, CPU {cpu:.0f} % of a core, RSS {res['rss_med']:.0f} MiB; {outage_s} s outage spooled {backlog:.0f} frames; "
-          f"reconnected after {first_send or float('nan'):.1f} s, spool empty after {drained_s:.1f} s ({spool_left:.0f} left), "
-          f"draining at {drain_rate:.1f} frames/s = {drain_rate / live_rate:.1f}x live ({sending_rate:.1f} frames/s from the first send)", flush=True)
+            # Whatever happened, leave the broker up (and running: a paused one answers nothing).
+            subprocess.run([kafka, "resume"], capture_output=True)
+            subprocess.run([kafka, "up"], capture_output=True)
+    res.update(live_rate=live_rate, cpu=cpu, rss_med=statistics.median(rss), rss_max=max(rss), outages=outages)
+    print(f"  live {live_rate:.1f} fps, CPU {cpu:.0f} % of a core, RSS {res['rss_med']:.0f} MiB", flush=True)
+    for kind, o in outages.items():
+        print(f"  {OUTAGES[kind]}, {outage_s} s: spooled {o['backlog']:.0f} frames; frames sent again after {o['first_send'] or float('nan'):.1f} s, "
+              f"spool empty after {o['drained_s']:.1f} s ({o['spool_left']:.0f} left), draining at {o['drain_rate']:.1f} frames/s = "
+              f"{o['drain_rate'] / live_rate:.1f}x live ({o['sending_rate']:.1f} frames/s from the first send)", flush=True)
     png = os.path.join(out_dir, "edge-outage.png")
     ts = [t for t, _, _ in timeline]
     rate = [0.0] + [(timeline[i][1] - timeline[i - 1][1]) / max(1e-3, timeline[i][0] - timeline[i - 1][0]) for i in range(1, len(timeline))]
     plot_lines({"frames sent per second": (ts, rate), "frames in the spool / 10": (ts, [s / 10 for _, _, s in timeline])}, png,
-               f"Agent, one 1080p30 camera: {outage_s} s broker outage and the drain", "seconds since the agent started", "frames")
+               f"Agent, one 1080p30 camera: two {outage_s} s outages (broker paused, then restarted) and the drains", "seconds since the agent started", "frames")
     lines = [f"Edge path: framelink-agent ({profile()}) with one synthetic 1920x1080 camera at 30 fps, PLAINTEXT to the local broker, spool on local "
              f"disk; machine: {machine()}. Plot: edge-outage.png.", "", "| measurement | value |", "| --- | ---: |"]
     if "raw" in res:
@@ -208,11 +226,14 @@ def edge_path(bootstrap, out_dir, quick):
                       f"medians of {res['rounds']} alternating rounds (frames/s; each round's ratio: {each}) | {agent:.1f} / {python:.1f} = **{agent / python:.2f}x** |"]
     lines += [f"| live rate at 1080p30 (frames/s sent) | {live_rate:.1f} |",
               f"| agent CPU at 1080p30 (% of one core, over {live_s} s) | {cpu:.0f} |",
-              f"| agent RSS at 1080p30 (MiB, median / max) | {res['rss_med']:.0f} / {res['rss_max']:.0f} |",
-              f"| frames in the spool after a {outage_s} s broker outage | {backlog:.0f} |",
-              f"| first frame sent after the broker is back (s) | {first_send if first_send is None else f'{first_send:.1f}'} |",
-              f"| spool empty after (s) | {drained_s:.1f} |",
-              f"| frames sent per second while draining (backlog + live), from the broker back | {drain_rate:.1f} |",
-              f"| the same from the first frame sent | {sending_rate:.1f} |",
-              f"| **drain rate / live rate** | **{drain_rate / live_rate:.1f}x** |"]
+              f"| agent RSS at 1080p30 (MiB, median / max) | {res['rss_med']:.0f} / {res['rss_max']:.0f} |"]
+    for kind, o in outages.items():
+        what = OUTAGES[kind]
+        first = "never" if o["first_send"] is None else f"{o['first_send']:.1f}"
+        lines += [f"| {what}: frames in the spool after {outage_s} s | {o['backlog']:.0f} |",
+                  f"| {what}: first frame sent after the broker is back (s) | {first} |",
+                  f"| {what}: spool empty after (s) | {o['drained_s']:.1f} |",
+                  f"| {what}: frames sent per second while draining (backlog + live), from the broker back | {o['drain_rate']:.1f} |",
+                  f"| {what}: the same from the first frame sent | {o['sending_rate']:.1f} |",
+                  f"| **{what}: drain rate / live rate** | **{o['drain_rate'] / live_rate:.1f}x** |"]
     return write_table(out_dir, "edge-path.md", lines)

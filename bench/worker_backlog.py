@@ -34,8 +34,38 @@ def _fill(bootstrap, topic, payloads, k):
         raise SystemExit(f"worker backlog: could not fill {topic}")
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _thread_cpu(pid):
+    """CPU seconds (user + system) of each thread of `pid` so far, by thread: {tid: (name, s)}."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                head, fields = f.read().rsplit(")", 1)
+        except OSError:
+            continue  # the thread ended meanwhile
+        fields = fields.split()
+        out[tid] = (head.split("(", 1)[1], (int(fields[11]) + int(fields[12])) / CLK_TCK)
+    return out
+
+
+def _rdkafka_share(before, after):
+    """Of the CPU the process's threads spent between two `_thread_cpu` samples: librdkafka's
+    threads' (named rdk:*) seconds and everyone's."""
+    rdk = total = 0.0
+    for tid, (name, s) in after.items():
+        spent = s - before.get(tid, (name, 0.0))[1]
+        total += spent
+        if name.startswith("rdk:"):
+            rdk += spent
+    return rdk, total
+
+
 def _drain(bootstrap, d, side, topic, k, pipeline):
-    """One side drains the k-frame backlog of `topic`; results per second, first to last."""
+    """One side drains the k-frame backlog of `topic`: results per second, first to last, and
+    librdkafka's threads' CPU milliseconds per result over the same span (None if unknown)."""
     run = uuid.uuid4().hex[:8]
     results = f"bench-backlog-out-{run}"
     create_topics(bootstrap, [results, results + ".events", results + ".dlq"], 1)
@@ -59,12 +89,15 @@ def _drain(bootstrap, d, side, topic, k, pipeline):
     proc = start(cmd, f"{d}/{side}-{run}.log")
     started = time.time()
     first, deadline = None, started + 300
+    cpu_first = cpu_end = None
     try:
         while time.time() < deadline:
             c = count()
             if c and first is None:
                 first = (time.time(), c)
+                cpu_first = _thread_cpu(proc.pid)
             if c >= k:
+                cpu_end = _thread_cpu(proc.pid)
                 break
             if proc.poll() is not None:
                 raise SystemExit(f"worker backlog: {side} exited ({proc.returncode}); log {d}/{side}-{run}.log:\n" + open(f"{d}/{side}-{run}.log").read()[-2000:])
@@ -75,11 +108,14 @@ def _drain(bootstrap, d, side, topic, k, pipeline):
         wm.close()
     if done < k:
         raise SystemExit(f"worker backlog `{pipeline}`, {side}: {done} of {k} results in 300 s")
+    rdk_ms = None
     if first is not None and k - first[1] >= 2 and end > first[0]:
-        return (k - first[1]) / (end - first[0])
+        if cpu_first and cpu_end:
+            rdk_ms = _rdkafka_share(cpu_first, cpu_end)[0] * 1000 / (k - first[1])
+        return (k - first[1]) / (end - first[0]), rdk_ms
     # Everything came out within one sample (--quick's tiny backlog): from the process's start
     # instead (includes joining the group, so it under-reports).
-    return k / (end - started)
+    return k / (end - started), rdk_ms
 
 
 def worker_backlog(bootstrap, out_dir, quick):
@@ -93,23 +129,31 @@ def worker_backlog(bootstrap, out_dir, quick):
             create_topics(bootstrap, [topic], 1)
             _fill(bootstrap, topic, payloads, k)
             rates = {"framelink": [], "python": []}
+            rdk = {"framelink": [], "python": []}
             for _ in range(rounds):
                 for side in rates:
-                    rates[side].append(_drain(bootstrap, d, side, topic, k, pipeline))
+                    rate, rdk_ms = _drain(bootstrap, d, side, topic, k, pipeline)
+                    rates[side].append(rate)
+                    if rdk_ms is not None:
+                        rdk[side].append(rdk_ms)
             fl, py = statistics.median(rates["framelink"]), statistics.median(rates["python"])
+            ms = lambda v: f"{statistics.median(v):.2f}" if v else "–"
             name = f"`{pipeline}`" if pipeline else "(re-encode only)"
             print(f"  {name}: framelink {fl:.1f} frames/s, Python {py:.1f} ({fl / py:.2f}x)", flush=True)
             runs = lambda v: " / ".join(f"{x:.1f}" for x in v)
-            rows.append(f"| {name} | {fl:.1f} | {py:.1f} | **{fl / py:.2f}x** | {runs(rates['framelink'])} | {runs(rates['python'])} |")
+            rows.append(f"| {name} | {fl:.1f} | {py:.1f} | **{fl / py:.2f}x** | {runs(rates['framelink'])} | {runs(rates['python'])} "
+                        f"| {ms(rdk['framelink'])} / {ms(rdk['python'])} |")
     lines = [
         f"Worker backlog through Kafka, one core: {k} 1080p JPEGs (q85, from the test photographs) already on a 1-partition topic, "
         f"drained by one framelink-worker (CPU backend, threads = 1) and by the usual Python worker (confluent-kafka poll -> OpenCV "
         f"decode -> op -> encode q85 -> produce, bench/python_worker.py), each pinned to core 0 (taskset) in alternating rounds; "
-        f"results/s from the first result to the last, the median of {rounds} round(s) per side. "
+        f"results/s from the first result to the last, the median of {rounds} round(s) per side; librdkafka's threads' (rdk:*, "
+        f"consumer and producer) CPU per result over the same span, median, from /proc/<pid>/task. "
         f"Machine: {machine()}; build: {profile()}.",
         "",
-        "| pipeline | framelink frames/s | Python frames/s | framelink / Python | framelink rounds | Python rounds |",
-        "| --- | ---: | ---: | ---: | --- | --- |",
+        "| pipeline | framelink frames/s | Python frames/s | framelink / Python | framelink rounds | Python rounds "
+        "| librdkafka threads' CPU ms / result, framelink / Python |",
+        "| --- | ---: | ---: | ---: | --- | --- | ---: |",
         *rows,
     ]
     return write_table(out_dir, "worker-backlog.md", lines)
