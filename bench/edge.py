@@ -198,9 +198,10 @@ def edge_path(bootstrap, out_dir, quick):
             live_rate = (timeline[-1][1] - s0) / (timeline[-1][0] - timeline[-len(rss) - 1][0])
             outages = {kind: _outage(kind, kafka, sample, timeline, outage_s, drain_limit) for kind in OUTAGES}
         finally:
-            stop([a])
-            # Whatever happened, leave the broker up (and running: a paused one answers nothing).
+            # Whatever happened, leave the broker up, and running (a paused one answers nothing)
+            # before the agent stops (its shutdown waits for acknowledgements).
             subprocess.run([kafka, "resume"], capture_output=True)
+            stop([a])
             subprocess.run([kafka, "up"], capture_output=True)
     res.update(live_rate=live_rate, cpu=cpu, rss_med=statistics.median(rss), rss_max=max(rss), outages=outages)
     print(f"  live {live_rate:.1f} fps, CPU {cpu:.0f} % of a core, RSS {res['rss_med']:.0f} MiB", flush=True)
