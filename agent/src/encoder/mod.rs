@@ -625,6 +625,26 @@ mod tests {
         }
     }
 
+    /// RGB frames of `sizes` for the strip tests: 1920x1080 a synthetic pattern, the others
+    /// crops of the test photograph (widths held even with `even`, as YUYV needs).
+    fn strip_test_frames(sizes: &[(usize, usize)], even: bool) -> Vec<(usize, usize, Vec<u8>)> {
+        let (photo, pw, ph) = photo_rgb();
+        let (pw, ph) = (pw as usize, ph as usize);
+        let max_w = if even { pw & !1 } else { pw };
+        sizes
+            .iter()
+            .map(|&(w, h)| {
+                let rgb = if (w, h) == (1920, 1080) {
+                    (0..h).flat_map(|y| (0..w).flat_map(move |x| [(x % 251) as u8, (y % 241) as u8, ((x + y) % 239) as u8])).collect()
+                } else {
+                    let (cw, ch) = (w.min(max_w), h.min(ph));
+                    photo.chunks(pw * 3).take(ch).flat_map(|r| r[..cw * 3].to_vec()).collect()
+                };
+                (w, h, rgb)
+            })
+            .collect()
+    }
+
     /// The strip encoder's JPEG of a YUYV frame is TurboJPEG's JPEG of the whole-frame planes
     /// (converted here the plain way, with the tables: each row stretched, 4:2:0 chroma the
     /// rounded-up mean of a row pair, the last row of an odd height alone, luma padded to whole
@@ -633,13 +653,9 @@ mod tests {
     #[test]
     fn yuyv_strips_are_turbojpegs_jpeg_of_the_whole_planes() {
         use yuv420::CHROMA_TO_FULL;
-        let (rgb, w, h) = photo_rgb();
-        let (w, h) = (w as usize, h as usize);
-        let big: Vec<u8> = (0..1080).flat_map(|y| (0..1920).flat_map(move |x| [(x % 251) as u8, (y % 241) as u8, ((x + y) % 239) as u8])).collect();
-        let crop = |cw: usize, ch: usize| -> Vec<u8> { rgb.chunks(w * 3).take(ch).flat_map(|r| r[..cw * 3].to_vec()).collect() };
-        let mut cases: Vec<(usize, usize, usize, Vec<u8>)> = [(64, 48, 0), (66, 35, 8), (130, 17, 0), (18, 2, 4), (2, 1, 0), (2, 16, 0), (34, 33, 2)].into_iter().map(|(cw, ch, pad)| (cw, ch, pad, crop(cw.min(w & !1), ch.min(h)))).collect();
-        cases.push((1920, 1080, 0, big));
-        for (cw, ch, pad, rgb) in cases {
+        let sizes = [(64, 48, 0), (66, 35, 8), (130, 17, 0), (18, 2, 4), (2, 1, 0), (2, 16, 0), (34, 33, 2), (1920, 1080, 0)];
+        let frames = strip_test_frames(&sizes.map(|(w, h, _)| (w, h)), true);
+        for ((cw, ch, rgb), (_, _, pad)) in frames.into_iter().zip(sizes) {
             let yuyv = rgb_to_yuyv(&rgb, cw, ch, pad);
             let stride = cw * 2 + pad;
             for (sub, s420) in [(Subsampling::S420, true), (Subsampling::S422, false)] {
@@ -679,12 +695,7 @@ mod tests {
     /// output, odd sizes, partial blocks and MCUs, 1080p.
     #[test]
     fn yuv420_strips_are_turbojpegs_jpeg_of_the_whole_planes() {
-        let (photo, pw, ph) = photo_rgb();
-        let (pw, ph) = (pw as usize, ph as usize);
-        let big: Vec<u8> = (0..1080).flat_map(|y| (0..1920).flat_map(move |x| [(x % 251) as u8, (y % 241) as u8, ((x + y) % 239) as u8])).collect();
-        let crop = |w: usize, h: usize| -> Vec<u8> { photo.chunks(pw * 3).take(h).flat_map(|r| r[..w * 3].to_vec()).collect() };
-        let mut cases: Vec<(usize, usize, Vec<u8>)> = [(64, 48), (65, 35), (130, 17), (17, 2), (1, 1), (2, 16), (33, 33), (7, 9)].into_iter().map(|(w, h)| (w, h, crop(w.min(pw), h.min(ph)))).collect();
-        cases.push((1920, 1080, big));
+        let cases = strip_test_frames(&[(64, 48), (65, 35), (130, 17), (17, 2), (1, 1), (2, 16), (33, 33), (7, 9), (1920, 1080)], false);
         for (w, h, rgb) in cases {
             let i420 = rgb_to_i420(&rgb, w, h);
             let stride = w.div_ceil(2) * 2 + 6;

@@ -114,24 +114,27 @@ impl Deleter {
 
     /// Queues `path`, which occupies `bytes` on disk, for deletion.
     pub fn delete(&self, path: PathBuf, bytes: u64) {
-        {
+        let alive = {
             let mut q = self.queue();
             if !q.dead {
                 q.files += 1;
                 q.bytes += bytes;
-                drop(q);
-                match self.tx.as_ref().expect("deleter running").send((path, bytes)) {
-                    Ok(()) => return,
-                    Err(crossbeam_channel::SendError((path, _))) => {
-                        // The thread died meanwhile (its obituary zeroed the count).
-                        let mut q = self.queue();
-                        q.bytes = q.bytes.saturating_sub(bytes);
-                        drop(q);
-                        return Self::delete_here(&path, bytes, &self.shared);
-                    }
+            }
+            !q.dead
+        };
+        let path = if alive {
+            match self.tx.as_ref().expect("deleter running").send((path, bytes)) {
+                Ok(()) => return,
+                Err(crossbeam_channel::SendError((path, _))) => {
+                    // The thread died meanwhile (its obituary zeroed the count).
+                    let mut q = self.queue();
+                    q.bytes = q.bytes.saturating_sub(bytes);
+                    path
                 }
             }
-        }
+        } else {
+            path
+        };
         Self::delete_here(&path, bytes, &self.shared);
     }
 
