@@ -2,15 +2,35 @@
 //! Y U Y V, NV12's U V pairs) and stretch studio range (Y 16–235, Cb/Cr 16–240) to JPEG's
 //! 0–255 in one pass. On a 1080p YUYV frame this pass was most of what the agent spent beyond
 //! libjpeg-turbo's own SIMD encode (a table lookup per sample), so x86-64 runs it 16 samples
-//! at a time with SSE2 (part of the x86-64 baseline: no run-time detection needed); other
-//! targets, and the tail of a row, use the tables of [`super::yuv420`].
+//! at a time with SSE2 (part of the x86-64 baseline; YUYV 32 at a time with AVX2 where the CPU
+//! has it) and aarch64 with NEON (its baseline); other targets (armv7), and the tail of a row,
+//! use the tables below.
 //!
 //! The SIMD arithmetic is the tables' formula exactly — `⌊((v − lo)·255 + span/2) / span⌋`
 //! clamped to 0–255 — with the division by 219 (luma) and 224 (chroma) done as a 16-bit
 //! multiply-high; every one of the 256 inputs is tested against the table, and rows of every
 //! length against the table loop.
+//!
+//! The file uses nothing outside `std`, so that `cross/simd-check` can build it alone for an
+//! ARM target and check the NEON kernels under qemu-user (see that crate).
 
-use super::yuv420::{CHROMA_TO_FULL, LUMA_TO_FULL};
+/// Cameras send studio-range YUV (Y 16–235, Cb/Cr 16–240, BT.601); JPEG (JFIF) planes are
+/// full range (0–255). These tables stretch the values while deinterleaving.
+pub static LUMA_TO_FULL: [u8; 256] = range_lut(16, 219);
+pub static CHROMA_TO_FULL: [u8; 256] = range_lut(128 - 112, 224);
+/// Full-range samples as they are.
+pub static IDENTITY: [u8; 256] = range_lut(0, 255);
+
+const fn range_lut(lo: i32, span: i32) -> [u8; 256] {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        let v = ((i as i32 - lo) * 255 + span / 2) / span;
+        t[i] = if v < 0 { 0 } else if v > 255 { 255 } else { v as u8 };
+        i += 1;
+    }
+    t
+}
 
 /// Studio-range luma `src` → full range in `dst` (same length).
 pub fn luma_row(src: &[u8], dst: &mut [u8]) {
@@ -218,7 +238,108 @@ mod simd {
     }
 }
 
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(target_arch = "aarch64")]
+mod simd {
+    //! NEON (every aarch64 CPU has it). The same arithmetic as the SSE2 kernels, written with
+    //! NEON's widening multiply where x86 has a multiply-high; structured loads and stores do
+    //! the deinterleaving (`ld4` splits YUYV into Y0, U, Y1, V; `st2` interleaves the luma
+    //! back). Each function returns how many of its units it did; the tables finish the row.
+    use std::arch::aarch64::*;
+
+    /// `⌊x·m / 2¹⁶⌋` for eight 16-bit lanes (x86's `mulhi_epu16`).
+    #[inline(always)]
+    fn mulhi(x: uint16x8_t, m: u16) -> uint16x8_t {
+        // SAFETY: NEON is part of the aarch64 baseline; register-only intrinsics.
+        unsafe {
+            let lo = vmull_u16(vget_low_u16(x), vdup_n_u16(m));
+            let hi = vmull_high_u16(x, vdupq_n_u16(m));
+            vcombine_u16(vshrn_n_u32::<16>(lo), vshrn_n_u32::<16>(hi))
+        }
+    }
+
+    /// Luma of 16 samples: `⌊(sat(v − 16)·255 + 109) / 219⌋` clamped to 255, as
+    /// `((…)·38304) >> 23`.
+    #[inline(always)]
+    fn luma(v: uint8x16_t) -> uint8x16_t {
+        // SAFETY: as above.
+        unsafe {
+            let f = |w: uint16x8_t| {
+                let x = vaddq_u16(vmulq_n_u16(vqsubq_u16(w, vdupq_n_u16(16)), 255), vdupq_n_u16(109));
+                vqshrn_n_u16::<7>(mulhi(x, 38304))
+            };
+            vcombine_u8(f(vmovl_u8(vget_low_u8(v))), f(vmovl_high_u8(v)))
+        }
+    }
+
+    /// Chroma of 16 samples: `⌊(sat(v − 16)·255 + 112) / 224⌋` clamped to 255, as
+    /// `(((…) >> 5)·9363) >> 16`.
+    #[inline(always)]
+    fn chroma(v: uint8x16_t) -> uint8x16_t {
+        // SAFETY: as above.
+        unsafe {
+            let f = |w: uint16x8_t| {
+                let x = vaddq_u16(vmulq_n_u16(vqsubq_u16(w, vdupq_n_u16(16)), 255), vdupq_n_u16(112));
+                vqmovn_u16(mulhi(vshrq_n_u16::<5>(x), 9363))
+            };
+            vcombine_u8(f(vmovl_u8(vget_low_u8(v))), f(vmovl_high_u8(v)))
+        }
+    }
+
+    fn plane_row<const LUMA: bool>(src: &[u8], dst: &mut [u8]) -> usize {
+        assert_eq!(src.len(), dst.len());
+        let n = src.len() / 16;
+        for i in 0..n {
+            // SAFETY: 16 bytes at 16·i are inside both slices (i < len / 16, equal lengths).
+            unsafe {
+                let x = vld1q_u8(src.as_ptr().add(16 * i));
+                vst1q_u8(dst.as_mut_ptr().add(16 * i), if LUMA { luma(x) } else { chroma(x) });
+            }
+        }
+        16 * n
+    }
+
+    pub fn luma_row(src: &[u8], dst: &mut [u8]) -> usize {
+        plane_row::<true>(src, dst)
+    }
+
+    pub fn chroma_row(src: &[u8], dst: &mut [u8]) -> usize {
+        plane_row::<false>(src, dst)
+    }
+
+    pub fn uv_pairs_row(src: &[u8], u: &mut [u8], v: &mut [u8]) -> usize {
+        assert!(src.len() == 2 * u.len() && u.len() == v.len());
+        let n = src.len() / 32;
+        for i in 0..n {
+            // SAFETY: 32 source bytes at 32·i and 16 output bytes at 16·i are in bounds
+            // (src.len() == 2·u.len() == 2·v.len()).
+            unsafe {
+                let uv = vld2q_u8(src.as_ptr().add(32 * i));
+                vst1q_u8(u.as_mut_ptr().add(16 * i), chroma(uv.0));
+                vst1q_u8(v.as_mut_ptr().add(16 * i), chroma(uv.1));
+            }
+        }
+        16 * n
+    }
+
+    /// 32 pixels a step; returns the pixel pairs done.
+    pub fn yuyv_row(src: &[u8], y: &mut [u8], u: &mut [u8], v: &mut [u8]) -> usize {
+        assert!(src.len() == 2 * y.len() && y.len() == 2 * u.len() && u.len() == v.len());
+        let n = src.len() / 64;
+        for i in 0..n {
+            // SAFETY: 64 source bytes at 64·i, 32 luma bytes at 32·i and 16 chroma bytes at
+            // 16·i are in bounds (src.len() == 2·y.len() == 4·u.len() == 4·v.len()).
+            unsafe {
+                let px = vld4q_u8(src.as_ptr().add(64 * i));
+                vst2q_u8(y.as_mut_ptr().add(32 * i), uint8x16x2_t(luma(px.0), luma(px.2)));
+                vst1q_u8(u.as_mut_ptr().add(16 * i), chroma(px.1));
+                vst1q_u8(v.as_mut_ptr().add(16 * i), chroma(px.3));
+            }
+        }
+        16 * n
+    }
+}
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 mod simd {
     //! No SIMD kernel on this target: the tables do every sample.
     pub fn luma_row(_: &[u8], _: &mut [u8]) -> usize {

@@ -8,6 +8,7 @@
 //! read.
 
 use super::EncodeError;
+pub(super) use super::stretch::{CHROMA_TO_FULL, IDENTITY, LUMA_TO_FULL};
 use crate::frame::{Captured, PixelFormat};
 
 /// The chroma of a 4:2:0 frame.
@@ -150,23 +151,6 @@ pub fn rgb_to_full_range(rgb: [u8; 3]) -> [u8; 3] {
     let u = ((-11059 * r - 21709 * g + 32768 * b + 32768) >> 16) + 128;
     let v = ((32768 * r - 27439 * g - 5329 * b + 32768) >> 16) + 128;
     [y.clamp(0, 255) as u8, u.clamp(0, 255) as u8, v.clamp(0, 255) as u8]
-}
-
-/// Cameras send studio-range YUV (Y 16–235, Cb/Cr 16–240, BT.601); JPEG (JFIF) planes are
-/// full range (0–255). These tables stretch the values while deinterleaving.
-pub(super) static LUMA_TO_FULL: [u8; 256] = range_lut(16, 219);
-pub(super) static CHROMA_TO_FULL: [u8; 256] = range_lut(128 - 112, 224);
-static IDENTITY: [u8; 256] = range_lut(0, 255);
-
-const fn range_lut(lo: i32, span: i32) -> [u8; 256] {
-    let mut t = [0u8; 256];
-    let mut i = 0;
-    while i < 256 {
-        let v = ((i as i32 - lo) * 255 + span / 2) / span;
-        t[i] = if v < 0 { 0 } else if v > 255 { 255 } else { v as u8 };
-        i += 1;
-    }
-    t
 }
 
 #[cfg(test)]
