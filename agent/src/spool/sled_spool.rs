@@ -190,6 +190,10 @@ fn prune_damaged(dir: &Path, limit: u64) -> (u64, u64) {
     (deleted, freed)
 }
 
+/// How long opening the spool waits for sled's lock on the index (see
+/// [`SledSpool::open_index_waiting`]).
+const SLED_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The spool lock: an exclusive `flock` on `<dir>/lock`, held while the file is open.
 struct DirLock {
     _file: File,
@@ -404,6 +408,24 @@ impl SledSpool {
         frames_dir.join(format!("f{id:016x}{TMP_SUFFIX}"))
     }
 
+    /// [`Self::open_index`], waiting up to [`SLED_LOCK_WAIT`] while sled's own lock on the
+    /// index is held. The caller holds the spool's [`DirLock`], so no other agent has the
+    /// spool open: a sled lock still held is a spool of this process being closed — sled
+    /// releases its lock when the last of its handles goes, which can be one of its background
+    /// threads a moment after the `Db` was dropped (seen once as a failed reopen in a test).
+    /// Anything else holding it (a tool that opened the index by hand) still fails the open.
+    fn open_index_waiting(cfg: &SpoolConfig, dir: &Path) -> Result<Index> {
+        let deadline = std::time::Instant::now() + SLED_LOCK_WAIT;
+        loop {
+            match Self::open_index(cfg, dir) {
+                Err(e) if is_sled_lock_error(&e) && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                r => return r,
+            }
+        }
+    }
+
     fn open_index(cfg: &SpoolConfig, dir: &Path) -> Result<Index> {
         let db = sled::Config::new()
             .path(dir)
@@ -441,7 +463,7 @@ impl SledSpool {
         let index_dir = cfg.dir.join(format!("index-{index_gen}"));
         let aside = cfg.dir.join("index.damaged");
         let mut damaged = 0;
-        let index = match Self::open_index(&cfg, &index_dir) {
+        let index = match Self::open_index_waiting(&cfg, &index_dir) {
             Ok(i) => i,
             Err(e) if is_sled_lock_error(&e) => {
                 bail!("spool directory {} is in use by another process: {e:#}", cfg.dir.display())
@@ -1143,6 +1165,30 @@ mod tests {
         assert!(all[1].1.is_err() && !victim.exists());
     }
 
+
+    #[test]
+    fn opening_waits_for_sleds_lock_held_a_moment_longer_and_not_forever() {
+        let dir = tempfile::tempdir().unwrap();
+        push_and_close(dir.path(), 0..3);
+        let open_index_by_hand = || sled::Config::new().path(dir.path().join("index-0")).open().unwrap();
+        // sled's lock held for 300 ms more (what one of its threads can do after a close):
+        // the open waits for it.
+        let held = open_index_by_hand();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(held);
+        });
+        let s = SledSpool::open(cfg(dir.path(), 16, FullPolicy::DropOldest)).expect("opens once sled's lock is released");
+        assert_eq!(s.stats().records, 3);
+        release.join().unwrap();
+        drop(s);
+        // Held for good: the open fails after its wait, naming the cause.
+        let _held = open_index_by_hand();
+        let started = std::time::Instant::now();
+        let e = SledSpool::open(cfg(dir.path(), 16, FullPolicy::DropOldest)).err().expect("a held index fails the open");
+        assert!(format!("{e:#}").contains("in use by another process"), "{e:#}");
+        assert!(started.elapsed() >= SLED_LOCK_WAIT, "it waited first");
+    }
 
     #[test]
     fn a_left_over_temporary_file_is_kept_as_a_frame_if_whole_and_moved_aside_if_not() {
