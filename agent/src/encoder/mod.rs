@@ -652,7 +652,7 @@ mod tests {
     /// rows, 1080p.
     #[test]
     fn yuyv_strips_are_turbojpegs_jpeg_of_the_whole_planes() {
-        use yuv420::CHROMA_TO_FULL;
+        use crate::encoder::stretch::CHROMA_TO_FULL;
         let sizes = [(64, 48, 0), (66, 35, 8), (130, 17, 0), (18, 2, 4), (2, 1, 0), (2, 16, 0), (34, 33, 2), (1920, 1080, 0)];
         let frames = strip_test_frames(&sizes.map(|(w, h, _)| (w, h)), true);
         for ((cw, ch, rgb), (_, _, pad)) in frames.into_iter().zip(sizes) {

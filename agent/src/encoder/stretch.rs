@@ -81,7 +81,7 @@ pub fn average_into(dst: &mut [u8], src: &[u8]) {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod simd {
+pub(crate) mod simd {
     //! SSE2 (every x86-64 CPU has it). Each function returns how many of its units (samples,
     //! pairs or pixel pairs) it did; the caller finishes the row with the tables.
     use std::arch::x86_64::*;
@@ -239,7 +239,7 @@ mod simd {
 }
 
 #[cfg(target_arch = "aarch64")]
-mod simd {
+pub(crate) mod simd {
     //! NEON (every aarch64 CPU has it). The same arithmetic as the SSE2 kernels, written with
     //! NEON's widening multiply where x86 has a multiply-high; structured loads and stores do
     //! the deinterleaving (`ld4` splits YUYV into Y0, U, Y1, V; `st2` interleaves the luma
@@ -340,7 +340,7 @@ mod simd {
 }
 
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-mod simd {
+pub(crate) mod simd {
     //! No SIMD kernel on this target: the tables do every sample.
     pub fn luma_row(_: &[u8], _: &mut [u8]) -> usize {
         0

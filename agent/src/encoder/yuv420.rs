@@ -8,7 +8,7 @@
 //! read.
 
 use super::EncodeError;
-pub(super) use super::stretch::{CHROMA_TO_FULL, IDENTITY, LUMA_TO_FULL};
+pub(super) use super::stretch::{IDENTITY, LUMA_TO_FULL};
 use crate::frame::{Captured, PixelFormat};
 
 /// The chroma of a 4:2:0 frame.
@@ -156,6 +156,7 @@ pub fn rgb_to_full_range(rgb: [u8; 3]) -> [u8; 3] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::encoder::stretch::CHROMA_TO_FULL;
     use bytes::Bytes;
 
     fn frame(format: PixelFormat, w: u32, h: u32, stride: usize, data: Vec<u8>) -> Captured {

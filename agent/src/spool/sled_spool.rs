@@ -1170,7 +1170,19 @@ mod tests {
     fn opening_waits_for_sleds_lock_held_a_moment_longer_and_not_forever() {
         let dir = tempfile::tempdir().unwrap();
         push_and_close(dir.path(), 0..3);
-        let open_index_by_hand = || sled::Config::new().path(dir.path().join("index-0")).open().unwrap();
+        // By hand, as a tool would; waiting for the spool just closed to let go of it first.
+        let open_index_by_hand = || {
+            let deadline = std::time::Instant::now() + SLED_LOCK_WAIT;
+            loop {
+                match sled::Config::new().path(dir.path().join("index-0")).open() {
+                    Ok(db) => return db,
+                    Err(_) if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                    }
+                    Err(e) => panic!("opening the index by hand: {e}"),
+                }
+            }
+        };
         // sled's lock held for 300 ms more (what one of its threads can do after a close):
         // the open waits for it.
         let held = open_index_by_hand();

@@ -40,11 +40,34 @@ fn bytes(n: usize, seed: u32) -> Vec<u8> {
         .collect()
 }
 
+/// How much of a row the target's SIMD kernels take (the rest is the tables' tail), so that a
+/// kernel that did nothing, or a `cfg` that picked none, fails here instead of passing on the
+/// tables: (YUYV pixel pairs of an `n`-pixel row, U,V pairs of an `n`-pair row, samples of an
+/// `m`-sample planar row).
+fn kernel_units(n: usize, m: usize) -> (usize, usize, usize) {
+    match std::env::consts::ARCH {
+        // 32 pixels, 16 pairs, 16 samples a step.
+        "aarch64" => (n / 32 * 16, n / 16 * 16, m / 16 * 16),
+        // AVX2 or SSE2 for YUYV (together 16 pixels a step), SSE2 8 pairs and 16 samples.
+        "x86_64" => (n / 16 * 8, n / 8 * 8, m / 16 * 16),
+        _ => (0, 0, 0),
+    }
+}
+
 fn main() {
     let mut samples = 0usize;
     for n in [0usize, 2, 14, 16, 30, 32, 34, 62, 64, 66, 96, 128, 130, 258, 512, 1280, 1920, 3840] {
-        // YUYV: n pixels.
         let src = bytes(2 * n, n as u32 + 1);
+        let (yuyv_units, pair_units, plane_units) = kernel_units(n, 2 * n + 1);
+        let (mut y, mut u, mut v) = (vec![0; n], vec![0; n / 2], vec![0; n / 2]);
+        assert_eq!(stretch::simd::yuyv_row(&src, &mut y, &mut u, &mut v), yuyv_units, "YUYV kernel, {n} pixels");
+        let (mut u, mut v) = (vec![0; n], vec![0; n]);
+        assert_eq!(stretch::simd::uv_pairs_row(&src, &mut u, &mut v), pair_units, "U,V pair kernel, {n} pairs");
+        let odd = bytes(2 * n + 1, 5);
+        let mut out = vec![0; 2 * n + 1];
+        assert_eq!(stretch::simd::luma_row(&odd, &mut out), plane_units, "luma kernel, {} samples", 2 * n + 1);
+        assert_eq!(stretch::simd::chroma_row(&odd, &mut out), plane_units, "chroma kernel, {} samples", 2 * n + 1);
+        // YUYV: n pixels.
         let (mut y, mut u, mut v) = (vec![0; n], vec![0; n / 2], vec![0; n / 2]);
         stretch::yuyv_row(&src, &mut y, &mut u, &mut v);
         for (i, px) in src.chunks_exact(4).enumerate() {
