@@ -10,6 +10,7 @@ pub mod decode;
 pub mod gpu;
 pub mod infer;
 pub mod jobs_watch;
+pub mod leaderless;
 pub mod lossless;
 pub mod metrics;
 pub mod motion;

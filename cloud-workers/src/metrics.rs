@@ -133,7 +133,7 @@ impl Metrics {
         registry.register("outputs_refused", "Outputs Kafka refused for good, by kind (results and events are then dead-lettered)", m.outputs_refused.clone());
         registry.register("dead_letters_refused", "Dead letters Kafka refused (their partition pauses and they are retried)", m.dead_letters_refused.clone());
         registry.register("stalled_partitions", "Partitions paused because their dead letters are refused", m.stalled_partitions.clone());
-        registry.register("producer_recreated", "Producers replaced: after a fatal librdkafka error (at-least-once mode), or a transactional call that hung or kept timing out (exactly-once mode)", m.producer_recreated.clone());
+        registry.register("producer_recreated", "Producers replaced: after a fatal librdkafka error or outputs stuck behind a leaderless partition (at-least-once mode), or a transactional call that hung or kept timing out (exactly-once mode)", m.producer_recreated.clone());
         registry.register("consumer_recreated", "Consumers replaced after Kafka fenced this worker's static group membership (FENCED_INSTANCE_ID)", m.consumer_recreated.clone());
         registry.register("processing_panics", "Frames whose processing panicked (dead-lettered with reason `panic`)", m.panics.clone());
         registry.register("dead_letters", "Records sent to the dead-letter topic, by reason", m.dead_letters.clone());

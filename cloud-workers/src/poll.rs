@@ -1,7 +1,8 @@
 //! The poll loop: the one thread that drives the consumer. It hands each fetched record to the
 //! processing pool, runs the exactly-once transaction cadence (commit every
 //! `worker.transaction_ms`, rewind after an abort, pause partitions whose dead letters were
-//! refused), replaces a producer a fatal error left unusable (at-least-once) and a consumer
+//! refused), replaces a producer a fatal error left unusable, or whose outputs wait behind a
+//! partition librdkafka keeps without a leader (at-least-once), and a consumer
 //! whose group membership Kafka fenced, and on shutdown
 //! finishes what is in flight and commits before leaving the group.
 
@@ -9,11 +10,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use framelink_common::link::LinkStatus;
 use framelink_common::shutdown::Shutdown;
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::producer::{Producer, ThreadedProducer};
 
 use crate::consume::{WorkerConsumer, job_from};
+use crate::leaderless::LeaderlessWatch;
 use crate::metrics::Metrics;
 use crate::offsets::Offsets;
 use crate::pool::Pool;
@@ -35,6 +38,8 @@ pub struct PollLoop {
     pub metrics: Arc<Metrics>,
     pub txn: Option<Arc<Txn>>,
     pub poisoned: Arc<Poisoned>,
+    /// The clients' link status: its leaderless reports (see [`crate::leaderless`]).
+    pub link: Arc<LinkStatus>,
     pub heartbeat: Arc<framelink_common::systemd::Heartbeat>,
     /// Exactly-once: how often the transaction commits.
     pub transaction_interval: Duration,
@@ -69,6 +74,9 @@ impl PollLoop {
         // Tests only: a fatal producer error injected after this many acknowledged outputs.
         let mut inject_fatal_after = framelink_common::fault::fatal_error_after();
         let mut replacement = Replacement { at: Instant::now(), backoff: Duration::from_millis(500) };
+        let mut leaderless = LeaderlessWatch::default();
+        // Tests only: a leaderless report recorded once this file exists.
+        let mut inject_leaderless = framelink_common::fault::leaderless_file();
         // Exactly-once: partitions paused after a refused dead letter, until when.
         let mut paused_until: Vec<(Instant, TopicPartition)> = Vec::new();
         while !shutdown.is_set() {
@@ -90,6 +98,21 @@ impl PollLoop {
             }
             if let Some(e) = self.replace_failed_producer(&mut replacement) {
                 return Some(e);
+            }
+            if inject_leaderless.as_ref().is_some_and(|f| f.exists()) {
+                inject_leaderless = None;
+                tracing::warn!("FRAMELINK_TEST_LEADERLESS_FILE: recording a leaderless partition report.");
+                self.link.record_leaderless();
+            }
+            if self.txn.is_none() {
+                let last = match metrics.last_output_ns.load(std::sync::atomic::Ordering::Relaxed) {
+                    0 => None,
+                    ns => Some(std::time::UNIX_EPOCH + Duration::from_nanos(ns)),
+                };
+                let in_flight = self.producers.get().in_flight_count().max(0) as usize;
+                if leaderless.due(self.link.leaderless(), last, in_flight, Instant::now()) {
+                    self.replace_producer(&mut replacement, format!("{in_flight} outputs waited {} s behind a partition librdkafka keeps without a leader (confluentinc/librdkafka#5430), none delivered since", crate::leaderless::LEADERLESS_GRACE.as_secs()));
+                }
             }
             if let Some(e) = consumer.context().fatal.lock().unwrap().take() {
                 return Some(anyhow::anyhow!("exactly-once: {e}"));
@@ -213,9 +236,17 @@ impl PollLoop {
         if Instant::now() < r.at {
             return None;
         }
+        self.replace_producer(r, format!("fatal Kafka producer error {code:?}: {reason}"));
+        None
+    }
+
+    /// At-least-once: a new producer takes over from the current one, which is purged — what it
+    /// held comes back as purge errors and is sent again on the new one. A producer that cannot
+    /// be made is tried again after a backoff (by the fatal-error path).
+    fn replace_producer(&self, r: &mut Replacement, why: String) {
         match (self.make_producer)() {
             Ok(p) => {
-                tracing::error!(error = ?code, reason, "Fatal Kafka producer error: the producer is replaced; its outputs are sent again.");
+                tracing::error!(why, "The Kafka producer is replaced; its outputs are sent again.");
                 self.metrics.producer_recreated.inc();
                 r.backoff = Duration::from_millis(500);
                 let old = self.producers.replace(p);
@@ -223,12 +254,11 @@ impl PollLoop {
                 old.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
             }
             Err(e) => {
-                tracing::error!(error = %e, retry_in_ms = r.backoff.as_millis() as u64, "Cannot create a new Kafka producer after a fatal error.");
+                tracing::error!(error = %e, why, retry_in_ms = r.backoff.as_millis() as u64, "Cannot create a new Kafka producer to replace one.");
                 r.at = Instant::now() + r.backoff;
                 r.backoff = (r.backoff * 2).min(Duration::from_secs(30));
             }
         }
-        None
     }
 
     /// Stops taking records, lets the threads finish, waits (up to 30 s) for the outputs in

@@ -163,6 +163,7 @@ pub fn run(v: Validated, shutdown: Shutdown, metrics: Arc<Metrics>) -> Result<()
         metrics,
         txn,
         poisoned,
+        link,
         heartbeat,
         transaction_interval: Duration::from_millis(cfg.worker.transaction_ms),
         reset_to_end: cfg.consumer.auto_offset_reset == "latest",

@@ -512,6 +512,47 @@ async fn w13_a_fatal_producer_error_replaces_the_producer_and_loses_nothing() {
     println!("w13: {} results for 120 inputs across a producer replacement", results.len());
 }
 
+/// A partition librdkafka keeps without a leader (confluentinc/librdkafka#5430) holds an
+/// at-least-once worker's outputs for good (they never time out). Here the broker's port is
+/// silently dropped (nftables) once 20 results are out, so outputs wait, and the leaderless log
+/// line is stood in for (`FRAMELINK_TEST_LEADERLESS_FILE`): 5 s later with nothing delivered the
+/// worker replaces its producer — once — and once the link is back every input has its result,
+/// nothing dead-lettered.
+#[tokio::test(flavor = "multi_thread")]
+async fn w13b_outputs_stuck_after_a_leaderless_report_replace_the_producer_and_lose_nothing() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    init_tracing();
+    let b = Broker::shared();
+    let t = topics(b, "w13b", 2).await;
+    produce_frames(&b.plaintext(), &t.frames, 400, 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("leaderless");
+    // A session that outlasts the dark link: a rebalance would hold the poll loop in its
+    // revocation (up to 30 s finishing the frames in flight) instead.
+    let body = worker_body(&b.plaintext(), &t, "g-w13b", "blur:2", "").replace("session_timeout_ms = 6000", "session_timeout_ms = 30000");
+    let mut w = Daemon::worker(WORKER, dir.path(), &body).env("FRAMELINK_TEST_LEADERLESS_FILE", report.to_str().unwrap());
+    let port: u16 = b.bootstrap.rsplit(':').next().and_then(|p| p.parse().ok()).expect("the broker's port");
+    let net = framelink_testkit::netfault::NetFault::on_ports(&[port]).unwrap();
+    w.start();
+    w.wait_for("20 results", Duration::from_secs(60), |w| w.metric("frames_out_total", &[]) >= 20.0);
+    net.blackhole().unwrap();
+    std::fs::write(&report, b"").unwrap();
+    w.wait_for("the producer replaced", Duration::from_secs(30), |w| w.metric("producer_recreated_total", &[]) >= 1.0);
+    assert!(w.log_text().contains("behind a partition librdkafka keeps without a leader"), "the replacement names its cause");
+    std::thread::sleep(Duration::from_secs(3));
+    net.heal().unwrap();
+    w.wait_for("400 processed, all acknowledged", Duration::from_secs(120), |w| w.metric("frames_out_total", &[]) >= 400.0 && w.metric("in_flight", &[]) == 0.0);
+    assert_eq!(w.metric("producer_recreated_total", &[]), 1.0, "once per report");
+    w.stop();
+    let expected: BTreeSet<(String, u64)> = (0..400u64).map(|i| (format!("c{}", i % 4), i / 4)).collect();
+    let results = wait_for_results(b, &t.results, &expected).await;
+    let unique: BTreeSet<_> = result_ids(&results).into_iter().collect();
+    assert_eq!(unique, expected, "every input has its result");
+    let dlq = consume_all(&b.plaintext(), &t.dlq, Duration::from_secs(3)).await.unwrap();
+    assert!(dlq.is_empty(), "stuck outputs are not the frames' fault: nothing dead-lettered");
+    println!("w13b: {} results for 400 inputs across a producer replacement for a leaderless partition", results.len());
+}
+
 /// Frames from four cameras at 12 frames/s with their capture time, for `seconds`; `at(t)`
 /// runs after each tick (t in seconds since the start) to kill or start workers.
 async fn live_load(b: &Broker, topic: &str, seconds: u64, mut at: impl FnMut(f64)) -> u64 {

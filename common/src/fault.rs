@@ -4,7 +4,9 @@
 //! `FRAMELINK_TEST_HANG_SEND_OFFSETS_AFTER=N` (the worker, exactly-once) makes the call that
 //! sends the offsets of the transaction after the N-th committed one block for good, as
 //! librdkafka's `send_offsets_to_transaction` does when it waits for a dead group coordinator
-//! (confluentinc/librdkafka#5456). Never set either in production.
+//! (confluentinc/librdkafka#5456). `FRAMELINK_TEST_LEADERLESS_FILE=PATH` (the worker) records a
+//! leaderless partition report, as librdkafka's "new leader-1 not found in cache" log line does
+//! (confluentinc/librdkafka#5430), once PATH exists. Never set any of them in production.
 
 use rdkafka::ClientContext;
 use rdkafka::client::Client;
@@ -17,6 +19,11 @@ pub fn fatal_error_after() -> Option<u64> {
 /// `FRAMELINK_TEST_HANG_SEND_OFFSETS_AFTER`, when set to a number.
 pub fn hang_send_offsets_after() -> Option<u64> {
     std::env::var("FRAMELINK_TEST_HANG_SEND_OFFSETS_AFTER").ok().and_then(|v| v.parse().ok())
+}
+
+/// `FRAMELINK_TEST_LEADERLESS_FILE`, when set.
+pub fn leaderless_file() -> Option<std::path::PathBuf> {
+    std::env::var_os("FRAMELINK_TEST_LEADERLESS_FILE").map(Into::into)
 }
 
 /// Blocks the calling thread for good (a librdkafka call that never returns).
