@@ -110,8 +110,11 @@ impl PollLoop {
                     ns => Some(std::time::UNIX_EPOCH + Duration::from_nanos(ns)),
                 };
                 let in_flight = self.producers.get().in_flight_count().max(0) as usize;
-                if leaderless.due(self.link.leaderless(), last, in_flight, Instant::now()) {
-                    self.replace_producer(&mut replacement, format!("{in_flight} outputs waited {} s behind a partition librdkafka keeps without a leader (confluentinc/librdkafka#5430), none delivered since", crate::leaderless::LEADERLESS_GRACE.as_secs()));
+                if leaderless.due(self.link.leaderless(), last, in_flight, Instant::now())
+                    && Instant::now() >= replacement.at
+                    && self.replace_producer(&mut replacement, format!("{in_flight} outputs waited {} s behind a partition librdkafka keeps without a leader (confluentinc/librdkafka#5430), none acknowledged since", crate::leaderless::LEADERLESS_GRACE.as_secs()))
+                {
+                    leaderless.replaced(last);
                 }
             }
             if let Some(e) = consumer.context().fatal.lock().unwrap().take() {
@@ -241,9 +244,10 @@ impl PollLoop {
     }
 
     /// At-least-once: a new producer takes over from the current one, which is purged — what it
-    /// held comes back as purge errors and is sent again on the new one. A producer that cannot
-    /// be made is tried again after a backoff (by the fatal-error path).
-    fn replace_producer(&self, r: &mut Replacement, why: String) {
+    /// held comes back as purge errors and is sent again on the new one. False when no producer
+    /// could be made: the caller tries again (the fatal-error path after a backoff, the
+    /// leaderless one on its next turn).
+    fn replace_producer(&self, r: &mut Replacement, why: String) -> bool {
         match (self.make_producer)() {
             Ok(p) => {
                 tracing::error!(why, "The Kafka producer is replaced; its outputs are sent again.");
@@ -252,11 +256,15 @@ impl PollLoop {
                 let old = self.producers.replace(p);
                 // Returns what it still holds (delivery reports with purge errors): sent again.
                 old.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+                // Closing it may wait on brokers that do not answer: not on the poll thread.
+                let _ = std::thread::Builder::new().name("old-producer".into()).spawn(move || drop(old));
+                true
             }
             Err(e) => {
                 tracing::error!(error = %e, why, retry_in_ms = r.backoff.as_millis() as u64, "Cannot create a new Kafka producer to replace one.");
                 r.at = Instant::now() + r.backoff;
                 r.backoff = (r.backoff * 2).min(Duration::from_secs(30));
+                false
             }
         }
     }

@@ -522,14 +522,18 @@ async fn w13_a_fatal_producer_error_replaces_the_producer_and_loses_nothing() {
 async fn w13b_outputs_stuck_after_a_leaderless_report_replace_the_producer_and_lose_nothing() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     init_tracing();
-    let b = Broker::shared();
+    // Its own broker: this one's port goes dark.
+    let private = Broker::private().unwrap();
+    let b = &private;
     let t = topics(b, "w13b", 2).await;
     produce_frames(&b.plaintext(), &t.frames, 400, 0).await;
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join("leaderless");
     // A session that outlasts the dark link: a rebalance would hold the poll loop in its
     // revocation (up to 30 s finishing the frames in flight) instead.
-    let body = worker_body(&b.plaintext(), &t, "g-w13b", "blur:2", "").replace("session_timeout_ms = 6000", "session_timeout_ms = 30000");
+    let body = worker_body(&b.plaintext(), &t, "g-w13b", "blur:2", "");
+    assert!(body.contains("session_timeout_ms = 6000"), "the test body's session timeout moved");
+    let body = body.replace("session_timeout_ms = 6000", "session_timeout_ms = 30000");
     let mut w = Daemon::worker(WORKER, dir.path(), &body).env("FRAMELINK_TEST_LEADERLESS_FILE", report.to_str().unwrap());
     let port: u16 = b.bootstrap.rsplit(':').next().and_then(|p| p.parse().ok()).expect("the broker's port");
     let net = framelink_testkit::netfault::NetFault::on_ports(&[port]).unwrap();

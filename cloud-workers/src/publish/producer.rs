@@ -1,6 +1,7 @@
 //! The worker's Kafka producer: its client settings, the delivery callback that acknowledges
 //! outputs (and hands refusals on), handing a record to the producer with retry while its
-//! queue is full, and replacing a producer that a fatal librdkafka error left unusable.
+//! queue is full, and replacing a producer that a fatal librdkafka error left unusable (or whose
+//! outputs wait behind a leaderless partition: `crate::leaderless`).
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
@@ -72,7 +73,8 @@ impl ProducerContext for ProduceContext {
             Err(_) if out.epoch != self.offsets.epoch() => {} // purged by an abort
             Err((e, m)) => {
                 // Delivery timeout is infinite (at-least-once): a permanent refusal, unless the
-                // producer itself failed (fatal error): then the output is sent again as it is.
+                // producer itself failed (fatal error) or was replaced (purged): then the output
+                // is sent again as it is.
                 let job = &out.job;
                 let resend = producer_failure(e);
                 if !resend {
@@ -160,7 +162,9 @@ pub fn producer_failure(e: &KafkaError) -> bool {
 
 /// The worker's producer, shared by the processing threads. In at-least-once mode it is
 /// replaced after a fatal librdkafka error (e.g. an idempotence sequence error after a leader
-/// change), which leaves a producer unusable: what it held is sent again on the new one. In
+/// change), which leaves a producer unusable, and when its outputs wait behind a partition
+/// librdkafka keeps without a leader ([`crate::leaderless`]): what it held is sent again on the
+/// new one. In
 /// exactly-once mode the transactions replace it when a transactional call hangs or keeps
 /// timing out (see [`crate::txn`]).
 pub struct Producers<C: ProducerContext + 'static = ProduceContext> {
