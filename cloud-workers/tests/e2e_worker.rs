@@ -503,13 +503,8 @@ async fn w13_a_fatal_producer_error_replaces_the_producer_and_loses_nothing() {
     assert_eq!(w.metric("producer_recreated_total", &[]), 1.0, "the producer was replaced once");
     assert!(w.log_text().contains("injecting a fatal producer error"));
     w.stop();
-    let expected: BTreeSet<(String, u64)> = (0..120u64).map(|i| (format!("c{}", i % 4), i / 4)).collect();
-    let results = wait_for_results(b, &t.results, &expected).await;
-    let unique: BTreeSet<_> = result_ids(&results).into_iter().collect();
-    assert_eq!(unique, expected, "every input has its result");
-    let dlq = consume_all(&b.plaintext(), &t.dlq, Duration::from_secs(3)).await.unwrap();
-    assert!(dlq.is_empty(), "a producer failure is not the frames' fault: nothing dead-lettered");
-    println!("w13: {} results for 120 inputs across a producer replacement", results.len());
+    let results = every_input_has_its_result_none_dead_lettered(b, &t, 120, "a producer failure").await;
+    println!("w13: {results} results for 120 inputs across a producer replacement");
 }
 
 /// A partition librdkafka keeps without a leader (confluentinc/librdkafka#5430) holds an
@@ -548,13 +543,21 @@ async fn w13b_outputs_stuck_after_a_leaderless_report_replace_the_producer_and_l
     w.wait_for("400 processed, all acknowledged", Duration::from_secs(120), |w| w.metric("frames_out_total", &[]) >= 400.0 && w.metric("in_flight", &[]) == 0.0);
     assert_eq!(w.metric("producer_recreated_total", &[]), 1.0, "once per report");
     w.stop();
-    let expected: BTreeSet<(String, u64)> = (0..400u64).map(|i| (format!("c{}", i % 4), i / 4)).collect();
+    let results = every_input_has_its_result_none_dead_lettered(b, &t, 400, "stuck outputs").await;
+    println!("w13b: {results} results for 400 inputs across a producer replacement for a leaderless partition");
+}
+
+/// After a producer replacement: each of the `n` inputs `produce_frames` wrote (four cameras)
+/// has a result (duplicates allowed: at-least-once) and nothing was dead-lettered — `cause` is
+/// not the frames' fault. Returns how many results there are.
+async fn every_input_has_its_result_none_dead_lettered(b: &Broker, t: &Topics, n: u64, cause: &str) -> usize {
+    let expected: BTreeSet<(String, u64)> = (0..n).map(|i| (format!("c{}", i % 4), i / 4)).collect();
     let results = wait_for_results(b, &t.results, &expected).await;
     let unique: BTreeSet<_> = result_ids(&results).into_iter().collect();
     assert_eq!(unique, expected, "every input has its result");
     let dlq = consume_all(&b.plaintext(), &t.dlq, Duration::from_secs(3)).await.unwrap();
-    assert!(dlq.is_empty(), "stuck outputs are not the frames' fault: nothing dead-lettered");
-    println!("w13b: {} results for 400 inputs across a producer replacement for a leaderless partition", results.len());
+    assert!(dlq.is_empty(), "{cause} is not the frames' fault: nothing dead-lettered");
+    results.len()
 }
 
 /// Frames from four cameras at 12 frames/s with their capture time, for `seconds`; `at(t)`
