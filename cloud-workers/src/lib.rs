@@ -7,6 +7,7 @@ pub mod beat;
 pub mod config;
 pub mod consume;
 pub mod decode;
+pub mod decode_into;
 pub mod gpu;
 pub mod infer;
 pub mod jobs_watch;

@@ -148,6 +148,7 @@ impl Metrics {
         registry.register("gpu_batches", "Batches the GPU stage ran", m.gpu.batches.clone());
         registry.register("gpu_frames", "Frames the GPU stage ran", m.gpu.frames.clone());
         registry.register("gpu_fallbacks", "Frames processed on the CPU because their GPU batch failed", m.gpu.errors.clone());
+        registry.register("gpu_frames_in_place", "Frames of gpu_frames whose YUV planes were decoded straight into the GPU stage's upload buffer", m.gpu.in_place.clone());
         registry.register("tiles_processed", "Large-image tiles processed and published", m.tiles_processed.clone());
         registry.register("tiles_failed", "Large-image tiles that failed (dead-lettered, and reported to the console)", m.tiles_failed.clone());
         registry.register("tiles_skipped", "Large-image tiles not processed because their job is over, by reason (job_cancelled, job_expired, job_done, job_failed)", m.tiles_skipped.clone());

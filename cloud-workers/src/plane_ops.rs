@@ -42,6 +42,7 @@ use std::time::{Duration, Instant};
 
 use turbojpeg::{DecompressHeader, ScalingFactor, Subsamp};
 
+use crate::gpu::stage::GpuClient;
 use crate::lossless::Rect;
 use crate::ops::{Img, Op, Pipeline};
 use crate::planes::{PlaneCodec, factors, pad_plane, plane_rect, plane_sizes, turned};
@@ -52,6 +53,8 @@ use crate::planes::{PlaneCodec, factors, pad_plane, plane_rect, plane_sizes, tur
 pub struct PlaneOps {
     ops: Vec<Op>,
     codec: PlaneCodec,
+    /// For decoding into the GPU stage's upload buffer (made at the first such frame).
+    into: Option<crate::decode_into::PlanesDecoder>,
 }
 
 /// A frame's planes: Y (`width`×`height`) then, unless gray, Cb and Cr at the chroma
@@ -77,7 +80,7 @@ impl PlaneOps {
         let on_planes = ops.iter().all(|op| matches!(op, Op::Blur { .. } | Op::Sharpen | Op::Resize { .. } | Op::Rotate { .. } | Op::Crop { .. }));
         let colour = ops.iter().any(|op| matches!(op, Op::Blur { .. } | Op::Sharpen | Op::Resize { .. }));
         let leading_crop = matches!(ops.first(), Some(Op::Crop { .. }));
-        (on_planes && (colour || ops.is_empty()) && !leading_crop).then(|| PlaneOps { ops: ops.clone(), codec: PlaneCodec::new(quality) })
+        (on_planes && (colour || ops.is_empty()) && !leading_crop).then(|| PlaneOps { ops: ops.clone(), codec: PlaneCodec::new(quality), into: None })
     }
 
     /// The result JPEG and its size, with the time of each op in `op_times` (decoding and
@@ -92,6 +95,12 @@ impl PlaneOps {
 
     /// The frame's planes when it takes this path, else `None` (see [`PlaneOps::apply`]).
     pub fn prepare(&mut self, jpeg: &[u8], header: &DecompressHeader) -> Option<Planes> {
+        let scale = self.scale_for(jpeg, header)?;
+        self.decode_scaled(jpeg, header, scale)
+    }
+
+    /// The DCT scale the frame's planes are decoded at when it takes this path.
+    fn scale_for(&self, jpeg: &[u8], header: &DecompressHeader) -> Option<ScalingFactor> {
         // 4:2:0 frames only: their result is a 4:2:0 JPEG, as the RGB path's is. Other
         // subsamplings would keep theirs (a 4:2:2 camera's results turned into 4:4:0, 4:4:4
         // ones three times the chroma), so they take the RGB path.
@@ -105,10 +114,35 @@ impl PlaneOps {
             _ => ScalingFactor::ONE,
         };
         let s = header.scaled(scale);
-        if !fits(&self.ops, (s.width as u32, s.height as u32), f) {
-            return None;
+        fits(&self.ops, (s.width as u32, s.height as u32), f).then_some(scale)
+    }
+
+    /// The ops on the GPU stage: the frame's planes decoded straight into their places in the
+    /// stage's upload buffer ([`GpuClient::reserve_planes`]) where their sizes are even (the
+    /// planes then have no padding), otherwise decoded here and copied there. `Ok(None)` where
+    /// the frame does not take this path (as [`PlaneOps::prepare`]: the pixel path names what
+    /// is wrong with it), `Err` where the GPU stage could not run it (the caller runs the ops
+    /// on the CPU; the frame is not at fault).
+    pub fn run_on_gpu(&mut self, jpeg: &[u8], header: &DecompressHeader, gpu: &GpuClient) -> Result<Option<Planes>, String> {
+        let Some(scale) = self.scale_for(jpeg, header) else { return Ok(None) };
+        let s = header.scaled(scale);
+        let (w, h) = (s.width as u32, s.height as u32);
+        if w % 2 != 0 || h % 2 != 0 {
+            let Some(planes) = self.decode_scaled(jpeg, header, scale) else { return Ok(None) };
+            return gpu.process_planes(planes.planes).map(|p| Some(Planes { planes: p, subsamp: header.subsamp }));
         }
-        self.decode_scaled(jpeg, header, scale)
+        let mut lease = gpu.reserve_planes((w, h))?;
+        let sizes = lease.plane_sizes();
+        let planes = lease.planes();
+        let into = self.into.get_or_insert_with(crate::decode_into::PlanesDecoder::new);
+        // SAFETY: the lease's places (or its own chroma buffers), of their lengths, are this
+        // thread's until it commits or drops the lease.
+        if let Err(e) = unsafe { into.decode(jpeg, scale, planes, sizes) } {
+            // The places go back as holes; the pixel path names the cause.
+            tracing::debug!(error = %e, "decoding to YUV planes failed; the pixel path takes the frame");
+            return Ok(None);
+        }
+        lease.commit().map(|p| Some(Planes { planes: p, subsamp: header.subsamp }))
     }
 
     /// The ops on the CPU, each timed into `op_times`.

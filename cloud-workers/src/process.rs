@@ -322,30 +322,30 @@ impl Processor {
         }
         // Colour ops on the planes, on the CPU or on the GPU stage (the same definitions, bit
         // for bit). Models run on RGB, motion on the decoded frame.
-        if let (Some(p), false, false) = (self.plane_ops.as_mut(), self.motion.enabled, self.events_only)
-            && let Some(planes) = p.prepare(payload, &header)
-        {
+        if let (Some(p), false, false) = (self.plane_ops.as_mut(), self.motion.enabled, self.events_only) {
             let mut op_times = Vec::with_capacity(self.pipeline.0.len());
             let mut path = "planes";
             let planes = match &self.gpu {
                 // A plain re-encode has nothing for the GPU to do.
                 Some(gpu) if !self.pipeline.0.is_empty() => {
-                    let (subsamp, t) = (planes.subsamp, Instant::now());
-                    match gpu.process_planes(planes.planes) {
-                        Ok(out) => {
-                            op_times.push(("gpu".to_owned(), t.elapsed()));
-                            path = "gpu_planes";
-                            Some(crate::plane_ops::Planes { planes: out, subsamp })
+                    let t = Instant::now();
+                    match p.run_on_gpu(payload, &header, gpu) {
+                        Ok(planes) => {
+                            if planes.is_some() {
+                                op_times.push(("gpu".to_owned(), t.elapsed()));
+                                path = "gpu_planes";
+                            }
+                            planes
                         }
-                        // As on the RGB path below: the frame is not at fault; decoded again
-                        // (its planes went to the stage) and processed on the CPU.
+                        // As on the RGB path below: the frame is not at fault; processed on
+                        // the CPU.
                         Err(why) => {
                             tracing::debug!(why, "GPU fallback");
                             p.prepare(payload, &header).map(|planes| p.run(planes, &mut op_times))
                         }
                     }
                 }
-                _ => Some(p.run(planes, &mut op_times)),
+                _ => p.prepare(payload, &header).map(|planes| p.run(planes, &mut op_times)),
             };
             if let Some((jpeg, (width, height))) = planes.and_then(|planes| p.finish(planes)) {
                 return Ok(Processed { meta, jpeg: Some(jpeg), width, height, event: None, took: started.elapsed(), op_times, models: Vec::new(), dct, path });

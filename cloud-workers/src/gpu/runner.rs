@@ -1,7 +1,14 @@
 //! Runs a pipeline over batches of same-sized frames on a [`Gpu`]: per input size, the passes,
-//! their parameters and tables, and two sets of buffers and bind groups, all made once.
+//! their parameters and tables, made once, and sets of buffers and bind groups ("slots", made
+//! as batches need them, up to [`MAX_SLOTS`]), each reused batch after batch.
+//!
+//! A batch is filled in a slot's mapped upload buffer: [`Runner::open`] hands out the mapped
+//! memory as one [`Region`] per frame, which whoever decodes the frame writes (the processing
+//! threads write their frames there themselves, the GPU stage copies nothing), and
+//! [`Runner::submit_open`] sends it once every region is written.
 
 use std::collections::HashMap;
+use std::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
@@ -55,7 +62,89 @@ pub struct Times {
     pub readback: Duration,
 }
 
+/// Buffer sets per input size at most: batches being filled, submitted or read back at once.
+pub const MAX_SLOTS: usize = 8;
+
+/// What a slot is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Use {
+    /// Its upload buffer is mapped (or being mapped again) and no batch holds it.
+    Free,
+    /// A batch is being written into its upload buffer ([`Open`]).
+    Open,
+    /// Submitted; [`Runner::finish`] frees it.
+    InFlight,
+}
+
+/// A batch being filled in a slot's mapped upload buffer; submit it with
+/// [`Runner::submit_open`] or give it back with [`Runner::release`] (nothing then runs).
+#[must_use]
+pub struct Open {
+    size: Size,
+    slot: usize,
+    /// The mapping, kept until the batch is submitted or released.
+    view: wgpu::BufferViewMut,
+    buffer: wgpu::Buffer,
+    base: NonNull<u8>,
+    /// Bytes from one frame to the next, bytes of one input frame.
+    stride: usize,
+    frame_bytes: usize,
+    capacity: usize,
+}
+
+impl Open {
+    /// Frames it holds at most.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Frame `z`'s part of the mapped memory (`z` below [`Open::capacity`]).
+    pub fn region(&self, z: usize) -> Region {
+        assert!(z < self.capacity, "frame {z} of a batch of {}", self.capacity);
+        // SAFETY: z * stride + frame_bytes is within the mapped upload buffer (capacity frames
+        // of stride bytes).
+        let ptr = unsafe { self.base.add(z * self.stride) };
+        Region { ptr, len: self.frame_bytes, _buffer: self.buffer.clone() }
+    }
+}
+
+/// One frame's part of a batch's mapped upload buffer (its input bytes: width × height ×
+/// channels), written by one thread while the batch is open. The batch's owner must not submit
+/// or release it before that thread says it is done (the GPU stage's protocol: a region is
+/// given back, written or not, before its batch goes); the buffer itself stays alive while a
+/// region exists.
+pub struct Region {
+    ptr: NonNull<u8>,
+    len: usize,
+    _buffer: wgpu::Buffer,
+}
+
+// SAFETY: the region is plain mapped memory that only its holder writes (see above); the
+// buffer handle is Send and Sync.
+unsafe impl Send for Region {}
+
+impl Region {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Where to write (e.g. a decoder's output plane): `len` bytes. Mapped memory may be
+    /// write-combined: write it, do not read it back.
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+    /// Copies `data` (at most `len` bytes) to the start of the region.
+    pub fn write(&mut self, data: &[u8]) {
+        assert!(data.len() <= self.len, "{} bytes into a region of {}", data.len(), self.len);
+        // SAFETY: within the region, which nothing else reads or writes while it is held.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr(), data.len()) }
+    }
+}
+
 struct Slot {
+    used: Use,
     /// Persistent staging for uploads (mapped for writing between uses): wgpu's
     /// `Queue::write_buffer` allocates fresh staging memory on every call, which at batch
     /// sizes of many megabytes costs more than the transfer itself.
@@ -81,13 +170,12 @@ struct SizePlan {
     small_words: u64,
     capacity: usize,
     slots: Vec<Slot>,
-    next: usize,
     /// Workgroups (x, y) per pass, and for the motion pass.
     groups: Vec<(u32, u32)>,
     motion_groups: (u32, u32),
-    // Kept alive for the bind groups.
-    _aux: wgpu::Buffer,
-    _params: Vec<wgpu::Buffer>,
+    /// The passes' tables and parameters (bound by every slot).
+    aux: wgpu::Buffer,
+    params: Vec<wgpu::Buffer>,
 }
 
 pub struct Runner {
@@ -191,66 +279,70 @@ impl Runner {
         let aux_buf = dev.create_buffer(&wgpu::BufferDescriptor { label: Some("tables"), size: aux.len() as u64 * 4, usage: U::STORAGE | U::COPY_DST, mapped_at_creation: false });
         self.gpu.queue.write_buffer(&aux_buf, 0, bytemuck::cast_slice(&aux));
 
+        let groups = passes.iter().map(|p| groups_for(p.output)).collect();
+        let motion_groups = motion.as_ref().map_or((0, 0), |m| groups_for(m.output));
+        self.gpu.check()?;
+        Ok(SizePlan { passes, motion, out, stride, small_words, capacity, slots: Vec::new(), groups, motion_groups, aux: aux_buf, params })
+    }
+
+    /// A new set of buffers and bind groups for `p`'s batches, its upload buffer mapped.
+    fn make_slot(gpu: &Gpu, p: &SizePlan) -> Slot {
+        let dev = &gpu.device;
+        use wgpu::BufferUsages as U;
         let bind = |src: &wgpu::Buffer, dst: &wgpu::Buffer, params: &wgpu::Buffer| {
             dev.create_bind_group(&wgpu::BindGroupDescriptor {
                 label: None,
-                layout: &self.gpu.layout,
+                layout: &gpu.layout,
                 entries: &[
                     wgpu::BindGroupEntry { binding: 0, resource: src.as_entire_binding() },
                     wgpu::BindGroupEntry { binding: 1, resource: dst.as_entire_binding() },
-                    wgpu::BindGroupEntry { binding: 2, resource: aux_buf.as_entire_binding() },
+                    wgpu::BindGroupEntry { binding: 2, resource: p.aux.as_entire_binding() },
                     wgpu::BindGroupEntry { binding: 3, resource: params.as_entire_binding() },
                 ],
             })
         };
-        let big = capacity as u64 * frame_bytes;
-        let slots = (0..2)
-            .map(|_| {
-                let storage = |label| dev.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size: big, usage: U::STORAGE | U::COPY_DST | U::COPY_SRC, mapped_at_creation: false });
-                let (a, b) = (storage("frames a"), storage("frames b"));
-                let upload = dev.create_buffer(&wgpu::BufferDescriptor { label: Some("upload"), size: big, usage: U::MAP_WRITE | U::COPY_SRC, mapped_at_creation: true });
-                let upload_ready = Arc::new(AtomicU8::new(1));
-                let small = motion.as_ref().map(|_| {
-                    dev.create_buffer(&wgpu::BufferDescriptor { label: Some("small luma"), size: capacity as u64 * small_words * 4, usage: U::STORAGE | U::COPY_SRC, mapped_at_creation: false })
-                });
-                let readback = dev.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("readback"),
-                    size: capacity as u64 * (out.words() + small_words) * 4,
-                    usage: U::MAP_READ | U::COPY_DST,
-                    mapped_at_creation: false,
-                });
-                let binds = (0..passes.len()).map(|k| if k % 2 == 0 { bind(&a, &b, &params[k]) } else { bind(&b, &a, &params[k]) }).collect();
-                let last = if passes.len() % 2 == 0 { &a } else { &b };
-                let motion_bind = small.as_ref().map(|s| bind(last, s, &params[passes.len()]));
-                Slot { upload, upload_ready, a, b, small, readback, binds, motion_bind }
-            })
-            .collect();
-        let groups = passes.iter().map(|p| groups_for(p.output)).collect();
-        let motion_groups = motion.as_ref().map_or((0, 0), |m| groups_for(m.output));
-        self.gpu.check()?;
-        Ok(SizePlan { passes, motion, out, stride, small_words, capacity, slots, next: 0, groups, motion_groups, _aux: aux_buf, _params: params })
+        let big = p.capacity as u64 * p.stride * 4;
+        let storage = |label| dev.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size: big, usage: U::STORAGE | U::COPY_DST | U::COPY_SRC, mapped_at_creation: false });
+        let (a, b) = (storage("frames a"), storage("frames b"));
+        let upload = dev.create_buffer(&wgpu::BufferDescriptor { label: Some("upload"), size: big, usage: U::MAP_WRITE | U::COPY_SRC, mapped_at_creation: true });
+        let upload_ready = Arc::new(AtomicU8::new(1));
+        let small = p.motion.as_ref().map(|_| {
+            dev.create_buffer(&wgpu::BufferDescriptor { label: Some("small luma"), size: p.capacity as u64 * p.small_words * 4, usage: U::STORAGE | U::COPY_SRC, mapped_at_creation: false })
+        });
+        let readback = dev.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: p.capacity as u64 * (p.out.words() + p.small_words) * 4,
+            usage: U::MAP_READ | U::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let n = p.passes.len();
+        let binds = (0..n).map(|k| if k % 2 == 0 { bind(&a, &b, &p.params[k]) } else { bind(&b, &a, &p.params[k]) }).collect();
+        let last = if n % 2 == 0 { &a } else { &b };
+        let motion_bind = small.as_ref().map(|s| bind(last, s, &p.params[n]));
+        Slot { used: Use::Free, upload, upload_ready, a, b, small, readback, binds, motion_bind }
     }
 
-    /// Uploads `frames` (all the same size, at most [`Runner::capacity`]), runs the pipeline
-    /// and queues the read-back; returns without waiting for the GPU.
-    pub fn submit(&mut self, frames: &[&Img]) -> Result<Ticket, GpuError> {
-        let first = frames.first().ok_or_else(|| GpuError::Runtime("empty batch".into()))?;
-        let size = Size { w: first.width, h: first.height, ch: first.channels as u32 };
-        if let Some(f) = frames.iter().find(|f| (f.width, f.height, f.channels as u32) != (size.w, size.h, size.ch)) {
-            return Err(GpuError::Runtime(format!("batch mixes {}x{} and {}x{} frames", size.w, size.h, f.width, f.height)));
-        }
+    /// A batch of frames of `size` to fill: a free slot's upload buffer, mapped (a new slot if
+    /// none is free and there are fewer than [`MAX_SLOTS`]); `Ok(None)` when every slot is busy
+    /// (finish or submit one first).
+    pub fn open(&mut self, size: (u32, u32, u8)) -> Result<Option<Open>, GpuError> {
+        let size = Size { w: size.0, h: size.1, ch: size.2 as u32 };
         let gpu = self.gpu.clone();
         let p = self.plan_for(size)?;
-        if frames.len() > p.capacity {
-            return Err(GpuError::Runtime(format!("batch of {} above the capacity of {}", frames.len(), p.capacity)));
-        }
-        let slot_ix = p.next;
-        p.next = (p.next + 1) % p.slots.len();
-        let slot = &p.slots[slot_ix];
-        let n = frames.len();
+        let ix = match p.slots.iter().position(|s| s.used == Use::Free) {
+            Some(ix) => ix,
+            None if p.slots.len() < MAX_SLOTS => {
+                let slot = Self::make_slot(&gpu, p);
+                gpu.check()?;
+                p.slots.push(slot);
+                p.slots.len() - 1
+            }
+            None => return Ok(None),
+        };
+        let slot = &mut p.slots[ix];
         let started = Instant::now();
-        // The slot's upload buffer is re-mapped once its previous batch was read back; the
-        // GPU is done with it, so the mapping completes at the next poll.
+        // A freed slot's upload buffer is mapped again once its batch was read back; the GPU is
+        // done with it, so the mapping completes at the next poll.
         while slot.upload_ready.load(Ordering::Acquire) == 0 {
             gpu.device.poll(wgpu::PollType::Poll).map_err(|e| GpuError::Runtime(format!("polling: {e}")))?;
             if started.elapsed() > Duration::from_secs(60) {
@@ -261,18 +353,70 @@ impl Runner {
             }
         }
         if slot.upload_ready.load(Ordering::Acquire) != 1 {
+            // Map it again for the next try; this batch fails.
+            slot.upload_ready.store(0, Ordering::Release);
+            let ready = slot.upload_ready.clone();
+            slot.upload.map_async(wgpu::MapMode::Write, .., move |r| ready.store(if r.is_ok() { 1 } else { 2 }, Ordering::Release));
             return Err(GpuError::Runtime("mapping the upload buffer failed".into()));
         }
-        let used = n as u64 * p.stride * 4;
-        {
-            let mut view = slot.upload.slice(0..used).get_mapped_range_mut().map_err(|e| GpuError::Runtime(format!("writing a batch: {e}")))?;
-            for (z, f) in frames.iter().enumerate() {
-                let at = z * p.stride as usize * 4;
-                view.slice(at..at + f.data.len()).copy_from_slice(&f.data);
-            }
+        let mut view = slot.upload.get_mapped_range_mut(..).map_err(|e| GpuError::Runtime(format!("writing a batch: {e}")))?;
+        let base = view.slice(..).as_raw_element_ptr();
+        slot.used = Use::Open;
+        let open = Open { size, slot: ix, view, buffer: slot.upload.clone(), base, stride: p.stride as usize * 4, frame_bytes: size.bytes() as usize, capacity: p.capacity };
+        self.times.upload += started.elapsed();
+        Ok(Some(open))
+    }
+
+    /// Gives back a batch without running it (none of its frames was written); the slot stays
+    /// mapped for the next one.
+    pub fn release(&mut self, open: Open) {
+        drop(open.view);
+        if let Some(s) = self.plans.get_mut(&open.size).and_then(|p| p.slots.get_mut(open.slot)) {
+            s.used = Use::Free;
         }
+    }
+
+    /// Uploads `frames` (all the same size, at most [`Runner::capacity`]), runs the pipeline
+    /// and queues the read-back; returns without waiting for the GPU. (Copies the frames on
+    /// this thread: the GPU stage has its frames written where [`Runner::open`] says instead.)
+    pub fn submit(&mut self, frames: &[&Img]) -> Result<Ticket, GpuError> {
+        let first = frames.first().ok_or_else(|| GpuError::Runtime("empty batch".into()))?;
+        let size = (first.width, first.height, first.channels);
+        if let Some(f) = frames.iter().find(|f| (f.width, f.height, f.channels) != size) {
+            return Err(GpuError::Runtime(format!("batch mixes {}x{} and {}x{} frames", size.0, size.1, f.width, f.height)));
+        }
+        let open = self.open(size)?.ok_or_else(|| GpuError::Runtime(format!("all {MAX_SLOTS} buffer sets are busy")))?;
+        if frames.len() > open.capacity {
+            let cap = open.capacity;
+            self.release(open);
+            return Err(GpuError::Runtime(format!("batch of {} above the capacity of {cap}", frames.len())));
+        }
+        let started = Instant::now();
+        for (z, f) in frames.iter().enumerate() {
+            open.region(z).write(&f.data);
+        }
+        self.times.upload += started.elapsed();
+        self.submit_open(open, frames.len())
+    }
+
+    /// Runs the pipeline on the first `n` frames of a filled batch and queues the read-back;
+    /// returns without waiting for the GPU. Every region of it must have been given back.
+    pub fn submit_open(&mut self, open: Open, n: usize) -> Result<Ticket, GpuError> {
+        let gpu = self.gpu.clone();
+        let Open { size, slot: slot_ix, view, .. } = open;
+        drop(view);
+        let p = self.plans.get_mut(&size).ok_or_else(|| GpuError::Runtime("a batch of an unknown plan".into()))?;
+        let slot = &mut p.slots[slot_ix];
         slot.upload.unmap();
         slot.upload_ready.store(0, Ordering::Release);
+        slot.used = Use::InFlight;
+        if n == 0 || n > p.capacity {
+            // Nothing to run: map it again and free the slot.
+            Self::free(slot);
+            return Err(GpuError::Runtime(format!("a batch of {n} frames (capacity {})", p.capacity)));
+        }
+        let slot = &p.slots[slot_ix];
+        let used = n as u64 * p.stride * 4;
         let recording = Instant::now();
         let mut enc = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("framelink batch") });
         enc.copy_buffer_to_buffer(&slot.upload, 0, &slot.a, 0, Some(used));
@@ -306,7 +450,6 @@ impl Runner {
         // Map the whole used range; frames first, then the small images after `small_at`.
         let range = if p.small_words > 0 { 0..read_end } else { 0..n as u64 * out_bytes };
         slot.readback.slice(range.clone()).map_async(wgpu::MapMode::Read, move |r| m2.store(if r.is_ok() { 1 } else { 2 }, Ordering::Release));
-        self.times.upload += recording - started;
         self.times.submit += recording.elapsed();
         Ok(Ticket { size, slot: slot_ix, n, submission, range, mapped })
     }
@@ -321,10 +464,14 @@ impl Runner {
         gpu.check()?;
         let copied = Instant::now();
         self.times.wait += copied - waited;
-        let p = self.plans.get(&t.size).ok_or_else(|| GpuError::Runtime("ticket for an unknown plan".into()))?;
+        // (A batch that failed above keeps its slot: the device is most likely lost, and its
+        // read-back may still be mapping. Its frames go to the CPU; new slots are made.)
+        let p = self.plans.get_mut(&t.size).ok_or_else(|| GpuError::Runtime("ticket for an unknown plan".into()))?;
         if t.mapped.load(Ordering::Acquire) != 1 {
+            Self::free(&mut p.slots[t.slot]);
             return Err(GpuError::Runtime("mapping the read-back buffer failed".into()));
         }
+        let p: &SizePlan = p;
         let slot = &p.slots[t.slot];
         let out_bytes = (p.out.words() * 4) as usize;
         let frame_len = p.out.bytes() as usize;
@@ -346,12 +493,20 @@ impl Runner {
             }
         }
         slot.readback.unmap();
-        let ready = slot.upload_ready.clone();
-        slot.upload.map_async(wgpu::MapMode::Write, .., move |r| ready.store(if r.is_ok() { 1 } else { 2 }, Ordering::Release));
+        if let Some(slot) = self.plans.get_mut(&t.size).map(|p| &mut p.slots[t.slot]) {
+            Self::free(slot);
+        }
         self.times.readback += copied.elapsed();
         self.times.batches += 1;
         self.times.frames += t.n as u64;
         Ok(outs)
+    }
+
+    /// A slot whose batch is done: its upload buffer mapped again (ready at a later poll).
+    fn free(slot: &mut Slot) {
+        let ready = slot.upload_ready.clone();
+        slot.upload.map_async(wgpu::MapMode::Write, .., move |r| ready.store(if r.is_ok() { 1 } else { 2 }, Ordering::Release));
+        slot.used = Use::Free;
     }
 
     /// Convenience for tests and benches: runs any number of frames (grouped by size, in
