@@ -72,7 +72,9 @@ impl PlanesDecoder {
         }
         // SAFETY: a valid handle and a buffer of `jpeg.len()` bytes.
         if unsafe { tj::tj3DecompressHeader(self.handle, jpeg.as_ptr(), jpeg.len() as tj::size_t) } != 0 {
-            return Err(self.error());
+            let e = self.error();
+            *self = PlanesDecoder::new();
+            return Err(e);
         }
         // SAFETY: a valid handle whose header was just read; parameters TurboJPEG defines.
         let (jw, jh, subsamp) = unsafe {
@@ -104,7 +106,11 @@ impl PlanesDecoder {
         // SAFETY: as above; back to full size for the next frame.
         unsafe { tj::tj3SetScalingFactor(self.handle, tj::tjscalingfactor { num: 1, denom: 1 }) };
         match failed {
-            Some(e) => Err(e),
+            Some(e) => {
+                // A handle that stopped mid-frame may keep some of its state: a fresh one.
+                *self = PlanesDecoder::new();
+                Err(e)
+            }
             None => Ok(()),
         }
     }

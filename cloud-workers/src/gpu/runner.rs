@@ -74,12 +74,14 @@ enum Use {
     Open,
     /// Submitted; [`Runner::finish`] frees it.
     InFlight,
+    /// Its batch failed while on the GPU (its buffers may still be mapping): never used again.
+    Lost,
 }
 
 /// A batch being filled in a slot's mapped upload buffer; submit it with
 /// [`Runner::submit_open`] or give it back with [`Runner::release`] (nothing then runs).
 #[must_use]
-pub struct Open {
+pub(super) struct Open {
     size: Size,
     slot: usize,
     /// The mapping, kept until the batch is submitted or released.
@@ -99,7 +101,12 @@ impl Open {
     }
 
     /// Frame `z`'s part of the mapped memory (`z` below [`Open::capacity`]).
-    pub fn region(&self, z: usize) -> Region {
+    ///
+    /// # Safety
+    /// At most one region per `z` is handed out, and every region is written only before the
+    /// batch is submitted or released (the GPU stage hands each place out once and submits a
+    /// batch only when all of them were given back).
+    pub(super) unsafe fn region(&self, z: usize) -> Region {
         assert!(z < self.capacity, "frame {z} of a batch of {}", self.capacity);
         // SAFETY: z * stride + frame_bytes is within the mapped upload buffer (capacity frames
         // of stride bytes).
@@ -113,7 +120,7 @@ impl Open {
 /// or release it before that thread says it is done (the GPU stage's protocol: a region is
 /// given back, written or not, before its batch goes); the buffer itself stays alive while a
 /// region exists.
-pub struct Region {
+pub(super) struct Region {
     ptr: NonNull<u8>,
     len: usize,
     _buffer: wgpu::Buffer,
@@ -126,9 +133,6 @@ unsafe impl Send for Region {}
 impl Region {
     pub fn len(&self) -> usize {
         self.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
     /// Where to write (e.g. a decoder's output plane): `len` bytes. Mapped memory may be
     /// write-combined: write it, do not read it back.
@@ -325,9 +329,11 @@ impl Runner {
     /// A batch of frames of `size` to fill: a free slot's upload buffer, mapped (a new slot if
     /// none is free and there are fewer than [`MAX_SLOTS`]); `Ok(None)` when every slot is busy
     /// (finish or submit one first).
-    pub fn open(&mut self, size: (u32, u32, u8)) -> Result<Option<Open>, GpuError> {
+    pub(super) fn open(&mut self, size: (u32, u32, u8)) -> Result<Option<Open>, GpuError> {
         let size = Size { w: size.0, h: size.1, ch: size.2 as u32 };
         let gpu = self.gpu.clone();
+        // A device that reported an error is not to be trusted (nor its slots to be freed).
+        gpu.check()?;
         let p = self.plan_for(size)?;
         let ix = match p.slots.iter().position(|s| s.used == Use::Free) {
             Some(ix) => ix,
@@ -369,7 +375,7 @@ impl Runner {
 
     /// Gives back a batch without running it (none of its frames was written); the slot stays
     /// mapped for the next one.
-    pub fn release(&mut self, open: Open) {
+    pub(super) fn release(&mut self, open: Open) {
         drop(open.view);
         if let Some(s) = self.plans.get_mut(&open.size).and_then(|p| p.slots.get_mut(open.slot)) {
             s.used = Use::Free;
@@ -393,7 +399,8 @@ impl Runner {
         }
         let started = Instant::now();
         for (z, f) in frames.iter().enumerate() {
-            open.region(z).write(&f.data);
+            // SAFETY: one region per frame, written before the batch is submitted below.
+            unsafe { open.region(z) }.write(&f.data);
         }
         self.times.upload += started.elapsed();
         self.submit_open(open, frames.len())
@@ -401,7 +408,7 @@ impl Runner {
 
     /// Runs the pipeline on the first `n` frames of a filled batch and queues the read-back;
     /// returns without waiting for the GPU. Every region of it must have been given back.
-    pub fn submit_open(&mut self, open: Open, n: usize) -> Result<Ticket, GpuError> {
+    pub(super) fn submit_open(&mut self, open: Open, n: usize) -> Result<Ticket, GpuError> {
         let gpu = self.gpu.clone();
         let Open { size, slot: slot_ix, view, .. } = open;
         drop(view);
@@ -456,6 +463,33 @@ impl Runner {
 
     /// Waits for a submitted batch and returns its frames in submission order.
     pub fn finish(&mut self, t: Ticket) -> Result<Vec<GpuOutput>, GpuError> {
+        let (size, slot) = (t.size, t.slot);
+        let r = self.finish_batch(t);
+        if r.is_err()
+            && let Some(s) = self.plans.get_mut(&size).and_then(|p| p.slots.get_mut(slot))
+            && s.used == Use::InFlight
+        {
+            s.used = Use::Lost;
+        }
+        r
+    }
+
+    /// Slots of `size` a new batch could still have (free ones and ones not made yet), and
+    /// frames per batch.
+    pub(super) fn spare(&mut self, size: (u32, u32, u8)) -> Result<(usize, usize), GpuError> {
+        let p = self.plan_for(Size { w: size.0, h: size.1, ch: size.2 as u32 })?;
+        let free = p.slots.iter().filter(|s| s.used == Use::Free).count();
+        Ok((free + MAX_SLOTS.saturating_sub(p.slots.len()), p.capacity))
+    }
+
+    /// Whether a submitted batch is read back and ready for [`Runner::finish`] without waiting
+    /// (polls the device).
+    pub fn is_done(&self, t: &Ticket) -> bool {
+        let _ = self.gpu.device.poll(wgpu::PollType::Poll);
+        t.mapped.load(Ordering::Acquire) != 0
+    }
+
+    fn finish_batch(&mut self, t: Ticket) -> Result<Vec<GpuOutput>, GpuError> {
         let gpu = self.gpu.clone();
         let waited = Instant::now();
         gpu.device
@@ -464,12 +498,16 @@ impl Runner {
         gpu.check()?;
         let copied = Instant::now();
         self.times.wait += copied - waited;
-        // (A batch that failed above keeps its slot: the device is most likely lost, and its
-        // read-back may still be mapping. Its frames go to the CPU; new slots are made.)
+        // (A batch that fails here loses its slot — the device is most likely lost, and its
+        // read-back may still be mapping; its frames go to the CPU.)
         let p = self.plans.get_mut(&t.size).ok_or_else(|| GpuError::Runtime("ticket for an unknown plan".into()))?;
-        if t.mapped.load(Ordering::Acquire) != 1 {
+        if t.mapped.load(Ordering::Acquire) == 2 {
+            // Not mapped: the slot can be used again.
             Self::free(&mut p.slots[t.slot]);
             return Err(GpuError::Runtime("mapping the read-back buffer failed".into()));
+        }
+        if t.mapped.load(Ordering::Acquire) != 1 {
+            return Err(GpuError::Runtime("the read-back buffer was not mapped after the batch".into()));
         }
         let p: &SizePlan = p;
         let slot = &p.slots[t.slot];

@@ -32,7 +32,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, bounded, unbounded};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, unbounded};
 
 use super::runner::{Open, Region};
 use super::{Gpu, GpuOutput, Runner, Ticket};
@@ -40,6 +40,9 @@ use crate::ops::{Img, Pipeline};
 
 /// Width, height, channels.
 type Shape = (u32, u32, u8);
+/// How often the stage looks whether the GPU is done with a batch while none of its threads
+/// asks for anything.
+const POLL_EVERY: Duration = Duration::from_micros(200);
 /// A frame's results: which of its parts, and the part's result.
 type Results = Sender<(usize, Result<GpuOutput, String>)>;
 /// Where a place's result goes: its frame's channel and which part of the frame it is.
@@ -108,9 +111,16 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// Part `k`'s memory (in the order the parts were asked for).
-    pub fn region(&mut self, k: usize) -> &mut Region {
+    /// Part `k`'s memory (in the order the parts were asked for). Kept to this module: a
+    /// region must stay with its lease (moved to another, it could be written after its batch
+    /// has gone).
+    fn region(&mut self, k: usize) -> &mut Region {
         &mut self.places[k].region
+    }
+
+    /// Copies `data` into part `k`'s place.
+    pub fn write(&mut self, k: usize, data: &[u8]) {
+        self.region(k).write(data)
     }
 
     /// Says every part is written and waits for their results, in the order of the parts.
@@ -181,10 +191,6 @@ impl PlanesLease {
     /// Says the planes are written and waits for the pipeline's planes, Y, Cb, Cr. The frame
     /// counts once in `gpu_frames` (and `gpu_frames_in_place`) or `gpu_fallbacks`.
     pub fn commit(self) -> Result<Vec<Img>, String> {
-        self.commit_counted(true)
-    }
-
-    fn commit_counted(self, in_place: bool) -> Result<Vec<Img>, String> {
         let PlanesLease { lease, size: (w, h), kept, stats } = self;
         let r = lease.commit().map(|outs| {
             let mut planes: Vec<Img> = outs.into_iter().map(|o| o.img).collect();
@@ -197,9 +203,7 @@ impl PlanesLease {
         match &r {
             Ok(_) => {
                 stats.frames.inc();
-                if in_place {
-                    stats.in_place.inc();
-                }
+                stats.in_place.inc();
             }
             Err(_) => {
                 stats.errors.inc();
@@ -216,7 +220,7 @@ impl GpuClient {
         let mut lease = self.reserve(vec![(Lane::Frame, (img.width, img.height, img.channels))]).inspect_err(|_| {
             self.stats.errors.inc();
         })?;
-        lease.region(0).write(&img.data);
+        lease.write(0, &img.data);
         let mut outs = lease.commit()?;
         Ok(outs.remove(0))
     }
@@ -277,13 +281,13 @@ impl GpuClient {
             parts.extend([(Lane::Chroma, (cb.width, cb.height, 1)); 2]);
         }
         let mut lease = self.reserve(parts)?;
-        lease.region(0).write(&y.data);
+        lease.write(0, &y.data);
         if chroma_unchanged {
             let mut outs = lease.commit()?;
             return Ok(vec![outs.remove(0).img, cb, cr]);
         }
-        lease.region(1).write(&cb.data);
-        lease.region(2).write(&cr.data);
+        lease.write(1, &cb.data);
+        lease.write(2, &cr.data);
         Ok(lease.commit()?.into_iter().map(|o| o.img).collect())
     }
 
@@ -351,16 +355,19 @@ impl Stage {
         loop {
             self.close_and_submit(Instant::now());
             self.serve_waiting();
-            // With batches on the GPU, take what is already queued, otherwise finish the oldest
-            // (its threads are waiting for it); with none, wait for work or the next deadline.
-            let msg = if !self.inflight.is_empty() {
-                match self.rx.try_recv() {
+            // With batches on the GPU: finish the oldest once the GPU is done with it (its
+            // threads wait for it), meanwhile serve requests — threads ask for a place before
+            // they decode, so decoding goes on while the GPU works; with none, wait for work or
+            // the next deadline.
+            let msg = if let Some((lane, _, ticket, _)) = self.inflight.front() {
+                if self.runners[*lane as usize].is_done(ticket) {
+                    self.finish_oldest();
+                    continue;
+                }
+                match self.rx.recv_timeout(POLL_EVERY) {
                     Ok(m) => m,
-                    Err(TryRecvError::Empty) => {
-                        self.finish_oldest();
-                        continue;
-                    }
-                    Err(TryRecvError::Disconnected) => break,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => break,
                 }
             } else {
                 let next = self.batches.values().filter(|b| !b.closed).map(|b| b.closes_at).min();
@@ -417,9 +424,14 @@ impl Stage {
                 runner.release(b.open);
                 continue;
             }
-            match runner.submit_open(b.open, b.targets.len()) {
-                Ok(t) => self.inflight.push_back((b.lane, b.shape, t, b.targets)),
-                Err(e) => self.fail(b.lane, b.targets, &e.to_string()),
+            // Trailing holes are not run.
+            let mut targets = b.targets;
+            while targets.last().is_some_and(Option::is_none) {
+                targets.pop();
+            }
+            match runner.submit_open(b.open, targets.len()) {
+                Ok(t) => self.inflight.push_back((b.lane, b.shape, t, targets)),
+                Err(e) => self.fail(b.lane, targets, &e.to_string()),
             }
         }
     }
@@ -427,6 +439,19 @@ impl Stage {
     /// Hands out places to the waiting requests, in order, while there is room for them.
     fn serve_waiting(&mut self) {
         while let Some(r) = self.waiting.pop_front() {
+            // Room for every part first: a request that got some places and not others would
+            // leave holes each time it is tried.
+            match self.room_for(&r.parts) {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.waiting.push_front(r);
+                    return;
+                }
+                Err(e) => {
+                    let _ = r.reply.send(Err(e));
+                    continue;
+                }
+            }
             let mut places = Vec::with_capacity(r.parts.len());
             let mut outcome = Ok(true);
             for (k, &(lane, shape)) in r.parts.iter().enumerate() {
@@ -471,6 +496,29 @@ impl Stage {
         }
     }
 
+    /// Whether there is room for `parts` now (`Ok(false)`: once a batch being written has gone).
+    /// `Err` where there never will be: no batch of a lane and shape is on its way and none
+    /// can be made (the device failed and took the buffer sets with it).
+    fn room_for(&mut self, parts: &[(Lane, Shape)]) -> Result<bool, String> {
+        let mut need: HashMap<(Lane, Shape), usize> = HashMap::new();
+        for &p in parts {
+            *need.entry(p).or_default() += 1;
+        }
+        for ((lane, shape), k) in need {
+            let (spare, capacity) = self.runners[lane as usize].spare(shape).map_err(|e| e.to_string())?;
+            let filling = self.filling.get(&(lane, shape)).and_then(|id| self.batches.get(id)).map_or(0, |b| capacity - b.targets.len());
+            let on_gpu = self.inflight.iter().filter(|(l, s, _, _)| (*l, *s) == (lane, shape)).count();
+            if filling + capacity * (spare + on_gpu) >= k {
+                continue;
+            }
+            if self.batches.values().any(|b| (b.lane, b.shape) == (lane, shape)) {
+                return Ok(false);
+            }
+            return Err(format!("no buffer set left for {}x{}x{} images on the GPU", shape.0, shape.1, shape.2));
+        }
+        Ok(true)
+    }
+
     /// A place for a part on `lane` of `shape`: in the batch taking them, or in a new one (the
     /// oldest batches of the lane finished first where every buffer set is busy); `Ok(None)`
     /// where every buffer set of that size holds a batch still being written.
@@ -478,7 +526,9 @@ impl Stage {
         if let Some(&id) = self.filling.get(&(lane, shape)) {
             let b = self.batches.get_mut(&id).expect("a filling batch exists");
             let z = b.targets.len();
-            let region = b.open.region(z);
+            // SAFETY: place z is handed out once (the next one is z + 1), and the batch goes only
+            // when it is given back.
+            let region = unsafe { b.open.region(z) };
             b.targets.push(Some(target));
             b.out += 1;
             if b.targets.len() == b.open.capacity() {
@@ -496,7 +546,8 @@ impl Stage {
         };
         let id = self.next_id;
         self.next_id += 1;
-        let region = open.region(0);
+        // SAFETY: as above, for the first place of a new batch.
+        let region = unsafe { open.region(0) };
         let closed = open.capacity() == 1;
         if !closed {
             self.filling.insert((lane, shape), id);
