@@ -15,6 +15,7 @@ pub mod encoder;
 pub mod forwarder;
 pub mod frame;
 pub mod http;
+pub mod huge_pages;
 pub mod metrics;
 pub mod beat;
 pub mod capture;

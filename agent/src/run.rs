@@ -23,6 +23,11 @@ use crate::spool::sled_spool::SledSpool;
 
 pub fn run(v: Validated) -> Result<()> {
     let cfg = v.config;
+    if !cfg.device.huge_pages
+        && let Err(e) = crate::huge_pages::disable()
+    {
+        tracing::warn!(error = %e, "could not turn transparent huge pages off for the agent (device.huge_pages); it may use more memory");
+    }
     let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
 
     let spool: Arc<dyn Spool> = Arc::new(SledSpool::open(cfg.spool.clone())?);
