@@ -67,7 +67,7 @@ while [ $i -lt %(seconds)d ]; do
   hwm=$(awk '/^VmHWM/ {print $2}' /proc/$pid/status)
   ticks=$(awk '{print $14 + $15}' /proc/$pid/stat)
   # (busybox's static wget crashes in this guest; nc does not)
-  m=$(printf 'GET /metrics HTTP/1.0\r\n\r\n' | nc 127.0.0.1 9464 | tr -d '\r')
+  m=$(printf 'GET /metrics HTTP/1.0\r\n\r\n' | nc -w 5 127.0.0.1 9464 | tr -d '\r')
   c=$(echo "$m" | awk '/^framelink_agent_frames_captured_total/ {s+=$2} END {print s+0}')
   s=$(echo "$m" | awk '/^framelink_agent_frames_sent_total/ {s+=$2} END {print s+0}')
   d=$(echo "$m" | awk '/^framelink_agent_frames_dropped_total/ {s+=$2} END {print s+0}')
@@ -81,7 +81,7 @@ awk '/^(Rss|Anonymous|Private_Dirty|Shared_Clean|Private_Clean):/' /proc/$pid/sm
 # Of the large anonymous mappings: how many of their bytes are not zero (zeroed pages touched
 # by a memset are resident all the same).
 awk '/^[0-9a-f]+-[0-9a-f]+ / {range = $1; anon = (NF < 6)} /^Rss:/ {if (anon && $2 >= 4096) print range}' /proc/$pid/smaps | while read r; do
-  a=$((0x${r%%-*})); b=$((0x${r##*-}))
+  a=$((0x${r%%%%-*})); b=$((0x${r##*-}))
   nz=$(dd if=/proc/$pid/mem bs=4096 skip=$((a / 4096)) count=$(((b - a) / 4096)) 2>/dev/null | tr -d '\000' | wc -c)
   echo "  anon $r: $(((b - a) / 1024)) kB mapped, $nz bytes not zero"
 done
@@ -163,7 +163,8 @@ def initramfs(work, binary, kdir, kver, bb, seconds, topic, fps):
     with open(os.path.join(root, "agent.toml"), "w") as f:
         f.write('[device]\nid = "bench-footprint-vm"\n[kafka]\nbrokers = "127.0.0.1:19092"\nsecurity_protocol = "PLAINTEXT"\n'
                 '[[cameras]]\nid = "cam0"\nsynthetic = { width = 1920, height = 1080, fps = %(fps)d }\n'
-                f'[spool]\ndir = "/tmp/spool"\n[forwarder]\ntopic = "{topic}"\n[http]\nlisten = "127.0.0.1:9464"\n' % {"fps": fps})
+                f'[spool]\ndir = "/tmp/spool"\n[forwarder]\ntopic = "{topic}"\n[http]\nlisten = "127.0.0.1:9464"\n'
+                '[heartbeat]\nheartbeat_s = 0\n' % {"fps": fps})
     for p in ["init", "bin/relay"]:
         os.chmod(os.path.join(root, p), 0o755)
     out = os.path.join(work, "initramfs.cpio")
@@ -176,8 +177,8 @@ def initramfs(work, binary, kdir, kver, bb, seconds, topic, fps):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--binary", default=os.path.join(ROOT, "dist", "aarch64-unknown-linux-gnu", "framelink-agent"))
-    ap.add_argument("--bootstrap", default="127.0.0.1:19092", help="the host's broker (must advertise 127.0.0.1:19092)")
-    ap.add_argument("--seconds", type=int, default=90, help="seconds the agent runs in the guest")
+    ap.add_argument("--bootstrap", default="127.0.0.1:19092", help="the host's broker, for the topic (the guest relays 127.0.0.1:19092 to the host's port 19092: the broker must advertise that)")
+    ap.add_argument("--seconds", type=int, default=90, help="samples the guest takes, about one a second (a little more under emulation)")
     ap.add_argument("--warmup", type=int, default=30, help="seconds after the first frame sent before sampling")
     ap.add_argument("--fps", type=int, default=30, help="the camera's rate (emulation keeps a few frames/s of 1080p)")
     ap.add_argument("--thp", choices=["always", "madvise", "never"], help="the guest kernel's transparent huge pages (default: the kernel's, always on Debian)")
@@ -201,9 +202,15 @@ def main():
                    "-kernel", os.path.join(kdir, "boot", f"vmlinuz-{kver}"), "-initrd", cpio,
                    "-append", "console=ttyAMA0 rdinit=/init quiet panic=-1" + (f" transparent_hugepage={a.thp}" if a.thp else ""), "-netdev", "user,id=n0",
                    "-device", "virtio-net-pci,netdev=n0", "-nographic", "-no-reboot"]
-            console = subprocess.run(cmd, capture_output=True, text=True, timeout=a.seconds + 600).stdout
+            try:
+                console = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace", timeout=a.seconds * 3 + 300).stdout
+            except subprocess.TimeoutExpired as e:
+                out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+                raise SystemExit(f"footprint_vm: the guest did not finish in time:\n{out[-3000:]}")
         finally:
             delete_topics(a.bootstrap, [topic])
+    if "AGENT EXITED" in console:
+        raise SystemExit(f"footprint_vm: the agent exited in the guest:\n{console[-3000:]}")
     samples = [tuple(float(x) for x in m.groups()) for m in SAMPLE.finditer(console)]
     guest = re.search(r"GUEST (\d+) kB, (\d+) CPUs", console)
     tail = console[-3000:]
@@ -219,11 +226,11 @@ def main():
     cpu = (window[-1][3] - window[0][3]) / 100 / secs * 100
     captured = (window[-1][4] - window[0][4]) / secs
     sent = (window[-1][5] - window[0][5]) / secs
-    dropped = window[-1][6]
+    dropped = window[-1][6] - window[0][6]
     size = os.path.getsize(a.binary)
     label = a.label or os.path.relpath(a.binary, ROOT)
     head = ("| binary | MB on disk | frames/s captured | frames/s sent | CPU % of a vCPU | RSS MiB median | RSS MiB max | "
-            "peak RSS (VmHWM) MiB | frames dropped |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+            "peak RSS (VmHWM) MiB | frames dropped (window) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     row = (f"| {label} | {size / 1e6:.1f} | {captured:.1f} | {sent:.1f} | {cpu:.0f} | {statistics.median(rss):.1f} | "
            f"{max(rss):.1f} | {hwm:.1f} | {dropped:.0f} |")
     print(f"guest: arm64 {kver}, {guest.group(2) if guest else '?'} vCPUs (cortex-a72, TCG), "

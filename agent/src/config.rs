@@ -56,8 +56,8 @@ pub struct DeviceConfig {
     #[serde(default = "default_grace")]
     pub shutdown_grace_s: u64,
     /// Let the kernel back the agent's memory with transparent huge pages. Default false: the
-    /// agent turns them off for itself, which keeps it near 17 MiB instead of 26–52 MiB on
-    /// kernels that use them for everything (Debian's; see [`crate::huge_pages`]).
+    /// agent turns them off for itself: 16.7–19.9 MiB median instead of 36–41 at 1080p on a
+    /// kernel that uses them for everything (Debian's arm64; see [`crate::huge_pages`]).
     #[serde(default)]
     pub huge_pages: bool,
 }

@@ -5,8 +5,9 @@
 //! The agent allocates some large zeroed buffers that it touches only here and there — sled's
 //! ~40 statistics histograms of 512 KiB each, which it writes a few counters into — and with
 //! huge pages every first write makes a whole 2 MiB page resident instead of 4 KiB. Measured on
-//! the aarch64 agent at 1080p in an arm64 Debian guest (bench/footprint_vm.py): 26–52 MiB
-//! resident and growing as more histograms get touched, 17.3 MiB with huge pages off. So by
+//! the aarch64 agent at 1080p in an arm64 Debian guest (bench/footprint_vm.py): 36–41 MiB
+//! median (44–47 peak), growing as more histograms get touched; 16.7–19.9 MiB median (peak
+//! 20.0) with huge pages off for the agent. So by
 //! default the agent asks the kernel not to use them for it (`prctl(PR_SET_THP_DISABLE)`, Linux
 //! 3.15+, for the whole process); `device.huge_pages = true` leaves the system's setting.
 
@@ -25,7 +26,8 @@ pub fn disable() -> std::io::Result<()> {
 pub fn disabled() -> Option<bool> {
     // SAFETY: as above; PR_GET_THP_DISABLE only reads the flag.
     let rc = unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong) };
-    (rc >= 0).then_some(rc == 1)
+    // (Linux 6.18 added modes that read as other non-zero values.)
+    (rc >= 0).then_some(rc != 0)
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -45,12 +47,15 @@ mod tests {
     #[test]
     fn disable_sets_the_processs_no_huge_pages_flag() {
         let before = super::disabled();
+        if before != Some(false) {
+            // Inherited from whoever started the tests, or a kernel without the option.
+            eprintln!("transparent huge pages already off for this process or not known ({before:?}): nothing to check");
+            return;
+        }
         super::disable().unwrap();
         let after = super::disabled();
-        if before == Some(false) {
-            // SAFETY: as in `disable`, clearing the flag.
-            unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong) };
-        }
-        assert_eq!((before, after), (Some(false), Some(true)));
+        // SAFETY: as in `disable`, clearing the flag.
+        unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong) };
+        assert_eq!(after, Some(true));
     }
 }
