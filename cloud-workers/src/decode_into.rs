@@ -3,30 +3,21 @@
 //! by the thread that decodes them, where the GPU reads them.
 //!
 //! The `turbojpeg` crate decodes planes only into one buffer of its own layout, so this holds a
-//! TurboJPEG handle through `turbojpeg-sys` (the same library build, the same call the crate
+//! TurboJPEG handle through `turbojpeg-sys` ([`crate::region::TjDecompress`]) (the same library build, the same call the crate
 //! makes: `tj3DecompressToYUVPlanes8`), with a pointer and a stride per plane. The samples are
 //! those of [`crate::planes::PlaneCodec::decode_scaled`] — the same function of libjpeg-turbo —
 //! and the tests below check it sample for sample.
 
-use std::ffi::{CStr, c_int};
+use std::ffi::c_int;
 
 use turbojpeg::ScalingFactor;
 use turbojpeg_sys as tj;
 
+use crate::region::TjDecompress;
+
 /// A TurboJPEG decompression handle for decoding planes in place, one per processing thread.
 pub struct PlanesDecoder {
-    handle: tj::tjhandle,
-}
-
-// SAFETY: a TurboJPEG handle holds no thread-affine state; `&mut self` keeps it to one thread at
-// a time (as for `crate::region::RegionDecoder`).
-unsafe impl Send for PlanesDecoder {}
-
-impl Drop for PlanesDecoder {
-    fn drop(&mut self) {
-        // SAFETY: the handle came from tj3Init and is destroyed once.
-        unsafe { tj::tj3Destroy(self.handle) }
-    }
+    handle: TjDecompress,
 }
 
 impl Default for PlanesDecoder {
@@ -37,18 +28,11 @@ impl Default for PlanesDecoder {
 
 impl PlanesDecoder {
     pub fn new() -> PlanesDecoder {
-        // SAFETY: tj3Init returns a valid handle or null.
-        let handle = unsafe { tj::tj3Init(tj::TJINIT_TJINIT_DECOMPRESS as i32) };
-        assert!(!handle.is_null(), "libjpeg-turbo decompressor");
-        // SAFETY: a valid handle; a parameter TurboJPEG defines.
-        let rc = unsafe { tj::tj3Set(handle, tj::TJPARAM_TJPARAM_SCANLIMIT as i32, crate::decode::MAX_SCANS as i32) };
-        assert_eq!(rc, 0, "libjpeg-turbo scan limit");
-        PlanesDecoder { handle }
+        PlanesDecoder { handle: TjDecompress::new() }
     }
 
     fn error(&self) -> String {
-        // SAFETY: tj3GetErrorStr returns a NUL-terminated string owned by the handle.
-        unsafe { CStr::from_ptr(tj::tj3GetErrorStr(self.handle)) }.to_string_lossy().into_owned()
+        self.handle.error()
     }
 
     /// Decodes the Y, Cb and Cr planes of a 4:2:0 `jpeg` at DCT `scale` into `planes` (each a
@@ -71,7 +55,7 @@ impl PlanesDecoder {
             }
         }
         // SAFETY: a valid handle and a buffer of `jpeg.len()` bytes.
-        if unsafe { tj::tj3DecompressHeader(self.handle, jpeg.as_ptr(), jpeg.len() as tj::size_t) } != 0 {
+        if unsafe { tj::tj3DecompressHeader(self.handle.raw, jpeg.as_ptr(), jpeg.len() as tj::size_t) } != 0 {
             let e = self.error();
             *self = PlanesDecoder::new();
             return Err(e);
@@ -79,9 +63,9 @@ impl PlanesDecoder {
         // SAFETY: a valid handle whose header was just read; parameters TurboJPEG defines.
         let (jw, jh, subsamp) = unsafe {
             (
-                tj::tj3Get(self.handle, tj::TJPARAM_TJPARAM_JPEGWIDTH as i32),
-                tj::tj3Get(self.handle, tj::TJPARAM_TJPARAM_JPEGHEIGHT as i32),
-                tj::tj3Get(self.handle, tj::TJPARAM_TJPARAM_SUBSAMP as i32),
+                tj::tj3Get(self.handle.raw, tj::TJPARAM_TJPARAM_JPEGWIDTH as i32),
+                tj::tj3Get(self.handle.raw, tj::TJPARAM_TJPARAM_JPEGHEIGHT as i32),
+                tj::tj3Get(self.handle.raw, tj::TJPARAM_TJPARAM_SUBSAMP as i32),
             )
         };
         if subsamp != tj::TJSAMP_TJSAMP_420 as i32 {
@@ -94,17 +78,17 @@ impl PlanesDecoder {
         let factor = tj::tjscalingfactor { num: scale.num() as c_int, denom: scale.denom() as c_int };
         // SAFETY: a valid handle with a header read; a scaling factor of TurboJPEG's list (the
         // caller's came from it), checked by the call.
-        if unsafe { tj::tj3SetScalingFactor(self.handle, factor) } != 0 {
+        if unsafe { tj::tj3SetScalingFactor(self.handle.raw, factor) } != 0 {
             return Err(self.error());
         }
         let mut ptrs: [*mut u8; 3] = planes.map(|(p, _)| p);
         let mut strides: [c_int; 3] = sizes.map(|(pw, _)| pw as c_int);
         // SAFETY: a valid handle; three planes each valid for `stride × rows` bytes (checked
         // above, and the caller's contract), which is what a w×h 4:2:0 frame decodes to.
-        let rc = unsafe { tj::tj3DecompressToYUVPlanes8(self.handle, jpeg.as_ptr(), jpeg.len() as tj::size_t, ptrs.as_mut_ptr(), strides.as_mut_ptr()) };
+        let rc = unsafe { tj::tj3DecompressToYUVPlanes8(self.handle.raw, jpeg.as_ptr(), jpeg.len() as tj::size_t, ptrs.as_mut_ptr(), strides.as_mut_ptr()) };
         let failed = (rc != 0).then(|| self.error());
         // SAFETY: as above; back to full size for the next frame.
-        unsafe { tj::tj3SetScalingFactor(self.handle, tj::tjscalingfactor { num: 1, denom: 1 }) };
+        unsafe { tj::tj3SetScalingFactor(self.handle.raw, tj::tjscalingfactor { num: 1, denom: 1 }) };
         match failed {
             Some(e) => {
                 // A handle that stopped mid-frame may keep some of its state: a fresh one.

@@ -23,20 +23,46 @@ use turbojpeg_sys as tj;
 use crate::lossless::Rect;
 use crate::ops::Img;
 
-/// A TurboJPEG decompression handle for partial decodes, one per processing thread.
-pub struct RegionDecoder {
-    handle: tj::tjhandle,
+/// A TurboJPEG decompression handle of its own (`turbojpeg-sys`), with the worker's scan limit:
+/// what the partial decodes here and the decodes into the GPU stage's memory
+/// ([`crate::decode_into`]) hold.
+pub(crate) struct TjDecompress {
+    pub(crate) raw: tj::tjhandle,
 }
 
-// SAFETY: a TurboJPEG handle holds no thread-affine state; `&mut self` keeps it to one thread
-// at a time (the turbojpeg crate's Decompressor is `Send` on the same grounds).
-unsafe impl Send for RegionDecoder {}
+// SAFETY: a TurboJPEG handle holds no thread-affine state; `&mut self` of its owner keeps it to
+// one thread at a time (the turbojpeg crate's Decompressor is `Send` on the same grounds).
+unsafe impl Send for TjDecompress {}
 
-impl Drop for RegionDecoder {
+impl Drop for TjDecompress {
     fn drop(&mut self) {
         // SAFETY: the handle came from tj3Init and is destroyed once.
-        unsafe { tj::tj3Destroy(self.handle) }
+        unsafe { tj::tj3Destroy(self.raw) }
     }
+}
+
+impl TjDecompress {
+    pub(crate) fn new() -> TjDecompress {
+        // SAFETY: tj3Init returns a valid handle or null.
+        let raw = unsafe { tj::tj3Init(tj::TJINIT_TJINIT_DECOMPRESS as i32) };
+        assert!(!raw.is_null(), "libjpeg-turbo decompressor");
+        let d = TjDecompress { raw };
+        // SAFETY: a valid handle; a parameter TurboJPEG defines.
+        let rc = unsafe { tj::tj3Set(d.raw, tj::TJPARAM_TJPARAM_SCANLIMIT as i32, crate::decode::MAX_SCANS as i32) };
+        assert_eq!(rc, 0, "libjpeg-turbo scan limit");
+        d
+    }
+
+    /// The handle's last error.
+    pub(crate) fn error(&self) -> String {
+        // SAFETY: tj3GetErrorStr returns a NUL-terminated string owned by the handle.
+        unsafe { CStr::from_ptr(tj::tj3GetErrorStr(self.raw)) }.to_string_lossy().into_owned()
+    }
+}
+
+/// A TurboJPEG decompression handle for partial decodes, one per processing thread.
+pub struct RegionDecoder {
+    handle: TjDecompress,
 }
 
 /// MCU width in pixels of a `TJPARAM_SUBSAMP` value (tjMCUWidth), `None` if unknown.
@@ -51,19 +77,11 @@ fn mcu_width(subsamp: i32) -> Option<u32> {
 
 impl RegionDecoder {
     pub fn new() -> RegionDecoder {
-        // SAFETY: tj3Init returns a valid handle or null.
-        let handle = unsafe { tj::tj3Init(tj::TJINIT_TJINIT_DECOMPRESS as i32) };
-        assert!(!handle.is_null(), "libjpeg-turbo decompressor");
-        let d = RegionDecoder { handle };
-        // SAFETY: a valid handle; a parameter TurboJPEG defines.
-        let rc = unsafe { tj::tj3Set(d.handle, tj::TJPARAM_TJPARAM_SCANLIMIT as i32, crate::decode::MAX_SCANS as i32) };
-        assert_eq!(rc, 0, "libjpeg-turbo scan limit");
-        d
+        RegionDecoder { handle: TjDecompress::new() }
     }
 
     fn error(&self) -> String {
-        // SAFETY: tj3GetErrorStr returns a NUL-terminated string owned by the handle.
-        unsafe { CStr::from_ptr(tj::tj3GetErrorStr(self.handle)) }.to_string_lossy().into_owned()
+        self.handle.error()
     }
 
     /// The pixels of `rect` (RGB, or the luma plane with `luma_only`) of a frame whose header
@@ -72,17 +90,17 @@ impl RegionDecoder {
     /// names the cause for the dead letter.
     pub fn decode(&mut self, jpeg: &[u8], rect: Rect, luma_only: bool) -> Result<Img, String> {
         // SAFETY: a valid handle and a buffer of `jpeg.len()` bytes.
-        if unsafe { tj::tj3DecompressHeader(self.handle, jpeg.as_ptr(), jpeg.len() as tj::size_t) } != 0 {
+        if unsafe { tj::tj3DecompressHeader(self.handle.raw, jpeg.as_ptr(), jpeg.len() as tj::size_t) } != 0 {
             return Err(self.error());
         }
         // SAFETY: a valid handle; parameters TurboJPEG defines.
         let (width, height, subsamp, lossless, progressive) = unsafe {
             (
-                tj::tj3Get(self.handle, tj::TJPARAM_TJPARAM_JPEGWIDTH as i32),
-                tj::tj3Get(self.handle, tj::TJPARAM_TJPARAM_JPEGHEIGHT as i32),
-                tj::tj3Get(self.handle, tj::TJPARAM_TJPARAM_SUBSAMP as i32),
-                tj::tj3Get(self.handle, tj::TJPARAM_TJPARAM_LOSSLESS as i32),
-                tj::tj3Get(self.handle, tj::TJPARAM_TJPARAM_PROGRESSIVE as i32),
+                tj::tj3Get(self.handle.raw, tj::TJPARAM_TJPARAM_JPEGWIDTH as i32),
+                tj::tj3Get(self.handle.raw, tj::TJPARAM_TJPARAM_JPEGHEIGHT as i32),
+                tj::tj3Get(self.handle.raw, tj::TJPARAM_TJPARAM_SUBSAMP as i32),
+                tj::tj3Get(self.handle.raw, tj::TJPARAM_TJPARAM_LOSSLESS as i32),
+                tj::tj3Get(self.handle.raw, tj::TJPARAM_TJPARAM_PROGRESSIVE as i32),
             )
         };
         if lossless != 0 {
@@ -102,17 +120,17 @@ impl RegionDecoder {
         let (rw, rh) = (x1 - x0, height as u32 - rect.y);
         let region = tj::tjregion { x: x0 as i32, y: rect.y as i32, w: rw as i32, h: rh as i32 };
         // SAFETY: a valid handle whose header was just read.
-        if unsafe { tj::tj3SetCroppingRegion(self.handle, region) } != 0 {
+        if unsafe { tj::tj3SetCroppingRegion(self.handle.raw, region) } != 0 {
             return Err(self.error());
         }
         let (format, ch) = if luma_only { (tj::TJPF_TJPF_GRAY, 1usize) } else { (tj::TJPF_TJPF_RGB, 3) };
         let mut data = vec![0u8; rw as usize * rh as usize * ch];
         let pitch = rw as usize * ch;
         // SAFETY: `data` holds rh rows of `pitch` bytes, what a region of rw×rh decodes to.
-        let rc = unsafe { tj::tj3Decompress8(self.handle, jpeg.as_ptr(), jpeg.len() as tj::size_t, data.as_mut_ptr(), pitch as i32, format as i32) };
+        let rc = unsafe { tj::tj3Decompress8(self.handle.raw, jpeg.as_ptr(), jpeg.len() as tj::size_t, data.as_mut_ptr(), pitch as i32, format as i32) };
         let failed = (rc != 0).then(|| self.error());
         // SAFETY: as above; TJUNCROPPED (all zero) turns cropping off for the next header.
-        unsafe { tj::tj3SetCroppingRegion(self.handle, tj::tjregion { x: 0, y: 0, w: 0, h: 0 }) };
+        unsafe { tj::tj3SetCroppingRegion(self.handle.raw, tj::tjregion { x: 0, y: 0, w: 0, h: 0 }) };
         if let Some(e) = failed {
             return Err(e);
         }
