@@ -77,6 +77,8 @@ done
 # Where the resident memory is: kB by mapping (the binary, libraries, [heap], anonymous).
 echo "SMAPS"
 awk '/^[0-9a-f]+-[0-9a-f]+ / {name = (NF >= 6) ? $6 : "[anon]"; range = $1} /^Rss:/ {rss[name] += $2; if ($2 >= 1024 && name == "[anon]") print "  anon " range " " $2 " kB"} END {for (n in rss) if (rss[n] >= 256) print "  " rss[n] " kB " n}' /proc/$pid/smaps
+# Each mapping of 128 kB or more resident: its permissions say text (r-xp), relocated data (r--p, rw-p) or heap.
+awk '/^[0-9a-f]+-[0-9a-f]+ / {name = (NF >= 6) ? $6 : "[anon]"; perms = $2} /^Rss:/ {if ($2 >= 128) print "  map " perms " " $2 " kB " name}' /proc/$pid/smaps
 awk '/^(Rss|Anonymous|Private_Dirty|Shared_Clean|Private_Clean):/' /proc/$pid/smaps_rollup
 # Of the large anonymous mappings: how many of their bytes are not zero (zeroed pages touched
 # by a memset are resident all the same).
@@ -186,6 +188,7 @@ def main():
     ap.add_argument("--memory", default="1024M")
     ap.add_argument("--label", default="")
     ap.add_argument("--verbose", action="store_true", help="also print where the resident memory is (smaps)")
+    ap.add_argument("--timeline", action="store_true", help="also print every sample (time, VmRSS, VmHWM, frames): when the peak was reached")
     ap.add_argument("--out")
     a = ap.parse_args()
 
@@ -237,6 +240,10 @@ def main():
           f"{int(guest.group(1)) // 1024 if guest else '?'} MiB; {len(window)} samples over {secs:.0f} s after a {a.warmup} s warm-up")
     print(head)
     print(row)
+    if a.timeline:
+        print("samples (s after the first frame sent, VmRSS MiB, VmHWM MiB, captured, sent, dropped):")
+        for s in samples:
+            print(f"  {s[0] - first:7.1f} {s[1] / 1024:6.1f} {s[2] / 1024:6.1f} {s[4]:6.0f} {s[5]:6.0f} {s[6]:4.0f}")
     if a.verbose:
         m = re.search(r"SMAPS\n(.*?)AGENT LOG", console, re.S)
         print("resident memory at the end:\n" + (m.group(1) if m else "(no smaps)"))
