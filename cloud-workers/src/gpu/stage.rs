@@ -13,7 +13,9 @@
 //! copies nothing in — the copies that limited it to about 2 000 1080p frames/s (docs/gpu.md)
 //! are spread over the processing threads, and the planes' decode writes them anyway. Frames
 //! that come decoded already (RGB, or planes of odd sizes) are copied into their place by their
-//! thread ([`GpuClient::process`], [`GpuClient::process_planes`]).
+//! thread ([`GpuClient::process`], [`GpuClient::process_planes`]). Results come back the same
+//! way: each thread gets its frame's part of the mapped read-back buffer and copies it out
+//! itself ([`super::runner::Mapped`]); the buffer set is used again once all have.
 //!
 //! A 4:2:0 frame whose pipeline has a definition on the YUV planes ([`crate::plane_ops`]) goes
 //! as its three planes instead of RGB — half the bytes up and down — on two more lanes: the
@@ -24,9 +26,10 @@
 //!
 //! The protocol never waits in a circle: a thread holds places only between getting them (all
 //! of a frame's at once, or none) and giving them back, and waits for nothing from the stage in
-//! between; the stage waits only for the GPU, so every batch it has submitted finishes. When
-//! every buffer set of a size holds a batch still being written, a request for a place waits
-//! (in order of arrival) until one is submitted and finished.
+//! between; the stage waits only for the GPU, so every batch it has submitted finishes, and a
+//! thread copies its results out as soon as it has them (waiting for nothing), so every buffer
+//! set read back comes free. When no buffer set of a size is free, a request for a place waits
+//! (in order of arrival) until one is: its batch written, submitted, finished and copied out.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -34,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, unbounded};
 
-use super::runner::{Open, Region};
+use super::runner::{Mapped, Open, Region};
 use super::{Gpu, GpuOutput, Runner, Ticket};
 use crate::ops::{Img, Pipeline};
 
@@ -43,8 +46,8 @@ type Shape = (u32, u32, u8);
 /// How often the stage looks whether the GPU is done with a batch while none of its threads
 /// asks for anything.
 const POLL_EVERY: Duration = Duration::from_micros(200);
-/// A frame's results: which of its parts, and the part's result.
-type Results = Sender<(usize, Result<GpuOutput, String>)>;
+/// A frame's results: which of its parts, and the part's result (in the read-back buffer).
+type Results = Sender<(usize, Result<Mapped, String>)>;
 /// Where a place's result goes: its frame's channel and which part of the frame it is.
 type Target = (Results, usize);
 
@@ -106,7 +109,7 @@ pub struct GpuClient {
 pub struct Lease {
     tx: Sender<Msg>,
     places: Vec<Place>,
-    results: Receiver<(usize, Result<GpuOutput, String>)>,
+    results: Receiver<(usize, Result<Mapped, String>)>,
     given_back: bool,
 }
 
@@ -124,12 +127,14 @@ impl Lease {
     }
 
     /// Says every part is written and waits for their results, in the order of the parts.
+    /// Each is copied out of the read-back buffer as soon as it comes (the buffer set is free
+    /// again once every thread has copied its part).
     pub fn commit(mut self) -> Result<Vec<GpuOutput>, String> {
         self.give_back(true);
         let mut outs: Vec<Option<GpuOutput>> = (0..self.places.len()).map(|_| None).collect();
         for _ in 0..outs.len() {
             let (k, out) = self.results.recv().map_err(|_| stopped())?;
-            outs[k] = Some(out?);
+            outs[k] = Some(out?.copy_out());
         }
         Ok(outs.into_iter().map(|o| o.expect("each part answered once")).collect())
     }
@@ -369,6 +374,14 @@ impl Stage {
                     Err(RecvTimeoutError::Timeout) => continue,
                     Err(RecvTimeoutError::Disconnected) => break,
                 }
+            } else if !self.waiting.is_empty() && self.runners.iter().any(Runner::reading) {
+                // A request waits for a buffer set whose results threads are copying out (they
+                // say nothing when done): look again shortly.
+                match self.rx.recv_timeout(POLL_EVERY) {
+                    Ok(m) => m,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
             } else {
                 let next = self.batches.values().filter(|b| !b.closed).map(|b| b.closes_at).min();
                 let got = match next {
@@ -496,22 +509,23 @@ impl Stage {
         }
     }
 
-    /// Whether there is room for `parts` now (`Ok(false)`: once a batch being written has gone).
-    /// `Err` where there never will be: no batch of a lane and shape is on its way and none
-    /// can be made (the device failed and took the buffer sets with it).
+    /// Whether there is room for `parts` now (`Ok(false)`: once a buffer set comes free — its
+    /// batch written, computed and copied out). `Err` where there never will be: no batch of a
+    /// lane and shape is on its way and none can be made (the device failed and took the
+    /// buffer sets with it).
     fn room_for(&mut self, parts: &[(Lane, Shape)]) -> Result<bool, String> {
         let mut need: HashMap<(Lane, Shape), usize> = HashMap::new();
         for &p in parts {
             *need.entry(p).or_default() += 1;
         }
         for ((lane, shape), k) in need {
-            let (spare, capacity) = self.runners[lane as usize].spare(shape).map_err(|e| e.to_string())?;
+            let (spare, reading, capacity) = self.runners[lane as usize].spare(shape).map_err(|e| e.to_string())?;
             let filling = self.filling.get(&(lane, shape)).and_then(|id| self.batches.get(id)).map_or(0, |b| capacity - b.targets.len());
-            let on_gpu = self.inflight.iter().filter(|(l, s, _, _)| (*l, *s) == (lane, shape)).count();
-            if filling + capacity * (spare + on_gpu) >= k {
+            if filling + capacity * spare >= k {
                 continue;
             }
-            if self.batches.values().any(|b| (b.lane, b.shape) == (lane, shape)) {
+            let on_gpu = self.inflight.iter().any(|(l, s, _, _)| (*l, *s) == (lane, shape));
+            if on_gpu || reading > 0 || self.batches.values().any(|b| (b.lane, b.shape) == (lane, shape)) {
                 return Ok(false);
             }
             return Err(format!("no buffer set left for {}x{}x{} images on the GPU", shape.0, shape.1, shape.2));
@@ -519,9 +533,8 @@ impl Stage {
         Ok(true)
     }
 
-    /// A place for a part on `lane` of `shape`: in the batch taking them, or in a new one (the
-    /// oldest batches of the lane finished first where every buffer set is busy); `Ok(None)`
-    /// where every buffer set of that size holds a batch still being written.
+    /// A place for a part on `lane` of `shape`: in the batch taking them, or in a new one;
+    /// `Ok(None)` where no buffer set of that size is free ([`Self::room_for`] says first).
     fn place(&mut self, lane: Lane, shape: Shape, target: Target) -> Result<Option<Place>, String> {
         if let Some(&id) = self.filling.get(&(lane, shape)) {
             let b = self.batches.get_mut(&id).expect("a filling batch exists");
@@ -537,12 +550,8 @@ impl Stage {
             }
             return Ok(Some(Place { batch: id, z, region }));
         }
-        let open = loop {
-            match self.runners[lane as usize].open(shape).map_err(|e| e.to_string())? {
-                Some(open) => break open,
-                None if self.inflight.iter().any(|(l, s, _, _)| (*l, *s) == (lane, shape)) => self.finish_oldest(),
-                None => return Ok(None),
-            }
+        let Some(open) = self.runners[lane as usize].open(shape).map_err(|e| e.to_string())? else {
+            return Ok(None);
         };
         let id = self.next_id;
         self.next_id += 1;
@@ -558,7 +567,7 @@ impl Stage {
 
     fn finish_oldest(&mut self) {
         let Some((lane, _, ticket, targets)) = self.inflight.pop_front() else { return };
-        match self.runners[lane as usize].finish(ticket) {
+        match self.runners[lane as usize].finish_mapped(ticket) {
             Ok(outs) => {
                 self.stats.batches.inc();
                 for (target, out) in targets.into_iter().zip(outs) {
