@@ -64,7 +64,8 @@ pub struct Times {
     pub submit: Duration,
     /// Waiting for the GPU (transfers and compute).
     pub wait: Duration,
-    /// Copying results out of the read-back buffer.
+    /// Copying results out of the read-back buffer ([`Runner::finish`]; the GPU stage's
+    /// threads copy their own, and it counts nothing here).
     pub readback: Duration,
 }
 
@@ -169,7 +170,7 @@ pub struct Mapped {
 }
 
 // SAFETY: read-only views of mapped memory that nothing writes, unmaps or reuses until every
-// `Mapped` of the batch is dropped (`left`, Release here, Acquire in `Runner::reclaim`); the
+// `Mapped` of the batch is dropped (`left`, Release here, Acquire in `Runner::reclaim_all`); the
 // buffer handle is Send and Sync.
 unsafe impl Send for Mapped {}
 
@@ -391,8 +392,8 @@ impl Runner {
         let gpu = self.gpu.clone();
         // A device that reported an error is not to be trusted (nor its slots to be freed).
         gpu.check()?;
+        self.reclaim_all();
         let p = self.plan_for(size)?;
-        Self::reclaim(p);
         let ix = match p.slots.iter().position(|s| s.used == Use::Free) {
             Some(ix) => ix,
             None if p.slots.len() < MAX_SLOTS => {
@@ -522,14 +523,11 @@ impl Runner {
     /// Waits for a submitted batch and returns its frames in submission order, copied out on
     /// this thread.
     pub fn finish(&mut self, t: Ticket) -> Result<Vec<GpuOutput>, GpuError> {
-        let size = t.size;
         let mapped = self.finish_mapped(t)?;
         let copying = Instant::now();
         let outs = mapped.into_iter().map(Mapped::copy_out).collect();
         self.times.readback += copying.elapsed();
-        if let Some(p) = self.plans.get_mut(&size) {
-            Self::reclaim(p);
-        }
+        self.reclaim_all();
         Ok(outs)
     }
 
@@ -550,21 +548,24 @@ impl Runner {
     /// Slots of `size` a new batch could still have (free ones and ones not made yet), slots
     /// whose results are still being copied out (free soon), and frames per batch.
     pub(super) fn spare(&mut self, size: (u32, u32, u8)) -> Result<(usize, usize, usize), GpuError> {
+        self.reclaim_all();
         let p = self.plan_for(Size { w: size.0, h: size.1, ch: size.2 as u32 })?;
-        Self::reclaim(p);
         let free = p.slots.iter().filter(|s| s.used == Use::Free).count();
         let reading = p.slots.iter().filter(|s| s.used == Use::Reading).count();
         Ok((free + MAX_SLOTS.saturating_sub(p.slots.len()), reading, p.capacity))
     }
 
-    /// Whether results of some batch are still being copied out.
-    pub(super) fn reading(&self) -> bool {
+    /// Whether results of some batch are still being copied out (frees the sets whose results
+    /// are all done first).
+    pub(super) fn reading(&mut self) -> bool {
+        self.reclaim_all();
         self.plans.values().any(|p| p.slots.iter().any(|s| s.used == Use::Reading))
     }
 
-    /// Frees the slots whose results have all been copied out: the read-back buffer unmapped.
-    fn reclaim(p: &mut SizePlan) {
-        for slot in &mut p.slots {
+    /// Frees the slots whose results have all been copied out (every size's): the read-back
+    /// buffer unmapped.
+    fn reclaim_all(&mut self) {
+        for slot in self.plans.values_mut().flat_map(|p| p.slots.iter_mut()) {
             if slot.used == Use::Reading && slot.reading.as_ref().is_none_or(|r| r.left.load(Ordering::Acquire) == 0) {
                 drop(slot.reading.take());
                 slot.readback.unmap();
@@ -665,46 +666,61 @@ impl Runner {
 mod tests {
     //! On Mesa lavapipe (CI installs it), as the parity tests.
     use super::*;
+    use crate::ops::Apply;
 
-    /// A 32x16 RGB frame, different per `seed`.
+    /// A 32x16 RGB frame, different per `seed` — in brightness too, so that motion's small
+    /// (box-averaged) images differ from frame to frame (`seed` below 17).
     fn frame(seed: u32) -> Img {
-        let data = (0..32 * 16 * 3u32).map(|i| ((i * 13 + seed * 57) % 251) as u8 ^ (i / 96) as u8).collect();
+        let data = (0..32 * 16 * 3u32).map(|i| ((i * 13) % 64 + seed * 11) as u8 ^ (i / 96 % 2) as u8).collect();
         Img::new(32, 16, 3, data)
     }
 
     /// Results held by their threads (not copied out yet) keep their buffer set: no batch
     /// reuses it, so a later batch cannot overwrite them, and it comes free once the last of
-    /// them is dropped.
+    /// them is dropped. Batches of two frames, motion on: every frame's image and small luma
+    /// image are read where they lie.
     #[test]
     fn a_buffer_set_is_used_again_only_once_every_result_of_it_is_dropped() {
         let gpu = Gpu::open(crate::gpu::BackendChoice::Software, None).expect("a Vulkan adapter (CI installs mesa-vulkan-drivers for lavapipe)").expect("not the CPU backend");
-        let mut runner = Runner::new(Arc::new(gpu), Pipeline::parse("blur:1").unwrap(), false, 2);
+        let pipeline = Pipeline::parse("blur:1").unwrap();
+        let mut runner = Runner::new(Arc::new(gpu), pipeline.clone(), true, 2);
         let size = (32, 16, 3);
-        let frames: Vec<Img> = (0..MAX_SLOTS as u32 + 1).map(frame).collect();
-        // What each frame gives, copied out at once.
-        let want: Vec<Img> = runner.run(&frames).unwrap().into_iter().map(|o| o.img).collect();
-        let mut held: Vec<Vec<Mapped>> = frames[..MAX_SLOTS]
+        let frames: Vec<Img> = (0..2 * MAX_SLOTS as u32 + 2).map(frame).collect();
+        // What each frame gives: the CPU's result and small luma image (the GPU's are equal
+        // byte for byte, tests/gpu_parity.rs).
+        let want: Vec<GpuOutput> = frames
             .iter()
             .map(|f| {
-                let t = runner.submit(&[f]).unwrap();
-                runner.finish_mapped(t).unwrap()
+                let img = pipeline.apply(f.clone()).unwrap();
+                GpuOutput { small: Some(crate::motion::small_luma(&img)), img }
+            })
+            .collect();
+        let same = |got: &GpuOutput, want: &GpuOutput| got.img == want.img && got.small == want.small;
+        let mut held: Vec<Option<Vec<Mapped>>> = frames[..2 * MAX_SLOTS]
+            .chunks(2)
+            .map(|pair| {
+                let t = runner.submit(&[&pair[0], &pair[1]]).unwrap();
+                Some(runner.finish_mapped(t).unwrap())
             })
             .collect();
         assert!(runner.open(size).unwrap().is_none(), "a buffer set whose results are held was handed out");
         assert_eq!(runner.spare(size).unwrap(), (0, MAX_SLOTS, 2));
         assert!(runner.reading());
-        // One set's results copied out (on another thread, as the stage's clients do): that set
-        // runs the last frame; the results still held are untouched by it.
-        let first = held.remove(0);
-        let got = std::thread::spawn(move || first.into_iter().map(Mapped::copy_out).collect::<Vec<_>>()).join().unwrap();
-        assert!(got[0].img == want[0]);
+        // One set's results (not the first set's) copied out on another thread, as the stage's
+        // clients do: that set, and no other, runs the last two frames; the results still held
+        // are untouched by them.
+        let third = held[2].take().unwrap();
+        let got = std::thread::spawn(move || third.into_iter().map(Mapped::copy_out).collect::<Vec<_>>()).join().unwrap();
+        assert!(same(&got[0], &want[4]) && same(&got[1], &want[5]), "the third set's results");
         assert_eq!(runner.spare(size).unwrap(), (1, MAX_SLOTS - 1, 2));
-        let t = runner.submit(&[&frames[MAX_SLOTS]]).unwrap();
-        let last = runner.finish(t).unwrap();
-        assert!(last[0].img == want[MAX_SLOTS], "the last frame's result");
+        let t = runner.submit(&[&frames[2 * MAX_SLOTS], &frames[2 * MAX_SLOTS + 1]]).unwrap();
+        let mut last = runner.finish_mapped(t).unwrap();
+        let last = [last.remove(0).copy_out(), last.remove(0).copy_out()];
+        assert!(same(&last[0], &want[2 * MAX_SLOTS]) && same(&last[1], &want[2 * MAX_SLOTS + 1]), "the last frames' results");
         for (k, h) in held.into_iter().enumerate() {
+            let Some(h) = h else { continue };
             let out: Vec<GpuOutput> = h.into_iter().map(Mapped::copy_out).collect();
-            assert!(out.len() == 1 && out[0].img == want[k + 1], "held result {} was changed", k + 1);
+            assert!(out.len() == 2 && same(&out[0], &want[2 * k]) && same(&out[1], &want[2 * k + 1]), "held results of set {k} were changed");
         }
         assert_eq!(runner.spare(size).unwrap(), (MAX_SLOTS, 0, 2));
         assert!(!runner.reading());

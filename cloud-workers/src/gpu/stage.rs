@@ -134,7 +134,15 @@ impl Lease {
         let mut outs: Vec<Option<GpuOutput>> = (0..self.places.len()).map(|_| None).collect();
         for _ in 0..outs.len() {
             let (k, out) = self.results.recv().map_err(|_| stopped())?;
-            outs[k] = Some(out?.copy_out());
+            match out {
+                Ok(m) => outs[k] = Some(m.copy_out()),
+                Err(e) => {
+                    // Results of the frame's other parts already sent would stay in the channel
+                    // (keeping their buffer sets) until its last sender is gone: drop them now.
+                    self.results.try_iter().for_each(drop);
+                    return Err(e);
+                }
+            }
         }
         Ok(outs.into_iter().map(|o| o.expect("each part answered once")).collect())
     }
@@ -374,7 +382,7 @@ impl Stage {
                     Err(RecvTimeoutError::Timeout) => continue,
                     Err(RecvTimeoutError::Disconnected) => break,
                 }
-            } else if !self.waiting.is_empty() && self.runners.iter().any(Runner::reading) {
+            } else if !self.waiting.is_empty() && self.runners.iter_mut().any(|r| r.reading()) {
                 // A request waits for a buffer set whose results threads are copying out (they
                 // say nothing when done): look again shortly.
                 match self.rx.recv_timeout(POLL_EVERY) {
