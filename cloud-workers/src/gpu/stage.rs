@@ -370,37 +370,27 @@ impl Stage {
             self.serve_waiting();
             // With batches on the GPU: finish the oldest once the GPU is done with it (its
             // threads wait for it), meanwhile serve requests — threads ask for a place before
-            // they decode, so decoding goes on while the GPU works; with none, wait for work or
+            // they decode, so decoding goes on while the GPU works. Look again shortly while
+            // batches are on the GPU, or while a request waits for a buffer set whose results
+            // threads are copying out (they say nothing when done); otherwise wait for work or
             // the next deadline.
-            let msg = if let Some((lane, _, ticket, _)) = self.inflight.front() {
-                if self.runners[*lane as usize].is_done(ticket) {
-                    self.finish_oldest();
-                    continue;
-                }
-                match self.rx.recv_timeout(POLL_EVERY) {
-                    Ok(m) => m,
-                    Err(RecvTimeoutError::Timeout) => continue,
-                    Err(RecvTimeoutError::Disconnected) => break,
-                }
-            } else if !self.waiting.is_empty() && self.runners.iter_mut().any(|r| r.reading()) {
-                // A request waits for a buffer set whose results threads are copying out (they
-                // say nothing when done): look again shortly.
-                match self.rx.recv_timeout(POLL_EVERY) {
-                    Ok(m) => m,
-                    Err(RecvTimeoutError::Timeout) => continue,
-                    Err(RecvTimeoutError::Disconnected) => break,
-                }
-            } else {
-                let next = self.batches.values().filter(|b| !b.closed).map(|b| b.closes_at).min();
-                let got = match next {
-                    Some(at) => self.rx.recv_deadline(at),
-                    None => self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-                };
-                match got {
-                    Ok(m) => m,
-                    Err(RecvTimeoutError::Timeout) => continue,
-                    Err(RecvTimeoutError::Disconnected) => break,
-                }
+            if let Some((lane, _, ticket, _)) = self.inflight.front()
+                && self.runners[*lane as usize].is_done(ticket)
+            {
+                self.finish_oldest();
+                continue;
+            }
+            let poll = !self.inflight.is_empty() || (!self.waiting.is_empty() && self.runners.iter_mut().any(|r| r.reading()));
+            let next = self.batches.values().filter(|b| !b.closed).map(|b| b.closes_at).min();
+            let got = match (poll, next) {
+                (true, _) => self.rx.recv_timeout(POLL_EVERY),
+                (false, Some(at)) => self.rx.recv_deadline(at),
+                (false, None) => self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            };
+            let msg = match got {
+                Ok(m) => m,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => break,
             };
             match msg {
                 Msg::Reserve(r) => self.waiting.push_back(r),
