@@ -555,10 +555,12 @@ impl Runner {
         Ok((free + MAX_SLOTS.saturating_sub(p.slots.len()), reading, p.capacity))
     }
 
-    /// Whether results of some batch are still being copied out (frees the sets whose results
-    /// are all done first).
-    pub(super) fn reading(&mut self) -> bool {
-        self.reclaim_all();
+    /// Whether some buffer set is still taken by results handed out: being copied out, or all
+    /// copied out and not yet reclaimed (by [`Runner::spare`] or [`Runner::open`]). It frees
+    /// nothing itself: the stage asks it to decide whether to keep looking, and a set freed
+    /// here (after the stage last looked for room) would leave a waiting request unserved
+    /// while the stage slept until the next message.
+    pub(super) fn reading(&self) -> bool {
         self.plans.values().any(|p| p.slots.iter().any(|s| s.used == Use::Reading))
     }
 
@@ -722,6 +724,9 @@ mod tests {
             let out: Vec<GpuOutput> = h.into_iter().map(Mapped::copy_out).collect();
             assert!(out.len() == 2 && same(&out[0], &want[2 * k]) && same(&out[1], &want[2 * k + 1]), "held results of set {k} were changed");
         }
+        // Every result dropped: the sets still count as being read until a request for room
+        // reclaims them (the stage keeps looking, and then finds the room).
+        assert!(runner.reading(), "sets freed by asking whether any is being read");
         assert_eq!(runner.spare(size).unwrap(), (MAX_SLOTS, 0, 2));
         assert!(!runner.reading());
     }

@@ -380,7 +380,7 @@ impl Stage {
                 self.finish_oldest();
                 continue;
             }
-            let poll = !self.inflight.is_empty() || (!self.waiting.is_empty() && self.runners.iter_mut().any(|r| r.reading()));
+            let poll = !self.inflight.is_empty() || (!self.waiting.is_empty() && self.runners.iter().any(|r| r.reading()));
             let next = self.batches.values().filter(|b| !b.closed).map(|b| b.closes_at).min();
             let got = match (poll, next) {
                 (true, _) => self.rx.recv_timeout(POLL_EVERY),
