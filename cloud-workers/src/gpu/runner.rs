@@ -240,6 +240,11 @@ struct SizePlan {
     params: Vec<wgpu::Buffer>,
 }
 
+/// [`Runner::open`] fails for batches of this shape (what a device error or a failed mapping
+/// does), for tests of the stage; each test that sets it uses a shape of its own.
+#[cfg(test)]
+pub(super) static FAIL_OPEN_OF: std::sync::Mutex<Option<(u32, u32, u8)>> = std::sync::Mutex::new(None);
+
 pub struct Runner {
     gpu: Arc<Gpu>,
     pipeline: Pipeline,
@@ -388,6 +393,10 @@ impl Runner {
     /// none is free and there are fewer than [`MAX_SLOTS`]); `Ok(None)` when every slot is busy
     /// (finish or submit one first).
     pub(super) fn open(&mut self, size: (u32, u32, u8)) -> Result<Option<Open>, GpuError> {
+        #[cfg(test)]
+        if *FAIL_OPEN_OF.lock().unwrap() == Some(size) {
+            return Err(GpuError::Runtime(format!("opening a {size:?} batch failed (injected by a test)")));
+        }
         let size = Size { w: size.0, h: size.1, ch: size.2 as u32 };
         let gpu = self.gpu.clone();
         // A device that reported an error is not to be trusted (nor its slots to be freed).
@@ -566,7 +575,7 @@ impl Runner {
 
     /// Frees the slots whose results have all been copied out (every size's): the read-back
     /// buffer unmapped.
-    fn reclaim_all(&mut self) {
+    pub(super) fn reclaim_all(&mut self) {
         for slot in self.plans.values_mut().flat_map(|p| p.slots.iter_mut()) {
             if slot.used == Use::Reading && slot.reading.as_ref().is_none_or(|r| r.left.load(Ordering::Acquire) == 0) {
                 drop(slot.reading.take());

@@ -46,6 +46,10 @@ type Shape = (u32, u32, u8);
 /// How often the stage looks whether the GPU is done with a batch while none of its threads
 /// asks for anything.
 const POLL_EVERY: Duration = Duration::from_micros(200);
+/// How long a batch may stay on the GPU before the stage stops polling and waits for it (up to
+/// as long again, [`Runner::finish_mapped`]) — a device that hangs without saying it is lost
+/// fails its batches (their frames go to the CPU) instead of holding their threads for ever.
+const GPU_PATIENCE: Duration = Duration::from_secs(60);
 /// A frame's results: which of its parts, and the part's result (in the read-back buffer).
 type Results = Sender<(usize, Result<Mapped, String>)>;
 /// Where a place's result goes: its frame's channel and which part of the frame it is.
@@ -348,6 +352,16 @@ struct Batch {
     closed: bool,
 }
 
+/// A batch on the GPU.
+struct InFlight {
+    lane: Lane,
+    shape: Shape,
+    ticket: Ticket,
+    /// As [`Batch::targets`], less trailing holes.
+    targets: Vec<Option<Target>>,
+    since: Instant,
+}
+
 struct Stage {
     /// One per [`Lane`], indexed by it.
     runners: [Runner; 3],
@@ -358,7 +372,8 @@ struct Stage {
     /// The batch taking places, per lane and shape.
     filling: HashMap<(Lane, Shape), u64>,
     next_id: u64,
-    inflight: VecDeque<(Lane, Shape, Ticket, Vec<Option<Target>>)>,
+    /// Batches submitted, oldest first.
+    inflight: VecDeque<InFlight>,
     /// Requests for places that no buffer set could take yet, in order of arrival.
     waiting: VecDeque<Reserve>,
 }
@@ -374,10 +389,15 @@ impl Stage {
             // batches are on the GPU, or while a request waits for a buffer set whose results
             // threads are copying out (they say nothing when done); otherwise wait for work or
             // the next deadline.
-            if let Some((lane, _, ticket, _)) = self.inflight.front()
-                && self.runners[*lane as usize].is_done(ticket)
+            if let Some(b) = self.inflight.front()
+                && (self.runners[b.lane as usize].is_done(&b.ticket) || b.since.elapsed() > GPU_PATIENCE)
             {
                 self.finish_oldest();
+                continue;
+            }
+            // A request that failed after its place closed a batch gave that place back as a
+            // hole (serve_waiting): the batch is complete now and goes at once.
+            if self.batches.values().any(|b| b.closed && b.out == 0) {
                 continue;
             }
             let poll = !self.inflight.is_empty() || (!self.waiting.is_empty() && self.runners.iter().any(|r| r.reading()));
@@ -441,7 +461,7 @@ impl Stage {
                 targets.pop();
             }
             match runner.submit_open(b.open, targets.len()) {
-                Ok(t) => self.inflight.push_back((b.lane, b.shape, t, targets)),
+                Ok(ticket) => self.inflight.push_back(InFlight { lane: b.lane, shape: b.shape, ticket, targets, since: now }),
                 Err(e) => self.fail(b.lane, targets, &e.to_string()),
             }
         }
@@ -449,6 +469,14 @@ impl Stage {
 
     /// Hands out places to the waiting requests, in order, while there is room for them.
     fn serve_waiting(&mut self) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        // Sets of every lane whose results are all copied out come free (a lane nobody asks
+        // for now would keep its sets counted as being read, and the stage polling).
+        for r in &mut self.runners {
+            r.reclaim_all();
+        }
         while let Some(r) = self.waiting.pop_front() {
             // Room for every part first: a request that got some places and not others would
             // leave holes each time it is tried.
@@ -522,7 +550,7 @@ impl Stage {
             if filling + capacity * spare >= k {
                 continue;
             }
-            let on_gpu = self.inflight.iter().any(|(l, s, _, _)| (*l, *s) == (lane, shape));
+            let on_gpu = self.inflight.iter().any(|b| (b.lane, b.shape) == (lane, shape));
             if on_gpu || reading > 0 || self.batches.values().any(|b| (b.lane, b.shape) == (lane, shape)) {
                 return Ok(false);
             }
@@ -564,7 +592,7 @@ impl Stage {
     }
 
     fn finish_oldest(&mut self) {
-        let Some((lane, _, ticket, targets)) = self.inflight.pop_front() else { return };
+        let Some(InFlight { lane, ticket, targets, .. }) = self.inflight.pop_front() else { return };
         match self.runners[lane as usize].finish_mapped(ticket) {
             Ok(outs) => {
                 self.stats.batches.inc();
@@ -617,6 +645,22 @@ mod tests {
         PlaneOps::new(pipeline, 85).unwrap().run(Planes { planes, subsamp: turbojpeg::Subsamp::Sub2x2 }, &mut Vec::new()).planes
     }
 
+    /// Runs `f` on a thread of its own and returns what it does, or fails the test after
+    /// `limit` (a stage that lost a wake-up makes its threads wait for ever: a failure, not a
+    /// test run that never ends).
+    fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = bounded(1);
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        match rx.recv_timeout(limit) {
+            Ok(t) => t,
+            Err(RecvTimeoutError::Timeout) => panic!("still waiting after {limit:?}"),
+            // It panicked: its message is printed above.
+            Err(RecvTimeoutError::Disconnected) => panic!("the test's thread panicked"),
+        }
+    }
+
     fn write(lease: &mut PlanesLease, planes: &[Img]) {
         for ((p, len), img) in lease.planes().into_iter().zip(planes) {
             assert_eq!(len, img.data.len());
@@ -627,9 +671,13 @@ mod tests {
 
     /// Six threads write frames of two sizes into their places and give some back unwritten
     /// (a frame that failed to decode): every written frame gets its own result (the CPU's
-    /// planes), the holes get nothing and break nothing, and the stage ends when they are done.
+    /// planes), and the holes get nothing and break nothing.
     #[test]
     fn frames_written_in_place_by_many_threads_get_their_own_results_and_holes_are_skipped() {
+        within(Duration::from_secs(120), frames_written_in_place_by_many_threads);
+    }
+
+    fn frames_written_in_place_by_many_threads() {
         let pipeline = Pipeline::parse("blur:1.5").unwrap();
         let stats = Arc::new(StageStats::default());
         let client = spawn(gpu(), pipeline.clone(), false, 4, Duration::from_millis(3), stats.clone()).unwrap();
@@ -670,6 +718,10 @@ mod tests {
     /// of those batches has gone.
     #[test]
     fn a_request_waits_while_every_buffer_set_is_being_written() {
+        within(Duration::from_secs(120), a_request_waits_while_every_set_is_written);
+    }
+
+    fn a_request_waits_while_every_set_is_written() {
         let pipeline = Pipeline::parse("blur:1").unwrap();
         let stats = Arc::new(StageStats::default());
         // Batch 1: each frame fills a luma batch (and its chroma planes one chroma batch).
@@ -687,7 +739,7 @@ mod tests {
                 assert!(lease.commit().unwrap() == on_cpu(&pipeline, frame), "the waiting frame's result");
             })
         };
-        assert!(rx.recv_timeout(Duration::from_millis(500)).is_err(), "a place was handed out while every buffer set was in use");
+        assert!(matches!(rx.recv_timeout(Duration::from_millis(500)), Err(RecvTimeoutError::Timeout)), "a place was handed out while every buffer set was in use");
         let mut first = held.remove(0);
         let frame = planes(0, size);
         write(&mut first, &frame);
@@ -702,5 +754,48 @@ mod tests {
             assert!(lease.commit().unwrap() == on_cpu(&pipeline, frame), "held frame {k}");
         }
         assert_eq!((stats.frames.get(), stats.errors.get()), (super::super::runner::MAX_SLOTS as u64 + 1, 0));
+    }
+
+    /// A request that fails after one of its places closed a batch (here: no buffer set for
+    /// its chroma planes could be opened) gives that place back as a hole; the batch is then
+    /// complete and goes at once — the frame already in it gets its result without waiting for
+    /// a message or a deadline (the batches' deadline here is an hour).
+    #[test]
+    fn a_batch_closed_by_a_request_that_then_failed_goes_at_once() {
+        within(Duration::from_secs(60), || {
+            let pipeline = Pipeline::parse("blur:1").unwrap();
+            let stats = Arc::new(StageStats::default());
+            // Two luma planes a batch, four chroma planes (two frames').
+            let client = spawn(gpu(), pipeline.clone(), false, 2, Duration::from_secs(3600), stats).unwrap();
+            // A size no other test uses: opening its chroma batches is made to fail below.
+            let size = (46, 18);
+            let chroma = (23, 9, 1);
+            let parts = vec![(Lane::Luma, (46, 18, 1)), (Lane::Chroma, chroma), (Lane::Chroma, chroma)];
+            // Frame A: the luma batch's first place, the chroma batch's first two, written.
+            let frame_a = planes(1, size);
+            let mut a = client.reserve(parts.clone()).unwrap();
+            for (k, p) in frame_a.iter().enumerate() {
+                a.write(k, &p.data);
+            }
+            a.give_back(true);
+            // Two more chroma planes fill the chroma batch, which goes.
+            let frame_b = planes(2, size);
+            let mut b = client.reserve(vec![(Lane::Chroma, chroma); 2]).unwrap();
+            b.write(0, &frame_b[1].data);
+            b.write(1, &frame_b[2].data);
+            let b = b.commit().unwrap();
+            let want_b = on_cpu(&pipeline, frame_b);
+            assert!(b[0].img == want_b[1] && b[1].img == want_b[2], "the second chroma planes' results");
+            // Frame C takes the luma batch's last place (closing it) and then finds no chroma
+            // buffer set: it is refused, and its luma place is a hole.
+            *super::super::runner::FAIL_OPEN_OF.lock().unwrap() = Some(chroma);
+            let c = client.reserve(parts.clone());
+            *super::super::runner::FAIL_OPEN_OF.lock().unwrap() = None;
+            let Err(e) = c else { panic!("frame C got places though no chroma batch could be opened") };
+            assert!(e.contains("injected"), "{e}");
+            // Frame A's luma batch went without waiting for its deadline.
+            let got: Vec<Img> = a.commit().unwrap().into_iter().map(|o| o.img).collect();
+            assert!(got == on_cpu(&pipeline, frame_a), "frame A's results");
+        });
     }
 }
