@@ -626,9 +626,9 @@ async fn w14_takeover_after_a_crash_restart_and_gone_for_good() {
         let worst = worst_latency_ms(&results);
         println!("{what}: session timeout {session_ms} ms, {}: worst capture -> processed {worst} ms over {sent} frames", if restart { "restarted after 3 s" } else { "never back" });
         if restart {
-            assert!(worst < 10_000, "{what}: the restarted static member took its partitions back at once ({worst} ms), not after the 30 s session timeout");
+            assert!(worst < 15_000, "{what}: the restarted static member took its partitions back at once ({worst} ms), not after the 30 s session timeout");
         } else {
-            assert!(worst < 15_000, "{what}: partitions of a worker gone for good moved after the 6 s session timeout ({worst} ms)");
+            assert!(worst < 20_000, "{what}: partitions of a worker gone for good moved after the 6 s session timeout ({worst} ms)");
         }
         w2.stop();
         if restart {

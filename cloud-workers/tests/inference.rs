@@ -356,9 +356,10 @@ fn the_stage_batches_frames_of_one_size_and_answers_each_with_its_own() {
     // One frame at a time: the reference.
     let single = stage::spawn(open("text", &cfg), 1, Duration::ZERO, Quiet).unwrap();
     let want: Vec<Vec<Detection>> = frames.iter().map(|f| single.detect(f).unwrap().detections).collect();
-    // Four threads at once into a stage that batches up to 4 and waits 300 ms: the two coffee
-    // frames (one size) share a run, the others (other sizes) are held for runs of their own.
-    let batched = stage::spawn(open("text", &cfg), 4, Duration::from_millis(300), Quiet).unwrap();
+    // Four threads at once into a stage that batches up to 4 and waits 3 s (two threads of a
+    // loaded machine may start that far apart): the two coffee frames (one size) share a run,
+    // the others (other sizes) are held for runs of their own.
+    let batched = stage::spawn(open("text", &cfg), 4, Duration::from_secs(3), Quiet).unwrap();
     let got: Vec<(Vec<Detection>, usize)> = std::thread::scope(|s| {
         let handles: Vec<_> = frames
             .iter()

@@ -395,8 +395,12 @@ fn fresh_consumer(cfg: &KafkaConfig, topic: &str, isolation: &str) -> Result<Str
     Ok(consumer)
 }
 
+/// How long a read waits for its consumer to be assigned partitions before its quiet time
+/// starts anyway.
+const JOIN_WAIT: Duration = Duration::from_secs(20);
+
 /// Reads from the start of `topic` (fresh consumer group) until `max` records arrived, nothing
-/// new came for `quiet`, or `timeout` passed.
+/// new came for `quiet` once the consumer had its partitions, or `timeout` passed.
 async fn read(cfg: &KafkaConfig, topic: &str, max: usize, timeout: Duration, quiet: Duration) -> Result<Vec<OwnedMessage>> {
     read_with(cfg, topic, max, timeout, quiet, "read_committed").await
 }
@@ -404,9 +408,20 @@ async fn read(cfg: &KafkaConfig, topic: &str, max: usize, timeout: Duration, qui
 async fn read_with(cfg: &KafkaConfig, topic: &str, max: usize, timeout: Duration, quiet: Duration, isolation: &str) -> Result<Vec<OwnedMessage>> {
     let consumer = fresh_consumer(cfg, topic, isolation)?;
     let mut out = Vec::new();
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut last = tokio::time::Instant::now();
+    let created = tokio::time::Instant::now();
+    let deadline = created + timeout;
+    let mut last = created;
+    let mut assigned = false;
     while out.len() < max && tokio::time::Instant::now() < deadline && last.elapsed() < quiet {
+        // The quiet time runs from when the consumer has its partitions: joining a fresh group
+        // takes seconds on a loaded machine, and is not silence from the topic (up to
+        // JOIN_WAIT: a topic that does not exist is never assigned).
+        if !assigned {
+            assigned = consumer.assignment().is_ok_and(|a| a.count() > 0);
+            if assigned || created.elapsed() < JOIN_WAIT {
+                last = tokio::time::Instant::now();
+            }
+        }
         match tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await {
             Ok(Ok(m)) => {
                 out.push(m.detach());

@@ -182,7 +182,18 @@ fn c1_the_dashboard_shows_the_fleet_live_in_a_browser() {
     for c in fleet["cameras"].as_array().unwrap() {
         assert!(c["thumbnail"].as_str().unwrap().starts_with("/thumbs/site-9/"), "{c}");
         assert_eq!(c["result"]["width"], 320, "{c}");
-        assert!(c["fps_sent"].as_f64().unwrap() > 4.0, "{c}");
+    }
+    // The send rate of the 8 fps cameras, from the agent's heartbeats (1 s windows: one window
+    // on a loaded machine can miss acknowledgements, so the rate is looked at until it shows).
+    let rates_shown = Instant::now() + Duration::from_secs(30);
+    loop {
+        let fleet = console.get_json("/api/fleet");
+        let cams = fleet["cameras"].as_array().unwrap();
+        if cams.len() == 2 && cams.iter().all(|c| c["fps_sent"].as_f64().unwrap_or(0.0) > 4.0) {
+            break;
+        }
+        assert!(Instant::now() < rates_shown, "both cameras' fps_sent over 4 (8 fps cameras) within 30 s: {fleet}");
+        std::thread::sleep(Duration::from_millis(250));
     }
 
     // A corrupt frame: the worker dead-letters it, the page shows its reason.
