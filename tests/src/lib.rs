@@ -450,7 +450,7 @@ pub async fn consume(cfg: &KafkaConfig, topic: &str, n: usize, timeout: Duration
 }
 
 /// Reads everything on `topic` from the start: stops once nothing new arrived for `quiet`
-/// (the first record may take up to `quiet` too, so allow for a group join).
+/// after the consumer got its partitions (joining the group is not counted, up to 20 s).
 pub async fn consume_all(cfg: &KafkaConfig, topic: &str, quiet: Duration) -> Result<Vec<OwnedMessage>> {
     read(cfg, topic, usize::MAX, Duration::from_secs(600), quiet).await
 }

@@ -565,7 +565,8 @@ impl Runner {
     }
 
     /// Whether some buffer set is still taken by results handed out: being copied out, or all
-    /// copied out and not yet reclaimed (by [`Runner::spare`] or [`Runner::open`]). It frees
+    /// copied out and not yet reclaimed ([`Runner::reclaim_all`], which [`Runner::spare`] and
+    /// [`Runner::open`] call too). It frees
     /// nothing itself: the stage asks it to decide whether to keep looking, and a set freed
     /// here (after the stage last looked for room) would leave a waiting request unserved
     /// while the stage slept until the next message.
