@@ -566,10 +566,9 @@ impl Runner {
 
     /// Whether some buffer set is still taken by results handed out: being copied out, or all
     /// copied out and not yet reclaimed ([`Runner::reclaim_all`], which [`Runner::spare`] and
-    /// [`Runner::open`] call too). It frees
-    /// nothing itself: the stage asks it to decide whether to keep looking, and a set freed
-    /// here (after the stage last looked for room) would leave a waiting request unserved
-    /// while the stage slept until the next message.
+    /// [`Runner::open`] call too). It frees nothing itself: the stage asks it to decide whether
+    /// to keep looking, and a set freed here (after the stage last looked for room) would leave
+    /// a waiting request unserved while the stage slept until the next message.
     pub(super) fn reading(&self) -> bool {
         self.plans.values().any(|p| p.slots.iter().any(|s| s.used == Use::Reading))
     }
